@@ -1,0 +1,62 @@
+"""`ladd-ds` / `python -m ladd_ds`: parse arguments, load the config, build, run, close."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ladd_ds.config import ConfigError, load_config
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="LADD training (also under `deepspeed --module ladd_ds train`)")
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny_cpu.yaml")
+    p.add_argument("--run-dir", help="run directory (default: run.run_dir of the config)")
+    p.add_argument("--max-steps", type=int, help="override run.max_steps")
+    p.add_argument("--seed", type=int, help="override run.seed")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate, build models on the meta device, print sizes, exit")
+    p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run (default: current)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # added by deepspeed
+
+
+def cmd_train(args) -> int:
+    overrides = list(args.set)
+    if args.run_dir:
+        overrides.append(f"run.run_dir={args.run_dir}")
+    if args.max_steps is not None:
+        overrides.append(f"run.max_steps={args.max_steps}")
+    if args.seed is not None:
+        overrides.append(f"run.seed={args.seed}")
+    cfg = load_config(args.config, overrides)
+
+    from ladd_ds.distributed.ranks import print0, world_size
+    from ladd_ds.training.trainer import LADDTrainer, dry_run
+
+    if args.dry_run:
+        print(dry_run(cfg, args.world_size or world_size()))
+        return 0
+    trainer = LADDTrainer(cfg, cfg.run.run_dir)
+    try:
+        trainer.fit(cfg.run.max_steps)
+    finally:
+        trainer.close()
+    print0(f"done: step {trainer.step}, run directory {cfg.run.run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ladd-ds", description="Latent Adversarial Diffusion Distillation on DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"train": cmd_train}[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # Bad input: one clear line instead of a traceback.
+        print(f"ladd-ds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

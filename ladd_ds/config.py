@@ -1,0 +1,294 @@
+"""Typed run configuration: YAML -> one dataclass per component.
+
+Unknown keys, wrong types and impossible combinations are rejected at load time with the
+full key path (``ladd.renoise_s``) in the message, before any model or engine is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the file and key."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 100
+
+
+@dataclass
+class ModelConfig:
+    # A preset name from ladd_ds.models.registry or a local diffusers folder (with transformer/).
+    teacher: str = "tiny"
+    # None: the student starts as a copy of the teacher's weights (LADD default).
+    student: str | None = None
+    # Recompute block activations in backward instead of storing them (saves memory).
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DiscriminatorConfig:
+    # Teacher blocks whose image tokens feed a head; None = every block (paper default).
+    taps: list[int] | None = None
+    hidden_channels: int = 64
+    num_layers: int = 2  # conv layers per head before the logit
+
+
+@dataclass
+class LADDConfig:
+    # Student timesteps and their probabilities (paper: {1, .75, .5, .25} with .7/.1/.1/.1).
+    student_timesteps: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    student_probs: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.1, 0.1])
+    # Probabilities used during the first `warmup_steps` steps (paper, high resolution:
+    # ~500 iterations of [0, 0, .5, .5]); None = no warm-up phase.
+    warmup_probs: list[float] | None = None
+    warmup_steps: int = 0
+    # Re-noising for the discriminator: t_hat = sigmoid(m + s * n), n ~ N(0, 1).
+    renoise_m: float = 1.0
+    renoise_s: float = 1.0
+    r1_gamma: float = 0.0  # R1 penalty on head inputs (0 = off)
+    distill_weight: float = 0.0  # teacher x0 on the re-noised student output (0 = off)
+    # True: the D step reuses the G step's fakes; False: recompute them with the updated student.
+    reuse_fakes: bool = True
+
+
+@dataclass
+class RandomLatentsConfig:
+    """Built-in source of random latents, written once as MDS shards (for tests and smoke runs)."""
+
+    num_samples: int = 64
+    latent_channels: int = 4
+    height: int = 16
+    width: int = 16
+    text_len_min: int = 4
+    text_len_max: int = 8
+    text_dim: int = 32
+    pooled_dim: int = 16
+
+
+@dataclass
+class DataConfig:
+    # "mds": read shards from `path`; "random_latents": write random shards to RUN_DIR/data first.
+    source: Literal["mds", "random_latents"] = "mds"
+    path: str | None = None
+    micro_batch_size: int = 4
+    num_workers: int = 0
+    text_len: int | None = None  # pad/truncate prompt_embeds to this length (None: batch max)
+    random_latents: RandomLatentsConfig = field(default_factory=RandomLatentsConfig)
+
+
+@dataclass
+class OptimConfig:
+    student_lr: float = 1e-5
+    heads_lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear LR warm-up, in optimizer steps
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1
+    ema_decay: float = 0.0  # EMA of the student's weights (0 = off)
+
+
+@dataclass
+class DeepSpeedConfig:
+    # JSON templates; relative paths are resolved against the repository root.
+    student_config: str = "ds_configs/zero3.json"
+    teacher_config: str = "ds_configs/zero3_frozen.json"
+    heads_config: str = "ds_configs/zero2.json"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    dist_backend: str | None = None  # None: nccl on GPU, gloo on CPU
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    ladd: LADDConfig = field(default_factory=LADDConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass with type checks
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return _to_dataclass(value, tp, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")
+
+
+def _to_dataclass(data: dict, cls: type, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def _check(cfg: Config) -> None:
+    """Cross-field rules; raised messages name the keys involved."""
+    ladd = cfg.ladd
+    n = len(ladd.student_timesteps)
+    if n == 0:
+        raise ConfigError("ladd.student_timesteps: must not be empty")
+    if any(not 0.0 < t <= 1.0 for t in ladd.student_timesteps):
+        raise ConfigError("ladd.student_timesteps: every timestep must be in (0, 1]")
+    for key in ("student_probs", "warmup_probs"):
+        probs = getattr(ladd, key)
+        if probs is None:
+            continue
+        if len(probs) != n:
+            raise ConfigError(f"ladd.{key}: has {len(probs)} entries, ladd.student_timesteps has {n}")
+        if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+            raise ConfigError(f"ladd.{key}: probabilities must be >= 0 and sum to 1, got {probs}")
+    if ladd.warmup_steps > 0 and ladd.warmup_probs is None:
+        raise ConfigError("ladd.warmup_steps > 0 needs ladd.warmup_probs")
+    if ladd.renoise_s <= 0:
+        raise ConfigError("ladd.renoise_s: must be > 0")
+    if ladd.r1_gamma < 0 or ladd.distill_weight < 0:
+        raise ConfigError("ladd.r1_gamma and ladd.distill_weight must be >= 0")
+    if cfg.data.source == "mds" and not cfg.data.path:
+        raise ConfigError("data.path: required when data.source is 'mds' (a directory of MDS shards)")
+    if cfg.data.micro_batch_size < 1:
+        raise ConfigError("data.micro_batch_size: must be >= 1")
+    rl = cfg.data.random_latents
+    if rl.text_len_min < 1 or rl.text_len_max < rl.text_len_min:
+        raise ConfigError("data.random_latents: need 1 <= text_len_min <= text_len_max")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas: expected two numbers [beta1, beta2]")
+    if cfg.optim.grad_accum < 1:
+        raise ConfigError("optim.grad_accum: must be >= 1")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise ConfigError("optim.ema_decay: must be in [0, 1)")
+    if cfg.run.max_steps < 0:
+        raise ConfigError("run.max_steps: must be >= 0")
+    if cfg.logging.every < 1 or cfg.checkpoint.every < 1:
+        raise ConfigError("logging.every and checkpoint.every must be >= 1")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last: must be >= 1 (resume needs a checkpoint)")
+    taps = cfg.discriminator.taps
+    if taps is not None and (not taps or len(set(taps)) != len(taps) or min(taps) < 0):
+        raise ConfigError("discriminator.taps: distinct block indices >= 0, or null for all blocks")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML run config, apply ``--set`` overrides, type-check and validate it."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (pass --config FILE, e.g. configs/tiny_cpu.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        cfg = _to_dataclass(raw, Config, "")
+        _check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<defaults>'}: {e}") from None
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,141 @@
+"""DeepSpeed wiring: process group, config templates and the three LADD engines.
+
+This is the only module of ladd_ds that imports deepspeed. DESIGN.md section 3 records the
+behaviour the layout below depends on (checked with deepspeed 0.19.8, CPU + gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ladd_ds.distributed.ranks import prepare_launcher_env
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+prepare_launcher_env()  # before `import deepspeed`: it picks its accelerator at import time
+import deepspeed  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Join the process group. A plain `python -m ladd_ds` run becomes a world of one."""
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_template(path: str) -> Path:
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = REPO_ROOT / p
+    return p
+
+
+def load_template(path: str, key: str) -> dict:
+    p = resolve_template(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{key}: DeepSpeed config template {path} not found (looked at {p})")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{key}: {p} is not valid JSON: {e}") from None
+
+
+def fill_ds_config(
+    template: dict,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    precision: str,
+    grad_clip: float = 0.0,
+) -> dict:
+    """The one function that puts run-config values into a DeepSpeed JSON template."""
+    cfg = json.loads(json.dumps(template))  # deep copy
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
+    cfg["bf16"] = {"enabled": precision == "bf16"}
+    cfg.setdefault("fp16", {"enabled": False})
+    if grad_clip > 0:
+        cfg["gradient_clipping"] = grad_clip
+    else:
+        cfg.pop("gradient_clipping", None)
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def linear_warmup(warmup_steps: int):
+    """LR factor schedule: linear warm-up over `warmup_steps` optimizer steps, then constant."""
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+@dataclass
+class Engines:
+    student: Any  # DeepSpeedEngine with optimizer
+    heads: Any  # DeepSpeedEngine with optimizer
+    teacher: Any  # DeepSpeedEngine without optimizer (frozen)
+    ds_configs: dict[str, dict]
+
+
+def _trainable_engine(model: nn.Module, ds_config: dict, lr: float, optim_cfg) -> Any:
+    # Torch AdamW as a client optimizer: DeepSpeed's own optimizers JIT-compile ops (slow on CPU).
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=lr,
+        betas=tuple(optim_cfg.betas),
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+    )
+    schedule = linear_warmup(optim_cfg.warmup_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config,
+    )
+    return engine
+
+
+def build_engines(student: nn.Module, teacher: nn.Module, heads: nn.Module, ds_configs: dict[str, dict], optim_cfg) -> Engines:
+    teacher.requires_grad_(False)
+    teacher.eval()
+    student_engine = _trainable_engine(student, ds_configs["student"], optim_cfg.student_lr, optim_cfg)
+    heads_engine = _trainable_engine(heads, ds_configs["heads"], optim_cfg.heads_lr, optim_cfg)
+    # No optimizer: a frozen teacher only needs ZeRO's parameter partitioning and gathering.
+    teacher_engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds_configs["teacher"])
+    return Engines(student=student_engine, heads=heads_engine, teacher=teacher_engine, ds_configs=ds_configs)

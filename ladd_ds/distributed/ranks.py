@@ -1,0 +1,64 @@
+"""Rank helpers that are safe to call before (or without) torch.distributed initialisation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def prepare_launcher_env() -> None:
+    """Environment fixes needed under the deepspeed launcher, before any dataset is created.
+
+    The launcher exports LOCAL_SIZE but mosaicml-streaming reads LOCAL_WORLD_SIZE; without it
+    ranks of one node collide on shared memory (FileExistsError: '/000000_locals').
+    """
+    if "LOCAL_SIZE" in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+    if not torch.cuda.is_available():
+        # DeepSpeed picks its accelerator at import; make the CPU choice explicit.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Mean of scalar metrics over ranks (one collective; call on every rank, log steps only)."""
+    if not is_initialized() or world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    t /= world_size()
+    return {k: v for k, v in zip(keys, t.cpu().tolist())}

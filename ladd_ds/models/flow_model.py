@@ -1,0 +1,70 @@
+"""A diffusers SD3 transformer seen as a rectified-flow model, with feature taps.
+
+The same wrapper serves the student (velocity) and the frozen teacher inside the discriminator
+(image tokens after selected blocks). It is the module DeepSpeed wraps, so every call goes through
+its forward and ZeRO-3's gather hooks fire in the same order on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import SD3Transformer2DModel
+from torch import nn
+
+from ladd_ds.ladd.flow import TIMESTEP_SCALE
+
+
+def tokens_to_grid(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, N, C) image tokens -> (B, C, h, w); PatchEmbed flattens the patch grid row-major."""
+    b, n, c = tokens.shape
+    if n != h * w:
+        raise ValueError(f"{n} image tokens do not form a {h}x{w} grid")
+    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, h, w)
+
+
+class FlowModel(nn.Module):
+    def __init__(self, transformer: SD3Transformer2DModel):
+        super().__init__()
+        self.transformer = transformer
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.transformer.inner_dim
+
+    def forward(self, x, t, prompt_embeds, pooled, taps: list[int] | None = None):
+        """Velocity (B, C, H, W) for x at time t in [0, 1]; or, with `taps`, the image tokens after
+        each tapped block as (B, inner_dim, H/p, W/p) grids, stopping after the last tapped block."""
+        timestep = t * TIMESTEP_SCALE  # (B,)
+        if taps is None:
+            return self.transformer(
+                hidden_states=x,
+                encoder_hidden_states=prompt_embeds,
+                pooled_projections=pooled,
+                timestep=timestep,
+                return_dict=False,
+            )[0]
+        return self._tapped_features(x, timestep, prompt_embeds, pooled, taps)
+
+    def _tapped_features(self, x, timestep, prompt_embeds, pooled, taps):
+        # Mirrors the first half of SD3Transformer2DModel.forward (diffusers 0.39): there is no
+        # hook for intermediate tokens, and stopping early saves the remaining blocks' compute.
+        tr = self.transformer
+        p = tr.config.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        hidden = tr.pos_embed(x)  # (B, N, C)
+        temb = tr.time_text_embed(timestep, pooled)  # (B, C)
+        context = tr.context_embedder(prompt_embeds)  # (B, L, C)
+        wanted = set(taps)
+        features = {}
+        for index, block in enumerate(tr.transformer_blocks[: max(taps) + 1]):
+            if torch.is_grad_enabled() and tr.gradient_checkpointing:
+                context, hidden = tr._gradient_checkpointing_func(block, hidden, context, temb, None)
+            else:
+                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+            if index in wanted:
+                features[index] = tokens_to_grid(hidden, h, w)  # (B, C, h, w)
+        return [features[i] for i in taps]

@@ -1,0 +1,98 @@
+"""Model size presets (one registry) and the one place that builds or loads a transformer.
+
+A model spec is either a preset name below or a local diffusers folder with a ``transformer/``
+subfolder (``SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")``). Nothing is
+downloaded: these machines cannot reach a model hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+# SD3 facts (DESIGN.md section 2): patch 2, joint attention dim 4096, pooled 2048, max pos 192.
+PRESETS: dict[str, dict] = {
+    # CPU tests: 4 latent channels, 3 blocks of width 32.
+    "tiny": dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=16,
+        pos_embed_max_size=32,
+    ),
+    # SD3-medium (2B): 24 layers, 24 heads x 64, caption projection 1536.
+    "sd3-medium": dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=192,
+    ),
+    # SD3-large (8B): 38 layers, 38 heads x 64, caption projection 2432, RMS qk-norm.
+    "sd3-large": dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=38,
+        attention_head_dim=64,
+        num_attention_heads=38,
+        joint_attention_dim=4096,
+        caption_projection_dim=2432,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=192,
+        qk_norm="rms_norm",
+    ),
+}
+
+
+def resolve_model_config(spec: str) -> dict:
+    """The transformer config of a preset or local folder, without building the model."""
+    if spec in PRESETS:
+        return dict(PRESETS[spec])
+    folder = Path(spec)
+    if not folder.exists():
+        raise ValueError(
+            f"model '{spec}' is neither a preset ({', '.join(PRESETS)}) nor an existing folder; "
+            "pass a preset name or a local diffusers folder that contains transformer/"
+        )
+    if not (folder / "transformer" / "config.json").is_file():
+        raise ValueError(
+            f"model folder {folder} has no transformer/config.json; point to the root of a "
+            "diffusers SD3 folder (the one holding transformer/, vae/, text_encoder/ ...)"
+        )
+    return dict(SD3Transformer2DModel.load_config(str(folder), subfolder="transformer"))
+
+
+def build_transformer(spec: str, *, seed: int = 0, device: str | torch.device = "cpu") -> SD3Transformer2DModel:
+    """Build a preset (random init from `seed`) or load a local folder's weights.
+
+    device="meta" builds the structure only (for --dry-run parameter counts).
+    """
+    config = resolve_model_config(spec)
+    if spec not in PRESETS and str(device) != "meta":
+        return SD3Transformer2DModel.from_pretrained(spec, subfolder="transformer", torch_dtype=torch.float32)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    ctx = torch.device("meta") if str(device) == "meta" else contextlib.nullcontext()
+    with ctx, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SD3Transformer2DModel.from_config(config)
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,86 @@
+"""Resumable training state: RUN_DIR/checkpoints/step-XXXXXXXX/.
+
+Layout: one DeepSpeed checkpoint per trainable engine (`student/`, `heads/`), one
+`rank-XXXXX.pt` per rank (EMA shard, data-loader state: plain tensors and numbers, never config
+objects or code), and `trainer_state.json`. Every rank writes into a hidden temporary directory;
+after a barrier rank 0 renames it into place, so a directory named step-XXXXXXXX is always
+complete and a crash mid-write leaves only a `.tmp-*` directory that is never picked up.
+Assumes RUN_DIR is on a file system every rank sees (as DeepSpeed's own checkpoints do).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from ladd_ds.distributed.ranks import barrier, is_main, rank
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = STEP_DIR.match(path.name)
+        if m and (path / STATE_FILE).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, trainer_state: dict, keep_last: int) -> Path:
+    """Collective: every rank must call it with the same step."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step-{step:08d}"
+    if final.exists():  # e.g. a resumed run that stops at the step it resumed from
+        return final
+    tmp = root / f".tmp-step-{step:08d}"
+    if is_main():
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash in an earlier save
+        tmp.mkdir(parents=True)
+    barrier()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+    torch.save(rank_state, tmp / f"rank-{rank():05d}.pt")
+    barrier()
+    if is_main():
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        tmp.rename(final)
+        for _, old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, engines: dict) -> tuple[dict, dict]:
+    """Collective: restores the engines (weights, optimizer, LR schedule); returns
+    (trainer_state, this rank's state)."""
+    for name, engine in engines.items():
+        load_path, _ = engine.load_checkpoint(str(path), tag=name)
+        if load_path is None:
+            raise RuntimeError(f"checkpoint {path}: could not load the '{name}' engine state from {path / name}")
+    rank_file = path / f"rank-{rank():05d}.pt"
+    if not rank_file.is_file():
+        raise RuntimeError(
+            f"checkpoint {path} has no {rank_file.name}: it was written with a different world size; "
+            "resume with the same number of ranks"
+        )
+    trainer_state = json.loads((path / STATE_FILE).read_text())
+    return trainer_state, torch.load(rank_file, weights_only=True)

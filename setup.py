@@ -1,0 +1,31 @@
+"""ladd_ds: Latent Adversarial Diffusion Distillation with DeepSpeed."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ladd_ds",
+    version="0.1.0",
+    description="Latent Adversarial Diffusion Distillation (LADD) trainer on DeepSpeed",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ladd_ds", "ladd_ds.*", "evaluation", "evaluation.*"]),
+    # ds_configs/ and configs/ are read from the source tree (editable install, see README).
+    install_requires=[
+        # mosaicml-streaming imports torchvision: it must match torch (pinned in constraints).
+        "torch>=2.9",
+        "torchvision",
+        "deepspeed>=0.19.3",  # non-reentrant checkpointing of frozen params under ZeRO-3
+        "diffusers>=0.39,<0.40",
+        "transformers>=4.50,<5",  # mosaicml-streaming 0.13 pins transformers<5
+        "mosaicml-streaming>=0.13",
+        "numpy<2.2",
+        "tensorboard",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "ninja",  # DeepSpeed JIT-compiles its CPU comm op
+        "peft",
+        "torchmetrics",
+    ],
+    extras_require={"dev": ["pytest"]},
+    entry_points={"console_scripts": ["ladd-ds=ladd_ds.cli:main"]},
+)
