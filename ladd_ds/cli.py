@@ -17,7 +17,6 @@ def _train_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate, build models on the meta device, print sizes, exit")
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run (default: current)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # added by deepspeed
 
 
 def cmd_train(args) -> int:
@@ -47,6 +46,8 @@ def cmd_train(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ladd-ds", description="Latent Adversarial Diffusion Distillation on DeepSpeed")
+    # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     args = parser.parse_args(argv)

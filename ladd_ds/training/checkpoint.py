@@ -48,12 +48,13 @@ def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, t
     """Collective: every rank must call it with the same step."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"
-    if final.exists():  # e.g. a resumed run that stops at the step it resumed from
+    if (final / STATE_FILE).is_file():  # e.g. a resumed run that stops at the step it resumed from
         return final
     tmp = root / f".tmp-step-{step:08d}"
     if is_main():
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash in an earlier save
+        for stale in (tmp, final):  # left by a crash or by hand; never complete (no STATE_FILE)
+            if stale.exists():
+                shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     barrier()
     for name, engine in engines.items():

@@ -272,9 +272,6 @@ class LADDTrainer:
             t_hat = torch.cat([noise.t_real, noise.t_fake])  # (2B,)
             both = {k: torch.cat([batch[k], batch[k]]) for k in ("prompt_embeds", "pooled")}
             features = self.teacher_features(torch.cat([x_real, x_fake]), t_hat, both)
-        r1 = self.cfg.ladd.r1_gamma > 0
-        if r1:
-            features = [f.detach().requires_grad_(True) for f in features]
         logits = heads(features, t_hat, both["pooled"])  # K x (2B, 1, h, w)
         real_logits = [lg[:b] for lg in logits]
         fake_logits = [lg[b:] for lg in logits]
@@ -284,10 +281,14 @@ class LADDTrainer:
             "d/real_logit": torch.stack([lg.mean() for lg in real_logits]).mean().item(),
             "d/fake_logit": torch.stack([lg.mean() for lg in fake_logits]).mean().item(),
         }
-        if r1:
-            # Heads see real and fake rows independently, so the gradient w.r.t. the real rows
-            # of the joint input is exactly the real-only gradient.
-            penalty = losses.r1_penalty(real_logits, features)
+        if self.cfg.ladd.r1_gamma > 0:
+            # A second, small heads pass through `.module`: torch.autograd.grad on a graph built by
+            # the engine's forward fires DeepSpeed's backward epilogue (deepspeed 0.19 crashes in
+            # ZeRO-2's average_tensor). The penalty's gradient still reaches the heads' parameters
+            # through heads.backward(loss) below.
+            real_features = [f[:b].detach().requires_grad_(True) for f in features]
+            r1_logits = heads.module(real_features, noise.t_real, batch["pooled"])
+            penalty = losses.r1_penalty(r1_logits, real_features)
             loss = loss + 0.5 * self.cfg.ladd.r1_gamma * penalty
             metrics["loss/r1"] = penalty.item()
         heads.backward(loss)

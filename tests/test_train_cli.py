@@ -1,0 +1,67 @@
+"""End to end through the `ladd-ds train` command: logs, checkpoints, exact resume, 2 ranks."""
+
+import json
+
+import pytest
+
+from tests.conftest import TINY_CONFIG, read_metrics, run_cli
+
+FAST = ["--set", "logging.progress_bar=false", "--set", "checkpoint.every=2", "--set", "checkpoint.keep_last=2"]
+LOSSES = ("loss/generator", "loss/discriminator", "d/real_logit", "d/fake_logit")
+
+
+def train(run_dir, max_steps, *extra, nproc=1):
+    return run_cli("train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", str(max_steps), *FAST, *extra, nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    train(run_dir, 6)
+    return run_dir
+
+
+def test_run_writes_metrics_tensorboard_checkpoints_and_configs(uninterrupted):
+    records = read_metrics(uninterrupted)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # the tiny config logs every step
+    required = {"step", "lr/student", "throughput/img_per_s", *LOSSES}
+    assert all(required <= r.keys() for r in records)
+    assert all(r["throughput/img_per_s"] > 0 for r in records)
+    assert list((uninterrupted / "tb").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004", "step-00000006"]  # keep_last=2 pruned step 2
+    final = uninterrupted / "checkpoints" / "step-00000006"
+    assert json.loads((final / "trainer_state.json").read_text())["step"] == 6
+    assert (final / "student").is_dir() and (final / "heads").is_dir() and (final / "rank-00000.pt").is_file()
+    assert (uninterrupted / "config.yaml").is_file()
+    ds_student = json.loads((uninterrupted / "ds_config_student.json").read_text())
+    assert ds_student["zero_optimization"]["stage"] == 3 and ds_student["train_batch_size"] == 4
+
+
+def test_resume_equals_uninterrupted_and_skips_partial_checkpoints(tmp_path, uninterrupted):
+    train(tmp_path, 3)  # ends with a checkpoint at step 3 (max_steps is not a multiple of 2)
+    assert (tmp_path / "checkpoints" / "step-00000003" / "trainer_state.json").is_file()
+    # A crash mid-save leaves a temporary dir; a dir without trainer_state.json is incomplete too.
+    (tmp_path / "checkpoints" / ".tmp-step-00000004").mkdir()
+    (tmp_path / "checkpoints" / "step-00000005" / "student").mkdir(parents=True)
+    out = train(tmp_path, 6)
+    assert "resumed from" in out.stdout and "step-00000003 at step 3" in out.stdout
+    resumed = read_metrics(tmp_path)
+    reference = read_metrics(uninterrupted)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for got, want in zip(resumed[3:], reference[3:]):
+        for key in LOSSES:
+            assert got[key] == want[key], (got["step"], key)
+    assert (tmp_path / "checkpoints" / "step-00000006" / "trainer_state.json").is_file()
+    # The save at step 4 cleared the stale temporary directory before writing its own.
+    assert not (tmp_path / "checkpoints" / ".tmp-step-00000004").exists()
+
+
+def test_two_ranks_under_the_deepspeed_launcher(tmp_path):
+    out = train(tmp_path, 2, nproc=2)
+    assert "done: step 2" in out.stdout
+    final = tmp_path / "checkpoints" / "step-00000002"
+    assert (final / "rank-00000.pt").is_file() and (final / "rank-00001.pt").is_file()
+    ds_student = json.loads((tmp_path / "ds_config_student.json").read_text())
+    assert ds_student["train_batch_size"] == 8  # 4 per rank x 2 ranks
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
