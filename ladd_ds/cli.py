@@ -30,7 +30,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides)
 
     from ladd_ds.distributed.ranks import print0, world_size
-    from ladd_ds.training.trainer import LADDTrainer, dry_run
+    from ladd_ds.training.build import dry_run
+    from ladd_ds.training.trainer import LADDTrainer
 
     if args.dry_run:
         print(dry_run(cfg, args.world_size or world_size()))

@@ -11,8 +11,14 @@ import torch
 from streaming import MDSWriter
 from streaming.base.util import merge_index
 
-from ladd_ds.data import (build_loader, collate, iterate_forever, validate_mds_dir,
-                          write_random_latents, write_samples)
+from ladd_ds.data import (
+    build_loader,
+    collate,
+    iterate_forever,
+    validate_mds_dir,
+    write_random_latents,
+    write_samples,
+)
 
 # 50 samples in many small shards, batches of 4: 12 batches an epoch, 2 samples dropped.
 NUM_SAMPLES, BATCH = 50, 4

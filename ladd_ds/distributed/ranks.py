@@ -20,6 +20,10 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 

@@ -1,0 +1,164 @@
+"""The LADD method as small, overridable steps on three DeepSpeed engines.
+
+Per iteration (DESIGN.md section 1): for every micro-batch a generator step (student update
+through the frozen teacher and frozen heads), then for every micro-batch a discriminator step
+(heads update on re-noised real and fake latents). Variants (editing, inpainting, DPO) override
+`generator_step`, `discriminator_step` or `train_step` rather than copying the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ladd_ds.config import Config
+from ladd_ds.ladd import flow, losses
+from ladd_ds.ladd.noise import (
+    per_sample_generators,
+    randn_like_per_sample,
+    randn_per_sample,
+)
+
+
+@dataclass
+class Noise:
+    """The randomness of one LADD step for a micro-batch, drawn per sample (see ladd.noise)."""
+
+    t_student: torch.Tensor  # (B,)
+    eps_student: torch.Tensor  # (B, C, H, W)
+    t_fake: torch.Tensor  # (B,) re-noising level of the student output
+    eps_fake: torch.Tensor  # (B, C, H, W)
+    t_real: torch.Tensor  # (B,) re-noising level of the real latents (D step)
+    eps_real: torch.Tensor  # (B, C, H, W)
+
+
+
+class LADDSteps:
+    """Holds the engines and the step functions; no data, logging or checkpoint concerns."""
+
+    def __init__(self, cfg: Config, engines, taps: list[int], device: torch.device, ema=None):
+        self.cfg = cfg
+        self.engines = engines
+        self.taps = taps
+        self.device = device
+        self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        self.ema = ema
+        self.step = 0
+        self.timesteps = flow.StudentTimesteps(
+            cfg.ladd.student_timesteps, cfg.ladd.student_probs, cfg.ladd.warmup_probs, cfg.ladd.warmup_steps
+        )
+
+    def to_device(self, batch: dict) -> dict:
+        out = {}
+        for k, v in batch.items():
+            v = v.to(self.device)
+            out[k] = v.to(self.dtype) if v.is_floating_point() else v
+        return out
+
+    def draw_noise(self, batch: dict) -> Noise:
+        x0 = batch["latent"]
+        ids = batch["sample_id"].cpu()
+        seed, step, ladd = self.cfg.run.seed, self.step, self.cfg.ladd
+        g = per_sample_generators(ids, seed, step, "student")
+        probs = self.timesteps.probs_at(step)
+        idx = torch.stack([torch.multinomial(probs, 1, generator=gi)[0] for gi in g])
+        t_student = self.timesteps.timesteps[idx]
+        eps_student = randn_like_per_sample(x0, g)
+        renoise = {}
+        for which in ("fake", "real"):
+            g = per_sample_generators(ids, seed, step, f"renoise_{which}")
+            t = torch.sigmoid(ladd.renoise_m + ladd.renoise_s * randn_per_sample(g))
+            renoise[which] = (t, randn_like_per_sample(x0, g))
+        as_t = lambda t: t.to(device=x0.device, dtype=x0.dtype)  # noqa: E731
+        return Noise(
+            t_student=as_t(t_student),
+            eps_student=eps_student,
+            t_fake=as_t(renoise["fake"][0]),
+            eps_fake=renoise["fake"][1],
+            t_real=as_t(renoise["real"][0]),
+            eps_real=renoise["real"][1],
+        )
+
+    def student_x0(self, batch: dict, noise: Noise) -> torch.Tensor:
+        """Student's one-step clean estimate from x_{t_s} (LADD: t_s from the discrete set)."""
+        x_ts = flow.add_noise(batch["latent"], noise.eps_student, noise.t_student)
+        v = self.engines.student(x_ts, noise.t_student, batch["prompt_embeds"], batch["pooled"])
+        return flow.x0_from_velocity(x_ts, v, noise.t_student)  # (B, C, H, W)
+
+    def teacher_features(self, x: torch.Tensor, t: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+        # `.module`: the engine's own backward hook raises for an optimizer-less engine inside a
+        # graph the student backpropagates through (DESIGN.md section 3).
+        return self.engines.teacher.module(x, t, batch["prompt_embeds"], batch["pooled"], taps=self.taps)
+
+    def generator_step(self, batch: dict, noise: Noise) -> tuple[dict, torch.Tensor]:
+        heads = self.engines.heads.module
+        heads.requires_grad_(False)  # frozen: trainable heads break ZeRO's next head backward
+        x0_hat = self.student_x0(batch, noise)
+        x_hat = flow.add_noise(x0_hat, noise.eps_fake, noise.t_fake)
+        logits = heads(self.teacher_features(x_hat, noise.t_fake, batch), noise.t_fake, batch["pooled"])
+        loss_adv = losses.generator_hinge_loss(logits)
+        loss = loss_adv
+        metrics = {"loss/generator": loss_adv.item()}
+        if self.cfg.ladd.distill_weight > 0:
+            with torch.no_grad():
+                v_teacher = self.engines.teacher.module(x_hat, noise.t_fake, batch["prompt_embeds"], batch["pooled"])
+                x0_teacher = flow.x0_from_velocity(x_hat, v_teacher, noise.t_fake)
+            loss_distill = losses.distillation_loss(x0_hat, x0_teacher)
+            loss = loss + self.cfg.ladd.distill_weight * loss_distill
+            metrics["loss/distill"] = loss_distill.item()
+        self.engines.student.backward(loss)
+        self.engines.student.step()
+        return metrics, x0_hat.detach()
+
+    def discriminator_step(self, batch: dict, noise: Noise, fake_x0: torch.Tensor | None) -> dict:
+        heads = self.engines.heads
+        heads.module.requires_grad_(True)
+        b = batch["latent"].shape[0]
+        with torch.no_grad():
+            if fake_x0 is None:  # ladd.reuse_fakes = false: fakes from the updated student
+                fake_x0 = self.student_x0(batch, noise)
+            x_fake = flow.add_noise(fake_x0, noise.eps_fake, noise.t_fake)
+            x_real = flow.add_noise(batch["latent"], noise.eps_real, noise.t_real)
+            t_hat = torch.cat([noise.t_real, noise.t_fake])  # (2B,)
+            both = {k: torch.cat([batch[k], batch[k]]) for k in ("prompt_embeds", "pooled")}
+            features = self.teacher_features(torch.cat([x_real, x_fake]), t_hat, both)
+        logits = heads(features, t_hat, both["pooled"])  # K x (2B, 1, h, w)
+        real_logits = [lg[:b] for lg in logits]
+        fake_logits = [lg[b:] for lg in logits]
+        loss = losses.discriminator_hinge_loss(real_logits, fake_logits)
+        metrics = {
+            "loss/discriminator": loss.item(),
+            "d/real_logit": torch.stack([lg.mean() for lg in real_logits]).mean().item(),
+            "d/fake_logit": torch.stack([lg.mean() for lg in fake_logits]).mean().item(),
+        }
+        if self.cfg.ladd.r1_gamma > 0:
+            # A second, small heads pass through `.module`: torch.autograd.grad on a graph built by
+            # the engine's forward fires DeepSpeed's backward epilogue (deepspeed 0.19 crashes in
+            # ZeRO-2's average_tensor). The penalty's gradient still reaches the heads' parameters
+            # through heads.backward(loss) below.
+            real_features = [f[:b].detach().requires_grad_(True) for f in features]
+            r1_logits = heads.module(real_features, noise.t_real, batch["pooled"])
+            penalty = losses.r1_penalty(r1_logits, real_features)
+            loss = loss + 0.5 * self.cfg.ladd.r1_gamma * penalty
+            metrics["loss/r1"] = penalty.item()
+        heads.backward(loss)
+        heads.step()
+        return metrics
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step of the student and of the heads over `grad_accum` micro-batches."""
+        noises = [self.draw_noise(b) for b in micro_batches]
+        metrics: list[dict] = []
+        fakes = []
+        for batch, noise in zip(micro_batches, noises):
+            m, fake = self.generator_step(batch, noise)
+            metrics.append(m)
+            fakes.append(fake if self.cfg.ladd.reuse_fakes else None)
+        for i, (batch, noise) in enumerate(zip(micro_batches, noises)):
+            metrics[i].update(self.discriminator_step(batch, noise, fakes[i]))
+        if self.ema is not None:
+            self.ema.update(self.engines.student.module)
+        out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        out["t/student_mean"] = float(torch.cat([n.t_student for n in noises]).float().mean())
+        return out

@@ -1,0 +1,136 @@
+"""Building a run from its config: models, DeepSpeed configs, and the --dry-run report."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ladd_ds.config import Config
+from ladd_ds.data.schema import validate_mds_dir
+from ladd_ds.distributed import engines as ds
+from ladd_ds.models.flow_model import FlowModel
+from ladd_ds.models.heads import DiscriminatorHeads
+from ladd_ds.models.registry import (
+    build_transformer,
+    count_parameters,
+    resolve_model_config,
+)
+
+
+def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
+    if taps is None:
+        return list(range(num_blocks))
+    bad = [i for i in taps if i >= num_blocks]
+    if bad:
+        raise ValueError(f"discriminator.taps: blocks {bad} do not exist (the teacher has {num_blocks} blocks, 0..{num_blocks - 1})")
+    return sorted(taps)
+
+
+def build_models(cfg: Config, device: str = "cpu") -> tuple[FlowModel, FlowModel, DiscriminatorHeads, list[int]]:
+    """Teacher, student (a copy of the teacher unless model.student names its own) and heads."""
+    teacher = FlowModel(build_transformer(cfg.model.teacher, seed=cfg.run.seed, device=device))
+    if cfg.model.student is None:
+        student = copy.deepcopy(teacher)
+    else:
+        student = FlowModel(build_transformer(cfg.model.student, seed=cfg.run.seed + 1, device=device))
+    if cfg.model.gradient_checkpointing:
+        teacher.transformer.enable_gradient_checkpointing()
+        student.transformer.enable_gradient_checkpointing()
+    taps = resolve_taps(cfg.discriminator.taps, teacher.num_blocks)
+    with torch.device(device) if device == "meta" else torch.device("cpu"):
+        torch.manual_seed(cfg.run.seed + 2)
+        heads = DiscriminatorHeads(
+            feature_dim=teacher.feature_dim,
+            num_heads=len(taps),
+            pooled_dim=teacher.transformer.config.pooled_projection_dim,
+            hidden=cfg.discriminator.hidden_channels,
+            num_layers=cfg.discriminator.num_layers,
+        )
+    return teacher, student, heads, taps
+
+
+def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
+    common = dict(
+        micro_batch_size=cfg.data.micro_batch_size,
+        grad_accum=cfg.optim.grad_accum,
+        world_size=world,
+        precision=cfg.deepspeed.precision,
+    )
+    d = cfg.deepspeed
+    return {
+        "student": ds.fill_ds_config(ds.load_template(d.student_config, "deepspeed.student_config"), grad_clip=cfg.optim.grad_clip, **common),
+        "heads": ds.fill_ds_config(ds.load_template(d.heads_config, "deepspeed.heads_config"), grad_clip=cfg.optim.grad_clip, **common),
+        "teacher": ds.fill_ds_config(ds.load_template(d.teacher_config, "deepspeed.teacher_config"), **common),
+    }
+
+
+def check_data_matches_model(cfg: Config) -> None:
+    """Fail before any engine is built when the data cannot feed the teacher."""
+    model_cfg = resolve_model_config(cfg.model.teacher)
+    if cfg.data.source == "random_latents":
+        rl = cfg.data.random_latents
+        checks = [
+            ("data.random_latents.latent_channels", rl.latent_channels, "in_channels", model_cfg["in_channels"]),
+            ("data.random_latents.text_dim", rl.text_dim, "joint_attention_dim", model_cfg["joint_attention_dim"]),
+            ("data.random_latents.pooled_dim", rl.pooled_dim, "pooled_projection_dim", model_cfg["pooled_projection_dim"]),
+        ]
+        for key, value, model_key, expected in checks:
+            if value != expected:
+                raise ValueError(f"{key}={value} does not match the teacher's {model_key}={expected} ({cfg.model.teacher})")
+        factor = model_cfg["patch_size"]
+        if rl.height % factor or rl.width % factor:
+            raise ValueError(f"data.random_latents: height/width must be divisible by the patch size {factor}")
+
+
+def memory_plan(n_params: int, trainable: bool, precision: str, stage: int, world: int) -> dict[str, float]:
+    """Bytes per rank of weights, gradients and optimizer state for one engine.
+
+    weights: 2 bytes/param in bf16, 4 in fp32; gradients: 4 (fp32); Adam: 8 (two fp32 moments)
+    plus a 4-byte fp32 master copy when training in bf16. ZeRO-1 shards the optimizer state,
+    ZeRO-2 also the gradients, ZeRO-3 also the weights, each over `world` ranks.
+    """
+    weight_b = 2 if precision == "bf16" else 4
+    grad_b = 4 if trainable else 0
+    optim_b = (8 + (4 if precision == "bf16" else 0)) if trainable else 0
+    return {
+        "weights": n_params * weight_b / (world if stage >= 3 else 1),
+        "grads": n_params * grad_b / (world if stage >= 2 else 1),
+        "optimizer": n_params * optim_b / (world if stage >= 1 else 1),
+    }
+
+
+def dry_run(cfg: Config, world: int) -> str:
+    """Validate, build the models on the meta device, count parameters, plan memory; no engines."""
+    check_data_matches_model(cfg)
+    teacher, student, heads, taps = build_models(cfg, device="meta")
+    ds_configs = build_ds_configs(cfg, world)
+    gib = 2**30
+    lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
+    if cfg.data.source == "mds":
+        try:  # a memory plan is useful before the data exist: report, don't stop
+            summary = validate_mds_dir(cfg.data.path)
+            lines.append(f"data: {summary['num_samples']} samples in {cfg.data.path}")
+        except (FileNotFoundError, ValueError) as e:
+            lines.append(f"data: NOT USABLE, training would stop here: {e}")
+    lines.append("")
+    lines.append(f"{'engine':<9}{'params':>15}{'ZeRO':>5}{'weights':>10}{'grads':>10}{'optim':>10}{'total GiB/rank':>16}")
+    total = 0.0
+    for name, model, trainable in (("teacher", teacher, False), ("student", student, True), ("heads", heads, True)):
+        n = count_parameters(model)
+        stage = ds.zero_stage(ds_configs[name])
+        plan = memory_plan(n, trainable, cfg.deepspeed.precision, stage, world)
+        engine_total = sum(plan.values())
+        total += engine_total
+        lines.append(
+            f"{name:<9}{n:>15,}{stage:>5}{plan['weights'] / gib:>10.2f}{plan['grads'] / gib:>10.2f}"
+            f"{plan['optimizer'] / gib:>10.2f}{engine_total / gib:>16.2f}"
+        )
+    lines.append(f"{'all':<9}{'':>15}{'':>5}{'':>10}{'':>10}{'':>10}{total / gib:>16.2f}")
+    lines += [
+        "",
+        "per rank = params x bytes / ranks sharing them: weights 2 B (bf16) or 4 B (fp32); grads 4 B;",
+        "Adam 8 B (+4 B fp32 master in bf16); ZeRO-1 shards optimizer, -2 also grads, -3 also weights.",
+        "Activations, communication buffers and the CUDA context are not included.",
+    ]
+    return "\n".join(lines)

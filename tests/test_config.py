@@ -1,0 +1,77 @@
+"""Bad configs and bad inputs stop with one message that names the file/key, before any engine."""
+
+import numpy as np
+import pytest
+from streaming import MDSWriter
+
+from ladd_ds.config import ConfigError, load_config
+from tests.conftest import TINY_CONFIG, run_cli
+
+
+def test_tiny_config_loads_with_overrides():
+    cfg = load_config(TINY_CONFIG, ["run.seed=7", "ladd.renoise_m=-1", "discriminator.taps=[0, 2]"])
+    assert cfg.run.seed == 7 and cfg.ladd.renoise_m == -1.0 and cfg.discriminator.taps == [0, 2]
+    assert cfg.model.teacher == "tiny" and cfg.data.source == "random_latents"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ladd.renoise_z=1", r"ladd.renoise_z: unknown key \(known: .*renoise_m"),
+        ("data.random_latents.heigth=8", r"data.random_latents.heigth: unknown key"),
+        ("optim.student_lr=fast", r"optim.student_lr: expected a number, got 'fast'"),
+        ("optim.grad_accum=1.5", r"optim.grad_accum: expected an integer"),
+        ("logging.tensorboard=1", r"logging.tensorboard: expected true/false"),
+        ("deepspeed.precision=fp8", r"deepspeed.precision: 'fp8' is not one of \['fp32', 'bf16'\]"),
+        ("ladd.student_probs=[0.5, 0.5]", r"ladd.student_probs: has 2 entries, ladd.student_timesteps has 4"),
+        ("ladd.student_probs=[0.5, 0.5, 0.5, 0.5]", r"ladd.student_probs: probabilities must be >= 0 and sum to 1"),
+        ("ladd.warmup_steps=500", r"ladd.warmup_steps > 0 needs ladd.warmup_probs"),
+        ("data.source=mds", r"data.path: required when data.source is 'mds'"),
+        ("discriminator.taps=[]", r"discriminator.taps: distinct block indices"),
+        ("model=3", r"model: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(TINY_CONFIG, [override])
+    assert str(TINY_CONFIG) in str(info.value)  # the file is named too
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: {seed: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"top level must be a mapping"):
+        load_config(listy)
+
+
+def _cli_error(tmp_path, *sets):
+    args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run")]
+    for s in sets:
+        args += ["--set", s]
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    return proc.stderr
+
+
+def test_cli_bad_inputs_stop_before_any_engine(tmp_path):
+    err = _cli_error(tmp_path, "model.teacher=sd3-huge")
+    assert "model 'sd3-huge' is neither a preset (tiny, sd3-medium, sd3-large) nor an existing folder" in err
+    err = _cli_error(tmp_path, "data.source=mds", f"data.path={tmp_path / 'missing_shards'}")
+    assert "missing_shards" in err and "does not exist" in err
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with MDSWriter(out=str(shards), columns={"latent": "ndarray:float16", "prompt": "str"}) as writer:
+        for i in range(8):
+            writer.write({"latent": np.zeros((4, 16, 16), np.float16), "prompt": f"p{i}"})
+    err = _cli_error(tmp_path, "data.source=mds", f"data.path={shards}")
+    assert str(shards) in err and "missing column" in err
+    err = _cli_error(tmp_path, "data.random_latents.latent_channels=16")
+    assert "data.random_latents.latent_channels=16 does not match the teacher's in_channels=4" in err
