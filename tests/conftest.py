@@ -56,3 +56,14 @@ def distributed_world_of_one():
     os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "2")
     engines.init_distributed("gloo")
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
