@@ -6,7 +6,22 @@ from evaluation import bench_step
 
 
 def bench(*extra):
-    argv = ["--preset", "tiny", "--resolution", "128", "256", "--batch", "2", "--steps", "2", "--warmup", "1", "--matmul-size", "256", *extra]
+    argv = [
+        "--preset",
+        "tiny",
+        "--resolution",
+        "128",
+        "256",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--matmul-size",
+        "256",
+        *extra,
+    ]
     return bench_step.run(bench_step.parse_args(argv))
 
 

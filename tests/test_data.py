@@ -26,9 +26,9 @@ BATCHES_PER_EPOCH = NUM_SAMPLES // BATCH
 SHAPES = dict(latent_shape=(4, 8, 8), text_len=(3, 9), text_dim=16, pooled_dim=8)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def random_ds(tmp_path_factory):
-    out = tmp_path_factory.mktemp('data') / 'random'
+    out = tmp_path_factory.mktemp("data") / "random"
     return write_random_latents(out, NUM_SAMPLES, **SHAPES, seed=3, size_limit=4096)
 
 
@@ -47,68 +47,75 @@ def assert_same_batches(got, expected):
 def test_round_trip_shapes_dtypes_and_padding(random_ds):
     loader = build_loader(random_ds, BATCH, seed=0, shuffle=False, dtype=torch.bfloat16)
     batch = next(iter(loader))
-    assert set(batch) == {'latent', 'prompt_embeds', 'text_mask', 'pooled', 'sample_id'}
-    assert batch['latent'].shape == (BATCH, 4, 8, 8)
-    assert batch['latent'].dtype == torch.bfloat16
-    assert batch['pooled'].shape == (BATCH, 8)
-    assert batch['sample_id'].dtype == torch.int64
+    assert set(batch) == {"latent", "prompt_embeds", "text_mask", "pooled", "sample_id"}
+    assert batch["latent"].shape == (BATCH, 4, 8, 8)
+    assert batch["latent"].dtype == torch.bfloat16
+    assert batch["pooled"].shape == (BATCH, 8)
+    assert batch["sample_id"].dtype == torch.int64
 
     # Compare against the raw samples: values survive fp16 -> bf16, padding is zero and masked.
     lengths = []
-    for i, sample_id in enumerate(batch['sample_id'].tolist()):
+    for i, sample_id in enumerate(batch["sample_id"].tolist()):
         raw = loader.dataset[sample_id]
-        assert raw['prompt'] == f'random sample {sample_id}'
-        length = raw['prompt_embeds'].shape[0]
+        assert raw["prompt"] == f"random sample {sample_id}"
+        length = raw["prompt_embeds"].shape[0]
         lengths.append(length)
         assert 3 <= length <= 9
-        assert torch.equal(batch['latent'][i], raw['latent'])
-        assert torch.equal(batch['prompt_embeds'][i, :length], raw['prompt_embeds'])
-        positions = torch.arange(batch['text_mask'].shape[1])
-        assert torch.equal(batch['text_mask'][i], positions < length)
-        assert not batch['prompt_embeds'][i, length:].any()
-    assert batch['prompt_embeds'].shape == (BATCH, max(lengths), 16)
-    assert len(set(lengths)) > 1, 'the batch should mix prompt lengths to test the padding'
+        assert torch.equal(batch["latent"][i], raw["latent"])
+        assert torch.equal(batch["prompt_embeds"][i, :length], raw["prompt_embeds"])
+        positions = torch.arange(batch["text_mask"].shape[1])
+        assert torch.equal(batch["text_mask"][i], positions < length)
+        assert not batch["prompt_embeds"][i, length:].any()
+    assert batch["prompt_embeds"].shape == (BATCH, max(lengths), 16)
+    assert len(set(lengths)) > 1, "the batch should mix prompt lengths to test the padding"
 
 
 def test_collate_fixed_text_len_pads_and_truncates():
-    samples = [{'latent': torch.randn(4, 2, 2), 'pooled': torch.randn(8), 'sample_id': i,
-                'prompt_embeds': torch.randn(length, 16), 'prompt': 'p'}
-               for i, length in enumerate([2, 7])]
+    samples = [
+        {
+            "latent": torch.randn(4, 2, 2),
+            "pooled": torch.randn(8),
+            "sample_id": i,
+            "prompt_embeds": torch.randn(length, 16),
+            "prompt": "p",
+        }
+        for i, length in enumerate([2, 7])
+    ]
     batch = collate(samples, text_len=5)
-    assert batch['prompt_embeds'].shape == (2, 5, 16)
-    assert batch['text_mask'].tolist() == [[True, True, False, False, False], [True] * 5]
-    assert torch.equal(batch['prompt_embeds'][1], samples[1]['prompt_embeds'][:5])
-    assert not batch['prompt_embeds'][0, 2:].any()
-    assert batch['sample_id'].tolist() == [0, 1]
+    assert batch["prompt_embeds"].shape == (2, 5, 16)
+    assert batch["text_mask"].tolist() == [[True, True, False, False, False], [True] * 5]
+    assert torch.equal(batch["prompt_embeds"][1], samples[1]["prompt_embeds"][:5])
+    assert not batch["prompt_embeds"][0, 2:].any()
+    assert batch["sample_id"].tolist() == [0, 1]
 
 
 def test_collate_rejects_mixed_latent_shapes():
-    samples = [{'latent': torch.randn(4, h, 2), 'pooled': torch.randn(8), 'sample_id': h,
-                'prompt_embeds': torch.randn(3, 16)} for h in (2, 3)]
-    with pytest.raises(ValueError, match='per_stream'):
+    samples = [
+        {"latent": torch.randn(4, h, 2), "pooled": torch.randn(8), "sample_id": h, "prompt_embeds": torch.randn(3, 16)}
+        for h in (2, 3)
+    ]
+    with pytest.raises(ValueError, match="per_stream"):
         collate(samples)
 
 
 def test_sample_ids_unique_within_epoch_and_reshuffled(random_ds):
     loader = build_loader(random_ds, BATCH, seed=0)
-    epochs = [torch.cat([b['sample_id'] for b in loader]).tolist() for _ in range(2)]
+    epochs = [torch.cat([b["sample_id"] for b in loader]).tolist() for _ in range(2)]
     for ids in epochs:
         assert len(ids) == BATCHES_PER_EPOCH * BATCH
         assert len(set(ids)) == len(ids)
         assert all(0 <= i < NUM_SAMPLES for i in ids)
-    assert epochs[0] != epochs[1], 'streaming should reshuffle each epoch'
+    assert epochs[0] != epochs[1], "streaming should reshuffle each epoch"
 
 
 def test_same_seed_same_order_different_seed_different_order(random_ds):
-    ids = [torch.cat([b['sample_id'] for b in build_loader(random_ds, BATCH, seed=s)]).tolist()
-           for s in (1, 1, 2)]
+    ids = [torch.cat([b["sample_id"] for b in build_loader(random_ds, BATCH, seed=s)]).tolist() for s in (1, 1, 2)]
     assert ids[0] == ids[1]
     assert ids[0] != ids[2]
 
 
 # Stop points: mid epoch 0, right after the last batch of epoch 0, mid epoch 1, end of epoch 1.
-@pytest.mark.parametrize('stop',
-                         [5, BATCHES_PER_EPOCH, BATCHES_PER_EPOCH + 3, 2 * BATCHES_PER_EPOCH])
+@pytest.mark.parametrize("stop", [5, BATCHES_PER_EPOCH, BATCHES_PER_EPOCH + 3, 2 * BATCHES_PER_EPOCH])
 def test_resume_is_exact(random_ds, stop):
     # Both loaders live in this process over one directory, as in the trainer's resume test.
     reference = take(build_loader(random_ds, BATCH, seed=7), stop + 15)
@@ -146,32 +153,31 @@ def test_resume_with_workers(random_ds):
 
 
 def test_local_cache_built_twice(random_ds, tmp_path):
-    cache = tmp_path / 'cache'
+    cache = tmp_path / "cache"
     a = next(iter(build_loader(random_ds, BATCH, seed=1, local_cache=cache)))
     b = next(iter(build_loader(random_ds, BATCH, seed=1, local_cache=cache)))
-    assert torch.equal(a['sample_id'], b['sample_id'])
-    assert (cache / 'index.json').is_file()
+    assert torch.equal(a["sample_id"], b["sample_id"])
+    assert (cache / "index.json").is_file()
 
 
 def test_too_small_dataset_is_rejected(tmp_path):
-    path = write_random_latents(tmp_path / 'tiny', 3, **SHAPES)
-    with pytest.raises(ValueError, match='fewer than one global batch'):
+    path = write_random_latents(tmp_path / "tiny", 3, **SHAPES)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         build_loader(path, BATCH, seed=0)
 
 
 def test_validate_summary(random_ds):
     summary = validate_mds_dir(random_ds)
-    assert summary['num_samples'] == NUM_SAMPLES
-    assert summary['num_shards'] > 1
-    assert summary['columns']['prompt_embeds'] == 'ndarray:float16'
+    assert summary["num_samples"] == NUM_SAMPLES
+    assert summary["num_shards"] > 1
+    assert summary["columns"]["prompt_embeds"] == "ndarray:float16"
 
 
 def test_validate_missing_column_names_path_and_column(tmp_path):
-    path = tmp_path / 'no_pooled'
-    columns = {'latent': 'ndarray:float16', 'prompt_embeds': 'ndarray:float16', 'prompt': 'str'}
+    path = tmp_path / "no_pooled"
+    columns = {"latent": "ndarray:float16", "prompt_embeds": "ndarray:float16", "prompt": "str"}
     with MDSWriter(out=str(path), columns=columns) as writer:
-        writer.write({'latent': np.zeros((4, 2, 2), np.float16), 'prompt': 'x',
-                      'prompt_embeds': np.zeros((3, 8), np.float16)})
+        writer.write({"latent": np.zeros((4, 2, 2), np.float16), "prompt": "x", "prompt_embeds": np.zeros((3, 8), np.float16)})
     with pytest.raises(ValueError, match="missing column 'pooled'") as err:
         validate_mds_dir(path)
     assert str(path) in str(err.value)
@@ -180,105 +186,120 @@ def test_validate_missing_column_names_path_and_column(tmp_path):
 
 
 def test_validate_wrong_encoding(tmp_path):
-    path = tmp_path / 'fp32'
-    columns = {'latent': 'ndarray:float32', 'prompt_embeds': 'ndarray:float16',
-               'pooled': 'ndarray:float16', 'prompt': 'str'}
+    path = tmp_path / "fp32"
+    columns = {"latent": "ndarray:float32", "prompt_embeds": "ndarray:float16", "pooled": "ndarray:float16", "prompt": "str"}
     with MDSWriter(out=str(path), columns=columns) as writer:
-        writer.write({'latent': np.zeros((4, 2, 2), np.float32), 'prompt': 'x',
-                      'prompt_embeds': np.zeros((3, 8), np.float16),
-                      'pooled': np.zeros(8, np.float16)})
+        writer.write(
+            {
+                "latent": np.zeros((4, 2, 2), np.float32),
+                "prompt": "x",
+                "prompt_embeds": np.zeros((3, 8), np.float16),
+                "pooled": np.zeros(8, np.float16),
+            }
+        )
     with pytest.raises(ValueError, match="'latent' as 'ndarray:float32'"):
         validate_mds_dir(path)
 
 
 def test_validate_missing_dir_index_and_shard(tmp_path, random_ds):
-    with pytest.raises(FileNotFoundError, match='does not exist') as err:
-        validate_mds_dir(tmp_path / 'nope')
-    assert str(tmp_path / 'nope') in str(err.value)
+    with pytest.raises(FileNotFoundError, match="does not exist") as err:
+        validate_mds_dir(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(err.value)
 
-    no_index = tmp_path / 'no_index'
-    (no_index / 'part0').mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match='No index.json') as err:
+    no_index = tmp_path / "no_index"
+    (no_index / "part0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="No index.json") as err:
         validate_mds_dir(no_index)
-    assert str(no_index) in str(err.value) and 'interrupted' in str(err.value)
-    (no_index / 'part0' / 'index.json').write_text('{}')
-    with pytest.raises(FileNotFoundError, match='merge_index'):
+    assert str(no_index) in str(err.value) and "interrupted" in str(err.value)
+    (no_index / "part0" / "index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="merge_index"):
         validate_mds_dir(no_index)
 
-    truncated = shutil.copytree(random_ds, tmp_path / 'truncated')
-    (truncated / 'shard.00001.mds').unlink()
+    truncated = shutil.copytree(random_ds, tmp_path / "truncated")
+    (truncated / "shard.00001.mds").unlink()
     with pytest.raises(FileNotFoundError, match="'shard.00001.mds'.*is missing"):
         validate_mds_dir(truncated)
 
 
 def test_validate_merged_sub_datasets(tmp_path):
     for i in range(2):
-        write_random_latents(tmp_path / 'merged' / f'part{i}', 5, **SHAPES, seed=i)
-    merge_index(str(tmp_path / 'merged'), keep_local=True)
-    assert validate_mds_dir(tmp_path / 'merged')['num_samples'] == 10
-    loader = build_loader(tmp_path / 'merged', 2, seed=0)
-    ids = torch.cat([b['sample_id'] for b in loader]).tolist()
+        write_random_latents(tmp_path / "merged" / f"part{i}", 5, **SHAPES, seed=i)
+    merge_index(str(tmp_path / "merged"), keep_local=True)
+    assert validate_mds_dir(tmp_path / "merged")["num_samples"] == 10
+    loader = build_loader(tmp_path / "merged", 2, seed=0)
+    ids = torch.cat([b["sample_id"] for b in loader]).tolist()
     assert sorted(ids) == list(range(10))
 
 
 def test_write_random_latents_deterministic_atomic_idempotent(tmp_path):
-    a = write_random_latents(tmp_path / 'a', 6, **SHAPES, seed=5)
-    b = write_random_latents(tmp_path / 'b', 6, **SHAPES, seed=5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['a', 'b'], 'temporary dir left behind'
-    for name in ('index.json', 'shard.00000.mds'):
+    a = write_random_latents(tmp_path / "a", 6, **SHAPES, seed=5)
+    b = write_random_latents(tmp_path / "b", 6, **SHAPES, seed=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"], "temporary dir left behind"
+    for name in ("index.json", "shard.00000.mds"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
-    other = write_random_latents(tmp_path / 'c', 6, **SHAPES, seed=6)
-    assert (a / 'shard.00000.mds').read_bytes() != (other / 'shard.00000.mds').read_bytes()
+    other = write_random_latents(tmp_path / "c", 6, **SHAPES, seed=6)
+    assert (a / "shard.00000.mds").read_bytes() != (other / "shard.00000.mds").read_bytes()
 
     # A second call with the same parameters leaves the directory untouched.
-    mtime = (a / 'shard.00000.mds').stat().st_mtime_ns
-    assert write_random_latents(tmp_path / 'a', 6, **SHAPES, seed=5) == a
-    assert (a / 'shard.00000.mds').stat().st_mtime_ns == mtime
+    mtime = (a / "shard.00000.mds").stat().st_mtime_ns
+    assert write_random_latents(tmp_path / "a", 6, **SHAPES, seed=5) == a
+    assert (a / "shard.00000.mds").stat().st_mtime_ns == mtime
     with pytest.raises(FileExistsError, match="'seed': \\(5, 6\\)"):
-        write_random_latents(tmp_path / 'a', 6, **SHAPES, seed=6)
+        write_random_latents(tmp_path / "a", 6, **SHAPES, seed=6)
 
 
 def test_failed_write_leaves_nothing(tmp_path):
     def samples():
-        yield {'latent': np.zeros((4, 2, 2)), 'prompt_embeds': np.zeros((3, 8)),
-               'pooled': np.zeros(8), 'prompt': 'ok'}
-        raise RuntimeError('generator crashed')
+        yield {"latent": np.zeros((4, 2, 2)), "prompt_embeds": np.zeros((3, 8)), "pooled": np.zeros(8), "prompt": "ok"}
+        raise RuntimeError("generator crashed")
 
-    with pytest.raises(RuntimeError, match='generator crashed'):
-        write_samples(tmp_path / 'out', samples())
+    with pytest.raises(RuntimeError, match="generator crashed"):
+        write_samples(tmp_path / "out", samples())
     assert list(tmp_path.iterdir()) == []
 
     with pytest.raises(ValueError, match=r"Sample 1 .* lacks column\(s\) \['pooled'\]"):
-        write_samples(tmp_path / 'out', [
-            {'latent': np.zeros((4, 2, 2)), 'prompt_embeds': np.zeros((3, 8)),
-             'pooled': np.zeros(8), 'prompt': 'ok'},
-            {'latent': np.zeros((4, 2, 2)), 'prompt_embeds': np.zeros((3, 8)), 'prompt': 'bad'},
-        ])
+        write_samples(
+            tmp_path / "out",
+            [
+                {"latent": np.zeros((4, 2, 2)), "prompt_embeds": np.zeros((3, 8)), "pooled": np.zeros(8), "prompt": "ok"},
+                {"latent": np.zeros((4, 2, 2)), "prompt_embeds": np.zeros((3, 8)), "prompt": "bad"},
+            ],
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_write_samples_accepts_bf16_tensors_and_optional_columns(tmp_path):
     latent = torch.randn(4, 2, 2, dtype=torch.bfloat16)
-    path = write_samples(tmp_path / 'bf16', [{
-        'latent': latent, 'prompt_embeds': torch.randn(3, 8), 'pooled': torch.randn(8),
-        'prompt': 'a cat', 'bucket': '2x2', 'seed': 123}])
-    assert validate_mds_dir(path)['columns']['seed'] == 'int'
+    path = write_samples(
+        tmp_path / "bf16",
+        [
+            {
+                "latent": latent,
+                "prompt_embeds": torch.randn(3, 8),
+                "pooled": torch.randn(8),
+                "prompt": "a cat",
+                "bucket": "2x2",
+                "seed": 123,
+            }
+        ],
+    )
+    assert validate_mds_dir(path)["columns"]["seed"] == "int"
     loader = build_loader(path, 1, seed=0, dtype=torch.bfloat16)
     sample = loader.dataset[0]
     # bf16 -> fp16 -> bf16 is exact for these magnitudes (fp16 has more mantissa bits).
-    assert torch.equal(sample['latent'], latent)
-    assert sample['sample_id'] == 0 and sample['prompt'] == 'a cat'
+    assert torch.equal(sample["latent"], latent)
+    assert sample["sample_id"] == 0 and sample["prompt"] == "a cat"
 
 
 def test_fixed_text_len_through_loader(random_ds):
     batch = next(iter(build_loader(random_ds, BATCH, seed=0, text_len=5)))
-    assert batch['prompt_embeds'].shape == (BATCH, 5, 16)
-    assert batch['text_mask'][:, :3].all()  # every prompt has at least 3 tokens
+    assert batch["prompt_embeds"].shape == (BATCH, 5, 16)
+    assert batch["text_mask"][:, :3].all()  # every prompt has at least 3 tokens
 
 
 def test_local_world_size_from_deepspeed_local_size(random_ds, monkeypatch):
-    monkeypatch.setenv('LOCAL_WORLD_SIZE', 'placeholder')  # so monkeypatch restores it after
-    monkeypatch.delenv('LOCAL_WORLD_SIZE')
-    monkeypatch.setenv('LOCAL_SIZE', '1')
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "placeholder")  # so monkeypatch restores it after
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_SIZE", "1")
     build_loader(random_ds, BATCH, seed=0)
-    assert os.environ['LOCAL_WORLD_SIZE'] == '1'
+    assert os.environ["LOCAL_WORLD_SIZE"] == "1"

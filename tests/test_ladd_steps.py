@@ -99,3 +99,36 @@ def test_r1_penalty_reaches_the_heads(tmp_path, distributed_world_of_one):
 def test_taps_out_of_range_are_rejected(tmp_path, distributed_world_of_one):
     with pytest.raises(ValueError, match=r"discriminator.taps: blocks \[7\] do not exist"):
         make_trainer(tmp_path, "discriminator.taps=[0, 7]")
+
+
+def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path, distributed_world_of_one):
+    # Fixed text length: SD3 attends to padding tokens, so padding to each micro-batch's own
+    # maximum would make the two layouts differ for a reason unrelated to accumulation.
+    # A large Adam eps: on its first step Adam moves every weight by ~lr * sign(grad), which
+    # turns round-off in near-zero gradients into lr-sized differences; with eps >> |grad| the
+    # update is proportional to the gradient, which is what this test compares.
+    common = ("data.text_len=8", "optim.grad_clip=0", "optim.eps=0.01", "optim.student_lr=0.1", "optim.heads_lr=0.1")
+    one = make_trainer(tmp_path / "one", *common)
+    accum = make_trainer(tmp_path / "accum", "optim.grad_accum=2", "data.micro_batch_size=2", *common)
+    batch = one.to_device(next(one.batches))  # 4 samples
+    initial = {name: local_params(getattr(one.engines, name).module) for name in ("student", "heads")}
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    m_one = one.train_step([batch])
+    m_acc = accum.train_step(halves)
+    assert m_acc["loss/generator"] == pytest.approx(m_one["loss/generator"], rel=1e-5)
+    for name in ("student", "heads"):
+        a = local_params(getattr(one.engines, name).module)
+        b = local_params(getattr(accum.engines, name).module)
+        moved = max((a[k] - initial[name][k]).abs().max().item() for k in a)
+        assert moved > 50 * 2e-6  # the step moved weights far more than the tolerance below
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=lambda m: f"{name}.{key}: {m}")
+
+
+def test_bf16_on_cpu_runs_a_step(tmp_path, distributed_world_of_one):
+    trainer = make_trainer(tmp_path, "deepspeed.precision=bf16")
+    batch = trainer.to_device(next(trainer.batches))
+    assert batch["latent"].dtype == torch.bfloat16
+    m = trainer.train_step([batch])
+    assert all(math.isfinite(v) for v in m.values())
+    assert next(trainer.engines.student.module.parameters()).dtype == torch.bfloat16

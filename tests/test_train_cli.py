@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.conftest import TINY_CONFIG, read_metrics, run_cli
 
@@ -11,7 +12,18 @@ LOSSES = ("loss/generator", "loss/discriminator", "d/real_logit", "d/fake_logit"
 
 
 def train(run_dir, max_steps, *extra, nproc=1):
-    return run_cli("train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", str(max_steps), *FAST, *extra, nproc=nproc)
+    return run_cli(
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        str(max_steps),
+        *FAST,
+        *extra,
+        nproc=nproc,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +48,9 @@ def test_run_writes_metrics_tensorboard_checkpoints_and_configs(uninterrupted):
     assert (uninterrupted / "config.yaml").is_file()
     ds_student = json.loads((uninterrupted / "ds_config_student.json").read_text())
     assert ds_student["zero_optimization"]["stage"] == 3 and ds_student["train_batch_size"] == 4
+    assert ds_student["gradient_clipping"] == 1.0
+    # Linear LR warm-up over 5 optimizer steps (logged after each step's scheduler update).
+    assert [r["lr/student"] for r in records] == pytest.approx([4e-5, 6e-5, 8e-5, 1e-4, 1e-4, 1e-4])
 
 
 def test_resume_equals_uninterrupted_and_skips_partial_checkpoints(tmp_path, uninterrupted):
@@ -53,6 +68,12 @@ def test_resume_equals_uninterrupted_and_skips_partial_checkpoints(tmp_path, uni
         for key in LOSSES:
             assert got[key] == want[key], (got["step"], key)
     assert (tmp_path / "checkpoints" / "step-00000006" / "trainer_state.json").is_file()
+    # The EMA of the student (tiny config: decay 0.99) was restored and continued identically.
+    ema_resumed = torch.load(tmp_path / "checkpoints" / "step-00000006" / "rank-00000.pt")["ema"]["shadow"]
+    ema_reference = torch.load(uninterrupted / "checkpoints" / "step-00000006" / "rank-00000.pt")["ema"]["shadow"]
+    assert ema_resumed.keys() == ema_reference.keys()
+    for key in ema_reference:
+        assert torch.equal(ema_resumed[key], ema_reference[key]), key
     # The save at step 4 cleared the stale temporary directory before writing its own.
     assert not (tmp_path / "checkpoints" / ".tmp-step-00000004").exists()
 
@@ -65,3 +86,14 @@ def test_two_ranks_under_the_deepspeed_launcher(tmp_path):
     ds_student = json.loads((tmp_path / "ds_config_student.json").read_text())
     assert ds_student["train_batch_size"] == 8  # 4 per rank x 2 ranks
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_dry_run_prints_parameter_counts_and_memory_plan(tmp_path):
+    out = run_cli(
+        "train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--dry-run", "--world-size", "4"
+    ).stdout
+    assert "world size 4" in out
+    teacher = next(line for line in out.splitlines() if line.startswith("teacher"))
+    student = next(line for line in out.splitlines() if line.startswith("student"))
+    assert teacher.split()[1] == "114,960" and student.split()[1] == "114,960"  # tiny preset, student = copy
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained

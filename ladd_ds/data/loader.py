@@ -20,7 +20,7 @@ from streaming.base.util import clean_stale_shared_memory
 
 from ladd_ds.data.schema import validate_mds_dir
 
-_TENSOR_COLUMNS = ('latent', 'prompt_embeds', 'pooled')
+_TENSOR_COLUMNS = ("latent", "prompt_embeds", "pooled")
 
 
 class LatentDataset(StreamingDataset):
@@ -39,8 +39,8 @@ class LatentDataset(StreamingDataset):
         # index already made non-negative.
         raw = super().get_item(sample_id, retry)
         sample = {k: torch.tensor(raw[k], dtype=self.dtype) for k in _TENSOR_COLUMNS}
-        sample['sample_id'] = int(sample_id)
-        sample['prompt'] = raw['prompt']
+        sample["sample_id"] = int(sample_id)
+        sample["prompt"] = raw["prompt"]
         return sample
 
 
@@ -54,27 +54,29 @@ def collate(samples: list[dict[str, Any]], text_len: int | None = None) -> dict[
     the batch, and a dict of equal-length tensors keeps that count right. Prompt strings are
     dropped; look one up with `loader.dataset[sample_id]['prompt']` when logging.
     """
-    latents = [s['latent'] for s in samples]
+    latents = [s["latent"] for s in samples]
     if any(x.shape != latents[0].shape for x in latents):
-        shapes = {s['sample_id']: tuple(s['latent'].shape) for s in samples}
-        raise ValueError(f'Latents of different shapes in one batch (sample_id: shape) {shapes}. '
-                         f'Put each aspect bucket in its own Stream and use '
-                         f"batching_method='per_stream'.")
-    lengths = [s['prompt_embeds'].shape[0] for s in samples]
+        shapes = {s["sample_id"]: tuple(s["latent"].shape) for s in samples}
+        raise ValueError(
+            f"Latents of different shapes in one batch (sample_id: shape) {shapes}. "
+            f"Put each aspect bucket in its own Stream and use "
+            f"batching_method='per_stream'."
+        )
+    lengths = [s["prompt_embeds"].shape[0] for s in samples]
     max_len = text_len if text_len is not None else max(lengths)
-    first = samples[0]['prompt_embeds']
+    first = samples[0]["prompt_embeds"]
     prompt_embeds = first.new_zeros(len(samples), max_len, first.shape[1])  # (B, L, D)
     text_mask = torch.zeros(len(samples), max_len, dtype=torch.bool)  # (B, L)
     for i, (sample, length) in enumerate(zip(samples, lengths)):
         n = min(length, max_len)
-        prompt_embeds[i, :n] = sample['prompt_embeds'][:n]
+        prompt_embeds[i, :n] = sample["prompt_embeds"][:n]
         text_mask[i, :n] = True
     return {
-        'latent': torch.stack(latents),  # (B, C, h, w)
-        'prompt_embeds': prompt_embeds,  # (B, L, D)
-        'text_mask': text_mask,  # (B, L)
-        'pooled': torch.stack([s['pooled'] for s in samples]),  # (B, P)
-        'sample_id': torch.tensor([s['sample_id'] for s in samples], dtype=torch.int64),  # (B,)
+        "latent": torch.stack(latents),  # (B, C, h, w)
+        "prompt_embeds": prompt_embeds,  # (B, L, D)
+        "text_mask": text_mask,  # (B, L)
+        "pooled": torch.stack([s["pooled"] for s in samples]),  # (B, P)
+        "sample_id": torch.tensor([s["sample_id"] for s in samples], dtype=torch.int64),  # (B,)
     }
 
 
@@ -96,18 +98,20 @@ def clean_stale_shared_memory_once() -> None:
 
 
 def _world_size() -> int:
-    return int(os.environ.get('WORLD_SIZE', 1))
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def build_loader(path: str | Path,
-                 micro_batch_size: int,
-                 *,
-                 seed: int,
-                 shuffle: bool = True,
-                 num_workers: int = 0,
-                 dtype: torch.dtype = torch.float32,
-                 text_len: int | None = None,
-                 local_cache: str | Path | None = None) -> StreamingDataLoader:
+def build_loader(
+    path: str | Path,
+    micro_batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    dtype: torch.dtype = torch.float32,
+    text_len: int | None = None,
+    local_cache: str | Path | None = None,
+) -> StreamingDataLoader:
     """Build the per-rank loader over the MDS dataset at `path` (batches of `micro_batch_size`).
 
     The shuffle order depends only on `seed` and the epoch. `local_cache`, when given, is where
@@ -116,31 +120,30 @@ def build_loader(path: str | Path,
     """
     summary = validate_mds_dir(path)
     world_size = _world_size()
-    if summary['num_samples'] < micro_batch_size * world_size:
-        raise ValueError(f'Dataset {str(path)!r} has {summary["num_samples"]} samples, fewer than '
-                         f'one global batch ({micro_batch_size} x {world_size} ranks). Write more '
-                         f'samples or lower the micro batch size.')
+    if summary["num_samples"] < micro_batch_size * world_size:
+        raise ValueError(
+            f"Dataset {str(path)!r} has {summary['num_samples']} samples, fewer than "
+            f"one global batch ({micro_batch_size} x {world_size} ranks). Write more "
+            f"samples or lower the micro batch size."
+        )
     # The deepspeed launcher sets LOCAL_SIZE but not LOCAL_WORLD_SIZE, which streaming reads to
     # find the ranks sharing a node; without it every rank thinks it is a local leader and they
     # collide on shared memory (FileExistsError: '/000000_locals').
-    if 'LOCAL_WORLD_SIZE' not in os.environ and 'LOCAL_SIZE' in os.environ:
-        os.environ['LOCAL_WORLD_SIZE'] = os.environ['LOCAL_SIZE']
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     clean_stale_shared_memory_once()
 
     # With remote=None streaming skips its "Reused local directory" check and gives each
     # dataset its own shared-memory prefix, so several datasets may read one directory.
-    location = ({'local': str(path)} if local_cache is None else
-                {'remote': str(path), 'local': str(local_cache)})
-    dataset = LatentDataset(**location,
-                            dtype=dtype,
-                            shuffle=shuffle,
-                            shuffle_seed=seed,
-                            batch_size=micro_batch_size)
-    return StreamingDataLoader(dataset,
-                               batch_size=micro_batch_size,
-                               collate_fn=functools.partial(collate, text_len=text_len),
-                               num_workers=num_workers,
-                               drop_last=True)
+    location = {"local": str(path)} if local_cache is None else {"remote": str(path), "local": str(local_cache)}
+    dataset = LatentDataset(**location, dtype=dtype, shuffle=shuffle, shuffle_seed=seed, batch_size=micro_batch_size)
+    return StreamingDataLoader(
+        dataset,
+        batch_size=micro_batch_size,
+        collate_fn=functools.partial(collate, text_len=text_len),
+        num_workers=num_workers,
+        drop_last=True,
+    )
 
 
 def iterate_forever(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -155,6 +158,8 @@ def iterate_forever(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Ten
         for batch in loader:
             empty_epochs = 0
             yield batch
-    raise RuntimeError(f'The loader over {loader.dataset.streams[0].local!r} yielded no batch in '
-                       f'two epochs: each rank needs at least batch_size={loader.batch_size} '
-                       f'samples per epoch. Write more samples or lower the micro batch size.')
+    raise RuntimeError(
+        f"The loader over {loader.dataset.streams[0].local!r} yielded no batch in "
+        f"two epochs: each rank needs at least batch_size={loader.batch_size} "
+        f"samples per epoch. Write more samples or lower the micro batch size."
+    )

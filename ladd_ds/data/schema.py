@@ -19,22 +19,22 @@ from typing import Any
 # 'ndarray:float16' without a shape suffix stores the shape per sample, which `prompt_embeds`
 # needs (variable L); the few header bytes this costs on the other columns do not matter.
 REQUIRED_COLUMNS: dict[str, str] = {
-    'latent': 'ndarray:float16',
-    'prompt_embeds': 'ndarray:float16',
-    'pooled': 'ndarray:float16',
-    'prompt': 'str',
+    "latent": "ndarray:float16",
+    "prompt_embeds": "ndarray:float16",
+    "pooled": "ndarray:float16",
+    "prompt": "str",
 }
 OPTIONAL_COLUMNS: dict[str, str] = {
-    'bucket': 'str',  # aspect bucket name, e.g. '1024x768'; one Stream per bucket
-    'seed': 'int',  # noise seed a teacher used to generate this latent
+    "bucket": "str",  # aspect bucket name, e.g. '1024x768'; one Stream per bucket
+    "seed": "int",  # noise seed a teacher used to generate this latent
 }
 
-INDEX_FILE = 'index.json'
+INDEX_FILE = "index.json"
 
 
 def _encoding_matches(found: str, expected: str) -> bool:
     # A fixed-shape ndarray column ('ndarray:float16:4,64,64') also satisfies 'ndarray:float16'.
-    return found == expected or found.startswith(expected + ':')
+    return found == expected or found.startswith(expected + ":")
 
 
 def validate_mds_dir(path: str | Path) -> dict[str, Any]:
@@ -53,57 +53,65 @@ def validate_mds_dir(path: str | Path) -> dict[str, Any]:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(
-            f'Dataset directory {str(root)!r} does not exist. Write one with '
-            f'ladd_ds.data.write_samples / write_random_latents, or fix the data path.')
+            f"Dataset directory {str(root)!r} does not exist. Write one with "
+            f"ladd_ds.data.write_samples / write_random_latents, or fix the data path."
+        )
     index_path = root / INDEX_FILE
     if not index_path.is_file():
-        has_sub_indexes = any(root.glob(f'*/{INDEX_FILE}'))
-        hint = (f'Its sub-directories have {INDEX_FILE} files: merge them with '
-                f'streaming.base.util.merge_index({str(root)!r}, keep_local=True).'
-                if has_sub_indexes else
-                'The write was probably interrupted: delete the directory and write it again.')
-        raise FileNotFoundError(f'No {INDEX_FILE} in dataset directory {str(root)!r}. {hint}')
+        has_sub_indexes = any(root.glob(f"*/{INDEX_FILE}"))
+        hint = (
+            f"Its sub-directories have {INDEX_FILE} files: merge them with "
+            f"streaming.base.util.merge_index({str(root)!r}, keep_local=True)."
+            if has_sub_indexes
+            else "The write was probably interrupted: delete the directory and write it again."
+        )
+        raise FileNotFoundError(f"No {INDEX_FILE} in dataset directory {str(root)!r}. {hint}")
 
     try:
-        shards = json.loads(index_path.read_text())['shards']
+        shards = json.loads(index_path.read_text())["shards"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f'{str(index_path)!r} is not an MDS index ({err!r}). '
-                         f'Delete the dataset directory and write it again.') from err
+        raise ValueError(
+            f"{str(index_path)!r} is not an MDS index ({err!r}). Delete the dataset directory and write it again."
+        ) from err
     if not shards:
-        raise ValueError(f'{str(index_path)!r} lists no shards: the dataset is empty. '
-                         f'Write at least one sample into it.')
+        raise ValueError(f"{str(index_path)!r} lists no shards: the dataset is empty. Write at least one sample into it.")
 
     columns: dict[str, str] = {}
     for shard in shards:
-        shard_file = shard.get('raw_data', {}).get('basename', '?')
-        if shard.get('format') != 'mds':
-            raise ValueError(f'Shard {shard_file!r} in {str(root)!r} has format '
-                             f'{shard.get("format")!r}; ladd_ds reads only MDS shards '
-                             f'(written by streaming.MDSWriter or ladd_ds.data.write_samples).')
-        found = dict(zip(shard['column_names'], shard['column_encodings']))
+        shard_file = shard.get("raw_data", {}).get("basename", "?")
+        if shard.get("format") != "mds":
+            raise ValueError(
+                f"Shard {shard_file!r} in {str(root)!r} has format "
+                f"{shard.get('format')!r}; ladd_ds reads only MDS shards "
+                f"(written by streaming.MDSWriter or ladd_ds.data.write_samples)."
+            )
+        found = dict(zip(shard["column_names"], shard["column_encodings"]))
         for name, expected in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():
             if name not in found:
                 if name in REQUIRED_COLUMNS:
                     raise ValueError(
-                        f'Dataset {str(root)!r}: shard {shard_file!r} is missing column '
-                        f'{name!r} (required columns: {REQUIRED_COLUMNS}). Re-export the '
-                        f'dataset with ladd_ds.data.write_samples, which writes all of them.')
+                        f"Dataset {str(root)!r}: shard {shard_file!r} is missing column "
+                        f"{name!r} (required columns: {REQUIRED_COLUMNS}). Re-export the "
+                        f"dataset with ladd_ds.data.write_samples, which writes all of them."
+                    )
             elif not _encoding_matches(found[name], expected):
                 raise ValueError(
-                    f'Dataset {str(root)!r}: shard {shard_file!r} stores column {name!r} as '
-                    f'{found[name]!r}, expected {expected!r}. Re-export it with that encoding '
-                    f'(store bfloat16/float32 tensors as float16).')
+                    f"Dataset {str(root)!r}: shard {shard_file!r} stores column {name!r} as "
+                    f"{found[name]!r}, expected {expected!r}. Re-export it with that encoding "
+                    f"(store bfloat16/float32 tensors as float16)."
+                )
         # A copy that stopped half-way has an index but not all shards; say so before streaming
         # fails deep inside a worker. Compressed datasets may hold only the zip form.
-        files = [shard.get('raw_data'), shard.get('zip_data')]
-        if not any(f and (root / f['basename']).is_file() for f in files):
-            raise FileNotFoundError(f'Shard file {shard_file!r} listed in {str(index_path)!r} '
-                                    f'is missing. Copy the complete dataset directory again.')
+        files = [shard.get("raw_data"), shard.get("zip_data")]
+        if not any(f and (root / f["basename"]).is_file() for f in files):
+            raise FileNotFoundError(
+                f"Shard file {shard_file!r} listed in {str(index_path)!r} is missing. Copy the complete dataset directory again."
+            )
         columns.update(found)
 
     return {
-        'path': str(root),
-        'num_samples': sum(int(shard['samples']) for shard in shards),
-        'num_shards': len(shards),
-        'columns': columns,
+        "path": str(root),
+        "num_samples": sum(int(shard["samples"]) for shard in shards),
+        "num_shards": len(shards),
+        "columns": columns,
     }

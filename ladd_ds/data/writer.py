@@ -23,21 +23,23 @@ from ladd_ds.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, validate_mds
 
 # JSON text, but not named *.json: streaming's merge_index(root) takes every .json file under
 # root's sub-directories for an index.json and fails on anything else (streaming 0.13).
-RANDOM_PARAMS_FILE = 'random_latents.params'
+RANDOM_PARAMS_FILE = "random_latents.params"
 
 
 def _to_fp16(value: Any) -> np.ndarray:
     # Generators hand over torch tensors (often bf16 on GPU); MDS stores numpy fp16.
     if isinstance(value, torch.Tensor):
-        value = value.detach().to('cpu', torch.float16).numpy()
+        value = value.detach().to("cpu", torch.float16).numpy()
     return np.ascontiguousarray(value, dtype=np.float16)
 
 
-def write_samples(out_dir: str | Path,
-                  samples: Iterable[Mapping[str, Any]],
-                  *,
-                  size_limit: int | str = '64mb',
-                  extra_files: Mapping[str, str] | None = None) -> Path:
+def write_samples(
+    out_dir: str | Path,
+    samples: Iterable[Mapping[str, Any]],
+    *,
+    size_limit: int | str = "64mb",
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
     """Write `samples` (dicts with the columns of `schema.REQUIRED_COLUMNS`) to `out_dir`.
 
     Optional columns ('bucket', 'seed') are written when the first sample has them. Array values
@@ -48,26 +50,25 @@ def write_samples(out_dir: str | Path,
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
-        raise FileExistsError(f'Dataset directory {str(out_dir)!r} already exists; delete it or '
-                              f'choose another output path.')
+        raise FileExistsError(f"Dataset directory {str(out_dir)!r} already exists; delete it or choose another output path.")
     samples = iter(samples)
     first = next(samples, None)
     if first is None:
-        raise ValueError(f'No samples to write to {str(out_dir)!r}: an empty dataset cannot be '
-                         f'read by streaming.')
+        raise ValueError(f"No samples to write to {str(out_dir)!r}: an empty dataset cannot be read by streaming.")
     columns = {**REQUIRED_COLUMNS, **{k: v for k, v in OPTIONAL_COLUMNS.items() if k in first}}
-    array_columns = [k for k, v in columns.items() if v.startswith('ndarray')]
+    array_columns = [k for k, v in columns.items() if v.startswith("ndarray")]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same parent directory, so the final rename stays on one filesystem and is atomic.
-    tmp_dir = out_dir.parent / f'.{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with MDSWriter(out=str(tmp_dir), columns=columns, size_limit=size_limit) as writer:
             for i, sample in enumerate(itertools.chain([first], samples)):
                 missing = [k for k in columns if k not in sample]
                 if missing:
-                    raise ValueError(f'Sample {i} written to {str(out_dir)!r} lacks column(s) '
-                                     f'{missing}; every sample needs {list(columns)}.')
+                    raise ValueError(
+                        f"Sample {i} written to {str(out_dir)!r} lacks column(s) {missing}; every sample needs {list(columns)}."
+                    )
                 row = {k: sample[k] for k in columns}
                 row.update({k: _to_fp16(sample[k]) for k in array_columns})
                 writer.write(row)
@@ -80,32 +81,40 @@ def write_samples(out_dir: str | Path,
     return out_dir
 
 
-def _random_samples(num_samples: int, latent_shape: tuple[int, int, int],
-                    text_len: tuple[int, int], text_dim: int, pooled_dim: int, seed: int,
-                    bucket: str | None):
+def _random_samples(
+    num_samples: int,
+    latent_shape: tuple[int, int, int],
+    text_len: tuple[int, int],
+    text_dim: int,
+    pooled_dim: int,
+    seed: int,
+    bucket: str | None,
+):
     rng = np.random.default_rng(seed)
     for i in range(num_samples):
         length = int(rng.integers(text_len[0], text_len[1] + 1))
         sample = {
-            'latent': rng.standard_normal(latent_shape, dtype=np.float32),  # (C, h, w)
-            'prompt_embeds': rng.standard_normal((length, text_dim), dtype=np.float32),  # (L, D)
-            'pooled': rng.standard_normal((pooled_dim,), dtype=np.float32),  # (P,)
-            'prompt': f'random sample {i}',
+            "latent": rng.standard_normal(latent_shape, dtype=np.float32),  # (C, h, w)
+            "prompt_embeds": rng.standard_normal((length, text_dim), dtype=np.float32),  # (L, D)
+            "pooled": rng.standard_normal((pooled_dim,), dtype=np.float32),  # (P,)
+            "prompt": f"random sample {i}",
         }
         if bucket is not None:
-            sample['bucket'] = bucket
+            sample["bucket"] = bucket
         yield sample
 
 
-def write_random_latents(out_dir: str | Path,
-                         num_samples: int,
-                         latent_shape: tuple[int, int, int] = (4, 32, 32),
-                         text_len: tuple[int, int] = (8, 16),
-                         text_dim: int = 64,
-                         pooled_dim: int = 32,
-                         seed: int = 0,
-                         bucket: str | None = None,
-                         size_limit: int | str = '64mb') -> Path:
+def write_random_latents(
+    out_dir: str | Path,
+    num_samples: int,
+    latent_shape: tuple[int, int, int] = (4, 32, 32),
+    text_len: tuple[int, int] = (8, 16),
+    text_dim: int = 64,
+    pooled_dim: int = 32,
+    seed: int = 0,
+    bucket: str | None = None,
+    size_limit: int | str = "64mb",
+) -> Path:
     """Write the built-in "random latents" dataset (standard-normal tensors) for tests.
 
     Deterministic in its arguments. If `out_dir` already holds a valid dataset written with the
@@ -113,17 +122,24 @@ def write_random_latents(out_dir: str | Path,
     parameters live in `out_dir/random_latents.params` for that check.
     """
     if not 1 <= text_len[0] <= text_len[1]:
-        raise ValueError(f'text_len must be (min, max) with 1 <= min <= max, got {text_len}.')
-    params = {'num_samples': num_samples, 'latent_shape': list(latent_shape),
-              'text_len': list(text_len), 'text_dim': text_dim, 'pooled_dim': pooled_dim,
-              'seed': seed, 'bucket': bucket, 'size_limit': size_limit}
+        raise ValueError(f"text_len must be (min, max) with 1 <= min <= max, got {text_len}.")
+    params = {
+        "num_samples": num_samples,
+        "latent_shape": list(latent_shape),
+        "text_len": list(text_len),
+        "text_dim": text_dim,
+        "pooled_dim": pooled_dim,
+        "seed": seed,
+        "bucket": bucket,
+        "size_limit": size_limit,
+    }
     out_dir = Path(out_dir)
     if not out_dir.exists():
-        samples = _random_samples(num_samples, tuple(latent_shape), tuple(text_len), text_dim,
-                                  pooled_dim, seed, bucket)
+        samples = _random_samples(num_samples, tuple(latent_shape), tuple(text_len), text_dim, pooled_dim, seed, bucket)
         try:
-            return write_samples(out_dir, samples, size_limit=size_limit,
-                                 extra_files={RANDOM_PARAMS_FILE: json.dumps(params, indent=1)})
+            return write_samples(
+                out_dir, samples, size_limit=size_limit, extra_files={RANDOM_PARAMS_FILE: json.dumps(params, indent=1)}
+            )
         except OSError:
             if not out_dir.exists():
                 raise
@@ -135,13 +151,17 @@ def write_random_latents(out_dir: str | Path,
 def _check_random_params(out_dir: Path, params: dict[str, Any]) -> None:
     params_file = out_dir / RANDOM_PARAMS_FILE
     if not params_file.is_file():
-        raise FileExistsError(f'{str(out_dir)!r} exists but was not written by '
-                              f'write_random_latents (no {RANDOM_PARAMS_FILE}); delete it or '
-                              f'choose another output path.')
+        raise FileExistsError(
+            f"{str(out_dir)!r} exists but was not written by "
+            f"write_random_latents (no {RANDOM_PARAMS_FILE}); delete it or "
+            f"choose another output path."
+        )
     validate_mds_dir(out_dir)
     found = json.loads(params_file.read_text())
     if found != params:
         diff = {k: (found.get(k), v) for k, v in params.items() if found.get(k) != v}
-        raise FileExistsError(f'{str(out_dir)!r} holds random latents written with other '
-                              f'parameters (key: (on disk, requested)): {diff}. Delete it or '
-                              f'choose another output path.')
+        raise FileExistsError(
+            f"{str(out_dir)!r} holds random latents written with other "
+            f"parameters (key: (on disk, requested)): {diff}. Delete it or "
+            f"choose another output path."
+        )

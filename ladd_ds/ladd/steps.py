@@ -33,7 +33,6 @@ class Noise:
     eps_real: torch.Tensor  # (B, C, H, W)
 
 
-
 class LADDSteps:
     """Holds the engines and the step functions; no data, logging or checkpoint concerns."""
 

@@ -27,7 +27,8 @@ class DiscriminatorHead(nn.Module):
         layers: list[nn.Module] = [nn.GroupNorm(_groups(in_channels), in_channels)]
         channels = in_channels
         for _ in range(num_layers):
-            layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU()]
+            # No conv bias: the GroupNorm right after it cancels any per-channel constant.
+            layers += [nn.Conv2d(channels, hidden, 3, padding=1, bias=False), nn.GroupNorm(_groups(hidden), hidden), nn.SiLU()]
             channels = hidden
         self.body = nn.Sequential(*layers)
         self.to_logit = nn.Conv2d(hidden, 1, 1)

@@ -23,7 +23,9 @@ def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
         return list(range(num_blocks))
     bad = [i for i in taps if i >= num_blocks]
     if bad:
-        raise ValueError(f"discriminator.taps: blocks {bad} do not exist (the teacher has {num_blocks} blocks, 0..{num_blocks - 1})")
+        raise ValueError(
+            f"discriminator.taps: blocks {bad} do not exist (the teacher has {num_blocks} blocks, 0..{num_blocks - 1})"
+        )
     return sorted(taps)
 
 
@@ -59,8 +61,12 @@ def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
     )
     d = cfg.deepspeed
     return {
-        "student": ds.fill_ds_config(ds.load_template(d.student_config, "deepspeed.student_config"), grad_clip=cfg.optim.grad_clip, **common),
-        "heads": ds.fill_ds_config(ds.load_template(d.heads_config, "deepspeed.heads_config"), grad_clip=cfg.optim.grad_clip, **common),
+        "student": ds.fill_ds_config(
+            ds.load_template(d.student_config, "deepspeed.student_config"), grad_clip=cfg.optim.grad_clip, **common
+        ),
+        "heads": ds.fill_ds_config(
+            ds.load_template(d.heads_config, "deepspeed.heads_config"), grad_clip=cfg.optim.grad_clip, **common
+        ),
         "teacher": ds.fill_ds_config(ds.load_template(d.teacher_config, "deepspeed.teacher_config"), **common),
     }
 

@@ -124,7 +124,13 @@ class LADDTrainer(LADDSteps):
     def fit(self, max_steps: int) -> None:
         cfg = self.cfg
         images_per_step = cfg.data.micro_batch_size * cfg.optim.grad_accum * world_size()
-        bar = tqdm(total=max_steps, initial=self.step, desc="ladd", disable=not (is_main() and cfg.logging.progress_bar), dynamic_ncols=True)
+        bar = tqdm(
+            total=max_steps,
+            initial=self.step,
+            desc="ladd",
+            disable=not (is_main() and cfg.logging.progress_bar),
+            dynamic_ncols=True,
+        )
         last_saved = None
         while self.step < max_steps:
             micro_batches = [self.to_device(next(self.batches)) for _ in range(cfg.optim.grad_accum)]
