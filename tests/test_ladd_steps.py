@@ -132,3 +132,17 @@ def test_bf16_on_cpu_runs_a_step(tmp_path, distributed_world_of_one):
     m = trainer.train_step([batch])
     assert all(math.isfinite(v) for v in m.values())
     assert next(trainer.engines.student.module.parameters()).dtype == torch.bfloat16
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path, distributed_world_of_one):
+    common = ("optim.eps=0.01", "optim.student_lr=0.1", "optim.heads_lr=0.1")
+    plain = make_trainer(tmp_path / "plain", *common)
+    ckpt = make_trainer(tmp_path / "ckpt", "model.gradient_checkpointing=true", *common)
+    assert ckpt.engines.teacher.module.transformer.gradient_checkpointing
+    batch = plain.to_device(next(plain.batches))
+    m_plain = plain.train_step([batch])
+    m_ckpt = ckpt.train_step([batch])
+    assert m_ckpt["loss/generator"] == pytest.approx(m_plain["loss/generator"], rel=1e-6)
+    a, b = local_params(plain.engines.student.module), local_params(ckpt.engines.student.module)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
