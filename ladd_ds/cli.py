@@ -45,15 +45,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export the student (diffusers folder) and heads from a run's checkpoint")
+    p.add_argument("--run", required=True, help="run directory of a ladd-ds train run")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights of the student")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+
+
+def cmd_export(args) -> int:
+    from ladd_ds.training.export import export_run
+
+    out = export_run(args.run, args.out, step=args.step, ema=args.ema)
+    print(f"exported to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ladd-ds", description="Latent Adversarial Diffusion Distillation on DeepSpeed")
     # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "export": cmd_export}[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # Bad input: one clear line instead of a traceback.
         print(f"ladd-ds {args.command}: error: {e}", file=sys.stderr)

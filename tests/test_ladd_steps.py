@@ -146,3 +146,27 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, distributed_worl
     a, b = local_params(plain.engines.student.module), local_params(ckpt.engines.student.module)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_export_equals_the_trained_weights(tmp_path, distributed_world_of_one):
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from ladd_ds.training.export import export_run
+
+    trainer = make_trainer(tmp_path / "run", "checkpoint.every=100")
+    trainer.fit(2)  # ends with a checkpoint at step 2
+    trained = local_params(trainer.engines.student.module)  # one rank: the full tensors
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    model = SD3Transformer2DModel.from_pretrained(str(out), subfolder="transformer")
+    exported = dict(model.named_parameters())
+    assert len(exported) == len(trained)
+    for name, value in trained.items():
+        assert torch.equal(exported[name.removeprefix("transformer.")].detach().flatten(), value.flatten()), name
+    heads = load_file(out / "discriminator" / "heads.safetensors")
+    for name, value in local_params(trainer.engines.heads.module).items():
+        assert torch.equal(heads[name].flatten(), value.flatten()), name
+    ema = export_run(tmp_path / "run", tmp_path / "export_ema", ema=True)
+    ema_model = SD3Transformer2DModel.from_pretrained(str(ema), subfolder="transformer")
+    ema_weight = dict(ema_model.named_parameters())["proj_out.weight"].detach()
+    torch.testing.assert_close(ema_weight.flatten(), trainer.ema.shadow["transformer.proj_out.weight"].flatten())

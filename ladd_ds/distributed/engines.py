@@ -139,3 +139,11 @@ def build_engines(student: nn.Module, teacher: nn.Module, heads: nn.Module, ds_c
     # No optimizer: a frozen teacher only needs ZeRO's parameter partitioning and gathering.
     teacher_engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds_configs["teacher"])
     return Engines(student=student_engine, heads=heads_engine, teacher=teacher_engine, ds_configs=ds_configs)
+
+
+def consolidate_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of one engine from its (ZeRO-1/2/3, any world size) checkpoint,
+    on one CPU process, with DeepSpeed's own zero_to_fp32 tool."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)

@@ -66,3 +66,14 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= world_size()
     return {k: v for k, v in zip(keys, t.cpu().tolist())}
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a CPU tensor over ranks (call on every rank)."""
+    if not is_initialized() or world_size() == 1:
+        return t
+    t = t.clone()
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu()

@@ -16,6 +16,7 @@ from ladd_ds.data.writer import write_random_latents
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import (
     all_reduce_mean,
+    all_reduce_sum,
     barrier,
     is_main,
     local_world_size,
@@ -58,6 +59,7 @@ class LADDTrainer(LADDSteps):
             self._write_resolved_configs()
         self._resume()
         self.batches = iterate_forever(self.loader)
+        self.last_sample_ids: list[int] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -110,11 +112,21 @@ class LADDTrainer(LADDSteps):
             truncate_after(self.run_dir / "metrics.jsonl", self.step)
         print0(f"resumed from {path} at step {self.step}")
 
+    def teacher_fingerprint(self) -> list[float]:
+        """[sum, sum of squares] of the teacher's weights over all ranks: a cheap check, stored in
+        every checkpoint, that the frozen teacher never changed."""
+        local = torch.zeros(2, dtype=torch.float64)
+        for p in self.engines.teacher.module.parameters():
+            x = (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().double()
+            local += torch.stack([x.sum(), x.pow(2).sum()]).cpu()
+        sharded = ds.zero_stage(self.ds_configs["teacher"]) >= 3  # else every rank holds all of it
+        return (all_reduce_sum(local) if sharded else local).tolist()
+
     def save(self) -> Path:
-        rank_state = {"loader": self.loader.state_dict(), "step": self.step}
+        rank_state = {"loader": self.loader.state_dict(), "step": self.step, "last_sample_ids": self.last_sample_ids}
         if self.ema is not None:
             rank_state["ema"] = self.ema.state_dict()
-        trainer_state = {"step": self.step, "world_size": world_size()}
+        trainer_state = {"step": self.step, "world_size": world_size(), "teacher_fingerprint": self.teacher_fingerprint()}
         return ckpt.save_checkpoint(
             self.run_dir, self.step, self._trainable_engines(), rank_state, trainer_state, self.cfg.checkpoint.keep_last
         )
@@ -134,6 +146,7 @@ class LADDTrainer(LADDSteps):
         last_saved = None
         while self.step < max_steps:
             micro_batches = [self.to_device(next(self.batches)) for _ in range(cfg.optim.grad_accum)]
+            self.last_sample_ids = torch.cat([b["sample_id"] for b in micro_batches]).tolist()
             start = time.perf_counter()
             metrics = self.train_step(micro_batches)
             elapsed = time.perf_counter() - start

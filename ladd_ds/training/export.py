@@ -1,0 +1,105 @@
+"""Export a trained student as a diffusers folder (and the heads), from a training checkpoint.
+
+`ladd-ds export --run RUN_DIR [--step N] [--ema] --out DIR` writes
+  DIR/transformer/            config.json + safetensors, loadable with
+                              SD3Transformer2DModel.from_pretrained(DIR, subfolder="transformer")
+  DIR/discriminator/          heads.safetensors + config.json (architecture and taps)
+  DIR/ladd_export.json        where it came from (run, step, EMA or not)
+on one CPU process, whatever the world size of the run. The folder appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+from safetensors.torch import save_file
+
+from ladd_ds.config import load_config
+from ladd_ds.distributed.engines import consolidate_zero_checkpoint
+from ladd_ds.models.registry import resolve_model_config
+from ladd_ds.training import checkpoint as ckpt
+from ladd_ds.training.build import resolve_taps
+
+STUDENT_PREFIX = "transformer."  # FlowModel wraps the diffusers transformer as `.transformer`
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    found = dict(ckpt.complete_checkpoints(run_dir))
+    if not found:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/ (train first, or check --run)")
+    if step is None:
+        return found[max(found)]
+    if step not in found:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint for step {step} (available: {sorted(found)})")
+    return found[step]
+
+
+def gather_ema(checkpoint: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every trained parameter replaced by its EMA from the shards in rank-XXXXX.pt.
+
+    Under ZeRO-3 each rank holds ceil(numel / world) elements of every parameter (rank-major,
+    the last one padded), the layout DeepSpeed's zero_to_fp32 reassembles too.
+    """
+    files = sorted(checkpoint.glob("rank-*.pt"))
+    states = [torch.load(f, weights_only=True) for f in files]
+    if any("ema" not in s for s in states):
+        raise ValueError(f"{checkpoint} holds no EMA (the run had optim.ema_decay = 0); export without --ema")
+    shadows = [s["ema"]["shadow"] for s in states]
+    out = dict(state)  # buffers (e.g. the positional embedding) have no EMA
+    for name in shadows[0]:
+        shape = state[name].shape
+        parts = [sh[name].flatten() for sh in shadows]
+        numel = math.prod(shape)
+        if parts[0].numel() == numel:  # below ZeRO-3 every rank holds the full tensor
+            out[name] = parts[0].view(shape).clone()
+        else:
+            out[name] = torch.cat(parts)[:numel].view(shape).clone()
+    return out
+
+
+def export_run(run_dir: Path, out: Path, step: int | None = None, ema: bool = False) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a ladd-ds run directory?")
+    cfg = load_config(config_file)
+    checkpoint = find_checkpoint(run_dir, step)
+    state = consolidate_zero_checkpoint(checkpoint, "student")
+    student = {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    if ema:
+        student = {k[len(STUDENT_PREFIX) :]: v for k, v in gather_ema(checkpoint, state).items()}
+
+    model_config = resolve_model_config(cfg.model.student or cfg.model.teacher)
+    model_config = {k: v for k, v in model_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(model_config)
+    model.load_state_dict(student, strict=True, assign=True)
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp / "transformer", safe_serialization=True)
+    heads = consolidate_zero_checkpoint(checkpoint, "heads")
+    (tmp / "discriminator").mkdir()
+    save_file({k: v.contiguous() for k, v in heads.items()}, tmp / "discriminator" / "heads.safetensors")
+    teacher_config = resolve_model_config(cfg.model.teacher)
+    heads_config = {
+        "feature_dim": teacher_config["num_attention_heads"] * teacher_config["attention_head_dim"],
+        "num_heads": len(resolve_taps(cfg.discriminator.taps, teacher_config["num_layers"])),
+        "pooled_dim": teacher_config["pooled_projection_dim"],
+        "hidden": cfg.discriminator.hidden_channels,
+        "num_layers": cfg.discriminator.num_layers,
+        "taps": resolve_taps(cfg.discriminator.taps, teacher_config["num_layers"]),
+    }
+    (tmp / "discriminator" / "config.json").write_text(json.dumps(heads_config, indent=2))
+    info = {"run_dir": str(run_dir), "checkpoint": checkpoint.name, "step": int(checkpoint.name.split("-")[1]), "ema": ema}
+    (tmp / "ladd_export.json").write_text(json.dumps(info, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
