@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
 
     from ladd_ds.distributed.ranks import print0, world_size
     from ladd_ds.training.build import dry_run
-    from ladd_ds.training.trainer import LADDTrainer
+    from ladd_ds.training.trainer import LADDTrainer, TrainingHealthError
 
     if args.dry_run:
         print(dry_run(cfg, args.world_size or world_size()))
@@ -39,6 +39,9 @@ def cmd_train(args) -> int:
     trainer = LADDTrainer(cfg, cfg.run.run_dir)
     try:
         trainer.fit(cfg.run.max_steps)
+    except TrainingHealthError as e:
+        print0(f"ladd-ds train: stopped: {e}")
+        return 3
     finally:
         trainer.close()
     print0(f"done: step {trainer.step}, run directory {cfg.run.run_dir}")

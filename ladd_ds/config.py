@@ -126,6 +126,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class HealthConfig:
+    # A step whose loss or gradient norm is not finite on any rank is skipped on every rank
+    # (DeepSpeed's overflow check); after this many skips in a row the run saves and stops.
+    max_consecutive_skips: int = 10
+    # Collective operations that wait longer than this (e.g. for a rank that died) end the job.
+    collective_timeout_s: float = 1800.0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,6 +145,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +268,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("logging.every and checkpoint.every must be >= 1")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last: must be >= 1 (resume needs a checkpoint)")
+    if cfg.health.max_consecutive_skips < 1 or cfg.health.collective_timeout_s <= 0:
+        raise ConfigError("health.max_consecutive_skips must be >= 1 and health.collective_timeout_s > 0")
     taps = cfg.discriminator.taps
     if taps is not None and (not taps or len(set(taps)) != len(taps) or min(taps) < 0):
         raise ConfigError("discriminator.taps: distinct block indices >= 0, or null for all blocks")

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """Join the process group. A plain `python -m ladd_ds` run becomes a world of one."""
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
+    """Join the process group. A plain `python -m ladd_ds` run becomes a world of one.
+
+    `timeout_s` bounds every collective: a rank that died leaves the others waiting at most that
+    long before they raise and the launcher ends the job.
+    """
     if torch.distributed.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -42,7 +47,7 @@ def init_distributed(backend: str | None = None) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
 
 
 def device() -> torch.device:

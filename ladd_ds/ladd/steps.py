@@ -19,6 +19,7 @@ from ladd_ds.ladd.noise import (
     randn_like_per_sample,
     randn_per_sample,
 )
+from ladd_ds.training import faults
 
 
 @dataclass
@@ -97,6 +98,8 @@ class LADDSteps:
         x_hat = flow.add_noise(x0_hat, noise.eps_fake, noise.t_fake)
         logits = heads(self.teacher_features(x_hat, noise.t_fake, batch), noise.t_fake, batch["pooled"])
         loss_adv = losses.generator_hinge_loss(logits)
+        if faults.armed("nan_loss", self.step + 1):
+            loss_adv = loss_adv * float("nan")
         loss = loss_adv
         metrics = {"loss/generator": loss_adv.item()}
         if self.cfg.ladd.distill_weight > 0:
@@ -154,10 +157,23 @@ class LADDSteps:
             m, fake = self.generator_step(batch, noise)
             metrics.append(m)
             fakes.append(fake if self.cfg.ladd.reuse_fakes else None)
-        for i, (batch, noise) in enumerate(zip(micro_batches, noises)):
-            metrics[i].update(self.discriminator_step(batch, noise, fakes[i]))
-        if self.ema is not None:
+        # DeepSpeed (ZeRO 1-3) skips an optimizer step whose global gradient norm is not finite,
+        # on every rank alike since the norm is all-reduced; a NaN loss anywhere ends up there.
+        student_applied = self.engines.student.was_step_applied()
+        if student_applied:
+            for i, (batch, noise) in enumerate(zip(micro_batches, noises)):
+                metrics[i].update(self.discriminator_step(batch, noise, fakes[i]))
+            heads_applied = self.engines.heads.was_step_applied()
+        else:
+            # The iteration is atomic: fakes from a step judged unhealthy do not train the heads.
+            # `student_applied` is the same on every rank, so all ranks skip the same forwards.
+            nan = float("nan")
+            for m in metrics:
+                m.update({"loss/discriminator": nan, "d/real_logit": nan, "d/fake_logit": nan})
+            heads_applied = False
+        if self.ema is not None and student_applied:
             self.ema.update(self.engines.student.module)
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        out["health/step_skipped"] = float(not (student_applied and heads_applied))
         out["t/student_mean"] = float(torch.cat([n.t_student for n in noises]).float().mean())
         return out

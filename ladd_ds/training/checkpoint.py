@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ladd_ds.distributed.ranks import barrier, is_main, rank
+from ladd_ds.training import faults
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -60,6 +61,7 @@ def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, t
     for name, engine in engines.items():
         engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
     torch.save(rank_state, tmp / f"rank-{rank():05d}.pt")
+    faults.maybe_die("kill_in_save", step)
     barrier()
     if is_main():
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))

@@ -26,6 +26,7 @@ from ladd_ds.distributed.ranks import (
 from ladd_ds.ema import ShardedEMA
 from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.training import checkpoint as ckpt
+from ladd_ds.training import faults
 from ladd_ds.training.build import (
     build_ds_configs,
     build_models,
@@ -34,10 +35,14 @@ from ladd_ds.training.build import (
 from ladd_ds.training.metrics import MetricLogger, NullLogger, truncate_after
 
 
+class TrainingHealthError(RuntimeError):
+    """The run stopped itself (e.g. too many non-finite steps) after saving a checkpoint."""
+
+
 class LADDTrainer(LADDSteps):
     def __init__(self, cfg: Config, run_dir: Path):
         check_data_matches_model(cfg)
-        ds.init_distributed(cfg.deepspeed.dist_backend)
+        ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
@@ -54,6 +59,8 @@ class LADDTrainer(LADDSteps):
             + ", ".join(f"{k} {ds.zero_stage(v)}" for k, v in self.ds_configs.items())
         )
 
+        self.skipped_steps = 0  # steps whose update DeepSpeed skipped (non-finite norm)
+        self.consecutive_skips = 0
         self.logger = MetricLogger(self.run_dir, cfg.logging.tensorboard) if is_main() else NullLogger()
         if is_main():
             self._write_resolved_configs()
@@ -103,6 +110,8 @@ class LADDTrainer(LADDSteps):
             return
         state, rank_state = ckpt.load_checkpoint(path, self._trainable_engines())
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.loader.load_state_dict(rank_state["loader"])
         if self.ema is not None:
             if "ema" not in rank_state:
@@ -126,7 +135,13 @@ class LADDTrainer(LADDSteps):
         rank_state = {"loader": self.loader.state_dict(), "step": self.step, "last_sample_ids": self.last_sample_ids}
         if self.ema is not None:
             rank_state["ema"] = self.ema.state_dict()
-        trainer_state = {"step": self.step, "world_size": world_size(), "teacher_fingerprint": self.teacher_fingerprint()}
+        trainer_state = {
+            "step": self.step,
+            "world_size": world_size(),
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "teacher_fingerprint": self.teacher_fingerprint(),
+        }
         return ckpt.save_checkpoint(
             self.run_dir, self.step, self._trainable_engines(), rank_state, trainer_state, self.cfg.checkpoint.keep_last
         )
@@ -145,6 +160,8 @@ class LADDTrainer(LADDSteps):
         )
         last_saved = None
         while self.step < max_steps:
+            faults.maybe_die("exit", self.step + 1)
+            faults.maybe_die("kill", self.step + 1)
             micro_batches = [self.to_device(next(self.batches)) for _ in range(cfg.optim.grad_accum)]
             self.last_sample_ids = torch.cat([b["sample_id"] for b in micro_batches]).tolist()
             start = time.perf_counter()
@@ -152,7 +169,13 @@ class LADDTrainer(LADDSteps):
             elapsed = time.perf_counter() - start
             self.step += 1
             bar.update(1)
-            if self.step % cfg.logging.every == 0 or self.step == max_steps:
+            skipped = metrics.pop("health/step_skipped") > 0
+            self.skipped_steps += skipped
+            self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+            metrics["health/skipped_steps"] = float(self.skipped_steps)
+            if skipped:
+                print0(f"step {self.step}: non-finite loss or gradient norm, update skipped on every rank")
+            if self.step % cfg.logging.every == 0 or self.step == max_steps or skipped:
                 metrics.update(self._perf_metrics(images_per_step, elapsed))
                 metrics = all_reduce_mean(metrics)
                 if is_main():
@@ -160,6 +183,15 @@ class LADDTrainer(LADDSteps):
                 self.logger.log(self.step, metrics)
             if self.step % cfg.checkpoint.every == 0:
                 last_saved = self.save()
+            if self.consecutive_skips >= cfg.health.max_consecutive_skips:
+                bar.close()
+                path = self.save()
+                raise TrainingHealthError(
+                    f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
+                    f"(health.max_consecutive_skips = {cfg.health.max_consecutive_skips}); stopped at step "
+                    f"{self.step} with a checkpoint in {path}. Lower the learning rate or check the data, "
+                    "then run the same command to resume."
+                )
         bar.close()
         if last_saved is None or self.step % cfg.checkpoint.every != 0:
             self.save()  # a run that reaches max_steps always ends with a checkpoint
