@@ -84,12 +84,12 @@ def build_steps(args) -> tuple[LADDSteps, dict]:
     cfg = load_config(args.config, overrides)
     model_cfg = resolve_model_config(args.preset)
     ds.init_distributed()
-    teacher, student, heads, taps = build_models(cfg)
     ds_configs = build_ds_configs(cfg, world=1)
     if args.zero_stage is not None:
         ds_configs["student"]["zero_optimization"] = {"stage": args.zero_stage}
         ds_configs["heads"]["zero_optimization"] = {"stage": min(args.zero_stage, 2)}
         ds_configs["teacher"]["zero_optimization"] = {"stage": 3 if args.zero_stage == 3 else 0}
+    teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
     engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
     return LADDSteps(cfg, engines, taps, ds.device()), model_cfg
 

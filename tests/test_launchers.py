@@ -14,7 +14,9 @@ def launch(script, run_dir, env_extra, tmp_path):
     env.update(env_extra)
     cmd = [str(REPO / "launchers" / script), "configs/tiny_cpu.yaml", "--run-dir", str(run_dir), "--max-steps", "1"]
     cmd += ["--set", "logging.progress_bar=false"]
-    proc = subprocess.run(cmd, cwd=tmp_path if script == "multi_node.sh" else REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path if script == "multi_node.sh" else REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2, 2 ranks per node" in proc.stdout
     assert [r["step"] for r in read_metrics(run_dir)] == [1]

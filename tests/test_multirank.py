@@ -114,3 +114,23 @@ def test_export_loads_in_diffusers_and_equals_the_checkpoint(runs):
     assert info["step"] == STEPS and info["ema"] is False
     heads_cfg = json.loads((root / "2ranks_export" / "discriminator" / "config.json").read_text())
     assert heads_cfg["taps"] == [0, 1, 2] and heads_cfg["num_heads"] == 3
+
+
+def test_pretrained_folder_loads_partitioned_on_two_ranks(tmp_path):
+    """A diffusers folder is loaded shard by shard into ZeRO-3-partitioned teacher and student."""
+    folder = tmp_path / "sd3_folder"
+    pretrained = build_transformer("tiny", seed=5)  # weights unlike any preset init
+    pretrained.save_pretrained(folder / "transformer")
+    run_dir = tmp_path / "run"
+    sets = ["logging.progress_bar=false", f"model.teacher={folder}", "optim.student_lr=0.0", "optim.heads_lr=0.0"]
+    args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", "1"]
+    for s in sets:
+        args += ["--set", s]
+    run_cli(*args, nproc=2)
+    run_cli("export", "--run", str(run_dir), "--out", str(tmp_path / "export"))
+    student = load_file(tmp_path / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for key, value in pretrained.state_dict().items():
+        assert torch.equal(student[key], value), key  # lr 0: the student is still the folder's copy
+    flat = torch.cat([p.detach().double().flatten() for p in pretrained.parameters()])
+    state = json.loads((run_dir / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
+    assert state["teacher_fingerprint"] == pytest.approx([flat.sum().item(), flat.pow(2).sum().item()], rel=1e-12)

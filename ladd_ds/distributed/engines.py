@@ -6,6 +6,7 @@ behaviour the layout below depends on (checked with deepspeed 0.19.8, CPU + gloo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -107,6 +108,41 @@ def linear_warmup(warmup_steps: int):
         return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
     return factor
+
+
+def partitioned_init(ds_config: dict):
+    """Context that builds modules partitioned over the ranks when the engine uses ZeRO-3, so no
+    rank ever holds a full copy of an 8B model (deepspeed.zero.Init); a no-op below stage 3."""
+    if zero_stage(ds_config) < 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def load_partitioned_weights(module: nn.Module, names: dict[str, Path], read_tensor, source: str) -> None:
+    """Load named tensors into a module built under zero.Init, one parameter at a time.
+
+    Rank 0 reads each tensor from disk and writes it into the gathered parameter; DeepSpeed
+    re-partitions it on exit from GatheredParameters. Other ranks read only buffers, so peak host
+    memory per rank is its partition plus (rank 0) the largest single tensor.
+    """
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    unexpected = sorted(set(names) - set(params) - set(buffers))
+    missing = sorted(set(params) - set(names))
+    if unexpected or missing:
+        raise ValueError(f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    is_rank0 = torch.distributed.get_rank() == 0
+    for name, path in names.items():
+        if name in buffers:
+            buffers[name].copy_(read_tensor(path, name))
+            continue
+        param = params[name]
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if is_rank0:
+                tensor = read_tensor(path, name)
+                if tensor.shape != param.shape:
+                    raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+                param.data.copy_(tensor)
 
 
 @dataclass

@@ -79,13 +79,17 @@ def resolve_model_config(spec: str) -> dict:
     return dict(SD3Transformer2DModel.load_config(str(folder), subfolder="transformer"))
 
 
-def build_transformer(spec: str, *, seed: int = 0, device: str | torch.device = "cpu") -> SD3Transformer2DModel:
+def build_transformer(
+    spec: str, *, seed: int = 0, device: str | torch.device = "cpu", load_weights: bool = True
+) -> SD3Transformer2DModel:
     """Build a preset (random init from `seed`) or load a local folder's weights.
 
-    device="meta" builds the structure only (for --dry-run parameter counts).
+    device="meta" builds the structure only (for --dry-run parameter counts). load_weights=False
+    builds a folder's architecture with random weights (they are loaded later, shard by shard,
+    when the model is built partitioned under ZeRO-3).
     """
     config = resolve_model_config(spec)
-    if spec not in PRESETS and str(device) != "meta":
+    if spec not in PRESETS and str(device) != "meta" and load_weights:
         return SD3Transformer2DModel.from_pretrained(spec, subfolder="transformer", torch_dtype=torch.float32)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     ctx = torch.device("meta") if str(device) == "meta" else contextlib.nullcontext()
@@ -96,3 +100,33 @@ def build_transformer(spec: str, *, seed: int = 0, device: str | torch.device = 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def is_folder(spec: str) -> bool:
+    return spec not in PRESETS
+
+
+def folder_weight_names(spec: str) -> dict[str, Path]:
+    """Every tensor name of a folder's transformer weights -> the safetensors file holding it
+    (single file or sharded with an index), read from headers only."""
+    from safetensors import safe_open
+
+    folder = Path(spec) / "transformer"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if not single.is_file():
+        raise ValueError(f"model folder {spec}: no diffusion_pytorch_model.safetensors (or its index) in {folder}")
+    with safe_open(str(single), "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def read_folder_tensor(path: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ladd_ds.config import Config
@@ -14,6 +12,9 @@ from ladd_ds.models.heads import DiscriminatorHeads
 from ladd_ds.models.registry import (
     build_transformer,
     count_parameters,
+    folder_weight_names,
+    is_folder,
+    read_folder_tensor,
     resolve_model_config,
 )
 
@@ -29,13 +30,28 @@ def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
     return sorted(taps)
 
 
-def build_models(cfg: Config, device: str = "cpu") -> tuple[FlowModel, FlowModel, DiscriminatorHeads, list[int]]:
-    """Teacher, student (a copy of the teacher unless model.student names its own) and heads."""
-    teacher = FlowModel(build_transformer(cfg.model.teacher, seed=cfg.run.seed, device=device))
+def _flow_model(spec: str, seed: int, device: str, ds_config: dict | None) -> FlowModel:
+    if ds_config is None or device == "meta":
+        return FlowModel(build_transformer(spec, seed=seed, device=device))
+    with ds.partitioned_init(ds_config):
+        model = FlowModel(build_transformer(spec, seed=seed, load_weights=ds.zero_stage(ds_config) < 3))
+    if ds.zero_stage(ds_config) >= 3 and is_folder(spec):
+        ds.load_partitioned_weights(model.transformer, folder_weight_names(spec), read_folder_tensor, spec)
+    return model
+
+
+def build_models(
+    cfg: Config, device: str = "cpu", ds_configs: dict[str, dict] | None = None
+) -> tuple[FlowModel, FlowModel, DiscriminatorHeads, list[int]]:
+    """Teacher, student and heads. The student starts as a copy of the teacher (built again from
+    the same preset seed or folder, which also works when both are partitioned under ZeRO-3)
+    unless model.student names its own. With `ds_configs`, ZeRO-3 models are built partitioned."""
+    ds_configs = ds_configs or {}
+    teacher = _flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"))
     if cfg.model.student is None:
-        student = copy.deepcopy(teacher)
+        student = _flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"))
     else:
-        student = FlowModel(build_transformer(cfg.model.student, seed=cfg.run.seed + 1, device=device))
+        student = _flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"))
     if cfg.model.gradient_checkpointing:
         teacher.transformer.enable_gradient_checkpointing()
         student.transformer.enable_gradient_checkpointing()

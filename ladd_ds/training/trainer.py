@@ -49,8 +49,8 @@ class LADDTrainer(LADDSteps):
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
         self.loader = self._build_loader()
 
-        teacher, student, heads, taps = build_models(cfg)
         self.ds_configs = build_ds_configs(cfg, world_size())
+        teacher, student, heads, taps = build_models(cfg, ds_configs=self.ds_configs)
         engines = ds.build_engines(student, teacher, heads, self.ds_configs, cfg.optim)
         ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         super().__init__(cfg, engines, taps, ds.device(), ema)
