@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -72,18 +74,51 @@ def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, t
     return final
 
 
-def load_checkpoint(path: Path, engines: dict) -> tuple[dict, dict]:
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def read_rank_states(path: Path) -> list[dict]:
+    """Every rank's rank-XXXXX.pt of a checkpoint, in rank order."""
+    files = sorted(path.glob("rank-*.pt"))
+    expected = read_trainer_state(path)["world_size"]
+    if len(files) != expected:
+        raise RuntimeError(f"checkpoint {path} has {len(files)} rank files, expected {expected}")
+    return [torch.load(f, weights_only=True) for f in files]
+
+
+UNIVERSAL_DIR = "universal"
+
+
+def prepare_universal(path: Path, names: list[str]) -> Path:
+    """Collective: convert the engines' ZeRO checkpoints in `path` to DeepSpeed's universal format
+    (path/universal/<name>/), which loads on any world size. Converted once, atomically."""
+    target = path / UNIVERSAL_DIR
+    if is_main() and not target.is_dir():
+        tmp = path / f".tmp-{UNIVERSAL_DIR}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        for name in names:
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+            cmd += ["--input_folder", str(path / name), "--output_folder", str(tmp / name)]
+            # ZeRO-1/2 checkpoints lack the universal-info block that Megatron-style clients add;
+            # for plain (no tensor/pipeline parallel) models the default block is correct.
+            cmd += ["--inject_missing_state"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"converting {path / name} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
+        tmp.rename(target)
+    barrier()
+    return target
+
+
+def load_checkpoint(path: Path, engines: dict, universal: bool = False) -> tuple[dict, list[dict]]:
     """Collective: restores the engines (weights, optimizer, LR schedule); returns
-    (trainer_state, this rank's state)."""
+    (trainer_state, every rank's saved state). `universal`: load the converted universal
+    checkpoint (world size changed; the engines were built with checkpoint.load_universal)."""
+    source = path / UNIVERSAL_DIR if universal else path
     for name, engine in engines.items():
-        load_path, _ = engine.load_checkpoint(str(path), tag=name)
+        load_path, _ = engine.load_checkpoint(str(source), tag=name)
         if load_path is None:
-            raise RuntimeError(f"checkpoint {path}: could not load the '{name}' engine state from {path / name}")
-    rank_file = path / f"rank-{rank():05d}.pt"
-    if not rank_file.is_file():
-        raise RuntimeError(
-            f"checkpoint {path} has no {rank_file.name}: it was written with a different world size; "
-            "resume with the same number of ranks"
-        )
-    trainer_state = json.loads((path / STATE_FILE).read_text())
-    return trainer_state, torch.load(rank_file, weights_only=True)
+            raise RuntimeError(f"checkpoint {path}: could not load the '{name}' engine state from {source / name}")
+    return read_trainer_state(path), read_rank_states(path)

@@ -11,7 +11,6 @@ on one CPU process, whatever the world size of the run. The folder appears atomi
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 
 from ladd_ds.config import load_config
 from ladd_ds.distributed.engines import consolidate_zero_checkpoint
+from ladd_ds.ema import gather_full_shadow
 from ladd_ds.models.registry import resolve_model_config
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training.build import resolve_taps
@@ -40,25 +40,13 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
 
 
 def gather_ema(checkpoint: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with every trained parameter replaced by its EMA from the shards in rank-XXXXX.pt.
-
-    Under ZeRO-3 each rank holds ceil(numel / world) elements of every parameter (rank-major,
-    the last one padded), the layout DeepSpeed's zero_to_fp32 reassembles too.
-    """
-    files = sorted(checkpoint.glob("rank-*.pt"))
-    states = [torch.load(f, weights_only=True) for f in files]
+    """`state` with every trained parameter replaced by its EMA from the shards in rank-XXXXX.pt."""
+    states = ckpt.read_rank_states(checkpoint)
     if any("ema" not in s for s in states):
         raise ValueError(f"{checkpoint} holds no EMA (the run had optim.ema_decay = 0); export without --ema")
     shadows = [s["ema"]["shadow"] for s in states]
     out = dict(state)  # buffers (e.g. the positional embedding) have no EMA
-    for name in shadows[0]:
-        shape = state[name].shape
-        parts = [sh[name].flatten() for sh in shadows]
-        numel = math.prod(shape)
-        if parts[0].numel() == numel:  # below ZeRO-3 every rank holds the full tensor
-            out[name] = parts[0].view(shape).clone()
-        else:
-            out[name] = torch.cat(parts)[:numel].view(shape).clone()
+    out.update(gather_full_shadow(shadows, {k: v.shape for k, v in state.items()}))
     return out
 
 

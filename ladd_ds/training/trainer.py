@@ -21,9 +21,10 @@ from ladd_ds.distributed.ranks import (
     is_main,
     local_world_size,
     print0,
+    rank,
     world_size,
 )
-from ladd_ds.ema import ShardedEMA
+from ladd_ds.ema import ShardedEMA, gather_full_shadow
 from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training import faults
@@ -40,6 +41,8 @@ class TrainingHealthError(RuntimeError):
 
 
 class LADDTrainer(LADDSteps):
+    _trainable_engine_names = ("student", "heads")  # the frozen teacher is rebuilt, not saved
+
     def __init__(self, cfg: Config, run_dir: Path):
         check_data_matches_model(cfg)
         ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
@@ -50,6 +53,7 @@ class LADDTrainer(LADDSteps):
         self.loader = self._build_loader()
 
         self.ds_configs = build_ds_configs(cfg, world_size())
+        self.resume_from, self.resume_universal = self._plan_resume()
         teacher, student, heads, taps = build_models(cfg, ds_configs=self.ds_configs)
         engines = ds.build_engines(student, teacher, heads, self.ds_configs, cfg.optim)
         ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
@@ -102,24 +106,49 @@ class LADDTrainer(LADDSteps):
             (self.run_dir / f"ds_config_{name}.json").write_text(json.dumps(ds_config, indent=2))
 
     def _trainable_engines(self) -> dict:
-        return {"student": self.engines.student, "heads": self.engines.heads}
+        return {name: getattr(self.engines, name) for name in self._trainable_engine_names}
 
-    def _resume(self) -> None:
+    def _plan_resume(self) -> tuple[Path | None, bool]:
+        """Newest complete checkpoint, and whether it needs the universal format (it was written
+        with another world size). Decided before the engines exist: loading a universal
+        checkpoint is an engine config setting."""
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
+            return None, False
+        saved_world = ckpt.read_trainer_state(path)["world_size"]
+        if saved_world == world_size():
+            return path, False
+        print0(f"{path} was written by {saved_world} ranks, this run has {world_size()}: converting to a universal checkpoint")
+        ckpt.prepare_universal(path, list(self._trainable_engine_names))
+        for name in self._trainable_engine_names:
+            self.ds_configs[name]["checkpoint"] = {"load_universal": True}
+        return path, True
+
+    def _resume(self) -> None:
+        path = self.resume_from
+        if path is None:
             return
-        state, rank_state = ckpt.load_checkpoint(path, self._trainable_engines())
+        state, rank_states = ckpt.load_checkpoint(path, self._trainable_engines(), universal=self.resume_universal)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        self.loader.load_state_dict(rank_state["loader"])
+        same_world = len(rank_states) == world_size()
+        mine = rank_states[rank()] if same_world else rank_states[0]
+        # Streaming's loader state is global (epoch, samples consumed by all ranks), so any rank's
+        # copy restores the position; it is exact when the global batch size is unchanged.
+        self.loader.load_state_dict(mine["loader"])
         if self.ema is not None:
-            if "ema" not in rank_state:
+            if any("ema" not in r for r in rank_states):
                 raise RuntimeError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
-            self.ema.load_state_dict(rank_state["ema"])
+            if same_world:
+                self.ema.load_state_dict(mine["ema"])
+            else:
+                module = self.engines.student.module
+                shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in module.named_parameters()}
+                self.ema.load_full(module, gather_full_shadow([r["ema"]["shadow"] for r in rank_states], shapes))
         if is_main():
             truncate_after(self.run_dir / "metrics.jsonl", self.step)
-        print0(f"resumed from {path} at step {self.step}")
+        print0(f"resumed from {path} at step {self.step}" + (" (universal checkpoint)" if self.resume_universal else ""))
 
     def teacher_fingerprint(self) -> list[float]:
         """[sum, sum of squares] of the teacher's weights over all ranks: a cheap check, stored in
