@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -36,6 +37,10 @@ from ladd_ds.training.build import (
 from ladd_ds.training.metrics import MetricLogger, NullLogger, truncate_after
 
 
+def host_peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 class TrainingHealthError(RuntimeError):
     """The run stopped itself (e.g. too many non-finite steps) after saving a checkpoint."""
 
@@ -55,6 +60,7 @@ class LADDTrainer(LADDSteps):
         self.ds_configs = build_ds_configs(cfg, world_size())
         self.resume_from, self.resume_universal = self._plan_resume()
         teacher, student, heads, taps = build_models(cfg, ds_configs=self.ds_configs)
+        print0(f"models built; host peak RSS of rank 0 so far: {host_peak_rss_gib():.2f} GiB")
         engines = ds.build_engines(student, teacher, heads, self.ds_configs, cfg.optim)
         ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         super().__init__(cfg, engines, taps, ds.device(), ema)
@@ -237,6 +243,8 @@ class LADDTrainer(LADDSteps):
             out["grad_norm/student"] = float(norm)
         if torch.cuda.is_available():
             out["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # Peak resident host memory of this process, averaged over ranks.
+        out["memory/host_peak_rss_gib"] = host_peak_rss_gib()
         return out
 
     def close(self) -> None:
