@@ -64,6 +64,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _synth_parser(sub) -> None:
+    p = sub.add_parser("synth", help="generate training latents with the teacher (also under deepspeed)")
+    p.add_argument("--config", required=True, help="YAML run config (model.teacher, synth section)")
+    p.add_argument("--prompts", help="prompt file (default: synth.prompts)")
+    p.add_argument("--out", help="output directory (default: synth.out)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+
+
+def cmd_synth(args) -> int:
+    cfg = load_config(args.config, args.set)
+    prompts = args.prompts or cfg.synth.prompts
+    if not prompts:
+        raise ValueError("no prompts: pass --prompts FILE or set synth.prompts")
+    from ladd_ds.data.synth import run_synth
+
+    run_synth(cfg, prompts, args.out or cfg.synth.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ladd-ds", description="Latent Adversarial Diffusion Distillation on DeepSpeed")
     # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
@@ -71,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _export_parser(sub)
+    _synth_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "export": cmd_export}[args.command](args)
+        return {"train": cmd_train, "export": cmd_export, "synth": cmd_synth}[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # Bad input: one clear line instead of a traceback.
         print(f"ladd-ds {args.command}: error: {e}", file=sys.stderr)

@@ -126,6 +126,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class SynthConfig:
+    """`ladd-ds synth`: the teacher (model.teacher) generates training latents from prompts."""
+
+    prompts: str | None = None  # text file (one prompt per line) or JSONL (prompt, bucket, seed)
+    out: str = "data/synthetic"
+    text_encoders: str = "tiny"  # "tiny" (built in code for the tiny preset) or a local SD3 folder
+    drop_t5: bool = False
+    max_t5_tokens: int = 256  # SD3's T5 length; shards keep only the real tokens
+    buckets: list[list[int]] = field(default_factory=lambda: [[128, 128]])  # [height, width] in pixels
+    bucket_weights: list[float] | None = None  # for prompts without a bucket; None = uniform
+    guidance_scale: float = 5.0
+    num_steps: int = 28
+    shift: float = 3.0  # schedule shift of the released SD3 models
+    batch_size: int = 4
+    seed: int = 0  # bucket draws and per-prompt noise seeds (JSONL 'seed' overrides)
+    part_size: int = 256  # samples per crash-safe part
+
+
+@dataclass
 class HealthConfig:
     # A step whose loss or gradient norm is not finite on any rank is skipped on every rank
     # (DeepSpeed's overflow check); after this many skips in a row the run saves and stops.
@@ -146,6 +165,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +290,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError("checkpoint.keep_last: must be >= 1 (resume needs a checkpoint)")
     if cfg.health.max_consecutive_skips < 1 or cfg.health.collective_timeout_s <= 0:
         raise ConfigError("health.max_consecutive_skips must be >= 1 and health.collective_timeout_s > 0")
+    sy = cfg.synth
+    if sy.bucket_weights is not None and len(sy.bucket_weights) != len(sy.buckets):
+        raise ConfigError(f"synth.bucket_weights: {len(sy.bucket_weights)} weights for {len(sy.buckets)} synth.buckets")
+    if sy.batch_size < 1 or sy.part_size < 1 or sy.num_steps < 1:
+        raise ConfigError("synth.batch_size, synth.part_size and synth.num_steps must be >= 1")
     taps = cfg.discriminator.taps
     if taps is not None and (not taps or len(set(taps)) != len(taps) or min(taps) < 0):
         raise ConfigError("discriminator.taps: distinct block indices >= 0, or null for all blocks")

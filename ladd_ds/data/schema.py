@@ -27,6 +27,7 @@ REQUIRED_COLUMNS: dict[str, str] = {
 OPTIONAL_COLUMNS: dict[str, str] = {
     "bucket": "str",  # aspect bucket name, e.g. '1024x768'; one Stream per bucket
     "seed": "int",  # noise seed a teacher used to generate this latent
+    "index": "int",  # position of the prompt in the prompt file that produced it (ladd-ds synth)
 }
 
 INDEX_FILE = "index.json"

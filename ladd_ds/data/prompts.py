@@ -1,0 +1,59 @@
+"""Prompt lists for synthetic data: a text file (one prompt per line) or JSONL objects with
+`prompt` and optional `bucket` ("HxW") and `seed`. Buckets not given in the file are drawn with a
+seeded RNG from the configured weights, so the assignment is reproducible."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PromptJob:
+    index: int  # position in the prompt file: the sample's identity in the data set
+    prompt: str
+    bucket: str  # "HxW" in pixels
+    seed: int
+
+
+def bucket_name(height: int, width: int) -> str:
+    return f"{height}x{width}"
+
+
+def parse_bucket(name: str) -> tuple[int, int]:
+    h, _, w = name.partition("x")
+    return int(h), int(w)
+
+
+def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] | None, seed: int) -> list[PromptJob]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"prompt file {path} has no prompts (one per line, or JSONL with a 'prompt' key)")
+    draw = random.Random(seed)
+    jobs = []
+    for index, line in enumerate(lines):
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{index + 1}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path}:{index + 1}: expected an object with a string 'prompt'")
+        else:
+            record = {"prompt": line}
+        bucket = record.get("bucket")
+        drawn = draw.choices(buckets, weights=weights)[0]  # drawn for every line: stable per index
+        if bucket is None:
+            bucket = drawn
+        elif bucket not in buckets:
+            raise ValueError(f"{path}:{index + 1}: bucket {bucket!r} is not one of the configured buckets {buckets}")
+        sample_seed = record.get("seed", seed * 1_000_003 + index)
+        if not isinstance(sample_seed, int):
+            raise ValueError(f"{path}:{index + 1}: 'seed' must be an integer")
+        jobs.append(PromptJob(index=index, prompt=record["prompt"], bucket=bucket, seed=sample_seed))
+    return jobs

@@ -1,0 +1,216 @@
+"""`ladd-ds synth`: the teacher generates the LADD training latents from prompts.
+
+Each rank takes a disjoint part of the prompts (index % world), samples them bucket by bucket
+with classifier-free guidance through diffusers' StableDiffusion3Pipeline (flow-matching Euler
+scheduler with the configured shift, `output_type="latent"`), and writes them in parts of
+`synth.part_size` samples. Every part is an MDS directory written under a temporary name and
+renamed when complete, so a crash loses at most the part in progress and a re-run skips every
+prompt index found in a complete part. When all prompts are done, rank 0 checks that every index
+is present exactly once, merges each bucket's parts into OUT/<bucket>/index.json and writes
+OUT/manifest.json. A sample is reproducible from (prompt index, seed) alone: its initial noise
+comes from a generator seeded with the prompt's seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ladd_ds.config import Config, config_to_dict
+from ladd_ds.data.prompts import PromptJob, bucket_name, load_prompt_jobs, parse_bucket
+from ladd_ds.data.writer import write_samples
+from ladd_ds.distributed.ranks import barrier, is_main, print0, rank, world_size
+from ladd_ds.training import faults
+
+VAE_FACTOR = 8  # SD3 VAE: 8x spatial downsampling
+PART_FILE = "part.indices"  # not *.json: streaming's merge_index reads every json as an index
+MANIFEST = "manifest.json"
+
+
+def check_buckets(buckets: list[list[int]], patch_size: int) -> list[str]:
+    names = []
+    for i, hw in enumerate(buckets):
+        if len(hw) != 2:
+            raise ValueError(f"synth.buckets[{i}]: expected [height, width], got {hw}")
+        h, w = hw
+        step = VAE_FACTOR * patch_size
+        if h <= 0 or w <= 0 or h % step or w % step:
+            raise ValueError(
+                f"synth.buckets[{i}] = {h}x{w}: height and width must be positive multiples of {step} "
+                f"(VAE factor {VAE_FACTOR} x patch size {patch_size})"
+            )
+        names.append(bucket_name(h, w))
+    return names
+
+
+def completed_indices(out: Path) -> dict[int, Path]:
+    """Prompt index -> the complete part holding it (parts are renamed into place when done)."""
+    done: dict[int, Path] = {}
+    for part_file in sorted(out.glob(f"*/part-*/{PART_FILE}")):
+        for index in json.loads(part_file.read_text()):
+            if index in done:
+                raise RuntimeError(f"prompt {index} is in two parts: {done[index].parent} and {part_file.parent}")
+            done[index] = part_file
+    return done
+
+
+def my_batches(jobs: list[PromptJob], batch_size: int) -> list[list[PromptJob]]:
+    """This rank's jobs (index % world == rank), grouped by bucket into batches."""
+    mine = [j for j in jobs if j.index % world_size() == rank()]
+    batches = []
+    for bucket in sorted({j.bucket for j in mine}):
+        in_bucket = [j for j in mine if j.bucket == bucket]
+        batches += [in_bucket[i : i + batch_size] for i in range(0, len(in_bucket), batch_size)]
+    return batches
+
+
+class TeacherSampler:
+    """Classifier-free-guided sampling of the teacher with diffusers' SD3 pipeline."""
+
+    def __init__(self, transformer, text_encoder, cfg: Config):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.text = text_encoder
+        self.cfg = cfg.synth
+        self.pipe = text_encoder.pipe
+        self.pipe.transformer = transformer
+        self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.synth.shift)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seeds: list[int], height: int, width: int, device) -> torch.Tensor:
+        embeds, pooled = self.text.encode_full(prompts, device)
+        neg_embeds, neg_pooled = self.text.encode_full([""] * len(prompts), device)
+        channels = self.pipe.transformer.config.in_channels
+        h, w = height // VAE_FACTOR, width // VAE_FACTOR
+        noise = torch.stack([torch.randn(channels, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return self.pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=neg_embeds,
+            negative_pooled_prompt_embeds=neg_pooled,
+            latents=noise.to(device=device, dtype=embeds.dtype),
+            height=height,
+            width=width,
+            num_inference_steps=self.cfg.num_steps,
+            guidance_scale=self.cfg.guidance_scale,
+            output_type="latent",
+            return_dict=False,
+        )[0]  # (B, C, h, w), normalized latent space
+
+
+def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], encoded) -> Path:
+    part = out / jobs[0].bucket / f"part-{jobs[0].index:09d}"
+    samples = [
+        {
+            "latent": latents[i],
+            "prompt_embeds": encoded[i][0],
+            "pooled": encoded[i][1],
+            "prompt": job.prompt,
+            "bucket": job.bucket,
+            "seed": job.seed,
+            "index": job.index,
+        }
+        for i, job in enumerate(jobs)
+    ]
+    return write_samples(part, samples, extra_files={PART_FILE: json.dumps([j.index for j in jobs])})
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def finalize(out: Path, jobs: list[PromptJob], cfg: Config, teacher_id: dict) -> dict:
+    """Rank 0: every prompt exactly once, one merged index per bucket, and the manifest."""
+    from streaming.base.util import merge_index
+
+    logging.getLogger("streaming").setLevel(logging.ERROR)  # merge_index warns per existing dir
+    done = completed_indices(out)
+    expected = {j.index for j in jobs}
+    missing, extra = sorted(expected - set(done)), sorted(set(done) - expected)
+    if missing or extra:
+        raise RuntimeError(
+            f"{out}: {len(missing)} prompts missing (e.g. {missing[:5]}), {len(extra)} unexpected (e.g. {extra[:5]})"
+        )
+    counts = {}
+    for bucket in sorted({j.bucket for j in jobs}):
+        merge_index(str(out / bucket), keep_local=True)
+        counts[bucket] = sum(1 for j in jobs if j.bucket == bucket)
+    manifest = {
+        "samples": len(jobs),
+        "buckets": counts,
+        "teacher": teacher_id,
+        "synth": config_to_dict(cfg)["synth"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out / MANIFEST)
+    return manifest
+
+
+def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
+    from ladd_ds.distributed import engines as ds
+    from ladd_ds.models.registry import build_transformer, resolve_model_config
+    from ladd_ds.models.text_encoders import build_tiny_text_encoders, load_sd3_text_encoders
+
+    out = Path(out)
+    s = cfg.synth
+    model_cfg = resolve_model_config(cfg.model.teacher)
+    buckets = check_buckets(s.buckets, model_cfg["patch_size"])
+    jobs = load_prompt_jobs(prompts, buckets, s.bucket_weights, s.seed)
+    ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
+    device = ds.device()
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    done = completed_indices(out)
+    todo = [j for j in jobs if j.index not in done]
+    batches = my_batches(todo, s.batch_size)
+    print0(f"synth: {len(jobs)} prompts, {len(done)} already done, {len(todo)} to generate on {world_size()} ranks")
+
+    if s.text_encoders == "tiny":
+        text = build_tiny_text_encoders(cfg.model.teacher, seed=s.seed, drop_t5=s.drop_t5, max_t5_tokens=s.max_t5_tokens)
+    else:
+        text = load_sd3_text_encoders(s.text_encoders, drop_t5=s.drop_t5)
+        text.max_t5_tokens = s.max_t5_tokens
+    text.to(device)
+    teacher = build_transformer(cfg.model.teacher, seed=cfg.run.seed).to(device).eval()
+    teacher.requires_grad_(False)
+    teacher_id = {"model": cfg.model.teacher, "seed": cfg.run.seed, "fingerprint": fingerprint(teacher)}
+    sampler = TeacherSampler(teacher, text, cfg)
+
+    bar = tqdm(total=len(todo), desc="synth", disable=not is_main(), unit="sample", dynamic_ncols=True)
+    pending: list[tuple[PromptJob, torch.Tensor, tuple]] = []
+    parts_written = 0
+    for k, batch in enumerate(batches):
+        h, w = parse_bucket(batch[0].bucket)
+        latents = sampler.sample([j.prompt for j in batch], [j.seed for j in batch], h, w, device)
+        compact = text.encode([j.prompt for j in batch], device)
+        for i, job in enumerate(batch):
+            pending.append((job, latents[i].cpu(), (compact.prompt_embeds[i], compact.pooled[i])))
+        bar.update(len(batch) * world_size())  # ranks advance in step: an estimate of the total
+        next_bucket = batches[k + 1][0].bucket if k + 1 < len(batches) else None
+        if len(pending) >= s.part_size or next_bucket != batch[0].bucket:  # a part holds one bucket
+            parts_written += 1
+            faults.maybe_die("kill", parts_written)  # tests: a crash before this part is committed
+            write_part(out, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending])
+            pending = []
+    bar.close()
+    barrier()
+    if is_main():
+        manifest = finalize(out, jobs, cfg, teacher_id)
+        print0(f"synth: wrote {manifest['samples']} samples to {out}: {manifest['buckets']}")
+        return manifest
+    return None

@@ -1,0 +1,220 @@
+"""SD3 text conditioning: prompt -> (prompt_embeds, pooled), through diffusers' own
+`StableDiffusion3Pipeline.encode_prompt` (CLIP-L and CLIP-G penultimate states concatenated and
+zero-padded to the T5 width, then T5 tokens along the sequence; pooled = CLIP-L ++ CLIP-G pooled).
+
+Two sources of encoders, neither downloads anything:
+- `load_sd3_text_encoders(folder)`: the text_encoder, text_encoder_2, text_encoder_3 and
+  tokenizers of a local diffusers SD3 folder (`drop_t5=True` skips the 4.7B T5, as SD3 allows);
+- `build_tiny_text_encoders(...)`: tiny CLIP/CLIP/T5 models built from transformers configs with
+  byte-level tokenizers written locally, matching the `tiny` transformer preset (text width 32,
+  pooled 16), for tests and the CPU demo.
+
+Shards store the T5 part unpadded: SD3 pads T5 to 256 tokens, so `encode` returns the CLIP part
+(77 tokens) plus only the T5 tokens up to and including the end-of-sequence token. Training
+re-pads with zeros (see ladd_ds.data.loader.collate).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+CLIP_TOKENS = 77  # CLIP's context length: the first 77 tokens of SD3's prompt_embeds
+
+
+@dataclass
+class EncodedPrompts:
+    prompt_embeds: list[torch.Tensor]  # per prompt (77 + T5 tokens kept, D)
+    pooled: torch.Tensor  # (B, P)
+
+
+class SD3TextEncoder:
+    """Encodes prompts with SD3's three encoders via the diffusers pipeline's encode_prompt."""
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, joint_dim: int, max_t5_tokens: int = 256):
+        self.pipe = pipe
+        self.joint_dim = joint_dim
+        self.max_t5_tokens = max_t5_tokens
+
+    @property
+    def has_t5(self) -> bool:
+        return self.pipe.text_encoder_3 is not None
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.pipe.text_encoder.config.projection_dim + self.pipe.text_encoder_2.config.projection_dim
+
+    def to(self, device) -> SD3TextEncoder:
+        for enc in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
+            if enc is not None:
+                enc.to(device)
+        return self
+
+    def t5_lengths(self, prompts: list[str]) -> list[int]:
+        """Real T5 tokens per prompt (with the end-of-sequence token), capped at max_t5_tokens."""
+        if not self.has_t5:
+            return [0] * len(prompts)
+        ids = self.pipe.tokenizer_3(prompts, truncation=True, max_length=self.max_t5_tokens)["input_ids"]
+        return [len(x) for x in ids]
+
+    @torch.no_grad()
+    def encode_full(self, prompts: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Exactly SD3's conditioning: (B, 77 + max_t5_tokens, D) and (B, P); without T5 the T5
+        block is zeros, as diffusers does (SD3 was trained with T5 dropout)."""
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=torch.device(device),
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_t5_tokens,
+        )
+        return embeds, pooled
+
+    def encode(self, prompts: list[str], device="cpu") -> EncodedPrompts:
+        """Compact form for shards: CLIP part plus only the real T5 tokens of each prompt."""
+        embeds, pooled = self.encode_full(prompts, device)
+        keep = [CLIP_TOKENS + n for n in self.t5_lengths(prompts)]
+        return EncodedPrompts([embeds[i, :k].cpu() for i, k in enumerate(keep)], pooled.cpu())
+
+
+def _meta_transformer(transformer_config: dict):
+    """diffusers' encode_prompt reads the T5 width from pipe.transformer.config when T5 is
+    dropped; a structure-only (meta device) transformer provides it without any weights."""
+    from diffusers import SD3Transformer2DModel
+
+    config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return SD3Transformer2DModel.from_config(config)
+
+
+def load_sd3_text_encoders(folder: str | Path, drop_t5: bool = False, dtype=torch.float32) -> SD3TextEncoder:
+    """The three text encoders and tokenizers of a local diffusers SD3 folder."""
+    from ladd_ds.models.registry import resolve_model_config
+
+    folder = Path(folder)
+    needed = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] + (
+        [] if drop_t5 else ["text_encoder_3", "tokenizer_3"]
+    )
+    missing = [n for n in needed if not (folder / n).is_dir()]
+    if missing:
+        raise ValueError(
+            f"SD3 folder {folder} lacks {', '.join(missing)}" + ("" if drop_t5 else " (or set drop_t5 to run without T5)")
+        )
+    transformer_config = resolve_model_config(str(folder))
+    pipe = StableDiffusion3Pipeline(
+        transformer=_meta_transformer(transformer_config),
+        scheduler=None,
+        vae=None,
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", torch_dtype=dtype),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        text_encoder_3=None if drop_t5 else T5EncoderModel.from_pretrained(folder / "text_encoder_3", torch_dtype=dtype),
+        tokenizer_3=None if drop_t5 else T5TokenizerFast.from_pretrained(folder / "tokenizer_3"),
+    )
+    return SD3TextEncoder(pipe, transformer_config["joint_attention_dim"])
+
+
+def _write_byte_level_vocab(folder: Path, specials: list[str]) -> dict[str, int]:
+    """A byte-level BPE vocabulary with no merges (one token per byte): enough for a tokenizer
+    that round-trips any prompt, written locally instead of downloaded."""
+    chars = list(bytes_to_unicode().values())
+    tokens = specials + chars + [c + "</w>" for c in chars]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return vocab
+
+
+def _tiny_clip(folder: Path, hidden: int, projection: int, seed: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _write_byte_level_vocab(folder, ["<|startoftext|>", "<|endoftext|>"])
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=CLIP_TOKENS
+    )
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_TOKENS,
+        projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config).eval(), tokenizer
+
+
+def _tiny_t5(folder: Path, d_model: int, seed: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _write_byte_level_vocab(folder, ["<pad>", "</s>", "<unk>"])
+    bpe = models.BPE(vocab=vocab, merges=[], unk_token="<unk>")
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def build_tiny_text_encoders(
+    transformer_preset: str = "tiny", seed: int = 0, drop_t5: bool = False, max_t5_tokens: int = 32
+) -> SD3TextEncoder:
+    """Tiny SD3-shaped encoders for a preset: two CLIPs of width joint_dim / 2 whose projections
+    add up to the pooled width, and a T5 of width joint_dim. Random weights from `seed`."""
+    from ladd_ds.models.registry import resolve_model_config
+
+    cfg = resolve_model_config(transformer_preset)
+    joint, pooled = cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
+    if joint % 2 or pooled % 2:
+        raise ValueError(f"preset {transformer_preset}: joint_attention_dim and pooled_projection_dim must be even")
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
+        root = Path(tmp)
+        clip_l, tok_l = _tiny_clip(root / "clip_l", joint // 2, pooled // 2, seed)
+        clip_g, tok_g = _tiny_clip(root / "clip_g", joint // 2, pooled // 2, seed + 1)
+        t5, tok_t5 = (None, None) if drop_t5 else _tiny_t5(root / "t5", joint, seed + 2)
+    pipe = StableDiffusion3Pipeline(
+        transformer=_meta_transformer(cfg),
+        scheduler=None,
+        vae=None,
+        text_encoder=clip_l,
+        tokenizer=tok_l,
+        text_encoder_2=clip_g,
+        tokenizer_2=tok_g,
+        text_encoder_3=t5,
+        tokenizer_3=tok_t5,
+    )
+    return SD3TextEncoder(pipe, joint, max_t5_tokens=max_t5_tokens)

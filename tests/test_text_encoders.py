@@ -1,0 +1,68 @@
+"""SD3 text conditioning with tiny encoders built in code (no downloads)."""
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from ladd_ds.models.registry import PRESETS
+from ladd_ds.models.text_encoders import CLIP_TOKENS, build_tiny_text_encoders, load_sd3_text_encoders
+
+PROMPTS = ["a red seven in the top left", "a blue one", ""]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_tiny_text_encoders("tiny", seed=0, max_t5_tokens=32)
+
+
+def test_full_conditioning_has_sd3_layout(encoder):
+    embeds, pooled = encoder.encode_full(PROMPTS)
+    tiny = PRESETS["tiny"]
+    assert embeds.shape == (3, CLIP_TOKENS + 32, tiny["joint_attention_dim"])
+    assert pooled.shape == (3, tiny["pooled_projection_dim"])
+    assert embeds[:, CLIP_TOKENS:].abs().sum() > 0  # the T5 block is real
+    assert not torch.allclose(pooled[0], pooled[1])
+    again = build_tiny_text_encoders("tiny", seed=0, max_t5_tokens=32).encode_full(PROMPTS)[0]
+    assert torch.equal(again, embeds)  # deterministic from the seed
+
+
+def test_compact_form_keeps_clip_and_the_real_t5_tokens(encoder):
+    full, pooled = encoder.encode_full(PROMPTS)
+    compact = encoder.encode(PROMPTS)
+    t5_tokens = encoder.t5_lengths(PROMPTS)
+    assert t5_tokens[0] == len("a red seven in the top left") + 1  # one byte token each + </s>
+    assert t5_tokens[2] == 1  # an empty prompt keeps only </s>
+    for i, e in enumerate(compact.prompt_embeds):
+        assert e.shape[0] == CLIP_TOKENS + t5_tokens[i]
+        assert torch.equal(e, full[i, : e.shape[0]])
+    assert torch.equal(compact.pooled, pooled)
+
+
+def test_dropping_t5_zeros_the_t5_block_and_keeps_clip(encoder):
+    no_t5 = build_tiny_text_encoders("tiny", seed=0, drop_t5=True, max_t5_tokens=32)
+    full, pooled = encoder.encode_full(PROMPTS)
+    embeds, pooled_no_t5 = no_t5.encode_full(PROMPTS)
+    assert torch.equal(embeds[:, :CLIP_TOKENS], full[:, :CLIP_TOKENS])
+    assert embeds[:, CLIP_TOKENS:].abs().sum() == 0
+    assert torch.equal(pooled_no_t5, pooled)
+    assert [e.shape[0] for e in no_t5.encode(PROMPTS).prompt_embeds] == [CLIP_TOKENS] * 3
+
+
+def test_local_sd3_folder_round_trip(tmp_path, encoder):
+    pipe = encoder.pipe
+    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"):
+        getattr(pipe, name).save_pretrained(tmp_path / name)
+    from ladd_ds.models.registry import build_transformer
+
+    build_transformer("tiny").save_pretrained(tmp_path / "transformer")
+    loaded = load_sd3_text_encoders(tmp_path)
+    loaded.max_t5_tokens = 32
+    assert isinstance(loaded.pipe.tokenizer, CLIPTokenizer)
+    torch.testing.assert_close(loaded.encode_full(PROMPTS)[0], encoder.encode_full(PROMPTS)[0])
+    assert load_sd3_text_encoders(tmp_path, drop_t5=True).pipe.text_encoder_3 is None
+
+
+def test_folder_without_encoders_is_rejected(tmp_path):
+    (tmp_path / "text_encoder").mkdir()
+    with pytest.raises(ValueError, match=r"lacks tokenizer, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3"):
+        load_sd3_text_encoders(tmp_path)
