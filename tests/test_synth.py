@@ -55,11 +55,11 @@ def prompt_file(tmp_path_factory):
 def reference(prompt_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "out"
     synth(prompt_file, out)
-    return read_all(out)
+    return (*read_all(out), out)
 
 
 def test_every_prompt_once_in_its_bucket_and_reproducible(reference):
-    manifest, samples = reference
+    manifest, samples, _ = reference
     assert sorted(samples) == list(range(len(PROMPTS)))
     assert sum(manifest["buckets"].values()) == len(PROMPTS) == manifest["samples"]
     assert manifest["teacher"]["model"] == "tiny"
@@ -91,7 +91,7 @@ def test_killed_run_continues_without_duplicates_or_gaps(prompt_file, tmp_path, 
     proc = synth(prompt_file, out)
     assert f"{survived} already done" in proc.stdout
     _, samples = read_all(out)
-    _, ref = reference
+    _, ref, _ = reference
     assert sorted(samples) == sorted(ref)
     for index in ref:
         assert np.array_equal(samples[index]["latent"], ref[index]["latent"]), index
@@ -101,7 +101,7 @@ def test_two_ranks_split_the_prompts(prompt_file, tmp_path, reference):
     out = tmp_path / "out"
     synth(prompt_file, out, nproc=2)
     _, samples = read_all(out)
-    _, ref = reference
+    _, ref, _ = reference
     assert sorted(samples) == sorted(ref)
     for index in ref:  # the same sample whichever rank made it
         np.testing.assert_allclose(samples[index]["latent"], ref[index]["latent"], atol=2e-3)
@@ -120,3 +120,31 @@ def test_bad_inputs(tmp_path, prompt_file):
     jsonl.write_text('{"prompt": "a", "bucket": "256x256"}\n')
     proc = synth(jsonl, tmp_path / "o3", check=False)
     assert proc.returncode == 2 and "bucket '256x256' is not one of the configured buckets" in proc.stderr
+
+
+def test_loader_gives_one_bucket_per_batch(reference):
+    from ladd_ds.data.loader import build_loader
+
+    manifest, samples, out = reference
+    loader = build_loader(out, 2, seed=0, text_len=None)
+    shapes = set()
+    seen = []
+    for batch in loader:
+        assert len({tuple(x.shape) for x in batch["latent"]}) == 1  # one bucket per batch
+        shapes.add(tuple(batch["latent"].shape[-2:]))
+        seen += batch["sample_id"].tolist()
+    assert shapes == {(16, 16), (8, 16)}  # both aspect ratios were served
+    assert len(seen) == len(set(seen))
+
+
+def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path):
+    _, _, out = reference
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", "2"]
+    sets = ["data.source=mds", f"data.path={out}", "data.micro_batch_size=1", "logging.progress_bar=false"]
+    for s in sets:
+        args += ["--set", s]
+    proc = run_cli(*args, nproc=2)
+    assert "done: step 2" in proc.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss/generator"]) for r in records)

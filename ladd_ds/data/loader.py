@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from streaming import StreamingDataLoader, StreamingDataset
+from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from ladd_ds.data.schema import validate_mds_dir
@@ -101,6 +101,20 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def bucket_dirs(path: str | Path) -> list[Path]:
+    """The per-bucket datasets of a multi-bucket root (as `ladd-ds synth` writes: OUT/<bucket>/
+    with its own index.json and OUT/manifest.json), or [] for a single dataset."""
+    path = Path(path)
+    if (path / "index.json").is_file() or not (path / "manifest.json").is_file():
+        return []
+    buckets = sorted(p for p in path.iterdir() if p.is_dir() and (p / "index.json").is_file())
+    if not buckets:
+        raise FileNotFoundError(
+            f"{path} has a manifest.json but no bucket directory with an index.json: was the synth run finished?"
+        )
+    return buckets
+
+
 def build_loader(
     path: str | Path,
     micro_batch_size: int,
@@ -118,7 +132,9 @@ def build_loader(
     shards are copied before reading (`path` then acts as streaming's "remote"); otherwise
     shards are read in place. Building several loaders over one `path` in one process is fine.
     """
-    summary = validate_mds_dir(path)
+    buckets = bucket_dirs(path)
+    summaries = [validate_mds_dir(b) for b in buckets] if buckets else [validate_mds_dir(path)]
+    summary = {"num_samples": sum(x["num_samples"] for x in summaries)}
     world_size = _world_size()
     if summary["num_samples"] < micro_batch_size * world_size:
         raise ValueError(
@@ -135,8 +151,17 @@ def build_loader(
 
     # With remote=None streaming skips its "Reused local directory" check and gives each
     # dataset its own shared-memory prefix, so several datasets may read one directory.
-    location = {"local": str(path)} if local_cache is None else {"remote": str(path), "local": str(local_cache)}
-    dataset = LatentDataset(**location, dtype=dtype, shuffle=shuffle, shuffle_seed=seed, batch_size=micro_batch_size)
+    common = dict(dtype=dtype, shuffle=shuffle, shuffle_seed=seed, batch_size=micro_batch_size)
+    if buckets:
+        # One Stream per aspect bucket and per-stream batching: every batch holds one shape.
+        streams = [
+            Stream(local=str(b)) if local_cache is None else Stream(remote=str(b), local=str(Path(local_cache) / b.name))
+            for b in buckets
+        ]
+        dataset = LatentDataset(streams=streams, batching_method="per_stream", **common)
+    else:
+        location = {"local": str(path)} if local_cache is None else {"remote": str(path), "local": str(local_cache)}
+        dataset = LatentDataset(**location, **common)
     return StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ladd_ds.config import Config
+from ladd_ds.data.loader import bucket_dirs
 from ladd_ds.data.schema import validate_mds_dir
 from ladd_ds.distributed import engines as ds
 from ladd_ds.models.flow_model import FlowModel
@@ -131,8 +132,9 @@ def dry_run(cfg: Config, world: int) -> str:
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
     if cfg.data.source == "mds":
         try:  # a memory plan is useful before the data exist: report, don't stop
-            summary = validate_mds_dir(cfg.data.path)
-            lines.append(f"data: {summary['num_samples']} samples in {cfg.data.path}")
+            datasets = bucket_dirs(cfg.data.path) or [cfg.data.path]
+            n = sum(validate_mds_dir(d)["num_samples"] for d in datasets)
+            lines.append(f"data: {n} samples in {cfg.data.path} ({len(datasets)} bucket(s))")
         except (FileNotFoundError, ValueError) as e:
             lines.append(f"data: NOT USABLE, training would stop here: {e}")
     lines.append("")
