@@ -36,3 +36,15 @@ def test_bench_reports_finite_numbers_and_fewer_flops_with_fewer_taps(distribute
     first_only = bench("--taps", "[0]", "--zero-stage", "0")
     assert first_only["heads"] == 1 and first_only["zero_stage_student"] == 0
     assert first_only["tflop_per_step"] < 0.8 * full["tflop_per_step"]
+
+
+def test_loader_bench_and_shard_bytes(tmp_path):
+    from evaluation import loader_bench, shard_bytes
+    from ladd_ds.data.writer import write_random_latents
+
+    data = write_random_latents(tmp_path / "data", 32, latent_shape=(4, 8, 8), text_len=(4, 8), text_dim=32, pooled_dim=16)
+    r = loader_bench.bench(str(data), batch=4, batches=5, workers=0)
+    assert r["samples"] == 20 and r["samples_per_s"] > 0 and r["mb_per_s"] > 0
+    sizes = shard_bytes.measure((128, 128), t5_tokens=10, samples=2)
+    # (77 + 10) tokens instead of (77 + 256): the stored form is well under half the padded one.
+    assert sizes["stored"] < 0.5 * sizes["padded"]
