@@ -83,6 +83,26 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _encode_parser(sub) -> None:
+    p = sub.add_parser("encode", help="encode captioned images with the VAE into training shards")
+    p.add_argument("--config", required=True, help="YAML run config (model.teacher, synth section)")
+    p.add_argument("--images", help="image folder (default: synth.images)")
+    p.add_argument("--captions", help="JSONL {file, caption} or file<TAB>caption lines (default: synth.captions)")
+    p.add_argument("--out", help="output directory (default: synth.out)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+
+
+def cmd_encode(args) -> int:
+    cfg = load_config(args.config, args.set)
+    images, captions = args.images or cfg.synth.images, args.captions or cfg.synth.captions
+    if not images or not captions:
+        raise ValueError("pass --images DIR and --captions FILE (or set synth.images / synth.captions)")
+    from ladd_ds.data.encode import run_encode
+
+    run_encode(cfg, images, captions, args.out or cfg.synth.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ladd-ds", description="Latent Adversarial Diffusion Distillation on DeepSpeed")
     # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
@@ -91,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _export_parser(sub)
     _synth_parser(sub)
+    _encode_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "export": cmd_export, "synth": cmd_synth}[args.command](args)
+        return {"train": cmd_train, "export": cmd_export, "synth": cmd_synth, "encode": cmd_encode}[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # Bad input: one clear line instead of a traceback.
         print(f"ladd-ds {args.command}: error: {e}", file=sys.stderr)

@@ -142,6 +142,10 @@ class SynthConfig:
     batch_size: int = 4
     seed: int = 0  # bucket draws and per-prompt noise seeds (JSONL 'seed' overrides)
     part_size: int = 256  # samples per crash-safe part
+    zero_stage: Literal[0, 3] = 0  # 0: teacher replicated on every rank; 3: partitioned (ZeRO-3)
+    images: str | None = None  # `ladd-ds encode`: image folder
+    captions: str | None = None  # `ladd-ds encode`: JSONL {"file", "caption"} or "file<TAB>caption" lines
+    vae: str = "tiny"  # `ladd-ds encode`: "tiny" (built in code) or a local SD3 folder (vae/)
 
 
 @dataclass

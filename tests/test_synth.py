@@ -62,7 +62,7 @@ def test_every_prompt_once_in_its_bucket_and_reproducible(reference):
     manifest, samples, _ = reference
     assert sorted(samples) == list(range(len(PROMPTS)))
     assert sum(manifest["buckets"].values()) == len(PROMPTS) == manifest["samples"]
-    assert manifest["teacher"]["model"] == "tiny"
+    assert manifest["source"]["model"] == "tiny" and manifest["source"]["kind"] == "teacher samples"
     for index, s in samples.items():
         assert s["prompt"] == PROMPTS[index]
         h, w = (int(v) for v in s["bucket"].split("x"))
@@ -148,3 +148,14 @@ def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path):
     assert "done: step 2" in proc.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss/generator"]) for r in records)
+
+
+def test_zero3_teacher_on_two_ranks_gives_the_same_samples(prompt_file, tmp_path, reference):
+    out = tmp_path / "out"
+    synth(prompt_file, out, nproc=2, extra=["synth.zero_stage=3"])
+    manifest, samples = read_all(out)
+    _, ref, _ = reference
+    assert manifest["source"]["fingerprint"] == "partitioned (ZeRO-3)"
+    assert sorted(samples) == sorted(ref)
+    for index in ref:
+        np.testing.assert_allclose(samples[index]["latent"], ref[index]["latent"], atol=2e-3)

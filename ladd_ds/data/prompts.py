@@ -16,6 +16,7 @@ class PromptJob:
     prompt: str
     bucket: str  # "HxW" in pixels
     seed: int
+    image: str | None = None  # `ladd-ds encode`: the image file of this caption
 
 
 def bucket_name(height: int, width: int) -> str:

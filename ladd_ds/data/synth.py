@@ -130,7 +130,7 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def finalize(out: Path, jobs: list[PromptJob], cfg: Config, teacher_id: dict) -> dict:
+def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict) -> dict:
     """Rank 0: every prompt exactly once, one merged index per bucket, and the manifest."""
     from streaming.base.util import merge_index
 
@@ -149,7 +149,7 @@ def finalize(out: Path, jobs: list[PromptJob], cfg: Config, teacher_id: dict) ->
     manifest = {
         "samples": len(jobs),
         "buckets": counts,
-        "teacher": teacher_id,
+        "source": source,
         "synth": config_to_dict(cfg)["synth"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -159,10 +159,98 @@ def finalize(out: Path, jobs: list[PromptJob], cfg: Config, teacher_id: dict) ->
     return manifest
 
 
+def load_text_encoder(cfg: Config, device):
+    from ladd_ds.models.text_encoders import build_tiny_text_encoders, load_sd3_text_encoders
+
+    s = cfg.synth
+    if s.text_encoders == "tiny":
+        text = build_tiny_text_encoders(cfg.model.teacher, seed=s.seed, drop_t5=s.drop_t5, max_t5_tokens=s.max_t5_tokens)
+    else:
+        text = load_sd3_text_encoders(s.text_encoders, drop_t5=s.drop_t5)
+        text.max_t5_tokens = s.max_t5_tokens
+    return text.to(device)
+
+
+def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents, source: dict, text, name: str) -> dict | None:
+    """The crash-safe, multi-rank part of `synth` and `encode`: each rank produces its batches with
+    `make_latents(batch) -> (B, C, h, w)` and commits them in parts; rank 0 finalizes.
+
+    With `lockstep` ranks (a ZeRO-3 teacher) every rank must run the same number of model calls,
+    so ranks with fewer batches repeat their last one and drop the result."""
+    from ladd_ds.distributed.engines import device as current_device
+    from ladd_ds.distributed.ranks import all_reduce_sum
+
+    s = cfg.synth
+    done = completed_indices(out)
+    todo = [j for j in jobs if j.index not in done]
+    batches = my_batches(todo, s.batch_size)
+    print0(f"{name}: {len(jobs)} samples, {len(done)} already done, {len(todo)} to generate on {world_size()} ranks")
+    counts = torch.zeros(world_size(), dtype=torch.float64)
+    counts[rank()] = len(batches)
+    rounds = int(all_reduce_sum(counts).max()) if source.get("lockstep") else len(batches)
+    device = current_device()
+
+    bar = tqdm(total=len(todo), desc=name, disable=not is_main(), unit="sample", dynamic_ncols=True)
+    pending: list[tuple[PromptJob, torch.Tensor, tuple]] = []
+    parts_written = 0
+    for k in range(rounds):
+        if k >= len(batches):  # keep the ZeRO-3 forwards in step with the other ranks
+            make_latents(batches[-1] if batches else jobs[:1])
+            continue
+        batch = batches[k]
+        latents = make_latents(batch)
+        compact = text.encode([j.prompt for j in batch], device)
+        for i, job in enumerate(batch):
+            pending.append((job, latents[i].float().cpu(), (compact.prompt_embeds[i], compact.pooled[i])))
+        bar.update(len(batch) * world_size())  # ranks advance in step: an estimate of the total
+        next_bucket = batches[k + 1][0].bucket if k + 1 < len(batches) else None
+        if len(pending) >= s.part_size or next_bucket != batch[0].bucket:  # a part holds one bucket
+            parts_written += 1
+            faults.maybe_die("kill", parts_written)  # tests: a crash before this part is committed
+            write_part(out, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending])
+            pending = []
+    bar.close()
+    barrier()
+    if is_main():
+        manifest = finalize(out, jobs, cfg, source)
+        print0(f"{name}: wrote {manifest['samples']} samples to {out}: {manifest['buckets']}")
+        return manifest
+    return None
+
+
+def build_teacher(cfg: Config):
+    """The teacher for sampling: replicated on every rank, or partitioned with ZeRO-3
+    (synth.zero_stage = 3) for teachers too large for one device."""
+    from ladd_ds.distributed import engines as ds
+    from ladd_ds.models.registry import build_transformer, is_folder
+
+    if cfg.synth.zero_stage == 3:
+        ds_config = ds.fill_ds_config(
+            ds.load_template(cfg.deepspeed.teacher_config, "deepspeed.teacher_config"),
+            micro_batch_size=cfg.synth.batch_size,
+            grad_accum=1,
+            world_size=world_size(),
+            precision=cfg.deepspeed.precision,
+        )
+        with ds.partitioned_init(ds_config):
+            teacher = build_transformer(cfg.model.teacher, seed=cfg.run.seed, load_weights=False)
+        if is_folder(cfg.model.teacher):
+            from ladd_ds.models.registry import folder_weight_names, read_folder_tensor
+
+            ds.load_partitioned_weights(teacher, folder_weight_names(cfg.model.teacher), read_folder_tensor, cfg.model.teacher)
+        teacher.requires_grad_(False)
+        engine = ds.frozen_engine(teacher, ds_config)
+        return engine.module, "partitioned (ZeRO-3)"
+    teacher = build_transformer(cfg.model.teacher, seed=cfg.run.seed).to(ds.device()).eval()
+    teacher.requires_grad_(False)
+    if cfg.deepspeed.precision == "bf16":
+        teacher.to(torch.bfloat16)
+    return teacher, fingerprint(teacher)
+
+
 def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
     from ladd_ds.distributed import engines as ds
-    from ladd_ds.models.registry import build_transformer, resolve_model_config
-    from ladd_ds.models.text_encoders import build_tiny_text_encoders, load_sd3_text_encoders
+    from ladd_ds.models.registry import resolve_model_config
 
     out = Path(out)
     s = cfg.synth
@@ -174,43 +262,14 @@ def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
     barrier()
-
-    done = completed_indices(out)
-    todo = [j for j in jobs if j.index not in done]
-    batches = my_batches(todo, s.batch_size)
-    print0(f"synth: {len(jobs)} prompts, {len(done)} already done, {len(todo)} to generate on {world_size()} ranks")
-
-    if s.text_encoders == "tiny":
-        text = build_tiny_text_encoders(cfg.model.teacher, seed=s.seed, drop_t5=s.drop_t5, max_t5_tokens=s.max_t5_tokens)
-    else:
-        text = load_sd3_text_encoders(s.text_encoders, drop_t5=s.drop_t5)
-        text.max_t5_tokens = s.max_t5_tokens
-    text.to(device)
-    teacher = build_transformer(cfg.model.teacher, seed=cfg.run.seed).to(device).eval()
-    teacher.requires_grad_(False)
-    teacher_id = {"model": cfg.model.teacher, "seed": cfg.run.seed, "fingerprint": fingerprint(teacher)}
+    text = load_text_encoder(cfg, device)
+    teacher, identity = build_teacher(cfg)
     sampler = TeacherSampler(teacher, text, cfg)
 
-    bar = tqdm(total=len(todo), desc="synth", disable=not is_main(), unit="sample", dynamic_ncols=True)
-    pending: list[tuple[PromptJob, torch.Tensor, tuple]] = []
-    parts_written = 0
-    for k, batch in enumerate(batches):
+    def make_latents(batch: list[PromptJob]) -> torch.Tensor:
         h, w = parse_bucket(batch[0].bucket)
-        latents = sampler.sample([j.prompt for j in batch], [j.seed for j in batch], h, w, device)
-        compact = text.encode([j.prompt for j in batch], device)
-        for i, job in enumerate(batch):
-            pending.append((job, latents[i].cpu(), (compact.prompt_embeds[i], compact.pooled[i])))
-        bar.update(len(batch) * world_size())  # ranks advance in step: an estimate of the total
-        next_bucket = batches[k + 1][0].bucket if k + 1 < len(batches) else None
-        if len(pending) >= s.part_size or next_bucket != batch[0].bucket:  # a part holds one bucket
-            parts_written += 1
-            faults.maybe_die("kill", parts_written)  # tests: a crash before this part is committed
-            write_part(out, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending])
-            pending = []
-    bar.close()
-    barrier()
-    if is_main():
-        manifest = finalize(out, jobs, cfg, teacher_id)
-        print0(f"synth: wrote {manifest['samples']} samples to {out}: {manifest['buckets']}")
-        return manifest
-    return None
+        return sampler.sample([j.prompt for j in batch], [j.seed for j in batch], h, w, device)
+
+    source = {"kind": "teacher samples", "model": cfg.model.teacher, "seed": cfg.run.seed, "fingerprint": identity}
+    source["lockstep"] = s.zero_stage == 3
+    return generate_dataset(cfg, jobs, out, make_latents, source, text, "synth")

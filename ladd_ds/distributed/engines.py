@@ -172,13 +172,19 @@ def _trainable_engine(model: nn.Module, ds_config: dict, lr: float, optim_cfg) -
     return engine
 
 
+def frozen_engine(model: nn.Module, ds_config: dict):
+    """An optimizer-less engine: ZeRO's partitioning and gathering for a frozen model."""
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    return engine
+
+
 def build_engines(student: nn.Module, teacher: nn.Module, heads: nn.Module, ds_configs: dict[str, dict], optim_cfg) -> Engines:
     teacher.requires_grad_(False)
     teacher.eval()
     student_engine = _trainable_engine(student, ds_configs["student"], optim_cfg.student_lr, optim_cfg)
     heads_engine = _trainable_engine(heads, ds_configs["heads"], optim_cfg.heads_lr, optim_cfg)
     # No optimizer: a frozen teacher only needs ZeRO's parameter partitioning and gathering.
-    teacher_engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds_configs["teacher"])
+    teacher_engine = frozen_engine(teacher, ds_configs["teacher"])
     return Engines(student=student_engine, heads=heads_engine, teacher=teacher_engine, ds_configs=ds_configs)
 
 

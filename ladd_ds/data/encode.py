@@ -1,0 +1,109 @@
+"""`ladd-ds encode`: real images with captions -> the same shards as `synth`, through the VAE.
+
+Each image goes to the bucket of nearest aspect ratio, is resized to cover it and center-cropped
+(the usual multi-aspect recipe), encoded to normalized latents, and written with its caption's
+text embeddings. Needed for inpainting and for the paper's real-vs-synthetic comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ladd_ds.config import Config
+from ladd_ds.data.prompts import PromptJob, parse_bucket
+from ladd_ds.data.synth import check_buckets, generate_dataset, load_text_encoder
+from ladd_ds.distributed.ranks import barrier, is_main
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def read_captions(path: str | Path) -> list[tuple[str, str]]:
+    """(file, caption) pairs from JSONL ({"file", "caption"}) or "file<TAB>caption" lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {path} does not exist")
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+                pairs.append((str(record["file"]), str(record["caption"])))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'file' and 'caption'") from None
+        else:
+            file, sep, caption = line.partition("\t")
+            if not sep:
+                raise ValueError(f"{path}:{n}: expected 'file<TAB>caption'")
+            pairs.append((file, caption))
+    if not pairs:
+        raise ValueError(f"caption file {path} has no captions")
+    return pairs
+
+
+def nearest_bucket(width: int, height: int, buckets: list[str]) -> str:
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(parse_bucket(b)[1] / parse_bucket(b)[0]) - ratio))
+
+
+def load_image_jobs(images: str | Path, captions: str | Path, buckets: list[str], seed: int) -> list[PromptJob]:
+    images = Path(images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder {images} does not exist")
+    jobs = []
+    for index, (file, caption) in enumerate(read_captions(captions)):
+        path = images / file
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise FileNotFoundError(f"{captions}: image {file} not found in {images} (or not an image: {sorted(IMAGE_SUFFIXES)})")
+        with Image.open(path) as im:
+            w, h = im.size
+        jobs.append(PromptJob(index, caption, nearest_bucket(w, h, buckets), seed, image=str(path)))
+    return jobs
+
+
+def load_cropped(path: str, height: int, width: int) -> torch.Tensor:
+    """Resize to cover (height, width), center-crop; (3, H, W) in [-1, 1]."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = max(width / im.width, height / im.height)
+        size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+        im = im.resize(size, Image.BICUBIC)
+        left, top = (im.width - width) // 2, (im.height - height) // 2
+        im = im.crop((left, top, left + width, top + height))
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+    return x.permute(2, 0, 1)  # (3, H, W)
+
+
+def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict | None:
+    from ladd_ds.distributed import engines as ds
+    from ladd_ds.models.registry import resolve_model_config
+    from ladd_ds.models.vae import encode_images, load_vae
+
+    out = Path(out)
+    model_cfg = resolve_model_config(cfg.model.teacher)
+    buckets = check_buckets(cfg.synth.buckets, model_cfg["patch_size"])
+    jobs = load_image_jobs(images, captions, buckets, cfg.synth.seed)
+    ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
+    device = ds.device()
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    vae = load_vae(cfg.synth.vae, model_cfg["in_channels"], seed=cfg.synth.seed).to(device)
+    if vae.config.latent_channels != model_cfg["in_channels"]:
+        raise ValueError(f"VAE has {vae.config.latent_channels} latent channels, the teacher expects {model_cfg['in_channels']}")
+    text = load_text_encoder(cfg, device)
+
+    def make_latents(batch: list[PromptJob]) -> torch.Tensor:
+        h, w = parse_bucket(batch[0].bucket)
+        pixels = torch.stack([load_cropped(j.image, h, w) for j in batch]).to(device)  # (B, 3, H, W)
+        return encode_images(vae, pixels)  # (B, C, H/8, W/8)
+
+    source = {"kind": "encoded images", "images": str(images), "vae": cfg.synth.vae}
+    return generate_dataset(cfg, jobs, out, make_latents, source, text, "encode")

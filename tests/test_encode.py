@@ -1,0 +1,68 @@
+"""`ladd-ds encode`: captioned images -> VAE latents in the bucket of nearest aspect ratio."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streaming import StreamingDataset
+
+from ladd_ds.data.encode import load_cropped, nearest_bucket
+from ladd_ds.models.vae import build_tiny_vae, encode_images
+from tests.conftest import TINY_CONFIG, run_cli
+
+SETS = ["synth.buckets=[[64,64],[64,128],[128,64]]", "synth.batch_size=2", "synth.max_t5_tokens=32"]
+
+
+def encode(images, captions, out, check=True):
+    args = ["encode", "--config", str(TINY_CONFIG), "--images", str(images), "--captions", str(captions), "--out", str(out)]
+    for s in SETS:
+        args += ["--set", s]
+    return run_cli(*args, check=check)
+
+
+def test_nearest_bucket_and_center_crop(tmp_path):
+    buckets = ["64x64", "64x128", "128x64"]
+    assert nearest_bucket(200, 100, buckets) == "64x128"  # wide image -> wide bucket (H x W)
+    assert nearest_bucket(90, 200, buckets) == "128x64"
+    assert nearest_bucket(100, 110, buckets) == "64x64"
+    img = np.zeros((100, 300, 3), np.uint8)
+    img[:, 140:160] = 255  # a white stripe in the middle
+    Image.fromarray(img).save(tmp_path / "x.png")
+    x = load_cropped(str(tmp_path / "x.png"), 64, 128)
+    assert x.shape == (3, 64, 128) and x.min() >= -1 and x.max() <= 1
+    assert x[:, :, 64].mean() > 0.9 and x[:, :, 0].mean() < -0.9  # the stripe stays centred
+
+
+def test_encode_writes_normalized_latents_per_bucket(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"a.png": (80, 80), "b.png": (200, 90), "c.jpg": (60, 130), "d.png": (150, 70)}
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / name)
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"file": f, "caption": f"picture {f}"}) + "\n" for f in sizes))
+    out = tmp_path / "out"
+    encode(images, captions, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["buckets"] == {"64x64": 1, "64x128": 2, "128x64": 1}
+    vae = build_tiny_vae(4, seed=0)
+    ds = StreamingDataset(local=str(out / "64x128"), shuffle=False, batch_size=1)
+    for i in range(ds.num_samples):
+        s = ds[i]
+        name = list(sizes)[s["index"]]
+        assert s["prompt"] == f"picture {name}" and s["latent"].shape == (4, 8, 16)
+        expected = encode_images(vae, load_cropped(str(images / name), 64, 128)[None])[0]
+        torch.testing.assert_close(torch.from_numpy(s["latent"]).float(), expected, atol=2e-3, rtol=1e-3)
+
+
+def test_encode_bad_inputs(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    captions = tmp_path / "c.tsv"
+    captions.write_text("missing.png\ta caption\n")
+    proc = encode(images, captions, tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "image missing.png not found" in proc.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
