@@ -82,7 +82,9 @@ class RandomLatentsConfig:
 class DataConfig:
     # "mds": read shards from `path`; "random_latents": write random shards to RUN_DIR/data first.
     source: Literal["mds", "random_latents"] = "mds"
-    path: str | None = None
+    path: str | None = None  # local directory, multi-bucket root, or object-store URL
+    cache_dir: str | None = None  # local copy of the shards (required for a remote path)
+    buckets: list[str] | None = None  # bucket subdirectories of a remote multi-bucket root
     micro_batch_size: int = 4
     num_workers: int = 0
     text_len: int | None = None  # pad/truncate prompt_embeds to this length (None: batch max)

@@ -115,6 +115,33 @@ def bucket_dirs(path: str | Path) -> list[Path]:
     return buckets
 
 
+def is_remote(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def claim_cache_dir(cache: Path) -> None:
+    """Refuse a cache directory that another running job on this machine is using.
+
+    The job is identified by its rendezvous address (MASTER_ADDR:MASTER_PORT, shared by all its
+    ranks); a claim whose process is gone is stale and taken over."""
+    cache.mkdir(parents=True, exist_ok=True)
+    job = f"{os.environ.get('MASTER_ADDR', 'local')}:{os.environ.get('MASTER_PORT', os.getpid())}"
+    claim = cache / ".ladd_ds_job"
+    if claim.is_file():
+        try:
+            other_job, other_pid = claim.read_text().split()
+            os.kill(int(other_pid), 0)  # raises if that process is gone
+            alive = True
+        except (ValueError, ProcessLookupError, PermissionError):
+            alive = False
+        if alive and other_job != job:
+            raise RuntimeError(
+                f"cache directory {cache} is in use by another running job ({other_job}, pid {other_pid}); "
+                "give this run its own data.cache_dir"
+            )
+    claim.write_text(f"{job} {os.getpid()}")
+
+
 def build_loader(
     path: str | Path,
     micro_batch_size: int,
@@ -125,23 +152,35 @@ def build_loader(
     dtype: torch.dtype = torch.float32,
     text_len: int | None = None,
     local_cache: str | Path | None = None,
+    remote_buckets: list[str] | None = None,
 ) -> StreamingDataLoader:
     """Build the per-rank loader over the MDS dataset at `path` (batches of `micro_batch_size`).
 
-    The shuffle order depends only on `seed` and the epoch. `local_cache`, when given, is where
-    shards are copied before reading (`path` then acts as streaming's "remote"); otherwise
-    shards are read in place. Building several loaders over one `path` in one process is fine.
+    `path` is a local directory (one dataset, or a multi-bucket root with manifest.json) or an
+    object-store URL that mosaicml-streaming supports (s3://, gs://, ...), which needs
+    `local_cache`; `remote_buckets` names a remote root's bucket subdirectories. With
+    `local_cache`, shards are copied there before reading. The shuffle order depends only on
+    `seed` and the epoch. Building several loaders over one `path` in one process is fine.
     """
-    buckets = bucket_dirs(path)
-    summaries = [validate_mds_dir(b) for b in buckets] if buckets else [validate_mds_dir(path)]
-    summary = {"num_samples": sum(x["num_samples"] for x in summaries)}
+    if is_remote(path):
+        if local_cache is None:
+            raise ValueError(f"data.path {path} is remote: set data.cache_dir to a local directory for its shards")
+        # Streaming reads and checks the remote index itself (we cannot list a bucket here).
+        buckets = [f"{str(path).rstrip('/')}/{b}" for b in remote_buckets] if remote_buckets else []
+        summary = None
+    else:
+        buckets = bucket_dirs(path)
+        summaries = [validate_mds_dir(b) for b in buckets] if buckets else [validate_mds_dir(path)]
+        summary = {"num_samples": sum(x["num_samples"] for x in summaries)}
     world_size = _world_size()
-    if summary["num_samples"] < micro_batch_size * world_size:
+    if summary is not None and summary["num_samples"] < micro_batch_size * world_size:
         raise ValueError(
             f"Dataset {str(path)!r} has {summary['num_samples']} samples, fewer than "
             f"one global batch ({micro_batch_size} x {world_size} ranks). Write more "
             f"samples or lower the micro batch size."
         )
+    if local_cache is not None:
+        claim_cache_dir(Path(local_cache))
     # The deepspeed launcher sets LOCAL_SIZE but not LOCAL_WORLD_SIZE, which streaming reads to
     # find the ranks sharing a node; without it every rank thinks it is a local leader and they
     # collide on shared memory (FileExistsError: '/000000_locals').
@@ -155,7 +194,9 @@ def build_loader(
     if buckets:
         # One Stream per aspect bucket and per-stream batching: every batch holds one shape.
         streams = [
-            Stream(local=str(b)) if local_cache is None else Stream(remote=str(b), local=str(Path(local_cache) / b.name))
+            Stream(local=str(b))
+            if local_cache is None
+            else Stream(remote=str(b), local=str(Path(local_cache) / Path(str(b)).name))
             for b in buckets
         ]
         dataset = LatentDataset(streams=streams, batching_method="per_stream", **common)

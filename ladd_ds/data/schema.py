@@ -104,10 +104,20 @@ def validate_mds_dir(path: str | Path) -> dict[str, Any]:
         # A copy that stopped half-way has an index but not all shards; say so before streaming
         # fails deep inside a worker. Compressed datasets may hold only the zip form.
         files = [shard.get("raw_data"), shard.get("zip_data")]
-        if not any(f and (root / f["basename"]).is_file() for f in files):
+        present = [f for f in files if f and (root / f["basename"]).is_file()]
+        if not present:
             raise FileNotFoundError(
                 f"Shard file {shard_file!r} listed in {str(index_path)!r} is missing. Copy the complete dataset directory again."
             )
+        # A truncated or overwritten shard has another size than its index records (checking the
+        # size is free; the full hash check is streaming's validate_hash, at read time).
+        for f in present:
+            size = (root / f["basename"]).stat().st_size
+            if f.get("bytes") is not None and size != int(f["bytes"]):
+                raise ValueError(
+                    f"Shard file {str(root / f['basename'])!r} has {size} bytes, its index says {f['bytes']}: "
+                    "the file is corrupted or truncated. Copy or regenerate the dataset."
+                )
         columns.update(found)
 
     return {

@@ -130,7 +130,9 @@ def dry_run(cfg: Config, world: int) -> str:
     ds_configs = build_ds_configs(cfg, world)
     gib = 2**30
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
-    if cfg.data.source == "mds":
+    if cfg.data.source == "mds" and "://" in cfg.data.path:
+        lines.append(f"data: remote {cfg.data.path}, cached in {cfg.data.cache_dir} (not checked in a dry run)")
+    elif cfg.data.source == "mds":
         try:  # a memory plan is useful before the data exist: report, don't stop
             datasets = bucket_dirs(cfg.data.path) or [cfg.data.path]
             n = sum(validate_mds_dir(d)["num_samples"] for d in datasets)

@@ -104,6 +104,8 @@ class LADDTrainer(LADDSteps):
             num_workers=data.num_workers,
             dtype=self.dtype,
             text_len=data.text_len,
+            local_cache=data.cache_dir,
+            remote_buckets=data.buckets,
         )
 
     def _write_resolved_configs(self) -> None:
