@@ -306,26 +306,26 @@ def test_local_world_size_from_deepspeed_local_size(random_ds, monkeypatch):
 
 
 def test_truncated_shard_is_reported(tmp_path):
-    out = write_random_latents(tmp_path / 'ds', 8, **SHAPES, seed=1)
-    shard = sorted(out.glob('*.mds'))[0]
+    out = write_random_latents(tmp_path / "ds", 8, **SHAPES, seed=1)
+    shard = sorted(out.glob("*.mds"))[0]
     shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(ValueError, match=r'shard.00000.mds.* has \d+ bytes, its index says \d+: the file is corrupted'):
+    with pytest.raises(ValueError, match=r"shard.00000.mds.* has \d+ bytes, its index says \d+: the file is corrupted"):
         validate_mds_dir(out)
 
 
 def test_remote_with_local_cache_and_cache_claims(tmp_path, random_ds, monkeypatch):
     # streaming accepts a local directory as the "remote": shards are copied into the cache.
-    cache = tmp_path / 'cache'
+    cache = tmp_path / "cache"
     loader = build_loader(random_ds, BATCH, seed=0, shuffle=False, local_cache=cache)
     batch = next(iter(loader))
-    assert batch['latent'].shape == (BATCH, 4, 8, 8)
-    assert list(cache.glob('*.mds'))  # read through the cache
+    assert batch["latent"].shape == (BATCH, 4, 8, 8)
+    assert list(cache.glob("*.mds"))  # read through the cache
     # Another live job (this test process stands in for it) holds the cache: refused.
-    (cache / '.ladd_ds_job').write_text(f'10.0.0.9:1234 {os.getpid()}')
-    with pytest.raises(RuntimeError, match='is in use by another running job'):
+    (cache / ".ladd_ds_job").write_text(f"10.0.0.9:1234 {os.getpid()}")
+    with pytest.raises(RuntimeError, match="is in use by another running job"):
         build_loader(random_ds, BATCH, seed=0, local_cache=cache)
     # A claim whose process is gone is stale and taken over.
-    (cache / '.ladd_ds_job').write_text('10.0.0.9:1234 999999999')
+    (cache / ".ladd_ds_job").write_text("10.0.0.9:1234 999999999")
     build_loader(random_ds, BATCH, seed=0, local_cache=cache)
-    with pytest.raises(ValueError, match='is remote: set data.cache_dir'):
-        build_loader('s3://bucket/data', BATCH, seed=0)
+    with pytest.raises(ValueError, match="is remote: set data.cache_dir"):
+        build_loader("s3://bucket/data", BATCH, seed=0)
