@@ -64,12 +64,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _config_args(p) -> None:
+    p.add_argument("--config", required=True, help="YAML run config (model.teacher and the synth section)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+
+
 def _synth_parser(sub) -> None:
     p = sub.add_parser("synth", help="generate training latents with the teacher (also under deepspeed)")
-    p.add_argument("--config", required=True, help="YAML run config (model.teacher, synth section)")
+    _config_args(p)
     p.add_argument("--prompts", help="prompt file (default: synth.prompts)")
     p.add_argument("--out", help="output directory (default: synth.out)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
 
 
 def cmd_synth(args) -> int:
@@ -85,11 +89,10 @@ def cmd_synth(args) -> int:
 
 def _encode_parser(sub) -> None:
     p = sub.add_parser("encode", help="encode captioned images with the VAE into training shards")
-    p.add_argument("--config", required=True, help="YAML run config (model.teacher, synth section)")
+    _config_args(p)
     p.add_argument("--images", help="image folder (default: synth.images)")
     p.add_argument("--captions", help="JSONL {file, caption} or file<TAB>caption lines (default: synth.captions)")
     p.add_argument("--out", help="output directory (default: synth.out)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
 
 
 def cmd_encode(args) -> int:
