@@ -1,0 +1,101 @@
+"""Colored digits placed on a larger canvas, in two aspect ratios, with prompts that name the
+digit, its color and its place ("a red seven in the top left").
+
+Source images: scikit-learn's bundled 8x8 digits (1,797 images, shipped with the package; no
+download). Each sample scales one digit, colors it and puts it at a random position inside the
+named region of a black canvas. Train and held-out splits use disjoint source digits.
+
+"Latent" space: instead of a VAE, a documented invertible map. An RGB image in [0, 1] of shape
+(3, H, W) becomes x = 2 * image - 1 rearranged by pixel-unshuffle with factor 2 into
+(12, H/2, W/2), the channel layout the transformer sees; `from_latent` is its exact inverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+COLORS = {
+    "red": (1.0, 0.2, 0.2),
+    "green": (0.2, 1.0, 0.3),
+    "blue": (0.3, 0.4, 1.0),
+    "yellow": (1.0, 0.9, 0.2),
+}
+PLACES = ["top left", "top right", "bottom left", "bottom right"]
+BUCKETS = [(32, 32), (32, 48)]  # (height, width) in pixels: square and wide
+LATENT_FACTOR = 2  # pixel-unshuffle factor: (3, H, W) -> (12, H/2, W/2)
+LATENT_CHANNELS = 3 * LATENT_FACTOR**2
+HELD_OUT_FROM = 1500  # source digits [0, 1500) train, [1500, 1797) held out
+
+
+@dataclass(frozen=True)
+class DigitLabel:
+    digit: int
+    color: str
+    place: str
+
+    @property
+    def prompt(self) -> str:
+        return f"a {self.color} {DIGIT_WORDS[self.digit]} in the {self.place}"
+
+
+def parse_prompt(prompt: str) -> DigitLabel:
+    """The labels a prompt asks for (inverse of DigitLabel.prompt)."""
+    words = prompt.split()
+    if len(words) != 7 or words[0] != "a" or words[3:5] != ["in", "the"] or words[2] not in DIGIT_WORDS:
+        raise ValueError(f"not a demo prompt: {prompt!r}")
+    return DigitLabel(DIGIT_WORDS.index(words[2]), words[1], " ".join(words[5:]))
+
+
+def load_source_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 8, 8) float images in [0, 1] and their labels, for 'train' or 'heldout'."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = data.images.astype(np.float32) / 16.0
+    sl = slice(0, HELD_OUT_FROM) if split == "train" else slice(HELD_OUT_FROM, None)
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return images[sl], data.target[sl]
+
+
+def render(digit: np.ndarray, label: DigitLabel, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
+    """(3, height, width) image in [0, 1]: the 8x8 digit scaled, colored, placed in its region."""
+    size = int(rng.integers(9, 15))  # digit size in pixels; the digit stays inside its quadrant
+    glyph = F.interpolate(torch.from_numpy(digit)[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    top_half, left_half = label.place.startswith("top"), label.place.endswith("left")
+    rows = (0, height // 2 - size) if top_half else (height // 2, height - size)
+    cols = (0, width // 2 - size) if left_half else (width // 2, width - size)
+    top = int(rng.integers(rows[0], rows[1] + 1))
+    left = int(rng.integers(cols[0], cols[1] + 1))
+    image = torch.zeros(3, height, width)
+    color = torch.tensor(COLORS[label.color])[:, None, None]
+    image[:, top : top + size, left : left + size] = glyph.clamp(0, 1) * color
+    return image
+
+
+def make_samples(n: int, split: str, seed: int) -> list[tuple[torch.Tensor, DigitLabel, tuple[int, int]]]:
+    """n (image, label, bucket) triples, reproducible from (split, seed)."""
+    images, targets = load_source_digits(split)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        i = int(rng.integers(len(images)))
+        label = DigitLabel(int(targets[i]), str(rng.choice(list(COLORS))), str(rng.choice(PLACES)))
+        bucket = BUCKETS[int(rng.integers(len(BUCKETS)))]
+        out.append((render(images[i], label, *bucket, rng), label, bucket))
+    return out
+
+
+def to_latent(image: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) in [0, 1] -> (..., 12, H/2, W/2) in [-1, 1] (pixel-unshuffle)."""
+    return F.pixel_unshuffle(image * 2.0 - 1.0, LATENT_FACTOR)
+
+
+def from_latent(latent: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of to_latent (values are not clamped)."""
+    return (F.pixel_shuffle(latent, LATENT_FACTOR) + 1.0) / 2.0
