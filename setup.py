@@ -25,6 +25,8 @@ setup(
         "ninja",  # DeepSpeed JIT-compiles its CPU comm op
         "peft",
         "torchmetrics",
+        "scikit-learn",  # the demo's data: its bundled 8x8 digits
+        "pillow",
     ],
     extras_require={"dev": ["pytest"]},
     entry_points={"console_scripts": ["ladd-ds=ladd_ds.cli:main"]},
