@@ -106,6 +106,60 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate images from a student (export or run) or a teacher (SD3 folder)")
+    p.add_argument("--model", required=True, help="ladd-ds export folder, ladd-ds run directory, or diffusers SD3 folder")
+    p.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with 'prompt'")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps (student: 1, 2, 4; teacher: e.g. 28 or 50)")
+    p.add_argument("--cfg", type=float, default=None, help="teacher guidance scale (default 4; the student has none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (one grid row per prompt)")
+    p.add_argument("--size", default=None, help="HxW in pixels (default: the model's sample size)")
+    p.add_argument("--out", required=True, help="output path: writes OUT.png (grid) and OUT.npz (images, prompt index)")
+
+
+def cmd_sample(args) -> int:
+    from ladd_ds.sampling import run_sample
+
+    run_sample(args.model, args.prompts, args.steps, args.cfg, args.seed, args.out, args.per_prompt, args.size)
+    return 0
+
+
+def _pretrain_parser(sub) -> None:
+    p = sub.add_parser("pretrain-teacher", help="demo helper: train the small digits teacher with rectified flow")
+    p.add_argument("--out", required=True, help="output folder (an SD3-style diffusers folder)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_pretrain(args) -> int:
+    from ladd_ds.demo.pretrain import PretrainSettings, pretrain_teacher
+
+    settings = PretrainSettings(seed=args.seed)
+    if args.steps is not None:
+        settings.steps = args.steps
+    print(f"teacher written to {pretrain_teacher(args.out, settings)}")
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on colored digits: teacher, synth, LADD, sample, evaluate, report")
+    p.add_argument("--out", required=True, help="output directory (report.md, grids, runs, data)")
+    p.add_argument(
+        "--cache", default=None, help="where the pretrained teacher and classifier are cached (default: ~/.cache/ladd_ds)"
+    )
+    p.add_argument("--size", choices=["full", "test"], default="full", help="'test': a few-minute version for the test suite")
+    p.add_argument("--ablations", action="store_true", help="also run the ablation rows (each a LADD run + evaluation)")
+
+
+def cmd_demo(args) -> int:
+    from ladd_ds.demo.pipeline import run_demo
+
+    report = run_demo(args.out, cache=args.cache, size=args.size, ablations=args.ablations)
+    print(f"report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ladd-ds", description="Latent Adversarial Diffusion Distillation on DeepSpeed")
     # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK is in the env.
@@ -115,9 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     _export_parser(sub)
     _synth_parser(sub)
     _encode_parser(sub)
+    _sample_parser(sub)
+    _pretrain_parser(sub)
+    _demo_parser(sub)
     args = parser.parse_args(argv)
+    commands = {
+        "train": cmd_train,
+        "export": cmd_export,
+        "synth": cmd_synth,
+        "encode": cmd_encode,
+        "sample": cmd_sample,
+        "pretrain-teacher": cmd_pretrain,
+        "demo": cmd_demo,
+    }
     try:
-        return {"train": cmd_train, "export": cmd_export, "synth": cmd_synth, "encode": cmd_encode}[args.command](args)
+        return commands[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # Bad input: one clear line instead of a traceback.
         print(f"ladd-ds {args.command}: error: {e}", file=sys.stderr)

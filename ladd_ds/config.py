@@ -119,6 +119,10 @@ class LoggingConfig:
     every: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
+    # Student sample grids in TensorBoard every N steps (0 = off), one row per prompt; needs the
+    # synth section's text encoders and latent codec (synth.text_encoders, synth.vae).
+    sample_every: int = 0
+    sample_prompts: list[str] | None = None
 
 
 @dataclass
@@ -294,6 +298,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("logging.every and checkpoint.every must be >= 1")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last: must be >= 1 (resume needs a checkpoint)")
+    if cfg.logging.sample_every < 0:
+        raise ConfigError("logging.sample_every: must be >= 0 (0 = no sample grids)")
+    if cfg.logging.sample_every > 0 and not cfg.logging.sample_prompts:
+        raise ConfigError("logging.sample_prompts: give at least one prompt when logging.sample_every > 0")
     if cfg.health.max_consecutive_skips < 1 or cfg.health.collective_timeout_s <= 0:
         raise ConfigError("health.max_consecutive_skips must be >= 1 and health.collective_timeout_s > 0")
     sy = cfg.synth

@@ -8,7 +8,8 @@ from PIL import Image
 from streaming import StreamingDataset
 
 from ladd_ds.data.encode import load_cropped, nearest_bucket
-from ladd_ds.models.vae import build_tiny_vae, encode_images
+from ladd_ds.models.codec import VAECodec
+from ladd_ds.models.vae import build_tiny_vae
 from tests.conftest import TINY_CONFIG, run_cli
 
 SETS = ["synth.buckets=[[64,64],[64,128],[128,64]]", "synth.batch_size=2", "synth.max_t5_tokens=32"]
@@ -47,13 +48,13 @@ def test_encode_writes_normalized_latents_per_bucket(tmp_path):
     encode(images, captions, out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["buckets"] == {"64x64": 1, "64x128": 2, "128x64": 1}
-    vae = build_tiny_vae(4, seed=0)
+    codec = VAECodec(build_tiny_vae(4, seed=0))
     ds = StreamingDataset(local=str(out / "64x128"), shuffle=False, batch_size=1)
     for i in range(ds.num_samples):
         s = ds[i]
         name = list(sizes)[s["index"]]
         assert s["prompt"] == f"picture {name}" and s["latent"].shape == (4, 8, 16)
-        expected = encode_images(vae, load_cropped(str(images / name), 64, 128)[None])[0]
+        expected = codec.encode(load_cropped(str(images / name), 64, 128)[None])[0]
         torch.testing.assert_close(torch.from_numpy(s["latent"]).float(), expected, atol=2e-3, rtol=1e-3)
 
 

@@ -71,10 +71,10 @@ def test_every_prompt_once_in_its_bucket_and_reproducible(reference):
     # (prompt, seed) alone reproduces a sample: sample it again outside the command.
     cfg = load_config(TINY_CONFIG, SETS)
     text = build_tiny_text_encoders("tiny", seed=0, max_t5_tokens=32)
-    sampler = TeacherSampler(build_transformer("tiny", seed=0).eval(), text, cfg)
+    sampler = TeacherSampler(build_transformer("tiny", seed=0).eval(), text, cfg.synth.shift, codec_factor=8)
     s = samples[3]
     h, w = (int(v) for v in s["bucket"].split("x"))
-    again = sampler.sample([s["prompt"]], [int(s["seed"])], h, w, "cpu")[0]
+    again = sampler.sample([s["prompt"]], [int(s["seed"])], h, w, "cpu", cfg.synth.num_steps, cfg.synth.guidance_scale)[0]
     torch.testing.assert_close(again.half(), torch.from_numpy(s["latent"]))
 
 

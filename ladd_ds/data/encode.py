@@ -83,27 +83,25 @@ def load_cropped(path: str, height: int, width: int) -> torch.Tensor:
 
 def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict | None:
     from ladd_ds.distributed import engines as ds
+    from ladd_ds.models.codec import codec_factor, load_codec
     from ladd_ds.models.registry import resolve_model_config
-    from ladd_ds.models.vae import encode_images, load_vae
 
     out = Path(out)
     model_cfg = resolve_model_config(cfg.model.teacher)
-    buckets = check_buckets(cfg.synth.buckets, model_cfg["patch_size"])
+    buckets = check_buckets(cfg.synth.buckets, model_cfg["patch_size"], codec_factor(cfg.synth.vae))
     jobs = load_image_jobs(images, captions, buckets, cfg.synth.seed)
     ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
     device = ds.device()
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
     barrier()
-    vae = load_vae(cfg.synth.vae, model_cfg["in_channels"], seed=cfg.synth.seed).to(device)
-    if vae.config.latent_channels != model_cfg["in_channels"]:
-        raise ValueError(f"VAE has {vae.config.latent_channels} latent channels, the teacher expects {model_cfg['in_channels']}")
+    codec = load_codec(cfg.synth.vae, model_cfg["in_channels"], seed=cfg.synth.seed).to(device)
     text = load_text_encoder(cfg, device)
 
     def make_latents(batch: list[PromptJob]) -> torch.Tensor:
         h, w = parse_bucket(batch[0].bucket)
         pixels = torch.stack([load_cropped(j.image, h, w) for j in batch]).to(device)  # (B, 3, H, W)
-        return encode_images(vae, pixels)  # (B, C, H/8, W/8)
+        return codec.encode(pixels)  # (B, C, H/f, W/f)
 
     source = {"kind": "encoded images", "images": str(images), "vae": cfg.synth.vae}
     return generate_dataset(cfg, jobs, out, make_latents, source, text, "encode")

@@ -28,22 +28,21 @@ from ladd_ds.data.writer import write_samples
 from ladd_ds.distributed.ranks import barrier, is_main, print0, rank, world_size
 from ladd_ds.training import faults
 
-VAE_FACTOR = 8  # SD3 VAE: 8x spatial downsampling
 PART_FILE = "part.indices"  # not *.json: streaming's merge_index reads every json as an index
 MANIFEST = "manifest.json"
 
 
-def check_buckets(buckets: list[list[int]], patch_size: int) -> list[str]:
+def check_buckets(buckets: list[list[int]], patch_size: int, codec_factor: int) -> list[str]:
     names = []
     for i, hw in enumerate(buckets):
         if len(hw) != 2:
             raise ValueError(f"synth.buckets[{i}]: expected [height, width], got {hw}")
         h, w = hw
-        step = VAE_FACTOR * patch_size
+        step = codec_factor * patch_size
         if h <= 0 or w <= 0 or h % step or w % step:
             raise ValueError(
                 f"synth.buckets[{i}] = {h}x{w}: height and width must be positive multiples of {step} "
-                f"(VAE factor {VAE_FACTOR} x patch size {patch_size})"
+                f"(latent codec factor {codec_factor} x patch size {patch_size})"
             )
         names.append(bucket_name(h, w))
     return names
@@ -73,23 +72,27 @@ def my_batches(jobs: list[PromptJob], batch_size: int) -> list[list[PromptJob]]:
 class TeacherSampler:
     """Classifier-free-guided sampling of the teacher with diffusers' SD3 pipeline."""
 
-    def __init__(self, transformer, text_encoder, cfg: Config):
+    def __init__(self, transformer, text_encoder, shift: float, codec_factor: int):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.text = text_encoder
-        self.cfg = cfg.synth
+        self.factor = codec_factor
         self.pipe = text_encoder.pipe
         self.pipe.transformer = transformer
-        self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.synth.shift)
+        self.pipe.vae_scale_factor = codec_factor  # the pipeline checks height/width against it
+        self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
         self.pipe.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], height: int, width: int, device) -> torch.Tensor:
+    def sample(
+        self, prompts: list[str], seeds: list[int], height: int, width: int, device, num_steps: int, guidance_scale: float
+    ) -> torch.Tensor:
+        """(B, C, height/f, width/f) normalized latents; the initial noise of prompt i comes from
+        a generator seeded with seeds[i]."""
         embeds, pooled = self.text.encode_full(prompts, device)
         neg_embeds, neg_pooled = self.text.encode_full([""] * len(prompts), device)
         channels = self.pipe.transformer.config.in_channels
-        h, w = height // VAE_FACTOR, width // VAE_FACTOR
-        noise = torch.stack([torch.randn(channels, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        noise = initial_noise(seeds, channels, height // self.factor, width // self.factor)
         return self.pipe(
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,
@@ -98,11 +101,16 @@ class TeacherSampler:
             latents=noise.to(device=device, dtype=embeds.dtype),
             height=height,
             width=width,
-            num_inference_steps=self.cfg.num_steps,
-            guidance_scale=self.cfg.guidance_scale,
+            num_inference_steps=num_steps,
+            guidance_scale=guidance_scale,
             output_type="latent",
             return_dict=False,
         )[0]  # (B, C, h, w), normalized latent space
+
+
+def initial_noise(seeds: list[int], channels: int, h: int, w: int) -> torch.Tensor:
+    """(B, C, h, w) standard normal noise, sample i from a generator seeded with seeds[i]."""
+    return torch.stack([torch.randn(channels, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], encoded) -> Path:
@@ -250,12 +258,14 @@ def build_teacher(cfg: Config):
 
 def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
     from ladd_ds.distributed import engines as ds
+    from ladd_ds.models.codec import codec_factor
     from ladd_ds.models.registry import resolve_model_config
 
     out = Path(out)
     s = cfg.synth
     model_cfg = resolve_model_config(cfg.model.teacher)
-    buckets = check_buckets(s.buckets, model_cfg["patch_size"])
+    factor = codec_factor(s.vae)
+    buckets = check_buckets(s.buckets, model_cfg["patch_size"], factor)
     jobs = load_prompt_jobs(prompts, buckets, s.bucket_weights, s.seed)
     ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
     device = ds.device()
@@ -264,11 +274,12 @@ def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
     barrier()
     text = load_text_encoder(cfg, device)
     teacher, identity = build_teacher(cfg)
-    sampler = TeacherSampler(teacher, text, cfg)
+    sampler = TeacherSampler(teacher, text, s.shift, factor)
 
     def make_latents(batch: list[PromptJob]) -> torch.Tensor:
         h, w = parse_bucket(batch[0].bucket)
-        return sampler.sample([j.prompt for j in batch], [j.seed for j in batch], h, w, device)
+        prompts, seeds = [j.prompt for j in batch], [j.seed for j in batch]
+        return sampler.sample(prompts, seeds, h, w, device, s.num_steps, s.guidance_scale)
 
     source = {"kind": "teacher samples", "model": cfg.model.teacher, "seed": cfg.run.seed, "fingerprint": identity}
     source["lockstep"] = s.zero_stage == 3

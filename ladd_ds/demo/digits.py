@@ -5,9 +5,10 @@ Source images: scikit-learn's bundled 8x8 digits (1,797 images, shipped with the
 download). Each sample scales one digit, colors it and puts it at a random position inside the
 named region of a black canvas. Train and held-out splits use disjoint source digits.
 
-"Latent" space: instead of a VAE, a documented invertible map. An RGB image in [0, 1] of shape
-(3, H, W) becomes x = 2 * image - 1 rearranged by pixel-unshuffle with factor 2 into
-(12, H/2, W/2), the channel layout the transformer sees; `from_latent` is its exact inverse.
+"Latent" space: instead of a VAE, a documented invertible map (ladd_ds.models.codec,
+"pixel-unshuffle"). An RGB image in [0, 1] of shape (3, H, W) becomes x = 2 * image - 1
+rearranged by pixel-unshuffle with factor 2 into (12, H/2, W/2), the channel layout the
+transformer sees; `from_latent` is its exact inverse.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ladd_ds.models.codec import PixelUnshuffleCodec
+
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 COLORS = {
     "red": (1.0, 0.2, 0.2),
@@ -26,9 +29,10 @@ COLORS = {
     "yellow": (1.0, 0.9, 0.2),
 }
 PLACES = ["top left", "top right", "bottom left", "bottom right"]
-BUCKETS = [(32, 32), (32, 48)]  # (height, width) in pixels: square and wide
-LATENT_FACTOR = 2  # pixel-unshuffle factor: (3, H, W) -> (12, H/2, W/2)
-LATENT_CHANNELS = 3 * LATENT_FACTOR**2
+BUCKETS = [(24, 24), (24, 36)]  # (height, width) in pixels: square and wide
+CODEC = PixelUnshuffleCodec(factor=2)  # (3, H, W) -> (12, H/2, W/2)
+LATENT_CHANNELS = CODEC.channels
+MIN_SIZE, MAX_SIZE = 8, 11  # the 8x8 source digit is drawn at 8 to 11 pixels
 HELD_OUT_FROM = 1500  # source digits [0, 1500) train, [1500, 1797) held out
 
 
@@ -65,7 +69,7 @@ def load_source_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def render(digit: np.ndarray, label: DigitLabel, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
     """(3, height, width) image in [0, 1]: the 8x8 digit scaled, colored, placed in its region."""
-    size = int(rng.integers(9, 15))  # digit size in pixels; the digit stays inside its quadrant
+    size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))  # digit size in pixels; it stays inside its quadrant
     glyph = F.interpolate(torch.from_numpy(digit)[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     top_half, left_half = label.place.startswith("top"), label.place.endswith("left")
     rows = (0, height // 2 - size) if top_half else (height // 2, height - size)
@@ -78,24 +82,32 @@ def render(digit: np.ndarray, label: DigitLabel, height: int, width: int, rng: n
     return image
 
 
-def make_samples(n: int, split: str, seed: int) -> list[tuple[torch.Tensor, DigitLabel, tuple[int, int]]]:
-    """n (image, label, bucket) triples, reproducible from (split, seed)."""
-    images, targets = load_source_digits(split)
+def random_label(rng: np.random.Generator, digit: int | None = None) -> DigitLabel:
+    digit = int(rng.integers(10)) if digit is None else digit
+    return DigitLabel(digit, str(rng.choice(list(COLORS))), str(rng.choice(PLACES)))
+
+
+def make_samples(
+    n: int, split: str, seed: int, bucket: tuple[int, int] | None = None, source=None
+) -> list[tuple[torch.Tensor, DigitLabel, tuple[int, int]]]:
+    """n (image, label, bucket) triples, reproducible from (split, seed); the bucket of each is
+    random unless `bucket` is given. `source`: load_source_digits(split), to skip reloading."""
+    images, targets = source if source is not None else load_source_digits(split)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         i = int(rng.integers(len(images)))
-        label = DigitLabel(int(targets[i]), str(rng.choice(list(COLORS))), str(rng.choice(PLACES)))
-        bucket = BUCKETS[int(rng.integers(len(BUCKETS)))]
-        out.append((render(images[i], label, *bucket, rng), label, bucket))
+        label = random_label(rng, int(targets[i]))
+        hw = bucket or BUCKETS[int(rng.integers(len(BUCKETS)))]
+        out.append((render(images[i], label, *hw, rng), label, hw))
     return out
 
 
 def to_latent(image: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) in [0, 1] -> (..., 12, H/2, W/2) in [-1, 1] (pixel-unshuffle)."""
-    return F.pixel_unshuffle(image * 2.0 - 1.0, LATENT_FACTOR)
+    return CODEC.encode(image * 2.0 - 1.0)
 
 
 def from_latent(latent: torch.Tensor) -> torch.Tensor:
     """Exact inverse of to_latent (values are not clamped)."""
-    return (F.pixel_shuffle(latent, LATENT_FACTOR) + 1.0) / 2.0
+    return (CODEC.decode(latent) + 1.0) / 2.0

@@ -29,6 +29,21 @@ PRESETS: dict[str, dict] = {
         pooled_projection_dim=16,
         pos_embed_max_size=32,
     ),
+    # The CPU demo's teacher (ladd-ds demo): 12-channel pixel-unshuffle latents of 24x24 and
+    # 24x36 images, 4 blocks of width 128; tiny SD3-shaped text encoders (two CLIPs of width 32).
+    "demo": dict(
+        sample_size=12,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=128,
+        pooled_projection_dim=32,
+        pos_embed_max_size=32,
+    ),
     # SD3-medium (2B): 24 layers, 24 heads x 64, caption projection 1536.
     "sd3-medium": dict(
         sample_size=128,

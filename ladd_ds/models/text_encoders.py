@@ -10,7 +10,7 @@ Two sources of encoders, neither downloads anything:
   pooled 16), for tests and the CPU demo.
 
 Shards store the T5 part unpadded: SD3 pads T5 to 256 tokens, so `encode` returns the CLIP part
-(77 tokens) plus only the T5 tokens up to and including the end-of-sequence token. Training
+(77 tokens for SD3) plus only the T5 tokens up to and including the end-of-sequence token. Training
 re-pads with zeros (see ladd_ds.data.loader.collate).
 """
 
@@ -52,6 +52,11 @@ class SD3TextEncoder:
         self.max_t5_tokens = max_t5_tokens
 
     @property
+    def clip_tokens(self) -> int:
+        """Length of the CLIP part of prompt_embeds (77 for SD3; the demo's encoders use less)."""
+        return self.pipe.tokenizer_max_length
+
+    @property
     def has_t5(self) -> bool:
         return self.pipe.text_encoder_3 is not None
 
@@ -89,7 +94,7 @@ class SD3TextEncoder:
     def encode(self, prompts: list[str], device="cpu") -> EncodedPrompts:
         """Compact form for shards: CLIP part plus only the real T5 tokens of each prompt."""
         embeds, pooled = self.encode_full(prompts, device)
-        keep = [CLIP_TOKENS + n for n in self.t5_lengths(prompts)]
+        keep = [self.clip_tokens + n for n in self.t5_lengths(prompts)]
         return EncodedPrompts([embeds[i, :k].cpu() for i, k in enumerate(keep)], pooled.cpu())
 
 
@@ -142,11 +147,11 @@ def _write_byte_level_vocab(folder: Path, specials: list[str]) -> dict[str, int]
     return vocab
 
 
-def _tiny_clip(folder: Path, hidden: int, projection: int, seed: int):
+def _tiny_clip(folder: Path, hidden: int, projection: int, seed: int, context: int = CLIP_TOKENS):
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _write_byte_level_vocab(folder, ["<|startoftext|>", "<|endoftext|>"])
     tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=CLIP_TOKENS
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=context
     )
     config = CLIPTextConfig(
         vocab_size=len(vocab),
@@ -154,7 +159,7 @@ def _tiny_clip(folder: Path, hidden: int, projection: int, seed: int):
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=CLIP_TOKENS,
+        max_position_embeddings=context,
         projection_dim=projection,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -191,10 +196,15 @@ def _tiny_t5(folder: Path, d_model: int, seed: int):
 
 
 def build_tiny_text_encoders(
-    transformer_preset: str = "tiny", seed: int = 0, drop_t5: bool = False, max_t5_tokens: int = 32
+    transformer_preset: str = "tiny",
+    seed: int = 0,
+    drop_t5: bool = False,
+    max_t5_tokens: int = 32,
+    clip_tokens: int = CLIP_TOKENS,
 ) -> SD3TextEncoder:
     """Tiny SD3-shaped encoders for a preset: two CLIPs of width joint_dim / 2 whose projections
-    add up to the pooled width, and a T5 of width joint_dim. Random weights from `seed`."""
+    add up to the pooled width, and a T5 of width joint_dim. Random weights from `seed`.
+    `clip_tokens`: the CLIPs' context length (SD3: 77; the CPU demo uses a shorter one)."""
     from ladd_ds.models.registry import resolve_model_config
 
     cfg = resolve_model_config(transformer_preset)
@@ -203,8 +213,8 @@ def build_tiny_text_encoders(
         raise ValueError(f"preset {transformer_preset}: joint_attention_dim and pooled_projection_dim must be even")
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
         root = Path(tmp)
-        clip_l, tok_l = _tiny_clip(root / "clip_l", joint // 2, pooled // 2, seed)
-        clip_g, tok_g = _tiny_clip(root / "clip_g", joint // 2, pooled // 2, seed + 1)
+        clip_l, tok_l = _tiny_clip(root / "clip_l", joint // 2, pooled // 2, seed, clip_tokens)
+        clip_g, tok_g = _tiny_clip(root / "clip_g", joint // 2, pooled // 2, seed + 1, clip_tokens)
         t5, tok_t5 = (None, None) if drop_t5 else _tiny_t5(root / "t5", joint, seed + 2)
     pipe = StableDiffusion3Pipeline(
         transformer=_meta_transformer(cfg),

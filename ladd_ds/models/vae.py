@@ -1,7 +1,6 @@
 """The SD3 VAE (diffusers AutoencoderKL): a local folder's `vae/`, or a tiny one built in code.
 
-Normalized latent space, as the transformer sees it: `(z - shift_factor) * scaling_factor`, with
-both numbers read from the VAE's config (SD3: 0.0609 and 1.5305).
+Encoding to and decoding from SD3's normalized latent space: ladd_ds.models.codec.VAECodec.
 """
 
 from __future__ import annotations
@@ -37,12 +36,3 @@ def load_vae(spec: str, latent_channels: int, seed: int = 0) -> AutoencoderKL:
     if not (folder / "vae" / "config.json").is_file():
         raise ValueError(f"VAE: {folder} has no vae/config.json; pass a diffusers SD3 folder or 'tiny'")
     return AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-
-
-@torch.no_grad()
-def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> normalized latents (B, C, H/8, W/8); the posterior mean, so a
-    sample is reproducible."""
-    z = vae.encode(images.to(vae.dtype)).latent_dist.mode()
-    shift = vae.config.shift_factor or 0.0
-    return (z - shift) * vae.config.scaling_factor

@@ -4,7 +4,8 @@
   DIR/transformer/            config.json + safetensors, loadable with
                               SD3Transformer2DModel.from_pretrained(DIR, subfolder="transformer")
   DIR/discriminator/          heads.safetensors + config.json (architecture and taps)
-  DIR/ladd_export.json        where it came from (run, step, EMA or not)
+  DIR/ladd_export.json        where it came from (run, step, EMA or not) and what sampling
+                              needs (text encoders, latent codec: see ladd_ds.sampling)
 on one CPU process, whatever the world size of the run. The folder appears atomically.
 """
 
@@ -50,6 +51,27 @@ def gather_ema(checkpoint: Path, state: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def _spec(spec: str) -> str:
+    """A model/codec spec as an absolute path when it names a folder, so the export can be used
+    from anywhere."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def sampling_info(cfg) -> dict:
+    """What `ladd-ds sample` needs besides the weights: the text encoders and latent codec the
+    training data were made with, and the student's trained input times."""
+    s = cfg.synth
+    return {
+        "teacher": _spec(cfg.model.teacher),
+        "text_encoders": _spec(s.text_encoders),
+        "drop_t5": s.drop_t5,
+        "max_t5_tokens": s.max_t5_tokens,
+        "seed": s.seed,
+        "codec": _spec(s.vae),
+        "student_timesteps": list(cfg.ladd.student_timesteps),
+    }
+
+
 def export_run(run_dir: Path, out: Path, step: int | None = None, ema: bool = False) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     config_file = run_dir / "config.yaml"
@@ -85,7 +107,13 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, ema: bool = Fa
         "taps": resolve_taps(cfg.discriminator.taps, teacher_config["num_layers"]),
     }
     (tmp / "discriminator" / "config.json").write_text(json.dumps(heads_config, indent=2))
-    info = {"run_dir": str(run_dir), "checkpoint": checkpoint.name, "step": int(checkpoint.name.split("-")[1]), "ema": ema}
+    info = {
+        "run_dir": str(run_dir),
+        "checkpoint": checkpoint.name,
+        "step": int(checkpoint.name.split("-")[1]),
+        "ema": ema,
+        "sampling": sampling_info(cfg),
+    }
     (tmp / "ladd_export.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)

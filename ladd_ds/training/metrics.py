@@ -14,6 +14,9 @@ class NullLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
+    def log_images(self, step: int, images: dict) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -37,6 +40,13 @@ class MetricLogger:
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def log_images(self, step: int, images: dict) -> None:
+        """images: tag -> (3, H, W) uint8 tensor."""
+        if self.writer is not None:
+            for tag, image in images.items():
+                self.writer.add_image(tag, image, step)
             self.writer.flush()
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from ladd_ds.training.build import (
     check_data_matches_model,
 )
 from ladd_ds.training.metrics import MetricLogger, NullLogger, truncate_after
+from ladd_ds.training.preview import SamplePreview
 
 
 def host_peak_rss_gib() -> float:
@@ -75,6 +76,7 @@ class LADDTrainer(LADDSteps):
         if is_main():
             self._write_resolved_configs()
         self._resume()
+        self.preview = SamplePreview(cfg, ds.device()) if cfg.logging.sample_every > 0 else None
         self.batches = iterate_forever(self.loader)
         self.last_sample_ids: list[int] = []
 
@@ -218,6 +220,8 @@ class LADDTrainer(LADDSteps):
                 if is_main():
                     bar.set_postfix(g=f"{metrics['loss/generator']:.3f}", d=f"{metrics['loss/discriminator']:.3f}")
                 self.logger.log(self.step, metrics)
+            if self.preview is not None and (self.step % cfg.logging.sample_every == 0 or self.step == max_steps):
+                self.logger.log_images(self.step, self.preview.grids(self.engines.student.module, self.dtype))
             if self.step % cfg.checkpoint.every == 0:
                 last_saved = self.save()
             if self.consecutive_skips >= cfg.health.max_consecutive_skips:

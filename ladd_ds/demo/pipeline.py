@@ -1,0 +1,260 @@
+"""`ladd-ds demo --out DIR`: the whole LADD pipeline on the colored-digits task, on a CPU.
+
+Stages (each skipped when its output is already complete, so an interrupted demo continues):
+  1. teacher     `ladd-ds pretrain-teacher` result, cached under --cache (keyed by its settings)
+  2. classifier  the evaluation's digit/color/place classifier, cached likewise
+  3. synth       `ladd-ds synth`: the teacher generates the LADD training latents (CFG)
+  4. train       `ladd-ds train --config configs/demo.yaml`: LADD (TensorBoard in the run dir)
+  5. export      `ladd-ds export`: the student as a diffusers folder
+  6. evaluate    teacher at 1..50 steps and student at 1, 2, 4 steps, 3 seeds each
+  7. report      DIR/report.md, DIR/fd_vs_steps.png, DIR/grids/*.png, DIR/eval.json
+Stages 3-5 run the real command-line tools as subprocesses, exactly as a user would.
+With --ablations, stages 3-6 are repeated for each ablation setting (a second table).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ladd_ds.demo import digits
+from ladd_ds.demo.pretrain import PretrainSettings
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+@dataclass
+class DemoSize:
+    pretrain_steps: int
+    classifier_steps: int
+    synth_prompts: int
+    train_steps: int
+    eval_prompts: int
+    num_real: int
+    seeds: list[int]
+    teacher_steps: list[int]  # the table needs 50 (or the largest), 4 and 1
+    teacher_cfg: float
+    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    grid_prompts: int = 8
+    grid_columns: int = 6
+    sample_every: int = 100
+
+
+SIZES = {
+    "full": DemoSize(
+        pretrain_steps=1500,
+        classifier_steps=1000,
+        synth_prompts=1024,
+        train_steps=300,
+        eval_prompts=192,
+        num_real=1000,
+        seeds=[0, 1, 2],
+        teacher_steps=[1, 2, 4, 8, 50],
+        teacher_cfg=3.0,
+    ),
+    # The test suite's version: every stage runs and produces its outputs, in minutes.
+    "test": DemoSize(
+        pretrain_steps=30,
+        classifier_steps=30,
+        synth_prompts=64,
+        train_steps=4,
+        eval_prompts=16,
+        num_real=64,
+        seeds=[0, 1, 2],
+        teacher_steps=[1, 4, 8],
+        teacher_cfg=3.0,
+        grid_prompts=2,
+        grid_columns=2,
+        sample_every=2,
+    ),
+}
+
+# Each ablation: a name, what it changes, and the `--set` overrides of the LADD run.
+ABLATIONS = [
+    ("real data", "trained on encoded real training images instead of teacher samples", {"data": "real"}),
+    ("re-noise m=-1", "ladd.renoise_m = -1", {"set": ["ladd.renoise_m=-1.0"]}),
+    ("re-noise m=0", "ladd.renoise_m = 0", {"set": ["ladd.renoise_m=0.0"]}),
+    ("heads on last block only", "discriminator.taps = [last block]", {"set": ["discriminator.taps=[LAST]"]}),
+    ("with distillation loss", "ladd.distill_weight = 1", {"set": ["ladd.distill_weight=1.0"]}),
+]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _run(args: list[str], log: Path) -> None:
+    """Run a ladd-ds command as a subprocess (the user's path), its output in `log`."""
+    cmd = [sys.executable, "-m", "ladd_ds", *args]
+    print(f"$ ladd-ds {' '.join(args)}   (log: {log})", flush=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"ladd-ds {args[0]} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+
+
+def write_prompt_file(path: Path, n: int, seed: int) -> Path:
+    """JSONL prompts with a bucket each (half per bucket) and labels drawn uniformly."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        h, w = digits.BUCKETS[i % len(digits.BUCKETS)]
+        lines.append(json.dumps({"prompt": digits.random_label(rng).prompt, "bucket": f"{h}x{w}"}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_real_images(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
+    """Rendered training-split images and captions, for `ladd-ds encode` (the real-data ablation)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = []
+    for i, (image, label, _) in enumerate(digits.make_samples(n, "train", seed=seed)):
+        name = f"{i:06d}.png"
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / name)
+        captions.append(json.dumps({"file": name, "caption": label.prompt}))
+    caption_file = folder.with_suffix(".jsonl")
+    caption_file.write_text("\n".join(captions) + "\n")
+    return folder, caption_file
+
+
+def make_data(data: Path, teacher: Path, size: DemoSize, kind: str) -> Path:
+    """The LADD training shards: teacher samples (`ladd-ds synth`) or, for the real-data
+    ablation, rendered training images (`ladd-ds encode`). Skipped when already complete."""
+    if (data / "manifest.json").is_file():
+        return data
+    data.parent.mkdir(parents=True, exist_ok=True)
+    common = _model_args(teacher)
+    if kind == "real":
+        images, captions = write_real_images(data.with_name(data.name + "_images"), size.synth_prompts, seed=7)
+        _run(
+            ["encode", *common, "--images", str(images), "--captions", str(captions), "--out", str(data)],
+            data.with_suffix(".log"),
+        )
+    else:
+        prompts = write_prompt_file(data.with_name(data.name + "_prompts.jsonl"), size.synth_prompts, seed=11)
+        _run(["synth", *common, "--prompts", str(prompts), "--out", str(data)], data.with_suffix(".log"))
+    return data
+
+
+def _model_args(teacher: Path) -> list[str]:
+    return ["--config", str(DEMO_CONFIG), "--set", f"model.teacher={teacher}", "--set", f"synth.text_encoders={teacher}"]
+
+
+def ladd_stage(work: Path, data: Path, teacher: Path, size: DemoSize, extra_sets: list[str]) -> Path:
+    """LADD training on `data`, then export; skipped when the export exists. Returns the export."""
+    run_dir, export = work / "run", work / "student"
+    if not (export / "ladd_export.json").is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        sets = [f"data.path={data}", f"run.run_dir={run_dir}", f"run.max_steps={size.train_steps}"]
+        sets += [f"logging.sample_every={size.sample_every}", *extra_sets]
+        _run(["train", *_model_args(teacher), *[a for s in sets for a in ("--set", s)]], work / "train.log")
+        _run(["export", "--run", str(run_dir), "--out", str(export)], work / "export.log")
+    return export
+
+
+def evaluate_models(teacher: Path, student: Path, size: DemoSize, evaluator, teacher_rows: bool = True) -> list[dict]:
+    from ladd_ds.sampling import load_sampling_model
+
+    rows = []
+    if teacher_rows:
+        tm = load_sampling_model(teacher)
+        for steps in sorted(size.teacher_steps, reverse=True):
+            print(f"evaluate: teacher {steps} steps, CFG {size.teacher_cfg}", flush=True)
+            rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, size.teacher_cfg, size.seeds).summary())
+    sm = load_sampling_model(student)
+    for steps in size.student_steps:
+        print(f"evaluate: LADD student {steps} steps", flush=True)
+        rows.append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, size.seeds).summary())
+    return rows
+
+
+def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list[Path]:
+    """One PNG per configuration: a row per prompt, one column per seed."""
+    from ladd_ds.ladd.noise import derive_seed
+    from ladd_ds.sampling import generate, load_sampling_model, save_samples
+
+    prompts = [digits.random_label(np.random.default_rng(99 + i)).prompt for i in range(size.grid_prompts)]
+    index = [i for i in range(len(prompts)) for _ in range(size.grid_columns)]
+    seeds = [derive_seed("grid", i, j) for i in range(len(prompts)) for j in range(size.grid_columns)]
+    tm, sm = load_sampling_model(teacher), load_sampling_model(student)
+    configs = [(tm, max(size.teacher_steps), size.teacher_cfg), (tm, 4, size.teacher_cfg)]
+    configs += [(sm, s, 1.0) for s in size.student_steps]
+    written = []
+    for model, steps, cfg in configs:
+        images, _ = generate(model, [prompts[i] for i in index], seeds, *digits.BUCKETS[0], steps=steps, cfg=cfg)
+        name = f"{model.kind}_{steps}steps"
+        written.append(save_samples(out / "grids" / name, images, index, seeds, prompts, rows=len(prompts))[0])
+    return written
+
+
+def run_demo(out: str | Path, cache: str | Path | None = None, size: str = "full", ablations: bool = False) -> Path:
+    from evaluation.demo_eval import DemoEvaluator, EvalPrompts
+    from evaluation.digit_classifier import cached_classifier
+    from ladd_ds.demo.pretrain import cached_teacher
+    from ladd_ds.demo.report import write_report
+    from ladd_ds.models.registry import resolve_model_config
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = SIZES[size]
+    cache = Path(cache or Path.home() / ".cache" / "ladd_ds")
+    timings: dict[str, float] = {}
+
+    t0 = time.time()
+    teacher, was_cached = cached_teacher(cache, replace(PretrainSettings(), steps=s.pretrain_steps))
+    timings["teacher (cached)" if was_cached else "teacher pretraining"] = time.time() - t0
+    t0 = time.time()
+    classifier, classifier_info = cached_classifier(cache, steps=s.classifier_steps)
+    timings["classifier"] = time.time() - t0
+
+    t0 = time.time()
+    data = make_data(out / "data" / "synthetic", teacher, s, "synthetic")
+    timings["synth"] = time.time() - t0
+    t0 = time.time()
+    student = ladd_stage(out / "main", data, teacher, s, [])
+    timings["LADD train + export"] = time.time() - t0
+
+    t0 = time.time()
+    evaluator = DemoEvaluator(classifier, EvalPrompts.draw(s.eval_prompts, seed=2024), num_real=s.num_real)
+    rows = evaluate_models(teacher, student, s, evaluator)
+    grids = write_grids(out, teacher, student, s)
+    timings["evaluation + grids"] = time.time() - t0
+
+    ablation_rows = []
+    if ablations:
+        t0 = time.time()
+        last_block = resolve_model_config(str(teacher))["num_layers"] - 1
+        for name, what, change in ABLATIONS:
+            kind = change.get("data", "synthetic")
+            ablation_data = make_data(out / "data" / kind, teacher, s, kind)
+            sets = [x.replace("LAST", str(last_block)) for x in change.get("set", [])]
+            export = ladd_stage(out / "ablations" / _slug(name), ablation_data, teacher, s, sets)
+            for row in evaluate_models(teacher, export, s, evaluator, teacher_rows=False):
+                if row["steps"] in (1, 4):
+                    ablation_rows.append({**row, "ablation": name, "change": what})
+        timings["ablations"] = time.time() - t0
+
+    results = {
+        "size": asdict(s),
+        "teacher": str(teacher),
+        "classifier": classifier_info,
+        "num_real": evaluator.num_real,
+        "rows": rows,
+        "ablations": ablation_rows,
+        "timings_s": timings,
+        "grids": [str(g.relative_to(out)) for g in grids],
+        "tensorboard": str((out / "main" / "run" / "tb").relative_to(out)),
+    }
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    return write_report(out, results)

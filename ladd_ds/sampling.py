@@ -1,0 +1,203 @@
+"""Sampling: the LADD student's few-step sampler and the teacher's Euler sampler with CFG.
+
+`ladd-ds sample --model M --prompts FILE --steps N [--cfg S] --seed K --out grid.png` loads M as
+- a `ladd-ds export` folder (ladd_export.json): a LADD student, sampled as in DESIGN.md 1.7;
+- a `ladd-ds train` run directory: its latest checkpoint, exported to a temporary folder first;
+- a diffusers SD3 folder (transformer/, text encoders, vae/ or a ladd_model.json naming the
+  latent codec): a teacher, sampled with diffusers' flow-matching Euler scheduler and CFG.
+and writes the PNG grid (one row per prompt) and an .npz next to it with the images (uint8,
+N x H x W x C), the prompt index and seed of each, and the prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ladd_ds.ladd.flow import add_noise, x0_from_velocity
+from ladd_ds.ladd.noise import derive_seed
+
+MODEL_INFO = "ladd_model.json"  # in a teacher folder without vae/: {"codec": ..., "shift": ...}
+EXPORT_INFO = "ladd_export.json"
+
+
+@dataclass
+class SamplingModel:
+    transformer: torch.nn.Module  # SD3Transformer2DModel
+    text: object  # ladd_ds.models.text_encoders.SD3TextEncoder
+    codec: object  # ladd_ds.models.codec codec
+    kind: str  # "student" (LADD sampler) or "teacher" (Euler + CFG)
+    shift: float = 3.0  # teacher schedule shift
+    info: dict = field(default_factory=dict)
+
+    @property
+    def factor(self) -> int:
+        return self.codec.factor
+
+
+def student_schedule(steps: int) -> list[float]:
+    """The student's input times for an N-step sample: 1, 1 - 1/N, ... (4 steps: 1, .75, .5, .25,
+    the paper's training set; 2 steps: 1, .5; 1 step: 1)."""
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    return [1.0 - i / steps for i in range(steps)]
+
+
+@torch.no_grad()
+def ladd_sample(model, embeds, pooled, noise: torch.Tensor, schedule: list[float], seeds: list[int]) -> torch.Tensor:
+    """DESIGN.md 1.7: start from noise at t = schedule[0], predict x0, re-noise it to the next t
+    with fresh noise (per sample, from its seed), repeat; no CFG. `model` is a FlowModel."""
+    x = noise
+    for k, t in enumerate(schedule):
+        tt = torch.full((x.shape[0],), t, device=x.device)
+        x0 = x0_from_velocity(x, model(x, tt, embeds, pooled), tt)  # (B, C, h, w)
+        if k + 1 == len(schedule):
+            return x0
+        fresh = torch.stack(
+            [torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(derive_seed(s, k, "renoise"))) for s in seeds]
+        ).to(x)
+        x = add_noise(x0, fresh, torch.full_like(tt, schedule[k + 1]))
+    return x
+
+
+def network_evaluations(kind: str, steps: int, cfg: float) -> int:
+    """Transformer calls per image: CFG doubles every teacher step (conditional + unconditional)."""
+    return steps * (2 if kind == "teacher" and cfg > 1.0 else 1)
+
+
+@torch.no_grad()
+def generate(
+    sm: SamplingModel, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, cfg: float, batch_size: int = 32
+) -> tuple[torch.Tensor, float]:
+    """Images (N, 3, H, W) in [0, 1] and the wall time in seconds (sampling + decoding)."""
+    from ladd_ds.data.synth import TeacherSampler, initial_noise
+    from ladd_ds.models.flow_model import FlowModel
+
+    device = next(sm.transformer.parameters()).device
+    if height % (sm.factor * 2) or width % (sm.factor * 2):
+        raise ValueError(f"size {height}x{width}: height and width must be multiples of {sm.factor * 2} (codec x patch)")
+    teacher = TeacherSampler(sm.transformer, sm.text, sm.shift, sm.factor) if sm.kind == "teacher" else None
+    student = FlowModel(sm.transformer) if sm.kind == "student" else None
+    channels = sm.transformer.config.in_channels
+    out = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
+        if teacher is not None:
+            latents = teacher.sample(p, s, height, width, device, steps, cfg)
+        else:
+            embeds, pooled = sm.text.encode_full(p, device)
+            noise = initial_noise(s, channels, height // sm.factor, width // sm.factor).to(device)
+            latents = ladd_sample(student, embeds, pooled, noise, student_schedule(steps), s)
+        out.append(((sm.codec.decode(latents.float()) + 1.0) / 2.0).clamp(0, 1).cpu())
+    return torch.cat(out), time.perf_counter() - start
+
+
+def _text_encoder(spec: str, preset_or_folder: str, drop_t5: bool, max_t5_tokens: int, seed: int):
+    from ladd_ds.models.text_encoders import build_tiny_text_encoders, load_sd3_text_encoders
+
+    if spec == "tiny":
+        return build_tiny_text_encoders(preset_or_folder, seed=seed, drop_t5=drop_t5, max_t5_tokens=max_t5_tokens)
+    text = load_sd3_text_encoders(spec, drop_t5=drop_t5)
+    text.max_t5_tokens = max_t5_tokens
+    return text
+
+
+def load_sampling_model(spec: str | Path, device="cpu") -> SamplingModel:
+    from diffusers import SD3Transformer2DModel
+
+    from ladd_ds.models.codec import load_codec
+
+    folder = Path(spec)
+    if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
+        from ladd_ds.training.export import export_run
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_sampling_model(export_run(folder, Path(tmp) / "student"), device)
+    if not (folder / "transformer" / "config.json").is_file():
+        raise ValueError(f"--model {spec}: expected a ladd-ds export, a ladd-ds run directory or a diffusers SD3 folder")
+    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").to(device).eval()
+    channels = transformer.config.in_channels
+    if (folder / EXPORT_INFO).is_file():  # a LADD student
+        info = json.loads((folder / EXPORT_INFO).read_text())
+        s = info.get("sampling")
+        if s is None:
+            raise ValueError(f"{folder / EXPORT_INFO} has no 'sampling' entry: re-export the run with this version")
+        text = _text_encoder(s["text_encoders"], s["teacher"], s["drop_t5"], s["max_t5_tokens"], s["seed"])
+        codec = load_codec(s["codec"], channels, seed=s["seed"])
+        return SamplingModel(transformer, text.to(device), codec.to(device), "student", info=info)
+    info = json.loads((folder / MODEL_INFO).read_text()) if (folder / MODEL_INFO).is_file() else {}
+    if "codec" not in info and not (folder / "vae").is_dir():
+        raise ValueError(f"{folder}: no vae/ and no {MODEL_INFO} naming a latent codec; cannot decode images")
+    drop_t5 = not (folder / "text_encoder_3").is_dir()
+    text = _text_encoder(str(folder), str(folder), drop_t5, info.get("max_t5_tokens", 256), 0)
+    codec = load_codec(info.get("codec", str(folder)), channels)
+    return SamplingModel(transformer, text.to(device), codec.to(device), "teacher", shift=info.get("shift", 3.0), info=info)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, rows: int, pad: int = 2) -> np.ndarray:
+    """(N, 3, H, W) -> one (rows*(H+pad), cols*(W+pad), 3) uint8 picture, row-major."""
+    n, _, h, w = images.shape
+    cols = -(-n // rows)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 64, dtype=np.uint8)
+    for i, im in enumerate(to_uint8(images)):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
+    return grid
+
+
+def save_samples(out: Path, images: torch.Tensor, prompt_index: list[int], seeds: list[int], prompts: list[str], rows: int):
+    """out.png (grid, `rows` rows) and out.npz, each written to a temporary name first."""
+    from PIL import Image
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png, npz = out.with_suffix(".png"), out.with_suffix(".npz")
+    tmp_png, tmp_npz = png.with_name(f".{png.name}.tmp.png"), npz.with_name(f".{npz.stem}.tmp.npz")
+    Image.fromarray(image_grid(images, rows)).save(tmp_png)
+    np.savez_compressed(
+        tmp_npz, images=to_uint8(images), prompt_index=np.array(prompt_index), seeds=np.array(seeds), prompts=np.array(prompts)
+    )
+    tmp_png.replace(png)
+    tmp_npz.replace(npz)
+    return png, npz
+
+
+def run_sample(
+    model: str, prompts_file: str, steps: int, cfg: float | None, seed: int, out: str, per_prompt: int, size: str | None
+):
+    from ladd_ds.data.prompts import parse_bucket
+
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    prompts = [json.loads(ln)["prompt"] for ln in lines] if path.suffix == ".jsonl" else lines
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts")
+    sm = load_sampling_model(model)
+    if cfg is None:
+        cfg = 1.0 if sm.kind == "student" else 4.0
+    if sm.kind == "student" and cfg != 1.0:
+        raise ValueError("--cfg: the LADD student samples without guidance (DESIGN.md 1.7); leave --cfg unset or 1")
+    sample_size = sm.transformer.config.sample_size * sm.factor
+    height, width = parse_bucket(size) if size else (sample_size, sample_size)
+    index = [i for i in range(len(prompts)) for _ in range(per_prompt)]
+    seeds = [derive_seed(seed, i, j) for i in range(len(prompts)) for j in range(per_prompt)]
+    images, seconds = generate(sm, [prompts[i] for i in index], seeds, height, width, steps, cfg)
+    png, npz = save_samples(Path(out), images, index, seeds, prompts, rows=len(prompts))
+    nfe = network_evaluations(sm.kind, steps, cfg)
+    print(f"{sm.kind}: {len(images)} images {height}x{width}, {steps} steps, CFG {cfg}, {nfe} NFE/image, "
+          f"{1000 * seconds / len(images):.1f} ms/image -> {png}, {npz}")  # fmt: skip
+    return png, npz

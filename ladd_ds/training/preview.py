@@ -1,0 +1,46 @@
+"""Sample grids in TensorBoard during training (`logging.sample_every`).
+
+Every rank runs the same student forwards (a ZeRO-3 module needs all ranks in every forward);
+the main rank logs one grid per step count: a row per prompt of `logging.sample_prompts`, at the
+size of the first synth bucket, with fixed noise so the grids of successive steps compare.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ladd_ds.config import Config
+from ladd_ds.data.synth import initial_noise, load_text_encoder
+from ladd_ds.models.codec import load_codec
+from ladd_ds.models.registry import resolve_model_config
+from ladd_ds.sampling import image_grid, ladd_sample, student_schedule
+
+PREVIEW_STEPS = (1, 4)
+
+
+class SamplePreview:
+    def __init__(self, cfg: Config, device: torch.device):
+        model_cfg = resolve_model_config(cfg.model.student or cfg.model.teacher)
+        self.text = load_text_encoder(cfg, device)
+        self.codec = load_codec(cfg.synth.vae, model_cfg["in_channels"], seed=cfg.synth.seed).to(device)
+        self.prompts = list(cfg.logging.sample_prompts or [])
+        height, width = cfg.synth.buckets[0]
+        shape = (model_cfg["in_channels"], height // self.codec.factor, width // self.codec.factor)
+        self.seeds = list(range(len(self.prompts)))
+        self.noise = initial_noise(self.seeds, *shape).to(device)
+        self.embeds, self.pooled = self.text.encode_full(self.prompts, device)
+
+    @torch.no_grad()
+    def grids(self, student: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{"samples/student_Nstep": (3, H, W) uint8} for every preview step count."""
+        was_training = student.training
+        student.eval()
+        out = {}
+        for steps in PREVIEW_STEPS:
+            latents = ladd_sample(
+                student, self.embeds.to(dtype), self.pooled.to(dtype), self.noise.to(dtype), student_schedule(steps), self.seeds
+            )
+            images = ((self.codec.decode(latents.float()) + 1.0) / 2.0).clamp(0, 1).cpu()
+            out[f"samples/student_{steps}step"] = torch.from_numpy(image_grid(images, rows=len(self.prompts))).permute(2, 0, 1)
+        student.train(was_training)
+        return out
