@@ -183,7 +183,12 @@ def run_sample(
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    prompts = [json.loads(ln)["prompt"] for ln in lines] if path.suffix == ".jsonl" else lines
+    prompts = lines
+    if path.suffix == ".jsonl":
+        try:
+            prompts = [json.loads(ln)["prompt"] for ln in lines]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: every line must be a JSON object with a 'prompt' ({e})") from None
     if not prompts:
         raise ValueError(f"prompt file {path} has no prompts")
     sm = load_sampling_model(model)

@@ -6,19 +6,19 @@ import re
 from dataclasses import replace
 
 import pytest
-import torch
 
 from evaluation.digit_classifier import accuracy, held_out_set, train_classifier
 from ladd_ds.cli import main
 from ladd_ds.demo import digits
-from ladd_ds.demo.pipeline import SIZES
+from ladd_ds.demo.pipeline import ABLATIONS, SIZES
 from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out / "run"), "--cache", str(out / "cache"), "--size", "test"]) == 0
+    args = ["demo", "--out", str(out / "run"), "--cache", str(out / "cache"), "--size", "test", "--ablations"]
+    assert main(args) == 0
     return out
 
 
@@ -59,6 +59,19 @@ def test_report_numbers_come_from_the_evaluation(demo):
         assert cells[4] == f"{row['alignment']:.3f} ± {row['alignment_std']:.3f}"
 
 
+def test_ablations_each_get_rows(demo):
+    results = json.loads((demo / "run" / "eval.json").read_text())
+    names = [a[0] for a in ABLATIONS]
+    for name in names:
+        rows = [r for r in results["ablations"] if r["ablation"] == name]
+        assert sorted(r["steps"] for r in rows) == [1, 4] and all(r["finite"] for r in rows), name
+    report = (demo / "run" / "report.md").read_text()
+    assert "## Ablations" in report and all(f"| {name} | 1 |" in report for name in names)
+    # Each ablation really ran with its setting.
+    config = (demo / "run" / "ablations" / "re_noise_m_0" / "run" / "config.yaml").read_text()
+    assert "renoise_m: 0.0" in config
+
+
 def test_second_demo_run_reuses_the_cached_teacher(demo):
     timings = json.loads((demo / "run" / "eval.json").read_text())["timings_s"]
     assert "teacher pretraining" in timings  # the first run trained it
@@ -69,10 +82,9 @@ def test_second_demo_run_reuses_the_cached_teacher(demo):
 
 def test_classifier_reads_held_out_digits():
     """Alignment means something only if the judge is right on real images it never saw."""
-    torch.manual_seed(0)
-    model, info = train_classifier(steps=600)
+    model, _ = train_classifier(steps=SIZES["full"].classifier_steps)  # what the full demo uses
     for bucket in digits.BUCKETS:
-        images, labels = held_out_set(500, seed=99, bucket=bucket)
+        images, labels = held_out_set(500, seed=99, bucket=bucket)  # other held-out draws than its own check
         acc = accuracy(model, images, labels)
         assert acc["color"] > 0.98 and acc["place"] > 0.98, acc
-        assert acc["digit"] > 0.85, acc
+        assert acc["digit"] > 0.88, acc  # chance: 0.10

@@ -49,7 +49,7 @@ class DemoSize:
 
 SIZES = {
     "full": DemoSize(
-        pretrain_steps=1500,
+        pretrain_steps=3000,
         classifier_steps=1000,
         synth_prompts=1024,
         train_steps=300,
@@ -82,7 +82,7 @@ ABLATIONS = [
     ("re-noise m=-1", "ladd.renoise_m = -1", {"set": ["ladd.renoise_m=-1.0"]}),
     ("re-noise m=0", "ladd.renoise_m = 0", {"set": ["ladd.renoise_m=0.0"]}),
     ("heads on last block only", "discriminator.taps = [last block]", {"set": ["discriminator.taps=[LAST]"]}),
-    ("with distillation loss", "ladd.distill_weight = 1", {"set": ["ladd.distill_weight=1.0"]}),
+    ("without distillation loss", "ladd.distill_weight = 0", {"set": ["ladd.distill_weight=0.0"]}),
 ]
 
 
@@ -119,7 +119,10 @@ def write_real_images(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     captions = []
-    for i, (image, label, _) in enumerate(digits.make_samples(n, "train", seed=seed)):
+    per_bucket = [
+        digits.make_samples(n // len(digits.BUCKETS), "train", seed=seed + k, bucket=b) for k, b in enumerate(digits.BUCKETS)
+    ]
+    for i, (image, label, _) in enumerate(s for samples in per_bucket for s in samples):  # as many per bucket as synth
         name = f"{i:06d}.png"
         Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / name)
         captions.append(json.dumps({"file": name, "caption": label.prompt}))
@@ -234,6 +237,10 @@ def run_demo(out: str | Path, cache: str | Path | None = None, size: str = "full
     ablation_rows = []
     if ablations:
         t0 = time.time()
+        baseline = "baseline (configs/demo.yaml)"
+        ablation_rows += [
+            {**r, "ablation": baseline, "change": "none"} for r in rows if r["kind"] == "student" and r["steps"] in (1, 4)
+        ]
         last_block = resolve_model_config(str(teacher))["num_layers"] - 1
         for name, what, change in ABLATIONS:
             kind = change.get("data", "synthetic")
