@@ -27,6 +27,7 @@ setup(
         "torchmetrics",
         "scikit-learn",  # the demo's data: its bundled 8x8 digits
         "pillow",
+        "matplotlib",  # the demo report's FD-vs-steps plot
     ],
     extras_require={"dev": ["pytest"]},
     entry_points={"console_scripts": ["ladd-ds=ladd_ds.cli:main"]},

@@ -15,6 +15,7 @@ With --ablations, stages 3-6 are repeated for each ablation setting (a second ta
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from ladd_ds.demo.pretrain import PretrainSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 @dataclass
@@ -94,8 +96,11 @@ def _run(args: list[str], log: Path) -> None:
     """Run a ladd-ds command as a subprocess (the user's path), its output in `log`."""
     cmd = [sys.executable, "-m", "ladd_ds", *args]
     print(f"$ ladd-ds {' '.join(args)}   (log: {log})", flush=True)
+    # Each stage is its own one-process job: drop rendezvous variables of any enclosing job (an
+    # inherited MASTER_PORT that this process already listens on fails with EADDRINUSE).
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"ladd-ds {args[0]} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
