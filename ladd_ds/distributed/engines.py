@@ -6,6 +6,7 @@ behaviour the layout below depends on (checked with deepspeed 0.19.8, CPU + gloo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -49,6 +50,16 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+    if not torch.cuda.is_available():
+        atexit.register(_remove_shm_buffers, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"])
+
+
+def _remove_shm_buffers(addr: str, port: str, rank: str) -> None:
+    """DeepSpeed's CPU comm op creates /dev/shm/deepspeed_allreduce_buffer_<i>_<addr>_<port>_<rank>
+    (~66 MB each) and never unlinks them; runs pile up until /dev/shm fills the machine's memory.
+    Each rank removes its own at exit (a name can be unlinked while other ranks still map it)."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        path.unlink(missing_ok=True)
 
 
 def device() -> torch.device:
