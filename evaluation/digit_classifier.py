@@ -134,9 +134,13 @@ def load_classifier(folder: Path) -> tuple[DigitClassifier, dict]:
     return model.eval(), json.loads((folder / INFO).read_text())
 
 
+def classifier_folder(cache_dir: str | Path, steps: int = 1500, seed: int = 0) -> Path:
+    return Path(cache_dir) / f"demo-classifier-s{steps}-seed{seed}"
+
+
 def cached_classifier(cache_dir: str | Path, steps: int = 1500, seed: int = 0) -> tuple[DigitClassifier, dict]:
     """The classifier from the cache, trained (and cached) first if absent."""
-    folder = Path(cache_dir) / f"demo-classifier-s{steps}-seed{seed}"
+    folder = classifier_folder(cache_dir, steps, seed)
     if (folder / INFO).is_file():
         return load_classifier(folder)
     model, info = train_classifier(steps=steps, seed=seed)

@@ -8,8 +8,8 @@ import sys
 from ladd_ds.config import ConfigError, load_config
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="LADD training (also under `deepspeed --module ladd_ds train`)")
+def _train_parser(sub, name: str = "train", help: str = "LADD training (also under `deepspeed --module ladd_ds train`)") -> None:
+    p = sub.add_parser(name, help=help)
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny_cpu.yaml")
     p.add_argument("--run-dir", help="run directory (default: run.run_dir of the config)")
     p.add_argument("--max-steps", type=int, help="override run.max_steps")
@@ -20,6 +20,19 @@ def _train_parser(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    from ladd_ds.training.build import dry_run
+    from ladd_ds.training.trainer import LADDTrainer
+
+    return _run_trainer(args, LADDTrainer, dry_run)
+
+
+def cmd_dpo(args) -> int:
+    from ladd_ds.dpo.trainer import DPOTrainer, dpo_dry_run
+
+    return _run_trainer(args, DPOTrainer, dpo_dry_run)
+
+
+def _run_trainer(args, trainer_class, dry_run) -> int:
     overrides = list(args.set)
     if args.run_dir:
         overrides.append(f"run.run_dir={args.run_dir}")
@@ -30,17 +43,16 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides)
 
     from ladd_ds.distributed.ranks import print0, world_size
-    from ladd_ds.training.build import dry_run
-    from ladd_ds.training.trainer import LADDTrainer, TrainingHealthError
+    from ladd_ds.training.trainer import TrainingHealthError
 
     if args.dry_run:
         print(dry_run(cfg, args.world_size or world_size()))
         return 0
-    trainer = LADDTrainer(cfg, cfg.run.run_dir)
+    trainer = trainer_class(cfg, cfg.run.run_dir)
     try:
         trainer.fit(cfg.run.max_steps)
     except TrainingHealthError as e:
-        print0(f"ladd-ds train: stopped: {e}")
+        print0(f"ladd-ds {args.command}: stopped: {e}")
         return 3
     finally:
         trainer.close()
@@ -49,17 +61,19 @@ def cmd_train(args) -> int:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="export the student (diffusers folder) and heads from a run's checkpoint")
-    p.add_argument("--run", required=True, help="run directory of a ladd-ds train run")
+    p = sub.add_parser("export", help="export a LADD student (and heads) or a DPO LoRA/model from a run's checkpoint")
+    p.add_argument("--run", required=True, help="run directory of a ladd-ds train or dpo run")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of the student")
+    p.add_argument("--lora", default=None, help="LADD run: fold this LoRA folder (e.g. a DPO export's lora/) into the student")
+    p.add_argument("--merge", action="store_true", help="DPO run: also write the model with its LoRA folded in")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
 
 
 def cmd_export(args) -> int:
     from ladd_ds.training.export import export_run
 
-    out = export_run(args.run, args.out, step=args.step, ema=args.ema)
+    out = export_run(args.run, args.out, step=args.step, ema=args.ema, lora=args.lora, merge=args.merge)
     print(f"exported to {out}")
     return 0
 
@@ -115,13 +129,36 @@ def _sample_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (one grid row per prompt)")
     p.add_argument("--size", default=None, help="HxW in pixels (default: the model's sample size)")
+    p.add_argument("--lora", default=None, help="apply this LoRA folder (e.g. a DPO export's lora/) to the model")
     p.add_argument("--out", required=True, help="output path: writes OUT.png (grid) and OUT.npz (images, prompt index)")
 
 
 def cmd_sample(args) -> int:
     from ladd_ds.sampling import run_sample
 
-    run_sample(args.model, args.prompts, args.steps, args.cfg, args.seed, args.out, args.per_prompt, args.size)
+    run_sample(args.model, args.prompts, args.steps, args.cfg, args.seed, args.out, args.per_prompt, args.size, args.lora)
+    return 0
+
+
+def _pairs_parser(sub) -> None:
+    p = sub.add_parser("pairs", help="preference pairs for DPO: sample K images per prompt and rank them, or import a set")
+    _config_args(p)
+    p.add_argument("--out", help="output directory (default: pairs.out)")
+    p.add_argument("--import-pairs", default=None, help="JSONL {prompt, winner, loser} of an existing preference set")
+    p.add_argument("--images", default=None, help="with --import-pairs: the folder of its images")
+
+
+def cmd_pairs(args) -> int:
+    from ladd_ds.dpo.pairs import import_pairs, make_pairs
+
+    cfg = load_config(args.config, args.set)
+    if args.import_pairs:
+        if not args.images:
+            raise ValueError("--import-pairs needs --images DIR (the folder of the winner/loser images)")
+        summary = import_pairs(cfg, args.import_pairs, args.images, args.out)
+    else:
+        summary = make_pairs(cfg, args.out)
+    print(f"pairs: {summary['pairs']} written to {args.out or cfg.pairs.out}")
     return 0
 
 
@@ -150,12 +187,15 @@ def _demo_parser(sub) -> None:
     )
     p.add_argument("--size", choices=["full", "test"], default="full", help="'test': a few-minute version for the test suite")
     p.add_argument("--ablations", action="store_true", help="also run the ablation rows (each a LADD run + evaluation)")
+    p.add_argument(
+        "--dpo", action="store_true", help="also run the DPO recipe: DPO-LoRA on the teacher, LADD from it, LoRA on the student"
+    )
 
 
 def cmd_demo(args) -> int:
     from ladd_ds.demo.pipeline import run_demo
 
-    report = run_demo(args.out, cache=args.cache, size=args.size, ablations=args.ablations)
+    report = run_demo(args.out, cache=args.cache, size=args.size, ablations=args.ablations, dpo=args.dpo)
     print(f"report: {report}")
     return 0
 
@@ -166,25 +206,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _train_parser(sub, "dpo", "Diffusion-DPO of model.teacher on preference pairs (LoRA or full; under deepspeed too)")
     _export_parser(sub)
     _synth_parser(sub)
     _encode_parser(sub)
     _sample_parser(sub)
+    _pairs_parser(sub)
     _pretrain_parser(sub)
     _demo_parser(sub)
     args = parser.parse_args(argv)
     commands = {
         "train": cmd_train,
+        "dpo": cmd_dpo,
         "export": cmd_export,
         "synth": cmd_synth,
         "encode": cmd_encode,
         "sample": cmd_sample,
+        "pairs": cmd_pairs,
         "pretrain-teacher": cmd_pretrain,
         "demo": cmd_demo,
     }
     try:
         return commands[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         # Bad input: one clear line instead of a traceback.
         print(f"ladd-ds {args.command}: error: {e}", file=sys.stderr)
         return 2

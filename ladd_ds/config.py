@@ -155,6 +155,58 @@ class SynthConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank (adapter scale 1)
+    # Module name suffixes inside the transformer blocks; None = every attention projection of
+    # both streams (ladd_ds.dpo.lora.ATTENTION_TARGETS).
+    targets: list[str] | None = None
+    mlp: bool = False  # also adapt the feed-forward layers
+    dropout: float = 0.0
+
+
+@dataclass
+class DPOConfig:
+    """`ladd-ds dpo`: Diffusion-DPO of model.teacher on preference pairs at data.path."""
+
+    # "lora": train LoRA adapters, the reference is the same weights with adapters off;
+    # "full": train every weight, the reference is a frozen copy (deepspeed.teacher_config).
+    mode: Literal["lora", "full"] = "lora"
+    # Scale of the implicit reward. Epsilon-prediction values (2500-5000) do not transfer to
+    # velocity errors; tune it per model and data (DESIGN.md section 1).
+    beta: float = 1000.0
+    lr: float = 1e-4
+    # Training-time t ~ sigmoid(t_mean + t_std * n): SD3's logit-normal(0, 1) by default.
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class PairsConfig:
+    """`ladd-ds pairs`: sample K images per prompt from a model, rank them with a scorer and keep
+    the best and the worst as a preference pair."""
+
+    model: str | None = None  # what `ladd-ds sample --model` takes; None = model.teacher
+    prompts: str | None = None  # text file, one prompt per line
+    out: str = "data/pairs"
+    samples_per_prompt: int = 4  # K
+    steps: int = 28
+    guidance_scale: float = 5.0
+    height: int = 128  # pixels
+    width: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    # "package.module:callable" building the scorer, called with `scorer_args` as keyword
+    # arguments; the scorer maps (images (N, 3, H, W) in [0, 1], prompts) to N scores, higher
+    # is better (ladd_ds.dpo.pairs.Scorer).
+    scorer: str | None = None
+    scorer_args: dict[str, Any] = field(default_factory=dict)
+    # Pairs whose scores differ by less than this are dropped (no clear preference).
+    min_score_gap: float = 0.0
+
+
+@dataclass
 class HealthConfig:
     # A step whose loss or gradient norm is not finite on any rank is skipped on every rank
     # (DeepSpeed's overflow check); after this many skips in a row the run saves and stops.
@@ -176,6 +228,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +257,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path}: expected a mapping with string keys, got {value!r}")
+        return {k: _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
@@ -315,6 +373,20 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"synth.bucket_weights: {len(sy.bucket_weights)} weights for {len(sy.buckets)} synth.buckets")
     if sy.batch_size < 1 or sy.part_size < 1 or sy.num_steps < 1:
         raise ConfigError("synth.batch_size, synth.part_size and synth.num_steps must be >= 1")
+    d = cfg.dpo
+    if d.beta <= 0 or d.lr <= 0 or d.t_std <= 0:
+        raise ConfigError("dpo.beta, dpo.lr and dpo.t_std must be > 0")
+    if d.lora.rank < 1 or (d.lora.alpha is not None and d.lora.alpha <= 0) or not 0.0 <= d.lora.dropout < 1.0:
+        raise ConfigError("dpo.lora: rank >= 1, alpha > 0 (or null) and 0 <= dropout < 1")
+    if d.lora.targets is not None and not d.lora.targets:
+        raise ConfigError("dpo.lora.targets: name at least one module, or null for every attention projection")
+    pr = cfg.pairs
+    if pr.samples_per_prompt < 2:
+        raise ConfigError("pairs.samples_per_prompt: need at least 2 samples to make a pair")
+    if pr.steps < 1 or pr.batch_size < 1 or pr.min_score_gap < 0:
+        raise ConfigError("pairs.steps and pairs.batch_size must be >= 1, pairs.min_score_gap >= 0")
+    if pr.scorer is not None and ":" not in pr.scorer:
+        raise ConfigError(f"pairs.scorer: {pr.scorer!r} should read 'package.module:callable'")
     taps = cfg.discriminator.taps
     if taps is not None and (not taps or len(set(taps)) != len(taps) or min(taps) < 0):
         raise ConfigError("discriminator.taps: distinct block indices >= 0, or null for all blocks")

@@ -71,11 +71,17 @@ def network_evaluations(kind: str, steps: int, cfg: float) -> int:
     return steps * (2 if kind == "teacher" and cfg > 1.0 else 1)
 
 
+def decode_images(codec, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images (N, 3, H, W) in [0, 1] on the CPU (codecs decode to [-1, 1])."""
+    return ((codec.decode(latents.float()) + 1.0) / 2.0).clamp(0, 1).cpu()
+
+
 @torch.no_grad()
-def generate(
+def sample_latents(
     sm: SamplingModel, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, cfg: float, batch_size: int = 32
-) -> tuple[torch.Tensor, float]:
-    """Images (N, 3, H, W) in [0, 1] and the wall time in seconds (sampling + decoding)."""
+) -> torch.Tensor:
+    """Latents (N, C, H/f, W/f) of `prompts`, one per seed: the student's sampler or the
+    teacher's Euler sampler with CFG, depending on `sm.kind`."""
     from ladd_ds.data.synth import TeacherSampler, initial_noise
     from ladd_ds.models.flow_model import FlowModel
 
@@ -86,17 +92,24 @@ def generate(
     student = FlowModel(sm.transformer) if sm.kind == "student" else None
     channels = sm.transformer.config.in_channels
     out = []
-    start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
         if teacher is not None:
-            latents = teacher.sample(p, s, height, width, device, steps, cfg)
+            out.append(teacher.sample(p, s, height, width, device, steps, cfg))
         else:
             embeds, pooled = sm.text.encode_full(p, device)
             noise = initial_noise(s, channels, height // sm.factor, width // sm.factor).to(device)
-            latents = ladd_sample(student, embeds, pooled, noise, student_schedule(steps), s)
-        out.append(((sm.codec.decode(latents.float()) + 1.0) / 2.0).clamp(0, 1).cpu())
-    return torch.cat(out), time.perf_counter() - start
+            out.append(ladd_sample(student, embeds, pooled, noise, student_schedule(steps), s))
+    return torch.cat(out)
+
+
+def generate(
+    sm: SamplingModel, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, cfg: float, batch_size: int = 32
+) -> tuple[torch.Tensor, float]:
+    """Images (N, 3, H, W) in [0, 1] and the wall time in seconds (sampling + decoding)."""
+    start = time.perf_counter()
+    images = decode_images(sm.codec, sample_latents(sm, prompts, seeds, height, width, steps, cfg, batch_size))
+    return images, time.perf_counter() - start
 
 
 def _text_encoder(spec: str, preset_or_folder: str, drop_t5: bool, max_t5_tokens: int, seed: int):
@@ -110,6 +123,7 @@ def _text_encoder(spec: str, preset_or_folder: str, drop_t5: bool, max_t5_tokens
 
 
 def load_sampling_model(spec: str | Path, device="cpu") -> SamplingModel:
+    """The model, text encoders and latent codec `spec` names (see the module docstring)."""
     from diffusers import SD3Transformer2DModel
 
     from ladd_ds.models.codec import load_codec
@@ -175,7 +189,15 @@ def save_samples(out: Path, images: torch.Tensor, prompt_index: list[int], seeds
 
 
 def run_sample(
-    model: str, prompts_file: str, steps: int, cfg: float | None, seed: int, out: str, per_prompt: int, size: str | None
+    model: str,
+    prompts_file: str,
+    steps: int,
+    cfg: float | None,
+    seed: int,
+    out: str,
+    per_prompt: int,
+    size: str | None,
+    lora: str | None = None,
 ):
     from ladd_ds.data.prompts import parse_bucket
 
@@ -192,6 +214,10 @@ def run_sample(
     if not prompts:
         raise ValueError(f"prompt file {path} has no prompts")
     sm = load_sampling_model(model)
+    if lora is not None:
+        from ladd_ds.dpo.lora import load_lora
+
+        load_lora(sm.transformer, lora, merge=True)
     if cfg is None:
         cfg = 1.0 if sm.kind == "student" else 4.0
     if sm.kind == "student" and cfg != 1.0:

@@ -17,7 +17,7 @@ from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    args = ["demo", "--out", str(out / "run"), "--cache", str(out / "cache"), "--size", "test", "--ablations"]
+    args = ["demo", "--out", str(out / "run"), "--cache", str(out / "cache"), "--size", "test", "--ablations", "--dpo"]
     assert main(args) == 0
     return out
 
@@ -70,6 +70,24 @@ def test_ablations_each_get_rows(demo):
     # Each ablation really ran with its setting.
     config = (demo / "run" / "ablations" / "re_noise_m_0" / "run" / "config.yaml").read_text()
     assert "renoise_m: 0.0" in config
+
+
+def test_dpo_recipe_runs_every_stage_and_reports(demo):
+    run = demo / "run"
+    pairs = json.loads((run / "dpo" / "pairs" / "pairs.json").read_text())
+    assert pairs["pairs"] + pairs["dropped_ties"] == SIZES["test"].dpo_prompts and pairs["mean_score_gap"] > 0
+    assert (run / "dpo" / "export" / "lora" / "adapter_config.json").is_file()
+    assert (run / "dpo" / "export" / "transformer" / "config.json").is_file()  # the merged teacher
+    lora_export = json.loads((run / "dpo" / "ladd" / "student_lora" / "ladd_export.json").read_text())
+    assert lora_export["lora_merged"].endswith("lora")
+    train_config = (run / "dpo" / "ladd" / "run" / "config.yaml").read_text()
+    assert str(run / "dpo" / "export") in train_config  # LADD distilled the DPO'd teacher
+    results = json.loads((run / "eval.json").read_text())
+    models = [r["model"] for r in results["dpo"]]
+    assert models.count("teacher + DPO-LoRA") == 1 and models.count("... + DPO-LoRA (recipe)") == 2
+    assert all(r["finite"] for r in results["dpo"])
+    report = (run / "report.md").read_text()
+    assert "## DPO recipe" in report and "Teacher alignment at" in report
 
 
 def test_second_demo_run_reuses_the_cached_teacher(demo):

@@ -18,9 +18,7 @@ import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
-from ladd_ds.data.schema import validate_mds_dir
-
-_TENSOR_COLUMNS = ("latent", "prompt_embeds", "pooled")
+from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
 
 
 class LatentDataset(StreamingDataset):
@@ -30,21 +28,24 @@ class LatentDataset(StreamingDataset):
     sample, so per-sample noise derived from it does not depend on the world size.
     """
 
-    def __init__(self, *, dtype: torch.dtype = torch.float32, **kwargs: Any) -> None:
+    def __init__(self, *, dtype: torch.dtype = torch.float32, layout: Layout = LATENTS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dtype = dtype
+        self.tensor_columns = (*layout.latent_columns, "prompt_embeds", "pooled")
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         # get_item (not __getitem__) is what both indexing and iteration end in, with the
         # index already made non-negative.
         raw = super().get_item(sample_id, retry)
-        sample = {k: torch.tensor(raw[k], dtype=self.dtype) for k in _TENSOR_COLUMNS}
+        sample = {k: torch.tensor(raw[k], dtype=self.dtype) for k in self.tensor_columns}
         sample["sample_id"] = int(sample_id)
         sample["prompt"] = raw["prompt"]
         return sample
 
 
-def collate(samples: list[dict[str, Any]], text_len: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    samples: list[dict[str, Any]], text_len: int | None = None, latent_columns: tuple[str, ...] = ("latent",)
+) -> dict[str, torch.Tensor]:
     """Stack samples into a dict of tensors, padding the variable-length text.
 
     `prompt_embeds` is zero-padded to the longest in the batch, or padded/truncated (keeping the
@@ -54,14 +55,15 @@ def collate(samples: list[dict[str, Any]], text_len: int | None = None) -> dict[
     the batch, and a dict of equal-length tensors keeps that count right. Prompt strings are
     dropped; look one up with `loader.dataset[sample_id]['prompt']` when logging.
     """
-    latents = [s["latent"] for s in samples]
-    if any(x.shape != latents[0].shape for x in latents):
-        shapes = {s["sample_id"]: tuple(s["latent"].shape) for s in samples}
-        raise ValueError(
-            f"Latents of different shapes in one batch (sample_id: shape) {shapes}. "
-            f"Put each aspect bucket in its own Stream and use "
-            f"batching_method='per_stream'."
-        )
+    first_shape = samples[0][latent_columns[0]].shape
+    for column in latent_columns:
+        if any(s[column].shape != first_shape for s in samples):
+            shapes = {s["sample_id"]: tuple(s[column].shape) for s in samples}
+            raise ValueError(
+                f"Latents ({column!r}) of different shapes in one batch (sample_id: shape) {shapes}. "
+                f"Put each aspect bucket in its own Stream and use "
+                f"batching_method='per_stream'."
+            )
     lengths = [s["prompt_embeds"].shape[0] for s in samples]
     max_len = text_len if text_len is not None else max(lengths)
     first = samples[0]["prompt_embeds"]
@@ -72,7 +74,7 @@ def collate(samples: list[dict[str, Any]], text_len: int | None = None) -> dict[
         prompt_embeds[i, :n] = sample["prompt_embeds"][:n]
         text_mask[i, :n] = True
     return {
-        "latent": torch.stack(latents),  # (B, C, h, w)
+        **{c: torch.stack([s[c] for s in samples]) for c in latent_columns},  # each (B, C, h, w)
         "prompt_embeds": prompt_embeds,  # (B, L, D)
         "text_mask": text_mask,  # (B, L)
         "pooled": torch.stack([s["pooled"] for s in samples]),  # (B, P)
@@ -153,6 +155,7 @@ def build_loader(
     text_len: int | None = None,
     local_cache: str | Path | None = None,
     remote_buckets: list[str] | None = None,
+    layout: Layout = LATENTS,
 ) -> StreamingDataLoader:
     """Build the per-rank loader over the MDS dataset at `path` (batches of `micro_batch_size`).
 
@@ -161,6 +164,7 @@ def build_loader(
     `local_cache`; `remote_buckets` names a remote root's bucket subdirectories. With
     `local_cache`, shards are copied there before reading. The shuffle order depends only on
     `seed` and the epoch. Building several loaders over one `path` in one process is fine.
+    `layout`: the kind of dataset (schema.LATENTS for LADD, schema.PAIRS for DPO).
     """
     if is_remote(path):
         if local_cache is None:
@@ -170,7 +174,7 @@ def build_loader(
         summary = None
     else:
         buckets = bucket_dirs(path)
-        summaries = [validate_mds_dir(b) for b in buckets] if buckets else [validate_mds_dir(path)]
+        summaries = [validate_mds_dir(d, layout) for d in (buckets or [path])]
         summary = {"num_samples": sum(x["num_samples"] for x in summaries)}
     world_size = _world_size()
     if summary is not None and summary["num_samples"] < micro_batch_size * world_size:
@@ -190,7 +194,7 @@ def build_loader(
 
     # With remote=None streaming skips its "Reused local directory" check and gives each
     # dataset its own shared-memory prefix, so several datasets may read one directory.
-    common = dict(dtype=dtype, shuffle=shuffle, shuffle_seed=seed, batch_size=micro_batch_size)
+    common = dict(dtype=dtype, layout=layout, shuffle=shuffle, shuffle_seed=seed, batch_size=micro_batch_size)
     if buckets:
         # One Stream per aspect bucket and per-stream batching: every batch holds one shape.
         streams = [
@@ -206,10 +210,19 @@ def build_loader(
     return StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,
-        collate_fn=functools.partial(collate, text_len=text_len),
+        collate_fn=functools.partial(collate, text_len=text_len, latent_columns=layout.latent_columns),
         num_workers=num_workers,
         drop_last=True,
     )
+
+
+def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Move a collated batch to `device`, floating-point tensors cast to the training dtype."""
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
 
 
 def iterate_forever(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Tensor]]:

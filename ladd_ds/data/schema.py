@@ -7,12 +7,16 @@ One sample holds what a student step needs without running the text encoders or 
     pooled         fp16 (P,)       pooled text embedding
     prompt         str             the caption, for logging and evaluation
 
+Preference-pair shards (`ladd-ds pairs`, read by `ladd-ds dpo`) hold `latent_w` and `latent_l`
+(the preferred and the rejected latent for the prompt) instead of `latent`; see `PAIRS`.
+
 MDS ndarrays cannot hold bfloat16, so tensors are stored as fp16 and cast on load.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,36 @@ OPTIONAL_COLUMNS: dict[str, str] = {
     "index": "int",  # position of the prompt in the prompt file that produced it (ladd-ds synth)
 }
 
+PAIR_COLUMNS: dict[str, str] = {
+    "latent_w": "ndarray:float16",  # the preferred ("winner") latent
+    "latent_l": "ndarray:float16",  # the rejected ("loser") latent, same shape
+    "prompt_embeds": "ndarray:float16",
+    "pooled": "ndarray:float16",
+    "prompt": "str",
+}
+PAIR_OPTIONAL_COLUMNS: dict[str, str] = {
+    "bucket": "str",
+    "score_w": "float64",  # the scorer's values, for inspection
+    "score_l": "float64",
+    "index": "int",  # position of the prompt in the prompt file
+}
+
 INDEX_FILE = "index.json"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The columns of one kind of ladd_ds dataset."""
+
+    name: str
+    required: dict[str, str]
+    optional: dict[str, str]
+    latent_columns: tuple[str, ...]  # same-shape latents, stacked into the batch
+    written_by: str  # for error messages
+
+
+LATENTS = Layout("latent", REQUIRED_COLUMNS, OPTIONAL_COLUMNS, ("latent",), "ladd-ds synth / ladd-ds encode")
+PAIRS = Layout("preference-pair", PAIR_COLUMNS, PAIR_OPTIONAL_COLUMNS, ("latent_w", "latent_l"), "ladd-ds pairs")
 
 
 def _encoding_matches(found: str, expected: str) -> bool:
@@ -38,8 +71,8 @@ def _encoding_matches(found: str, expected: str) -> bool:
     return found == expected or found.startswith(expected + ":")
 
 
-def validate_mds_dir(path: str | Path) -> dict[str, Any]:
-    """Check that `path` is a readable ladd_ds MDS dataset and summarize it.
+def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, Any]:
+    """Check that `path` is a readable ladd_ds MDS dataset of `layout` and summarize it.
 
     `path` is either one MDSWriter output or a parent of several whose index.json was merged
     with `streaming.base.util.merge_index`; both have a top-level index.json listing every shard.
@@ -87,13 +120,13 @@ def validate_mds_dir(path: str | Path) -> dict[str, Any]:
                 f"(written by streaming.MDSWriter or ladd_ds.data.write_samples)."
             )
         found = dict(zip(shard["column_names"], shard["column_encodings"]))
-        for name, expected in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():
+        for name, expected in {**layout.required, **layout.optional}.items():
             if name not in found:
-                if name in REQUIRED_COLUMNS:
+                if name in layout.required:
                     raise ValueError(
                         f"Dataset {str(root)!r}: shard {shard_file!r} is missing column "
-                        f"{name!r} (required columns: {REQUIRED_COLUMNS}). Re-export the "
-                        f"dataset with ladd_ds.data.write_samples, which writes all of them."
+                        f"{name!r}, so it is not a {layout.name} dataset (required columns: "
+                        f"{list(layout.required)}). Write it with {layout.written_by}."
                     )
             elif not _encoding_matches(found[name], expected):
                 raise ValueError(

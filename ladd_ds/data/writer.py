@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from streaming import MDSWriter
 
-from ladd_ds.data.schema import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, validate_mds_dir
+from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
 
 # JSON text, but not named *.json: streaming's merge_index(root) takes every .json file under
 # root's sub-directories for an index.json and fails on anything else (streaming 0.13).
@@ -39,10 +39,12 @@ def write_samples(
     *,
     size_limit: int | str = "64mb",
     extra_files: Mapping[str, str] | None = None,
+    layout: Layout = LATENTS,
 ) -> Path:
-    """Write `samples` (dicts with the columns of `schema.REQUIRED_COLUMNS`) to `out_dir`.
+    """Write `samples` (dicts with the required columns of `layout`; by default the latent
+    columns of `schema.REQUIRED_COLUMNS`) to `out_dir`.
 
-    Optional columns ('bucket', 'seed') are written when the first sample has them. Array values
+    Optional columns ('bucket', 'seed', ...) are written when the first sample has them. Array values
     may be numpy arrays or torch tensors of any float dtype; they are stored as fp16.
     `extra_files` ({file name: text}) are written next to index.json before the rename.
 
@@ -55,7 +57,7 @@ def write_samples(
     first = next(samples, None)
     if first is None:
         raise ValueError(f"No samples to write to {str(out_dir)!r}: an empty dataset cannot be read by streaming.")
-    columns = {**REQUIRED_COLUMNS, **{k: v for k, v in OPTIONAL_COLUMNS.items() if k in first}}
+    columns = {**layout.required, **{k: v for k, v in layout.optional.items() if k in first}}
     array_columns = [k for k, v in columns.items() if v.startswith("ndarray")]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

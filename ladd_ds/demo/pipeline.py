@@ -10,6 +10,10 @@ Stages (each skipped when its output is already complete, so an interrupted demo
   7. report      DIR/report.md, DIR/fd_vs_steps.png, DIR/grids/*.png, DIR/eval.json
 Stages 3-5 run the real command-line tools as subprocesses, exactly as a user would.
 With --ablations, stages 3-6 are repeated for each ablation setting (a second table).
+With --dpo, the paper's DPO recipe follows (`dpo_recipe`): `ladd-ds pairs` ranks K teacher
+samples per prompt by the classifier's confidence in the asked-for digit, `ladd-ds dpo` trains a
+LoRA on the teacher, `ladd-ds export --merge` gives the DPO'd teacher, LADD distills it, and
+`ladd-ds export --lora` applies the same LoRA to that student (a third table).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ladd_ds.demo.pretrain import PretrainSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+DPO_MICRO_BATCH = 32  # pairs per DPO step
 LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
@@ -47,6 +52,8 @@ class DemoSize:
     grid_prompts: int = 8
     grid_columns: int = 6
     sample_every: int = 100
+    dpo_prompts: int = 320  # prompts ranked by `ladd-ds pairs` (K samples each): each of the 160 about twice
+    dpo_steps: int = 150
 
 
 SIZES = {
@@ -75,6 +82,8 @@ SIZES = {
         grid_prompts=2,
         grid_columns=2,
         sample_every=2,
+        dpo_prompts=8,
+        dpo_steps=2,
     ),
 }
 
@@ -206,9 +215,64 @@ def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list
     return written
 
 
-def run_demo(out: str | Path, cache: str | Path | None = None, size: str = "full", ablations: bool = False) -> Path:
+def write_plain_prompts(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(digits.random_label(rng).prompt for _ in range(n)) + "\n")
+    return path
+
+
+def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evaluator, base_rows: list[dict]) -> list[dict]:
+    """DPO-LoRA on the teacher -> LADD from the DPO'd teacher -> the LoRA on that student.
+    Returns table rows: teacher without and with the LoRA, the main run's student, and the
+    recipe's student without and with the LoRA. Each stage is skipped when its output exists."""
+    work = out / "dpo"
+    work.mkdir(parents=True, exist_ok=True)
+    pairs, run_dir, export = work / "pairs", work / "run", work / "export"
+    common = _model_args(teacher)
+    if not (pairs / "index.json").is_file():
+        prompts = write_plain_prompts(work / "pairs_prompts.txt", size.dpo_prompts, seed=13)
+        sets = [f"pairs.prompts={prompts}", f"pairs.scorer_args={{classifier: {classifier}}}"]
+        _run(["pairs", *common, *[a for s in sets for a in ("--set", s)], "--out", str(pairs)], work / "pairs.log")
+    if not (export / "ladd_dpo.json").is_file():
+        num_pairs = json.loads((pairs / "pairs.json").read_text())["pairs"]
+        sets = [f"data.path={pairs}", f"run.run_dir={run_dir}", f"run.max_steps={size.dpo_steps}"]
+        sets.append(f"data.micro_batch_size={min(DPO_MICRO_BATCH, num_pairs)}")  # the test size has few pairs
+        _run(["dpo", *common, *[a for s in sets for a in ("--set", s)]], work / "dpo.log")
+        _run(["export", "--run", str(run_dir), "--out", str(export), "--merge"], work / "export.log")
+    data = make_data(work / "data" / "synthetic", export, size, "synthetic")  # the DPO'd teacher's samples
+    student = ladd_stage(work / "ladd", data, export, size, [])
+    student_lora = work / "ladd" / "student_lora"
+    if not (student_lora / "ladd_export.json").is_file():
+        args = ["export", "--run", str(work / "ladd" / "run"), "--out", str(student_lora), "--lora", str(export / "lora")]
+        _run(args, work / "export_student_lora.log")
+
+    from ladd_ds.sampling import load_sampling_model
+
+    top = max(size.teacher_steps)
+    rows = [{**r, "model": "teacher"} for r in base_rows if r["kind"] == "teacher" and r["steps"] == top]
+    print(f"evaluate: teacher + DPO-LoRA {top} steps", flush=True)
+    dpo_teacher = load_sampling_model(export)
+    rows.append(
+        {
+            **evaluator.evaluate("dpo teacher", dpo_teacher, top, size.teacher_cfg, size.seeds).summary(),
+            "model": "teacher + DPO-LoRA",
+        }
+    )
+    rows += [{**r, "model": "LADD student"} for r in base_rows if r["kind"] == "student" and r["steps"] in (1, 4)]
+    for name, folder in (("LADD student of the DPO'd teacher", student), ("... + DPO-LoRA (recipe)", student_lora)):
+        sm = load_sampling_model(folder)
+        for steps in (1, 4):
+            print(f"evaluate: {name} {steps} steps", flush=True)
+            rows.append({**evaluator.evaluate(name, sm, steps, 1.0, size.seeds).summary(), "model": name})
+    return rows
+
+
+def run_demo(
+    out: str | Path, cache: str | Path | None = None, size: str = "full", ablations: bool = False, dpo: bool = False
+) -> Path:
     from evaluation.demo_eval import DemoEvaluator, EvalPrompts
-    from evaluation.digit_classifier import cached_classifier
+    from evaluation.digit_classifier import cached_classifier, classifier_folder
     from ladd_ds.demo.pretrain import cached_teacher
     from ladd_ds.demo.report import write_report
     from ladd_ds.models.registry import resolve_model_config
@@ -257,6 +321,12 @@ def run_demo(out: str | Path, cache: str | Path | None = None, size: str = "full
                     ablation_rows.append({**row, "ablation": name, "change": what})
         timings["ablations"] = time.time() - t0
 
+    dpo_rows = []
+    if dpo:
+        t0 = time.time()
+        dpo_rows = dpo_recipe(out, teacher, classifier_folder(cache, s.classifier_steps), s, evaluator, rows)
+        timings["DPO recipe"] = time.time() - t0
+
     results = {
         "size": asdict(s),
         "teacher": str(teacher),
@@ -264,6 +334,7 @@ def run_demo(out: str | Path, cache: str | Path | None = None, size: str = "full
         "num_real": evaluator.num_real,
         "rows": rows,
         "ablations": ablation_rows,
+        "dpo": dpo_rows,
         "timings_s": timings,
         "grids": [str(g.relative_to(out)) for g in grids],
         "tensorboard": str((out / "main" / "run" / "tb").relative_to(out)),

@@ -22,7 +22,7 @@ def table(rows: list[dict], first_col: str = "model") -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        name = r.get("ablation") or ("teacher" if r["kind"] == "teacher" else "LADD student")
+        name = r.get("ablation") or r.get("model") or ("teacher" if r["kind"] == "teacher" else "LADD student")
         attrs = f"{r['acc_digit']:.2f} / {r['acc_color']:.2f} / {r['acc_place']:.2f}"
         lines.append(
             f"| {name} | {r['steps']} | {r['cfg']:g} | {_fmt(r['fd'], r['fd_std'], 2)} | "
@@ -52,6 +52,29 @@ def goals(rows: list[dict]) -> list[str]:
             f"- Student 1 step FD {student[1]['fd']:.2f} vs teacher 4 steps FD {teacher[4]['fd']:.2f}: "
             f"goal (student better) {'met' if better else 'not met'}."
         )
+    return out
+
+
+def dpo_findings(rows: list[dict]) -> list[str]:
+    """Did DPO raise the teacher's alignment, and does the LoRA help the recipe's student?"""
+    by = {(r["model"], r["steps"]): r for r in rows}
+    out = []
+    teachers = [r for r in rows if r["kind"] == "teacher"]
+    if len(teachers) == 2:
+        base, tuned = teachers
+        gain = tuned["alignment"] - base["alignment"]
+        out.append(
+            f"- Teacher alignment at {base['steps']} steps: {base['alignment']:.3f} -> {tuned['alignment']:.3f} with the "
+            f"DPO-LoRA ({gain:+.3f}; digit accuracy {base['acc_digit']:.2f} -> {tuned['acc_digit']:.2f})."
+        )
+    for steps in (1, 4):
+        plain = by.get(("LADD student of the DPO'd teacher", steps))
+        recipe = by.get(("... + DPO-LoRA (recipe)", steps))
+        if plain and recipe:
+            out.append(
+                f"- Recipe student at {steps} step(s): alignment {plain['alignment']:.3f} without the LoRA, "
+                f"{recipe['alignment']:.3f} with it; FD {plain['fd']:.2f} vs {recipe['fd']:.2f}."
+            )
     return out
 
 
@@ -114,6 +137,18 @@ def write_report(out: Path, results: dict) -> Path:
             "## Ablations (same pipeline, one setting changed; student at 1 and 4 steps)",
             "",
             *table(results["ablations"], first_col="setting"),
+            "",
+        ]
+    if results.get("dpo"):
+        lines += [
+            "## DPO recipe (`--dpo`): DPO-LoRA on the teacher, LADD from it, the same LoRA on the student",
+            "",
+            "Pairs: K teacher samples per prompt ranked by the classifier's confidence in the asked-for digit "
+            "(`ladd-ds pairs`); the LoRA is trained by `ladd-ds dpo` (configs/demo.yaml, `dpo` and `pairs`).",
+            "",
+            *table(results["dpo"]),
+            "",
+            *dpo_findings(results["dpo"]),
             "",
         ]
     lines += [

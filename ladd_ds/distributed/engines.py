@@ -164,7 +164,7 @@ class Engines:
     ds_configs: dict[str, dict]
 
 
-def _trainable_engine(model: nn.Module, ds_config: dict, lr: float, optim_cfg) -> Any:
+def trainable_engine(model: nn.Module, ds_config: dict, lr: float, optim_cfg) -> Any:
     # Torch AdamW as a client optimizer: DeepSpeed's own optimizers JIT-compile ops (slow on CPU).
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -192,8 +192,8 @@ def frozen_engine(model: nn.Module, ds_config: dict):
 def build_engines(student: nn.Module, teacher: nn.Module, heads: nn.Module, ds_configs: dict[str, dict], optim_cfg) -> Engines:
     teacher.requires_grad_(False)
     teacher.eval()
-    student_engine = _trainable_engine(student, ds_configs["student"], optim_cfg.student_lr, optim_cfg)
-    heads_engine = _trainable_engine(heads, ds_configs["heads"], optim_cfg.heads_lr, optim_cfg)
+    student_engine = trainable_engine(student, ds_configs["student"], optim_cfg.student_lr, optim_cfg)
+    heads_engine = trainable_engine(heads, ds_configs["heads"], optim_cfg.heads_lr, optim_cfg)
     # No optimizer: a frozen teacher only needs ZeRO's parameter partitioning and gathering.
     teacher_engine = frozen_engine(teacher, ds_configs["teacher"])
     return Engines(student=student_engine, heads=heads_engine, teacher=teacher_engine, ds_configs=ds_configs)

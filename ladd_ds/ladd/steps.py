@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ladd_ds.config import Config
+from ladd_ds.data.loader import batch_to_device
 from ladd_ds.ladd import flow, losses
 from ladd_ds.ladd.noise import (
     per_sample_generators,
@@ -50,11 +51,7 @@ class LADDSteps:
         )
 
     def to_device(self, batch: dict) -> dict:
-        out = {}
-        for k, v in batch.items():
-            v = v.to(self.device)
-            out[k] = v.to(self.dtype) if v.is_floating_point() else v
-        return out
+        return batch_to_device(batch, self.device, self.dtype)
 
     def draw_noise(self, batch: dict) -> Noise:
         x0 = batch["latent"]

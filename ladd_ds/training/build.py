@@ -31,7 +31,8 @@ def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
     return sorted(taps)
 
 
-def _flow_model(spec: str, seed: int, device: str, ds_config: dict | None) -> FlowModel:
+def build_flow_model(spec: str, seed: int, device: str = "cpu", ds_config: dict | None = None) -> FlowModel:
+    """A FlowModel from a preset or folder; partitioned over the ranks under a ZeRO-3 `ds_config`."""
     if ds_config is None or device == "meta":
         return FlowModel(build_transformer(spec, seed=seed, device=device))
     with ds.partitioned_init(ds_config):
@@ -48,11 +49,11 @@ def build_models(
     the same preset seed or folder, which also works when both are partitioned under ZeRO-3)
     unless model.student names its own. With `ds_configs`, ZeRO-3 models are built partitioned."""
     ds_configs = ds_configs or {}
-    teacher = _flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"))
+    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"))
     if cfg.model.student is None:
-        student = _flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"))
+        student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"))
     else:
-        student = _flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"))
+        student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"))
     if cfg.model.gradient_checkpointing:
         teacher.transformer.enable_gradient_checkpointing()
         student.transformer.enable_gradient_checkpointing()
@@ -69,22 +70,24 @@ def build_models(
     return teacher, student, heads, taps
 
 
-def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
-    common = dict(
+def engine_ds_config(cfg: Config, world: int, template_key: str, trainable: bool) -> dict:
+    """One engine's DeepSpeed config: the JSON template at `deepspeed.<template_key>` with the
+    run's batch sizes and precision (and gradient clipping for a trained engine)."""
+    return ds.fill_ds_config(
+        ds.load_template(getattr(cfg.deepspeed, template_key), f"deepspeed.{template_key}"),
         micro_batch_size=cfg.data.micro_batch_size,
         grad_accum=cfg.optim.grad_accum,
         world_size=world,
         precision=cfg.deepspeed.precision,
+        grad_clip=cfg.optim.grad_clip if trainable else 0.0,
     )
-    d = cfg.deepspeed
+
+
+def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
     return {
-        "student": ds.fill_ds_config(
-            ds.load_template(d.student_config, "deepspeed.student_config"), grad_clip=cfg.optim.grad_clip, **common
-        ),
-        "heads": ds.fill_ds_config(
-            ds.load_template(d.heads_config, "deepspeed.heads_config"), grad_clip=cfg.optim.grad_clip, **common
-        ),
-        "teacher": ds.fill_ds_config(ds.load_template(d.teacher_config, "deepspeed.teacher_config"), **common),
+        "student": engine_ds_config(cfg, world, "student_config", trainable=True),
+        "heads": engine_ds_config(cfg, world, "heads_config", trainable=True),
+        "teacher": engine_ds_config(cfg, world, "teacher_config", trainable=False),
     }
 
 

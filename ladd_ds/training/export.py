@@ -7,6 +7,15 @@
   DIR/ladd_export.json        where it came from (run, step, EMA or not) and what sampling
                               needs (text encoders, latent codec: see ladd_ds.sampling)
 on one CPU process, whatever the world size of the run. The folder appears atomically.
+`--lora DIR` merges a LoRA (e.g. from a DPO run) into the exported student: the paper's recipe
+applies the teacher's DPO LoRA to the LADD student.
+
+A `ladd-ds dpo` run exports instead (see `export_dpo_run`)
+  DIR/lora/                   the adapter (LoRA mode): ladd_ds.dpo.lora's folder format
+  DIR/transformer/ + the rest of model.teacher's folder (text encoders, vae/, ladd_model.json):
+                              the fine-tuned model as a complete SD3-style folder, usable as
+                              model.teacher of a LADD run (full mode, or LoRA mode with --merge)
+  DIR/ladd_dpo.json           where it came from
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from safetensors.torch import save_file
 
 from ladd_ds.config import load_config
 from ladd_ds.distributed.engines import consolidate_zero_checkpoint
+from ladd_ds.dpo.lora import load_lora
 from ladd_ds.ema import gather_full_shadow
 from ladd_ds.models.registry import resolve_model_config
 from ladd_ds.training import checkpoint as ckpt
@@ -72,27 +82,59 @@ def sampling_info(cfg) -> dict:
     }
 
 
-def export_run(run_dir: Path, out: Path, step: int | None = None, ema: bool = False) -> Path:
+def _build_transformer(spec: str, state: dict[str, torch.Tensor]) -> SD3Transformer2DModel:
+    """An SD3 transformer of `spec`'s architecture holding `state` (no weights are initialized)."""
+    model_config = resolve_model_config(spec)
+    model_config = {k: v for k, v in model_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(model_config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _temporary(out: Path) -> Path:
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, out: Path) -> Path:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def export_run(
+    run_dir: Path, out: Path, step: int | None = None, ema: bool = False, lora: str | None = None, merge: bool = False
+) -> Path:
+    """Export a LADD run (student + heads, `lora` merged into the student if given) or a DPO run
+    (`merge`: also write the model with its LoRA folded in)."""
     run_dir, out = Path(run_dir), Path(out)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a ladd-ds run directory?")
     cfg = load_config(config_file)
     checkpoint = find_checkpoint(run_dir, step)
+    kind = ckpt.read_trainer_state(checkpoint).get("trainer", "ladd")
+    if kind == "dpo":
+        if ema or lora:
+            raise ValueError(f"{run_dir} is a DPO run: --ema and --lora apply to LADD runs only")
+        return export_dpo_run(run_dir, cfg, checkpoint, out, merge)
+    if merge:
+        raise ValueError("--merge applies to DPO runs; to fold a LoRA into a LADD student use --lora DIR")
     state = consolidate_zero_checkpoint(checkpoint, "student")
     student = {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
     if ema:
         student = {k[len(STUDENT_PREFIX) :]: v for k, v in gather_ema(checkpoint, state).items()}
 
-    model_config = resolve_model_config(cfg.model.student or cfg.model.teacher)
-    model_config = {k: v for k, v in model_config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = SD3Transformer2DModel.from_config(model_config)
-    model.load_state_dict(student, strict=True, assign=True)
+    model = _build_transformer(cfg.model.student or cfg.model.teacher, student)
+    if lora is not None:
+        load_lora(model, lora, merge=True)
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = _temporary(out)
     model.save_pretrained(tmp / "transformer", safe_serialization=True)
     heads = consolidate_zero_checkpoint(checkpoint, "heads")
     (tmp / "discriminator").mkdir()
@@ -112,10 +154,44 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, ema: bool = Fa
         "checkpoint": checkpoint.name,
         "step": int(checkpoint.name.split("-")[1]),
         "ema": ema,
+        "lora_merged": str(Path(lora).resolve()) if lora else None,
         "sampling": sampling_info(cfg),
     }
     (tmp / "ladd_export.json").write_text(json.dumps(info, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return _commit(tmp, out)
+
+
+def export_dpo_run(run_dir: Path, cfg, checkpoint: Path, out: Path, merge: bool = False) -> Path:
+    from ladd_ds.dpo.lora import lora_config, lora_state_dict, save_lora
+    from ladd_ds.models.registry import is_folder
+
+    state = consolidate_zero_checkpoint(checkpoint, "model")
+    state = {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    tmp = _temporary(out)
+    lora_mode = cfg.dpo.mode == "lora"
+    if lora_mode:
+        lc = cfg.dpo.lora
+        save_lora(tmp / "lora", lora_state_dict(state), lora_config(lc.rank, lc.alpha, lc.targets, lc.mlp, lc.dropout))
+    if merge or not lora_mode:
+        if lora_mode:  # peft's wrapped layers keep the frozen weight as `<layer>.base_layer.weight`
+            base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+            model = _build_transformer(cfg.model.teacher, base)
+            load_lora(model, tmp / "lora", merge=True)
+        else:
+            model = _build_transformer(cfg.model.teacher, state)
+        model.save_pretrained(tmp / "transformer", safe_serialization=True)
+        if is_folder(cfg.model.teacher):  # the rest of the SD3 folder: text encoders, vae/, ladd_model.json
+            for item in Path(cfg.model.teacher).iterdir():
+                if item.name != "transformer":
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    info = {
+        "run_dir": str(run_dir),
+        "checkpoint": checkpoint.name,
+        "step": int(checkpoint.name.split("-")[1]),
+        "mode": cfg.dpo.mode,
+        "model": _spec(cfg.model.teacher),
+        "lora": "lora" if lora_mode else None,
+        "merged": bool(merge or not lora_mode),
+    }
+    (tmp / "ladd_dpo.json").write_text(json.dumps(info, indent=2))
+    return _commit(tmp, out)

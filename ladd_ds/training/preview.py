@@ -13,7 +13,7 @@ from ladd_ds.config import Config
 from ladd_ds.data.synth import initial_noise, load_text_encoder
 from ladd_ds.models.codec import load_codec
 from ladd_ds.models.registry import resolve_model_config
-from ladd_ds.sampling import image_grid, ladd_sample, student_schedule
+from ladd_ds.sampling import decode_images, image_grid, ladd_sample, student_schedule
 
 PREVIEW_STEPS = (1, 4)
 
@@ -40,7 +40,7 @@ class SamplePreview:
             latents = ladd_sample(
                 student, self.embeds.to(dtype), self.pooled.to(dtype), self.noise.to(dtype), student_schedule(steps), self.seeds
             )
-            images = ((self.codec.decode(latents.float()) + 1.0) / 2.0).clamp(0, 1).cpu()
+            images = decode_images(self.codec, latents)
             out[f"samples/student_{steps}step"] = torch.from_numpy(image_grid(images, rows=len(self.prompts))).permute(2, 0, 1)
         student.train(was_training)
         return out

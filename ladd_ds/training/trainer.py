@@ -1,4 +1,10 @@
-"""The LADD training loop: data, logging, checkpoints and resume around `LADDSteps`."""
+"""The training loop shared by LADD and DPO: data, logging, checkpoints and resume around a step
+class's `train_step` (STYLE.md 6: a variant overrides steps, it does not copy the loop).
+
+`Trainer` owns everything but the method. A method is `Trainer` mixed with a step class
+(ladd_ds.ladd.steps.LADDSteps, ladd_ds.dpo.steps.DPOSteps), `Trainer` first so that its
+`__init__` runs, plus `setup_models`, which builds the engines and initializes the step class.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from tqdm import tqdm
 
 from ladd_ds.config import Config, save_config
 from ladd_ds.data.loader import build_loader, iterate_forever
+from ladd_ds.data.schema import LATENTS
 from ladd_ds.data.writer import write_random_latents
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import (
@@ -46,11 +53,18 @@ class TrainingHealthError(RuntimeError):
     """The run stopped itself (e.g. too many non-finite steps) after saving a checkpoint."""
 
 
-class LADDTrainer(LADDSteps):
-    _trainable_engine_names = ("student", "heads")  # the frozen teacher is rebuilt, not saved
+class Trainer:
+    """Loop, data, logging, checkpoints, resume. Subclasses set the class attributes below and
+    implement `setup_models` (build the engines, then initialize their step class)."""
+
+    kind = "base"  # recorded in every checkpoint; `ladd-ds export` reads it
+    layout = LATENTS  # the dataset kind the loader reads
+    _trainable_engine_names: tuple[str, ...] = ()  # engines saved in checkpoints (frozen ones are rebuilt)
+    progress_desc = "train"
+    postfix_metrics: dict[str, str] = {}  # progress-bar label -> metric key
 
     def __init__(self, cfg: Config, run_dir: Path):
-        check_data_matches_model(cfg)
+        self.check_config(cfg)
         ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,13 +72,9 @@ class LADDTrainer(LADDSteps):
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
         self.loader = self._build_loader()
 
-        self.ds_configs = build_ds_configs(cfg, world_size())
+        self.ds_configs = self.build_ds_configs(cfg, world_size())
         self.resume_from, self.resume_universal = self._plan_resume()
-        teacher, student, heads, taps = build_models(cfg, ds_configs=self.ds_configs)
-        print0(f"models built; host peak RSS of rank 0 so far: {host_peak_rss_gib():.2f} GiB")
-        engines = ds.build_engines(student, teacher, heads, self.ds_configs, cfg.optim)
-        ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        super().__init__(cfg, engines, taps, ds.device(), ema)
+        self.setup_models()
         print0(
             f"world size {world_size()}, {local_world_size()} ranks per node; ZeRO stages: "
             + ", ".join(f"{k} {ds.zero_stage(v)}" for k, v in self.ds_configs.items())
@@ -76,9 +86,31 @@ class LADDTrainer(LADDSteps):
         if is_main():
             self._write_resolved_configs()
         self._resume()
-        self.preview = SamplePreview(cfg, ds.device()) if cfg.logging.sample_every > 0 else None
+        self.preview = self.build_preview()
         self.batches = iterate_forever(self.loader)
         self.last_sample_ids: list[int] = []
+
+    # ------------------------------------------------------------------ method hooks
+
+    def check_config(self, cfg: Config) -> None:
+        """Fail before any engine is built when the config cannot work for this method."""
+
+    def build_ds_configs(self, cfg: Config, world: int) -> dict[str, dict]:
+        raise NotImplementedError
+
+    def setup_models(self) -> None:
+        raise NotImplementedError
+
+    def build_preview(self):
+        """What logs sample grids to TensorBoard (None: no grids)."""
+        return None
+
+    def trained_module(self):
+        """The trained network: the EMA (self.ema) follows it, sample previews draw from it."""
+        raise NotImplementedError
+
+    def extra_trainer_state(self) -> dict:
+        return {}
 
     # ------------------------------------------------------------------ setup
 
@@ -108,6 +140,7 @@ class LADDTrainer(LADDSteps):
             text_len=data.text_len,
             local_cache=data.cache_dir,
             remote_buckets=data.buckets,
+            layout=self.layout,
         )
 
     def _write_resolved_configs(self) -> None:
@@ -153,22 +186,12 @@ class LADDTrainer(LADDSteps):
             if same_world:
                 self.ema.load_state_dict(mine["ema"])
             else:
-                module = self.engines.student.module
+                module = self.trained_module()
                 shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in module.named_parameters()}
                 self.ema.load_full(module, gather_full_shadow([r["ema"]["shadow"] for r in rank_states], shapes))
         if is_main():
             truncate_after(self.run_dir / "metrics.jsonl", self.step)
         print0(f"resumed from {path} at step {self.step}" + (" (universal checkpoint)" if self.resume_universal else ""))
-
-    def teacher_fingerprint(self) -> list[float]:
-        """[sum, sum of squares] of the teacher's weights over all ranks: a cheap check, stored in
-        every checkpoint, that the frozen teacher never changed."""
-        local = torch.zeros(2, dtype=torch.float64)
-        for p in self.engines.teacher.module.parameters():
-            x = (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().double()
-            local += torch.stack([x.sum(), x.pow(2).sum()]).cpu()
-        sharded = ds.zero_stage(self.ds_configs["teacher"]) >= 3  # else every rank holds all of it
-        return (all_reduce_sum(local) if sharded else local).tolist()
 
     def save(self) -> Path:
         rank_state = {"loader": self.loader.state_dict(), "step": self.step, "last_sample_ids": self.last_sample_ids}
@@ -179,7 +202,8 @@ class LADDTrainer(LADDSteps):
             "world_size": world_size(),
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
-            "teacher_fingerprint": self.teacher_fingerprint(),
+            "trainer": self.kind,
+            **self.extra_trainer_state(),
         }
         return ckpt.save_checkpoint(
             self.run_dir, self.step, self._trainable_engines(), rank_state, trainer_state, self.cfg.checkpoint.keep_last
@@ -193,7 +217,7 @@ class LADDTrainer(LADDSteps):
         bar = tqdm(
             total=max_steps,
             initial=self.step,
-            desc="ladd",
+            desc=self.progress_desc,
             disable=not (is_main() and cfg.logging.progress_bar),
             dynamic_ncols=True,
         )
@@ -218,10 +242,10 @@ class LADDTrainer(LADDSteps):
                 metrics.update(self._perf_metrics(images_per_step, elapsed))
                 metrics = all_reduce_mean(metrics)
                 if is_main():
-                    bar.set_postfix(g=f"{metrics['loss/generator']:.3f}", d=f"{metrics['loss/discriminator']:.3f}")
+                    bar.set_postfix({label: f"{metrics[key]:.3f}" for label, key in self.postfix_metrics.items()})
                 self.logger.log(self.step, metrics)
             if self.preview is not None and (self.step % cfg.logging.sample_every == 0 or self.step == max_steps):
-                self.logger.log_images(self.step, self.preview.grids(self.engines.student.module, self.dtype))
+                self.logger.log_images(self.step, self.preview.grids(self.trained_module(), self.dtype))
             if self.step % cfg.checkpoint.every == 0:
                 last_saved = self.save()
             if self.consecutive_skips >= cfg.health.max_consecutive_skips:
@@ -238,15 +262,12 @@ class LADDTrainer(LADDSteps):
             self.save()  # a run that reaches max_steps always ends with a checkpoint
 
     def _perf_metrics(self, images_per_step: int, elapsed: float) -> dict:
-        out = {
-            "lr/student": self.engines.student.get_lr()[0],
-            "lr/heads": self.engines.heads.get_lr()[0],
-            "throughput/img_per_s": images_per_step / elapsed,
-            "time/step_s": elapsed,
-        }
-        norm = self.engines.student.get_global_grad_norm()
-        if norm is not None and math.isfinite(float(norm)):
-            out["grad_norm/student"] = float(norm)
+        out = {"throughput/img_per_s": images_per_step / elapsed, "time/step_s": elapsed}
+        for name, engine in self._trainable_engines().items():
+            out[f"lr/{name}"] = engine.get_lr()[0]
+            norm = engine.get_global_grad_norm()
+            if norm is not None and math.isfinite(float(norm)):
+                out[f"grad_norm/{name}"] = float(norm)
         if torch.cuda.is_available():
             out["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         # Peak resident host memory of this process, averaged over ranks.
@@ -255,3 +276,43 @@ class LADDTrainer(LADDSteps):
 
     def close(self) -> None:
         self.logger.close()
+
+
+class LADDTrainer(Trainer, LADDSteps):
+    kind = "ladd"
+    _trainable_engine_names = ("student", "heads")  # the frozen teacher is rebuilt, not saved
+    progress_desc = "ladd"
+    postfix_metrics = {"g": "loss/generator", "d": "loss/discriminator"}
+
+    def check_config(self, cfg: Config) -> None:
+        check_data_matches_model(cfg)
+
+    def build_ds_configs(self, cfg: Config, world: int) -> dict[str, dict]:
+        return build_ds_configs(cfg, world)
+
+    def setup_models(self) -> None:
+        cfg = self.cfg
+        teacher, student, heads, taps = build_models(cfg, ds_configs=self.ds_configs)
+        print0(f"models built; host peak RSS of rank 0 so far: {host_peak_rss_gib():.2f} GiB")
+        engines = ds.build_engines(student, teacher, heads, self.ds_configs, cfg.optim)
+        ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        LADDSteps.__init__(self, cfg, engines, taps, ds.device(), ema)
+
+    def build_preview(self):
+        return SamplePreview(self.cfg, ds.device()) if self.cfg.logging.sample_every > 0 else None
+
+    def trained_module(self):
+        return self.engines.student.module
+
+    def extra_trainer_state(self) -> dict:
+        return {"teacher_fingerprint": self.teacher_fingerprint()}
+
+    def teacher_fingerprint(self) -> list[float]:
+        """[sum, sum of squares] of the teacher's weights over all ranks: a cheap check, stored in
+        every checkpoint, that the frozen teacher never changed."""
+        local = torch.zeros(2, dtype=torch.float64)
+        for p in self.engines.teacher.module.parameters():
+            x = (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().double()
+            local += torch.stack([x.sum(), x.pow(2).sum()]).cpu()
+        sharded = ds.zero_stage(self.ds_configs["teacher"]) >= 3  # else every rank holds all of it
+        return (all_reduce_sum(local) if sharded else local).tolist()

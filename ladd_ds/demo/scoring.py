@@ -1,0 +1,34 @@
+"""The demo's preference scorer for `ladd-ds pairs`: the digit classifier's confidence that an
+image shows what its prompt asks for (a stand-in for a human-preference model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ladd_ds.demo import digits
+
+
+def digit_confidence(classifier: str, attributes: tuple[str, ...] | list[str] = ("digit",)):
+    """A scorer: sum over `attributes` ("digit", "color", "place") of the classifier's
+    probability of the asked-for value. `classifier`: a folder written by
+    evaluation.digit_classifier.save_classifier (the demo caches one)."""
+    from evaluation.digit_classifier import label_targets, load_classifier
+
+    folder = Path(classifier)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pairs.scorer_args.classifier: {folder} is not a classifier folder")
+    model, _ = load_classifier(folder)
+    unknown = set(attributes) - {"digit", "color", "place"}
+    if unknown:
+        raise ValueError(f"pairs.scorer_args.attributes: unknown {sorted(unknown)} (digit, color, place)")
+
+    @torch.no_grad()
+    def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        targets = label_targets([digits.parse_prompt(p) for p in prompts])
+        logits = model.logits(images.float())
+        rows = torch.arange(len(prompts))
+        return sum(logits[a].softmax(dim=1)[rows, targets[a]] for a in attributes)
+
+    return score

@@ -1,0 +1,143 @@
+"""LoRA adapters on the SD3 transformer through peft (diffusers' PeftAdapterMixin).
+
+DPO trains only the adapters; the reference model is the same transformer with the adapters
+switched off (`adapters_disabled`), so no second copy of the weights is held (DESIGN.md 1, DPO).
+
+Saved form (`save_lora` / `load_lora`), a folder:
+    adapter_config.json                  peft LoraConfig (rank, alpha, target modules)
+    pytorch_lora_weights.safetensors     the lora_A / lora_B weights, keys "transformer.<module>..."
+The key prefix is the one diffusers' pipeline-level LoRA files use for the transformer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Attention projections of SD3's joint blocks (image stream and text stream); the last block has
+# no text-stream output projection (context_pre_only), which suffix matching tolerates.
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+MLP_TARGETS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+PREFIX = "transformer."
+
+
+def lora_config(rank: int, alpha: float | None = None, targets: list[str] | None = None, mlp: bool = False, dropout: float = 0.0):
+    """A peft LoraConfig for the SD3 transformer. `alpha` None means alpha = rank (scale 1).
+    lora_B starts at zero (peft's default), so a fresh adapter leaves the model unchanged."""
+    from peft import LoraConfig
+
+    modules = list(targets or ATTENTION_TARGETS) + (MLP_TARGETS if mlp else [])
+    return LoraConfig(
+        r=rank,
+        lora_alpha=float(rank if alpha is None else alpha),
+        target_modules=modules,
+        lora_dropout=dropout,
+        init_lora_weights=True,
+    )
+
+
+def add_lora(transformer: nn.Module, config, seed: int = 0) -> list[str]:
+    """Add the adapter, freeze everything else. Returns the names of the trainable parameters.
+    lora_A's random init comes from `seed` alone, so every rank (and a single-process run) starts
+    from the same adapter whatever the global RNG went through before."""
+    transformer.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)  # peft marks only the lora_ weights trainable
+    names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+    if not names:
+        raise ValueError(f"LoRA targets {sorted(config.target_modules)} match no module of the transformer")
+    return names
+
+
+def has_lora(transformer: nn.Module) -> bool:
+    return bool(getattr(transformer, "peft_config", None))
+
+
+@contextlib.contextmanager
+def adapters_disabled(transformer: nn.Module):
+    """The reference model: the same transformer with every LoRA layer bypassed."""
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()
+
+
+def lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter weights of a full transformer state dict (peft names, adapter name dropped):
+    '...to_q.lora_A.default.weight' -> 'transformer....to_q.lora_A.weight'."""
+    out = {}
+    for name, tensor in state.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            out[PREFIX + name.replace(".default.", ".")] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def save_lora(out: str | Path, weights: dict[str, torch.Tensor], config) -> Path:
+    """Write a LoRA folder atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if not weights:
+        raise ValueError(f"no LoRA weights to write to {out}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = config.to_dict()
+    cfg["target_modules"] = sorted(cfg["target_modules"])
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def read_lora(folder: str | Path):
+    """(LoraConfig, weights without the 'transformer.' prefix, in peft's naming) of a LoRA folder."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"LoRA folder {folder} lacks {name} (write one with `ladd-ds export` of a DPO run)")
+    raw = json.loads((folder / CONFIG_FILE).read_text())
+    config = LoraConfig(
+        r=raw["r"],
+        lora_alpha=raw["lora_alpha"],
+        target_modules=raw["target_modules"],
+        lora_dropout=raw.get("lora_dropout", 0.0),
+    )
+    weights = {k.removeprefix(PREFIX): v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+    return config, weights
+
+
+def load_lora(transformer: nn.Module, folder: str | Path, merge: bool = False) -> nn.Module:
+    """Add the LoRA of `folder` to `transformer` (in place). `merge`: fold it into the base
+    weights and remove the adapter layers, leaving a plain transformer."""
+    from peft import set_peft_model_state_dict
+
+    config, weights = read_lora(folder)
+    add_lora(transformer, config)
+    result = set_peft_model_state_dict(transformer, weights)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"LoRA {folder}: weights for modules this transformer lacks, e.g. {unexpected[:3]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"LoRA {folder}: no weights for {missing[:3]} (was it trained on another model?)")
+    if merge:
+        transformer.fuse_lora()
+        transformer.unload_lora()
+    transformer.requires_grad_(False)
+    return transformer

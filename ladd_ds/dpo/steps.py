@@ -1,0 +1,89 @@
+"""The Diffusion-DPO step on DeepSpeed engines (the LADD trainer's loop runs it; see
+ladd_ds.dpo.trainer).
+
+Per micro-batch of preference pairs: one logit-normal t and one noise draw per pair, shared by
+winner and loser; the reference's velocity errors without gradients (LoRA mode: the same
+transformer with its adapters bypassed; full mode: a frozen copy); the model's errors through
+its engine; the DPO loss (ladd_ds.dpo.loss); backward and step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ladd_ds.config import Config
+from ladd_ds.data.loader import batch_to_device
+from ladd_ds.dpo.lora import adapters_disabled
+from ladd_ds.dpo.loss import dpo_loss, velocity_errors
+from ladd_ds.ladd import flow
+from ladd_ds.ladd.noise import per_sample_generators, randn_like_per_sample, randn_per_sample
+from ladd_ds.training import faults
+
+
+@dataclass
+class DPOEngines:
+    model: Any  # DeepSpeedEngine with optimizer (LoRA mode: only the adapters are trainable)
+    reference: Any | None  # frozen DeepSpeedEngine (full mode); None with LoRA (adapters off)
+    ds_configs: dict[str, dict]
+
+
+class DPOSteps:
+    """Holds the engines and the DPO step; no data, logging or checkpoint concerns."""
+
+    def __init__(self, cfg: Config, engines: DPOEngines, device: torch.device):
+        self.cfg = cfg
+        self.engines = engines
+        self.device = device
+        self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        self.ema = None
+        self.step = 0
+
+    def to_device(self, batch: dict) -> dict:
+        return batch_to_device(batch, self.device, self.dtype)
+
+    def draw_noise(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per pair: t ~ logit-normal(dpo.t_mean, dpo.t_std) and eps, from the pair's sample id."""
+        x = batch["latent_w"]
+        g = per_sample_generators(batch["sample_id"].cpu(), self.cfg.run.seed, self.step, "dpo")
+        d = self.cfg.dpo
+        t = torch.sigmoid(d.t_mean + d.t_std * randn_per_sample(g))
+        eps = randn_like_per_sample(x, g)
+        return t.to(device=x.device, dtype=x.dtype), eps  # (B,), (B, C, h, w)
+
+    def reference_velocity(self, x_t, t, prompt_embeds, pooled) -> torch.Tensor:
+        with torch.no_grad():
+            if self.engines.reference is not None:
+                return self.engines.reference.module(x_t, t, prompt_embeds, pooled)
+            # `.module`, not the engine: a forward through the engine would be taken as the
+            # training forward of this micro-batch.
+            model = self.engines.model.module
+            with adapters_disabled(model.transformer):
+                return model(x_t, t, prompt_embeds, pooled)
+
+    def dpo_step(self, batch: dict) -> dict:
+        b = batch["latent_w"].shape[0]
+        x0 = torch.cat([batch["latent_w"], batch["latent_l"]])  # (2B, C, h, w) winners, then losers
+        t, eps = self.draw_noise(batch)
+        t, eps = torch.cat([t, t]), torch.cat([eps, eps])  # a pair shares t and noise
+        x_t = flow.add_noise(x0, eps, t)
+        embeds = torch.cat([batch["prompt_embeds"]] * 2)  # (2B, L, D)
+        pooled = torch.cat([batch["pooled"]] * 2)  # (2B, P)
+        ref_err = velocity_errors(self.reference_velocity(x_t, t, embeds, pooled), x0, eps)  # (2B,)
+        model_err = velocity_errors(self.engines.model(x_t, t, embeds, pooled), x0, eps)  # (2B,)
+        loss, metrics = dpo_loss(model_err[:b], model_err[b:], ref_err[:b], ref_err[b:], self.cfg.dpo.beta)
+        if faults.armed("nan_loss", self.step + 1):
+            loss = loss * float("nan")
+        self.engines.model.backward(loss)
+        self.engines.model.step()
+        return metrics
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over `grad_accum` micro-batches of pairs."""
+        metrics = [self.dpo_step(batch) for batch in micro_batches]
+        out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        # DeepSpeed skips a step whose global gradient norm is not finite, on every rank alike.
+        out["health/step_skipped"] = float(not self.engines.model.was_step_applied())
+        return out
