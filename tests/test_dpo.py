@@ -93,6 +93,11 @@ def test_lora_folder_round_trip_and_merge(tmp_path):
     x = tiny_inputs()
     with torch.no_grad():
         torch.testing.assert_close(FlowModel(merged)(*x), FlowModel(model)(*x), atol=1e-5, rtol=1e-5)
+    # diffusers' own loader reads the folder too, with the right alpha (from the file's metadata)
+    by_diffusers = build_transformer("tiny", seed=0)
+    by_diffusers.load_lora_adapter(tmp_path / "lora", prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(FlowModel(by_diffusers)(*x), FlowModel(model)(*x), atol=1e-6, rtol=1e-6)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         read_lora(tmp_path)
 

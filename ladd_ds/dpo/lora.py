@@ -6,7 +6,8 @@ switched off (`adapters_disabled`), so no second copy of the weights is held (DE
 Saved form (`save_lora` / `load_lora`), a folder:
     adapter_config.json                  peft LoraConfig (rank, alpha, target modules)
     pytorch_lora_weights.safetensors     the lora_A / lora_B weights, keys "transformer.<module>..."
-The key prefix is the one diffusers' pipeline-level LoRA files use for the transformer.
+The key prefix and the metadata are those of diffusers' pipeline-level LoRA files, so
+`SD3Transformer2DModel.load_lora_adapter(folder, prefix="transformer")` reads them too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MLP_TARGETS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 PREFIX = "transformer."
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base's key
 
 
 def lora_config(rank: int, alpha: float | None = None, targets: list[str] | None = None, mlp: bool = False, dropout: float = 0.0):
@@ -92,10 +94,13 @@ def save_lora(out: str | Path, weights: dict[str, torch.Tensor], config) -> Path
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = config.to_dict()
-    cfg["target_modules"] = sorted(cfg["target_modules"])
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, default=str))
-    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    cfg = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    # The adapter config also goes into the safetensors metadata, keyed as diffusers' pipeline
+    # LoRA files key it ("transformer.lora_alpha", ...): without it diffusers' loaders assume
+    # alpha = rank and scale the adapter wrongly.
+    packed = json.dumps({PREFIX + k: v for k, v in cfg.items()}, sort_keys=True)
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: packed})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
