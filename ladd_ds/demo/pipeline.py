@@ -164,8 +164,13 @@ def make_data(data: Path, teacher: Path, size: DemoSize, kind: str) -> Path:
     return data
 
 
+def _set_args(sets: list[str]) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]."""
+    return [arg for s in sets for arg in ("--set", s)]
+
+
 def _model_args(teacher: Path) -> list[str]:
-    return ["--config", str(DEMO_CONFIG), "--set", f"model.teacher={teacher}", "--set", f"synth.text_encoders={teacher}"]
+    return ["--config", str(DEMO_CONFIG), *_set_args([f"model.teacher={teacher}", f"synth.text_encoders={teacher}"])]
 
 
 def ladd_stage(work: Path, data: Path, teacher: Path, size: DemoSize, extra_sets: list[str]) -> Path:
@@ -175,7 +180,7 @@ def ladd_stage(work: Path, data: Path, teacher: Path, size: DemoSize, extra_sets
         work.mkdir(parents=True, exist_ok=True)
         sets = [f"data.path={data}", f"run.run_dir={run_dir}", f"run.max_steps={size.train_steps}"]
         sets += [f"logging.sample_every={size.sample_every}", *extra_sets]
-        _run(["train", *_model_args(teacher), *[a for s in sets for a in ("--set", s)]], work / "train.log")
+        _run(["train", *_model_args(teacher), *_set_args(sets)], work / "train.log")
         _run(["export", "--run", str(run_dir), "--out", str(export)], work / "export.log")
     return export
 
@@ -233,12 +238,12 @@ def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evalu
     if not (pairs / "index.json").is_file():
         prompts = write_plain_prompts(work / "pairs_prompts.txt", size.dpo_prompts, seed=13)
         sets = [f"pairs.prompts={prompts}", f"pairs.scorer_args={{classifier: {classifier}}}"]
-        _run(["pairs", *common, *[a for s in sets for a in ("--set", s)], "--out", str(pairs)], work / "pairs.log")
+        _run(["pairs", *common, *_set_args(sets), "--out", str(pairs)], work / "pairs.log")
     if not (export / "ladd_dpo.json").is_file():
         num_pairs = json.loads((pairs / "pairs.json").read_text())["pairs"]
         sets = [f"data.path={pairs}", f"run.run_dir={run_dir}", f"run.max_steps={size.dpo_steps}"]
         sets.append(f"data.micro_batch_size={min(DPO_MICRO_BATCH, num_pairs)}")  # the test size has few pairs
-        _run(["dpo", *common, *[a for s in sets for a in ("--set", s)]], work / "dpo.log")
+        _run(["dpo", *common, *_set_args(sets)], work / "dpo.log")
         _run(["export", "--run", str(run_dir), "--out", str(export), "--merge"], work / "export.log")
     data = make_data(work / "data" / "synthetic", export, size, "synthetic")  # the DPO'd teacher's samples
     student = ladd_stage(work / "ladd", data, export, size, [])

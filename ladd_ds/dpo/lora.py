@@ -46,6 +46,11 @@ def lora_config(rank: int, alpha: float | None = None, targets: list[str] | None
     )
 
 
+def lora_config_from(settings):
+    """The LoraConfig of a run's `dpo.lora` section (ladd_ds.config.LoRAConfig)."""
+    return lora_config(settings.rank, settings.alpha, settings.targets, settings.mlp, settings.dropout)
+
+
 def add_lora(transformer: nn.Module, config, seed: int = 0) -> list[str]:
     """Add the adapter, freeze everything else. Returns the names of the trainable parameters.
     lora_A's random init comes from `seed` alone, so every rank (and a single-process run) starts

@@ -11,7 +11,7 @@ from ladd_ds.config import Config, ConfigError
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0
-from ladd_ds.dpo.lora import add_lora, lora_config
+from ladd_ds.dpo.lora import add_lora, lora_config_from
 from ladd_ds.dpo.steps import DPOEngines, DPOSteps
 from ladd_ds.training.build import build_flow_model, engine_ds_config, memory_plan
 from ladd_ds.training.trainer import Trainer
@@ -28,8 +28,7 @@ def dpo_dry_run(cfg: Config, world: int) -> str:
     """Build the model on the meta device (with its LoRA), count parameters, plan memory per rank."""
     model = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta")
     if cfg.dpo.mode == "lora":
-        lc = cfg.dpo.lora
-        add_lora(model.transformer, lora_config(lc.rank, lc.alpha, lc.targets, lc.mlp, lc.dropout))
+        add_lora(model.transformer, lora_config_from(cfg.dpo.lora))
     else:
         model.requires_grad_(True)
     configs = build_dpo_ds_configs(cfg, world)
@@ -82,10 +81,8 @@ class DPOTrainer(Trainer, DPOSteps):
             model.transformer.enable_gradient_checkpointing()
         reference = None
         if cfg.dpo.mode == "lora":
-            lc = cfg.dpo.lora
-            config = lora_config(lc.rank, lc.alpha, lc.targets, lc.mlp, lc.dropout)
-            trainable = add_lora(model.transformer, config, seed=cfg.run.seed)
-            print0(f"LoRA rank {lc.rank} on {len(trainable) // 2} layers; the reference is the model with adapters off")
+            trainable = add_lora(model.transformer, lora_config_from(cfg.dpo.lora), seed=cfg.run.seed)
+            print0(f"LoRA rank {cfg.dpo.lora.rank} on {len(trainable) // 2} layers; the reference is the model with adapters off")
         else:
             ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=self.ds_configs["reference"])
             ref_model.requires_grad_(False).eval()

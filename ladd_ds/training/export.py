@@ -162,7 +162,7 @@ def export_run(
 
 
 def export_dpo_run(run_dir: Path, cfg, checkpoint: Path, out: Path, merge: bool = False) -> Path:
-    from ladd_ds.dpo.lora import lora_config, lora_state_dict, save_lora
+    from ladd_ds.dpo.lora import lora_config_from, lora_state_dict, save_lora
     from ladd_ds.models.registry import is_folder
 
     state = consolidate_zero_checkpoint(checkpoint, "model")
@@ -170,8 +170,7 @@ def export_dpo_run(run_dir: Path, cfg, checkpoint: Path, out: Path, merge: bool 
     tmp = _temporary(out)
     lora_mode = cfg.dpo.mode == "lora"
     if lora_mode:
-        lc = cfg.dpo.lora
-        save_lora(tmp / "lora", lora_state_dict(state), lora_config(lc.rank, lc.alpha, lc.targets, lc.mlp, lc.dropout))
+        save_lora(tmp / "lora", lora_state_dict(state), lora_config_from(cfg.dpo.lora))
     if merge or not lora_mode:
         if lora_mode:  # peft's wrapped layers keep the frozen weight as `<layer>.base_layer.weight`
             base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
