@@ -32,11 +32,13 @@ class EvalPrompts:
     labels: list[digits.DigitLabel]
     buckets: list[tuple[int, int]]
 
+    combinations: str = "all"  # digits.PROMPT_SETS: which (digit, color, place) combinations
+
     @classmethod
-    def draw(cls, n: int, seed: int) -> EvalPrompts:
+    def draw(cls, n: int, seed: int, combinations: str = "all") -> EvalPrompts:
         rng = np.random.default_rng(seed)
-        labels = [digits.random_label(rng) for _ in range(n)]
-        return cls(labels, [digits.BUCKETS[i % len(digits.BUCKETS)] for i in range(n)])
+        labels = [digits.random_label(rng, combinations=combinations) for _ in range(n)]
+        return cls(labels, [digits.BUCKETS[i % len(digits.BUCKETS)] for i in range(n)], combinations)
 
     def by_bucket(self) -> dict[tuple[int, int], list[int]]:
         out: dict[tuple[int, int], list[int]] = {}
@@ -79,11 +81,14 @@ class DemoEvaluator:
         self.classifier = classifier.eval()
         self.prompts = prompts
         self.fd = FrechetInceptionDistance(feature=classifier, reset_real_features=False, normalize=True)
-        # Real reference: held-out source digits, labels drawn like the prompts, both buckets.
+        # Real reference: held-out source digits, labels drawn like the prompts (from the same
+        # combinations), both buckets.
         per_bucket = num_real // len(digits.BUCKETS)
         with torch.no_grad():
             for k, bucket in enumerate(digits.BUCKETS):
-                real = digits.make_samples(per_bucket, "heldout", seed=real_seed + k, bucket=bucket)
+                real = digits.make_samples(
+                    per_bucket, "heldout", seed=real_seed + k, bucket=bucket, combinations=prompts.combinations
+                )
                 self.fd.update(torch.stack([r[0] for r in real]), real=True)
         self.num_real = per_bucket * len(digits.BUCKETS)
 

@@ -86,8 +86,15 @@ def sample_latents(
     from ladd_ds.models.flow_model import FlowModel
 
     device = next(sm.transformer.parameters()).device
-    if height % (sm.factor * 2) or width % (sm.factor * 2):
-        raise ValueError(f"size {height}x{width}: height and width must be multiples of {sm.factor * 2} (codec x patch)")
+    config = sm.transformer.config
+    step = sm.factor * config.patch_size
+    if height % step or width % step:
+        raise ValueError(f"size {height}x{width}: height and width must be multiples of {step} (codec x patch)")
+    if config.pos_embed_max_size and max(height, width) > config.pos_embed_max_size * step:
+        raise ValueError(
+            f"size {height}x{width}: this model's position embeddings cover at most "
+            f"{config.pos_embed_max_size * step} pixels per side; pass a smaller --size"
+        )
     teacher = TeacherSampler(sm.transformer, sm.text, sm.shift, sm.factor) if sm.kind == "teacher" else None
     student = FlowModel(sm.transformer) if sm.kind == "student" else None
     channels = sm.transformer.config.in_channels
@@ -160,8 +167,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def image_grid(images: torch.Tensor, rows: int, pad: int = 2) -> np.ndarray:
-    """(N, 3, H, W) -> one (rows*(H+pad), cols*(W+pad), 3) uint8 picture, row-major."""
+def image_grid(images: torch.Tensor, rows: int, pad: int = 2, zoom: int | None = None) -> np.ndarray:
+    """(N, 3, H, W) -> one (rows*(H+pad), cols*(W+pad), 3) uint8 picture, row-major. Each image is
+    enlarged `zoom` times (nearest neighbour); by default small images (the CPU demo's 16x16) are
+    enlarged to at least 64 pixels so that a grid is readable."""
+    zoom = zoom or max(1, 64 // min(images.shape[-2:]))
+    if zoom > 1:
+        images = images.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
     n, _, h, w = images.shape
     cols = -(-n // rows)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 64, dtype=np.uint8)
@@ -172,7 +184,8 @@ def image_grid(images: torch.Tensor, rows: int, pad: int = 2) -> np.ndarray:
 
 
 def save_samples(out: Path, images: torch.Tensor, prompt_index: list[int], seeds: list[int], prompts: list[str], rows: int):
-    """out.png (grid, `rows` rows) and out.npz, each written to a temporary name first."""
+    """out.png (grid, `rows` rows; small images enlarged, see image_grid) and out.npz (the images
+    at their own size), each written to a temporary name first."""
     from PIL import Image
 
     out = Path(out)
@@ -186,6 +199,17 @@ def save_samples(out: Path, images: torch.Tensor, prompt_index: list[int], seeds
     tmp_png.replace(png)
     tmp_npz.replace(npz)
     return png, npz
+
+
+def default_size(sm: SamplingModel) -> tuple[int, int]:
+    """The image size `ladd-ds sample` uses without --size: the one the model records (a demo
+    teacher's ladd_model.json, a student's first training bucket), else the transformer's
+    sample_size in pixels (1024x1024 for SD3)."""
+    recorded = sm.info.get("default_size") or sm.info.get("sampling", {}).get("default_size")
+    if recorded:
+        return int(recorded[0]), int(recorded[1])
+    side = sm.transformer.config.sample_size * sm.factor
+    return side, side
 
 
 def run_sample(
@@ -222,8 +246,7 @@ def run_sample(
         cfg = 1.0 if sm.kind == "student" else 4.0
     if sm.kind == "student" and cfg != 1.0:
         raise ValueError("--cfg: the LADD student samples without guidance (DESIGN.md 1.7); leave --cfg unset or 1")
-    sample_size = sm.transformer.config.sample_size * sm.factor
-    height, width = parse_bucket(size) if size else (sample_size, sample_size)
+    height, width = parse_bucket(size) if size else default_size(sm)
     index = [i for i in range(len(prompts)) for _ in range(per_prompt)]
     seeds = [derive_seed(seed, i, j) for i in range(len(prompts)) for j in range(per_prompt)]
     images, seconds = generate(sm, [prompts[i] for i in index], seeds, height, width, steps, cfg)

@@ -10,7 +10,7 @@ import pytest
 from evaluation.digit_classifier import accuracy, held_out_set, train_classifier
 from ladd_ds.cli import main
 from ladd_ds.demo import digits
-from ladd_ds.demo.pipeline import ABLATIONS, SIZES
+from ladd_ds.demo.pipeline import ABLATIONS, SIZES, discriminator_separation
 from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
 
 
@@ -57,6 +57,54 @@ def test_report_numbers_come_from_the_evaluation(demo):
         row = next(r for r in results["rows"] if r["kind"] == kind and r["steps"] == int(cells[1]))
         assert cells[3] == f"{row['fd']:.2f} ± {row['fd_std']:.2f}"
         assert cells[4] == f"{row['alignment']:.3f} ± {row['alignment_std']:.3f}"
+
+
+def test_held_out_prompts_get_their_own_rows_and_goals(demo):
+    run = demo / "run"
+    results = json.loads((run / "eval.json").read_text())
+    held = results["heldout_rows"]
+    names = {(r["kind"], r["steps"]) for r in held}
+    assert {("teacher", 4), ("student", 1), ("student", 4)} <= names
+    assert all(r["num_images"] == SIZES["test"].heldout_prompts and r["finite"] for r in held)
+    assert sorted(results["heldout_combinations"]) == sorted(lb.prompt for lb in digits.HELD_OUT_COMBINATIONS)
+    # No held-out combination reached synth or the student's training data.
+    synth_prompts = [json.loads(line)["prompt"] for line in (run / "data" / "synthetic_prompts.jsonl").read_text().splitlines()]
+    assert not set(synth_prompts) & set(results["heldout_combinations"])
+    report = (run / "report.md").read_text()
+    assert "## Held-out prompts" in report and "## Goals" in report
+    assert "Held-out prompts: Student 1 step vs teacher 4 steps" in report
+    d = results["discriminator"]
+    assert d["steps"] >= 1 and math.isclose(d["separation"], d["real_logit"] - d["fake_logit"])
+    assert f"separation {d['separation']:+.3f}" in report
+
+
+def test_discriminator_separation_reads_the_logged_logits(tmp_path):
+    records = [
+        {"step": 10, "d/real_logit": 0.0, "d/fake_logit": 0.0},  # warm-up: left out
+        {"step": 20, "d/real_logit": 0.5, "d/fake_logit": -0.5},
+        {"step": 25, "loss/generator": 1.0},  # a record without discriminator metrics
+        {"step": 30, "d/real_logit": 0.25, "d/fake_logit": 0.75},
+        {"step": 40, "d/real_logit": "nan", "d/fake_logit": "nan"},  # a skipped step (json keeps NaN as text)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    d = discriminator_separation(tmp_path, after_step=10)
+    assert d["steps"] == 2
+    assert math.isclose(d["real_logit"], 0.375) and math.isclose(d["fake_logit"], 0.125)
+    assert math.isclose(d["separation"], 0.25)
+    assert math.isclose(d["separation_stderr"], 0.75)  # gaps 1.0 and -0.5: std 1.06, over sqrt(2)
+
+
+def test_cached_teacher_key_follows_architecture_and_data(monkeypatch):
+    from ladd_ds.models.registry import PRESETS
+
+    settings = PretrainSettings(steps=10)
+    key = settings.key()
+    assert PretrainSettings(steps=10).key() == key and PretrainSettings(steps=11).key() != key
+    monkeypatch.setitem(PRESETS, "demo", {**PRESETS["demo"], "num_layers": 5})
+    assert settings.key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(digits, "BUCKETS", [(16, 16)])
+    assert settings.key() != key
 
 
 def test_ablations_each_get_rows(demo):

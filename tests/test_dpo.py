@@ -283,8 +283,8 @@ def test_pairs_keep_the_best_and_the_worst_sample(tmp_path):
         "pairs.scorer_args={scale: 2.0}",
         "pairs.samples_per_prompt=3",
         "pairs.steps=2",
-        "pairs.height=24",
-        "pairs.width=24",
+        "pairs.height=16",
+        "pairs.width=16",
         "pairs.batch_size=4",  # one prompt per sampling batch: batches do not change samples
     ]
     summary = make_pairs(load_config(DPO_CONFIG, sets), tmp_path / "pairs")
@@ -381,7 +381,7 @@ def test_sample_applies_a_lora(tmp_path):
     save_lora(tmp_path / "lora", lora_state_dict(transformer.state_dict()), config)
 
     def images(name, lora=None):
-        run_sample(str(teacher), str(prompts), 2, 3.0, 0, str(tmp_path / name), 2, "24x24", lora)
+        run_sample(str(teacher), str(prompts), 2, 3.0, 0, str(tmp_path / name), 2, "16x16", lora)
         return np.load(tmp_path / f"{name}.npz")["images"]
 
     base = images("base")

@@ -79,15 +79,18 @@ def test_sample_command_on_a_teacher_folder(teacher_folder, tmp_path):
     prompts.write_text("a red seven in the top left\na blue one in the bottom right\n")
     out = tmp_path / "grid"
     args = ["sample", "--model", str(teacher_folder), "--prompts", str(prompts), "--steps", "2", "--cfg", "2"]
-    assert main([*args, "--seed", "1", "--per-prompt", "3", "--size", "32x48", "--out", str(out)]) == 0
+    assert main([*args, "--seed", "1", "--per-prompt", "3", "--size", "16x24", "--out", str(out)]) == 0
     data = np.load(out.with_suffix(".npz"))
-    assert data["images"].shape == (6, 32, 48, 3) and data["images"].dtype == np.uint8
+    assert data["images"].shape == (6, 16, 24, 3) and data["images"].dtype == np.uint8
     assert data["prompt_index"].tolist() == [0, 0, 0, 1, 1, 1]
     assert list(data["prompts"]) == prompts.read_text().split("\n")[:2]
     assert out.with_suffix(".png").is_file()
     # Same seed, same images; the info file names the codec the folder needs.
-    assert main([*args, "--seed", "1", "--per-prompt", "3", "--size", "32x48", "--out", str(tmp_path / "again")]) == 0
+    assert main([*args, "--seed", "1", "--per-prompt", "3", "--size", "16x24", "--out", str(tmp_path / "again")]) == 0
     assert np.array_equal(np.load(tmp_path / "again.npz")["images"], data["images"])
+    # Without --size: the size the teacher recorded (the demo's square bucket).
+    assert main([*args, "--seed", "1", "--out", str(tmp_path / "default")]) == 0
+    assert np.load(tmp_path / "default.npz")["images"].shape[1:3] == (16, 16)
     assert json.loads((teacher_folder / "ladd_model.json").read_text())["codec"] == "pixel-unshuffle"
 
 
@@ -96,6 +99,20 @@ def test_sample_command_errors(teacher_folder, tmp_path, capsys):
     prompts.write_text("a red seven in the top left\n")
     assert main(["sample", "--model", str(tmp_path), "--prompts", str(prompts), "--out", str(tmp_path / "x")]) == 2
     assert "expected a ladd-ds export" in capsys.readouterr().err
-    bad_size = ["--size", "30x30", "--out", str(tmp_path / "x")]
+    bad_size = ["--size", "30x31", "--out", str(tmp_path / "x")]
     assert main(["sample", "--model", str(teacher_folder), "--prompts", str(prompts), *bad_size]) == 2
-    assert "multiples of 4" in capsys.readouterr().err
+    assert "multiples of 2" in capsys.readouterr().err
+    too_large = ["--size", "32x32", "--out", str(tmp_path / "x")]
+    assert main(["sample", "--model", str(teacher_folder), "--prompts", str(prompts), *too_large]) == 2
+    assert "cover at most 24 pixels" in capsys.readouterr().err
+
+
+def test_grid_enlarges_small_images_and_keeps_large_ones():
+    from ladd_ds.sampling import image_grid
+
+    small = torch.rand(3, 3, 16, 24)
+    grid = image_grid(small, rows=1)  # 16 px -> zoom 4
+    assert grid.shape == (2 + 4 * 16 + 2, 2 + 3 * (4 * 24 + 2), 3)
+    assert (grid[2 : 2 + 4, 2 : 2 + 4] == grid[2, 2]).all()  # one source pixel -> a 4x4 block
+    assert image_grid(small, rows=3, zoom=1).shape == (3 * 18 + 2, 26 + 2, 3)
+    assert image_grid(torch.rand(1, 3, 128, 128), rows=1).shape == (132, 132, 3)

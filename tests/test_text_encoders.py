@@ -66,3 +66,22 @@ def test_folder_without_encoders_is_rejected(tmp_path):
     (tmp_path / "text_encoder").mkdir()
     with pytest.raises(ValueError, match=r"lacks tokenizer, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3"):
         load_sd3_text_encoders(tmp_path)
+
+
+def test_word_vocabulary_gives_one_token_per_known_word(tmp_path):
+    from ladd_ds.demo.digits import PROMPT_WORDS
+
+    words = build_tiny_text_encoders("tiny", seed=0, drop_t5=True, max_t5_tokens=0, clip_tokens=12, words=PROMPT_WORDS)
+    tok = words.pipe.tokenizer
+    prompt = "a yellow seven in the bottom right"
+    tokens = tok.convert_ids_to_tokens(tok(prompt)["input_ids"])
+    assert tokens[1:-1] == [f"{w}</w>" for w in prompt.split()]  # between start and end: one per word
+    unknown = "an owl"  # words outside the vocabulary still tokenize, byte by byte
+    assert tok.decode(tok(unknown)["input_ids"], skip_special_tokens=True).strip() == unknown
+    assert len(tok(unknown)["input_ids"]) > len(unknown.split()) + 2
+    embeds, pooled = words.encode_full([prompt, "a blue seven in the bottom right"])
+    assert embeds.shape[1] == 12 and not torch.allclose(pooled[0], pooled[1])
+    # The tokenizer the pipeline saves is the one it loads back (a teacher folder keeps it).
+    tok.save_pretrained(tmp_path / "tokenizer")
+    again = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    assert again(prompt)["input_ids"] == tok(prompt)["input_ids"]

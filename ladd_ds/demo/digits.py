@@ -29,11 +29,21 @@ COLORS = {
     "yellow": (1.0, 0.9, 0.2),
 }
 PLACES = ["top left", "top right", "bottom left", "bottom right"]
-BUCKETS = [(24, 24), (24, 36)]  # (height, width) in pixels: square and wide
+PROMPT_WORDS = sorted({"a", "in", "the", *DIGIT_WORDS, *COLORS, *(w for p in PLACES for w in p.split())})
+BUCKETS = [(16, 16), (16, 24)]  # (height, width) in pixels: square and wide
 CODEC = PixelUnshuffleCodec(factor=2)  # (3, H, W) -> (12, H/2, W/2)
 LATENT_CHANNELS = CODEC.channels
-MIN_SIZE, MAX_SIZE = 8, 11  # the 8x8 source digit is drawn at 8 to 11 pixels
+# The 8x8 source digit is drawn at its own size and fills a quadrant of the square canvas; in the
+# wide one it sits anywhere along its half's width. Digits drawn at 8-11 px with random offsets
+# in 24x24 / 24x36 canvases (4x4-pixel tokens) stayed at chance in 1,500 steps; at 8 px in
+# quadrants of 2x2-pixel tokens the teacher reads 0.45 after 1,500 steps (README, "The demo").
+MIN_SIZE, MAX_SIZE = 8, 8
 HELD_OUT_FROM = 1500  # source digits [0, 1500) train, [1500, 1797) held out
+
+
+def data_identity() -> dict:
+    """The settings that define the rendered data (part of a cached teacher's key)."""
+    return {"buckets": BUCKETS, "digit_size": [MIN_SIZE, MAX_SIZE], "codec_factor": CODEC.factor, "colors": COLORS}
 
 
 @dataclass(frozen=True)
@@ -82,22 +92,47 @@ def render(digit: np.ndarray, label: DigitLabel, height: int, width: int, rng: n
     return image
 
 
-def random_label(rng: np.random.Generator, digit: int | None = None) -> DigitLabel:
-    digit = int(rng.integers(10)) if digit is None else digit
-    return DigitLabel(digit, str(rng.choice(list(COLORS))), str(rng.choice(PLACES)))
+def _held_out_combinations() -> frozenset[DigitLabel]:
+    """20 of the 160 (digit, color, place) combinations, two per digit, that the demo keeps out of
+    synth, the student's training and the DPO pairs: the held-out prompt set. Every digit, color
+    and place still occurs in training, only not in these combinations."""
+    colors = list(COLORS)
+    out = set()
+    for d in range(10):
+        for k in (0, 2):
+            out.add(DigitLabel(d, colors[(d + k) % 4], PLACES[(d + d // 4 + k + k // 2) % 4]))
+    return frozenset(out)
+
+
+HELD_OUT_COMBINATIONS = _held_out_combinations()
+PROMPT_SETS = ("all", "seen", "held_out")  # which combinations random_label may draw
+
+
+def random_label(rng: np.random.Generator, digit: int | None = None, combinations: str = "all") -> DigitLabel:
+    """A uniformly drawn label (with `digit` fixed if given) from `combinations`: "all", "seen"
+    (not held out) or "held_out" (HELD_OUT_COMBINATIONS)."""
+    if combinations not in PROMPT_SETS:
+        raise ValueError(f"combinations must be one of {PROMPT_SETS}, got {combinations!r}")
+    while True:
+        label = DigitLabel(
+            int(rng.integers(10)) if digit is None else digit, str(rng.choice(list(COLORS))), str(rng.choice(PLACES))
+        )
+        if combinations == "all" or (label in HELD_OUT_COMBINATIONS) == (combinations == "held_out"):
+            return label
 
 
 def make_samples(
-    n: int, split: str, seed: int, bucket: tuple[int, int] | None = None, source=None
+    n: int, split: str, seed: int, bucket: tuple[int, int] | None = None, source=None, combinations: str = "all"
 ) -> list[tuple[torch.Tensor, DigitLabel, tuple[int, int]]]:
     """n (image, label, bucket) triples, reproducible from (split, seed); the bucket of each is
-    random unless `bucket` is given. `source`: load_source_digits(split), to skip reloading."""
+    random unless `bucket` is given. `source`: load_source_digits(split), to skip reloading.
+    `combinations`: which (digit, color, place) combinations to draw (see random_label)."""
     images, targets = source if source is not None else load_source_digits(split)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         i = int(rng.integers(len(images)))
-        label = random_label(rng, int(targets[i]))
+        label = random_label(rng, int(targets[i]), combinations)
         hw = bucket or BUCKETS[int(rng.integers(len(BUCKETS)))]
         out.append((render(images[i], label, *hw, rng), label, hw))
     return out

@@ -52,8 +52,10 @@ class DemoSize:
     grid_prompts: int = 8
     grid_columns: int = 6
     sample_every: int = 100
-    dpo_prompts: int = 320  # prompts ranked by `ladd-ds pairs` (K samples each): each of the 160 about twice
+    dpo_prompts: int = 320  # prompts ranked by `ladd-ds pairs` (K samples each): each of the 140 about twice
     dpo_steps: int = 150
+    heldout_prompts: int = 96  # prompts of digits.HELD_OUT_COMBINATIONS, never in synth or LADD training
+    heldout_seeds: list[int] = field(default_factory=lambda: [10, 11, 12])  # noise seeds the main table never uses
 
 
 SIZES = {
@@ -84,13 +86,14 @@ SIZES = {
         sample_every=2,
         dpo_prompts=8,
         dpo_steps=2,
+        heldout_prompts=8,
     ),
 }
 
 # Each ablation: a name, what it changes, and the `--set` overrides of the LADD run.
 ABLATIONS = [
     ("real data", "trained on encoded real training images instead of teacher samples", {"data": "real"}),
-    ("re-noise m=-1", "ladd.renoise_m = -1", {"set": ["ladd.renoise_m=-1.0"]}),
+    ("re-noise m=1 (paper)", "ladd.renoise_m = 1", {"set": ["ladd.renoise_m=1.0"]}),
     ("re-noise m=0", "ladd.renoise_m = 0", {"set": ["ladd.renoise_m=0.0"]}),
     ("heads on last block only", "discriminator.taps = [last block]", {"set": ["discriminator.taps=[LAST]"]}),
     ("without distillation loss", "ladd.distill_weight = 0", {"set": ["ladd.distill_weight=0.0"]}),
@@ -116,12 +119,13 @@ def _run(args: list[str], log: Path) -> None:
 
 
 def write_prompt_file(path: Path, n: int, seed: int) -> Path:
-    """JSONL prompts with a bucket each (half per bucket) and labels drawn uniformly."""
+    """JSONL prompts with a bucket each (half per bucket) and labels drawn uniformly from the
+    combinations that are not held out (digits.HELD_OUT_COMBINATIONS)."""
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
         h, w = digits.BUCKETS[i % len(digits.BUCKETS)]
-        lines.append(json.dumps({"prompt": digits.random_label(rng).prompt, "bucket": f"{h}x{w}"}))
+        lines.append(json.dumps({"prompt": digits.random_label(rng, combinations="seen").prompt, "bucket": f"{h}x{w}"}))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -134,7 +138,8 @@ def write_real_images(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     captions = []
     per_bucket = [
-        digits.make_samples(n // len(digits.BUCKETS), "train", seed=seed + k, bucket=b) for k, b in enumerate(digits.BUCKETS)
+        digits.make_samples(n // len(digits.BUCKETS), "train", seed=seed + k, bucket=b, combinations="seen")
+        for k, b in enumerate(digits.BUCKETS)
     ]
     for i, (image, label, _) in enumerate(s for samples in per_bucket for s in samples):  # as many per bucket as synth
         name = f"{i:06d}.png"
@@ -185,20 +190,55 @@ def ladd_stage(work: Path, data: Path, teacher: Path, size: DemoSize, extra_sets
     return export
 
 
-def evaluate_models(teacher: Path, student: Path, size: DemoSize, evaluator, teacher_rows: bool = True) -> list[dict]:
+def evaluate_models(
+    teacher: Path,
+    student: Path,
+    size: DemoSize,
+    evaluator,
+    teacher_steps: list[int] | None = None,
+    seeds: list[int] | None = None,
+) -> list[dict]:
+    """Rows for the teacher at `teacher_steps` (default: all of the size's; [] for none) and the
+    student at the size's student steps, each over `seeds` (default: the size's)."""
     from ladd_ds.sampling import load_sampling_model
 
+    seeds = size.seeds if seeds is None else seeds
+    teacher_steps = size.teacher_steps if teacher_steps is None else teacher_steps
     rows = []
-    if teacher_rows:
+    if teacher_steps:
         tm = load_sampling_model(teacher)
-        for steps in sorted(size.teacher_steps, reverse=True):
+        for steps in sorted(teacher_steps, reverse=True):
             print(f"evaluate: teacher {steps} steps, CFG {size.teacher_cfg}", flush=True)
-            rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, size.teacher_cfg, size.seeds).summary())
+            rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, size.teacher_cfg, seeds).summary())
     sm = load_sampling_model(student)
     for steps in size.student_steps:
         print(f"evaluate: LADD student {steps} steps", flush=True)
-        rows.append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, size.seeds).summary())
+        rows.append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, seeds).summary())
     return rows
+
+
+def discriminator_separation(run_dir: Path, after_step: int) -> dict:
+    """From the LADD run's metrics.jsonl: the mean of d/real_logit - d/fake_logit over the logged
+    steps after `after_step` (the warm-up), its standard error over those steps, and the mean of
+    each logit. Clearly positive (several standard errors): the heads tell the teacher's samples
+    from the student's."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    logged = [r for r in records if "d/real_logit" in r and isinstance(r["d/real_logit"], float)]
+    late = [r for r in logged if r["step"] > after_step] or logged
+    if not late:
+        return {"steps": 0}
+    real = np.array([r["d/real_logit"] for r in late])
+    fake = np.array([r["d/fake_logit"] for r in late])
+    gap = real - fake
+    stderr = float(gap.std(ddof=1) / np.sqrt(len(gap))) if len(gap) > 1 else float("inf")
+    return {
+        "steps": len(late),
+        "after_step": after_step,
+        "real_logit": float(real.mean()),
+        "fake_logit": float(fake.mean()),
+        "separation": float(gap.mean()),
+        "separation_stderr": stderr,
+    }
 
 
 def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list[Path]:
@@ -223,7 +263,7 @@ def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list
 def write_plain_prompts(path: Path, n: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(digits.random_label(rng).prompt for _ in range(n)) + "\n")
+    path.write_text("\n".join(digits.random_label(rng, combinations="seen").prompt for _ in range(n)) + "\n")
     return path
 
 
@@ -278,6 +318,7 @@ def run_demo(
 ) -> Path:
     from evaluation.demo_eval import DemoEvaluator, EvalPrompts
     from evaluation.digit_classifier import cached_classifier, classifier_folder
+    from ladd_ds.config import load_config
     from ladd_ds.demo.pretrain import cached_teacher
     from ladd_ds.demo.report import write_report
     from ladd_ds.models.registry import resolve_model_config
@@ -303,17 +344,26 @@ def run_demo(
     timings["LADD train + export"] = time.time() - t0
 
     t0 = time.time()
-    evaluator = DemoEvaluator(classifier, EvalPrompts.draw(s.eval_prompts, seed=2024), num_real=s.num_real)
+    evaluator = DemoEvaluator(classifier, EvalPrompts.draw(s.eval_prompts, seed=2024, combinations="seen"), num_real=s.num_real)
     rows = evaluate_models(teacher, student, s, evaluator)
+    # Prompts of combinations that synth and LADD never saw, with other noise seeds.
+    heldout = DemoEvaluator(
+        classifier, EvalPrompts.draw(s.heldout_prompts, seed=2025, combinations="held_out"), num_real=s.num_real
+    )
+    heldout_rows = evaluate_models(teacher, student, s, heldout, [max(s.teacher_steps), 4], s.heldout_seeds)
     grids = write_grids(out, teacher, student, s)
     timings["evaluation + grids"] = time.time() - t0
+    warmup = load_config(DEMO_CONFIG).optim.warmup_steps
 
     ablation_rows = []
     if ablations:
         t0 = time.time()
         baseline = "baseline (configs/demo.yaml)"
+        main_separation = discriminator_separation(out / "main" / "run", warmup).get("separation")
         ablation_rows += [
-            {**r, "ablation": baseline, "change": "none"} for r in rows if r["kind"] == "student" and r["steps"] in (1, 4)
+            {**r, "ablation": baseline, "change": "none", "d_separation": main_separation}
+            for r in rows
+            if r["kind"] == "student" and r["steps"] in (1, 4)
         ]
         last_block = resolve_model_config(str(teacher))["num_layers"] - 1
         for name, what, change in ABLATIONS:
@@ -321,9 +371,10 @@ def run_demo(
             ablation_data = make_data(out / "data" / kind, teacher, s, kind)
             sets = [x.replace("LAST", str(last_block)) for x in change.get("set", [])]
             export = ladd_stage(out / "ablations" / _slug(name), ablation_data, teacher, s, sets)
-            for row in evaluate_models(teacher, export, s, evaluator, teacher_rows=False):
+            separation = discriminator_separation(export.parent / "run", warmup).get("separation")
+            for row in evaluate_models(teacher, export, s, evaluator, teacher_steps=[]):
                 if row["steps"] in (1, 4):
-                    ablation_rows.append({**row, "ablation": name, "change": what})
+                    ablation_rows.append({**row, "ablation": name, "change": what, "d_separation": separation})
         timings["ablations"] = time.time() - t0
 
     dpo_rows = []
@@ -338,6 +389,9 @@ def run_demo(
         "classifier": classifier_info,
         "num_real": evaluator.num_real,
         "rows": rows,
+        "heldout_rows": heldout_rows,
+        "heldout_combinations": sorted(label.prompt for label in digits.HELD_OUT_COMBINATIONS),
+        "discriminator": discriminator_separation(out / "main" / "run", after_step=warmup),
         "ablations": ablation_rows,
         "dpo": dpo_rows,
         "timings_s": timings,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -35,9 +36,11 @@ from ladd_ds.ladd.flow import add_noise, sample_logit_normal, velocity_target
 from ladd_ds.models.codec import PIXEL_UNSHUFFLE
 from ladd_ds.models.flow_model import FlowModel
 
-# The demo's CLIPs read 40 byte-level tokens (the longest prompt has 34 characters) instead of
-# SD3's 77: about 40% fewer tokens per transformer call, which matters on a 2-core CPU.
-CLIP_CONTEXT = 40
+# The demo's CLIPs know the demo's 21 prompt words as whole tokens (any other text still
+# tokenizes byte by byte), so a prompt is 9 tokens with start and end, and their context is 12
+# tokens instead of SD3's 77. In SD3's joint blocks text tokens cost as much as image tokens, so
+# this is a large share of every transformer call on a 2-core CPU.
+CLIP_CONTEXT = 12
 INFO_FILE = "ladd_model.json"  # read by ladd_ds.sampling: the latent codec and schedule shift
 
 
@@ -47,6 +50,7 @@ class PretrainSettings:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay after the warm-up, down to this fraction of lr
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
     seed: int = 0
@@ -54,8 +58,17 @@ class PretrainSettings:
     shift: float = 1.0  # sampling schedule shift recorded with the model
 
     def key(self) -> str:
-        """Identifies a cached teacher: the same settings give the same weights."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Identifies a cached teacher: the same settings, architecture, data and text encoders
+        give the same weights (a change of any of them must not reuse an old cache entry)."""
+        from ladd_ds.models.registry import PRESETS
+
+        identity = {
+            "settings": asdict(self),
+            "architecture": PRESETS[self.preset],
+            "data": digits.data_identity(),
+            "text": {"clip_context": CLIP_CONTEXT, "words": digits.PROMPT_WORDS},
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class PromptTable:
@@ -89,6 +102,14 @@ def save_teacher_folder(out: Path, transformer, text_encoder, info: dict) -> Pat
     return out
 
 
+def lr_factor(step: int, s: PretrainSettings) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` at the last step."""
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) -> Path:
     """Train and save the demo teacher; returns the folder."""
     from ladd_ds.models.registry import build_transformer
@@ -97,12 +118,14 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
     s = settings or PretrainSettings()
     out = Path(out)
     torch.manual_seed(s.seed)
-    text = build_tiny_text_encoders(s.preset, seed=s.seed, drop_t5=True, max_t5_tokens=0, clip_tokens=CLIP_CONTEXT)
+    text = build_tiny_text_encoders(
+        s.preset, seed=s.seed, drop_t5=True, max_t5_tokens=0, clip_tokens=CLIP_CONTEXT, words=digits.PROMPT_WORDS
+    )
     table = PromptTable(text)
     model = FlowModel(build_transformer(s.preset, seed=s.seed)).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, s.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
     source = digits.load_source_digits("train")
     gen = torch.Generator().manual_seed(s.seed)
     losses = []
@@ -136,7 +159,8 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
     info = {
         "codec": PIXEL_UNSHUFFLE,
         "shift": s.shift,
-        "max_t5_tokens": 0,  # no T5: prompt_embeds are the 77 CLIP tokens
+        "max_t5_tokens": 0,  # no T5: prompt_embeds are the CLIP tokens only
+        "default_size": list(digits.BUCKETS[0]),  # [height, width] for `ladd-ds sample` without --size
         "settings": asdict(s),
         "key": s.key(),
         "seconds": time.time() - start,

@@ -29,11 +29,17 @@ PRESETS: dict[str, dict] = {
         pooled_projection_dim=16,
         pos_embed_max_size=32,
     ),
-    # The CPU demo's teacher (ladd-ds demo): 12-channel pixel-unshuffle latents of 24x24 and
-    # 24x36 images, 4 blocks of width 128; tiny SD3-shaped text encoders (two CLIPs of width 32).
+    # The CPU demo's teacher (ladd-ds demo): 12-channel pixel-unshuffle latents of 16x16 and
+    # 16x24 images (8x8 and 8x12 latent grids, patch 1: one token per 2x2 pixels), 4 blocks of
+    # width 128; tiny SD3-shaped text encoders (two CLIPs of width 32).
+    # diffusers' PatchEmbed spaces its sin-cos positions base / max apart, with
+    # base = sample_size / patch_size and max = pos_embed_max_size; sample_size 12 with max 12 puts
+    # neighbouring tokens one unit apart (what the frequencies are made for). The earlier 12/32 with
+    # patch 2 spaced them 0.19 apart: neighbours had cosine similarity 0.9994, far corners 0.97,
+    # and the teacher could place a blob in its quadrant but never learned a digit's shape.
     "demo": dict(
         sample_size=12,
-        patch_size=2,
+        patch_size=1,
         in_channels=12,
         out_channels=12,
         num_layers=4,
@@ -42,7 +48,7 @@ PRESETS: dict[str, dict] = {
         joint_attention_dim=64,
         caption_projection_dim=128,
         pooled_projection_dim=32,
-        pos_embed_max_size=32,
+        pos_embed_max_size=12,
     ),
     # SD3-medium (2B): 24 layers, 24 heads x 64, caption projection 1536.
     "sd3-medium": dict(

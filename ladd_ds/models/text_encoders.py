@@ -147,9 +147,31 @@ def _write_byte_level_vocab(folder: Path, specials: list[str]) -> dict[str, int]
     return vocab
 
 
-def _tiny_clip(folder: Path, hidden: int, projection: int, seed: int, context: int = CLIP_TOKENS):
+def _write_word_vocab(folder: Path, specials: list[str], words: list[str]) -> dict[str, int]:
+    """The byte-level vocabulary plus BPE merges learned (by the `tokenizers` library's BPE
+    trainer) on `words`, so that each of them is one token and any other text still tokenizes
+    byte by byte. CLIP's convention: the last symbol of a word carries the "</w>" suffix."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    chars = list(bytes_to_unicode().values())
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, special_tokens=specials, initial_alphabet=chars, end_of_word_suffix="</w>", show_progress=False
+    )
+    bpe.train_from_iterator(sorted(set(words)), trainer)
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokens = specials + chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return vocab
+
+
+def _tiny_clip(folder: Path, hidden: int, projection: int, seed: int, context: int = CLIP_TOKENS, words=None):
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _write_byte_level_vocab(folder, ["<|startoftext|>", "<|endoftext|>"])
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = _write_word_vocab(folder, specials, words) if words else _write_byte_level_vocab(folder, specials)
     tokenizer = CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=context
     )
@@ -201,10 +223,13 @@ def build_tiny_text_encoders(
     drop_t5: bool = False,
     max_t5_tokens: int = 32,
     clip_tokens: int = CLIP_TOKENS,
+    words: list[str] | None = None,
 ) -> SD3TextEncoder:
     """Tiny SD3-shaped encoders for a preset: two CLIPs of width joint_dim / 2 whose projections
     add up to the pooled width, and a T5 of width joint_dim. Random weights from `seed`.
-    `clip_tokens`: the CLIPs' context length (SD3: 77; the CPU demo uses a shorter one)."""
+    `clip_tokens`: the CLIPs' context length (SD3: 77; the CPU demo uses a shorter one).
+    `words`: a closed vocabulary (the CPU demo's prompt words) whose words get one CLIP token
+    each instead of one per byte, so that prompts need far fewer tokens."""
     from ladd_ds.models.registry import resolve_model_config
 
     cfg = resolve_model_config(transformer_preset)
@@ -213,8 +238,8 @@ def build_tiny_text_encoders(
         raise ValueError(f"preset {transformer_preset}: joint_attention_dim and pooled_projection_dim must be even")
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
         root = Path(tmp)
-        clip_l, tok_l = _tiny_clip(root / "clip_l", joint // 2, pooled // 2, seed, clip_tokens)
-        clip_g, tok_g = _tiny_clip(root / "clip_g", joint // 2, pooled // 2, seed + 1, clip_tokens)
+        clip_l, tok_l = _tiny_clip(root / "clip_l", joint // 2, pooled // 2, seed, clip_tokens, words)
+        clip_g, tok_g = _tiny_clip(root / "clip_g", joint // 2, pooled // 2, seed + 1, clip_tokens, words)
         t5, tok_t5 = (None, None) if drop_t5 else _tiny_t5(root / "t5", joint, seed + 2)
     pipe = StableDiffusion3Pipeline(
         transformer=_meta_transformer(cfg),

@@ -79,6 +79,7 @@ def sampling_info(cfg) -> dict:
         "seed": s.seed,
         "codec": _spec(s.vae),
         "student_timesteps": list(cfg.ladd.student_timesteps),
+        "default_size": list(s.buckets[0]),  # [height, width] for `ladd-ds sample` without --size
     }
 
 
