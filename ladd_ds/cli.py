@@ -130,13 +130,16 @@ def _sample_parser(sub) -> None:
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (one grid row per prompt)")
     p.add_argument("--size", default=None, help="HxW in pixels (default: the model's sample size)")
     p.add_argument("--lora", default=None, help="apply this LoRA folder (e.g. a DPO export's lora/) to the model")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="transformer and text encoders dtype")
     p.add_argument("--out", required=True, help="output path: writes OUT.png (grid) and OUT.npz (images, prompt index)")
 
 
 def cmd_sample(args) -> int:
     from ladd_ds.sampling import run_sample
 
-    run_sample(args.model, args.prompts, args.steps, args.cfg, args.seed, args.out, args.per_prompt, args.size, args.lora)
+    run_sample(
+        args.model, args.prompts, args.steps, args.cfg, args.seed, args.out, args.per_prompt, args.size, args.lora, args.precision
+    )
     return 0
 
 

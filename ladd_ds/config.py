@@ -34,6 +34,8 @@ class ModelConfig:
     teacher: str = "tiny"
     # None: the student starts as a copy of the teacher's weights (LADD default).
     student: str | None = None
+    # A preset name as model.student gives a randomly initialised student; that must be asked for.
+    random_init_student: bool = False
     # Recompute block activations in backward instead of storing them (saves memory).
     gradient_checkpointing: bool = False
 
@@ -60,6 +62,10 @@ class LADDConfig:
     renoise_s: float = 1.0
     r1_gamma: float = 0.0  # R1 penalty on head inputs (0 = off)
     distill_weight: float = 0.0  # teacher x0 on the re-noised student output (0 = off)
+    # Guidance scale of that target: the teacher's x0 with classifier-free guidance,
+    # v = v(empty prompt) + w (v(prompt) - v(empty prompt)). None: the scale the data was generated
+    # with (synth.guidance_scale recorded in data.path's manifest.json; 1 for encoded real images).
+    distill_cfg: float | None = None
     # True: the D step reuses the G step's fakes; False: recompute them with the updated student.
     reuse_fakes: bool = True
 
@@ -323,6 +329,14 @@ def _apply_override(raw: dict, override: str) -> None:
 
 def _check(cfg: Config) -> None:
     """Cross-field rules; raised messages name the keys involved."""
+    from ladd_ds.models.registry import PRESETS
+
+    if cfg.model.student in PRESETS and not cfg.model.random_init_student:
+        raise ConfigError(
+            f"model.student = {cfg.model.student!r} is a size preset: the student would start from random weights. "
+            "Pass a local diffusers SD3 folder (e.g. a smaller pretrained model), leave model.student null to start "
+            "from a copy of the teacher, or set model.random_init_student: true to train a random one"
+        )
     ladd = cfg.ladd
     n = len(ladd.student_timesteps)
     if n == 0:
@@ -343,6 +357,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("ladd.renoise_s: must be > 0")
     if ladd.r1_gamma < 0 or ladd.distill_weight < 0:
         raise ConfigError("ladd.r1_gamma and ladd.distill_weight must be >= 0")
+    if ladd.distill_cfg is not None and ladd.distill_cfg < 1:
+        raise ConfigError(f"ladd.distill_cfg must be >= 1 (1 = no guidance) or null, got {ladd.distill_cfg}")
     if cfg.data.source == "mds" and not cfg.data.path:
         raise ConfigError("data.path: required when data.source is 'mds' (a directory of MDS shards)")
     if cfg.data.micro_batch_size < 1:

@@ -41,12 +41,29 @@ class SamplingModel:
         return self.codec.factor
 
 
-def student_schedule(steps: int) -> list[float]:
+def student_schedule(steps: int, trained: list[float] | None = None) -> list[float]:
     """The student's input times for an N-step sample: 1, 1 - 1/N, ... (4 steps: 1, .75, .5, .25,
-    the paper's training set; 2 steps: 1, .5; 1 step: 1)."""
+    the paper's training set; 2 steps: 1, .5; 1 step: 1). With `trained` (ladd.student_timesteps
+    of the run), a schedule that uses a time the student never trained on is refused."""
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
-    return [1.0 - i / steps for i in range(steps)]
+    schedule = [1.0 - i / steps for i in range(steps)]
+    if trained is not None and not _is_trained(schedule, trained):
+        untrained = [round(t, 3) for t in schedule if not _is_trained([t], trained)]
+        raise ValueError(
+            f"--steps {steps}: the student was trained on t in {list(trained)}, which gives samples of "
+            f"{trained_step_counts(trained)} steps; {steps} steps would use the untrained t = {untrained}"
+        )
+    return schedule
+
+
+def _is_trained(schedule: list[float], trained: list[float]) -> bool:
+    return all(any(abs(t - u) < 1e-6 for u in trained) for t in schedule)
+
+
+def trained_step_counts(trained: list[float], up_to: int = 16) -> list[int]:
+    """The step counts N <= up_to whose schedule 1, 1 - 1/N, ... uses only trained times."""
+    return [n for n in range(1, up_to + 1) if _is_trained([1.0 - i / n for i in range(n)], trained)]
 
 
 @torch.no_grad()
@@ -97,6 +114,8 @@ def sample_latents(
         )
     teacher = TeacherSampler(sm.transformer, sm.text, sm.shift, sm.factor) if sm.kind == "teacher" else None
     student = FlowModel(sm.transformer) if sm.kind == "student" else None
+    if student is not None:
+        schedule = student_schedule(steps, sm.info.get("sampling", {}).get("student_timesteps"))
     channels = sm.transformer.config.in_channels
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -104,9 +123,9 @@ def sample_latents(
         if teacher is not None:
             out.append(teacher.sample(p, s, height, width, device, steps, cfg))
         else:
-            embeds, pooled = sm.text.encode_full(p, device)
-            noise = initial_noise(s, channels, height // sm.factor, width // sm.factor).to(device)
-            out.append(ladd_sample(student, embeds, pooled, noise, student_schedule(steps), s))
+            embeds, pooled = (x.to(sm.transformer.dtype) for x in sm.text.encode_full(p, device))
+            noise = initial_noise(s, channels, height // sm.factor, width // sm.factor).to(device, sm.transformer.dtype)
+            out.append(ladd_sample(student, embeds, pooled, noise, schedule, s))
     return torch.cat(out)
 
 
@@ -129,8 +148,15 @@ def _text_encoder(spec: str, preset_or_folder: str, drop_t5: bool, max_t5_tokens
     return text
 
 
-def load_sampling_model(spec: str | Path, device="cpu") -> SamplingModel:
-    """The model, text encoders and latent codec `spec` names (see the module docstring)."""
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32") -> SamplingModel:
+    """The model, text encoders and latent codec `spec` names (see the module docstring).
+    `precision`: the transformer's and the text encoders' dtype (the latent codec stays fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
     from diffusers import SD3Transformer2DModel
 
     from ladd_ds.models.codec import load_codec
@@ -140,10 +166,10 @@ def load_sampling_model(spec: str | Path, device="cpu") -> SamplingModel:
         from ladd_ds.training.export import export_run
 
         with tempfile.TemporaryDirectory() as tmp:
-            return load_sampling_model(export_run(folder, Path(tmp) / "student"), device)
+            return load_sampling_model(export_run(folder, Path(tmp) / "student"), device, precision)
     if not (folder / "transformer" / "config.json").is_file():
         raise ValueError(f"--model {spec}: expected a ladd-ds export, a ladd-ds run directory or a diffusers SD3 folder")
-    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").to(device).eval()
+    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").to(device, dtype).eval()
     channels = transformer.config.in_channels
     if (folder / EXPORT_INFO).is_file():  # a LADD student
         info = json.loads((folder / EXPORT_INFO).read_text())
@@ -152,14 +178,16 @@ def load_sampling_model(spec: str | Path, device="cpu") -> SamplingModel:
             raise ValueError(f"{folder / EXPORT_INFO} has no 'sampling' entry: re-export the run with this version")
         text = _text_encoder(s["text_encoders"], s["teacher"], s["drop_t5"], s["max_t5_tokens"], s["seed"])
         codec = load_codec(s["codec"], channels, seed=s["seed"])
-        return SamplingModel(transformer, text.to(device), codec.to(device), "student", info=info)
+        return SamplingModel(transformer, text.to(device, dtype), codec.to(device), "student", info=info)
     info = json.loads((folder / MODEL_INFO).read_text()) if (folder / MODEL_INFO).is_file() else {}
     if "codec" not in info and not (folder / "vae").is_dir():
         raise ValueError(f"{folder}: no vae/ and no {MODEL_INFO} naming a latent codec; cannot decode images")
     drop_t5 = not (folder / "text_encoder_3").is_dir()
     text = _text_encoder(str(folder), str(folder), drop_t5, info.get("max_t5_tokens", 256), 0)
     codec = load_codec(info.get("codec", str(folder)), channels)
-    return SamplingModel(transformer, text.to(device), codec.to(device), "teacher", shift=info.get("shift", 3.0), info=info)
+    return SamplingModel(
+        transformer, text.to(device, dtype), codec.to(device), "teacher", shift=info.get("shift", 3.0), info=info
+    )
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -222,6 +250,7 @@ def run_sample(
     per_prompt: int,
     size: str | None,
     lora: str | None = None,
+    precision: str = "fp32",
 ):
     from ladd_ds.data.prompts import parse_bucket
 
@@ -237,7 +266,7 @@ def run_sample(
             raise ValueError(f"{path}: every line must be a JSON object with a 'prompt' ({e})") from None
     if not prompts:
         raise ValueError(f"prompt file {path} has no prompts")
-    sm = load_sampling_model(model)
+    sm = load_sampling_model(model, precision=precision)
     if lora is not None:
         from ladd_ds.dpo.lora import load_lora
 

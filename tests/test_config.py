@@ -29,12 +29,19 @@ def test_tiny_config_loads_with_overrides():
         ("data.source=mds", r"data.path: required when data.source is 'mds'"),
         ("discriminator.taps=[]", r"discriminator.taps: distinct block indices"),
         ("model=3", r"model: expected a mapping"),
+        ("model.student=tiny", r"model.student = 'tiny' is a size preset: the student would start from random weights"),
+        ("ladd.distill_cfg=0.5", r"ladd.distill_cfg must be >= 1"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(TINY_CONFIG, [override])
     assert str(TINY_CONFIG) in str(info.value)  # the file is named too
+
+
+def test_a_random_student_must_be_asked_for():
+    cfg = load_config(TINY_CONFIG, ["model.student=tiny", "model.random_init_student=true"])
+    assert cfg.model.student == "tiny"
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -75,3 +82,10 @@ def test_cli_bad_inputs_stop_before_any_engine(tmp_path):
     assert str(shards) in err and "missing column" in err
     err = _cli_error(tmp_path, "data.random_latents.latent_channels=16")
     assert "data.random_latents.latent_channels=16 does not match the teacher's in_channels=4" in err
+
+
+@pytest.mark.parametrize("name", ["sd3_medium.yaml", "sd3_large.yaml"])
+def test_sd3_configs_carry_the_high_resolution_warm_up(name):
+    cfg = load_config(TINY_CONFIG.parent / name)
+    assert cfg.deepspeed.precision == "bf16"
+    assert cfg.ladd.warmup_probs == [0.0, 0.0, 0.5, 0.5] and cfg.ladd.warmup_steps == 500

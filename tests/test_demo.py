@@ -154,3 +154,22 @@ def test_classifier_reads_held_out_digits():
         acc = accuracy(model, images, labels)
         assert acc["color"] > 0.98 and acc["place"] > 0.98, acc
         assert acc["digit"] > 0.88, acc  # chance: 0.10
+
+
+def test_teacher_sampler_sweep_is_reported(demo):
+    """The few-step gap under other (shift, CFG) settings: each at 4 steps and the top step
+    count, with the sampler's shift really changed (the rows differ from the main table's)."""
+    run = demo / "run"
+    results = json.loads((run / "eval.json").read_text())
+    sweep = results["sampler_sweep"]
+    top = max(SIZES["test"].teacher_steps)
+    assert {(r["shift"], r["cfg"], r["steps"]) for r in sweep} == {
+        (shift, cfg, steps) for shift, cfg in SIZES["test"].sampler_sweep for steps in (top, 4)
+    }
+    main_4 = next(r for r in results["rows"] if r["kind"] == "teacher" and r["steps"] == 4)
+    shifted_4 = next(r for r in sweep if r["shift"] != results["teacher_shift"] and r["cfg"] == main_4["cfg"] and r["steps"] == 4)
+    assert shifted_4["fd"] != main_4["fd"]
+    report = (run / "report.md").read_text()
+    a = next(r for r in sweep if r["shift"] == 3.0 and r["cfg"] == 1.5 and r["steps"] == top)
+    b = next(r for r in sweep if r["shift"] == 3.0 and r["cfg"] == 1.5 and r["steps"] == 4)
+    assert f"| 3 | 1.5 | 1 | {a['fd']:.2f} | {b['fd']:.2f} | {b['fd'] / a['fd']:.2f} |" in report

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ladd_ds.config import load_config
+from ladd_ds.ladd import flow
 from ladd_ds.training.trainer import LADDTrainer
 from tests.conftest import TINY_CONFIG
 
@@ -81,6 +82,61 @@ def test_recomputed_fakes_and_distillation(tmp_path, distributed_world_of_one):
     assert m_var["d/real_logit"] == pytest.approx(m_reuse["d/real_logit"], rel=1e-6)
     assert m_var["loss/distill"] > 0 and math.isfinite(m_var["loss/distill"])
     assert "loss/distill" not in m_reuse
+
+
+def test_guided_distillation_target(tmp_path, distributed_world_of_one):
+    """ladd.distill_cfg: the target is the teacher's x0 under classifier-free guidance with the
+    empty prompt's conditioning, padded to the batch's text length like a prompt."""
+    trainer = make_trainer(tmp_path, "ladd.distill_weight=1.0")
+    assert trainer.distill_cfg == 1.0  # random latents record no guidance scale
+    batch = trainer.to_device(next(trainer.batches))
+    b, length, dim = batch["prompt_embeds"].shape
+    neg_embeds = torch.randn(length - 2, dim)  # shorter than the batch: zero-padded
+    neg_pooled = torch.randn(batch["pooled"].shape[1])
+    noise = trainer.draw_noise(batch)
+    x = flow.add_noise(batch["latent"], noise.eps_fake, noise.t_fake)
+    teacher = trainer.engines.teacher.module
+    with torch.no_grad():
+        v_c = teacher(x, noise.t_fake, batch["prompt_embeds"], batch["pooled"])
+        padded = torch.cat([neg_embeds, torch.zeros(2, dim)]).expand(b, -1, -1)
+        v_u = teacher(x, noise.t_fake, padded, neg_pooled.expand(b, -1))
+    t = noise.t_fake.view(-1, 1, 1, 1)
+    torch.testing.assert_close(trainer.distill_target(x, noise.t_fake, batch), x - t * v_c)
+    trainer.distill_cfg, trainer.negative = 3.0, (neg_embeds, neg_pooled)
+    guided = trainer.distill_target(x, noise.t_fake, batch)
+    torch.testing.assert_close(guided, x - t * (v_u + 3.0 * (v_c - v_u)), rtol=1e-5, atol=1e-5)
+
+
+def test_guided_distillation_needs_teacher_data(tmp_path, distributed_world_of_one):
+    with pytest.raises(ValueError, match=r"ladd.distill_cfg = 3 needs data from `ladd-ds synth`"):
+        make_trainer(tmp_path, "ladd.distill_weight=1.0", "ladd.distill_cfg=3.0")
+
+
+def test_bf16_training_and_sampling_pass_the_same_fp32_timesteps(tmp_path, distributed_world_of_one):
+    """t is never rounded to the model's dtype: in bf16, 1000 * 0.75 would be 752. Training's
+    student inputs and the 4-step sampler hand the transformer exactly 1000 * t of the trained t's."""
+    from ladd_ds.models.flow_model import FlowModel
+    from ladd_ds.sampling import ladd_sample, student_schedule
+
+    trainer = make_trainer(tmp_path, "deepspeed.precision=bf16")
+    transformer = trainer.engines.student.module.transformer
+    seen = []
+    hook = transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
+    batch = trainer.to_device(next(trainer.batches))
+    noise = trainer.draw_noise(batch)
+    assert noise.t_student.dtype == noise.t_fake.dtype == torch.float32
+    x0 = trainer.student_x0(batch, noise)
+    assert x0.dtype == torch.bfloat16
+    trained = {1000.0 * t for t in trainer.cfg.ladd.student_timesteps}
+    assert seen[0].dtype == torch.float32 and set(seen[0].tolist()) <= trained
+    seen.clear()
+    with torch.no_grad():
+        ladd_sample(
+            FlowModel(transformer), batch["prompt_embeds"], batch["pooled"], noise.eps_student, student_schedule(4), [0] * len(x0)
+        )
+    hook.remove()
+    assert [s.unique().tolist() for s in seen] == [[1000.0], [750.0], [500.0], [250.0]]
+    assert set(s.item() for s in torch.cat(seen)) <= trained
 
 
 def test_r1_penalty_reaches_the_heads(tmp_path, distributed_world_of_one):
@@ -170,3 +226,14 @@ def test_export_equals_the_trained_weights(tmp_path, distributed_world_of_one):
     ema_model = SD3Transformer2DModel.from_pretrained(str(ema), subfolder="transformer")
     ema_weight = dict(ema_model.named_parameters())["proj_out.weight"].detach()
     torch.testing.assert_close(ema_weight.flatten(), trainer.ema.shadow["transformer.proj_out.weight"].flatten())
+    # Sampling the export uses only the times the student trained on (ladd.student_timesteps).
+    from ladd_ds.sampling import default_size, load_sampling_model, sample_latents
+
+    sm = load_sampling_model(out)
+    size = default_size(sm)
+    assert sample_latents(sm, ["a prompt"], [0], *size, steps=2, cfg=1.0).shape[0] == 1
+    with pytest.raises(ValueError, match=r"--steps 3: the student was trained on t in"):
+        sample_latents(sm, ["a prompt"], [0], *size, steps=3, cfg=1.0)
+    fp32 = sample_latents(sm, ["a prompt"], [0], *size, steps=4, cfg=1.0)
+    bf16 = sample_latents(load_sampling_model(out, precision="bf16"), ["a prompt"], [0], *size, steps=4, cfg=1.0)
+    assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.float(), fp32, atol=0.1 * fp32.abs().max().item())

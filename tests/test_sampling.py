@@ -10,7 +10,7 @@ from ladd_ds.cli import main
 from ladd_ds.demo.pretrain import PretrainSettings, pretrain_teacher
 from ladd_ds.models.codec import PixelUnshuffleCodec, VAECodec, codec_factor, load_codec
 from ladd_ds.models.vae import build_tiny_vae
-from ladd_ds.sampling import ladd_sample, load_sampling_model, network_evaluations, student_schedule
+from ladd_ds.sampling import ladd_sample, load_sampling_model, network_evaluations, student_schedule, trained_step_counts
 
 
 def test_student_schedule_matches_the_trained_timesteps():
@@ -19,6 +19,15 @@ def test_student_schedule_matches_the_trained_timesteps():
     assert student_schedule(1) == [1.0]
     with pytest.raises(ValueError):
         student_schedule(0)
+    trained = [1.0, 0.75, 0.5, 0.25]
+    assert trained_step_counts(trained) == [1, 2, 4]
+    assert student_schedule(4, trained) == [1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(
+        ValueError,
+        match=r"--steps 3: the student was trained on t in \[1.0, 0.75, 0.5, 0.25\], which gives "
+        r"samples of \[1, 2, 4\] steps; 3 steps would use the untrained t = \[0.667, 0.333\]",
+    ):
+        student_schedule(3, trained)
 
 
 class PerfectModel:
@@ -92,6 +101,12 @@ def test_sample_command_on_a_teacher_folder(teacher_folder, tmp_path):
     assert main([*args, "--seed", "1", "--out", str(tmp_path / "default")]) == 0
     assert np.load(tmp_path / "default.npz")["images"].shape[1:3] == (16, 16)
     assert json.loads((teacher_folder / "ladd_model.json").read_text())["codec"] == "pixel-unshuffle"
+    # --precision bf16: transformer and text encoders in bf16; the images stay close to fp32's.
+    bf16 = [*args, "--seed", "1", "--per-prompt", "3", "--size", "16x24", "--precision", "bf16"]
+    assert main([*bf16, "--out", str(tmp_path / "bf16")]) == 0
+    assert load_sampling_model(teacher_folder, precision="bf16").transformer.dtype == torch.bfloat16
+    diff = np.abs(np.load(tmp_path / "bf16.npz")["images"].astype(int) - data["images"].astype(int))
+    assert 0 < diff.max() and diff.mean() < 8
 
 
 def test_sample_command_errors(teacher_folder, tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch
 from streaming import StreamingDataset
 
 from ladd_ds.config import load_config
+from ladd_ds.data.manifest import generation_guidance_scale, read_negative_prompt
 from ladd_ds.data.synth import TeacherSampler, completed_indices
 from ladd_ds.models.registry import build_transformer
 from ladd_ds.models.text_encoders import CLIP_TOKENS, build_tiny_text_encoders
@@ -78,6 +79,18 @@ def test_every_prompt_once_in_its_bucket_and_reproducible(reference):
     torch.testing.assert_close(again.half(), torch.from_numpy(s["latent"]))
 
 
+def test_data_records_its_guidance_and_the_empty_prompt(reference):
+    """What a guided distillation target needs (ladd.distill_cfg): the generation's guidance scale
+    and the empty prompt's conditioning, in the shards' compact form."""
+    _, _, out = reference
+    cfg = load_config(TINY_CONFIG, SETS)
+    assert generation_guidance_scale(out) == cfg.synth.guidance_scale
+    embeds, pooled = read_negative_prompt(out, needed_by="test")
+    expected = build_tiny_text_encoders("tiny", seed=0, max_t5_tokens=32).encode([""])
+    torch.testing.assert_close(embeds, expected.prompt_embeds[0], rtol=0, atol=0)
+    torch.testing.assert_close(pooled, expected.pooled[0], rtol=0, atol=0)
+
+
 def test_killed_run_continues_without_duplicates_or_gaps(prompt_file, tmp_path, reference):
     out = tmp_path / "out"
     os.environ["LADD_DS_INJECT_FAULTS"] = "kill@3"  # SIGKILL before committing the third part
@@ -142,10 +155,13 @@ def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path):
     run_dir = tmp_path / "run"
     args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", "2"]
     sets = ["data.source=mds", f"data.path={out}", "data.micro_batch_size=1", "logging.progress_bar=false"]
+    sets.append("ladd.distill_weight=0.5")  # with the guided target: the data's guidance scale
     for s in sets:
         args += ["--set", s]
     proc = run_cli(*args, nproc=2)
     assert "done: step 2" in proc.stdout
+    guidance = load_config(TINY_CONFIG, SETS).synth.guidance_scale
+    assert f"distillation target: teacher x0 with guidance scale {guidance:g}" in proc.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss/generator"]) for r in records)
 
@@ -187,3 +203,29 @@ def test_resume_on_multi_bucket_data_with_two_ranks_is_exact(reference, tmp_path
             for d in (tmp_path / "whole", tmp_path / "split")
         ]
         assert ids[0] == ids[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_folder(tmp_path_factory):
+    """The tiny preset's weights (seed 0, as the fp32 reference used) as a diffusers folder: a
+    ZeRO-3 bf16 build draws a preset's random weights in bf16 under zero.Init, which would be a
+    different random teacher; a folder is what real runs load."""
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    build_transformer("tiny", seed=0).save_pretrained(folder / "transformer")
+    return folder
+
+
+@pytest.mark.parametrize("nproc, zero_stage", [(1, 0), (2, 3)], ids=["replicated", "zero3-2ranks"])
+def test_bf16_synth(prompt_file, tmp_path, reference, tiny_teacher_folder, nproc, zero_stage):
+    """precision bf16 end to end (teacher, text encoders, noise): replicated and with a ZeRO-3
+    teacher on 2 ranks; the samples stay close to the fp32 ones (bf16 round-off only)."""
+    out = tmp_path / "out"
+    extra = ["deepspeed.precision=bf16", f"synth.zero_stage={zero_stage}", f"model.teacher={tiny_teacher_folder}"]
+    synth(prompt_file, out, nproc=nproc, extra=extra)
+    _, samples = read_all(out)
+    _, ref, _ = reference
+    assert sorted(samples) == sorted(ref)
+    for index in ref:
+        a, b = samples[index]["latent"].astype(np.float32), ref[index]["latent"].astype(np.float32)
+        assert np.isfinite(a).all() and np.abs(a - b).max() < 0.1 * np.abs(b).max(), index
+        assert not np.array_equal(a, b)  # really computed in bf16

@@ -49,6 +49,11 @@ PAIR_OPTIONAL_COLUMNS: dict[str, str] = {
 }
 
 INDEX_FILE = "index.json"
+# Next to manifest.json in a synth/encode output root: the empty prompt's conditioning, in the
+# shards' compact form, for classifier-free guidance of the teacher during training
+# (`ladd.distill_cfg`). safetensors with `prompt_embeds` (L, D) and `pooled` (P,), fp32.
+NEGATIVE_PROMPT_FILE = "negative_prompt.safetensors"
+MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from ladd_ds.config import Config, config_to_dict
 from ladd_ds.data.prompts import PromptJob, bucket_name, load_prompt_jobs, parse_bucket
-from ladd_ds.data.writer import write_samples
+from ladd_ds.data.schema import MANIFEST_FILE, NEGATIVE_PROMPT_FILE
+from ladd_ds.data.writer import write_negative_prompt, write_samples
 from ladd_ds.distributed.ranks import barrier, is_main, print0, rank, world_size
 from ladd_ds.training import faults
 
 PART_FILE = "part.indices"  # not *.json: streaming's merge_index reads every json as an index
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 
 
 def check_buckets(buckets: list[list[int]], patch_size: int, codec_factor: int) -> list[str]:
@@ -89,8 +90,9 @@ class TeacherSampler:
     ) -> torch.Tensor:
         """(B, C, height/f, width/f) normalized latents; the initial noise of prompt i comes from
         a generator seeded with seeds[i]."""
-        embeds, pooled = self.text.encode_full(prompts, device)
-        neg_embeds, neg_pooled = self.text.encode_full([""] * len(prompts), device)
+        dtype = self.pipe.transformer.dtype  # bf16 runs: encoders, noise and latents in bf16 as well
+        embeds, pooled = (x.to(dtype) for x in self.text.encode_full(prompts, device))
+        neg_embeds, neg_pooled = (x.to(dtype) for x in self.text.encode_full([""] * len(prompts), device))
         channels = self.pipe.transformer.config.in_channels
         noise = initial_noise(seeds, channels, height // self.factor, width // self.factor)
         return self.pipe(
@@ -98,7 +100,7 @@ class TeacherSampler:
             pooled_prompt_embeds=pooled,
             negative_prompt_embeds=neg_embeds,
             negative_pooled_prompt_embeds=neg_pooled,
-            latents=noise.to(device=device, dtype=embeds.dtype),
+            latents=noise.to(device=device, dtype=dtype),
             height=height,
             width=width,
             num_inference_steps=num_steps,
@@ -159,6 +161,7 @@ def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict) -> dic
         "buckets": counts,
         "source": source,
         "synth": config_to_dict(cfg)["synth"],
+        "negative_prompt": NEGATIVE_PROMPT_FILE,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     tmp = out / f".{MANIFEST}.tmp"
@@ -168,6 +171,8 @@ def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict) -> dic
 
 
 def load_text_encoder(cfg: Config, device):
+    """The text encoders of `synth.text_encoders`, in the run's precision (diffusers' SD3 pipeline
+    runs its encoders in the pipeline's dtype too)."""
     from ladd_ds.models.text_encoders import build_tiny_text_encoders, load_sd3_text_encoders
 
     s = cfg.synth
@@ -176,7 +181,7 @@ def load_text_encoder(cfg: Config, device):
     else:
         text = load_sd3_text_encoders(s.text_encoders, drop_t5=s.drop_t5)
         text.max_t5_tokens = s.max_t5_tokens
-    return text.to(device)
+    return text.to(device, torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
 
 
 def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents, source: dict, text, name: str) -> dict | None:
@@ -220,6 +225,8 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
     bar.close()
     barrier()
     if is_main():
+        negative = text.encode([""], device)  # for the teacher's guidance during training (ladd.distill_cfg)
+        write_negative_prompt(out, negative.prompt_embeds[0], negative.pooled[0])
         manifest = finalize(out, jobs, cfg, source)
         print0(f"{name}: wrote {manifest['samples']} samples to {out}: {manifest['buckets']}")
         return manifest

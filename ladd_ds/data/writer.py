@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from streaming import MDSWriter
 
-from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
+from ladd_ds.data.schema import LATENTS, NEGATIVE_PROMPT_FILE, Layout, validate_mds_dir
 
 # JSON text, but not named *.json: streaming's merge_index(root) takes every .json file under
 # root's sub-directories for an index.json and fails on anything else (streaming 0.13).
@@ -81,6 +81,22 @@ def write_samples(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_negative_prompt(root: str | Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> Path:
+    """ROOT/negative_prompt.safetensors: the empty prompt's (L, D) and (P,) conditioning, in the
+    same compact form as the shards' `prompt_embeds`; temporary name, then rename."""
+    from safetensors.torch import save_file
+
+    path = Path(root) / NEGATIVE_PROMPT_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tensors = {
+        "prompt_embeds": prompt_embeds.detach().float().cpu().contiguous(),
+        "pooled": pooled.detach().float().cpu().contiguous(),
+    }
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    return path
 
 
 def _random_samples(

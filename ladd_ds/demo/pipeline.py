@@ -56,6 +56,9 @@ class DemoSize:
     dpo_steps: int = 150
     heldout_prompts: int = 96  # prompts of digits.HELD_OUT_COMBINATIONS, never in synth or LADD training
     heldout_seeds: list[int] = field(default_factory=lambda: [10, 11, 12])  # noise seeds the main table never uses
+    # Other (schedule shift, CFG) settings of the teacher's sampler, each at 4 steps and the top step
+    # count with the first seed: does the few-step gap depend on the sampler? (1, teacher_cfg) is the main table.
+    sampler_sweep: list[tuple[float, float]] = field(default_factory=lambda: [(3.0, 3.0), (1.0, 1.5), (3.0, 1.5)])
 
 
 SIZES = {
@@ -97,6 +100,7 @@ ABLATIONS = [
     ("re-noise m=0", "ladd.renoise_m = 0", {"set": ["ladd.renoise_m=0.0"]}),
     ("heads on last block only", "discriminator.taps = [last block]", {"set": ["discriminator.taps=[LAST]"]}),
     ("without distillation loss", "ladd.distill_weight = 0", {"set": ["ladd.distill_weight=0.0"]}),
+    ("unguided distillation target", "ladd.distill_cfg = 1 (the data's CFG 3 by default)", {"set": ["ladd.distill_cfg=1.0"]}),
 ]
 
 
@@ -217,6 +221,23 @@ def evaluate_models(
     return rows
 
 
+def teacher_sampler_sweep(teacher: Path, size: DemoSize, evaluator) -> list[dict]:
+    """The teacher at 4 steps and at its top step count under each (shift, CFG) of
+    `size.sampler_sweep` (one seed): rows with a `shift` key."""
+    from ladd_ds.sampling import load_sampling_model
+
+    tm = load_sampling_model(teacher)
+    rows = []
+    for shift, cfg in size.sampler_sweep:
+        tm.shift = shift
+        for steps in (max(size.teacher_steps), 4):
+            print(f"evaluate: teacher {steps} steps, shift {shift:g}, CFG {cfg:g}", flush=True)
+            rows.append(
+                {**evaluator.evaluate(f"teacher {steps} steps", tm, steps, cfg, size.seeds[:1]).summary(), "shift": shift}
+            )
+    return rows
+
+
 def discriminator_separation(run_dir: Path, after_step: int) -> dict:
     """From the LADD run's metrics.jsonl: the mean of d/real_logit - d/fake_logit over the logged
     steps after `after_step` (the warm-up), its standard error over those steps, and the mean of
@@ -322,6 +343,7 @@ def run_demo(
     from ladd_ds.demo.pretrain import cached_teacher
     from ladd_ds.demo.report import write_report
     from ladd_ds.models.registry import resolve_model_config
+    from ladd_ds.sampling import load_sampling_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -353,6 +375,9 @@ def run_demo(
     heldout_rows = evaluate_models(teacher, student, s, heldout, [max(s.teacher_steps), 4], s.heldout_seeds)
     grids = write_grids(out, teacher, student, s)
     timings["evaluation + grids"] = time.time() - t0
+    t0 = time.time()
+    sweep_rows = teacher_sampler_sweep(teacher, s, evaluator)
+    timings["teacher sampler sweep"] = time.time() - t0
     warmup = load_config(DEMO_CONFIG).optim.warmup_steps
 
     ablation_rows = []
@@ -390,6 +415,8 @@ def run_demo(
         "num_real": evaluator.num_real,
         "rows": rows,
         "heldout_rows": heldout_rows,
+        "teacher_shift": load_sampling_model(teacher).shift,
+        "sampler_sweep": sweep_rows,
         "heldout_combinations": sorted(label.prompt for label in digits.HELD_OUT_COMBINATIONS),
         "discriminator": discriminator_separation(out / "main" / "run", after_step=warmup),
         "ablations": ablation_rows,

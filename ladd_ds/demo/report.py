@@ -126,6 +126,27 @@ def goals(results: dict) -> list[str]:
     return out
 
 
+def sampler_sweep_table(results: dict) -> list[str]:
+    """The teacher's few-step gap under each sampler setting: the main table's (shift, CFG) from
+    its rows (all seeds), the sweep's from one seed."""
+    rows = [{**r, "shift": results["teacher_shift"]} for r in results["rows"] if r["kind"] == "teacher"]
+    top = max(r["steps"] for r in rows)
+    rows = [r for r in rows if r["steps"] in (top, 4)] + results["sampler_sweep"]
+    by = {(r["shift"], r["cfg"], r["steps"]): r for r in rows}
+    lines = [
+        f"| shift | CFG | seeds | FD {top} steps | FD 4 steps | FD ratio 4 / {top} | alignment {top} steps | alignment 4 steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shift, cfg in dict.fromkeys((r["shift"], r["cfg"]) for r in rows):
+        a, b = by.get((shift, cfg, top)), by.get((shift, cfg, 4))
+        if a and b:
+            lines.append(
+                f"| {shift:g} | {cfg:g} | {a['seeds']} | {a['fd']:.2f} | {b['fd']:.2f} | {b['fd'] / max(a['fd'], 1e-9):.2f} | "
+                f"{a['alignment']:.3f} | {b['alignment']:.3f} |"
+            )
+    return lines
+
+
 def dpo_findings(rows: list[dict]) -> list[str]:
     """Did DPO raise the teacher's alignment, and does the LoRA help the recipe's student?"""
     by = {(r["model"], r["steps"]): r for r in rows}
@@ -214,6 +235,16 @@ def write_report(out: Path, results: dict) -> Path:
             "sample them with noise seeds the table above does not use.",
             "",
             *table(results["heldout_rows"]),
+            "",
+        ]
+    if results.get("sampler_sweep"):
+        lines += [
+            "## The teacher's few-step gap under other sampler settings",
+            "",
+            "Euler with diffusers' flow-matching scheduler (N steps: sigmas from 1 to 1/1000 in N - 1 intervals, "
+            "then 0), schedule shift `sigma = a t / (1 + (a - 1) t)`. The first row is the main table's setting.",
+            "",
+            *sampler_sweep_table(results),
             "",
         ]
     if results.get("ablations"):

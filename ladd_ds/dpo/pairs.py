@@ -77,7 +77,7 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
         raise FileExistsError(f"pairs output {out} already exists; delete it or choose another pairs.out")
     prompts = read_prompts(p.prompts)
     scorer = load_scorer(p.scorer, p.scorer_args)
-    sm = load_sampling_model(p.model or cfg.model.teacher)
+    sm = load_sampling_model(p.model or cfg.model.teacher, precision=cfg.deepspeed.precision)
     k = p.samples_per_prompt
     per_batch = max(1, p.batch_size // k)
     samples, dropped, gaps = [], 0, []

@@ -51,7 +51,7 @@ class DPOSteps:
         d = self.cfg.dpo
         t = torch.sigmoid(d.t_mean + d.t_std * randn_per_sample(g))
         eps = randn_like_per_sample(x, g)
-        return t.to(device=x.device, dtype=x.dtype), eps  # (B,), (B, C, h, w)
+        return t.to(device=x.device, dtype=torch.float32), eps  # (B,) fp32 (see ladd.flow), (B, C, h, w)
 
     def reference_velocity(self, x_t, t, prompt_embeds, pooled) -> torch.Tensor:
         with torch.no_grad():

@@ -12,19 +12,21 @@ TIMESTEP_SCALE = 1000.0  # diffusers' SD3Transformer2DModel expects t in [0, 100
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, 1, ...) so it broadcasts against x."""
-    return t.reshape(t.shape[0], *([1] * (x.dim() - 1))).to(x.dtype)
+    """(B,) -> (B, 1, 1, ...) fp32, so it broadcasts against x."""
+    return t.reshape(t.shape[0], *([1] * (x.dim() - 1))).float()
 
 
+# The mixing is computed in fp32 and cast back to x's dtype: t itself stays fp32 everywhere (a bf16
+# t = 0.75 is 0.75 but t = 0.7 is 0.69921875, and the same t becomes the timestep embedding).
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) x0 + t eps."""
+    """x_t = (1 - t) x0 + t eps, in x0's dtype."""
     tb = _bcast(t, x0)
-    return (1.0 - tb) * x0 + tb * eps
+    return ((1.0 - tb) * x0.float() + tb * eps.float()).to(x0.dtype)
 
 
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x0_hat = x_t - t v."""
-    return x_t - _bcast(t, x_t) * v
+    """x0_hat = x_t - t v, in x_t's dtype."""
+    return (x_t.float() - _bcast(t, x_t) * v.float()).to(x_t.dtype)
 
 
 def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -38,13 +38,28 @@ class Noise:
 class LADDSteps:
     """Holds the engines and the step functions; no data, logging or checkpoint concerns."""
 
-    def __init__(self, cfg: Config, engines, taps: list[int], device: torch.device, ema=None):
+    def __init__(
+        self,
+        cfg: Config,
+        engines,
+        taps: list[int],
+        device: torch.device,
+        ema=None,
+        distill_cfg: float = 1.0,
+        negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        """`distill_cfg`: guidance scale of the distillation target (resolved from ladd.distill_cfg);
+        `negative`: the empty prompt's (L, D) and (P,) conditioning, needed when it is above 1."""
+        if cfg.ladd.distill_weight > 0 and distill_cfg != 1.0 and negative is None:
+            raise ValueError("a guided distillation target (ladd.distill_cfg > 1) needs the empty prompt's conditioning")
         self.cfg = cfg
         self.engines = engines
         self.taps = taps
         self.device = device
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
         self.ema = ema
+        self.distill_cfg = distill_cfg
+        self.negative = None if negative is None else tuple(x.to(device=device, dtype=self.dtype) for x in negative)
         self.step = 0
         self.timesteps = flow.StudentTimesteps(
             cfg.ladd.student_timesteps, cfg.ladd.student_probs, cfg.ladd.warmup_probs, cfg.ladd.warmup_steps
@@ -67,7 +82,7 @@ class LADDSteps:
             g = per_sample_generators(ids, seed, step, f"renoise_{which}")
             t = torch.sigmoid(ladd.renoise_m + ladd.renoise_s * randn_per_sample(g))
             renoise[which] = (t, randn_like_per_sample(x0, g))
-        as_t = lambda t: t.to(device=x0.device, dtype=x0.dtype)  # noqa: E731
+        as_t = lambda t: t.to(device=x0.device, dtype=torch.float32)  # noqa: E731  t stays fp32 (flow.add_noise)
         return Noise(
             t_student=as_t(t_student),
             eps_student=eps_student,
@@ -88,6 +103,37 @@ class LADDSteps:
         # graph the student backpropagates through (DESIGN.md section 3).
         return self.engines.teacher.module(x, t, batch["prompt_embeds"], batch["pooled"], taps=self.taps)
 
+    def negative_like(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's conditioning for every sample of `batch`: (B, L, D) zero-padded or
+        cut to the batch's text length L exactly as the loader pads a prompt (data.loader.collate),
+        and (B, P)."""
+        embeds, pooled = self.negative
+        b, length, _ = batch["prompt_embeds"].shape
+        padded = embeds.new_zeros(length, embeds.shape[1])
+        n = min(length, embeds.shape[0])
+        padded[:n] = embeds[:n]
+        return padded.expand(b, -1, -1), pooled.expand(b, -1)
+
+    @torch.no_grad()
+    def distill_target(self, x_hat: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The teacher's x0 on the re-noised student output, with classifier-free guidance at
+        `distill_cfg`: v = v(empty) + w (v(prompt) - v(empty)), the same guidance the data was
+        generated with, so that the distillation and the adversarial loss pull the same way."""
+        teacher = self.engines.teacher.module
+        if self.distill_cfg == 1.0:
+            v = teacher(x_hat, t, batch["prompt_embeds"], batch["pooled"])
+        else:
+            neg_embeds, neg_pooled = self.negative_like(batch)
+            both = teacher(
+                torch.cat([x_hat, x_hat]),
+                torch.cat([t, t]),
+                torch.cat([batch["prompt_embeds"], neg_embeds]),
+                torch.cat([batch["pooled"], neg_pooled]),
+            )  # (2B, C, H, W): one call, so that every rank runs the same ZeRO-3 forwards
+            v_cond, v_uncond = both.chunk(2)
+            v = v_uncond + self.distill_cfg * (v_cond - v_uncond)
+        return flow.x0_from_velocity(x_hat, v, t)  # (B, C, H, W)
+
     def generator_step(self, batch: dict, noise: Noise) -> tuple[dict, torch.Tensor]:
         heads = self.engines.heads.module
         heads.requires_grad_(False)  # frozen: trainable heads break ZeRO's next head backward
@@ -100,9 +146,7 @@ class LADDSteps:
         loss = loss_adv
         metrics = {"loss/generator": loss_adv.item()}
         if self.cfg.ladd.distill_weight > 0:
-            with torch.no_grad():
-                v_teacher = self.engines.teacher.module(x_hat, noise.t_fake, batch["prompt_embeds"], batch["pooled"])
-                x0_teacher = flow.x0_from_velocity(x_hat, v_teacher, noise.t_fake)
+            x0_teacher = self.distill_target(x_hat.detach(), noise.t_fake, batch)
             loss_distill = losses.distillation_loss(x0_hat, x0_teacher)
             loss = loss + self.cfg.ladd.distill_weight * loss_distill
             metrics["loss/distill"] = loss_distill.item()

@@ -38,7 +38,9 @@ class FlowModel(nn.Module):
     def forward(self, x, t, prompt_embeds, pooled, taps: list[int] | None = None):
         """Velocity (B, C, H, W) for x at time t in [0, 1]; or, with `taps`, the image tokens after
         each tapped block as (B, inner_dim, H/p, W/p) grids, stopping after the last tapped block."""
-        timestep = t * TIMESTEP_SCALE  # (B,)
+        # fp32 whatever the model's dtype (diffusers' sinusoidal embedding computes in fp32 and casts
+        # its output): in bf16, 1000 * 0.75 would be rounded to 752.
+        timestep = t.float() * TIMESTEP_SCALE  # (B,)
         if taps is None:
             return self.transformer(
                 hidden_states=x,

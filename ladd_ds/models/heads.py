@@ -56,6 +56,6 @@ class DiscriminatorHeads(nn.Module):
     def forward(self, features: list[torch.Tensor], t_hat: torch.Tensor, pooled: torch.Tensor) -> list[torch.Tensor]:
         if len(features) != len(self.heads):
             raise ValueError(f"got {len(features)} feature maps for {len(self.heads)} heads")
-        t_feat = self.time_proj(t_hat * TIMESTEP_SCALE).to(pooled.dtype)  # (B, cond)
+        t_feat = self.time_proj(t_hat.float() * TIMESTEP_SCALE).to(pooled.dtype)  # (B, cond)
         cond = self.time_embed(t_feat) + self.text_embed(pooled)  # (B, cond)
         return [head(f, cond) for head, f in zip(self.heads, features)]  # K x (B, 1, h, w)

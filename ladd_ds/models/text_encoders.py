@@ -64,10 +64,10 @@ class SD3TextEncoder:
     def pooled_dim(self) -> int:
         return self.pipe.text_encoder.config.projection_dim + self.pipe.text_encoder_2.config.projection_dim
 
-    def to(self, device) -> SD3TextEncoder:
+    def to(self, device, dtype: torch.dtype | None = None) -> SD3TextEncoder:
         for enc in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
             if enc is not None:
-                enc.to(device)
+                enc.to(device=device, dtype=dtype)
         return self
 
     def t5_lengths(self, prompts: list[str]) -> list[int]:

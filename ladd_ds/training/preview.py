@@ -13,9 +13,9 @@ from ladd_ds.config import Config
 from ladd_ds.data.synth import initial_noise, load_text_encoder
 from ladd_ds.models.codec import load_codec
 from ladd_ds.models.registry import resolve_model_config
-from ladd_ds.sampling import decode_images, image_grid, ladd_sample, student_schedule
+from ladd_ds.sampling import decode_images, image_grid, ladd_sample, student_schedule, trained_step_counts
 
-PREVIEW_STEPS = (1, 4)
+PREVIEW_STEPS = (1, 4)  # those of them that use only trained times (ladd.student_timesteps)
 
 
 class SamplePreview:
@@ -24,6 +24,8 @@ class SamplePreview:
         self.text = load_text_encoder(cfg, device)
         self.codec = load_codec(cfg.synth.vae, model_cfg["in_channels"], seed=cfg.synth.seed).to(device)
         self.prompts = list(cfg.logging.sample_prompts or [])
+        self.trained = list(cfg.ladd.student_timesteps)
+        self.steps = [n for n in PREVIEW_STEPS if n in trained_step_counts(self.trained)]
         height, width = cfg.synth.buckets[0]
         shape = (model_cfg["in_channels"], height // self.codec.factor, width // self.codec.factor)
         self.seeds = list(range(len(self.prompts)))
@@ -36,9 +38,10 @@ class SamplePreview:
         was_training = student.training
         student.eval()
         out = {}
-        for steps in PREVIEW_STEPS:
+        for steps in self.steps:
+            schedule = student_schedule(steps, self.trained)
             latents = ladd_sample(
-                student, self.embeds.to(dtype), self.pooled.to(dtype), self.noise.to(dtype), student_schedule(steps), self.seeds
+                student, self.embeds.to(dtype), self.pooled.to(dtype), self.noise.to(dtype), schedule, self.seeds
             )
             images = decode_images(self.codec, latents)
             out[f"samples/student_{steps}step"] = torch.from_numpy(image_grid(images, rows=len(self.prompts))).permute(2, 0, 1)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ladd_ds.config import Config, save_config
 from ladd_ds.data.loader import build_loader, iterate_forever
+from ladd_ds.data.manifest import generation_guidance_scale, read_negative_prompt
 from ladd_ds.data.schema import LATENTS
 from ladd_ds.data.writer import write_random_latents
 from ladd_ds.distributed import engines as ds
@@ -296,7 +297,28 @@ class LADDTrainer(Trainer, LADDSteps):
         print0(f"models built; host peak RSS of rank 0 so far: {host_peak_rss_gib():.2f} GiB")
         engines = ds.build_engines(student, teacher, heads, self.ds_configs, cfg.optim)
         ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        LADDSteps.__init__(self, cfg, engines, taps, ds.device(), ema)
+        distill_cfg, negative = self.distill_guidance()
+        LADDSteps.__init__(self, cfg, engines, taps, ds.device(), ema, distill_cfg, negative)
+
+    def distill_guidance(self) -> tuple[float, tuple | None]:
+        """The distillation target's guidance scale (ladd.distill_cfg, by default the one the data
+        was generated with) and, when it is above 1, the empty prompt's conditioning stored with
+        the data."""
+        cfg = self.cfg
+        if cfg.ladd.distill_weight <= 0:
+            return 1.0, None
+        scale = cfg.ladd.distill_cfg
+        if scale is None:
+            scale = generation_guidance_scale(cfg.data.path) if cfg.data.source == "mds" else None
+            if scale is None:
+                print0("ladd.distill_cfg: data.path records no guidance scale (no manifest.json); using 1 (no guidance)")
+                scale = 1.0
+        print0(f"distillation target: teacher x0 with guidance scale {scale:g}")
+        if scale == 1.0:
+            return 1.0, None
+        if cfg.data.source != "mds":
+            raise ValueError(f"ladd.distill_cfg = {scale:g} needs data from `ladd-ds synth` (data.source: mds); set it to 1")
+        return scale, read_negative_prompt(cfg.data.path, needed_by=f"ladd.distill_cfg = {scale:g}")
 
     def build_preview(self):
         return SamplePreview(self.cfg, ds.device()) if self.cfg.logging.sample_every > 0 else None
