@@ -340,10 +340,9 @@ def run_demo(
     from evaluation.demo_eval import DemoEvaluator, EvalPrompts
     from evaluation.digit_classifier import cached_classifier, classifier_folder
     from ladd_ds.config import load_config
-    from ladd_ds.demo.pretrain import cached_teacher
+    from ladd_ds.demo.pretrain import INFO_FILE, cached_teacher
     from ladd_ds.demo.report import write_report
     from ladd_ds.models.registry import resolve_model_config
-    from ladd_ds.sampling import load_sampling_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -415,7 +414,7 @@ def run_demo(
         "num_real": evaluator.num_real,
         "rows": rows,
         "heldout_rows": heldout_rows,
-        "teacher_shift": load_sampling_model(teacher).shift,
+        "teacher_shift": json.loads((teacher / INFO_FILE).read_text())["shift"],  # the main table's sampler
         "sampler_sweep": sweep_rows,
         "heldout_combinations": sorted(label.prompt for label in digits.HELD_OUT_COMBINATIONS),
         "discriminator": discriminator_separation(out / "main" / "run", after_step=warmup),
