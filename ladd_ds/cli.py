@@ -193,12 +193,17 @@ def _demo_parser(sub) -> None:
     p.add_argument(
         "--dpo", action="store_true", help="also run the DPO recipe: DPO-LoRA on the teacher, LADD from it, LoRA on the student"
     )
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="precision of synth, LADD, DPO and sampling (teacher: fp32)"
+    )
 
 
 def cmd_demo(args) -> int:
     from ladd_ds.demo.pipeline import run_demo
 
-    report = run_demo(args.out, cache=args.cache, size=args.size, ablations=args.ablations, dpo=args.dpo)
+    report = run_demo(
+        args.out, cache=args.cache, size=args.size, ablations=args.ablations, dpo=args.dpo, precision=args.precision
+    )
     print(f"report: {report}")
     return 0
 

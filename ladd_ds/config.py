@@ -78,8 +78,7 @@ class RandomLatentsConfig:
     latent_channels: int = 4
     height: int = 16
     width: int = 16
-    text_len_min: int = 4
-    text_len_max: int = 8
+    text_len: int = 8  # tokens of prompt_embeds (the same for every sample, as in real data)
     text_dim: int = 32
     pooled_dim: int = 16
 
@@ -93,7 +92,6 @@ class DataConfig:
     buckets: list[str] | None = None  # bucket subdirectories of a remote multi-bucket root
     micro_batch_size: int = 4
     num_workers: int = 0
-    text_len: int | None = None  # pad/truncate prompt_embeds to this length (None: batch max)
     random_latents: RandomLatentsConfig = field(default_factory=RandomLatentsConfig)
 
 
@@ -145,7 +143,9 @@ class SynthConfig:
     out: str = "data/synthetic"
     text_encoders: str = "tiny"  # "tiny" (built in code for the tiny preset) or a local SD3 folder
     drop_t5: bool = False
-    max_t5_tokens: int = 256  # SD3's T5 length; shards keep only the real tokens
+    # T5 tokens of the conditioning (diffusers' max_sequence_length): SD3 uses 256; 77 stores
+    # and attends to 45% fewer text tokens (README, "Data format").
+    max_sequence_length: int = 256
     buckets: list[list[int]] = field(default_factory=lambda: [[128, 128]])  # [height, width] in pixels
     bucket_weights: list[float] | None = None  # for prompts without a bucket; None = uniform
     guidance_scale: float = 5.0
@@ -300,12 +300,23 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {path}")
 
 
+# Keys of earlier versions: what to do instead.
+RETIRED_KEYS = {
+    "synth.max_t5_tokens": "renamed to synth.max_sequence_length",
+    "data.text_len": "removed: every prompt now has the same text length (SD3's full conditioning), nothing is padded",
+    "data.random_latents.text_len_min": "replaced by data.random_latents.text_len (one length for all samples)",
+    "data.random_latents.text_len_max": "replaced by data.random_latents.text_len (one length for all samples)",
+}
+
+
 def _to_dataclass(data: dict, cls: type, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
             where = f"{path}.{key}" if path else key
+            if where in RETIRED_KEYS:
+                raise ConfigError(f"{where}: {RETIRED_KEYS[where]}")
             raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for key, value in data.items():
@@ -364,8 +375,8 @@ def _check(cfg: Config) -> None:
     if cfg.data.micro_batch_size < 1:
         raise ConfigError("data.micro_batch_size: must be >= 1")
     rl = cfg.data.random_latents
-    if rl.text_len_min < 1 or rl.text_len_max < rl.text_len_min:
-        raise ConfigError("data.random_latents: need 1 <= text_len_min <= text_len_max")
+    if rl.text_len < 1:
+        raise ConfigError("data.random_latents.text_len must be at least 1")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas: expected two numbers [beta1, beta2]")
     if cfg.optim.grad_accum < 1:

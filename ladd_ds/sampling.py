@@ -123,7 +123,7 @@ def sample_latents(
         if teacher is not None:
             out.append(teacher.sample(p, s, height, width, device, steps, cfg))
         else:
-            embeds, pooled = (x.to(sm.transformer.dtype) for x in sm.text.encode_full(p, device))
+            embeds, pooled = (x.to(sm.transformer.dtype) for x in sm.text.encode(p, device))
             noise = initial_noise(s, channels, height // sm.factor, width // sm.factor).to(device, sm.transformer.dtype)
             out.append(ladd_sample(student, embeds, pooled, noise, schedule, s))
     return torch.cat(out)
@@ -138,14 +138,17 @@ def generate(
     return images, time.perf_counter() - start
 
 
-def _text_encoder(spec: str, preset_or_folder: str, drop_t5: bool, max_t5_tokens: int, seed: int):
+def _text_encoder(spec: str, preset_or_folder: str, drop_t5: bool, max_sequence_length: int, seed: int):
     from ladd_ds.models.text_encoders import build_tiny_text_encoders, load_sd3_text_encoders
 
     if spec == "tiny":
-        return build_tiny_text_encoders(preset_or_folder, seed=seed, drop_t5=drop_t5, max_t5_tokens=max_t5_tokens)
-    text = load_sd3_text_encoders(spec, drop_t5=drop_t5)
-    text.max_t5_tokens = max_t5_tokens
-    return text
+        return build_tiny_text_encoders(preset_or_folder, seed=seed, drop_t5=drop_t5, max_sequence_length=max_sequence_length)
+    return load_sd3_text_encoders(spec, drop_t5=drop_t5, max_sequence_length=max_sequence_length)
+
+
+def _max_sequence_length(info: dict) -> int:
+    # "max_t5_tokens": the same setting in folders written before it was renamed
+    return int(info.get("max_sequence_length", info.get("max_t5_tokens", 256)))
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -176,14 +179,14 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
         s = info.get("sampling")
         if s is None:
             raise ValueError(f"{folder / EXPORT_INFO} has no 'sampling' entry: re-export the run with this version")
-        text = _text_encoder(s["text_encoders"], s["teacher"], s["drop_t5"], s["max_t5_tokens"], s["seed"])
+        text = _text_encoder(s["text_encoders"], s["teacher"], s["drop_t5"], _max_sequence_length(s), s["seed"])
         codec = load_codec(s["codec"], channels, seed=s["seed"])
         return SamplingModel(transformer, text.to(device, dtype), codec.to(device), "student", info=info)
     info = json.loads((folder / MODEL_INFO).read_text()) if (folder / MODEL_INFO).is_file() else {}
     if "codec" not in info and not (folder / "vae").is_dir():
         raise ValueError(f"{folder}: no vae/ and no {MODEL_INFO} naming a latent codec; cannot decode images")
     drop_t5 = not (folder / "text_encoder_3").is_dir()
-    text = _text_encoder(str(folder), str(folder), drop_t5, info.get("max_t5_tokens", 256), 0)
+    text = _text_encoder(str(folder), str(folder), drop_t5, _max_sequence_length(info), 0)
     codec = load_codec(info.get("codec", str(folder)), channels)
     return SamplingModel(
         transformer, text.to(device, dtype), codec.to(device), "teacher", shift=info.get("shift", 3.0), info=info

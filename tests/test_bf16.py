@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from streaming import StreamingDataset
 
+from ladd_ds.data.loader import stored_tensor
 from ladd_ds.models.text_encoders import build_tiny_text_encoders
 from tests.conftest import TINY_CONFIG, read_metrics, run_cli
 
@@ -44,12 +45,14 @@ def test_bf16_encode_runs_the_text_encoders_in_bf16(tmp_path):
     captions = tmp_path / "captions.jsonl"
     captions.write_text(json.dumps({"file": "a.png", "caption": "a picture"}) + "\n")
     out = tmp_path / "out"
-    sets = ["synth.buckets=[[64,64]]", "synth.max_t5_tokens=32", "deepspeed.precision=bf16"]
+    sets = ["synth.buckets=[[64,64]]", "synth.max_sequence_length=32", "deepspeed.precision=bf16"]
     args = ["encode", "--config", str(TINY_CONFIG), "--images", str(images), "--captions", str(captions), "--out", str(out)]
     run_cli(*args, *[a for s in sets for a in ("--set", s)])
     sample = StreamingDataset(local=str(out / "64x64"), shuffle=False, batch_size=1)[0]
-    stored = torch.tensor(sample["prompt_embeds"]).float()
-    fp32 = build_tiny_text_encoders("tiny", seed=0, max_t5_tokens=32).encode(["a picture"]).prompt_embeds[0]
-    assert stored.shape == fp32.shape and np.isfinite(sample["latent"]).all()
-    assert not torch.equal(stored, fp32.half().float())  # computed in bf16, not fp32
-    torch.testing.assert_close(stored, fp32, atol=0.05 * fp32.abs().max().item(), rtol=0)
+    assert sample["prompt_embeds"].dtype == np.uint16  # bf16 bits: what the bf16 encoders produced
+    stored = stored_tensor(sample["prompt_embeds"])
+    bf16 = build_tiny_text_encoders("tiny", seed=0, max_sequence_length=32).to("cpu", torch.bfloat16)
+    assert torch.equal(stored, bf16.encode(["a picture"])[0][0]) and np.isfinite(sample["latent"]).all()
+    fp32 = build_tiny_text_encoders("tiny", seed=0, max_sequence_length=32).encode(["a picture"])[0][0]
+    assert not torch.equal(stored.float(), fp32)  # computed in bf16, not fp32
+    torch.testing.assert_close(stored.float(), fp32, atol=0.05 * fp32.abs().max().item(), rtol=0)

@@ -23,7 +23,7 @@ from ladd_ds.data import (
 # 50 samples in many small shards, batches of 4: 12 batches an epoch, 2 samples dropped.
 NUM_SAMPLES, BATCH = 50, 4
 BATCHES_PER_EPOCH = NUM_SAMPLES // BATCH
-SHAPES = dict(latent_shape=(4, 8, 8), text_len=(3, 9), text_dim=16, pooled_dim=8)
+SHAPES = dict(latent_shape=(4, 8, 8), text_len=6, text_dim=16, pooled_dim=8)
 
 
 @pytest.fixture(scope="module")
@@ -44,49 +44,47 @@ def assert_same_batches(got, expected):
             assert torch.equal(a[key], b[key]), key
 
 
-def test_round_trip_shapes_dtypes_and_padding(random_ds):
+def test_round_trip_shapes_and_dtypes(random_ds):
     loader = build_loader(random_ds, BATCH, seed=0, shuffle=False, dtype=torch.bfloat16)
     batch = next(iter(loader))
-    assert set(batch) == {"latent", "prompt_embeds", "text_mask", "pooled", "sample_id"}
+    assert set(batch) == {"latent", "prompt_embeds", "pooled", "sample_id"}
     assert batch["latent"].shape == (BATCH, 4, 8, 8)
     assert batch["latent"].dtype == torch.bfloat16
+    assert batch["prompt_embeds"].shape == (BATCH, 6, 16)
     assert batch["pooled"].shape == (BATCH, 8)
     assert batch["sample_id"].dtype == torch.int64
-
-    # Compare against the raw samples: values survive fp16 -> bf16, padding is zero and masked.
-    lengths = []
     for i, sample_id in enumerate(batch["sample_id"].tolist()):
         raw = loader.dataset[sample_id]
         assert raw["prompt"] == f"random sample {sample_id}"
-        length = raw["prompt_embeds"].shape[0]
-        lengths.append(length)
-        assert 3 <= length <= 9
         assert torch.equal(batch["latent"][i], raw["latent"])
-        assert torch.equal(batch["prompt_embeds"][i, :length], raw["prompt_embeds"])
-        positions = torch.arange(batch["text_mask"].shape[1])
-        assert torch.equal(batch["text_mask"][i], positions < length)
-        assert not batch["prompt_embeds"][i, length:].any()
-    assert batch["prompt_embeds"].shape == (BATCH, max(lengths), 16)
-    assert len(set(lengths)) > 1, "the batch should mix prompt lengths to test the padding"
+        assert torch.equal(batch["prompt_embeds"][i], raw["prompt_embeds"])
 
 
-def test_collate_fixed_text_len_pads_and_truncates():
-    samples = [
-        {
-            "latent": torch.randn(4, 2, 2),
-            "pooled": torch.randn(8),
-            "sample_id": i,
-            "prompt_embeds": torch.randn(length, 16),
-            "prompt": "p",
-        }
-        for i, length in enumerate([2, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_text_columns_are_stored_bit_exactly(tmp_path, dtype):
+    """The text columns keep the encoders' dtype: fp32 as float32, bf16 as its raw bits; read
+    back in that dtype they are bitwise the tensors that were written."""
+    embeds, pooled = torch.randn(2, 5, 16).to(dtype) * 1e-3, torch.randn(2, 8).to(dtype) * 300
+    rows = [
+        {"latent": torch.randn(4, 2, 2), "prompt_embeds": embeds[i], "pooled": pooled[i], "prompt": f"p{i}"}
+        for i in range(2)
     ]
-    batch = collate(samples, text_len=5)
-    assert batch["prompt_embeds"].shape == (2, 5, 16)
-    assert batch["text_mask"].tolist() == [[True, True, False, False, False], [True] * 5]
-    assert torch.equal(batch["prompt_embeds"][1], samples[1]["prompt_embeds"][:5])
-    assert not batch["prompt_embeds"][0, 2:].any()
-    assert batch["sample_id"].tolist() == [0, 1]
+    path = write_samples(tmp_path / "ds", rows)
+    stored = {"float32": "ndarray:float32", "bfloat16": "ndarray:uint16", "float16": "ndarray:float16"}
+    assert validate_mds_dir(path)["columns"]["prompt_embeds"] == stored[str(dtype).split(".")[1]]
+    loader = build_loader(path, 2, seed=0, shuffle=False, dtype=dtype)
+    batch = next(iter(loader))
+    order = batch["sample_id"].tolist()
+    assert torch.equal(batch["prompt_embeds"], embeds[order]) and torch.equal(batch["pooled"], pooled[order])
+
+
+def test_collate_rejects_mixed_text_lengths():
+    samples = [
+        {"latent": torch.randn(4, 2, 2), "pooled": torch.randn(8), "sample_id": i, "prompt_embeds": torch.randn(n, 16)}
+        for i, n in enumerate([2, 7])
+    ]
+    with pytest.raises(ValueError, match=r"'prompt_embeds' has different shapes.*synth.max_sequence_length"):
+        collate(samples)
 
 
 def test_collate_rejects_mixed_latent_shapes():
@@ -170,7 +168,7 @@ def test_validate_summary(random_ds):
     summary = validate_mds_dir(random_ds)
     assert summary["num_samples"] == NUM_SAMPLES
     assert summary["num_shards"] > 1
-    assert summary["columns"]["prompt_embeds"] == "ndarray:float16"
+    assert summary["columns"]["prompt_embeds"] == "ndarray:float32"  # random latents are fp32 arrays
 
 
 def test_validate_missing_column_names_path_and_column(tmp_path):
@@ -289,12 +287,6 @@ def test_write_samples_accepts_bf16_tensors_and_optional_columns(tmp_path):
     # bf16 -> fp16 -> bf16 is exact for these magnitudes (fp16 has more mantissa bits).
     assert torch.equal(sample["latent"], latent)
     assert sample["sample_id"] == 0 and sample["prompt"] == "a cat"
-
-
-def test_fixed_text_len_through_loader(random_ds):
-    batch = next(iter(build_loader(random_ds, BATCH, seed=0, text_len=5)))
-    assert batch["prompt_embeds"].shape == (BATCH, 5, 16)
-    assert batch["text_mask"][:, :3].all()  # every prompt has at least 3 tokens
 
 
 def test_local_world_size_from_deepspeed_local_size(random_ds, monkeypatch):

@@ -174,3 +174,24 @@ def test_teacher_sampler_sweep_is_reported(demo):
     a = next(r for r in sweep if r["shift"] == 3.0 and r["cfg"] == 1.5 and r["steps"] == top)
     b = next(r for r in sweep if r["shift"] == 3.0 and r["cfg"] == 1.5 and r["steps"] == 4)
     assert f"| 3 | 1.5 | 1 | {a['fd']:.2f} | {b['fd']:.2f} | {b['fd'] / a['fd']:.2f} |" in report
+
+
+def test_bf16_demo_runs_every_stage_in_bf16(demo):
+    """`demo --size test --precision bf16 --dpo`: synth, LADD on ZeRO-3 engines, export, pairs,
+    DPO and the evaluation's sampling all in bf16 (the teacher and classifier of the fp32 run's
+    cache); the data stores bf16 conditioning and every table row is finite."""
+    from ladd_ds.data.schema import PAIRS, validate_mds_dir
+
+    run = demo / "bf16"
+    args = ["demo", "--out", str(run), "--cache", str(demo / "cache"), "--size", "test", "--precision", "bf16", "--dpo"]
+    assert main(args) == 0
+    bucket = next(p for p in (run / "data" / "synthetic").iterdir() if (p / "index.json").is_file())
+    assert validate_mds_dir(bucket)["columns"]["prompt_embeds"] == "ndarray:uint16"  # bf16 bits
+    for ds_config in (run / "main" / "run" / "ds_config_student.json", run / "dpo" / "run" / "ds_config_model.json"):
+        assert json.loads(ds_config.read_text())["bf16"]["enabled"], ds_config
+    pairs = validate_mds_dir(run / "dpo" / "pairs", PAIRS)
+    assert pairs["columns"]["prompt_embeds"] == "ndarray:uint16"  # `pairs` ran its encoders in bf16
+    results = json.loads((run / "eval.json").read_text())
+    assert results["size"]["precision"] == "bf16" and "teacher (cached)" in results["timings_s"]
+    assert all(r["finite"] for r in results["rows"] + results["dpo"])
+    assert "Precision of synth, LADD, DPO and sampling: bf16." in (run / "report.md").read_text()

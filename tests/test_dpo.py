@@ -242,7 +242,7 @@ def test_export_writes_lora_and_full_model(dpo_runs):
 def test_dpo_rejects_latent_data_with_a_clear_error(tmp_path):
     from ladd_ds.data.writer import write_random_latents
 
-    latents = write_random_latents(tmp_path / "latents", 8, (4, 16, 16), (4, 8), 32, 16, seed=0)
+    latents = write_random_latents(tmp_path / "latents", 8, (4, 16, 16), 8, 32, 16, seed=0)
     proc = run_cli("dpo", "--config", str(DPO_CONFIG), "--run-dir", str(tmp_path / "run"), "--set", f"data.path={latents}",
                    check=False)  # fmt: skip
     assert proc.returncode != 0

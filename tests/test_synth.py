@@ -21,7 +21,7 @@ SETS = [
     "synth.num_steps=3",
     "synth.batch_size=2",
     "synth.part_size=2",
-    "synth.max_t5_tokens=32",
+    "synth.max_sequence_length=32",
 ]
 
 
@@ -68,10 +68,11 @@ def test_every_prompt_once_in_its_bucket_and_reproducible(reference):
         assert s["prompt"] == PROMPTS[index]
         h, w = (int(v) for v in s["bucket"].split("x"))
         assert s["latent"].shape == (4, h // 8, w // 8) and s["latent"].dtype == np.float16
-        assert s["prompt_embeds"].shape[0] > CLIP_TOKENS  # CLIP part + the prompt's real T5 tokens
+        assert s["prompt_embeds"].shape == (CLIP_TOKENS + 32, 32)  # SD3's full sequence: 77 CLIP + 32 T5
+        assert s["prompt_embeds"].dtype == np.float32  # an fp32 run stores its conditioning as fp32
     # (prompt, seed) alone reproduces a sample: sample it again outside the command.
     cfg = load_config(TINY_CONFIG, SETS)
-    text = build_tiny_text_encoders("tiny", seed=0, max_t5_tokens=32)
+    text = build_tiny_text_encoders("tiny", seed=0, max_sequence_length=32)
     sampler = TeacherSampler(build_transformer("tiny", seed=0).eval(), text, cfg.synth.shift, codec_factor=8)
     s = samples[3]
     h, w = (int(v) for v in s["bucket"].split("x"))
@@ -86,9 +87,39 @@ def test_data_records_its_guidance_and_the_empty_prompt(reference):
     cfg = load_config(TINY_CONFIG, SETS)
     assert generation_guidance_scale(out) == cfg.synth.guidance_scale
     embeds, pooled = read_negative_prompt(out, needed_by="test")
-    expected = build_tiny_text_encoders("tiny", seed=0, max_t5_tokens=32).encode([""])
-    torch.testing.assert_close(embeds, expected.prompt_embeds[0], rtol=0, atol=0)
-    torch.testing.assert_close(pooled, expected.pooled[0], rtol=0, atol=0)
+    expected_embeds, expected_pooled = build_tiny_text_encoders("tiny", seed=0, max_sequence_length=32).encode([""])
+    assert torch.equal(embeds, expected_embeds[0]) and torch.equal(pooled, expected_pooled[0])
+
+
+def stored_conditioning(out, prompt):
+    """prompt_embeds and pooled of `prompt` as the LADD loader reads them from synth's shards."""
+    from ladd_ds.data.loader import build_loader
+
+    dataset = build_loader(out, 1, seed=0, shuffle=False).dataset
+    sample = next(dataset[i] for i in range(dataset.num_samples) if dataset[i]["prompt"] == prompt)
+    return sample["prompt_embeds"], sample["pooled"]
+
+
+def test_stored_conditioning_is_what_the_teacher_and_previews_were_fed(reference):
+    """One canonical text conditioning: for a prompt, the prompt_embeds and pooled that synth
+    stored (fp32 run) and the loader gives training are bitwise what the teacher generated with
+    and what the TensorBoard preview feeds (`ladd-ds sample`: test_train_on_synthetic_buckets...)."""
+    from ladd_ds.training.preview import SamplePreview
+
+    _, samples, out = reference
+    prompt = samples[0]["prompt"]
+    embeds, pooled = stored_conditioning(out, prompt)
+    assert torch.equal(embeds, torch.from_numpy(samples[0]["prompt_embeds"]))
+    cfg = load_config(TINY_CONFIG, [*SETS, f"logging.sample_prompts=[{prompt!r}]"])
+    sampler = TeacherSampler(
+        build_transformer("tiny", seed=0).eval(), build_tiny_text_encoders("tiny", 0, max_sequence_length=32), 3.0, 8
+    )
+    fed = []
+    sampler.pipe.transformer.forward = lambda *a, **k: fed.append(k) or (torch.zeros_like(k["hidden_states"]),)
+    sampler.sample([prompt], [0], 64, 64, "cpu", num_steps=1, guidance_scale=1.0)
+    assert torch.equal(fed[0]["encoder_hidden_states"][0], embeds) and torch.equal(fed[0]["pooled_projections"][0], pooled)
+    preview = SamplePreview(cfg, torch.device("cpu"))
+    assert torch.equal(preview.embeds[0], embeds) and torch.equal(preview.pooled[0], pooled)
 
 
 def test_killed_run_continues_without_duplicates_or_gaps(prompt_file, tmp_path, reference):
@@ -139,7 +170,7 @@ def test_loader_gives_one_bucket_per_batch(reference):
     from ladd_ds.data.loader import build_loader
 
     manifest, samples, out = reference
-    loader = build_loader(out, 2, seed=0, text_len=None)
+    loader = build_loader(out, 2, seed=0)
     shapes = set()
     seen = []
     for batch in loader:
@@ -150,7 +181,7 @@ def test_loader_gives_one_bucket_per_batch(reference):
     assert len(seen) == len(set(seen))
 
 
-def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path):
+def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path, monkeypatch):
     _, _, out = reference
     run_dir = tmp_path / "run"
     args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", "2"]
@@ -164,6 +195,18 @@ def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path):
     assert f"distillation target: teacher x0 with guidance scale {guidance:g}" in proc.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss/generator"]) for r in records)
+
+    # `ladd-ds sample` feeds the exported student bitwise the conditioning synth stored.
+    import ladd_ds.sampling as sampling
+
+    export = tmp_path / "export"
+    run_cli("export", "--run", str(run_dir), "--out", str(export))
+    prompt = PROMPTS[0]
+    embeds, pooled = stored_conditioning(out, prompt)
+    fed = []
+    monkeypatch.setattr(sampling, "ladd_sample", lambda model, e, p, noise, *rest: fed.append((e, p)) or noise)
+    sampling.sample_latents(sampling.load_sampling_model(export), [prompt], [0], 64, 64, steps=1, cfg=1.0)
+    assert torch.equal(fed[0][0][0], embeds) and torch.equal(fed[0][1][0], pooled)
 
 
 def test_zero3_teacher_on_two_ranks_gives_the_same_samples(prompt_file, tmp_path, reference):

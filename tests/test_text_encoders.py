@@ -12,40 +12,38 @@ PROMPTS = ["a red seven in the top left", "a blue one", ""]
 
 @pytest.fixture(scope="module")
 def encoder():
-    return build_tiny_text_encoders("tiny", seed=0, max_t5_tokens=32)
+    return build_tiny_text_encoders("tiny", seed=0, max_sequence_length=32)
 
 
 def test_full_conditioning_has_sd3_layout(encoder):
-    embeds, pooled = encoder.encode_full(PROMPTS)
+    embeds, pooled = encoder.encode(PROMPTS)
     tiny = PRESETS["tiny"]
     assert embeds.shape == (3, CLIP_TOKENS + 32, tiny["joint_attention_dim"])
     assert pooled.shape == (3, tiny["pooled_projection_dim"])
     assert embeds[:, CLIP_TOKENS:].abs().sum() > 0  # the T5 block is real
     assert not torch.allclose(pooled[0], pooled[1])
-    again = build_tiny_text_encoders("tiny", seed=0, max_t5_tokens=32).encode_full(PROMPTS)[0]
+    again = build_tiny_text_encoders("tiny", seed=0, max_sequence_length=32).encode(PROMPTS)[0]
     assert torch.equal(again, embeds)  # deterministic from the seed
 
 
-def test_compact_form_keeps_clip_and_the_real_t5_tokens(encoder):
-    full, pooled = encoder.encode_full(PROMPTS)
-    compact = encoder.encode(PROMPTS)
-    t5_tokens = encoder.t5_lengths(PROMPTS)
-    assert t5_tokens[0] == len("a red seven in the top left") + 1  # one byte token each + </s>
-    assert t5_tokens[2] == 1  # an empty prompt keeps only </s>
-    for i, e in enumerate(compact.prompt_embeds):
-        assert e.shape[0] == CLIP_TOKENS + t5_tokens[i]
-        assert torch.equal(e, full[i, : e.shape[0]])
-    assert torch.equal(compact.pooled, pooled)
+def test_t5_pad_positions_depend_on_the_prompt(encoder):
+    """T5 runs without an attention mask (as in diffusers), so the positions after a prompt's
+    end-of-sequence token carry values that depend on the prompt: the conditioning cannot be
+    rebuilt from the real tokens plus zeros; the whole sequence is the conditioning."""
+    embeds, _ = encoder.encode(PROMPTS)
+    tail = CLIP_TOKENS + len("a red seven in the top left") + 1  # past every prompt's </s>
+    assert embeds[:, tail:].abs().amin() > 0
+    assert not torch.allclose(embeds[0, tail:], embeds[1, tail:])
 
 
 def test_dropping_t5_zeros_the_t5_block_and_keeps_clip(encoder):
-    no_t5 = build_tiny_text_encoders("tiny", seed=0, drop_t5=True, max_t5_tokens=32)
-    full, pooled = encoder.encode_full(PROMPTS)
-    embeds, pooled_no_t5 = no_t5.encode_full(PROMPTS)
+    no_t5 = build_tiny_text_encoders("tiny", seed=0, drop_t5=True, max_sequence_length=32)
+    full, pooled = encoder.encode(PROMPTS)
+    embeds, pooled_no_t5 = no_t5.encode(PROMPTS)
     assert torch.equal(embeds[:, :CLIP_TOKENS], full[:, :CLIP_TOKENS])
     assert embeds[:, CLIP_TOKENS:].abs().sum() == 0
     assert torch.equal(pooled_no_t5, pooled)
-    assert [e.shape[0] for e in no_t5.encode(PROMPTS).prompt_embeds] == [CLIP_TOKENS] * 3
+    assert no_t5.sequence_length == CLIP_TOKENS + 32
 
 
 def test_local_sd3_folder_round_trip(tmp_path, encoder):
@@ -55,10 +53,9 @@ def test_local_sd3_folder_round_trip(tmp_path, encoder):
     from ladd_ds.models.registry import build_transformer
 
     build_transformer("tiny").save_pretrained(tmp_path / "transformer")
-    loaded = load_sd3_text_encoders(tmp_path)
-    loaded.max_t5_tokens = 32
+    loaded = load_sd3_text_encoders(tmp_path, max_sequence_length=32)
     assert isinstance(loaded.pipe.tokenizer, CLIPTokenizer)
-    torch.testing.assert_close(loaded.encode_full(PROMPTS)[0], encoder.encode_full(PROMPTS)[0])
+    torch.testing.assert_close(loaded.encode(PROMPTS)[0], encoder.encode(PROMPTS)[0])
     assert load_sd3_text_encoders(tmp_path, drop_t5=True).pipe.text_encoder_3 is None
 
 
@@ -71,7 +68,7 @@ def test_folder_without_encoders_is_rejected(tmp_path):
 def test_word_vocabulary_gives_one_token_per_known_word(tmp_path):
     from ladd_ds.demo.digits import PROMPT_WORDS
 
-    words = build_tiny_text_encoders("tiny", seed=0, drop_t5=True, max_t5_tokens=0, clip_tokens=12, words=PROMPT_WORDS)
+    words = build_tiny_text_encoders("tiny", seed=0, drop_t5=True, max_sequence_length=0, clip_tokens=12, words=PROMPT_WORDS)
     tok = words.pipe.tokenizer
     prompt = "a yellow seven in the bottom right"
     tokens = tok.convert_ids_to_tokens(tok(prompt)["input_ids"])
@@ -79,7 +76,7 @@ def test_word_vocabulary_gives_one_token_per_known_word(tmp_path):
     unknown = "an owl"  # words outside the vocabulary still tokenize, byte by byte
     assert tok.decode(tok(unknown)["input_ids"], skip_special_tokens=True).strip() == unknown
     assert len(tok(unknown)["input_ids"]) > len(unknown.split()) + 2
-    embeds, pooled = words.encode_full([prompt, "a blue seven in the bottom right"])
+    embeds, pooled = words.encode([prompt, "a blue seven in the bottom right"])
     assert embeds.shape[1] == 12 and not torch.allclose(pooled[0], pooled[1])
     # The tokenizer the pipeline saves is the one it loads back (a teacher folder keeps it).
     tok.save_pretrained(tmp_path / "tokenizer")

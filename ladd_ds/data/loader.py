@@ -14,11 +14,20 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
+
+
+def stored_tensor(array: np.ndarray) -> torch.Tensor:
+    """A column value as a tensor of its stored dtype; uint16 columns hold bfloat16 bits
+    (schema.TEXT_STORAGE)."""
+    if array.dtype == np.uint16:
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(array))
 
 
 class LatentDataset(StreamingDataset):
@@ -37,49 +46,47 @@ class LatentDataset(StreamingDataset):
         # get_item (not __getitem__) is what both indexing and iteration end in, with the
         # index already made non-negative.
         raw = super().get_item(sample_id, retry)
-        sample = {k: torch.tensor(raw[k], dtype=self.dtype) for k in self.tensor_columns}
+        sample = {k: stored_tensor(raw[k]).to(self.dtype) for k in self.tensor_columns}
         sample["sample_id"] = int(sample_id)
         sample["prompt"] = raw["prompt"]
         return sample
 
 
-def collate(
-    samples: list[dict[str, Any]], text_len: int | None = None, latent_columns: tuple[str, ...] = ("latent",)
-) -> dict[str, torch.Tensor]:
-    """Stack samples into a dict of tensors, padding the variable-length text.
+def collate(samples: list[dict[str, Any]], latent_columns: tuple[str, ...] = ("latent",)) -> dict[str, torch.Tensor]:
+    """Stack samples into a dict of tensors.
 
-    `prompt_embeds` is zero-padded to the longest in the batch, or padded/truncated (keeping the
-    first tokens) to exactly `text_len`; `text_mask` is True on real tokens.
+    Every sample of a batch must have the same shapes: one aspect bucket per batch, and the one
+    text conditioning of ladd_ds (SD3's full sequence, see ladd_ds.models.text_encoders), whose
+    length is the same for every prompt. Nothing is padded, so a sample's conditioning never
+    depends on the other samples of its batch.
 
     Only tensors go into the batch: StreamingDataLoader counts samples for its state_dict from
     the batch, and a dict of equal-length tensors keeps that count right. Prompt strings are
     dropped; look one up with `loader.dataset[sample_id]['prompt']` when logging.
     """
-    first_shape = samples[0][latent_columns[0]].shape
     for column in latent_columns:
-        if any(s[column].shape != first_shape for s in samples):
-            shapes = {s["sample_id"]: tuple(s[column].shape) for s in samples}
-            raise ValueError(
-                f"Latents ({column!r}) of different shapes in one batch (sample_id: shape) {shapes}. "
-                f"Put each aspect bucket in its own Stream and use "
-                f"batching_method='per_stream'."
-            )
-    lengths = [s["prompt_embeds"].shape[0] for s in samples]
-    max_len = text_len if text_len is not None else max(lengths)
-    first = samples[0]["prompt_embeds"]
-    prompt_embeds = first.new_zeros(len(samples), max_len, first.shape[1])  # (B, L, D)
-    text_mask = torch.zeros(len(samples), max_len, dtype=torch.bool)  # (B, L)
-    for i, (sample, length) in enumerate(zip(samples, lengths)):
-        n = min(length, max_len)
-        prompt_embeds[i, :n] = sample["prompt_embeds"][:n]
-        text_mask[i, :n] = True
+        _check_same_shape(samples, column, "Put each aspect bucket in its own Stream and use batching_method='per_stream'.")
+    _check_same_shape(
+        samples,
+        "prompt_embeds",
+        "Every prompt of a dataset has the same text length (CLIP tokens + synth.max_sequence_length); "
+        "this dataset mixes lengths: it was written by an older ladd-ds (which stored only the real T5 "
+        "tokens) or from datasets of different synth.max_sequence_length. Regenerate it with "
+        "`ladd-ds synth` / `ladd-ds encode`.",
+    )
     return {
         **{c: torch.stack([s[c] for s in samples]) for c in latent_columns},  # each (B, C, h, w)
-        "prompt_embeds": prompt_embeds,  # (B, L, D)
-        "text_mask": text_mask,  # (B, L)
+        "prompt_embeds": torch.stack([s["prompt_embeds"] for s in samples]),  # (B, L, D)
         "pooled": torch.stack([s["pooled"] for s in samples]),  # (B, P)
         "sample_id": torch.tensor([s["sample_id"] for s in samples], dtype=torch.int64),  # (B,)
     }
+
+
+def _check_same_shape(samples: list[dict[str, Any]], column: str, hint: str) -> None:
+    first_shape = samples[0][column].shape
+    if any(s[column].shape != first_shape for s in samples):
+        shapes = {s["sample_id"]: tuple(s[column].shape) for s in samples}
+        raise ValueError(f"Column {column!r} has different shapes in one batch (sample_id: shape) {shapes}. {hint}")
 
 
 _shared_memory_cleaned = False
@@ -152,7 +159,6 @@ def build_loader(
     shuffle: bool = True,
     num_workers: int = 0,
     dtype: torch.dtype = torch.float32,
-    text_len: int | None = None,
     local_cache: str | Path | None = None,
     remote_buckets: list[str] | None = None,
     layout: Layout = LATENTS,
@@ -210,7 +216,7 @@ def build_loader(
     return StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,
-        collate_fn=functools.partial(collate, text_len=text_len, latent_columns=layout.latent_columns),
+        collate_fn=functools.partial(collate, latent_columns=layout.latent_columns),
         num_workers=num_workers,
         drop_last=True,
     )

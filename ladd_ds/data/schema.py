@@ -3,14 +3,17 @@
 One sample holds what a student step needs without running the text encoders or the VAE:
 
     latent         fp16 (C, h, w)  VAE latent, already normalized (shift/scale applied)
-    prompt_embeds  fp16 (L, D)     text-encoder hidden states; L varies per sample
-    pooled         fp16 (P,)       pooled text embedding
+    prompt_embeds  text (L, D)     SD3's text conditioning (77 CLIP + max_sequence_length T5
+                                   tokens), the same L for every sample of a dataset
+    pooled         text (P,)       pooled text embedding
     prompt         str             the caption, for logging and evaluation
 
 Preference-pair shards (`ladd-ds pairs`, read by `ladd-ds dpo`) hold `latent_w` and `latent_l`
 (the preferred and the rejected latent for the prompt) instead of `latent`; see `PAIRS`.
 
-MDS ndarrays cannot hold bfloat16, so tensors are stored as fp16 and cast on load.
+"text": the text columns keep the dtype the encoders produced them in, bit for bit
+(`TEXT_STORAGE`): fp32 runs store float32, bf16 runs store the bfloat16 bits in a uint16 column
+(MDS ndarrays cannot hold bfloat16), fp16 is float16. Latents are fp16. All are cast on load.
 """
 
 from __future__ import annotations
@@ -20,12 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# 'ndarray:float16' without a shape suffix stores the shape per sample, which `prompt_embeds`
-# needs (variable L); the few header bytes this costs on the other columns do not matter.
+import torch
+
+# Stored dtype of the text columns -> MDS encoding. bf16 is stored as its raw 16 bits.
+TEXT_STORAGE: dict[str, str] = {"fp32": "ndarray:float32", "bf16": "ndarray:uint16", "fp16": "ndarray:float16"}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_COLUMNS = ("prompt_embeds", "pooled")
+TEXT_ENCODING = "|".join(TEXT_STORAGE.values())  # any of them
+
+# 'ndarray:float16' without a shape suffix stores the shape per sample (the loader checks the
+# shapes of one batch); the few header bytes this costs do not matter.
 REQUIRED_COLUMNS: dict[str, str] = {
     "latent": "ndarray:float16",
-    "prompt_embeds": "ndarray:float16",
-    "pooled": "ndarray:float16",
+    "prompt_embeds": TEXT_ENCODING,
+    "pooled": TEXT_ENCODING,
     "prompt": "str",
 }
 OPTIONAL_COLUMNS: dict[str, str] = {
@@ -37,8 +48,8 @@ OPTIONAL_COLUMNS: dict[str, str] = {
 PAIR_COLUMNS: dict[str, str] = {
     "latent_w": "ndarray:float16",  # the preferred ("winner") latent
     "latent_l": "ndarray:float16",  # the rejected ("loser") latent, same shape
-    "prompt_embeds": "ndarray:float16",
-    "pooled": "ndarray:float16",
+    "prompt_embeds": TEXT_ENCODING,
+    "pooled": TEXT_ENCODING,
     "prompt": "str",
 }
 PAIR_OPTIONAL_COLUMNS: dict[str, str] = {
@@ -49,8 +60,8 @@ PAIR_OPTIONAL_COLUMNS: dict[str, str] = {
 }
 
 INDEX_FILE = "index.json"
-# Next to manifest.json in a synth/encode output root: the empty prompt's conditioning, in the
-# shards' compact form, for classifier-free guidance of the teacher during training
+# Next to manifest.json in a synth/encode output root: the empty prompt's conditioning, of the
+# same form as the shards' prompt_embeds, for classifier-free guidance of the teacher during training
 # (`ladd.distill_cfg`). safetensors with `prompt_embeds` (L, D) and `pooled` (P,), fp32.
 NEGATIVE_PROMPT_FILE = "negative_prompt.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -72,8 +83,9 @@ PAIRS = Layout("preference-pair", PAIR_COLUMNS, PAIR_OPTIONAL_COLUMNS, ("latent_
 
 
 def _encoding_matches(found: str, expected: str) -> bool:
-    # A fixed-shape ndarray column ('ndarray:float16:4,64,64') also satisfies 'ndarray:float16'.
-    return found == expected or found.startswith(expected + ":")
+    # A fixed-shape ndarray column ('ndarray:float16:4,64,64') also satisfies 'ndarray:float16';
+    # `expected` may list alternatives separated by "|".
+    return any(found == e or found.startswith(e + ":") for e in expected.split("|"))
 
 
 def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, Any]:
@@ -136,8 +148,8 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
             elif not _encoding_matches(found[name], expected):
                 raise ValueError(
                     f"Dataset {str(root)!r}: shard {shard_file!r} stores column {name!r} as "
-                    f"{found[name]!r}, expected {expected!r}. Re-export it with that encoding "
-                    f"(store bfloat16/float32 tensors as float16)."
+                    f"{found[name]!r}, expected {expected.replace('|', ' or ')!r}. Write it with "
+                    f"ladd_ds.data.write_samples, which picks the encoding."
                 )
         # A copy that stopped half-way has an index but not all shards; say so before streaming
         # fails deep inside a worker. Compressed datasets may hold only the zip form.

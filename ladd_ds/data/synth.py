@@ -91,8 +91,8 @@ class TeacherSampler:
         """(B, C, height/f, width/f) normalized latents; the initial noise of prompt i comes from
         a generator seeded with seeds[i]."""
         dtype = self.pipe.transformer.dtype  # bf16 runs: encoders, noise and latents in bf16 as well
-        embeds, pooled = (x.to(dtype) for x in self.text.encode_full(prompts, device))
-        neg_embeds, neg_pooled = (x.to(dtype) for x in self.text.encode_full([""] * len(prompts), device))
+        embeds, pooled = (x.to(dtype) for x in self.text.encode(prompts, device))
+        neg_embeds, neg_pooled = (x.to(dtype) for x in self.text.encode([""] * len(prompts), device))
         channels = self.pipe.transformer.config.in_channels
         noise = initial_noise(seeds, channels, height // self.factor, width // self.factor)
         return self.pipe(
@@ -177,10 +177,11 @@ def load_text_encoder(cfg: Config, device):
 
     s = cfg.synth
     if s.text_encoders == "tiny":
-        text = build_tiny_text_encoders(cfg.model.teacher, seed=s.seed, drop_t5=s.drop_t5, max_t5_tokens=s.max_t5_tokens)
+        text = build_tiny_text_encoders(
+            cfg.model.teacher, seed=s.seed, drop_t5=s.drop_t5, max_sequence_length=s.max_sequence_length
+        )
     else:
-        text = load_sd3_text_encoders(s.text_encoders, drop_t5=s.drop_t5)
-        text.max_t5_tokens = s.max_t5_tokens
+        text = load_sd3_text_encoders(s.text_encoders, drop_t5=s.drop_t5, max_sequence_length=s.max_sequence_length)
     return text.to(device, torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
 
 
@@ -204,7 +205,7 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
     device = current_device()
 
     bar = tqdm(total=len(todo), desc=name, disable=not is_main(), unit="sample", dynamic_ncols=True)
-    pending: list[tuple[PromptJob, torch.Tensor, tuple]] = []
+    pending: list[tuple[PromptJob, torch.Tensor, tuple]] = []  # (job, latent, (prompt_embeds, pooled))
     parts_written = 0
     for k in range(rounds):
         if k >= len(batches):  # keep the ZeRO-3 forwards in step with the other ranks
@@ -212,9 +213,10 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
             continue
         batch = batches[k]
         latents = make_latents(batch)
-        compact = text.encode([j.prompt for j in batch], device)
+        # Stored in the encoders' dtype, bit for bit what training and sampling feed.
+        embeds, pooled = (x.cpu() for x in text.encode([j.prompt for j in batch], device))
         for i, job in enumerate(batch):
-            pending.append((job, latents[i].float().cpu(), (compact.prompt_embeds[i], compact.pooled[i])))
+            pending.append((job, latents[i].float().cpu(), (embeds[i], pooled[i])))
         bar.update(len(batch) * world_size())  # ranks advance in step: an estimate of the total
         next_bucket = batches[k + 1][0].bucket if k + 1 < len(batches) else None
         if len(pending) >= s.part_size or next_bucket != batch[0].bucket:  # a part holds one bucket
@@ -225,8 +227,8 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
     bar.close()
     barrier()
     if is_main():
-        negative = text.encode([""], device)  # for the teacher's guidance during training (ladd.distill_cfg)
-        write_negative_prompt(out, negative.prompt_embeds[0], negative.pooled[0])
+        embeds, pooled = text.encode([""], device)  # for the teacher's guidance during training (ladd.distill_cfg)
+        write_negative_prompt(out, embeds[0], pooled[0])
         manifest = finalize(out, jobs, cfg, source)
         print0(f"{name}: wrote {manifest['samples']} samples to {out}: {manifest['buckets']}")
         return manifest

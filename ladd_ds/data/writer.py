@@ -19,7 +19,15 @@ import numpy as np
 import torch
 from streaming import MDSWriter
 
-from ladd_ds.data.schema import LATENTS, NEGATIVE_PROMPT_FILE, Layout, validate_mds_dir
+from ladd_ds.data.schema import (
+    LATENTS,
+    NEGATIVE_PROMPT_FILE,
+    TEXT_COLUMNS,
+    TEXT_STORAGE,
+    TORCH_DTYPES,
+    Layout,
+    validate_mds_dir,
+)
 
 # JSON text, but not named *.json: streaming's merge_index(root) takes every .json file under
 # root's sub-directories for an index.json and fails on anything else (streaming 0.13).
@@ -27,10 +35,28 @@ RANDOM_PARAMS_FILE = "random_latents.params"
 
 
 def _to_fp16(value: Any) -> np.ndarray:
-    # Generators hand over torch tensors (often bf16 on GPU); MDS stores numpy fp16.
+    # Generators hand over torch tensors (often bf16 on GPU); MDS stores latents as numpy fp16.
     if isinstance(value, torch.Tensor):
         value = value.detach().to("cpu", torch.float16).numpy()
     return np.ascontiguousarray(value, dtype=np.float16)
+
+
+def text_storage(value: Any) -> str:
+    """The stored dtype of a text column value: its own, bit for bit ("fp32", "bf16", "fp16");
+    other dtypes are stored as fp32."""
+    if isinstance(value, torch.Tensor):
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(value.dtype, "fp32")
+    return "fp16" if np.asarray(value).dtype == np.float16 else "fp32"
+
+
+def _to_stored(value: Any, storage: str) -> np.ndarray:
+    """A text tensor as the numpy array of `storage` (schema.TEXT_STORAGE); bf16 as its raw bits."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    value = value.detach().cpu()
+    if storage == "bf16":
+        return np.ascontiguousarray(value.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    return np.ascontiguousarray(value.to(TORCH_DTYPES[storage]).numpy())
 
 
 def write_samples(
@@ -45,7 +71,9 @@ def write_samples(
     columns of `schema.REQUIRED_COLUMNS`) to `out_dir`.
 
     Optional columns ('bucket', 'seed', ...) are written when the first sample has them. Array values
-    may be numpy arrays or torch tensors of any float dtype; they are stored as fp16.
+    may be numpy arrays or torch tensors of any float dtype. Latents are stored as fp16; the text
+    columns (`prompt_embeds`, `pooled`) in the dtype of the first sample's, bit for bit
+    (schema.TEXT_STORAGE), so that training feeds exactly what the encoders produced.
     `extra_files` ({file name: text}) are written next to index.json before the rename.
 
     Raises FileExistsError if `out_dir` exists: delete it or pick another path.
@@ -58,7 +86,9 @@ def write_samples(
     if first is None:
         raise ValueError(f"No samples to write to {str(out_dir)!r}: an empty dataset cannot be read by streaming.")
     columns = {**layout.required, **{k: v for k, v in layout.optional.items() if k in first}}
-    array_columns = [k for k, v in columns.items() if v.startswith("ndarray")]
+    storage = {k: text_storage(first[k]) for k in TEXT_COLUMNS if k in first}
+    columns.update({k: TEXT_STORAGE[v] for k, v in storage.items()})
+    latent_columns = [k for k, v in columns.items() if v.startswith("ndarray") and k not in storage]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same parent directory, so the final rename stays on one filesystem and is atomic.
@@ -72,7 +102,8 @@ def write_samples(
                         f"Sample {i} written to {str(out_dir)!r} lacks column(s) {missing}; every sample needs {list(columns)}."
                     )
                 row = {k: sample[k] for k in columns}
-                row.update({k: _to_fp16(sample[k]) for k in array_columns})
+                row.update({k: _to_fp16(sample[k]) for k in latent_columns})
+                row.update({k: _to_stored(sample[k], v) for k, v in storage.items()})
                 writer.write(row)
         for name, text in (extra_files or {}).items():
             (tmp_dir / name).write_text(text)
@@ -84,8 +115,9 @@ def write_samples(
 
 
 def write_negative_prompt(root: str | Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> Path:
-    """ROOT/negative_prompt.safetensors: the empty prompt's (L, D) and (P,) conditioning, in the
-    same compact form as the shards' `prompt_embeds`; temporary name, then rename."""
+    """ROOT/negative_prompt.safetensors: the empty prompt's (L, D) and (P,) conditioning, of the
+    same form as the shards' `prompt_embeds`, as fp32 (exact for fp32, bf16 and fp16 values);
+    temporary name, then rename."""
     from safetensors.torch import save_file
 
     path = Path(root) / NEGATIVE_PROMPT_FILE
@@ -102,7 +134,7 @@ def write_negative_prompt(root: str | Path, prompt_embeds: torch.Tensor, pooled:
 def _random_samples(
     num_samples: int,
     latent_shape: tuple[int, int, int],
-    text_len: tuple[int, int],
+    text_len: int,
     text_dim: int,
     pooled_dim: int,
     seed: int,
@@ -110,10 +142,9 @@ def _random_samples(
 ):
     rng = np.random.default_rng(seed)
     for i in range(num_samples):
-        length = int(rng.integers(text_len[0], text_len[1] + 1))
         sample = {
             "latent": rng.standard_normal(latent_shape, dtype=np.float32),  # (C, h, w)
-            "prompt_embeds": rng.standard_normal((length, text_dim), dtype=np.float32),  # (L, D)
+            "prompt_embeds": rng.standard_normal((text_len, text_dim), dtype=np.float32),  # (L, D)
             "pooled": rng.standard_normal((pooled_dim,), dtype=np.float32),  # (P,)
             "prompt": f"random sample {i}",
         }
@@ -126,7 +157,7 @@ def write_random_latents(
     out_dir: str | Path,
     num_samples: int,
     latent_shape: tuple[int, int, int] = (4, 32, 32),
-    text_len: tuple[int, int] = (8, 16),
+    text_len: int = 8,
     text_dim: int = 64,
     pooled_dim: int = 32,
     seed: int = 0,
@@ -139,12 +170,12 @@ def write_random_latents(
     same arguments this does nothing, so every rank (or a resumed run) may call it; the
     parameters live in `out_dir/random_latents.params` for that check.
     """
-    if not 1 <= text_len[0] <= text_len[1]:
-        raise ValueError(f"text_len must be (min, max) with 1 <= min <= max, got {text_len}.")
+    if text_len < 1:
+        raise ValueError(f"text_len must be at least 1, got {text_len}.")
     params = {
         "num_samples": num_samples,
         "latent_shape": list(latent_shape),
-        "text_len": list(text_len),
+        "text_len": text_len,
         "text_dim": text_dim,
         "pooled_dim": pooled_dim,
         "seed": seed,
@@ -153,7 +184,7 @@ def write_random_latents(
     }
     out_dir = Path(out_dir)
     if not out_dir.exists():
-        samples = _random_samples(num_samples, tuple(latent_shape), tuple(text_len), text_dim, pooled_dim, seed, bucket)
+        samples = _random_samples(num_samples, tuple(latent_shape), text_len, text_dim, pooled_dim, seed, bucket)
         try:
             return write_samples(
                 out_dir, samples, size_limit=size_limit, extra_files={RANDOM_PARAMS_FILE: json.dumps(params, indent=1)}

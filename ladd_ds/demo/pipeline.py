@@ -59,6 +59,9 @@ class DemoSize:
     # Other (schedule shift, CFG) settings of the teacher's sampler, each at 4 steps and the top step
     # count with the first seed: does the few-step gap depend on the sampler? (1, teacher_cfg) is the main table.
     sampler_sweep: list[tuple[float, float]] = field(default_factory=lambda: [(3.0, 3.0), (1.0, 1.5), (3.0, 1.5)])
+    # deepspeed.precision of every stage after the (fp32-pretrained) teacher: synth, LADD, export,
+    # pairs, DPO, and the sampling of the evaluation (`ladd-ds demo --precision`).
+    precision: str = "fp32"
 
 
 SIZES = {
@@ -160,7 +163,7 @@ def make_data(data: Path, teacher: Path, size: DemoSize, kind: str) -> Path:
     if (data / "manifest.json").is_file():
         return data
     data.parent.mkdir(parents=True, exist_ok=True)
-    common = _model_args(teacher)
+    common = _model_args(teacher, size.precision)
     if kind == "real":
         images, captions = write_real_images(data.with_name(data.name + "_images"), size.synth_prompts, seed=7)
         _run(
@@ -178,8 +181,9 @@ def _set_args(sets: list[str]) -> list[str]:
     return [arg for s in sets for arg in ("--set", s)]
 
 
-def _model_args(teacher: Path) -> list[str]:
-    return ["--config", str(DEMO_CONFIG), *_set_args([f"model.teacher={teacher}", f"synth.text_encoders={teacher}"])]
+def _model_args(teacher: Path, precision: str) -> list[str]:
+    sets = [f"model.teacher={teacher}", f"synth.text_encoders={teacher}", f"deepspeed.precision={precision}"]
+    return ["--config", str(DEMO_CONFIG), *_set_args(sets)]
 
 
 def ladd_stage(work: Path, data: Path, teacher: Path, size: DemoSize, extra_sets: list[str]) -> Path:
@@ -189,7 +193,7 @@ def ladd_stage(work: Path, data: Path, teacher: Path, size: DemoSize, extra_sets
         work.mkdir(parents=True, exist_ok=True)
         sets = [f"data.path={data}", f"run.run_dir={run_dir}", f"run.max_steps={size.train_steps}"]
         sets += [f"logging.sample_every={size.sample_every}", *extra_sets]
-        _run(["train", *_model_args(teacher), *_set_args(sets)], work / "train.log")
+        _run(["train", *_model_args(teacher, size.precision), *_set_args(sets)], work / "train.log")
         _run(["export", "--run", str(run_dir), "--out", str(export)], work / "export.log")
     return export
 
@@ -210,11 +214,11 @@ def evaluate_models(
     teacher_steps = size.teacher_steps if teacher_steps is None else teacher_steps
     rows = []
     if teacher_steps:
-        tm = load_sampling_model(teacher)
+        tm = load_sampling_model(teacher, precision=size.precision)
         for steps in sorted(teacher_steps, reverse=True):
             print(f"evaluate: teacher {steps} steps, CFG {size.teacher_cfg}", flush=True)
             rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, size.teacher_cfg, seeds).summary())
-    sm = load_sampling_model(student)
+    sm = load_sampling_model(student, precision=size.precision)
     for steps in size.student_steps:
         print(f"evaluate: LADD student {steps} steps", flush=True)
         rows.append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, seeds).summary())
@@ -226,7 +230,7 @@ def teacher_sampler_sweep(teacher: Path, size: DemoSize, evaluator) -> list[dict
     `size.sampler_sweep` (one seed): rows with a `shift` key."""
     from ladd_ds.sampling import load_sampling_model
 
-    tm = load_sampling_model(teacher)
+    tm = load_sampling_model(teacher, precision=size.precision)
     rows = []
     for shift, cfg in size.sampler_sweep:
         tm.shift = shift
@@ -270,7 +274,7 @@ def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list
     prompts = [digits.random_label(np.random.default_rng(99 + i)).prompt for i in range(size.grid_prompts)]
     index = [i for i in range(len(prompts)) for _ in range(size.grid_columns)]
     seeds = [derive_seed("grid", i, j) for i in range(len(prompts)) for j in range(size.grid_columns)]
-    tm, sm = load_sampling_model(teacher), load_sampling_model(student)
+    tm, sm = (load_sampling_model(m, precision=size.precision) for m in (teacher, student))
     configs = [(tm, max(size.teacher_steps), size.teacher_cfg), (tm, 4, size.teacher_cfg)]
     configs += [(sm, s, 1.0) for s in size.student_steps]
     written = []
@@ -295,7 +299,7 @@ def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evalu
     work = out / "dpo"
     work.mkdir(parents=True, exist_ok=True)
     pairs, run_dir, export = work / "pairs", work / "run", work / "export"
-    common = _model_args(teacher)
+    common = _model_args(teacher, size.precision)
     if not (pairs / "index.json").is_file():
         prompts = write_plain_prompts(work / "pairs_prompts.txt", size.dpo_prompts, seed=13)
         sets = [f"pairs.prompts={prompts}", f"pairs.scorer_args={{classifier: {classifier}}}"]
@@ -318,7 +322,7 @@ def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evalu
     top = max(size.teacher_steps)
     rows = [{**r, "model": "teacher"} for r in base_rows if r["kind"] == "teacher" and r["steps"] == top]
     print(f"evaluate: teacher + DPO-LoRA {top} steps", flush=True)
-    dpo_teacher = load_sampling_model(export)
+    dpo_teacher = load_sampling_model(export, precision=size.precision)
     rows.append(
         {
             **evaluator.evaluate("dpo teacher", dpo_teacher, top, size.teacher_cfg, size.seeds).summary(),
@@ -327,7 +331,7 @@ def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evalu
     )
     rows += [{**r, "model": "LADD student"} for r in base_rows if r["kind"] == "student" and r["steps"] in (1, 4)]
     for name, folder in (("LADD student of the DPO'd teacher", student), ("... + DPO-LoRA (recipe)", student_lora)):
-        sm = load_sampling_model(folder)
+        sm = load_sampling_model(folder, precision=size.precision)
         for steps in (1, 4):
             print(f"evaluate: {name} {steps} steps", flush=True)
             rows.append({**evaluator.evaluate(name, sm, steps, 1.0, size.seeds).summary(), "model": name})
@@ -335,7 +339,12 @@ def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evalu
 
 
 def run_demo(
-    out: str | Path, cache: str | Path | None = None, size: str = "full", ablations: bool = False, dpo: bool = False
+    out: str | Path,
+    cache: str | Path | None = None,
+    size: str = "full",
+    ablations: bool = False,
+    dpo: bool = False,
+    precision: str = "fp32",
 ) -> Path:
     from evaluation.demo_eval import DemoEvaluator, EvalPrompts
     from evaluation.digit_classifier import cached_classifier, classifier_folder
@@ -346,7 +355,7 @@ def run_demo(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    s = SIZES[size]
+    s = replace(SIZES[size], precision=precision)
     cache = Path(cache or Path.home() / ".cache" / "ladd_ds")
     timings: dict[str, float] = {}
 

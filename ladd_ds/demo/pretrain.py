@@ -78,7 +78,7 @@ class PromptTable:
     def __init__(self, text_encoder):
         self.prompts = [""] + [digits.DigitLabel(d, c, p).prompt for d in range(10) for c in digits.COLORS for p in digits.PLACES]
         self.index = {p: i for i, p in enumerate(self.prompts)}
-        self.embeds, self.pooled = text_encoder.encode_full(self.prompts)  # (P, L, D), (P, D')
+        self.embeds, self.pooled = text_encoder.encode(self.prompts)  # (P, L, D), (P, D')
 
     def lookup(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor([self.index[p] for p in prompts])
@@ -119,7 +119,7 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
     out = Path(out)
     torch.manual_seed(s.seed)
     text = build_tiny_text_encoders(
-        s.preset, seed=s.seed, drop_t5=True, max_t5_tokens=0, clip_tokens=CLIP_CONTEXT, words=digits.PROMPT_WORDS
+        s.preset, seed=s.seed, drop_t5=True, max_sequence_length=0, clip_tokens=CLIP_CONTEXT, words=digits.PROMPT_WORDS
     )
     table = PromptTable(text)
     model = FlowModel(build_transformer(s.preset, seed=s.seed)).train()
@@ -159,7 +159,7 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
     info = {
         "codec": PIXEL_UNSHUFFLE,
         "shift": s.shift,
-        "max_t5_tokens": 0,  # no T5: prompt_embeds are the CLIP tokens only
+        "max_sequence_length": 0,  # no T5: prompt_embeds are the CLIP tokens only
         "default_size": list(digits.BUCKETS[0]),  # [height, width] for `ladd-ds sample` without --size
         "settings": asdict(s),
         "key": s.key(),

@@ -207,7 +207,8 @@ def write_report(out: Path, results: dict) -> Path:
         f"FD: Fréchet distance in the demo classifier's feature space between {results['rows'][0]['num_images']} "
         f"generated images per seed and {results['num_real']} held-out real images; alignment: fraction of "
         f"images whose digit, color and place all match the prompt; mean ± std over {len(size['seeds'])} seeds. "
-        "ms/img: sampling + decoding, batched, on this machine.",
+        "ms/img: sampling + decoding, batched, on this machine. "
+        f"Precision of synth, LADD, DPO and sampling: {size.get('precision', 'fp32')}.",
         "",
         "## Teacher vs. LADD student",
         "",

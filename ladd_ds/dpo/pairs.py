@@ -91,7 +91,7 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
             scores = torch.as_tensor(scorer(decode_images(sm.codec, latents), batch_prompts), dtype=torch.float64)
         if scores.shape != (len(batch_prompts),):
             raise ValueError(f"pairs.scorer {p.scorer} returned shape {tuple(scores.shape)} for {len(batch_prompts)} images")
-        encoded = sm.text.encode([prompts[i] for i in chunk])
+        embeds, pooled = sm.text.encode([prompts[i] for i in chunk])
         for n, i in enumerate(chunk):
             s = scores[n * k : (n + 1) * k]
             best, worst = pair_from_scores(s)
@@ -104,8 +104,8 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
                 {
                     "latent_w": latents[n * k + best].float().cpu(),
                     "latent_l": latents[n * k + worst].float().cpu(),
-                    "prompt_embeds": encoded.prompt_embeds[n],
-                    "pooled": encoded.pooled[n],
+                    "prompt_embeds": embeds[n].cpu(),
+                    "pooled": pooled[n].cpu(),
                     "prompt": prompts[i],
                     "bucket": bucket_name(p.height, p.width),
                     "score_w": float(s[best]),
@@ -182,14 +182,14 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
                 key: codec.encode(torch.stack([load_cropped(str(images / r[key]), p.height, p.width) for r in chunk]))
                 for key in ("winner", "loser")
             }
-        encoded = text.encode([r["prompt"] for r in chunk])
+        embeds, pooled = text.encode([r["prompt"] for r in chunk])
         for n, r in enumerate(chunk):
             samples.append(
                 {
                     "latent_w": latents["winner"][n],
                     "latent_l": latents["loser"][n],
-                    "prompt_embeds": encoded.prompt_embeds[n],
-                    "pooled": encoded.pooled[n],
+                    "prompt_embeds": embeds[n].cpu(),
+                    "pooled": pooled[n].cpu(),
                     "prompt": r["prompt"],
                     "bucket": bucket_name(p.height, p.width),
                     "index": start + n,

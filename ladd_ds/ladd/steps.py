@@ -104,15 +104,16 @@ class LADDSteps:
         return self.engines.teacher.module(x, t, batch["prompt_embeds"], batch["pooled"], taps=self.taps)
 
     def negative_like(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty prompt's conditioning for every sample of `batch`: (B, L, D) zero-padded or
-        cut to the batch's text length L exactly as the loader pads a prompt (data.loader.collate),
-        and (B, P)."""
+        """The empty prompt's conditioning for every sample of `batch`: (B, L, D) and (B, P)."""
         embeds, pooled = self.negative
-        b, length, _ = batch["prompt_embeds"].shape
-        padded = embeds.new_zeros(length, embeds.shape[1])
-        n = min(length, embeds.shape[0])
-        padded[:n] = embeds[:n]
-        return padded.expand(b, -1, -1), pooled.expand(b, -1)
+        b, length, width = batch["prompt_embeds"].shape
+        if embeds.shape != (length, width):
+            raise ValueError(
+                f"the data's negative prompt conditioning has shape {tuple(embeds.shape)}, its prompts "
+                f"{(length, width)}: the data root mixes datasets of different text encoders or "
+                "synth.max_sequence_length; regenerate it with one `ladd-ds synth` run"
+            )
+        return embeds.expand(b, -1, -1), pooled.expand(b, -1)
 
     @torch.no_grad()
     def distill_target(self, x_hat: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -9,16 +9,17 @@ Two sources of encoders, neither downloads anything:
   byte-level tokenizers written locally, matching the `tiny` transformer preset (text width 32,
   pooled 16), for tests and the CPU demo.
 
-Shards store the T5 part unpadded: SD3 pads T5 to 256 tokens, so `encode` returns the CLIP part
-(77 tokens for SD3) plus only the T5 tokens up to and including the end-of-sequence token. Training
-re-pads with zeros (see ladd_ds.data.loader.collate).
+`SD3TextEncoder.encode` is the one text conditioning of ladd_ds: what synth generates with, what
+the shards store, and what training, DPO, previews and sampling feed. It is exactly what the
+diffusers SD3 pipeline builds: 77 CLIP tokens followed by `max_sequence_length` T5 tokens (T5 runs
+without an attention mask, so its pad positions carry prompt-dependent values and cannot be
+rebuilt from the real tokens). The README, "Data format", gives the storage cost.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,19 +38,13 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode
 CLIP_TOKENS = 77  # CLIP's context length: the first 77 tokens of SD3's prompt_embeds
 
 
-@dataclass
-class EncodedPrompts:
-    prompt_embeds: list[torch.Tensor]  # per prompt (77 + T5 tokens kept, D)
-    pooled: torch.Tensor  # (B, P)
-
-
 class SD3TextEncoder:
     """Encodes prompts with SD3's three encoders via the diffusers pipeline's encode_prompt."""
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, joint_dim: int, max_t5_tokens: int = 256):
+    def __init__(self, pipe: StableDiffusion3Pipeline, joint_dim: int, max_sequence_length: int = 256):
         self.pipe = pipe
         self.joint_dim = joint_dim
-        self.max_t5_tokens = max_t5_tokens
+        self.max_sequence_length = max_sequence_length  # T5 tokens (diffusers' max_sequence_length)
 
     @property
     def clip_tokens(self) -> int:
@@ -70,32 +65,32 @@ class SD3TextEncoder:
                 enc.to(device=device, dtype=dtype)
         return self
 
-    def t5_lengths(self, prompts: list[str]) -> list[int]:
-        """Real T5 tokens per prompt (with the end-of-sequence token), capped at max_t5_tokens."""
-        if not self.has_t5:
-            return [0] * len(prompts)
-        ids = self.pipe.tokenizer_3(prompts, truncation=True, max_length=self.max_t5_tokens)["input_ids"]
-        return [len(x) for x in ids]
+    @property
+    def sequence_length(self) -> int:
+        """Tokens of prompt_embeds: CLIP's context plus max_sequence_length."""
+        return self.clip_tokens + self.max_sequence_length
 
     @torch.no_grad()
-    def encode_full(self, prompts: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Exactly SD3's conditioning: (B, 77 + max_t5_tokens, D) and (B, P); without T5 the T5
-        block is zeros, as diffusers does (SD3 was trained with T5 dropout)."""
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=torch.device(device),
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_t5_tokens,
-        )
-        return embeds, pooled
+    def encode(self, prompts: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """SD3's conditioning, (B, clip_tokens + max_sequence_length, D) and (B, P), in the
+        encoders' dtype; without T5 the T5 block is zeros, as diffusers does (SD3 was trained
+        with T5 dropout).
 
-    def encode(self, prompts: list[str], device="cpu") -> EncodedPrompts:
-        """Compact form for shards: CLIP part plus only the real T5 tokens of each prompt."""
-        embeds, pooled = self.encode_full(prompts, device)
-        keep = [self.clip_tokens + n for n in self.t5_lengths(prompts)]
-        return EncodedPrompts([embeds[i, :k].cpu() for i, k in enumerate(keep)], pooled.cpu())
+        One prompt at a time: matrix kernels round differently for different batch sizes, so a
+        batched call would make a prompt's conditioning depend (in the last bits) on the prompts
+        next to it. The encoders cost little next to the transformer's many steps."""
+        out = [
+            self.pipe.encode_prompt(
+                prompt=[prompt],
+                prompt_2=None,
+                prompt_3=None,
+                device=torch.device(device),
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+            for prompt in prompts
+        ]
+        return torch.cat([o[0] for o in out]), torch.cat([o[2] for o in out])
 
 
 def _meta_transformer(transformer_config: dict):
@@ -108,7 +103,9 @@ def _meta_transformer(transformer_config: dict):
         return SD3Transformer2DModel.from_config(config)
 
 
-def load_sd3_text_encoders(folder: str | Path, drop_t5: bool = False, dtype=torch.float32) -> SD3TextEncoder:
+def load_sd3_text_encoders(
+    folder: str | Path, drop_t5: bool = False, dtype=torch.float32, max_sequence_length: int = 256
+) -> SD3TextEncoder:
     """The three text encoders and tokenizers of a local diffusers SD3 folder."""
     from ladd_ds.models.registry import resolve_model_config
 
@@ -133,7 +130,7 @@ def load_sd3_text_encoders(folder: str | Path, drop_t5: bool = False, dtype=torc
         text_encoder_3=None if drop_t5 else T5EncoderModel.from_pretrained(folder / "text_encoder_3", torch_dtype=dtype),
         tokenizer_3=None if drop_t5 else T5TokenizerFast.from_pretrained(folder / "tokenizer_3"),
     )
-    return SD3TextEncoder(pipe, transformer_config["joint_attention_dim"])
+    return SD3TextEncoder(pipe, transformer_config["joint_attention_dim"], max_sequence_length)
 
 
 def _write_byte_level_vocab(folder: Path, specials: list[str]) -> dict[str, int]:
@@ -221,7 +218,7 @@ def build_tiny_text_encoders(
     transformer_preset: str = "tiny",
     seed: int = 0,
     drop_t5: bool = False,
-    max_t5_tokens: int = 32,
+    max_sequence_length: int = 32,
     clip_tokens: int = CLIP_TOKENS,
     words: list[str] | None = None,
 ) -> SD3TextEncoder:
@@ -252,4 +249,4 @@ def build_tiny_text_encoders(
         text_encoder_3=t5,
         tokenizer_3=tok_t5,
     )
-    return SD3TextEncoder(pipe, joint, max_t5_tokens=max_t5_tokens)
+    return SD3TextEncoder(pipe, joint, max_sequence_length=max_sequence_length)

@@ -75,7 +75,7 @@ def sampling_info(cfg) -> dict:
         "teacher": _spec(cfg.model.teacher),
         "text_encoders": _spec(s.text_encoders),
         "drop_t5": s.drop_t5,
-        "max_t5_tokens": s.max_t5_tokens,
+        "max_sequence_length": s.max_sequence_length,
         "seed": s.seed,
         "codec": _spec(s.vae),
         "student_timesteps": list(cfg.ladd.student_timesteps),

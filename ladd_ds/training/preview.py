@@ -30,7 +30,7 @@ class SamplePreview:
         shape = (model_cfg["in_channels"], height // self.codec.factor, width // self.codec.factor)
         self.seeds = list(range(len(self.prompts)))
         self.noise = initial_noise(self.seeds, *shape).to(device)
-        self.embeds, self.pooled = self.text.encode_full(self.prompts, device)
+        self.embeds, self.pooled = self.text.encode(self.prompts, device)
 
     @torch.no_grad()
     def grids(self, student: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
