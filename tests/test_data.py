@@ -66,8 +66,7 @@ def test_text_columns_are_stored_bit_exactly(tmp_path, dtype):
     back in that dtype they are bitwise the tensors that were written."""
     embeds, pooled = torch.randn(2, 5, 16).to(dtype) * 1e-3, torch.randn(2, 8).to(dtype) * 300
     rows = [
-        {"latent": torch.randn(4, 2, 2), "prompt_embeds": embeds[i], "pooled": pooled[i], "prompt": f"p{i}"}
-        for i in range(2)
+        {"latent": torch.randn(4, 2, 2), "prompt_embeds": embeds[i], "pooled": pooled[i], "prompt": f"p{i}"} for i in range(2)
     ]
     path = write_samples(tmp_path / "ds", rows)
     stored = {"float32": "ndarray:float32", "bfloat16": "ndarray:uint16", "float16": "ndarray:float16"}
