@@ -199,6 +199,7 @@ class PairsConfig:
     samples_per_prompt: int = 4  # K
     steps: int = 28
     guidance_scale: float = 5.0
+    shift: float | None = None  # schedule shift of the sampler; None = the model's own (ladd-ds sample's)
     height: int = 128  # pixels
     width: int = 128
     batch_size: int = 16

@@ -47,7 +47,6 @@ class DemoSize:
     num_real: int
     seeds: list[int]
     teacher_steps: list[int]  # the table needs 50 (or the largest), 4 and 1
-    teacher_cfg: float
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     grid_prompts: int = 8
     grid_columns: int = 6
@@ -57,7 +56,8 @@ class DemoSize:
     heldout_prompts: int = 96  # prompts of digits.HELD_OUT_COMBINATIONS, never in synth or LADD training
     heldout_seeds: list[int] = field(default_factory=lambda: [10, 11, 12])  # noise seeds the main table never uses
     # Other (schedule shift, CFG) settings of the teacher's sampler, each at 4 steps and the top step
-    # count with the first seed: does the few-step gap depend on the sampler? (1, teacher_cfg) is the main table.
+    # count with the first seed: does the few-step gap depend on the sampler? The main table's
+    # sampler is synth's (teacher_sampler()).
     sampler_sweep: list[tuple[float, float]] = field(default_factory=lambda: [(3.0, 3.0), (1.0, 1.5), (3.0, 1.5)])
     # deepspeed.precision of every stage after the (fp32-pretrained) teacher: synth, LADD, export,
     # pairs, DPO, and the sampling of the evaluation (`ladd-ds demo --precision`).
@@ -74,7 +74,6 @@ SIZES = {
         num_real=1000,
         seeds=[0, 1, 2],
         teacher_steps=[1, 2, 4, 8, 50],
-        teacher_cfg=3.0,
     ),
     # The test suite's version: every stage runs and produces its outputs, in minutes.
     "test": DemoSize(
@@ -86,7 +85,6 @@ SIZES = {
         num_real=64,
         seeds=[0, 1, 2],
         teacher_steps=[1, 4, 8],
-        teacher_cfg=3.0,
         grid_prompts=2,
         grid_columns=2,
         sample_every=2,
@@ -103,8 +101,27 @@ ABLATIONS = [
     ("re-noise m=0", "ladd.renoise_m = 0", {"set": ["ladd.renoise_m=0.0"]}),
     ("heads on last block only", "discriminator.taps = [last block]", {"set": ["discriminator.taps=[LAST]"]}),
     ("without distillation loss", "ladd.distill_weight = 0", {"set": ["ladd.distill_weight=0.0"]}),
-    ("unguided distillation target", "ladd.distill_cfg = 1 (the data's CFG 3 by default)", {"set": ["ladd.distill_cfg=1.0"]}),
+    ("unguided distillation target", "ladd.distill_cfg = 1 (default: the data's CFG)", {"set": ["ladd.distill_cfg=1.0"]}),
 ]
+
+
+def teacher_sampler() -> tuple[float, float]:
+    """(schedule shift, CFG scale) of the teacher everywhere in the demo: the sampler synth
+    generates the LADD data with (configs/demo.yaml, synth.shift and synth.guidance_scale), so
+    the teacher rows show the very teacher the student learns from."""
+    from ladd_ds.config import load_config
+
+    synth = load_config(DEMO_CONFIG).synth
+    return synth.shift, synth.guidance_scale
+
+
+def load_teacher(folder: Path, size: DemoSize):
+    """The teacher (or a DPO'd teacher) as a sampling model with the demo's sampler shift."""
+    from ladd_ds.sampling import load_sampling_model
+
+    tm = load_sampling_model(folder, precision=size.precision)
+    tm.shift = teacher_sampler()[0]
+    return tm
 
 
 def _slug(name: str) -> str:
@@ -214,10 +231,10 @@ def evaluate_models(
     teacher_steps = size.teacher_steps if teacher_steps is None else teacher_steps
     rows = []
     if teacher_steps:
-        tm = load_sampling_model(teacher, precision=size.precision)
+        tm, cfg = load_teacher(teacher, size), teacher_sampler()[1]
         for steps in sorted(teacher_steps, reverse=True):
-            print(f"evaluate: teacher {steps} steps, CFG {size.teacher_cfg}", flush=True)
-            rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, size.teacher_cfg, seeds).summary())
+            print(f"evaluate: teacher {steps} steps, shift {tm.shift:g}, CFG {cfg:g}", flush=True)
+            rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, cfg, seeds).summary())
     sm = load_sampling_model(student, precision=size.precision)
     for steps in size.student_steps:
         print(f"evaluate: LADD student {steps} steps", flush=True)
@@ -274,8 +291,8 @@ def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list
     prompts = [digits.random_label(np.random.default_rng(99 + i)).prompt for i in range(size.grid_prompts)]
     index = [i for i in range(len(prompts)) for _ in range(size.grid_columns)]
     seeds = [derive_seed("grid", i, j) for i in range(len(prompts)) for j in range(size.grid_columns)]
-    tm, sm = (load_sampling_model(m, precision=size.precision) for m in (teacher, student))
-    configs = [(tm, max(size.teacher_steps), size.teacher_cfg), (tm, 4, size.teacher_cfg)]
+    tm, sm, cfg = load_teacher(teacher, size), load_sampling_model(student, precision=size.precision), teacher_sampler()[1]
+    configs = [(tm, max(size.teacher_steps), cfg), (tm, 4, cfg)]
     configs += [(sm, s, 1.0) for s in size.student_steps]
     written = []
     for model, steps, cfg in configs:
@@ -322,10 +339,10 @@ def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evalu
     top = max(size.teacher_steps)
     rows = [{**r, "model": "teacher"} for r in base_rows if r["kind"] == "teacher" and r["steps"] == top]
     print(f"evaluate: teacher + DPO-LoRA {top} steps", flush=True)
-    dpo_teacher = load_sampling_model(export, precision=size.precision)
+    dpo_teacher = load_teacher(export, size)
     rows.append(
         {
-            **evaluator.evaluate("dpo teacher", dpo_teacher, top, size.teacher_cfg, size.seeds).summary(),
+            **evaluator.evaluate("dpo teacher", dpo_teacher, top, teacher_sampler()[1], size.seeds).summary(),
             "model": "teacher + DPO-LoRA",
         }
     )
@@ -349,7 +366,7 @@ def run_demo(
     from evaluation.demo_eval import DemoEvaluator, EvalPrompts
     from evaluation.digit_classifier import cached_classifier, classifier_folder
     from ladd_ds.config import load_config
-    from ladd_ds.demo.pretrain import INFO_FILE, cached_teacher
+    from ladd_ds.demo.pretrain import cached_teacher
     from ladd_ds.demo.report import write_report
     from ladd_ds.models.registry import resolve_model_config
 
@@ -423,7 +440,7 @@ def run_demo(
         "num_real": evaluator.num_real,
         "rows": rows,
         "heldout_rows": heldout_rows,
-        "teacher_shift": json.loads((teacher / INFO_FILE).read_text())["shift"],  # the main table's sampler
+        "teacher_shift": teacher_sampler()[0],  # the main table's sampler (synth's)
         "sampler_sweep": sweep_rows,
         "heldout_combinations": sorted(label.prompt for label in digits.HELD_OUT_COMBINATIONS),
         "discriminator": discriminator_separation(out / "main" / "run", after_step=warmup),

@@ -78,6 +78,8 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
     prompts = read_prompts(p.prompts)
     scorer = load_scorer(p.scorer, p.scorer_args)
     sm = load_sampling_model(p.model or cfg.model.teacher, precision=cfg.deepspeed.precision)
+    if p.shift is not None:
+        sm.shift = p.shift
     k = p.samples_per_prompt
     per_batch = max(1, p.batch_size // k)
     samples, dropped, gaps = [], 0, []
