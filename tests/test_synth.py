@@ -187,7 +187,9 @@ def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path, monkeypa
     args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", "2"]
     sets = ["data.source=mds", f"data.path={out}", "data.micro_batch_size=1", "logging.progress_bar=false"]
     sets.append("ladd.distill_weight=0.5")  # with the guided target: the data's guidance scale
-    for s in sets:
+    proc = run_cli(*args, *[a for s in sets for a in ("--set", s)], check=False)  # synth's text settings missing
+    assert proc.returncode != 0 and "synth.max_sequence_length = 256, but" in proc.stderr and "with 32" in proc.stderr
+    for s in SETS + sets:
         args += ["--set", s]
     proc = run_cli(*args, nproc=2)
     assert "done: step 2" in proc.stdout
@@ -228,7 +230,7 @@ def test_resume_on_multi_bucket_data_with_two_ranks_is_exact(reference, tmp_path
     def train(run_dir, steps):
         args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", str(steps)]
         sets = ["data.source=mds", f"data.path={out}", "data.micro_batch_size=1", "logging.progress_bar=false"]
-        sets += ["checkpoint.every=2", "checkpoint.keep_last=5"]
+        sets += ["checkpoint.every=2", "checkpoint.keep_last=5", *SETS]
         for s in sets:
             args += ["--set", s]
         run_cli(*args, nproc=2)

@@ -31,6 +31,25 @@ def generation_guidance_scale(root: str | Path) -> float | None:
     return float(manifest["synth"]["guidance_scale"])
 
 
+TEXT_SETTINGS = ("max_sequence_length", "drop_t5")  # what shapes the stored conditioning
+
+
+def check_text_settings(root: str | Path, synth) -> None:
+    """Refuse a run whose `synth` text settings differ from those ROOT's data was written with:
+    previews and the export's `ladd-ds sample` would feed another conditioning than training."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        return
+    for key in TEXT_SETTINGS:
+        written = manifest.get("synth", {}).get(key)
+        if written is not None and written != getattr(synth, key):
+            raise ValueError(
+                f"synth.{key} = {getattr(synth, key)!r}, but {root} was written with {written!r} "
+                f"({Path(str(root)) / MANIFEST_FILE}): set synth.{key}: {written!r} so that previews and "
+                "the exported student's sampling use the conditioning it is trained on"
+            )
+
+
 def read_negative_prompt(root: str | Path, needed_by: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The empty prompt's conditioning of ROOT: prompt_embeds (L, D) and pooled (P,), fp32.
     `needed_by` names the setting that needs it, for the error message."""

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ladd_ds.config import Config, save_config
 from ladd_ds.data.loader import build_loader, iterate_forever
-from ladd_ds.data.manifest import generation_guidance_scale, read_negative_prompt
+from ladd_ds.data.manifest import check_text_settings, generation_guidance_scale, read_negative_prompt
 from ladd_ds.data.schema import LATENTS
 from ladd_ds.data.writer import write_random_latents
 from ladd_ds.distributed import engines as ds
@@ -286,6 +286,8 @@ class LADDTrainer(Trainer, LADDSteps):
 
     def check_config(self, cfg: Config) -> None:
         check_data_matches_model(cfg)
+        if cfg.data.source == "mds":
+            check_text_settings(cfg.data.path, cfg.synth)
 
     def build_ds_configs(self, cfg: Config, world: int) -> dict[str, dict]:
         return build_ds_configs(cfg, world)
