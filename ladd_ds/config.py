@@ -144,7 +144,7 @@ class SynthConfig:
     text_encoders: str = "tiny"  # "tiny" (built in code for the tiny preset) or a local SD3 folder
     drop_t5: bool = False
     # T5 tokens of the conditioning (diffusers' max_sequence_length): SD3 uses 256; 77 stores
-    # and attends to 45% fewer text tokens (README, "Data format").
+    # and attends to 54% fewer text tokens (77 + 77 instead of 77 + 256; README, "Data").
     max_sequence_length: int = 256
     buckets: list[list[int]] = field(default_factory=lambda: [[128, 128]])  # [height, width] in pixels
     bucket_weights: list[float] | None = None  # for prompts without a bucket; None = uniform

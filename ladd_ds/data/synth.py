@@ -92,7 +92,8 @@ class TeacherSampler:
         a generator seeded with seeds[i]."""
         dtype = self.pipe.transformer.dtype  # bf16 runs: encoders, noise and latents in bf16 as well
         embeds, pooled = (x.to(dtype) for x in self.text.encode(prompts, device))
-        neg_embeds, neg_pooled = (x.to(dtype) for x in self.text.encode([""] * len(prompts), device))
+        # The empty prompt once (encode runs one prompt per call), then one copy per sample.
+        neg_embeds, neg_pooled = (x.to(dtype).expand(len(prompts), *x.shape[1:]) for x in self.text.encode([""], device))
         channels = self.pipe.transformer.config.in_channels
         noise = initial_noise(seeds, channels, height // self.factor, width // self.factor)
         return self.pipe(
