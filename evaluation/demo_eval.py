@@ -59,6 +59,22 @@ class RowResult:
     alignment: list[float] = field(default_factory=list)
     attributes: list[dict[str, float]] = field(default_factory=list)
     ms_per_image: list[float] = field(default_factory=list)
+    runs: int = 1  # training runs pooled into this row (`pooled`): the lists hold runs x seeds entries
+
+    @classmethod
+    def pooled(cls, rows: list[RowResult]) -> RowResult:
+        """One row over several models of the same configuration (e.g. students of independent
+        training runs): every run's per-seed values, so mean and std cover runs and seeds."""
+        first = rows[0]
+        if any((r.kind, r.steps, r.cfg, r.num_images) != (first.kind, first.steps, first.cfg, first.num_images) for r in rows):
+            raise ValueError(f"pooled rows must share kind, steps, CFG and prompts; got {[r.name for r in rows]}")
+        out = cls(first.name, first.kind, first.steps, first.cfg, first.nfe, first.num_images, runs=sum(r.runs for r in rows))
+        for r in rows:
+            out.fd += r.fd
+            out.alignment += r.alignment
+            out.attributes += r.attributes
+            out.ms_per_image += r.ms_per_image
+        return out
 
     @staticmethod
     def _stats(values: list[float]) -> tuple[float, float]:
@@ -67,7 +83,8 @@ class RowResult:
     def summary(self) -> dict:
         out = {"name": self.name, "kind": self.kind, "steps": self.steps, "cfg": self.cfg, "nfe": self.nfe}
         out["num_images"] = self.num_images
-        out["seeds"] = len(self.fd)
+        out["seeds"] = len(self.fd) // self.runs  # noise seeds per run
+        out["runs"] = self.runs
         for key in ("fd", "alignment", "ms_per_image"):
             out[key], out[f"{key}_std"] = self._stats(getattr(self, key))
         for attr in ("digit", "color", "place"):

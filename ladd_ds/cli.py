@@ -196,13 +196,26 @@ def _demo_parser(sub) -> None:
     p.add_argument(
         "--precision", choices=["fp32", "bf16"], default="fp32", help="precision of synth, LADD, DPO and sampling (teacher: fp32)"
     )
+    p.add_argument(
+        "--train-seeds",
+        type=int,
+        default=None,
+        help="independent LADD runs of the main setting (run.seed 0..N-1), pooled in the student rows "
+        "(default 1; each more costs about 8 minutes at the full size on 2 cores)",
+    )
 
 
 def cmd_demo(args) -> int:
     from ladd_ds.demo.pipeline import run_demo
 
     report = run_demo(
-        args.out, cache=args.cache, size=args.size, ablations=args.ablations, dpo=args.dpo, precision=args.precision
+        args.out,
+        cache=args.cache,
+        size=args.size,
+        ablations=args.ablations,
+        dpo=args.dpo,
+        precision=args.precision,
+        train_seeds=args.train_seeds,
     )
     print(f"report: {report}")
     return 0

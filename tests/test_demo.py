@@ -18,7 +18,7 @@ from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     args = ["demo", "--out", str(out / "run"), "--cache", str(out / "cache"), "--size", "test", "--ablations", "--dpo"]
-    assert main(args) == 0
+    assert main(args + ["--train-seeds", "2"]) == 0
     return out
 
 
@@ -46,6 +46,7 @@ def test_report_numbers_come_from_the_evaluation(demo):
     results = json.loads((run / "eval.json").read_text())
     for row in results["rows"]:
         assert row["finite"] and row["seeds"] == 3 and row["num_images"] == results["size"]["eval_prompts"]
+        assert row["runs"] == (2 if row["kind"] == "student" else 1)
         assert row["nfe"] == row["steps"] * (2 if row["kind"] == "teacher" else 1)  # CFG doubles
         assert 0.0 <= row["alignment"] <= 1.0 and row["fd"] >= 0.0 and math.isfinite(row["ms_per_image"])
     report = (run / "report.md").read_text()
@@ -58,6 +59,26 @@ def test_report_numbers_come_from_the_evaluation(demo):
         row = next(r for r in results["rows"] if r["kind"] == kind and r["steps"] == int(cells[1]))
         assert cells[3] == f"{row['fd']:.2f} ± {row['fd_std']:.2f}"
         assert cells[4] == f"{row['alignment']:.3f} ± {row['alignment_std']:.3f}"
+
+
+def test_student_rows_pool_the_training_runs(demo):
+    """`--train-seeds 2`: a second LADD run with run.seed 1, evaluated on the same prompts and
+    seeds; each student row's mean is the mean of the runs' means, and the report lists both."""
+    run = demo / "run"
+    assert (run / "main_seed1" / "student" / "ladd_export.json").is_file()
+    train_log = (run / "main_seed1" / "run" / "config.yaml").read_text()
+    assert "seed: 1" in train_log
+    results = json.loads((run / "eval.json").read_text())
+    report = (run / "report.md").read_text()
+    assert "## The student over independent training runs" in report
+    for row in (r for r in results["rows"] if r["kind"] == "student"):
+        runs = row["per_run"]
+        assert len(runs) == 2 and runs[0] != runs[1]  # two different students
+        assert math.isclose(row["fd"], sum(r["fd"] for r in runs) / 2, rel_tol=1e-9)
+        assert math.isclose(row["alignment"], sum(r["alignment"] for r in runs) / 2, rel_tol=1e-9)
+        assert f"| {row['steps']} | {runs[0]['fd']:.2f} / {runs[0]['alignment']:.3f} |" in report
+    assert len(results["discriminator_runs"]) == 2
+    assert "training run 2 of 2" in report
 
 
 def test_held_out_prompts_get_their_own_rows_and_goals(demo):

@@ -59,6 +59,9 @@ class DemoSize:
     # count with the first seed: does the few-step gap depend on the sampler? The main table's
     # sampler is synth's (teacher_sampler()).
     sampler_sweep: list[tuple[float, float]] = field(default_factory=lambda: [(3.0, 3.0), (1.0, 1.5), (3.0, 1.5)])
+    # Independent LADD runs of the main table (run.seed 0, 1, ...: heads, noise draws, data order),
+    # pooled in the student rows: one run's margins move by more than some goals' gaps.
+    train_seeds: int = 1
     # deepspeed.precision of every stage after the (fp32-pretrained) teacher: synth, LADD, export,
     # pairs, DPO, and the sampling of the evaluation (`ladd-ds demo --precision`).
     precision: str = "fp32"
@@ -217,14 +220,17 @@ def ladd_stage(work: Path, data: Path, teacher: Path, size: DemoSize, extra_sets
 
 def evaluate_models(
     teacher: Path,
-    student: Path,
+    students: list[Path],
     size: DemoSize,
     evaluator,
     teacher_steps: list[int] | None = None,
     seeds: list[int] | None = None,
 ) -> list[dict]:
     """Rows for the teacher at `teacher_steps` (default: all of the size's; [] for none) and the
-    student at the size's student steps, each over `seeds` (default: the size's)."""
+    students at the size's student steps, each over `seeds` (default: the size's). Students of
+    several training runs share one row per step count, pooled over runs and seeds; the row's
+    `per_run` lists each run's own means."""
+    from evaluation.demo_eval import RowResult
     from ladd_ds.sampling import load_sampling_model
 
     seeds = size.seeds if seeds is None else seeds
@@ -235,10 +241,17 @@ def evaluate_models(
         for steps in sorted(teacher_steps, reverse=True):
             print(f"evaluate: teacher {steps} steps, shift {tm.shift:g}, CFG {cfg:g}", flush=True)
             rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, cfg, seeds).summary())
-    sm = load_sampling_model(student, precision=size.precision)
-    for steps in size.student_steps:
-        print(f"evaluate: LADD student {steps} steps", flush=True)
-        rows.append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, seeds).summary())
+    per_steps: dict[int, list] = {steps: [] for steps in size.student_steps}
+    for k, student in enumerate(students):
+        sm = load_sampling_model(student, precision=size.precision)
+        for steps in size.student_steps:
+            print(f"evaluate: LADD student {steps} steps (training run {k + 1} of {len(students)})", flush=True)
+            per_steps[steps].append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, seeds))
+    for steps, runs in per_steps.items():
+        row = RowResult.pooled(runs).summary()
+        if len(runs) > 1:
+            row["per_run"] = [{"fd": r.summary()["fd"], "alignment": r.summary()["alignment"]} for r in runs]
+        rows.append(row)
     return rows
 
 
@@ -362,6 +375,7 @@ def run_demo(
     ablations: bool = False,
     dpo: bool = False,
     precision: str = "fp32",
+    train_seeds: int | None = None,
 ) -> Path:
     from evaluation.demo_eval import DemoEvaluator, EvalPrompts
     from evaluation.digit_classifier import cached_classifier, classifier_folder
@@ -373,6 +387,10 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     s = replace(SIZES[size], precision=precision)
+    if train_seeds is not None:
+        if train_seeds < 1:
+            raise ValueError(f"--train-seeds must be at least 1, got {train_seeds}")
+        s = replace(s, train_seeds=train_seeds)
     cache = Path(cache or Path.home() / ".cache" / "ladd_ds")
     timings: dict[str, float] = {}
 
@@ -388,16 +406,19 @@ def run_demo(
     timings["synth"] = time.time() - t0
     t0 = time.time()
     student = ladd_stage(out / "main", data, teacher, s, [])
-    timings["LADD train + export"] = time.time() - t0
+    # Further training runs of the same setting (run.seed k), pooled into the student rows.
+    students = [student]
+    students += [ladd_stage(out / f"main_seed{k}", data, teacher, s, [f"run.seed={k}"]) for k in range(1, s.train_seeds)]
+    timings["LADD train + export" + (f" ({s.train_seeds} runs)" if s.train_seeds > 1 else "")] = time.time() - t0
 
     t0 = time.time()
     evaluator = DemoEvaluator(classifier, EvalPrompts.draw(s.eval_prompts, seed=2024, combinations="seen"), num_real=s.num_real)
-    rows = evaluate_models(teacher, student, s, evaluator)
+    rows = evaluate_models(teacher, students, s, evaluator)
     # Prompts of combinations that synth and LADD never saw, with other noise seeds.
     heldout = DemoEvaluator(
         classifier, EvalPrompts.draw(s.heldout_prompts, seed=2025, combinations="held_out"), num_real=s.num_real
     )
-    heldout_rows = evaluate_models(teacher, student, s, heldout, [max(s.teacher_steps), 4], s.heldout_seeds)
+    heldout_rows = evaluate_models(teacher, students, s, heldout, [max(s.teacher_steps), 4], s.heldout_seeds)
     grids = write_grids(out, teacher, student, s)
     timings["evaluation + grids"] = time.time() - t0
     t0 = time.time()
@@ -422,7 +443,7 @@ def run_demo(
             sets = [x.replace("LAST", str(last_block)) for x in change.get("set", [])]
             export = ladd_stage(out / "ablations" / _slug(name), ablation_data, teacher, s, sets)
             separation = discriminator_separation(export.parent / "run", warmup).get("separation")
-            for row in evaluate_models(teacher, export, s, evaluator, teacher_steps=[]):
+            for row in evaluate_models(teacher, [export], s, evaluator, teacher_steps=[]):
                 if row["steps"] in (1, 4):
                     ablation_rows.append({**row, "ablation": name, "change": what, "d_separation": separation})
         timings["ablations"] = time.time() - t0
@@ -444,6 +465,7 @@ def run_demo(
         "sampler_sweep": sweep_rows,
         "heldout_combinations": sorted(label.prompt for label in digits.HELD_OUT_COMBINATIONS),
         "discriminator": discriminator_separation(out / "main" / "run", after_step=warmup),
+        "discriminator_runs": [discriminator_separation(st.parent / "run", after_step=warmup) for st in students],
         "ablations": ablation_rows,
         "dpo": dpo_rows,
         "timings_s": timings,

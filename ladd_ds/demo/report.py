@@ -103,11 +103,14 @@ def goals(results: dict) -> list[str]:
             f"- Few-step gap: teacher 4 steps has {ratio:.2f}x the FD of {top} steps and {100 * share:.0f}% of its "
             f"alignment (goal: FD ≥ {GAP_MIN_FD_RATIO}x or alignment ≤ {100 * GAP_MAX_ALIGNMENT_SHARE:.0f}%: {_met(gap)})."
         )
-    d = results.get("discriminator") or {}
-    if d.get("steps"):
+    runs = results.get("discriminator_runs") or [results.get("discriminator") or {}]
+    for k, d in enumerate(runs):
+        if not d.get("steps"):
+            continue
         separated = d["separation"] > D_MIN_STDERRS * d["separation_stderr"]
+        which = f", training run {k + 1} of {len(runs)}" if len(runs) > 1 else ""
         out.append(
-            f"- Discriminator after warm-up (step > {d['after_step']}, {d['steps']} logged steps): mean real logit "
+            f"- Discriminator after warm-up (step > {d['after_step']}, {d['steps']} logged steps{which}): mean real logit "
             f"{d['real_logit']:.3f}, fake logit {d['fake_logit']:.3f}, separation {d['separation']:+.3f} ± "
             f"{d['separation_stderr']:.3f} (goal: above 0 by at least {D_MIN_STDERRS:g} standard errors: {_met(separated)})."
         )
@@ -170,6 +173,22 @@ def dpo_findings(rows: list[dict]) -> list[str]:
     return out
 
 
+def training_runs_table(rows: list[dict]) -> list[str]:
+    """The pooled student rows split by training run (FD / alignment, each over the noise seeds)."""
+    students = [r for r in rows if r["kind"] == "student" and r.get("per_run")]
+    if not students:
+        return []
+    n = len(students[0]["per_run"])
+    lines = [
+        "| student steps | " + " | ".join(f"run {k + 1}: FD / alignment" for k in range(n)) + " | pooled |",
+        "|---|" + "---|" * (n + 1),
+    ]
+    for r in students:
+        cells = [f"{p['fd']:.2f} / {p['alignment']:.3f}" for p in r["per_run"]]
+        lines.append(f"| {r['steps']} | " + " | ".join(cells) + f" | {r['fd']:.2f} / {r['alignment']:.3f} |")
+    return lines
+
+
 def plot_fd_vs_steps(rows: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -206,8 +225,13 @@ def write_report(out: Path, results: dict) -> Path:
         f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. "
         f"FD: Fréchet distance in the demo classifier's feature space between {results['rows'][0]['num_images']} "
         f"generated images per seed and {results['num_real']} held-out real images; alignment: fraction of "
-        f"images whose digit, color and place all match the prompt; mean ± std over {len(size['seeds'])} seeds. "
-        "ms/img: sampling + decoding, batched, on this machine. "
+        f"images whose digit, color and place all match the prompt; mean ± std over {len(size['seeds'])} seeds"
+        + (
+            f" (student rows: over {size['train_seeds']} training runs x {len(size['seeds'])} seeds). "
+            if size.get("train_seeds", 1) > 1
+            else ". "
+        )
+        + "ms/img: sampling + decoding, batched, on this machine. "
         f"Precision of synth, LADD, DPO and sampling: {size.get('precision', 'fp32')}.",
         "",
         "## Teacher vs. LADD student",
@@ -227,6 +251,15 @@ def write_report(out: Path, results: dict) -> Path:
         *table(rows),
         "",
     ]
+    if training_runs_table(rows):
+        lines += [
+            "## The student over independent training runs",
+            "",
+            "The same LADD setting trained with `run.seed` 0, 1, ...; the main table pools them.",
+            "",
+            *training_runs_table(rows),
+            "",
+        ]
     if results.get("heldout_rows"):
         lines += [
             "## Held-out prompts",
