@@ -22,9 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ladd_ds.config import load_config
 from ladd_ds.distributed import engines as ds
+from ladd_ds.ladd.build import build_ds_configs, build_models
 from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.models.registry import resolve_model_config
-from ladd_ds.training.build import build_ds_configs, build_models
 
 VAE_FACTOR = 8  # SD3 VAE: 8x spatial downsampling
 
@@ -103,19 +103,19 @@ def run(args) -> dict:
     text_len = args.text_len or (333 if model_cfg["joint_attention_dim"] == 4096 else 8)  # SD3: 77 CLIP + 256 T5
     batch = synthetic_batch(model_cfg, args.batch, (h, w), text_len, steps.device, steps.dtype)
 
-    for _ in range(args.warmup):
-        steps.train_step([batch])
+    for i in range(args.warmup):
+        steps.train_step([batch], i)
     _sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
+    for i in range(args.steps):
         start = time.perf_counter()
-        steps.train_step([batch])
+        steps.train_step([batch], args.warmup + i)
         _sync()
         times.append(time.perf_counter() - start)
     with FlopCounterMode(display=False) as counter:
-        steps.train_step([batch])
+        steps.train_step([batch], args.warmup + args.steps)
     flops = counter.get_total_flops()
     step_s = statistics.median(times)
     achieved = flops / step_s / 1e12

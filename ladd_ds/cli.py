@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 from ladd_ds.config import ConfigError, load_config
 
@@ -20,19 +22,19 @@ def _train_parser(sub, name: str = "train", help: str = "LADD training (also und
 
 
 def cmd_train(args) -> int:
-    from ladd_ds.training.build import dry_run
-    from ladd_ds.training.trainer import LADDTrainer
+    from ladd_ds.ladd.build import dry_run
+    from ladd_ds.ladd.method import LADDMethod
 
-    return _run_trainer(args, LADDTrainer, dry_run)
+    return _run_trainer(args, LADDMethod, dry_run)
 
 
 def cmd_dpo(args) -> int:
-    from ladd_ds.dpo.trainer import DPOTrainer, dpo_dry_run
+    from ladd_ds.dpo.method import DPOMethod, dpo_dry_run
 
-    return _run_trainer(args, DPOTrainer, dpo_dry_run)
+    return _run_trainer(args, DPOMethod, dpo_dry_run)
 
 
-def _run_trainer(args, trainer_class, dry_run) -> int:
+def _run_trainer(args, method, dry_run) -> int:
     overrides = list(args.set)
     if args.run_dir:
         overrides.append(f"run.run_dir={args.run_dir}")
@@ -43,12 +45,12 @@ def _run_trainer(args, trainer_class, dry_run) -> int:
     cfg = load_config(args.config, overrides)
 
     from ladd_ds.distributed.ranks import print0, world_size
-    from ladd_ds.training.trainer import TrainingHealthError
+    from ladd_ds.training.trainer import Trainer, TrainingHealthError
 
     if args.dry_run:
         print(dry_run(cfg, args.world_size or world_size()))
         return 0
-    trainer = trainer_class(cfg, cfg.run.run_dir)
+    trainer = Trainer(cfg, cfg.run.run_dir, method)
     try:
         trainer.fit(cfg.run.max_steps)
     except TrainingHealthError as e:
@@ -70,9 +72,27 @@ def _export_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
 
 
-def cmd_export(args) -> int:
-    from ladd_ds.training.export import export_run
+def export_run(
+    run_dir: str | Path, out: str | Path, step: int | None = None, ema: bool = False, lora: str | None = None, merge: bool = False
+) -> Path:
+    """Export a run's checkpoint with its method's exporter (the checkpoint records the method)."""
+    from ladd_ds.training.export import run_checkpoint
 
+    cfg, checkpoint, kind = run_checkpoint(Path(run_dir), step)
+    if kind == "dpo":
+        if ema or lora:
+            raise ValueError(f"{run_dir} is a DPO run: --ema and --lora apply to LADD runs only")
+        from ladd_ds.dpo.export import export_dpo_run
+
+        return export_dpo_run(Path(run_dir), Path(out), cfg, checkpoint, merge)
+    if merge:
+        raise ValueError("--merge applies to DPO runs; to fold a LoRA into a LADD student use --lora DIR")
+    from ladd_ds.ladd.export import export_ladd_run
+
+    return export_ladd_run(Path(run_dir), Path(out), cfg, checkpoint, ema=ema, lora=lora)
+
+
+def cmd_export(args) -> int:
     out = export_run(args.run, args.out, step=args.step, ema=args.ema, lora=args.lora, merge=args.merge)
     print(f"exported to {out}")
     return 0
@@ -95,7 +115,7 @@ def cmd_synth(args) -> int:
     prompts = args.prompts or cfg.synth.prompts
     if not prompts:
         raise ValueError("no prompts: pass --prompts FILE or set synth.prompts")
-    from ladd_ds.data.synth import run_synth
+    from ladd_ds.generate.synth import run_synth
 
     run_synth(cfg, prompts, args.out or cfg.synth.out)
     return 0
@@ -114,7 +134,7 @@ def cmd_encode(args) -> int:
     images, captions = args.images or cfg.synth.images, args.captions or cfg.synth.captions
     if not images or not captions:
         raise ValueError("pass --images DIR and --captions FILE (or set synth.images / synth.captions)")
-    from ladd_ds.data.encode import run_encode
+    from ladd_ds.generate.encode import run_encode
 
     run_encode(cfg, images, captions, args.out or cfg.synth.out)
     return 0
@@ -134,12 +154,22 @@ def _sample_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output path: writes OUT.png (grid) and OUT.npz (images, prompt index)")
 
 
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
+
+
 def cmd_sample(args) -> int:
     from ladd_ds.sampling import run_sample
 
-    run_sample(
-        args.model, args.prompts, args.steps, args.cfg, args.seed, args.out, args.per_prompt, args.size, args.lora, args.precision
-    )
+    def sample(model: str) -> None:
+        a = args
+        run_sample(model, a.prompts, a.steps, a.cfg, a.seed, a.out, a.per_prompt, a.size, a.lora, a.precision)
+
+    if is_run_dir(args.model):  # its latest checkpoint, exported to a temporary folder first
+        with tempfile.TemporaryDirectory() as tmp:
+            sample(str(export_run(args.model, Path(tmp) / "student")))
+    else:
+        sample(args.model)
     return 0
 
 
@@ -152,7 +182,7 @@ def _pairs_parser(sub) -> None:
 
 
 def cmd_pairs(args) -> int:
-    from ladd_ds.dpo.pairs import import_pairs, make_pairs
+    from ladd_ds.generate.pairs import import_pairs, make_pairs
 
     cfg = load_config(args.config, args.set)
     if args.import_pairs:

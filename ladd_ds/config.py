@@ -165,7 +165,7 @@ class LoRAConfig:
     rank: int = 16
     alpha: float | None = None  # None: alpha = rank (adapter scale 1)
     # Module name suffixes inside the transformer blocks; None = every attention projection of
-    # both streams (ladd_ds.dpo.lora.ATTENTION_TARGETS).
+    # both streams (ladd_ds.models.lora.ATTENTION_TARGETS).
     targets: list[str] | None = None
     mlp: bool = False  # also adapt the feed-forward layers
     dropout: float = 0.0
@@ -206,7 +206,7 @@ class PairsConfig:
     seed: int = 0
     # "package.module:callable" building the scorer, called with `scorer_args` as keyword
     # arguments; the scorer maps (images (N, 3, H, W) in [0, 1], prompts) to N scores, higher
-    # is better (ladd_ds.dpo.pairs.Scorer).
+    # is better (ladd_ds.generate.pairs.Scorer).
     scorer: str | None = None
     scorer_args: dict[str, Any] = field(default_factory=dict)
     # Pairs whose scores differ by less than this are dropped (no clear preference).

@@ -2,7 +2,8 @@
 
 `ladd-ds sample --model M --prompts FILE --steps N [--cfg S] --seed K --out grid.png` loads M as
 - a `ladd-ds export` folder (ladd_export.json): a LADD student, sampled as in DESIGN.md 1.7;
-- a `ladd-ds train` run directory: its latest checkpoint, exported to a temporary folder first;
+- (`ladd-ds sample` only) a `ladd-ds train` run directory: its latest checkpoint, exported to a
+  temporary folder first by the CLI;
 - a diffusers SD3 folder (transformer/, text encoders, vae/ or a ladd_model.json naming the
   latent codec): a teacher, sampled with diffusers' flow-matching Euler scheduler and CFG.
 and writes the PNG grid (one row per prompt) and an .npz next to it with the images (uint8,
@@ -12,7 +13,6 @@ N x H x W x C), the prompt index and seed of each, and the prompts.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ladd_ds.ladd.flow import add_noise, x0_from_velocity
-from ladd_ds.ladd.noise import derive_seed
+from ladd_ds.core.flow import add_noise, x0_from_velocity
+from ladd_ds.core.noise import derive_seed
+from ladd_ds.models.lora import load_lora
 
 MODEL_INFO = "ladd_model.json"  # in a teacher folder without vae/: {"codec": ..., "shift": ...}
 EXPORT_INFO = "ladd_export.json"
@@ -83,6 +84,63 @@ def ladd_sample(model, embeds, pooled, noise: torch.Tensor, schedule: list[float
     return x
 
 
+class TeacherSampler:
+    """Classifier-free-guided sampling of the teacher with diffusers' SD3 pipeline."""
+
+    def __init__(self, transformer, text_encoder, shift: float, codec_factor: int):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.text = text_encoder
+        self.factor = codec_factor
+        self.pipe = text_encoder.pipe
+        self.pipe.transformer = transformer
+        self.pipe.vae_scale_factor = codec_factor  # the pipeline checks height/width against it
+        self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def sample(
+        self, prompts: list[str], seeds: list[int], height: int, width: int, device, num_steps: int, guidance_scale: float
+    ) -> torch.Tensor:
+        """(B, C, height/f, width/f) normalized latents; the initial noise of prompt i comes from
+        a generator seeded with seeds[i]."""
+        dtype = self.pipe.transformer.dtype  # bf16 runs: encoders, noise and latents in bf16 as well
+        embeds, pooled = (x.to(dtype) for x in self.text.encode(prompts, device))
+        # The empty prompt once (encode runs one prompt per call), then one copy per sample.
+        neg_embeds, neg_pooled = (x.to(dtype).expand(len(prompts), *x.shape[1:]) for x in self.text.encode([""], device))
+        channels = self.pipe.transformer.config.in_channels
+        noise = initial_noise(seeds, channels, height // self.factor, width // self.factor)
+        return self.pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=neg_embeds,
+            negative_pooled_prompt_embeds=neg_pooled,
+            latents=noise.to(device=device, dtype=dtype),
+            height=height,
+            width=width,
+            num_inference_steps=num_steps,
+            guidance_scale=guidance_scale,
+            output_type="latent",
+            return_dict=False,
+        )[0]  # (B, C, h, w), normalized latent space
+
+
+def initial_noise(seeds: list[int], channels: int, h: int, w: int) -> torch.Tensor:
+    """(B, C, h, w) standard normal noise, sample i from a generator seeded with seeds[i]."""
+    return torch.stack([torch.randn(channels, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def load_text_encoder(cfg, device):
+    """The text encoders of `synth.text_encoders` in the run's precision: what synth, encode,
+    pairs and the training previews encode prompts with (diffusers' SD3 pipeline runs its
+    encoders in the pipeline's dtype too)."""
+    from ladd_ds.models.text_encoders import text_encoders_from_spec
+
+    s = cfg.synth
+    text = text_encoders_from_spec(s.text_encoders, cfg.model.teacher, s.drop_t5, s.max_sequence_length, s.seed)
+    return text.to(device, torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
+
+
 def network_evaluations(kind: str, steps: int, cfg: float) -> int:
     """Transformer calls per image: CFG doubles every teacher step (conditional + unconditional)."""
     return steps * (2 if kind == "teacher" and cfg > 1.0 else 1)
@@ -99,7 +157,6 @@ def sample_latents(
 ) -> torch.Tensor:
     """Latents (N, C, H/f, W/f) of `prompts`, one per seed: the student's sampler or the
     teacher's Euler sampler with CFG, depending on `sm.kind`."""
-    from ladd_ds.data.synth import TeacherSampler, initial_noise
     from ladd_ds.models.flow_model import FlowModel
 
     device = next(sm.transformer.parameters()).device
@@ -138,14 +195,6 @@ def generate(
     return images, time.perf_counter() - start
 
 
-def _text_encoder(spec: str, preset_or_folder: str, drop_t5: bool, max_sequence_length: int, seed: int):
-    from ladd_ds.models.text_encoders import build_tiny_text_encoders, load_sd3_text_encoders
-
-    if spec == "tiny":
-        return build_tiny_text_encoders(preset_or_folder, seed=seed, drop_t5=drop_t5, max_sequence_length=max_sequence_length)
-    return load_sd3_text_encoders(spec, drop_t5=drop_t5, max_sequence_length=max_sequence_length)
-
-
 def _max_sequence_length(info: dict) -> int:
     # "max_t5_tokens": the same setting in folders written before it was renamed
     return int(info.get("max_sequence_length", info.get("max_t5_tokens", 256)))
@@ -163,15 +212,12 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
     from diffusers import SD3Transformer2DModel
 
     from ladd_ds.models.codec import load_codec
+    from ladd_ds.models.text_encoders import text_encoders_from_spec
 
     folder = Path(spec)
-    if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
-        from ladd_ds.training.export import export_run
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return load_sampling_model(export_run(folder, Path(tmp) / "student"), device, precision)
     if not (folder / "transformer" / "config.json").is_file():
-        raise ValueError(f"--model {spec}: expected a ladd-ds export, a ladd-ds run directory or a diffusers SD3 folder")
+        hint = " (a run directory: `ladd-ds export` it first)" if (folder / "checkpoints").is_dir() else ""
+        raise ValueError(f"--model {spec}: expected a ladd-ds export or a diffusers SD3 folder{hint}")
     transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").to(device, dtype).eval()
     channels = transformer.config.in_channels
     if (folder / EXPORT_INFO).is_file():  # a LADD student
@@ -179,14 +225,14 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
         s = info.get("sampling")
         if s is None:
             raise ValueError(f"{folder / EXPORT_INFO} has no 'sampling' entry: re-export the run with this version")
-        text = _text_encoder(s["text_encoders"], s["teacher"], s["drop_t5"], _max_sequence_length(s), s["seed"])
+        text = text_encoders_from_spec(s["text_encoders"], s["teacher"], s["drop_t5"], _max_sequence_length(s), s["seed"])
         codec = load_codec(s["codec"], channels, seed=s["seed"])
         return SamplingModel(transformer, text.to(device, dtype), codec.to(device), "student", info=info)
     info = json.loads((folder / MODEL_INFO).read_text()) if (folder / MODEL_INFO).is_file() else {}
     if "codec" not in info and not (folder / "vae").is_dir():
         raise ValueError(f"{folder}: no vae/ and no {MODEL_INFO} naming a latent codec; cannot decode images")
     drop_t5 = not (folder / "text_encoder_3").is_dir()
-    text = _text_encoder(str(folder), str(folder), drop_t5, _max_sequence_length(info), 0)
+    text = text_encoders_from_spec(str(folder), str(folder), drop_t5, _max_sequence_length(info), 0)
     codec = load_codec(info.get("codec", str(folder)), channels)
     return SamplingModel(
         transformer, text.to(device, dtype), codec.to(device), "teacher", shift=info.get("shift", 3.0), info=info
@@ -271,8 +317,6 @@ def run_sample(
         raise ValueError(f"prompt file {path} has no prompts")
     sm = load_sampling_model(model, precision=precision)
     if lora is not None:
-        from ladd_ds.dpo.lora import load_lora
-
         load_lora(sm.transformer, lora, merge=True)
     if cfg is None:
         cfg = 1.0 if sm.kind == "student" else 4.0

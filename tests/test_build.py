@@ -1,6 +1,7 @@
 import pytest
 
-from ladd_ds.training.build import memory_plan, resolve_taps
+from ladd_ds.ladd.build import resolve_taps
+from ladd_ds.training.build import memory_plan
 
 
 def test_memory_plan_follows_zero_sharding():

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from evaluation.digit_classifier import accuracy, held_out_set, train_classifier
 from ladd_ds.cli import main
 from ladd_ds.demo import digits
+from ladd_ds.demo.classifier import accuracy, held_out_set, train_classifier
 from ladd_ds.demo.pipeline import ABLATIONS, SIZES, discriminator_separation
 from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
 

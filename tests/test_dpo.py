@@ -10,9 +10,9 @@ import torch
 
 from ladd_ds.data.schema import PAIRS, validate_mds_dir
 from ladd_ds.data.writer import write_samples
-from ladd_ds.dpo.lora import adapters_disabled, add_lora, load_lora, lora_config, lora_state_dict, read_lora, save_lora
 from ladd_ds.dpo.loss import dpo_loss, velocity_errors
 from ladd_ds.models.flow_model import FlowModel
+from ladd_ds.models.lora import adapters_disabled, add_lora, load_lora, lora_config, lora_state_dict, read_lora, save_lora
 from ladd_ds.models.registry import build_transformer
 from tests.conftest import REPO, read_metrics, run_cli
 
@@ -270,7 +270,7 @@ def read_pairs(path):
 def test_pairs_keep_the_best_and_the_worst_sample(tmp_path):
     from ladd_ds.config import load_config
     from ladd_ds.demo.pretrain import PretrainSettings, pretrain_teacher
-    from ladd_ds.dpo.pairs import make_pairs
+    from ladd_ds.generate.pairs import make_pairs
     from ladd_ds.models.codec import PixelUnshuffleCodec
 
     teacher = pretrain_teacher(tmp_path / "teacher", PretrainSettings(steps=2, batch_size=4))
@@ -302,7 +302,7 @@ def test_pairs_keep_the_best_and_the_worst_sample(tmp_path):
 
 def test_scorer_errors_name_the_key():
     from ladd_ds.config import ConfigError
-    from ladd_ds.dpo.pairs import load_scorer, pair_from_scores
+    from ladd_ds.generate.pairs import load_scorer, pair_from_scores
 
     with pytest.raises(ConfigError, match="pairs.scorer: cannot import"):
         load_scorer("tests.test_dpo:no_such_scorer", {})
@@ -316,8 +316,8 @@ def test_import_pairs_encodes_a_preference_set(tmp_path):
     from PIL import Image
 
     from ladd_ds.config import load_config
-    from ladd_ds.data.encode import load_cropped
-    from ladd_ds.dpo.pairs import import_pairs
+    from ladd_ds.generate.encode import load_cropped
+    from ladd_ds.generate.pairs import import_pairs
     from ladd_ds.models.codec import load_codec
 
     images = tmp_path / "images"

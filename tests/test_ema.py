@@ -1,6 +1,6 @@
 import torch
 
-from ladd_ds.ema import ShardedEMA
+from ladd_ds.training.ema import ShardedEMA
 
 
 def test_ema_is_an_exponential_moving_average_and_round_trips():

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from streaming import StreamingDataset
 
-from ladd_ds.data.encode import load_cropped, nearest_bucket
+from ladd_ds.generate.encode import load_cropped, nearest_bucket
 from ladd_ds.models.codec import VAECodec
 from ladd_ds.models.vae import build_tiny_vae
 from tests.conftest import TINY_CONFIG, run_cli

@@ -78,7 +78,7 @@ def test_sigkill_mid_run_and_mid_checkpoint_resume_exactly(tmp_path):
     with_faults("kill_in_save@4:1")  # rerun: resumes from step 2, dies while saving step 4
     assert run_cli(*train_args(crashed, 6, *sets), nproc=2, check=False).returncode != 0
     ckpts = crashed / "checkpoints"
-    assert (ckpts / ".tmp-step-00000004").is_dir() and not (ckpts / "step-00000004").exists()
+    assert (ckpts / ".step-00000004.tmp").is_dir() and not (ckpts / "step-00000004").exists()
     with_faults("")
     out = run_cli(*train_args(crashed, 6, *sets), nproc=2)
     assert "resumed from" in out.stdout and "step-00000002 at step 2" in out.stdout
@@ -88,7 +88,7 @@ def test_sigkill_mid_run_and_mid_checkpoint_resume_exactly(tmp_path):
     for g, w in zip(got, want):
         for key in LOSSES:
             assert g[key] == w[key], (g["step"], key)
-    assert not (ckpts / ".tmp-step-00000004").exists()
+    assert not (ckpts / ".step-00000004.tmp").exists()
 
 
 def test_a_rank_that_exits_ends_the_job(tmp_path):

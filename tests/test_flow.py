@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from ladd_ds.ladd import flow
+from ladd_ds.core import flow
 
 
 def test_x0_recovered_from_xt_and_velocity():

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ladd_ds.config import load_config
-from ladd_ds.ladd import flow
-from ladd_ds.training.trainer import LADDTrainer
+from ladd_ds.core import flow
+from ladd_ds.ladd.method import LADDMethod
+from ladd_ds.training.trainer import Trainer
 from tests.conftest import TINY_CONFIG
 
 
@@ -20,9 +21,10 @@ def changed(before: dict, after: dict) -> list[str]:
     return [n for n in before if not torch.equal(before[n], after[n])]
 
 
-def make_trainer(tmp_path, *overrides) -> LADDTrainer:
+def make_trainer(tmp_path, *overrides) -> Trainer:
+    """The training loop around LADD; the tests drive its method's steps (`trainer.method`)."""
     cfg = load_config(TINY_CONFIG, [f"run.run_dir={tmp_path}", "logging.progress_bar=false", "optim.warmup_steps=0", *overrides])
-    return LADDTrainer(cfg, cfg.run.run_dir)
+    return Trainer(cfg, cfg.run.run_dir, LADDMethod)
 
 
 @pytest.fixture
@@ -31,10 +33,10 @@ def trainer(tmp_path, distributed_world_of_one):
 
 
 def test_generator_step_updates_only_the_student(trainer):
-    e = trainer.engines
-    batch = trainer.to_device(next(trainer.batches))
+    e = trainer.method.engines
+    batch = trainer.method.to_device(next(trainer.batches))
     student, teacher, heads = local_params(e.student.module), local_params(e.teacher.module), local_params(e.heads.module)
-    metrics, fake = trainer.generator_step(batch, trainer.draw_noise(batch))
+    metrics, fake = trainer.method.generator_step(batch, trainer.method.draw_noise(batch))
     assert math.isfinite(metrics["loss/generator"])
     assert fake.shape == batch["latent"].shape and not fake.requires_grad
     assert len(changed(student, local_params(e.student.module))) > 0.5 * len(student)
@@ -45,12 +47,12 @@ def test_generator_step_updates_only_the_student(trainer):
 
 
 def test_discriminator_step_updates_only_the_heads(trainer):
-    e = trainer.engines
-    batch = trainer.to_device(next(trainer.batches))
-    noise = trainer.draw_noise(batch)
-    _, fake = trainer.generator_step(batch, noise)
+    e = trainer.method.engines
+    batch = trainer.method.to_device(next(trainer.batches))
+    noise = trainer.method.draw_noise(batch)
+    _, fake = trainer.method.generator_step(batch, noise)
     student, teacher, heads = local_params(e.student.module), local_params(e.teacher.module), local_params(e.heads.module)
-    metrics = trainer.discriminator_step(batch, noise, fake)
+    metrics = trainer.method.discriminator_step(batch, noise, fake)
     assert {"loss/discriminator", "d/real_logit", "d/fake_logit"} <= metrics.keys()
     assert len(changed(heads, local_params(e.heads.module))) > 0.5 * len(heads)
     assert changed(student, local_params(e.student.module)) == []
@@ -59,22 +61,22 @@ def test_discriminator_step_updates_only_the_heads(trainer):
 
 
 def test_noise_depends_on_sample_id_and_step_not_on_batch_position(trainer):
-    batch = trainer.to_device(next(trainer.batches))
-    a = trainer.draw_noise(batch)
+    batch = trainer.method.to_device(next(trainer.batches))
+    a = trainer.method.draw_noise(batch)
     flipped = {k: v.flip(0) for k, v in batch.items()}
-    b = trainer.draw_noise(flipped)
+    b = trainer.method.draw_noise(flipped)
     torch.testing.assert_close(a.eps_student, b.eps_student.flip(0))
     torch.testing.assert_close(a.t_fake, b.t_fake.flip(0))
-    trainer.step += 1
-    c = trainer.draw_noise(batch)
+    trainer.method.step += 1
+    c = trainer.method.draw_noise(batch)
     assert not torch.allclose(a.eps_student, c.eps_student)
 
 
 def test_recomputed_fakes_and_distillation(tmp_path, distributed_world_of_one):
     reuse = make_trainer(tmp_path / "reuse")
     variant = make_trainer(tmp_path / "variant", "ladd.reuse_fakes=false", "ladd.distill_weight=0.5")
-    m_reuse = reuse.train_step([reuse.to_device(next(reuse.batches))])
-    m_var = variant.train_step([variant.to_device(next(variant.batches))])
+    m_reuse = reuse.method.train_step([reuse.method.to_device(next(reuse.batches))], 0)
+    m_var = variant.method.train_step([variant.method.to_device(next(variant.batches))], 0)
     # Same seed, same first batch: identical adversarial G loss; the D step differs because the
     # variant re-generated its fakes with the already-updated student.
     assert m_var["loss/generator"] == pytest.approx(m_reuse["loss/generator"], rel=1e-6)
@@ -88,25 +90,25 @@ def test_guided_distillation_target(tmp_path, distributed_world_of_one):
     """ladd.distill_cfg: the target is the teacher's x0 under classifier-free guidance with the
     empty prompt's conditioning; a negative prompt of another length than the data's is refused."""
     trainer = make_trainer(tmp_path, "ladd.distill_weight=1.0")
-    assert trainer.distill_cfg == 1.0  # random latents record no guidance scale
-    batch = trainer.to_device(next(trainer.batches))
+    assert trainer.method.distill_cfg == 1.0  # random latents record no guidance scale
+    batch = trainer.method.to_device(next(trainer.batches))
     b, length, dim = batch["prompt_embeds"].shape
     neg_embeds = torch.randn(length, dim)
     neg_pooled = torch.randn(batch["pooled"].shape[1])
-    noise = trainer.draw_noise(batch)
+    noise = trainer.method.draw_noise(batch)
     x = flow.add_noise(batch["latent"], noise.eps_fake, noise.t_fake)
-    teacher = trainer.engines.teacher.module
+    teacher = trainer.method.engines.teacher.module
     with torch.no_grad():
         v_c = teacher(x, noise.t_fake, batch["prompt_embeds"], batch["pooled"])
         v_u = teacher(x, noise.t_fake, neg_embeds.expand(b, -1, -1), neg_pooled.expand(b, -1))
     t = noise.t_fake.view(-1, 1, 1, 1)
-    torch.testing.assert_close(trainer.distill_target(x, noise.t_fake, batch), x - t * v_c)
-    trainer.distill_cfg, trainer.negative = 3.0, (neg_embeds, neg_pooled)
-    guided = trainer.distill_target(x, noise.t_fake, batch)
+    torch.testing.assert_close(trainer.method.distill_target(x, noise.t_fake, batch), x - t * v_c)
+    trainer.method.distill_cfg, trainer.method.negative = 3.0, (neg_embeds, neg_pooled)
+    guided = trainer.method.distill_target(x, noise.t_fake, batch)
     torch.testing.assert_close(guided, x - t * (v_u + 3.0 * (v_c - v_u)), rtol=1e-5, atol=1e-5)
-    trainer.negative = (neg_embeds[:-2], neg_pooled)
+    trainer.method.negative = (neg_embeds[:-2], neg_pooled)
     with pytest.raises(ValueError, match=r"negative prompt conditioning has shape \(6, 32\), its prompts \(8, 32\)"):
-        trainer.distill_target(x, noise.t_fake, batch)
+        trainer.method.distill_target(x, noise.t_fake, batch)
 
 
 def test_guided_distillation_needs_teacher_data(tmp_path, distributed_world_of_one):
@@ -121,13 +123,13 @@ def test_bf16_training_and_sampling_pass_the_same_fp32_timesteps(tmp_path, distr
     from ladd_ds.sampling import ladd_sample, student_schedule
 
     trainer = make_trainer(tmp_path, "deepspeed.precision=bf16")
-    transformer = trainer.engines.student.module.transformer
+    transformer = trainer.method.engines.student.module.transformer
     seen = []
     hook = transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
-    batch = trainer.to_device(next(trainer.batches))
-    noise = trainer.draw_noise(batch)
+    batch = trainer.method.to_device(next(trainer.batches))
+    noise = trainer.method.draw_noise(batch)
     assert noise.t_student.dtype == noise.t_fake.dtype == torch.float32
-    x0 = trainer.student_x0(batch, noise)
+    x0 = trainer.method.student_x0(batch, noise)
     assert x0.dtype == torch.bfloat16
     trained = {1000.0 * t for t in trainer.cfg.ladd.student_timesteps}
     assert seen[0].dtype == torch.float32 and set(seen[0].tolist()) <= trained
@@ -144,14 +146,14 @@ def test_bf16_training_and_sampling_pass_the_same_fp32_timesteps(tmp_path, distr
 def test_r1_penalty_reaches_the_heads(tmp_path, distributed_world_of_one):
     plain = make_trainer(tmp_path / "plain")
     r1 = make_trainer(tmp_path / "r1", "ladd.r1_gamma=100.0")
-    m_plain = plain.train_step([plain.to_device(next(plain.batches))])
-    m_r1 = r1.train_step([r1.to_device(next(r1.batches))])
+    m_plain = plain.method.train_step([plain.method.to_device(next(plain.batches))], 0)
+    m_r1 = r1.method.train_step([r1.method.to_device(next(r1.batches))], 0)
     assert m_r1["loss/r1"] > 0 and math.isfinite(m_r1["loss/r1"])
     assert "loss/r1" not in m_plain
     assert m_r1["loss/discriminator"] == pytest.approx(m_plain["loss/discriminator"], rel=1e-6)
     # Same data, same hinge loss: only the penalty's gradient can make the heads differ.
-    assert changed(local_params(plain.engines.heads.module), local_params(r1.engines.heads.module))
-    assert not changed(local_params(plain.engines.student.module), local_params(r1.engines.student.module))
+    assert changed(local_params(plain.method.engines.heads.module), local_params(r1.method.engines.heads.module))
+    assert not changed(local_params(plain.method.engines.student.module), local_params(r1.method.engines.student.module))
 
 
 def test_taps_out_of_range_are_rejected(tmp_path, distributed_world_of_one):
@@ -166,15 +168,15 @@ def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path, distribute
     common = ("optim.grad_clip=0", "optim.eps=0.01", "optim.student_lr=0.1", "optim.heads_lr=0.1")
     one = make_trainer(tmp_path / "one", *common)
     accum = make_trainer(tmp_path / "accum", "optim.grad_accum=2", "data.micro_batch_size=2", *common)
-    batch = one.to_device(next(one.batches))  # 4 samples
-    initial = {name: local_params(getattr(one.engines, name).module) for name in ("student", "heads")}
+    batch = one.method.to_device(next(one.batches))  # 4 samples
+    initial = {name: local_params(getattr(one.method.engines, name).module) for name in ("student", "heads")}
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
-    m_one = one.train_step([batch])
-    m_acc = accum.train_step(halves)
+    m_one = one.method.train_step([batch], 0)
+    m_acc = accum.method.train_step(halves, 0)
     assert m_acc["loss/generator"] == pytest.approx(m_one["loss/generator"], rel=1e-5)
     for name in ("student", "heads"):
-        a = local_params(getattr(one.engines, name).module)
-        b = local_params(getattr(accum.engines, name).module)
+        a = local_params(getattr(one.method.engines, name).module)
+        b = local_params(getattr(accum.method.engines, name).module)
         moved = max((a[k] - initial[name][k]).abs().max().item() for k in a)
         assert moved > 50 * 2e-6  # the step moved weights far more than the tolerance below
         for key in a:
@@ -186,8 +188,9 @@ def test_a_samples_output_and_loss_do_not_depend_on_its_batch_neighbours(trainer
     sample batched with a short or with a long prompt gets the same student output, teacher
     target, head logits and per-sample losses (padding to the batch maximum changed the
     velocity by 1.3-1.6% on this tiny model)."""
+    from ladd_ds.core import flow
     from ladd_ds.data.loader import collate
-    from ladd_ds.ladd import flow, losses
+    from ladd_ds.ladd import losses
     from ladd_ds.models.text_encoders import build_tiny_text_encoders
 
     prompts = ["a red seven in the top left", "five", "three green twos next to a small yellow four"]
@@ -199,14 +202,14 @@ def test_a_samples_output_and_loss_do_not_depend_on_its_batch_neighbours(trainer
     ]
 
     def contribution(batch):
-        batch = trainer.to_device(batch)
-        noise = trainer.draw_noise(batch)
+        batch = trainer.method.to_device(batch)
+        noise = trainer.method.draw_noise(batch)
         with torch.no_grad():
-            x0 = trainer.student_x0(batch, noise)
+            x0 = trainer.method.student_x0(batch, noise)
             x_hat = flow.add_noise(x0, noise.eps_fake, noise.t_fake)
-            features = trainer.teacher_features(x_hat, noise.t_fake, batch)
-            logits = trainer.engines.heads.module(features, noise.t_fake, batch["pooled"])
-            target = trainer.distill_target(x_hat, noise.t_fake, batch)
+            features = trainer.method.teacher_features(x_hat, noise.t_fake, batch)
+            logits = trainer.method.engines.heads.module(features, noise.t_fake, batch["pooled"])
+            target = trainer.method.distill_target(x_hat, noise.t_fake, batch)
         first = [x[:1] for x in logits]
         return x0[0], target[0], first, losses.generator_hinge_loss(first), losses.distillation_loss(x0[:1], target[:1])
 
@@ -218,23 +221,23 @@ def test_a_samples_output_and_loss_do_not_depend_on_its_batch_neighbours(trainer
 
 def test_bf16_on_cpu_runs_a_step(tmp_path, distributed_world_of_one):
     trainer = make_trainer(tmp_path, "deepspeed.precision=bf16")
-    batch = trainer.to_device(next(trainer.batches))
+    batch = trainer.method.to_device(next(trainer.batches))
     assert batch["latent"].dtype == torch.bfloat16
-    m = trainer.train_step([batch])
+    m = trainer.method.train_step([batch], 0)
     assert all(math.isfinite(v) for v in m.values())
-    assert next(trainer.engines.student.module.parameters()).dtype == torch.bfloat16
+    assert next(trainer.method.engines.student.module.parameters()).dtype == torch.bfloat16
 
 
 def test_activation_checkpointing_gives_the_same_step(tmp_path, distributed_world_of_one):
     common = ("optim.eps=0.01", "optim.student_lr=0.1", "optim.heads_lr=0.1")
     plain = make_trainer(tmp_path / "plain", *common)
     ckpt = make_trainer(tmp_path / "ckpt", "model.gradient_checkpointing=true", *common)
-    assert ckpt.engines.teacher.module.transformer.gradient_checkpointing
-    batch = plain.to_device(next(plain.batches))
-    m_plain = plain.train_step([batch])
-    m_ckpt = ckpt.train_step([batch])
+    assert ckpt.method.engines.teacher.module.transformer.gradient_checkpointing
+    batch = plain.method.to_device(next(plain.batches))
+    m_plain = plain.method.train_step([batch], 0)
+    m_ckpt = ckpt.method.train_step([batch], 0)
     assert m_ckpt["loss/generator"] == pytest.approx(m_plain["loss/generator"], rel=1e-6)
-    a, b = local_params(plain.engines.student.module), local_params(ckpt.engines.student.module)
+    a, b = local_params(plain.method.engines.student.module), local_params(ckpt.method.engines.student.module)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
@@ -243,11 +246,11 @@ def test_export_equals_the_trained_weights(tmp_path, distributed_world_of_one):
     from diffusers import SD3Transformer2DModel
     from safetensors.torch import load_file
 
-    from ladd_ds.training.export import export_run
+    from ladd_ds.cli import export_run
 
     trainer = make_trainer(tmp_path / "run", "checkpoint.every=100")
     trainer.fit(2)  # ends with a checkpoint at step 2
-    trained = local_params(trainer.engines.student.module)  # one rank: the full tensors
+    trained = local_params(trainer.method.engines.student.module)  # one rank: the full tensors
     out = export_run(tmp_path / "run", tmp_path / "export")
     model = SD3Transformer2DModel.from_pretrained(str(out), subfolder="transformer")
     exported = dict(model.named_parameters())
@@ -255,12 +258,12 @@ def test_export_equals_the_trained_weights(tmp_path, distributed_world_of_one):
     for name, value in trained.items():
         assert torch.equal(exported[name.removeprefix("transformer.")].detach().flatten(), value.flatten()), name
     heads = load_file(out / "discriminator" / "heads.safetensors")
-    for name, value in local_params(trainer.engines.heads.module).items():
+    for name, value in local_params(trainer.method.engines.heads.module).items():
         assert torch.equal(heads[name].flatten(), value.flatten()), name
     ema = export_run(tmp_path / "run", tmp_path / "export_ema", ema=True)
     ema_model = SD3Transformer2DModel.from_pretrained(str(ema), subfolder="transformer")
     ema_weight = dict(ema_model.named_parameters())["proj_out.weight"].detach()
-    torch.testing.assert_close(ema_weight.flatten(), trainer.ema.shadow["transformer.proj_out.weight"].flatten())
+    torch.testing.assert_close(ema_weight.flatten(), trainer.method.ema.shadow["transformer.proj_out.weight"].flatten())
     # Sampling the export uses only the times the student trained on (ladd.student_timesteps).
     from ladd_ds.sampling import default_size, load_sampling_model, sample_latents
 

@@ -10,9 +10,10 @@ from streaming import StreamingDataset
 
 from ladd_ds.config import load_config
 from ladd_ds.data.manifest import generation_guidance_scale, read_negative_prompt
-from ladd_ds.data.synth import TeacherSampler, completed_indices
+from ladd_ds.generate.synth import completed_indices
 from ladd_ds.models.registry import build_transformer
 from ladd_ds.models.text_encoders import CLIP_TOKENS, build_tiny_text_encoders
+from ladd_ds.sampling import TeacherSampler
 from tests.conftest import TINY_CONFIG, run_cli
 
 PROMPTS = ["a red seven in the top left", "a blue one", "three green twos", "a yellow four", "five", "six six", "seven"]
@@ -104,7 +105,7 @@ def test_stored_conditioning_is_what_the_teacher_and_previews_were_fed(reference
     """One canonical text conditioning: for a prompt, the prompt_embeds and pooled that synth
     stored (fp32 run) and the loader gives training are bitwise what the teacher generated with
     and what the TensorBoard preview feeds (`ladd-ds sample`: test_train_on_synthetic_buckets...)."""
-    from ladd_ds.training.preview import SamplePreview
+    from ladd_ds.ladd.preview import SamplePreview
 
     _, samples, out = reference
     prompt = samples[0]["prompt"]

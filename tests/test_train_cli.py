@@ -57,7 +57,7 @@ def test_resume_equals_uninterrupted_and_skips_partial_checkpoints(tmp_path, uni
     train(tmp_path, 3)  # ends with a checkpoint at step 3 (max_steps is not a multiple of 2)
     assert (tmp_path / "checkpoints" / "step-00000003" / "trainer_state.json").is_file()
     # A crash mid-save leaves a temporary dir; a dir without trainer_state.json is incomplete too.
-    (tmp_path / "checkpoints" / ".tmp-step-00000004").mkdir()
+    (tmp_path / "checkpoints" / ".step-00000004.tmp").mkdir()
     (tmp_path / "checkpoints" / "step-00000005" / "student").mkdir(parents=True)
     out = train(tmp_path, 6)
     assert "resumed from" in out.stdout and "step-00000003 at step 3" in out.stdout
@@ -75,7 +75,7 @@ def test_resume_equals_uninterrupted_and_skips_partial_checkpoints(tmp_path, uni
     for key in ema_reference:
         assert torch.equal(ema_resumed[key], ema_reference[key]), key
     # The save at step 4 cleared the stale temporary directory before writing its own.
-    assert not (tmp_path / "checkpoints" / ".tmp-step-00000004").exists()
+    assert not (tmp_path / "checkpoints" / ".step-00000004.tmp").exists()
 
 
 def test_two_ranks_under_the_deepspeed_launcher(tmp_path):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from streaming import MDSWriter
 
+from ladd_ds.core.files import atomic_directory
 from ladd_ds.data.schema import (
     LATENTS,
     NEGATIVE_PROMPT_FILE,
@@ -90,10 +89,8 @@ def write_samples(
     columns.update({k: TEXT_STORAGE[v] for k, v in storage.items()})
     latent_columns = [k for k, v in columns.items() if v.startswith("ndarray") and k not in storage]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Same parent directory, so the final rename stays on one filesystem and is atomic.
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    # replace=False: fails if another process created out_dir meanwhile
+    with atomic_directory(out_dir, replace=False) as tmp_dir:
         with MDSWriter(out=str(tmp_dir), columns=columns, size_limit=size_limit) as writer:
             for i, sample in enumerate(itertools.chain([first], samples)):
                 missing = [k for k in columns if k not in sample]
@@ -107,10 +104,6 @@ def write_samples(
                 writer.write(row)
         for name, text in (extra_files or {}).items():
             (tmp_dir / name).write_text(text)
-        os.rename(tmp_dir, out_dir)  # fails if another process created out_dir meanwhile
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
 
 

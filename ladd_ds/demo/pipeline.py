@@ -230,7 +230,7 @@ def evaluate_models(
     students at the size's student steps, each over `seeds` (default: the size's). Students of
     several training runs share one row per step count, pooled over runs and seeds; the row's
     `per_run` lists each run's own means."""
-    from evaluation.demo_eval import RowResult
+    from ladd_ds.demo.evaluate import RowResult
     from ladd_ds.sampling import load_sampling_model
 
     seeds = size.seeds if seeds is None else seeds
@@ -298,7 +298,7 @@ def discriminator_separation(run_dir: Path, after_step: int) -> dict:
 
 def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list[Path]:
     """One PNG per configuration: a row per prompt, one column per seed."""
-    from ladd_ds.ladd.noise import derive_seed
+    from ladd_ds.core.noise import derive_seed
     from ladd_ds.sampling import generate, load_sampling_model, save_samples
 
     prompts = [digits.random_label(np.random.default_rng(99 + i)).prompt for i in range(size.grid_prompts)]
@@ -377,9 +377,9 @@ def run_demo(
     precision: str = "fp32",
     train_seeds: int | None = None,
 ) -> Path:
-    from evaluation.demo_eval import DemoEvaluator, EvalPrompts
-    from evaluation.digit_classifier import cached_classifier, classifier_folder
     from ladd_ds.config import load_config
+    from ladd_ds.demo.classifier import cached_classifier, classifier_folder
+    from ladd_ds.demo.evaluate import DemoEvaluator, EvalPrompts
     from ladd_ds.demo.pretrain import cached_teacher
     from ladd_ds.demo.report import write_report
     from ladd_ds.models.registry import resolve_model_config

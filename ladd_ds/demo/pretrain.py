@@ -22,7 +22,6 @@ import copy
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ladd_ds.core.files import atomic_directory
+from ladd_ds.core.flow import add_noise, sample_logit_normal, velocity_target
 from ladd_ds.demo import digits
-from ladd_ds.ladd.flow import add_noise, sample_logit_normal, velocity_target
 from ladd_ds.models.codec import PIXEL_UNSHUFFLE
 from ladd_ds.models.flow_model import FlowModel
 
@@ -87,18 +87,12 @@ class PromptTable:
 
 def save_teacher_folder(out: Path, transformer, text_encoder, info: dict) -> Path:
     """Write an SD3-style folder atomically (temporary name, then rename)."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-    pipe = text_encoder.pipe
-    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-        getattr(pipe, name).save_pretrained(tmp / name)
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        pipe = text_encoder.pipe
+        for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+            getattr(pipe, name).save_pretrained(tmp / name)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
     return out
 
 

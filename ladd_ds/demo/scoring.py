@@ -13,8 +13,8 @@ from ladd_ds.demo import digits
 def digit_confidence(classifier: str, attributes: tuple[str, ...] | list[str] = ("digit",)):
     """A scorer: sum over `attributes` ("digit", "color", "place") of the classifier's
     probability of the asked-for value. `classifier`: a folder written by
-    evaluation.digit_classifier.save_classifier (the demo caches one)."""
-    from evaluation.digit_classifier import label_targets, load_classifier
+    ladd_ds.demo.classifier.save_classifier (the demo caches one)."""
+    from ladd_ds.demo.classifier import label_targets, load_classifier
 
     folder = Path(classifier)
     if not folder.is_dir():

@@ -1,5 +1,5 @@
 """The Diffusion-DPO step on DeepSpeed engines (the LADD trainer's loop runs it; see
-ladd_ds.dpo.trainer).
+ladd_ds.dpo.method).
 
 Per micro-batch of preference pairs: one logit-normal t and one noise draw per pair, shared by
 winner and loser; the reference's velocity errors without gradients (LoRA mode: the same
@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from ladd_ds.config import Config
+from ladd_ds.core import flow
+from ladd_ds.core.noise import per_sample_generators, randn_like_per_sample, randn_per_sample
 from ladd_ds.data.loader import batch_to_device
-from ladd_ds.dpo.lora import adapters_disabled
+from ladd_ds.distributed import faults
 from ladd_ds.dpo.loss import dpo_loss, velocity_errors
-from ladd_ds.ladd import flow
-from ladd_ds.ladd.noise import per_sample_generators, randn_like_per_sample, randn_per_sample
-from ladd_ds.training import faults
+from ladd_ds.models.lora import adapters_disabled
 
 
 @dataclass
@@ -80,8 +80,9 @@ class DPOSteps:
         self.engines.model.step()
         return metrics
 
-    def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over `grad_accum` micro-batches of pairs."""
+    def train_step(self, micro_batches: list[dict], step: int) -> dict:
+        """One optimizer step over `grad_accum` micro-batches of pairs, after `step` others."""
+        self.step = step
         metrics = [self.dpo_step(batch) for batch in micro_batches]
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
         # DeepSpeed skips a step whose global gradient norm is not finite, on every rank alike.

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 import torch
 
 from ladd_ds.config import Config
-from ladd_ds.data.loader import batch_to_device
-from ladd_ds.ladd import flow, losses
-from ladd_ds.ladd.noise import (
+from ladd_ds.core import flow
+from ladd_ds.core.noise import (
     per_sample_generators,
     randn_like_per_sample,
     randn_per_sample,
 )
-from ladd_ds.training import faults
+from ladd_ds.data.loader import batch_to_device
+from ladd_ds.distributed import faults
+from ladd_ds.ladd import losses
 
 
 @dataclass
@@ -190,8 +191,10 @@ class LADDSteps:
         heads.step()
         return metrics
 
-    def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step of the student and of the heads over `grad_accum` micro-batches."""
+    def train_step(self, micro_batches: list[dict], step: int) -> dict:
+        """One optimizer step of the student and of the heads over `grad_accum` micro-batches;
+        `step` optimizer steps were done before (the noise draws and the warm-up depend on it)."""
+        self.step = step
         noises = [self.draw_noise(b) for b in micro_batches]
         metrics: list[dict] = []
         fakes = []

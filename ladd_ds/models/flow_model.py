@@ -11,7 +11,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch import nn
 
-from ladd_ds.ladd.flow import TIMESTEP_SCALE
+from ladd_ds.core.flow import TIMESTEP_SCALE
+from ladd_ds.models.registry import build_transformer, folder_weight_names, is_folder, read_folder_tensor
 
 
 def tokens_to_grid(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -70,3 +71,16 @@ class FlowModel(nn.Module):
             if index in wanted:
                 features[index] = tokens_to_grid(hidden, h, w)  # (B, C, h, w)
         return [features[i] for i in taps]
+
+
+def build_flow_model(spec: str, seed: int, device: str = "cpu", ds_config: dict | None = None) -> FlowModel:
+    """A FlowModel from a preset or folder; partitioned over the ranks under a ZeRO-3 `ds_config`."""
+    from ladd_ds.distributed import engines as ds  # imports deepspeed: only when building
+
+    if ds_config is None or device == "meta":
+        return FlowModel(build_transformer(spec, seed=seed, device=device))
+    with ds.partitioned_init(ds_config):
+        model = FlowModel(build_transformer(spec, seed=seed, load_weights=ds.zero_stage(ds_config) < 3))
+    if ds.zero_stage(ds_config) >= 3 and is_folder(spec):
+        ds.load_partitioned_weights(model.transformer, folder_weight_names(spec), read_folder_tensor, spec)
+    return model

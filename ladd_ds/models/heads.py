@@ -13,7 +13,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from ladd_ds.ladd.flow import TIMESTEP_SCALE
+from ladd_ds.core.flow import TIMESTEP_SCALE
 
 
 def _groups(channels: int) -> int:

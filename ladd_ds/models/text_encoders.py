@@ -250,3 +250,10 @@ def build_tiny_text_encoders(
         tokenizer_3=tok_t5,
     )
     return SD3TextEncoder(pipe, joint, max_sequence_length=max_sequence_length)
+
+
+def text_encoders_from_spec(spec: str, model: str, drop_t5: bool, max_sequence_length: int, seed: int) -> SD3TextEncoder:
+    """`spec` "tiny": the tiny encoders of preset or folder `model` (seeded); else an SD3 folder's."""
+    if spec == "tiny":
+        return build_tiny_text_encoders(model, seed=seed, drop_t5=drop_t5, max_sequence_length=max_sequence_length)
+    return load_sd3_text_encoders(spec, drop_t5=drop_t5, max_sequence_length=max_sequence_length)

@@ -4,7 +4,7 @@ Layout: one DeepSpeed checkpoint per trainable engine (`student/`, `heads/`), on
 `rank-XXXXX.pt` per rank (EMA shard, data-loader state: plain tensors and numbers, never config
 objects or code), and `trainer_state.json`. Every rank writes into a hidden temporary directory;
 after a barrier rank 0 renames it into place, so a directory named step-XXXXXXXX is always
-complete and a crash mid-write leaves only a `.tmp-*` directory that is never picked up.
+complete and a crash mid-write leaves only a hidden `.step-XXXXXXXX.tmp` directory that is never picked up.
 Assumes RUN_DIR is on a file system every rank sees (as DeepSpeed's own checkpoints do).
 """
 
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ladd_ds.core.files import commit_directory, temporary_sibling
+from ladd_ds.distributed import faults
 from ladd_ds.distributed.ranks import barrier, is_main, rank
-from ladd_ds.training import faults
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -53,12 +54,11 @@ def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, t
     final = root / f"step-{step:08d}"
     if (final / STATE_FILE).is_file():  # e.g. a resumed run that stops at the step it resumed from
         return final
-    tmp = root / f".tmp-step-{step:08d}"
+    tmp = final.with_name(f".{final.name}.tmp")  # one name for all ranks
     if is_main():
-        for stale in (tmp, final):  # left by a crash or by hand; never complete (no STATE_FILE)
-            if stale.exists():
-                shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
+        if final.exists():  # left by hand; never complete (no STATE_FILE)
+            shutil.rmtree(final)
+        temporary_sibling(final, unique=False)  # clears a crashed save's leftovers
     barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
@@ -67,7 +67,7 @@ def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, t
     barrier()
     if is_main():
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        tmp.rename(final)
+        commit_directory(tmp, final)
         for _, old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -95,9 +95,7 @@ def prepare_universal(path: Path, names: list[str]) -> Path:
     (path/universal/<name>/), which loads on any world size. Converted once, atomically."""
     target = path / UNIVERSAL_DIR
     if is_main() and not target.is_dir():
-        tmp = path / f".tmp-{UNIVERSAL_DIR}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = temporary_sibling(target, unique=False)
         for name in names:
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
             cmd += ["--input_folder", str(path / name), "--output_folder", str(tmp / name)]
@@ -107,7 +105,7 @@ def prepare_universal(path: Path, names: list[str]) -> Path:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"converting {path / name} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
-        tmp.rename(target)
+        commit_directory(tmp, target)
     barrier()
     return target
 

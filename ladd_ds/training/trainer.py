@@ -1,9 +1,8 @@
-"""The training loop shared by LADD and DPO: data, logging, checkpoints and resume around a step
-class's `train_step` (STYLE.md 6: a variant overrides steps, it does not copy the loop).
+"""The training loop shared by every method: data, logging, checkpoints, resume and health
+around a method's `train_step` (the interface: ladd_ds.training.method.Method).
 
-`Trainer` owns everything but the method. A method is `Trainer` mixed with a step class
-(ladd_ds.ladd.steps.LADDSteps, ladd_ds.dpo.steps.DPOSteps), `Trainer` first so that its
-`__init__` runs, plus `setup_models`, which builds the engines and initializes the step class.
+`Trainer(cfg, run_dir, LADDMethod)` trains LADD, `Trainer(cfg, run_dir, DPOMethod)` DPO; a
+variant of a method overrides its steps and never copies this loop.
 """
 
 from __future__ import annotations
@@ -18,14 +17,12 @@ import torch
 from tqdm import tqdm
 
 from ladd_ds.config import Config, save_config
-from ladd_ds.data.loader import build_loader, iterate_forever
-from ladd_ds.data.manifest import check_text_settings, generation_guidance_scale, read_negative_prompt
-from ladd_ds.data.schema import LATENTS
+from ladd_ds.data.loader import batch_to_device, build_loader, iterate_forever
 from ladd_ds.data.writer import write_random_latents
 from ladd_ds.distributed import engines as ds
+from ladd_ds.distributed import faults
 from ladd_ds.distributed.ranks import (
     all_reduce_mean,
-    all_reduce_sum,
     barrier,
     is_main,
     local_world_size,
@@ -33,17 +30,10 @@ from ladd_ds.distributed.ranks import (
     rank,
     world_size,
 )
-from ladd_ds.ema import ShardedEMA, gather_full_shadow
-from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.training import checkpoint as ckpt
-from ladd_ds.training import faults
-from ladd_ds.training.build import (
-    build_ds_configs,
-    build_models,
-    check_data_matches_model,
-)
+from ladd_ds.training.ema import gather_full_shadow
+from ladd_ds.training.method import Method
 from ladd_ds.training.metrics import MetricLogger, NullLogger, truncate_after
-from ladd_ds.training.preview import SamplePreview
 
 
 def host_peak_rss_gib() -> float:
@@ -55,27 +45,22 @@ class TrainingHealthError(RuntimeError):
 
 
 class Trainer:
-    """Loop, data, logging, checkpoints, resume. Subclasses set the class attributes below and
-    implement `setup_models` (build the engines, then initialize their step class)."""
+    """Loop, data, logging, checkpoints, resume and health around one `Method`."""
 
-    kind = "base"  # recorded in every checkpoint; `ladd-ds export` reads it
-    layout = LATENTS  # the dataset kind the loader reads
-    _trainable_engine_names: tuple[str, ...] = ()  # engines saved in checkpoints (frozen ones are rebuilt)
-    progress_desc = "train"
-    postfix_metrics: dict[str, str] = {}  # progress-bar label -> metric key
-
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.check_config(cfg)
+    def __init__(self, cfg: Config, run_dir: Path, method: type[Method]):
+        method.check_config(cfg)
         ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
-        self.loader = self._build_loader()
+        self.step = 0
+        self.loader = self._build_loader(method)
 
-        self.ds_configs = self.build_ds_configs(cfg, world_size())
-        self.resume_from, self.resume_universal = self._plan_resume()
-        self.setup_models()
+        self.ds_configs = method.ds_configs(cfg, world_size())
+        self.resume_from, self.resume_universal = self._plan_resume(method.trainable)
+        self.method = method.build(cfg, self.ds_configs)
+        print0(f"engines built; host peak RSS of rank 0 so far: {host_peak_rss_gib():.2f} GiB")
         print0(
             f"world size {world_size()}, {local_world_size()} ranks per node; ZeRO stages: "
             + ", ".join(f"{k} {ds.zero_stage(v)}" for k, v in self.ds_configs.items())
@@ -87,35 +72,13 @@ class Trainer:
         if is_main():
             self._write_resolved_configs()
         self._resume()
-        self.preview = self.build_preview()
+        self.preview = self.method.preview()
         self.batches = iterate_forever(self.loader)
         self.last_sample_ids: list[int] = []
 
-    # ------------------------------------------------------------------ method hooks
-
-    def check_config(self, cfg: Config) -> None:
-        """Fail before any engine is built when the config cannot work for this method."""
-
-    def build_ds_configs(self, cfg: Config, world: int) -> dict[str, dict]:
-        raise NotImplementedError
-
-    def setup_models(self) -> None:
-        raise NotImplementedError
-
-    def build_preview(self):
-        """What logs sample grids to TensorBoard (None: no grids)."""
-        return None
-
-    def trained_module(self):
-        """The trained network: the EMA (self.ema) follows it, sample previews draw from it."""
-        raise NotImplementedError
-
-    def extra_trainer_state(self) -> dict:
-        return {}
-
     # ------------------------------------------------------------------ setup
 
-    def _build_loader(self):
+    def _build_loader(self, method: type[Method]):
         data = self.cfg.data
         path = data.path
         if data.source == "random_latents":
@@ -140,7 +103,7 @@ class Trainer:
             dtype=self.dtype,
             local_cache=data.cache_dir,
             remote_buckets=data.buckets,
-            layout=self.layout,
+            layout=method.layout,
         )
 
     def _write_resolved_configs(self) -> None:
@@ -148,10 +111,7 @@ class Trainer:
         for name, ds_config in self.ds_configs.items():
             (self.run_dir / f"ds_config_{name}.json").write_text(json.dumps(ds_config, indent=2))
 
-    def _trainable_engines(self) -> dict:
-        return {name: getattr(self.engines, name) for name in self._trainable_engine_names}
-
-    def _plan_resume(self) -> tuple[Path | None, bool]:
+    def _plan_resume(self, trainable: tuple[str, ...]) -> tuple[Path | None, bool]:
         """Newest complete checkpoint, and whether it needs the universal format (it was written
         with another world size). Decided before the engines exist: loading a universal
         checkpoint is an engine config setting."""
@@ -162,8 +122,8 @@ class Trainer:
         if saved_world == world_size():
             return path, False
         print0(f"{path} was written by {saved_world} ranks, this run has {world_size()}: converting to a universal checkpoint")
-        ckpt.prepare_universal(path, list(self._trainable_engine_names))
-        for name in self._trainable_engine_names:
+        ckpt.prepare_universal(path, list(trainable))
+        for name in trainable:
             self.ds_configs[name]["checkpoint"] = {"load_universal": True}
         return path, True
 
@@ -171,7 +131,7 @@ class Trainer:
         path = self.resume_from
         if path is None:
             return
-        state, rank_states = ckpt.load_checkpoint(path, self._trainable_engines(), universal=self.resume_universal)
+        state, rank_states = ckpt.load_checkpoint(path, self.method.trainable_engines(), universal=self.resume_universal)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
@@ -180,33 +140,34 @@ class Trainer:
         # Streaming's loader state is global (epoch, samples consumed by all ranks), so any rank's
         # copy restores the position; it is exact when the global batch size is unchanged.
         self.loader.load_state_dict(mine["loader"])
-        if self.ema is not None:
+        ema = self.method.ema
+        if ema is not None:
             if any("ema" not in r for r in rank_states):
                 raise RuntimeError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
             if same_world:
-                self.ema.load_state_dict(mine["ema"])
+                ema.load_state_dict(mine["ema"])
             else:
-                module = self.trained_module()
+                module = self.method.trained_module()
                 shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in module.named_parameters()}
-                self.ema.load_full(module, gather_full_shadow([r["ema"]["shadow"] for r in rank_states], shapes))
+                ema.load_full(module, gather_full_shadow([r["ema"]["shadow"] for r in rank_states], shapes))
         if is_main():
             truncate_after(self.run_dir / "metrics.jsonl", self.step)
         print0(f"resumed from {path} at step {self.step}" + (" (universal checkpoint)" if self.resume_universal else ""))
 
     def save(self) -> Path:
         rank_state = {"loader": self.loader.state_dict(), "step": self.step, "last_sample_ids": self.last_sample_ids}
-        if self.ema is not None:
-            rank_state["ema"] = self.ema.state_dict()
+        if self.method.ema is not None:
+            rank_state["ema"] = self.method.ema.state_dict()
         trainer_state = {
             "step": self.step,
             "world_size": world_size(),
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
-            "trainer": self.kind,
-            **self.extra_trainer_state(),
+            "trainer": self.method.kind,
+            **self.method.extra_state(),
         }
         return ckpt.save_checkpoint(
-            self.run_dir, self.step, self._trainable_engines(), rank_state, trainer_state, self.cfg.checkpoint.keep_last
+            self.run_dir, self.step, self.method.trainable_engines(), rank_state, trainer_state, self.cfg.checkpoint.keep_last
         )
 
     # ------------------------------------------------------------------ loop
@@ -217,7 +178,7 @@ class Trainer:
         bar = tqdm(
             total=max_steps,
             initial=self.step,
-            desc=self.progress_desc,
+            desc=self.method.progress_desc,
             disable=not (is_main() and cfg.logging.progress_bar),
             dynamic_ncols=True,
         )
@@ -225,10 +186,10 @@ class Trainer:
         while self.step < max_steps:
             faults.maybe_die("exit", self.step + 1)
             faults.maybe_die("kill", self.step + 1)
-            micro_batches = [self.to_device(next(self.batches)) for _ in range(cfg.optim.grad_accum)]
+            micro_batches = [batch_to_device(next(self.batches), ds.device(), self.dtype) for _ in range(cfg.optim.grad_accum)]
             self.last_sample_ids = torch.cat([b["sample_id"] for b in micro_batches]).tolist()
             start = time.perf_counter()
-            metrics = self.train_step(micro_batches)
+            metrics = self.method.train_step(micro_batches, self.step)
             elapsed = time.perf_counter() - start
             self.step += 1
             bar.update(1)
@@ -242,10 +203,10 @@ class Trainer:
                 metrics.update(self._perf_metrics(images_per_step, elapsed))
                 metrics = all_reduce_mean(metrics)
                 if is_main():
-                    bar.set_postfix({label: f"{metrics[key]:.3f}" for label, key in self.postfix_metrics.items()})
+                    bar.set_postfix({label: f"{metrics[key]:.3f}" for label, key in self.method.postfix_metrics.items()})
                 self.logger.log(self.step, metrics)
             if self.preview is not None and (self.step % cfg.logging.sample_every == 0 or self.step == max_steps):
-                self.logger.log_images(self.step, self.preview.grids(self.trained_module(), self.dtype))
+                self.logger.log_images(self.step, self.preview.grids(self.method.trained_module(), self.dtype))
             if self.step % cfg.checkpoint.every == 0:
                 last_saved = self.save()
             if self.consecutive_skips >= cfg.health.max_consecutive_skips:
@@ -263,7 +224,7 @@ class Trainer:
 
     def _perf_metrics(self, images_per_step: int, elapsed: float) -> dict:
         out = {"throughput/img_per_s": images_per_step / elapsed, "time/step_s": elapsed}
-        for name, engine in self._trainable_engines().items():
+        for name, engine in self.method.trainable_engines().items():
             out[f"lr/{name}"] = engine.get_lr()[0]
             norm = engine.get_global_grad_norm()
             if norm is not None and math.isfinite(float(norm)):
@@ -276,66 +237,3 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
-
-
-class LADDTrainer(Trainer, LADDSteps):
-    kind = "ladd"
-    _trainable_engine_names = ("student", "heads")  # the frozen teacher is rebuilt, not saved
-    progress_desc = "ladd"
-    postfix_metrics = {"g": "loss/generator", "d": "loss/discriminator"}
-
-    def check_config(self, cfg: Config) -> None:
-        check_data_matches_model(cfg)
-        if cfg.data.source == "mds":
-            check_text_settings(cfg.data.path, cfg.synth)
-
-    def build_ds_configs(self, cfg: Config, world: int) -> dict[str, dict]:
-        return build_ds_configs(cfg, world)
-
-    def setup_models(self) -> None:
-        cfg = self.cfg
-        teacher, student, heads, taps = build_models(cfg, ds_configs=self.ds_configs)
-        print0(f"models built; host peak RSS of rank 0 so far: {host_peak_rss_gib():.2f} GiB")
-        engines = ds.build_engines(student, teacher, heads, self.ds_configs, cfg.optim)
-        ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        distill_cfg, negative = self.distill_guidance()
-        LADDSteps.__init__(self, cfg, engines, taps, ds.device(), ema, distill_cfg, negative)
-
-    def distill_guidance(self) -> tuple[float, tuple | None]:
-        """The distillation target's guidance scale (ladd.distill_cfg, by default the one the data
-        was generated with) and, when it is above 1, the empty prompt's conditioning stored with
-        the data."""
-        cfg = self.cfg
-        if cfg.ladd.distill_weight <= 0:
-            return 1.0, None
-        scale = cfg.ladd.distill_cfg
-        if scale is None:
-            scale = generation_guidance_scale(cfg.data.path) if cfg.data.source == "mds" else None
-            if scale is None:
-                print0("ladd.distill_cfg: data.path records no guidance scale (no manifest.json); using 1 (no guidance)")
-                scale = 1.0
-        print0(f"distillation target: teacher x0 with guidance scale {scale:g}")
-        if scale == 1.0:
-            return 1.0, None
-        if cfg.data.source != "mds":
-            raise ValueError(f"ladd.distill_cfg = {scale:g} needs data from `ladd-ds synth` (data.source: mds); set it to 1")
-        return scale, read_negative_prompt(cfg.data.path, needed_by=f"ladd.distill_cfg = {scale:g}")
-
-    def build_preview(self):
-        return SamplePreview(self.cfg, ds.device()) if self.cfg.logging.sample_every > 0 else None
-
-    def trained_module(self):
-        return self.engines.student.module
-
-    def extra_trainer_state(self) -> dict:
-        return {"teacher_fingerprint": self.teacher_fingerprint()}
-
-    def teacher_fingerprint(self) -> list[float]:
-        """[sum, sum of squares] of the teacher's weights over all ranks: a cheap check, stored in
-        every checkpoint, that the frozen teacher never changed."""
-        local = torch.zeros(2, dtype=torch.float64)
-        for p in self.engines.teacher.module.parameters():
-            x = (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().double()
-            local += torch.stack([x.sum(), x.pow(2).sum()]).cpu()
-        sharded = ds.zero_stage(self.ds_configs["teacher"]) >= 3  # else every rank holds all of it
-        return (all_reduce_sum(local) if sharded else local).tolist()

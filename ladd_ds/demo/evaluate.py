@@ -1,7 +1,7 @@
 """Evaluation of generated demo images: Fréchet distance, prompt alignment, sampling cost.
 
 - FD: torchmetrics' FrechetInceptionDistance with the demo classifier's penultimate features
-  (evaluation.digit_classifier) as the feature extractor, against rendered images of *held-out*
+  (ladd_ds.demo.classifier) as the feature extractor, against rendered images of *held-out*
   source digits (never seen by the teacher, the classifier or LADD).
 - Alignment (the CLIP-score stand-in): the fraction of images whose digit, color and place the
   classifier reads as the prompt asked; per-attribute accuracies are kept too.
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from evaluation.digit_classifier import DigitClassifier, accuracy
+from ladd_ds.core.noise import derive_seed
 from ladd_ds.demo import digits
-from ladd_ds.ladd.noise import derive_seed
+from ladd_ds.demo.classifier import DigitClassifier, accuracy
 from ladd_ds.sampling import SamplingModel, generate, network_evaluations
 
 

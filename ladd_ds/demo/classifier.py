@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ladd_ds.core.files import atomic_directory
 from ladd_ds.demo import digits
 
 WEIGHTS, INFO = "classifier.safetensors", "classifier.json"
@@ -121,11 +122,9 @@ def train_classifier(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3,
 
 
 def save_classifier(model: DigitClassifier, info: dict, folder: Path) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), tmp / WEIGHTS)
-    (tmp / INFO).write_text(json.dumps(info, indent=2))
-    tmp.rename(folder)
+    with atomic_directory(folder) as tmp:
+        save_file(model.state_dict(), tmp / WEIGHTS)
+        (tmp / INFO).write_text(json.dumps(info, indent=2))
 
 
 def load_classifier(folder: Path) -> tuple[DigitClassifier, dict]:

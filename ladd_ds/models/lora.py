@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ladd_ds.core.files import atomic_directory
 
 # Attention projections of SD3's joint blocks (image stream and text stream); the last block has
 # no text-stream output projection (context_pre_only), which suffix matching tolerates.
@@ -96,19 +96,14 @@ def save_lora(out: str | Path, weights: dict[str, torch.Tensor], config) -> Path
     out = Path(out)
     if not weights:
         raise ValueError(f"no LoRA weights to write to {out}")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     cfg = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-    # The adapter config also goes into the safetensors metadata, keyed as diffusers' pipeline
-    # LoRA files key it ("transformer.lora_alpha", ...): without it diffusers' loaders assume
-    # alpha = rank and scale the adapter wrongly.
-    packed = json.dumps({PREFIX + k: v for k, v in cfg.items()}, sort_keys=True)
-    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: packed})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+        # The adapter config also goes into the safetensors metadata, keyed as diffusers' pipeline
+        # LoRA files key it ("transformer.lora_alpha", ...): without it diffusers' loaders assume
+        # alpha = rank and scale the adapter wrongly.
+        packed = json.dumps({PREFIX + k: v for k, v in cfg.items()}, sort_keys=True)
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: packed})
     return out
 
 

@@ -26,10 +26,10 @@ import torch
 from tqdm import tqdm
 
 from ladd_ds.config import Config, ConfigError
+from ladd_ds.core.noise import derive_seed
 from ladd_ds.data.prompts import bucket_name
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.data.writer import write_samples
-from ladd_ds.ladd.noise import derive_seed
 
 
 class Scorer(Protocol):
@@ -156,10 +156,10 @@ def read_preference_file(path: str | Path) -> list[dict]:
 
 def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: str | Path | None = None) -> dict:
     """Encode an existing preference set (images + winner/loser labels) into pair shards."""
-    from ladd_ds.data.encode import IMAGE_SUFFIXES, load_cropped
-    from ladd_ds.data.synth import load_text_encoder
+    from ladd_ds.generate.encode import IMAGE_SUFFIXES, load_cropped
     from ladd_ds.models.codec import load_codec
     from ladd_ds.models.registry import resolve_model_config
+    from ladd_ds.sampling import load_text_encoder
 
     p = cfg.pairs
     out = Path(out or p.out)

@@ -10,10 +10,17 @@ from __future__ import annotations
 import torch
 
 from ladd_ds.config import Config
-from ladd_ds.data.synth import initial_noise, load_text_encoder
 from ladd_ds.models.codec import load_codec
 from ladd_ds.models.registry import resolve_model_config
-from ladd_ds.sampling import decode_images, image_grid, ladd_sample, student_schedule, trained_step_counts
+from ladd_ds.sampling import (
+    decode_images,
+    image_grid,
+    initial_noise,
+    ladd_sample,
+    load_text_encoder,
+    student_schedule,
+    trained_step_counts,
+)
 
 PREVIEW_STEPS = (1, 4)  # those of them that use only trained times (ladd.student_timesteps)
 

@@ -1,4 +1,4 @@
-"""`ladd-ds dpo`: the shared training loop (ladd_ds.training.trainer.Trainer) running the DPO step.
+"""Diffusion-DPO as a training method (ladd_ds.training.method.Method) for the shared loop.
 
 Engines: `model`, built from model.teacher with the student's DeepSpeed template (ZeRO-3 by
 default) and trained with dpo.lr; in LoRA mode only its adapters are trainable. In full mode a
@@ -11,10 +11,11 @@ from ladd_ds.config import Config, ConfigError
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0
-from ladd_ds.dpo.lora import add_lora, lora_config_from
 from ladd_ds.dpo.steps import DPOEngines, DPOSteps
-from ladd_ds.training.build import build_flow_model, engine_ds_config, memory_plan
-from ladd_ds.training.trainer import Trainer
+from ladd_ds.models.flow_model import build_flow_model
+from ladd_ds.models.lora import add_lora, lora_config_from
+from ladd_ds.training.build import engine_ds_config, memory_plan
+from ladd_ds.training.method import Method
 
 
 def build_dpo_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
@@ -56,14 +57,15 @@ def dpo_dry_run(cfg: Config, world: int) -> str:
     return "\n".join(lines)
 
 
-class DPOTrainer(Trainer, DPOSteps):
+class DPOMethod(DPOSteps, Method):
     kind = "dpo"
     layout = PAIRS
-    _trainable_engine_names = ("model",)  # a full-mode reference is rebuilt from model.teacher
+    trainable = ("model",)  # a full-mode reference is rebuilt from model.teacher
     progress_desc = "dpo"
     postfix_metrics = {"loss": "dpo/loss", "acc": "dpo/implicit_acc"}
 
-    def check_config(self, cfg: Config) -> None:
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
         if cfg.data.source != "mds":
             raise ConfigError("data.source: `ladd-ds dpo` reads preference pairs (data.source: mds, written by `ladd-ds pairs`)")
         if cfg.optim.ema_decay > 0:
@@ -71,12 +73,13 @@ class DPOTrainer(Trainer, DPOSteps):
         if cfg.logging.sample_every > 0:
             print0("note: logging.sample_every is ignored by `ladd-ds dpo` (sample grids are LADD-only)")
 
-    def build_ds_configs(self, cfg: Config, world: int) -> dict[str, dict]:
+    @classmethod
+    def ds_configs(cls, cfg: Config, world: int) -> dict[str, dict]:
         return build_dpo_ds_configs(cfg, world)
 
-    def setup_models(self) -> None:
-        cfg = self.cfg
-        model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=self.ds_configs["model"])
+    @classmethod
+    def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> DPOMethod:
+        model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["model"])
         if cfg.model.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
         reference = None
@@ -84,11 +87,11 @@ class DPOTrainer(Trainer, DPOSteps):
             trainable = add_lora(model.transformer, lora_config_from(cfg.dpo.lora), seed=cfg.run.seed)
             print0(f"LoRA rank {cfg.dpo.lora.rank} on {len(trainable) // 2} layers; the reference is the model with adapters off")
         else:
-            ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=self.ds_configs["reference"])
+            ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["reference"])
             ref_model.requires_grad_(False).eval()
-            reference = ds.frozen_engine(ref_model, self.ds_configs["reference"])
-        engine = ds.trainable_engine(model, self.ds_configs["model"], cfg.dpo.lr, cfg.optim)
-        DPOSteps.__init__(self, cfg, DPOEngines(model=engine, reference=reference, ds_configs=self.ds_configs), ds.device())
+            reference = ds.frozen_engine(ref_model, ds_configs["reference"])
+        engine = ds.trainable_engine(model, ds_configs["model"], cfg.dpo.lr, cfg.optim)
+        return cls(cfg, DPOEngines(model=engine, reference=reference, ds_configs=ds_configs), ds.device())
 
     def trained_module(self):
         return self.engines.model.module

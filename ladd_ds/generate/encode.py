@@ -17,8 +17,9 @@ from PIL import Image
 
 from ladd_ds.config import Config
 from ladd_ds.data.prompts import PromptJob, parse_bucket
-from ladd_ds.data.synth import check_buckets, generate_dataset, load_text_encoder
 from ladd_ds.distributed.ranks import barrier, is_main
+from ladd_ds.generate.synth import check_buckets, generate_dataset
+from ladd_ds.sampling import load_text_encoder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 

@@ -26,8 +26,9 @@ from ladd_ds.config import Config, config_to_dict
 from ladd_ds.data.prompts import PromptJob, bucket_name, load_prompt_jobs, parse_bucket
 from ladd_ds.data.schema import MANIFEST_FILE, NEGATIVE_PROMPT_FILE
 from ladd_ds.data.writer import write_negative_prompt, write_samples
+from ladd_ds.distributed import faults
 from ladd_ds.distributed.ranks import barrier, is_main, print0, rank, world_size
-from ladd_ds.training import faults
+from ladd_ds.sampling import TeacherSampler, load_text_encoder
 
 PART_FILE = "part.indices"  # not *.json: streaming's merge_index reads every json as an index
 MANIFEST = MANIFEST_FILE
@@ -68,52 +69,6 @@ def my_batches(jobs: list[PromptJob], batch_size: int) -> list[list[PromptJob]]:
         in_bucket = [j for j in mine if j.bucket == bucket]
         batches += [in_bucket[i : i + batch_size] for i in range(0, len(in_bucket), batch_size)]
     return batches
-
-
-class TeacherSampler:
-    """Classifier-free-guided sampling of the teacher with diffusers' SD3 pipeline."""
-
-    def __init__(self, transformer, text_encoder, shift: float, codec_factor: int):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        self.text = text_encoder
-        self.factor = codec_factor
-        self.pipe = text_encoder.pipe
-        self.pipe.transformer = transformer
-        self.pipe.vae_scale_factor = codec_factor  # the pipeline checks height/width against it
-        self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-        self.pipe.set_progress_bar_config(disable=True)
-
-    @torch.no_grad()
-    def sample(
-        self, prompts: list[str], seeds: list[int], height: int, width: int, device, num_steps: int, guidance_scale: float
-    ) -> torch.Tensor:
-        """(B, C, height/f, width/f) normalized latents; the initial noise of prompt i comes from
-        a generator seeded with seeds[i]."""
-        dtype = self.pipe.transformer.dtype  # bf16 runs: encoders, noise and latents in bf16 as well
-        embeds, pooled = (x.to(dtype) for x in self.text.encode(prompts, device))
-        # The empty prompt once (encode runs one prompt per call), then one copy per sample.
-        neg_embeds, neg_pooled = (x.to(dtype).expand(len(prompts), *x.shape[1:]) for x in self.text.encode([""], device))
-        channels = self.pipe.transformer.config.in_channels
-        noise = initial_noise(seeds, channels, height // self.factor, width // self.factor)
-        return self.pipe(
-            prompt_embeds=embeds,
-            pooled_prompt_embeds=pooled,
-            negative_prompt_embeds=neg_embeds,
-            negative_pooled_prompt_embeds=neg_pooled,
-            latents=noise.to(device=device, dtype=dtype),
-            height=height,
-            width=width,
-            num_inference_steps=num_steps,
-            guidance_scale=guidance_scale,
-            output_type="latent",
-            return_dict=False,
-        )[0]  # (B, C, h, w), normalized latent space
-
-
-def initial_noise(seeds: list[int], channels: int, h: int, w: int) -> torch.Tensor:
-    """(B, C, h, w) standard normal noise, sample i from a generator seeded with seeds[i]."""
-    return torch.stack([torch.randn(channels, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], encoded) -> Path:
@@ -171,21 +126,6 @@ def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict) -> dic
     return manifest
 
 
-def load_text_encoder(cfg: Config, device):
-    """The text encoders of `synth.text_encoders`, in the run's precision (diffusers' SD3 pipeline
-    runs its encoders in the pipeline's dtype too)."""
-    from ladd_ds.models.text_encoders import build_tiny_text_encoders, load_sd3_text_encoders
-
-    s = cfg.synth
-    if s.text_encoders == "tiny":
-        text = build_tiny_text_encoders(
-            cfg.model.teacher, seed=s.seed, drop_t5=s.drop_t5, max_sequence_length=s.max_sequence_length
-        )
-    else:
-        text = load_sd3_text_encoders(s.text_encoders, drop_t5=s.drop_t5, max_sequence_length=s.max_sequence_length)
-    return text.to(device, torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
-
-
 def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents, source: dict, text, name: str) -> dict | None:
     """The crash-safe, multi-rank part of `synth` and `encode`: each rank produces its batches with
     `make_latents(batch) -> (B, C, h, w)` and commits them in parts; rank 0 finalizes.
@@ -238,9 +178,10 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
 
 def build_teacher(cfg: Config):
     """The teacher for sampling: replicated on every rank, or partitioned with ZeRO-3
-    (synth.zero_stage = 3) for teachers too large for one device."""
+    (synth.zero_stage = 3) for teachers too large for one device. Returns the transformer and
+    its identity for the manifest (a weight fingerprint, or "partitioned (ZeRO-3)")."""
     from ladd_ds.distributed import engines as ds
-    from ladd_ds.models.registry import build_transformer, is_folder
+    from ladd_ds.models.flow_model import build_flow_model
 
     if cfg.synth.zero_stage == 3:
         ds_config = ds.fill_ds_config(
@@ -250,16 +191,10 @@ def build_teacher(cfg: Config):
             world_size=world_size(),
             precision=cfg.deepspeed.precision,
         )
-        with ds.partitioned_init(ds_config):
-            teacher = build_transformer(cfg.model.teacher, seed=cfg.run.seed, load_weights=False)
-        if is_folder(cfg.model.teacher):
-            from ladd_ds.models.registry import folder_weight_names, read_folder_tensor
-
-            ds.load_partitioned_weights(teacher, folder_weight_names(cfg.model.teacher), read_folder_tensor, cfg.model.teacher)
+        teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_config).transformer
         teacher.requires_grad_(False)
-        engine = ds.frozen_engine(teacher, ds_config)
-        return engine.module, "partitioned (ZeRO-3)"
-    teacher = build_transformer(cfg.model.teacher, seed=cfg.run.seed).to(ds.device()).eval()
+        return ds.frozen_engine(teacher, ds_config).module, "partitioned (ZeRO-3)"
+    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed).transformer.to(ds.device()).eval()
     teacher.requires_grad_(False)
     if cfg.deepspeed.precision == "bf16":
         teacher.to(torch.bfloat16)

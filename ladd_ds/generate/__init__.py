@@ -1,0 +1,2 @@
+"""The data-generating commands: `ladd-ds synth` (teacher latents), `ladd-ds encode` (real
+images) and `ladd-ds pairs` (DPO preference pairs)."""

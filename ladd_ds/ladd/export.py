@@ -1,0 +1,90 @@
+"""Export a trained student as a diffusers folder (and the heads), from a training checkpoint.
+
+`ladd-ds export --run RUN_DIR [--step N] [--ema] --out DIR` writes
+  DIR/transformer/            config.json + safetensors, loadable with
+                              SD3Transformer2DModel.from_pretrained(DIR, subfolder="transformer")
+  DIR/discriminator/          heads.safetensors + config.json (architecture and taps)
+  DIR/ladd_export.json        where it came from (run, step, EMA or not) and what sampling
+                              needs (text encoders, latent codec: see ladd_ds.sampling)
+on one CPU process, whatever the world size of the run. The folder appears atomically.
+`--lora DIR` merges a LoRA (e.g. from a DPO run) into the exported student: the paper's recipe
+applies the teacher's DPO LoRA to the LADD student.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ladd_ds.config import Config
+from ladd_ds.core.files import atomic_directory
+from ladd_ds.distributed.engines import consolidate_zero_checkpoint
+from ladd_ds.ladd.build import resolve_taps
+from ladd_ds.models.lora import load_lora
+from ladd_ds.models.registry import resolve_model_config
+from ladd_ds.training.export import (
+    STUDENT_PREFIX,
+    absolute_spec,
+    build_transformer_from_state,
+    checkpoint_info,
+    gather_ema,
+)
+
+
+def sampling_info(cfg) -> dict:
+    """What `ladd-ds sample` needs besides the weights: the text encoders and latent codec the
+    training data were made with, and the student's trained input times."""
+    s = cfg.synth
+    return {
+        "teacher": absolute_spec(cfg.model.teacher),
+        "text_encoders": absolute_spec(s.text_encoders),
+        "drop_t5": s.drop_t5,
+        "max_sequence_length": s.max_sequence_length,
+        "seed": s.seed,
+        "codec": absolute_spec(s.vae),
+        "student_timesteps": list(cfg.ladd.student_timesteps),
+        "default_size": list(s.buckets[0]),  # [height, width] for `ladd-ds sample` without --size
+    }
+
+
+def export_ladd_run(run_dir: Path, out: Path, cfg: Config, checkpoint: Path, ema: bool = False, lora: str | None = None) -> Path:
+    """The student (its EMA with `ema`; `lora` merged in if given) and the heads of a LADD run."""
+    run_dir, out = Path(run_dir), Path(out)
+    state = consolidate_zero_checkpoint(checkpoint, "student")
+    student = {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    if ema:
+        student = {k[len(STUDENT_PREFIX) :]: v for k, v in gather_ema(checkpoint, state).items()}
+
+    model = build_transformer_from_state(cfg.model.student or cfg.model.teacher, student)
+    if lora is not None:
+        load_lora(model, lora, merge=True)
+
+    with atomic_directory(out) as tmp:
+        _write_ladd_export(tmp, model, checkpoint, cfg, run_dir, ema, lora)
+    return out
+
+
+def _write_ladd_export(tmp: Path, model, checkpoint: Path, cfg: Config, run_dir: Path, ema: bool, lora: str | None) -> None:
+    model.save_pretrained(tmp / "transformer", safe_serialization=True)
+    heads = consolidate_zero_checkpoint(checkpoint, "heads")
+    (tmp / "discriminator").mkdir()
+    save_file({k: v.contiguous() for k, v in heads.items()}, tmp / "discriminator" / "heads.safetensors")
+    teacher_config = resolve_model_config(cfg.model.teacher)
+    heads_config = {
+        "feature_dim": teacher_config["num_attention_heads"] * teacher_config["attention_head_dim"],
+        "num_heads": len(resolve_taps(cfg.discriminator.taps, teacher_config["num_layers"])),
+        "pooled_dim": teacher_config["pooled_projection_dim"],
+        "hidden": cfg.discriminator.hidden_channels,
+        "num_layers": cfg.discriminator.num_layers,
+        "taps": resolve_taps(cfg.discriminator.taps, teacher_config["num_layers"]),
+    }
+    (tmp / "discriminator" / "config.json").write_text(json.dumps(heads_config, indent=2))
+    info = {
+        **checkpoint_info(run_dir, checkpoint),
+        "ema": ema,
+        "lora_merged": str(Path(lora).resolve()) if lora else None,
+        "sampling": sampling_info(cfg),
+    }
+    (tmp / "ladd_export.json").write_text(json.dumps(info, indent=2))

@@ -1,0 +1,82 @@
+"""LADD as a training method (ladd_ds.training.method.Method): its config checks, engines and
+checkpoint state around the step functions of `LADDSteps`."""
+
+from __future__ import annotations
+
+import torch
+
+from ladd_ds.config import Config
+from ladd_ds.data.manifest import check_text_settings, generation_guidance_scale, read_negative_prompt
+from ladd_ds.distributed import engines as ds
+from ladd_ds.distributed.ranks import all_reduce_sum, print0
+from ladd_ds.ladd.build import build_ds_configs, build_models
+from ladd_ds.ladd.preview import SamplePreview
+from ladd_ds.ladd.steps import LADDSteps
+from ladd_ds.training.build import check_data_matches_model
+from ladd_ds.training.ema import ShardedEMA
+from ladd_ds.training.method import Method
+
+
+class LADDMethod(LADDSteps, Method):
+    kind = "ladd"
+    trainable = ("student", "heads")  # the frozen teacher is rebuilt, not saved
+    progress_desc = "ladd"
+    postfix_metrics = {"g": "loss/generator", "d": "loss/discriminator"}
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        check_data_matches_model(cfg)
+        if cfg.data.source == "mds":
+            check_text_settings(cfg.data.path, cfg.synth)
+
+    @classmethod
+    def ds_configs(cls, cfg: Config, world: int) -> dict[str, dict]:
+        return build_ds_configs(cfg, world)
+
+    @classmethod
+    def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> LADDMethod:
+        teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
+        engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
+        ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        distill_cfg, negative = distill_guidance(cfg)
+        method = cls(cfg, engines, taps, ds.device(), ema, distill_cfg, negative)
+        method.ds_stages = {name: ds.zero_stage(c) for name, c in ds_configs.items()}
+        return method
+
+    def preview(self):
+        return SamplePreview(self.cfg, self.device) if self.cfg.logging.sample_every > 0 else None
+
+    def trained_module(self):
+        return self.engines.student.module
+
+    def extra_state(self) -> dict:
+        return {"teacher_fingerprint": self.teacher_fingerprint()}
+
+    def teacher_fingerprint(self) -> list[float]:
+        """[sum, sum of squares] of the teacher's weights over all ranks: a cheap check, stored in
+        every checkpoint, that the frozen teacher never changed."""
+        local = torch.zeros(2, dtype=torch.float64)
+        for p in self.engines.teacher.module.parameters():
+            x = (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().double()
+            local += torch.stack([x.sum(), x.pow(2).sum()]).cpu()
+        sharded = self.ds_stages["teacher"] >= 3  # else every rank holds all of it
+        return (all_reduce_sum(local) if sharded else local).tolist()
+
+
+def distill_guidance(cfg: Config) -> tuple[float, tuple | None]:
+    """The distillation target's guidance scale (ladd.distill_cfg, by default the one the data was
+    generated with) and, when it is above 1, the empty prompt's conditioning stored with the data."""
+    if cfg.ladd.distill_weight <= 0:
+        return 1.0, None
+    scale = cfg.ladd.distill_cfg
+    if scale is None:
+        scale = generation_guidance_scale(cfg.data.path) if cfg.data.source == "mds" else None
+        if scale is None:
+            print0("ladd.distill_cfg: data.path records no guidance scale (no manifest.json); using 1 (no guidance)")
+            scale = 1.0
+    print0(f"distillation target: teacher x0 with guidance scale {scale:g}")
+    if scale == 1.0:
+        return 1.0, None
+    if cfg.data.source != "mds":
+        raise ValueError(f"ladd.distill_cfg = {scale:g} needs data from `ladd-ds synth` (data.source: mds); set it to 1")
+    return scale, read_negative_prompt(cfg.data.path, needed_by=f"ladd.distill_cfg = {scale:g}")

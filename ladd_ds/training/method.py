@@ -1,0 +1,72 @@
+"""The contract between the training loop (`ladd_ds.training.trainer.Trainer`) and a method.
+
+The loop owns data, logging, checkpoints, resume and health; a method owns its engines and the
+mathematics of one optimizer step. LADD (`ladd_ds.ladd.method.LADDMethod`) and Diffusion-DPO
+(`ladd_ds.dpo.method.DPOMethod`) are the two methods today; inpainting and editing variants
+will subclass `LADDMethod` and override its step functions (README, "Architecture").
+
+The loop calls, in this order:
+  1. `check_config(cfg)`                      before anything is built: fail early, with the key
+  2. `ds_configs(cfg, world)`                 one DeepSpeed config per engine, by name
+  3. `build(cfg, ds_configs)`                 the engines (resume may have edited the configs)
+  4. `train_step(micro_batches, step)`        per optimizer step; returns float metrics and
+                                              "health/step_skipped" (1.0 when DeepSpeed skipped
+                                              the update for a non-finite gradient norm)
+  and, for checkpoints and export, `trainable_engines()`, `trained_module()`, `ema`,
+  `extra_state()`; for TensorBoard grids, `preview()`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ladd_ds.config import Config
+from ladd_ds.data.schema import LATENTS, Layout
+
+
+class Method:
+    kind = "base"  # recorded in every checkpoint; `ladd-ds export` picks the exporter by it
+    layout: Layout = LATENTS  # the dataset kind the loader reads
+    trainable: tuple[str, ...] = ()  # engines saved in checkpoints (frozen ones are rebuilt)
+    progress_desc = "train"
+    postfix_metrics: dict[str, str] = {}  # progress-bar label -> metric key
+    ema = None  # a ShardedEMA of trained_module(), or None; saved with the rank's state
+
+    # ---------------------------------------------------------------- before the engines
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise a ConfigError (or ValueError) naming the key when the config cannot work."""
+
+    @classmethod
+    def ds_configs(cls, cfg: Config, world: int) -> dict[str, dict]:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> Method:
+        """Build the models and their DeepSpeed engines; return the ready method."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- the step
+
+    def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches (already on the device). `step`:
+        the number of optimizer steps done before this one (noise draws and warm-up use it)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- state and outputs
+
+    def trainable_engines(self) -> dict:
+        return {name: getattr(self.engines, name) for name in self.trainable}
+
+    def trained_module(self) -> nn.Module:
+        """The network the EMA follows, previews sample and `ladd-ds export` writes."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """Method-specific entries of the checkpoint's trainer state (JSON-serializable)."""
+        return {}
+
+    def preview(self):
+        """An object whose `grids(module, dtype)` returns TensorBoard image grids, or None."""
+        return None
