@@ -3,7 +3,7 @@
     python -m evaluation.loader_bench --data DIR [--batch 4] [--batches 200] [--workers 2]
 
 Compare with what the trainer consumes: `--step-s S --step-batch B` (default: the reference
-plain-PyTorch LADD step of DESIGN.md, SD3-medium at 1024x1024, batch 4 in 0.849 s on one H200)
+plain-PyTorch LADD step of docs/method.md, section 7: SD3-medium at 1024x1024, batch 4 in 0.849 s on one H200)
 gives the images per second one GPU needs.
 """
 

@@ -179,7 +179,7 @@ class DPOConfig:
     # "full": train every weight, the reference is a frozen copy (deepspeed.teacher_config).
     mode: Literal["lora", "full"] = "lora"
     # Scale of the implicit reward. Epsilon-prediction values (2500-5000) do not transfer to
-    # velocity errors; tune it per model and data (DESIGN.md section 1).
+    # velocity errors; tune it per model and data (docs/method.md, section 5).
     beta: float = 1000.0
     lr: float = 1e-4
     # Training-time t ~ sigmoid(t_mean + t_std * n): SD3's logit-normal(0, 1) by default.

@@ -1,7 +1,7 @@
 """Sampling: the LADD student's few-step sampler and the teacher's Euler sampler with CFG.
 
 `ladd-ds sample --model M --prompts FILE --steps N [--cfg S] --seed K --out grid.png` loads M as
-- a `ladd-ds export` folder (ladd_export.json): a LADD student, sampled as in DESIGN.md 1.7;
+- a `ladd-ds export` folder (ladd_export.json): a LADD student, sampled as in docs/method.md, section 4;
 - (`ladd-ds sample` only) a `ladd-ds train` run directory: its latest checkpoint, exported to a
   temporary folder first by the CLI;
 - a diffusers SD3 folder (transformer/, text encoders, vae/ or a ladd_model.json naming the
@@ -69,7 +69,7 @@ def trained_step_counts(trained: list[float], up_to: int = 16) -> list[int]:
 
 @torch.no_grad()
 def ladd_sample(model, embeds, pooled, noise: torch.Tensor, schedule: list[float], seeds: list[int]) -> torch.Tensor:
-    """DESIGN.md 1.7: start from noise at t = schedule[0], predict x0, re-noise it to the next t
+    """docs/method.md, section 4: start from noise at t = schedule[0], predict x0, re-noise it to the next t
     with fresh noise (per sample, from its seed), repeat; no CFG. `model` is a FlowModel."""
     x = noise
     for k, t in enumerate(schedule):
@@ -321,7 +321,7 @@ def run_sample(
     if cfg is None:
         cfg = 1.0 if sm.kind == "student" else 4.0
     if sm.kind == "student" and cfg != 1.0:
-        raise ValueError("--cfg: the LADD student samples without guidance (DESIGN.md 1.7); leave --cfg unset or 1")
+        raise ValueError("--cfg: the LADD student samples without guidance (docs/method.md, section 4); leave --cfg unset or 1")
     height, width = parse_bucket(size) if size else default_size(sm)
     index = [i for i in range(len(prompts)) for _ in range(per_prompt)]
     seeds = [derive_seed(seed, i, j) for i in range(len(prompts)) for j in range(per_prompt)]

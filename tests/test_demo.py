@@ -160,7 +160,7 @@ def test_dpo_recipe_runs_every_stage_and_reports(demo):
     assert "## DPO recipe" in report and "Teacher alignment at" in report
 
 
-def test_second_demo_run_reuses_the_cached_teacher(demo):
+def test_the_pretrained_teacher_is_found_in_the_cache_afterwards(demo):
     timings = json.loads((demo / "run" / "eval.json").read_text())["timings_s"]
     assert "teacher pretraining" in timings  # the first run trained it
     settings = replace(PretrainSettings(), steps=SIZES["test"].pretrain_steps)

@@ -40,11 +40,6 @@ def sample_logit_normal(shape, mean: float = 0.0, std: float = 1.0, generator=No
     return torch.sigmoid(mean + std * n)
 
 
-def shift_timesteps(t: torch.Tensor | float, shift: float):
-    """SD3 sampling schedule shift: sigma = a t / (1 + (a - 1) t) (a = 3.0 for released models)."""
-    return shift * t / (1.0 + (shift - 1.0) * t)
-
-
 class StudentTimesteps:
     """The student's discrete input timesteps and their probabilities, with a warm-up phase.
 
@@ -62,7 +57,3 @@ class StudentTimesteps:
         if self.warmup_probs is not None and step < self.warmup_steps:
             return self.warmup_probs
         return self.probs
-
-    def sample(self, n: int, step: int, generator=None) -> torch.Tensor:
-        idx = torch.multinomial(self.probs_at(step), n, replacement=True, generator=generator)
-        return self.timesteps[idx]  # (n,)

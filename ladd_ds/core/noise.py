@@ -2,7 +2,7 @@
 
 Deriving every draw from the sample's own id, not from a rank's RNG stream, makes a step's noise
 independent of how samples are spread over ranks and micro-batches, and makes resume exact without
-restoring any generator state (STYLE.md: seeds derive from (seed, rank, step)).
+restoring any generator state (docs/method.md, section 1).
 """
 
 from __future__ import annotations

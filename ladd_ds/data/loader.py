@@ -20,6 +20,7 @@ from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
+from ladd_ds.distributed import ranks
 
 
 def stored_tensor(array: np.ndarray) -> torch.Tensor:
@@ -106,10 +107,6 @@ def clean_stale_shared_memory_once() -> None:
         _shared_memory_cleaned = True
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
 def bucket_dirs(path: str | Path) -> list[Path]:
     """The per-bucket datasets of a multi-bucket root (as `ladd-ds synth` writes: OUT/<bucket>/
     with its own index.json and OUT/manifest.json), or [] for a single dataset."""
@@ -182,7 +179,7 @@ def build_loader(
         buckets = bucket_dirs(path)
         summaries = [validate_mds_dir(d, layout) for d in (buckets or [path])]
         summary = {"num_samples": sum(x["num_samples"] for x in summaries)}
-    world_size = _world_size()
+    world_size = ranks.world_size()
     if summary is not None and summary["num_samples"] < micro_batch_size * world_size:
         raise ValueError(
             f"Dataset {str(path)!r} has {summary['num_samples']} samples, fewer than "
@@ -191,11 +188,7 @@ def build_loader(
         )
     if local_cache is not None:
         claim_cache_dir(Path(local_cache))
-    # The deepspeed launcher sets LOCAL_SIZE but not LOCAL_WORLD_SIZE, which streaming reads to
-    # find the ranks sharing a node; without it every rank thinks it is a local leader and they
-    # collide on shared memory (FileExistsError: '/000000_locals').
-    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
-        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+    ranks.export_local_world_size()
     clean_stale_shared_memory_once()
 
     # With remote=None streaming skips its "Reused local directory" check and gives each

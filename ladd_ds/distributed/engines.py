@@ -1,6 +1,6 @@
 """DeepSpeed wiring: process group, config templates and the three LADD engines.
 
-This is the only module of ladd_ds that imports deepspeed. DESIGN.md section 3 records the
+This is the only module of ladd_ds that imports deepspeed. docs/method.md, section 7 records the
 behaviour the layout below depends on (checked with deepspeed 0.19.8, CPU + gloo).
 """
 

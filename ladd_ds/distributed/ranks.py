@@ -21,11 +21,16 @@ def world_size() -> int:
 
 
 def local_world_size() -> int:
+    """Ranks on this node: torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+def export_local_world_size() -> None:
+    """Set LOCAL_WORLD_SIZE from the deepspeed launcher's LOCAL_SIZE: streaming reads it to find
+    the ranks sharing a node; without it every rank thinks it is a local leader and they collide
+    on shared memory (FileExistsError: '/000000_locals')."""
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
 
 
 def is_main() -> bool:

@@ -1,2 +1,2 @@
-"""Diffusion-DPO post-training (DESIGN.md section 1, "DPO stage"): loss, LoRA adapters, the DPO
+"""Diffusion-DPO post-training (docs/method.md, section 5): loss, LoRA adapters, the DPO
 step on DeepSpeed engines, and preference-pair data."""

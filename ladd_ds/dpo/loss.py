@@ -1,4 +1,4 @@
-"""Diffusion-DPO for rectified flow (Wallace et al. 2023, adapted as in DESIGN.md section 1).
+"""Diffusion-DPO for rectified flow (Wallace et al. 2023, adapted as in docs/method.md, section 5).
 
 For a pair (winner w, loser l) noised with the same t and the same noise eps, the per-sample
 velocity errors of the trained model and of the frozen reference give

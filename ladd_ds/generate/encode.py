@@ -17,8 +17,7 @@ from PIL import Image
 
 from ladd_ds.config import Config
 from ladd_ds.data.prompts import PromptJob, parse_bucket
-from ladd_ds.distributed.ranks import barrier, is_main
-from ladd_ds.generate.synth import check_buckets, generate_dataset
+from ladd_ds.generate.synth import generate_dataset, generation_buckets, start_generation
 from ladd_ds.sampling import load_text_encoder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -83,19 +82,12 @@ def load_cropped(path: str, height: int, width: int) -> torch.Tensor:
 
 
 def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict | None:
-    from ladd_ds.distributed import engines as ds
-    from ladd_ds.models.codec import codec_factor, load_codec
-    from ladd_ds.models.registry import resolve_model_config
+    from ladd_ds.models.codec import load_codec
 
     out = Path(out)
-    model_cfg = resolve_model_config(cfg.model.teacher)
-    buckets = check_buckets(cfg.synth.buckets, model_cfg["patch_size"], codec_factor(cfg.synth.vae))
+    model_cfg, buckets = generation_buckets(cfg)
     jobs = load_image_jobs(images, captions, buckets, cfg.synth.seed)
-    ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
-    device = ds.device()
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    barrier()
+    device = start_generation(cfg, out)
     codec = load_codec(cfg.synth.vae, model_cfg["in_channels"], seed=cfg.synth.seed).to(device)
     text = load_text_encoder(cfg, device)
 

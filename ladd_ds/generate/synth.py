@@ -201,22 +201,37 @@ def build_teacher(cfg: Config):
     return teacher, fingerprint(teacher)
 
 
-def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
-    from ladd_ds.distributed import engines as ds
+def generation_buckets(cfg: Config) -> tuple[dict, list[str]]:
+    """The teacher's model config and synth.buckets' names, each bucket checked against the
+    teacher's patch size and the latent codec's factor."""
     from ladd_ds.models.codec import codec_factor
     from ladd_ds.models.registry import resolve_model_config
 
-    out = Path(out)
-    s = cfg.synth
     model_cfg = resolve_model_config(cfg.model.teacher)
-    factor = codec_factor(s.vae)
-    buckets = check_buckets(s.buckets, model_cfg["patch_size"], factor)
-    jobs = load_prompt_jobs(prompts, buckets, s.bucket_weights, s.seed)
+    return model_cfg, check_buckets(cfg.synth.buckets, model_cfg["patch_size"], codec_factor(cfg.synth.vae))
+
+
+def start_generation(cfg: Config, out: Path) -> torch.device:
+    """Collective set-up of a generating command (synth, encode): the process group, the output
+    directory (made by rank 0, seen by all after a barrier); returns this rank's device."""
+    from ladd_ds.distributed import engines as ds
+
     ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
-    device = ds.device()
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
     barrier()
+    return ds.device()
+
+
+def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
+    from ladd_ds.models.codec import codec_factor
+
+    out = Path(out)
+    s = cfg.synth
+    factor = codec_factor(s.vae)
+    _, buckets = generation_buckets(cfg)
+    jobs = load_prompt_jobs(prompts, buckets, s.bucket_weights, s.seed)
+    device = start_generation(cfg, out)
     text = load_text_encoder(cfg, device)
     teacher, identity = build_teacher(cfg)
     sampler = TeacherSampler(teacher, text, s.shift, factor)

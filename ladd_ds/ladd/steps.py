@@ -1,6 +1,6 @@
 """The LADD method as small, overridable steps on three DeepSpeed engines.
 
-Per iteration (DESIGN.md section 1): for every micro-batch a generator step (student update
+Per iteration (docs/method.md, section 2): for every micro-batch a generator step (student update
 through the frozen teacher and frozen heads), then for every micro-batch a discriminator step
 (heads update on re-noised real and fake latents). Variants (editing, inpainting, DPO) override
 `generator_step`, `discriminator_step` or `train_step` rather than copying the loop.
@@ -101,7 +101,7 @@ class LADDSteps:
 
     def teacher_features(self, x: torch.Tensor, t: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         # `.module`: the engine's own backward hook raises for an optimizer-less engine inside a
-        # graph the student backpropagates through (DESIGN.md section 3).
+        # graph the student backpropagates through (docs/method.md, section 7).
         return self.engines.teacher.module(x, t, batch["prompt_embeds"], batch["pooled"], taps=self.taps)
 
     def negative_like(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

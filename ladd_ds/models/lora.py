@@ -1,7 +1,7 @@
 """LoRA adapters on the SD3 transformer through peft (diffusers' PeftAdapterMixin).
 
 DPO trains only the adapters; the reference model is the same transformer with the adapters
-switched off (`adapters_disabled`), so no second copy of the weights is held (DESIGN.md 1, DPO).
+switched off (`adapters_disabled`), so no second copy of the weights is held (docs/method.md, section 5).
 
 Saved form (`save_lora` / `load_lora`), a folder:
     adapter_config.json                  peft LoraConfig (rank, alpha, target modules)
@@ -63,10 +63,6 @@ def add_lora(transformer: nn.Module, config, seed: int = 0) -> list[str]:
     if not names:
         raise ValueError(f"LoRA targets {sorted(config.target_modules)} match no module of the transformer")
     return names
-
-
-def has_lora(transformer: nn.Module) -> bool:
-    return bool(getattr(transformer, "peft_config", None))
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import SD3Transformer2DModel
 
-# SD3 facts (DESIGN.md section 2): patch 2, joint attention dim 4096, pooled 2048, max pos 192.
+# SD3 facts (docs/method.md, section 6): patch 2, joint attention dim 4096, pooled 2048, max pos 192.
 PRESETS: dict[str, dict] = {
     # CPU tests: 4 latent channels, 3 blocks of width 32.
     "tiny": dict(
@@ -112,10 +112,16 @@ def build_transformer(
     config = resolve_model_config(spec)
     if spec not in PRESETS and str(device) != "meta" and load_weights:
         return SD3Transformer2DModel.from_pretrained(spec, subfolder="transformer", torch_dtype=torch.float32)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    ctx = torch.device("meta") if str(device) == "meta" else contextlib.nullcontext()
-    with ctx, torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        return transformer_from_config(config, meta=str(device) == "meta")
+
+
+def transformer_from_config(config: dict, meta: bool = False) -> SD3Transformer2DModel:
+    """An SD3 transformer of `config` (a config.json's dict: its private "_" keys are dropped),
+    randomly initialized, or on the meta device (structure only, no memory) with `meta`."""
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta") if meta else contextlib.nullcontext():
         return SD3Transformer2DModel.from_config(config)
 
 

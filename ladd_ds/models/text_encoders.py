@@ -96,11 +96,9 @@ class SD3TextEncoder:
 def _meta_transformer(transformer_config: dict):
     """diffusers' encode_prompt reads the T5 width from pipe.transformer.config when T5 is
     dropped; a structure-only (meta device) transformer provides it without any weights."""
-    from diffusers import SD3Transformer2DModel
+    from ladd_ds.models.registry import transformer_from_config
 
-    config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        return SD3Transformer2DModel.from_config(config)
+    return transformer_from_config(transformer_config, meta=True)
 
 
 def load_sd3_text_encoders(

@@ -12,7 +12,7 @@ from diffusers import SD3Transformer2DModel
 
 from ladd_ds.config import Config, load_config
 from ladd_ds.distributed.engines import consolidate_zero_checkpoint
-from ladd_ds.models.registry import resolve_model_config
+from ladd_ds.models.registry import resolve_model_config, transformer_from_config
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training.ema import gather_full_shadow
 
@@ -49,10 +49,7 @@ def absolute_spec(spec: str) -> str:
 
 def build_transformer_from_state(spec: str, state: dict[str, torch.Tensor]) -> SD3Transformer2DModel:
     """An SD3 transformer of `spec`'s architecture holding `state` (no weights are initialized)."""
-    model_config = resolve_model_config(spec)
-    model_config = {k: v for k, v in model_config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = SD3Transformer2DModel.from_config(model_config)
+    model = transformer_from_config(resolve_model_config(spec), meta=True)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
