@@ -7,7 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ladd_ds.config import ConfigError, load_config
+from ladd_ds.config import load_config
+from ladd_ds.core.errors import InputError, LaddError
 
 
 def _train_parser(sub, name: str = "train", help: str = "LADD training (also under `deepspeed --module ladd_ds train`)") -> None:
@@ -81,12 +82,12 @@ def export_run(
     cfg, checkpoint, kind = run_checkpoint(Path(run_dir), step)
     if kind == "dpo":
         if ema or lora:
-            raise ValueError(f"{run_dir} is a DPO run: --ema and --lora apply to LADD runs only")
+            raise InputError(f"{run_dir} is a DPO run: --ema and --lora apply to LADD runs only")
         from ladd_ds.dpo.export import export_dpo_run
 
         return export_dpo_run(Path(run_dir), Path(out), cfg, checkpoint, merge)
     if merge:
-        raise ValueError("--merge applies to DPO runs; to fold a LoRA into a LADD student use --lora DIR")
+        raise InputError("--merge applies to DPO runs; to fold a LoRA into a LADD student use --lora DIR")
     from ladd_ds.ladd.export import export_ladd_run
 
     return export_ladd_run(Path(run_dir), Path(out), cfg, checkpoint, ema=ema, lora=lora)
@@ -114,7 +115,7 @@ def cmd_synth(args) -> int:
     cfg = load_config(args.config, args.set)
     prompts = args.prompts or cfg.synth.prompts
     if not prompts:
-        raise ValueError("no prompts: pass --prompts FILE or set synth.prompts")
+        raise InputError("no prompts: pass --prompts FILE or set synth.prompts")
     from ladd_ds.generate.synth import run_synth
 
     run_synth(cfg, prompts, args.out or cfg.synth.out)
@@ -133,7 +134,7 @@ def cmd_encode(args) -> int:
     cfg = load_config(args.config, args.set)
     images, captions = args.images or cfg.synth.images, args.captions or cfg.synth.captions
     if not images or not captions:
-        raise ValueError("pass --images DIR and --captions FILE (or set synth.images / synth.captions)")
+        raise InputError("pass --images DIR and --captions FILE (or set synth.images / synth.captions)")
     from ladd_ds.generate.encode import run_encode
 
     run_encode(cfg, images, captions, args.out or cfg.synth.out)
@@ -187,7 +188,7 @@ def cmd_pairs(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.import_pairs:
         if not args.images:
-            raise ValueError("--import-pairs needs --images DIR (the folder of the winner/loser images)")
+            raise InputError("--import-pairs needs --images DIR (the folder of the winner/loser images)")
         summary = import_pairs(cfg, args.import_pairs, args.images, args.out)
     else:
         summary = make_pairs(cfg, args.out)
@@ -279,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-        # Bad input: one clear line instead of a traceback.
+    except LaddError as e:
+        # Bad input the user can fix: one clear line instead of a traceback. Anything else is a
+        # bug and raises with its traceback.
         print(f"ladd-ds {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from ladd_ds.core.errors import LaddError
 
-class ConfigError(ValueError):
+
+class ConfigError(LaddError, ValueError):
     """A run config that cannot be used; the message names the file and key."""
 
 

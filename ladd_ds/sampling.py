@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.core.flow import add_noise, x0_from_velocity
 from ladd_ds.core.noise import derive_seed
 from ladd_ds.models.lora import load_lora
@@ -47,11 +48,11 @@ def student_schedule(steps: int, trained: list[float] | None = None) -> list[flo
     the paper's training set; 2 steps: 1, .5; 1 step: 1). With `trained` (ladd.student_timesteps
     of the run), a schedule that uses a time the student never trained on is refused."""
     if steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
+        raise InputError(f"--steps must be at least 1, got {steps}")
     schedule = [1.0 - i / steps for i in range(steps)]
     if trained is not None and not _is_trained(schedule, trained):
         untrained = [round(t, 3) for t in schedule if not _is_trained([t], trained)]
-        raise ValueError(
+        raise InputError(
             f"--steps {steps}: the student was trained on t in {list(trained)}, which gives samples of "
             f"{trained_step_counts(trained)} steps; {steps} steps would use the untrained t = {untrained}"
         )
@@ -163,9 +164,9 @@ def sample_latents(
     config = sm.transformer.config
     step = sm.factor * config.patch_size
     if height % step or width % step:
-        raise ValueError(f"size {height}x{width}: height and width must be multiples of {step} (codec x patch)")
+        raise InputError(f"size {height}x{width}: height and width must be multiples of {step} (codec x patch)")
     if config.pos_embed_max_size and max(height, width) > config.pos_embed_max_size * step:
-        raise ValueError(
+        raise InputError(
             f"size {height}x{width}: this model's position embeddings cover at most "
             f"{config.pos_embed_max_size * step} pixels per side; pass a smaller --size"
         )
@@ -207,7 +208,7 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
     """The model, text encoders and latent codec `spec` names (see the module docstring).
     `precision`: the transformer's and the text encoders' dtype (the latent codec stays fp32)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        raise InputError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
     from diffusers import SD3Transformer2DModel
 
@@ -217,20 +218,20 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
     folder = Path(spec)
     if not (folder / "transformer" / "config.json").is_file():
         hint = " (a run directory: `ladd-ds export` it first)" if (folder / "checkpoints").is_dir() else ""
-        raise ValueError(f"--model {spec}: expected a ladd-ds export or a diffusers SD3 folder{hint}")
+        raise InputError(f"--model {spec}: expected a ladd-ds export or a diffusers SD3 folder{hint}")
     transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").to(device, dtype).eval()
     channels = transformer.config.in_channels
     if (folder / EXPORT_INFO).is_file():  # a LADD student
         info = json.loads((folder / EXPORT_INFO).read_text())
         s = info.get("sampling")
         if s is None:
-            raise ValueError(f"{folder / EXPORT_INFO} has no 'sampling' entry: re-export the run with this version")
+            raise InputError(f"{folder / EXPORT_INFO} has no 'sampling' entry: re-export the run with this version")
         text = text_encoders_from_spec(s["text_encoders"], s["teacher"], s["drop_t5"], _max_sequence_length(s), s["seed"])
         codec = load_codec(s["codec"], channels, seed=s["seed"])
         return SamplingModel(transformer, text.to(device, dtype), codec.to(device), "student", info=info)
     info = json.loads((folder / MODEL_INFO).read_text()) if (folder / MODEL_INFO).is_file() else {}
     if "codec" not in info and not (folder / "vae").is_dir():
-        raise ValueError(f"{folder}: no vae/ and no {MODEL_INFO} naming a latent codec; cannot decode images")
+        raise InputError(f"{folder}: no vae/ and no {MODEL_INFO} naming a latent codec; cannot decode images")
     drop_t5 = not (folder / "text_encoder_3").is_dir()
     text = text_encoders_from_spec(str(folder), str(folder), drop_t5, _max_sequence_length(info), 0)
     codec = load_codec(info.get("codec", str(folder)), channels)
@@ -305,23 +306,23 @@ def run_sample(
 
     path = Path(prompts_file)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise MissingInputError(f"prompt file {path} does not exist")
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     prompts = lines
     if path.suffix == ".jsonl":
         try:
             prompts = [json.loads(ln)["prompt"] for ln in lines]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: every line must be a JSON object with a 'prompt' ({e})") from None
+            raise InputError(f"{path}: every line must be a JSON object with a 'prompt' ({e})") from None
     if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts")
+        raise InputError(f"prompt file {path} has no prompts")
     sm = load_sampling_model(model, precision=precision)
     if lora is not None:
         load_lora(sm.transformer, lora, merge=True)
     if cfg is None:
         cfg = 1.0 if sm.kind == "student" else 4.0
     if sm.kind == "student" and cfg != 1.0:
-        raise ValueError("--cfg: the LADD student samples without guidance (docs/method.md, section 4); leave --cfg unset or 1")
+        raise InputError("--cfg: the LADD student samples without guidance (docs/method.md, section 4); leave --cfg unset or 1")
     height, width = parse_bucket(size) if size else default_size(sm)
     index = [i for i in range(len(prompts)) for _ in range(per_prompt)]
     seeds = [derive_seed(seed, i, j) for i in range(len(prompts)) for j in range(per_prompt)]

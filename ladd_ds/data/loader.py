@@ -19,6 +19,7 @@ import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
 from ladd_ds.distributed import ranks
 
@@ -87,7 +88,7 @@ def _check_same_shape(samples: list[dict[str, Any]], column: str, hint: str) -> 
     first_shape = samples[0][column].shape
     if any(s[column].shape != first_shape for s in samples):
         shapes = {s["sample_id"]: tuple(s[column].shape) for s in samples}
-        raise ValueError(f"Column {column!r} has different shapes in one batch (sample_id: shape) {shapes}. {hint}")
+        raise InputError(f"Column {column!r} has different shapes in one batch (sample_id: shape) {shapes}. {hint}")
 
 
 _shared_memory_cleaned = False
@@ -115,7 +116,7 @@ def bucket_dirs(path: str | Path) -> list[Path]:
         return []
     buckets = sorted(p for p in path.iterdir() if p.is_dir() and (p / "index.json").is_file())
     if not buckets:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} has a manifest.json but no bucket directory with an index.json: was the synth run finished?"
         )
     return buckets
@@ -171,7 +172,7 @@ def build_loader(
     """
     if is_remote(path):
         if local_cache is None:
-            raise ValueError(f"data.path {path} is remote: set data.cache_dir to a local directory for its shards")
+            raise InputError(f"data.path {path} is remote: set data.cache_dir to a local directory for its shards")
         # Streaming reads and checks the remote index itself (we cannot list a bucket here).
         buckets = [f"{str(path).rstrip('/')}/{b}" for b in remote_buckets] if remote_buckets else []
         summary = None
@@ -181,7 +182,7 @@ def build_loader(
         summary = {"num_samples": sum(x["num_samples"] for x in summaries)}
     world_size = ranks.world_size()
     if summary is not None and summary["num_samples"] < micro_batch_size * world_size:
-        raise ValueError(
+        raise InputError(
             f"Dataset {str(path)!r} has {summary['num_samples']} samples, fewer than "
             f"one global batch ({micro_batch_size} x {world_size} ranks). Write more "
             f"samples or lower the micro batch size."

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.data.schema import MANIFEST_FILE, NEGATIVE_PROMPT_FILE
 
 
@@ -43,7 +44,7 @@ def check_text_settings(root: str | Path, synth) -> None:
     for key in TEXT_SETTINGS:
         written = manifest.get("synth", {}).get(key)
         if written is not None and written != getattr(synth, key):
-            raise ValueError(
+            raise InputError(
                 f"synth.{key} = {getattr(synth, key)!r}, but {root} was written with {written!r} "
                 f"({Path(str(root)) / MANIFEST_FILE}): set synth.{key}: {written!r} so that previews and "
                 "the exported student's sampling use the conditioning it is trained on"
@@ -57,11 +58,11 @@ def read_negative_prompt(root: str | Path, needed_by: str) -> tuple[torch.Tensor
 
     path = Path(str(root)) / NEGATIVE_PROMPT_FILE
     if "://" in str(root):
-        raise ValueError(
+        raise InputError(
             f"{needed_by} needs {NEGATIVE_PROMPT_FILE} of data.path; with a remote data.path it is not read yet: set it to 1"
         )
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{needed_by} needs {path} (the empty prompt's conditioning, written by this version of "
             "`ladd-ds synth` / `ladd-ds encode`): regenerate the data with this version, or set it to 1"
         )

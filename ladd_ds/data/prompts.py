@@ -9,6 +9,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ladd_ds.core.errors import InputError, MissingInputError
+
 
 @dataclass(frozen=True)
 class PromptJob:
@@ -31,10 +33,10 @@ def parse_bucket(name: str) -> tuple[int, int]:
 def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] | None, seed: int) -> list[PromptJob]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise MissingInputError(f"prompt file {path} does not exist")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if not lines:
-        raise ValueError(f"prompt file {path} has no prompts (one per line, or JSONL with a 'prompt' key)")
+        raise InputError(f"prompt file {path} has no prompts (one per line, or JSONL with a 'prompt' key)")
     draw = random.Random(seed)
     jobs = []
     for index, line in enumerate(lines):
@@ -42,9 +44,9 @@ def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] 
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{index + 1}: not valid JSON ({e})") from None
+                raise InputError(f"{path}:{index + 1}: not valid JSON ({e})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{index + 1}: expected an object with a string 'prompt'")
+                raise InputError(f"{path}:{index + 1}: expected an object with a string 'prompt'")
         else:
             record = {"prompt": line}
         bucket = record.get("bucket")
@@ -52,9 +54,9 @@ def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] 
         if bucket is None:
             bucket = drawn
         elif bucket not in buckets:
-            raise ValueError(f"{path}:{index + 1}: bucket {bucket!r} is not one of the configured buckets {buckets}")
+            raise InputError(f"{path}:{index + 1}: bucket {bucket!r} is not one of the configured buckets {buckets}")
         sample_seed = record.get("seed", seed * 1_000_003 + index)
         if not isinstance(sample_seed, int):
-            raise ValueError(f"{path}:{index + 1}: 'seed' must be an integer")
+            raise InputError(f"{path}:{index + 1}: 'seed' must be an integer")
         jobs.append(PromptJob(index=index, prompt=record["prompt"], bucket=bucket, seed=sample_seed))
     return jobs

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ladd_ds.core.errors import InputError, MissingInputError
+
 # Stored dtype of the text columns -> MDS encoding. bf16 is stored as its raw 16 bits.
 TEXT_STORAGE: dict[str, str] = {"fp32": "ndarray:float32", "bf16": "ndarray:uint16", "fp16": "ndarray:float16"}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -103,7 +105,7 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
     """
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Dataset directory {str(root)!r} does not exist. Write one with "
             f"ladd_ds.data.write_samples / write_random_latents, or fix the data path."
         )
@@ -116,22 +118,22 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
             if has_sub_indexes
             else "The write was probably interrupted: delete the directory and write it again."
         )
-        raise FileNotFoundError(f"No {INDEX_FILE} in dataset directory {str(root)!r}. {hint}")
+        raise MissingInputError(f"No {INDEX_FILE} in dataset directory {str(root)!r}. {hint}")
 
     try:
         shards = json.loads(index_path.read_text())["shards"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(
+        raise InputError(
             f"{str(index_path)!r} is not an MDS index ({err!r}). Delete the dataset directory and write it again."
         ) from err
     if not shards:
-        raise ValueError(f"{str(index_path)!r} lists no shards: the dataset is empty. Write at least one sample into it.")
+        raise InputError(f"{str(index_path)!r} lists no shards: the dataset is empty. Write at least one sample into it.")
 
     columns: dict[str, str] = {}
     for shard in shards:
         shard_file = shard.get("raw_data", {}).get("basename", "?")
         if shard.get("format") != "mds":
-            raise ValueError(
+            raise InputError(
                 f"Shard {shard_file!r} in {str(root)!r} has format "
                 f"{shard.get('format')!r}; ladd_ds reads only MDS shards "
                 f"(written by streaming.MDSWriter or ladd_ds.data.write_samples)."
@@ -140,13 +142,13 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
         for name, expected in {**layout.required, **layout.optional}.items():
             if name not in found:
                 if name in layout.required:
-                    raise ValueError(
+                    raise InputError(
                         f"Dataset {str(root)!r}: shard {shard_file!r} is missing column "
                         f"{name!r}, so it is not a {layout.name} dataset (required columns: "
                         f"{list(layout.required)}). Write it with {layout.written_by}."
                     )
             elif not _encoding_matches(found[name], expected):
-                raise ValueError(
+                raise InputError(
                     f"Dataset {str(root)!r}: shard {shard_file!r} stores column {name!r} as "
                     f"{found[name]!r}, expected {expected.replace('|', ' or ')!r}. Write it with "
                     f"ladd_ds.data.write_samples, which picks the encoding."
@@ -156,7 +158,7 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
         files = [shard.get("raw_data"), shard.get("zip_data")]
         present = [f for f in files if f and (root / f["basename"]).is_file()]
         if not present:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Shard file {shard_file!r} listed in {str(index_path)!r} is missing. Copy the complete dataset directory again."
             )
         # A truncated or overwritten shard has another size than its index records (checking the
@@ -164,7 +166,7 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
         for f in present:
             size = (root / f["basename"]).stat().st_size
             if f.get("bytes") is not None and size != int(f["bytes"]):
-                raise ValueError(
+                raise InputError(
                     f"Shard file {str(root / f['basename'])!r} has {size} bytes, its index says {f['bytes']}: "
                     "the file is corrupted or truncated. Copy or regenerate the dataset."
                 )

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from streaming import MDSWriter
 
+from ladd_ds.core.errors import InputError
 from ladd_ds.core.files import atomic_directory
 from ladd_ds.data.schema import (
     LATENTS,
@@ -83,7 +84,7 @@ def write_samples(
     samples = iter(samples)
     first = next(samples, None)
     if first is None:
-        raise ValueError(f"No samples to write to {str(out_dir)!r}: an empty dataset cannot be read by streaming.")
+        raise InputError(f"No samples to write to {str(out_dir)!r}: an empty dataset cannot be read by streaming.")
     columns = {**layout.required, **{k: v for k, v in layout.optional.items() if k in first}}
     storage = {k: text_storage(first[k]) for k in TEXT_COLUMNS if k in first}
     columns.update({k: TEXT_STORAGE[v] for k, v in storage.items()})
@@ -95,7 +96,7 @@ def write_samples(
             for i, sample in enumerate(itertools.chain([first], samples)):
                 missing = [k for k in columns if k not in sample]
                 if missing:
-                    raise ValueError(
+                    raise InputError(
                         f"Sample {i} written to {str(out_dir)!r} lacks column(s) {missing}; every sample needs {list(columns)}."
                     )
                 row = {k: sample[k] for k in columns}
@@ -164,7 +165,7 @@ def write_random_latents(
     parameters live in `out_dir/random_latents.params` for that check.
     """
     if text_len < 1:
-        raise ValueError(f"text_len must be at least 1, got {text_len}.")
+        raise InputError(f"text_len must be at least 1, got {text_len}.")
     params = {
         "num_samples": num_samples,
         "latent_shape": list(latent_shape),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ladd_ds.core.errors import InputError
 from ladd_ds.demo import digits
 from ladd_ds.demo.pretrain import PretrainSettings
 
@@ -389,7 +390,7 @@ def run_demo(
     s = replace(SIZES[size], precision=precision)
     if train_seeds is not None:
         if train_seeds < 1:
-            raise ValueError(f"--train-seeds must be at least 1, got {train_seeds}")
+            raise InputError(f"--train-seeds must be at least 1, got {train_seeds}")
         s = replace(s, train_seeds=train_seeds)
     cache = Path(cache or Path.home() / ".cache" / "ladd_ds")
     timings: dict[str, float] = {}

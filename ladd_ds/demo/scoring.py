@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.demo import digits
 
 
@@ -18,11 +19,11 @@ def digit_confidence(classifier: str, attributes: tuple[str, ...] | list[str] = 
 
     folder = Path(classifier)
     if not folder.is_dir():
-        raise FileNotFoundError(f"pairs.scorer_args.classifier: {folder} is not a classifier folder")
+        raise MissingInputError(f"pairs.scorer_args.classifier: {folder} is not a classifier folder")
     model, _ = load_classifier(folder)
     unknown = set(attributes) - {"digit", "color", "place"}
     if unknown:
-        raise ValueError(f"pairs.scorer_args.attributes: unknown {sorted(unknown)} (digit, color, place)")
+        raise InputError(f"pairs.scorer_args.attributes: unknown {sorted(unknown)} (digit, color, place)")
 
     @torch.no_grad()
     def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

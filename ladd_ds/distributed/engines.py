@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.distributed.ranks import prepare_launcher_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,11 +79,11 @@ def resolve_template(path: str) -> Path:
 def load_template(path: str, key: str) -> dict:
     p = resolve_template(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{key}: DeepSpeed config template {path} not found (looked at {p})")
+        raise MissingInputError(f"{key}: DeepSpeed config template {path} not found (looked at {p})")
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{key}: {p} is not valid JSON: {e}") from None
+        raise InputError(f"{key}: {p} is not valid JSON: {e}") from None
 
 
 def fill_ds_config(
@@ -141,7 +142,7 @@ def load_partitioned_weights(module: nn.Module, names: dict[str, Path], read_ten
     unexpected = sorted(set(names) - set(params) - set(buffers))
     missing = sorted(set(params) - set(names))
     if unexpected or missing:
-        raise ValueError(f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise InputError(f"{source}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     is_rank0 = torch.distributed.get_rank() == 0
     for name, path in names.items():
         if name in buffers:
@@ -152,7 +153,7 @@ def load_partitioned_weights(module: nn.Module, names: dict[str, Path], read_ten
             if is_rank0:
                 tensor = read_tensor(path, name)
                 if tensor.shape != param.shape:
-                    raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+                    raise InputError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
                 param.data.copy_(tensor)
 
 

@@ -15,6 +15,7 @@ import functools
 import os
 import signal
 
+from ladd_ds.core.errors import InputError
 from ladd_ds.distributed.ranks import rank
 
 ENV = "LADD_DS_INJECT_FAULTS"
@@ -30,9 +31,9 @@ def _parse(text: str) -> list[tuple[str, int, int | None]]:
             step_text, _, rank_text = rest.partition(":")
             faults.append((kind, int(step_text), int(rank_text) if rank_text else None))
         except ValueError:
-            raise ValueError(f"{ENV}: cannot parse {item!r}; expected KIND@STEP[:RANK]") from None
+            raise InputError(f"{ENV}: cannot parse {item!r}; expected KIND@STEP[:RANK]") from None
         if kind not in KINDS:
-            raise ValueError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
+            raise InputError(f"{ENV}: unknown fault {kind!r} (known: {', '.join(KINDS)})")
     return tuple(faults)
 
 

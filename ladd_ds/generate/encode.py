@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ladd_ds.config import Config
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.data.prompts import PromptJob, parse_bucket
 from ladd_ds.generate.synth import generate_dataset, generation_buckets, start_generation
 from ladd_ds.sampling import load_text_encoder
@@ -27,7 +28,7 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
     """(file, caption) pairs from JSONL ({"file", "caption"}) or "file<TAB>caption" lines."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"caption file {path} does not exist")
+        raise MissingInputError(f"caption file {path} does not exist")
     pairs = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -37,14 +38,14 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
                 record = json.loads(line)
                 pairs.append((str(record["file"]), str(record["caption"])))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: expected a JSON object with 'file' and 'caption'") from None
+                raise InputError(f"{path}:{n}: expected a JSON object with 'file' and 'caption'") from None
         else:
             file, sep, caption = line.partition("\t")
             if not sep:
-                raise ValueError(f"{path}:{n}: expected 'file<TAB>caption'")
+                raise InputError(f"{path}:{n}: expected 'file<TAB>caption'")
             pairs.append((file, caption))
     if not pairs:
-        raise ValueError(f"caption file {path} has no captions")
+        raise InputError(f"caption file {path} has no captions")
     return pairs
 
 
@@ -56,12 +57,12 @@ def nearest_bucket(width: int, height: int, buckets: list[str]) -> str:
 def load_image_jobs(images: str | Path, captions: str | Path, buckets: list[str], seed: int) -> list[PromptJob]:
     images = Path(images)
     if not images.is_dir():
-        raise FileNotFoundError(f"image folder {images} does not exist")
+        raise MissingInputError(f"image folder {images} does not exist")
     jobs = []
     for index, (file, caption) in enumerate(read_captions(captions)):
         path = images / file
         if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise FileNotFoundError(f"{captions}: image {file} not found in {images} (or not an image: {sorted(IMAGE_SUFFIXES)})")
+            raise MissingInputError(f"{captions}: image {file} not found in {images} (or not an image: {sorted(IMAGE_SUFFIXES)})")
         with Image.open(path) as im:
             w, h = im.size
         jobs.append(PromptJob(index, caption, nearest_bucket(w, h, buckets), seed, image=str(path)))

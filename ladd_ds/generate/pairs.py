@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ladd_ds.config import Config, ConfigError
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.core.noise import derive_seed
 from ladd_ds.data.prompts import bucket_name
 from ladd_ds.data.schema import PAIRS
@@ -55,10 +56,10 @@ def read_prompts(path: str | None) -> list[str]:
         raise ConfigError("pairs.prompts: a text file with one prompt per line")
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"pairs.prompts: prompt file {file} does not exist")
+        raise MissingInputError(f"pairs.prompts: prompt file {file} does not exist")
     prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"pairs.prompts: {file} has no prompts")
+        raise InputError(f"pairs.prompts: {file} has no prompts")
     return prompts
 
 
@@ -92,7 +93,7 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
         with torch.no_grad():
             scores = torch.as_tensor(scorer(decode_images(sm.codec, latents), batch_prompts), dtype=torch.float64)
         if scores.shape != (len(batch_prompts),):
-            raise ValueError(f"pairs.scorer {p.scorer} returned shape {tuple(scores.shape)} for {len(batch_prompts)} images")
+            raise InputError(f"pairs.scorer {p.scorer} returned shape {tuple(scores.shape)} for {len(batch_prompts)} images")
         embeds, pooled = sm.text.encode([prompts[i] for i in chunk])
         for n, i in enumerate(chunk):
             s = scores[n * k : (n + 1) * k]
@@ -118,7 +119,7 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
         bar.update(len(chunk))
     bar.close()
     if not samples:
-        raise ValueError(f"no pair had a score gap of at least {p.min_score_gap}; nothing to write to {out}")
+        raise InputError(f"no pair had a score gap of at least {p.min_score_gap}; nothing to write to {out}")
     summary = {
         "pairs": len(samples),
         "prompts": len(prompts),
@@ -137,7 +138,7 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
 def read_preference_file(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"preference file {path} does not exist")
+        raise MissingInputError(f"preference file {path} does not exist")
     records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -145,12 +146,12 @@ def read_preference_file(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "winner", "loser")):
-            raise ValueError(f"{path}:{n}: expected an object with string 'prompt', 'winner' and 'loser' (image files)")
+            raise InputError(f"{path}:{n}: expected an object with string 'prompt', 'winner' and 'loser' (image files)")
         records.append(record)
     if not records:
-        raise ValueError(f"preference file {path} has no pairs")
+        raise InputError(f"preference file {path} has no pairs")
     return records
 
 
@@ -171,7 +172,7 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
         for key in ("winner", "loser"):
             f = images / r[key]
             if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
-                raise FileNotFoundError(f"{preferences}:{n}: {key} image {r[key]} not found in {images} (or not an image)")
+                raise MissingInputError(f"{preferences}:{n}: {key} image {r[key]} not found in {images} (or not an image)")
     codec = load_codec(cfg.synth.vae, resolve_model_config(cfg.model.teacher)["in_channels"], seed=cfg.synth.seed)
     if p.height % codec.factor or p.width % codec.factor:
         raise ConfigError(f"pairs.height/width must be multiples of the codec factor {codec.factor}")

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ladd_ds.config import Config, config_to_dict
+from ladd_ds.core.errors import InputError
 from ladd_ds.data.prompts import PromptJob, bucket_name, load_prompt_jobs, parse_bucket
 from ladd_ds.data.schema import MANIFEST_FILE, NEGATIVE_PROMPT_FILE
 from ladd_ds.data.writer import write_negative_prompt, write_samples
@@ -38,11 +39,11 @@ def check_buckets(buckets: list[list[int]], patch_size: int, codec_factor: int) 
     names = []
     for i, hw in enumerate(buckets):
         if len(hw) != 2:
-            raise ValueError(f"synth.buckets[{i}]: expected [height, width], got {hw}")
+            raise InputError(f"synth.buckets[{i}]: expected [height, width], got {hw}")
         h, w = hw
         step = codec_factor * patch_size
         if h <= 0 or w <= 0 or h % step or w % step:
-            raise ValueError(
+            raise InputError(
                 f"synth.buckets[{i}] = {h}x{w}: height and width must be positive multiples of {step} "
                 f"(latent codec factor {codec_factor} x patch size {patch_size})"
             )

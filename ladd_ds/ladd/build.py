@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ladd_ds.config import Config
+from ladd_ds.core.errors import InputError
 from ladd_ds.distributed import engines as ds
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
@@ -18,7 +19,7 @@ def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
         return list(range(num_blocks))
     bad = [i for i in taps if i >= num_blocks]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"discriminator.taps: blocks {bad} do not exist (the teacher has {num_blocks} blocks, 0..{num_blocks - 1})"
         )
     return sorted(taps)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ladd_ds.config import Config
+from ladd_ds.core.errors import InputError
 from ladd_ds.data.manifest import check_text_settings, generation_guidance_scale, read_negative_prompt
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import all_reduce_sum, print0
@@ -78,5 +79,5 @@ def distill_guidance(cfg: Config) -> tuple[float, tuple | None]:
     if scale == 1.0:
         return 1.0, None
     if cfg.data.source != "mds":
-        raise ValueError(f"ladd.distill_cfg = {scale:g} needs data from `ladd-ds synth` (data.source: mds); set it to 1")
+        raise InputError(f"ladd.distill_cfg = {scale:g} needs data from `ladd-ds synth` (data.source: mds); set it to 1")
     return scale, read_negative_prompt(cfg.data.path, needed_by=f"ladd.distill_cfg = {scale:g}")

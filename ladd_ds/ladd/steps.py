@@ -14,6 +14,7 @@ import torch
 
 from ladd_ds.config import Config
 from ladd_ds.core import flow
+from ladd_ds.core.errors import InputError
 from ladd_ds.core.noise import (
     per_sample_generators,
     randn_like_per_sample,
@@ -109,7 +110,7 @@ class LADDSteps:
         embeds, pooled = self.negative
         b, length, width = batch["prompt_embeds"].shape
         if embeds.shape != (length, width):
-            raise ValueError(
+            raise InputError(
                 f"the data's negative prompt conditioning has shape {tuple(embeds.shape)}, its prompts "
                 f"{(length, width)}: the data root mixes datasets of different text encoders or "
                 "synth.max_sequence_length; regenerate it with one `ladd-ds synth` run"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ladd_ds.core.errors import InputError
+
 PIXEL_UNSHUFFLE = "pixel-unshuffle"
 
 
@@ -68,7 +70,7 @@ def load_codec(spec: str, latent_channels: int, seed: int = 0) -> PixelUnshuffle
 
         codec = VAECodec(load_vae(spec, latent_channels, seed))
     if codec.channels != latent_channels:
-        raise ValueError(f"latent codec '{spec}' has {codec.channels} channels, the model expects {latent_channels}")
+        raise InputError(f"latent codec '{spec}' has {codec.channels} channels, the model expects {latent_channels}")
     return codec
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.core.files import atomic_directory
 
 # Attention projections of SD3's joint blocks (image stream and text stream); the last block has
@@ -61,7 +62,7 @@ def add_lora(transformer: nn.Module, config, seed: int = 0) -> list[str]:
         transformer.add_adapter(config)  # peft marks only the lora_ weights trainable
     names = [n for n, p in transformer.named_parameters() if p.requires_grad]
     if not names:
-        raise ValueError(f"LoRA targets {sorted(config.target_modules)} match no module of the transformer")
+        raise InputError(f"LoRA targets {sorted(config.target_modules)} match no module of the transformer")
     return names
 
 
@@ -91,7 +92,7 @@ def save_lora(out: str | Path, weights: dict[str, torch.Tensor], config) -> Path
 
     out = Path(out)
     if not weights:
-        raise ValueError(f"no LoRA weights to write to {out}")
+        raise InputError(f"no LoRA weights to write to {out}")
     cfg = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
     with atomic_directory(out) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
@@ -111,7 +112,7 @@ def read_lora(folder: str | Path):
     folder = Path(folder)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"LoRA folder {folder} lacks {name} (write one with `ladd-ds export` of a DPO run)")
+            raise MissingInputError(f"LoRA folder {folder} lacks {name} (write one with `ladd-ds export` of a DPO run)")
     raw = json.loads((folder / CONFIG_FILE).read_text())
     config = LoraConfig(
         r=raw["r"],
@@ -133,10 +134,10 @@ def load_lora(transformer: nn.Module, folder: str | Path, merge: bool = False) -
     result = set_peft_model_state_dict(transformer, weights)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        raise ValueError(f"LoRA {folder}: weights for modules this transformer lacks, e.g. {unexpected[:3]}")
+        raise InputError(f"LoRA {folder}: weights for modules this transformer lacks, e.g. {unexpected[:3]}")
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if missing:
-        raise ValueError(f"LoRA {folder}: no weights for {missing[:3]} (was it trained on another model?)")
+        raise InputError(f"LoRA {folder}: no weights for {missing[:3]} (was it trained on another model?)")
     if merge:
         transformer.fuse_lora()
         transformer.unload_lora()

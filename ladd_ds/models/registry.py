@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from diffusers import SD3Transformer2DModel
 
+from ladd_ds.core.errors import InputError
+
 # SD3 facts (docs/method.md, section 6): patch 2, joint attention dim 4096, pooled 2048, max pos 192.
 PRESETS: dict[str, dict] = {
     # CPU tests: 4 latent channels, 3 blocks of width 32.
@@ -88,12 +90,12 @@ def resolve_model_config(spec: str) -> dict:
         return dict(PRESETS[spec])
     folder = Path(spec)
     if not folder.exists():
-        raise ValueError(
+        raise InputError(
             f"model '{spec}' is neither a preset ({', '.join(PRESETS)}) nor an existing folder; "
             "pass a preset name or a local diffusers folder that contains transformer/"
         )
     if not (folder / "transformer" / "config.json").is_file():
-        raise ValueError(
+        raise InputError(
             f"model folder {folder} has no transformer/config.json; point to the root of a "
             "diffusers SD3 folder (the one holding transformer/, vae/, text_encoder/ ...)"
         )
@@ -147,7 +149,7 @@ def folder_weight_names(spec: str) -> dict[str, Path]:
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / "diffusion_pytorch_model.safetensors"
     if not single.is_file():
-        raise ValueError(f"model folder {spec}: no diffusion_pytorch_model.safetensors (or its index) in {folder}")
+        raise InputError(f"model folder {spec}: no diffusion_pytorch_model.safetensors (or its index) in {folder}")
     with safe_open(str(single), "pt") as f:
         return {name: single for name in f.keys()}
 

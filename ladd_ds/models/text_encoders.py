@@ -35,6 +35,8 @@ from transformers import (
 )
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+from ladd_ds.core.errors import InputError
+
 CLIP_TOKENS = 77  # CLIP's context length: the first 77 tokens of SD3's prompt_embeds
 
 
@@ -113,7 +115,7 @@ def load_sd3_text_encoders(
     )
     missing = [n for n in needed if not (folder / n).is_dir()]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"SD3 folder {folder} lacks {', '.join(missing)}" + ("" if drop_t5 else " (or set drop_t5 to run without T5)")
         )
     transformer_config = resolve_model_config(str(folder))
@@ -230,7 +232,7 @@ def build_tiny_text_encoders(
     cfg = resolve_model_config(transformer_preset)
     joint, pooled = cfg["joint_attention_dim"], cfg["pooled_projection_dim"]
     if joint % 2 or pooled % 2:
-        raise ValueError(f"preset {transformer_preset}: joint_attention_dim and pooled_projection_dim must be even")
+        raise InputError(f"preset {transformer_preset}: joint_attention_dim and pooled_projection_dim must be even")
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
         root = Path(tmp)
         clip_l, tok_l = _tiny_clip(root / "clip_l", joint // 2, pooled // 2, seed, clip_tokens, words)

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from ladd_ds.core.errors import InputError
+
 
 def build_tiny_vae(latent_channels: int = 4, seed: int = 0) -> AutoencoderKL:
     """Random-weight VAE with SD3's 8x downsampling (4 blocks) and SD3's shift/scale numbers."""
@@ -34,5 +36,5 @@ def load_vae(spec: str, latent_channels: int, seed: int = 0) -> AutoencoderKL:
         return build_tiny_vae(latent_channels, seed)
     folder = Path(spec)
     if not (folder / "vae" / "config.json").is_file():
-        raise ValueError(f"VAE: {folder} has no vae/config.json; pass a diffusers SD3 folder or 'tiny'")
+        raise InputError(f"VAE: {folder} has no vae/config.json; pass a diffusers SD3 folder or 'tiny'")
     return AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()

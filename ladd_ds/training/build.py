@@ -4,6 +4,7 @@ check, and the memory plan of the --dry-run report."""
 from __future__ import annotations
 
 from ladd_ds.config import Config
+from ladd_ds.core.errors import InputError
 from ladd_ds.data.loader import bucket_dirs
 from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
 from ladd_ds.distributed import engines as ds
@@ -35,10 +36,10 @@ def check_data_matches_model(cfg: Config) -> None:
         ]
         for key, value, model_key, expected in checks:
             if value != expected:
-                raise ValueError(f"{key}={value} does not match the teacher's {model_key}={expected} ({cfg.model.teacher})")
+                raise InputError(f"{key}={value} does not match the teacher's {model_key}={expected} ({cfg.model.teacher})")
         factor = model_cfg["patch_size"]
         if rl.height % factor or rl.width % factor:
-            raise ValueError(f"data.random_latents: height/width must be divisible by the patch size {factor}")
+            raise InputError(f"data.random_latents: height/width must be divisible by the patch size {factor}")
 
 
 def memory_plan(n_params: int, trainable: bool, precision: str, stage: int, world: int) -> dict[str, float]:

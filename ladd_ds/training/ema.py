@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ladd_ds.core.errors import InputError
+
 
 def _local(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
@@ -36,7 +38,7 @@ class ShardedEMA:
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.names) - set(state["shadow"])
         if missing:
-            raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+            raise InputError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
         for n in self.names:
             self.shadow[n].copy_(state["shadow"][n])
 

@@ -11,6 +11,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from ladd_ds.config import Config, load_config
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.distributed.engines import consolidate_zero_checkpoint
 from ladd_ds.models.registry import resolve_model_config, transformer_from_config
 from ladd_ds.training import checkpoint as ckpt
@@ -22,11 +23,11 @@ STUDENT_PREFIX = "transformer."  # FlowModel wraps the diffusers transformer as 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     found = dict(ckpt.complete_checkpoints(run_dir))
     if not found:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint under checkpoints/ (train first, or check --run)")
+        raise MissingInputError(f"{run_dir} has no complete checkpoint under checkpoints/ (train first, or check --run)")
     if step is None:
         return found[max(found)]
     if step not in found:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint for step {step} (available: {sorted(found)})")
+        raise MissingInputError(f"{run_dir}: no complete checkpoint for step {step} (available: {sorted(found)})")
     return found[step]
 
 
@@ -34,7 +35,7 @@ def gather_ema(checkpoint: Path, state: dict[str, torch.Tensor]) -> dict[str, to
     """`state` with every trained parameter replaced by its EMA from the shards in rank-XXXXX.pt."""
     states = ckpt.read_rank_states(checkpoint)
     if any("ema" not in s for s in states):
-        raise ValueError(f"{checkpoint} holds no EMA (the run had optim.ema_decay = 0); export without --ema")
+        raise InputError(f"{checkpoint} holds no EMA (the run had optim.ema_decay = 0); export without --ema")
     shadows = [s["ema"]["shadow"] for s in states]
     out = dict(state)  # buffers (e.g. the positional embedding) have no EMA
     out.update(gather_full_shadow(shadows, {k: v.shape for k, v in state.items()}))
@@ -59,7 +60,7 @@ def run_checkpoint(run_dir: Path, step: int | None) -> tuple[Config, Path, str]:
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a ladd-ds run directory?")
+        raise MissingInputError(f"{run_dir} has no config.yaml: is it a ladd-ds run directory?")
     checkpoint = find_checkpoint(run_dir, step)
     return load_config(config_file), checkpoint, ckpt.read_trainer_state(checkpoint).get("trainer", "ladd")
 
