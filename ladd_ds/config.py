@@ -126,7 +126,7 @@ class LoggingConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     # Student sample grids in TensorBoard every N steps (0 = off), one row per prompt; needs the
-    # synth section's text encoders and latent codec (synth.text_encoders, synth.vae).
+    # text encoders and the latent codec of the text and codec sections.
     sample_every: int = 0
     sample_prompts: list[str] | None = None
 
@@ -138,16 +138,35 @@ class CheckpointConfig:
 
 
 @dataclass
+class TextConfig:
+    """The text conditioning: what synth, encode and pairs store with every sample, and what the
+    training previews and the exported student's sampling encode prompts with."""
+
+    encoders: str = "tiny"  # "tiny" (built in code for model.teacher's preset) or a local SD3 folder
+    drop_t5: bool = False
+    # T5 tokens of the conditioning (diffusers' max_sequence_length): SD3 uses 256; 77 stores
+    # and attends to 54% fewer text tokens (77 + 77 instead of 77 + 256; README, "Data").
+    max_sequence_length: int = 256
+    seed: int = 0  # initial weights of the "tiny" encoders (a folder's encoders are loaded)
+
+
+@dataclass
+class CodecConfig:
+    """The latent codec between pixels and the transformer's latents (encode, pairs, previews,
+    sampling)."""
+
+    # "tiny" (a small VAE built in code), "pixel-unshuffle" (the demo's invertible codec) or a
+    # local SD3 folder with vae/.
+    vae: str = "tiny"
+    seed: int = 0  # initial weights of the "tiny" VAE
+
+
+@dataclass
 class SynthConfig:
     """`ladd-ds synth`: the teacher (model.teacher) generates training latents from prompts."""
 
     prompts: str | None = None  # text file (one prompt per line) or JSONL (prompt, bucket, seed)
     out: str = "data/synthetic"
-    text_encoders: str = "tiny"  # "tiny" (built in code for the tiny preset) or a local SD3 folder
-    drop_t5: bool = False
-    # T5 tokens of the conditioning (diffusers' max_sequence_length): SD3 uses 256; 77 stores
-    # and attends to 54% fewer text tokens (77 + 77 instead of 77 + 256; README, "Data").
-    max_sequence_length: int = 256
     buckets: list[list[int]] = field(default_factory=lambda: [[128, 128]])  # [height, width] in pixels
     bucket_weights: list[float] | None = None  # for prompts without a bucket; None = uniform
     guidance_scale: float = 5.0
@@ -159,7 +178,6 @@ class SynthConfig:
     zero_stage: Literal[0, 3] = 0  # 0: teacher replicated on every rank; 3: partitioned (ZeRO-3)
     images: str | None = None  # `ladd-ds encode`: image folder
     captions: str | None = None  # `ladd-ds encode`: JSONL {"file", "caption"} or "file<TAB>caption" lines
-    vae: str = "tiny"  # `ladd-ds encode`: "tiny" (built in code) or a local SD3 folder (vae/)
 
 
 @dataclass
@@ -236,6 +254,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
@@ -305,7 +325,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 
 # Keys of earlier versions: what to do instead.
 RETIRED_KEYS = {
-    "synth.max_t5_tokens": "renamed to synth.max_sequence_length",
+    "synth.max_t5_tokens": "renamed to text.max_sequence_length",
+    "synth.max_sequence_length": "moved to text.max_sequence_length (the text section)",
+    "synth.text_encoders": "moved to text.encoders (the text section)",
+    "synth.drop_t5": "moved to text.drop_t5 (the text section)",
+    "synth.vae": "moved to codec.vae (the codec section)",
     "data.text_len": "removed: every prompt now has the same text length (SD3's full conditioning), nothing is padded",
     "data.random_latents.text_len_min": "replaced by data.random_latents.text_len (one length for all samples)",
     "data.random_latents.text_len_max": "replaced by data.random_latents.text_len (one length for all samples)",

@@ -132,13 +132,13 @@ def initial_noise(seeds: list[int], channels: int, h: int, w: int) -> torch.Tens
 
 
 def load_text_encoder(cfg, device):
-    """The text encoders of `synth.text_encoders` in the run's precision: what synth, encode,
+    """The text encoders of the config's text section in the run's precision: what synth, encode,
     pairs and the training previews encode prompts with (diffusers' SD3 pipeline runs its
     encoders in the pipeline's dtype too)."""
     from ladd_ds.models.text_encoders import text_encoders_from_spec
 
-    s = cfg.synth
-    text = text_encoders_from_spec(s.text_encoders, cfg.model.teacher, s.drop_t5, s.max_sequence_length, s.seed)
+    t = cfg.text
+    text = text_encoders_from_spec(t.encoders, cfg.model.teacher, t.drop_t5, t.max_sequence_length, t.seed)
     return text.to(device, torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
 
 
@@ -226,8 +226,9 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
         s = info.get("sampling")
         if s is None:
             raise InputError(f"{folder / EXPORT_INFO} has no 'sampling' entry: re-export the run with this version")
-        text = text_encoders_from_spec(s["text_encoders"], s["teacher"], s["drop_t5"], _max_sequence_length(s), s["seed"])
-        codec = load_codec(s["codec"], channels, seed=s["seed"])
+        text_seed = s.get("text_seed", s.get("seed", 0))  # "seed": exports written before the text section
+        text = text_encoders_from_spec(s["text_encoders"], s["teacher"], s["drop_t5"], _max_sequence_length(s), text_seed)
+        codec = load_codec(s["codec"], channels, seed=s.get("codec_seed", s.get("seed", 0)))
         return SamplingModel(transformer, text.to(device, dtype), codec.to(device), "student", info=info)
     info = json.loads((folder / MODEL_INFO).read_text()) if (folder / MODEL_INFO).is_file() else {}
     if "codec" not in info and not (folder / "vae").is_dir():

@@ -45,7 +45,7 @@ def test_bf16_encode_runs_the_text_encoders_in_bf16(tmp_path):
     captions = tmp_path / "captions.jsonl"
     captions.write_text(json.dumps({"file": "a.png", "caption": "a picture"}) + "\n")
     out = tmp_path / "out"
-    sets = ["synth.buckets=[[64,64]]", "synth.max_sequence_length=32", "deepspeed.precision=bf16"]
+    sets = ["synth.buckets=[[64,64]]", "text.max_sequence_length=32", "deepspeed.precision=bf16"]
     args = ["encode", "--config", str(TINY_CONFIG), "--images", str(images), "--captions", str(captions), "--out", str(out)]
     run_cli(*args, *[a for s in sets for a in ("--set", s)])
     sample = StreamingDataset(local=str(out / "64x64"), shuffle=False, batch_size=1)[0]

@@ -82,7 +82,7 @@ def test_collate_rejects_mixed_text_lengths():
         {"latent": torch.randn(4, 2, 2), "pooled": torch.randn(8), "sample_id": i, "prompt_embeds": torch.randn(n, 16)}
         for i, n in enumerate([2, 7])
     ]
-    with pytest.raises(ValueError, match=r"'prompt_embeds' has different shapes.*synth.max_sequence_length"):
+    with pytest.raises(ValueError, match=r"'prompt_embeds' has different shapes.*text.max_sequence_length"):
         collate(samples)
 
 

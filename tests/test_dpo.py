@@ -332,7 +332,7 @@ def test_import_pairs_encodes_a_preference_set(tmp_path):
         + json.dumps({"prompt": "a dog", "winner": "3.png", "loser": "2.png"})
         + "\n"
     )
-    cfg = load_config(DPO_CONFIG, ["synth.vae=tiny", "pairs.height=64", "pairs.width=64"])
+    cfg = load_config(DPO_CONFIG, ["codec.vae=tiny", "pairs.height=64", "pairs.width=64"])
     summary = import_pairs(cfg, prefs, images, tmp_path / "pairs")
     assert summary["pairs"] == 2
     codec = load_codec("tiny", 4, seed=cfg.synth.seed)

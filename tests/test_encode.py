@@ -12,7 +12,7 @@ from ladd_ds.models.codec import VAECodec
 from ladd_ds.models.vae import build_tiny_vae
 from tests.conftest import TINY_CONFIG, run_cli
 
-SETS = ["synth.buckets=[[64,64],[64,128],[128,64]]", "synth.batch_size=2", "synth.max_sequence_length=32"]
+SETS = ["synth.buckets=[[64,64],[64,128],[128,64]]", "synth.batch_size=2", "text.max_sequence_length=32"]
 
 
 def encode(images, captions, out, check=True):

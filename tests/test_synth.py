@@ -22,7 +22,7 @@ SETS = [
     "synth.num_steps=3",
     "synth.batch_size=2",
     "synth.part_size=2",
-    "synth.max_sequence_length=32",
+    "text.max_sequence_length=32",
 ]
 
 
@@ -189,7 +189,7 @@ def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path, monkeypa
     sets = ["data.source=mds", f"data.path={out}", "data.micro_batch_size=1", "logging.progress_bar=false"]
     sets.append("ladd.distill_weight=0.5")  # with the guided target: the data's guidance scale
     proc = run_cli(*args, *[a for s in sets for a in ("--set", s)], check=False)  # synth's text settings missing
-    assert proc.returncode != 0 and "synth.max_sequence_length = 256, but" in proc.stderr and "with 32" in proc.stderr
+    assert proc.returncode != 0 and "text.max_sequence_length = 256, but" in proc.stderr and "with 32" in proc.stderr
     for s in SETS + sets:
         args += ["--set", s]
     proc = run_cli(*args, nproc=2)

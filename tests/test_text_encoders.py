@@ -82,3 +82,25 @@ def test_word_vocabulary_gives_one_token_per_known_word(tmp_path):
     tok.save_pretrained(tmp_path / "tokenizer")
     again = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
     assert again(prompt)["input_ids"] == tok(prompt)["input_ids"]
+
+
+def test_synth_seed_seeds_no_weights():
+    """synth.seed draws buckets and noise only: the tiny text encoders and VAE are initialized
+    from text.seed and codec.seed, so a new synth.seed keeps the conditioning and the codec."""
+    from ladd_ds.config import load_config
+    from ladd_ds.models.codec import load_codec
+    from ladd_ds.sampling import load_text_encoder
+    from tests.conftest import TINY_CONFIG
+
+    def conditioning_and_codec(*sets):
+        cfg = load_config(TINY_CONFIG, ["text.max_sequence_length=8", *sets])
+        embeds = load_text_encoder(cfg, "cpu").encode(["a red seven"])[0]
+        codec = load_codec(cfg.codec.vae, 4, seed=cfg.codec.seed)
+        return embeds, torch.cat([p.flatten() for p in codec.vae.parameters()])
+
+    base = conditioning_and_codec()
+    other_synth = conditioning_and_codec("synth.seed=5")
+    for a, b in zip(base, other_synth):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(base[0], conditioning_and_codec("text.seed=5")[0])
+    assert not torch.equal(base[1], conditioning_and_codec("codec.seed=5")[1])

@@ -71,9 +71,9 @@ def collate(samples: list[dict[str, Any]], latent_columns: tuple[str, ...] = ("l
     _check_same_shape(
         samples,
         "prompt_embeds",
-        "Every prompt of a dataset has the same text length (CLIP tokens + synth.max_sequence_length); "
+        "Every prompt of a dataset has the same text length (CLIP tokens + text.max_sequence_length); "
         "this dataset mixes lengths: it was written by an older ladd-ds (which stored only the real T5 "
-        "tokens) or from datasets of different synth.max_sequence_length. Regenerate it with "
+        "tokens) or from datasets of different text.max_sequence_length. Regenerate it with "
         "`ladd-ds synth` / `ladd-ds encode`.",
     )
     return {

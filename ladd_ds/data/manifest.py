@@ -35,18 +35,21 @@ def generation_guidance_scale(root: str | Path) -> float | None:
 TEXT_SETTINGS = ("max_sequence_length", "drop_t5")  # what shapes the stored conditioning
 
 
-def check_text_settings(root: str | Path, synth) -> None:
-    """Refuse a run whose `synth` text settings differ from those ROOT's data was written with:
-    previews and the export's `ladd-ds sample` would feed another conditioning than training."""
+def check_text_settings(root: str | Path, text) -> None:
+    """Refuse a run whose text settings (the config's text section) differ from those ROOT's data
+    was written with: previews and the export's `ladd-ds sample` would feed another conditioning
+    than training."""
     manifest = read_manifest(root)
     if manifest is None:
         return
+    # Manifests written before the text section kept these under "synth".
+    recorded = manifest.get("text") or manifest.get("synth", {})
     for key in TEXT_SETTINGS:
-        written = manifest.get("synth", {}).get(key)
-        if written is not None and written != getattr(synth, key):
+        written = recorded.get(key)
+        if written is not None and written != getattr(text, key):
             raise InputError(
-                f"synth.{key} = {getattr(synth, key)!r}, but {root} was written with {written!r} "
-                f"({Path(str(root)) / MANIFEST_FILE}): set synth.{key}: {written!r} so that previews and "
+                f"text.{key} = {getattr(text, key)!r}, but {root} was written with {written!r} "
+                f"({Path(str(root)) / MANIFEST_FILE}): set text.{key}: {written!r} so that previews and "
                 "the exported student's sampling use the conditioning it is trained on"
             )
 

@@ -203,7 +203,7 @@ def _set_args(sets: list[str]) -> list[str]:
 
 
 def _model_args(teacher: Path, precision: str) -> list[str]:
-    sets = [f"model.teacher={teacher}", f"synth.text_encoders={teacher}", f"deepspeed.precision={precision}"]
+    sets = [f"model.teacher={teacher}", f"text.encoders={teacher}", f"deepspeed.precision={precision}"]
     return ["--config", str(DEMO_CONFIG), *_set_args(sets)]
 
 

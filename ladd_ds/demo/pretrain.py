@@ -9,7 +9,7 @@ digit, color, place, size and position) from the training split, one bucket per 
 alternating. The saved weights are an EMA of the trained ones.
 
 The output is a diffusers-style SD3 folder that every other command can use as a model
-(`model.teacher`, `synth.text_encoders`, `ladd-ds sample --model`):
+(`model.teacher`, `text.encoders`, `ladd-ds sample --model`):
   transformer/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (tiny CLIPs, no T5)
   ladd_model.json (latent codec and sampling shift for `ladd-ds sample`; the settings and the
   loss curve)

@@ -89,7 +89,7 @@ def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict
     model_cfg, buckets = generation_buckets(cfg)
     jobs = load_image_jobs(images, captions, buckets, cfg.synth.seed)
     device = start_generation(cfg, out)
-    codec = load_codec(cfg.synth.vae, model_cfg["in_channels"], seed=cfg.synth.seed).to(device)
+    codec = load_codec(cfg.codec.vae, model_cfg["in_channels"], seed=cfg.codec.seed).to(device)
     text = load_text_encoder(cfg, device)
 
     def make_latents(batch: list[PromptJob]) -> torch.Tensor:
@@ -97,5 +97,5 @@ def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict
         pixels = torch.stack([load_cropped(j.image, h, w) for j in batch]).to(device)  # (B, 3, H, W)
         return codec.encode(pixels)  # (B, C, H/f, W/f)
 
-    source = {"kind": "encoded images", "images": str(images), "vae": cfg.synth.vae}
+    source = {"kind": "encoded images", "images": str(images), "vae": cfg.codec.vae}
     return generate_dataset(cfg, jobs, out, make_latents, source, text, "encode")

@@ -8,7 +8,7 @@ pairs.min_score_gap are dropped.
 
 `ladd-ds pairs --config C --import-pairs FILE.jsonl --images DIR` instead encodes an existing
 preference set ({"prompt", "winner", "loser"} image files per line) through the latent codec of
-`ladd-ds encode` (synth.vae, e.g. SD3's VAE), at pairs.height x pairs.width.
+`ladd-ds encode` (codec.vae, e.g. SD3's VAE), at pairs.height x pairs.width.
 
 A scorer is built by calling the callable named in pairs.scorer ("package.module:callable") with
 pairs.scorer_args; it maps (images (N, 3, H, W) in [0, 1], prompts) to N scores, higher is
@@ -173,7 +173,7 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
             f = images / r[key]
             if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
                 raise MissingInputError(f"{preferences}:{n}: {key} image {r[key]} not found in {images} (or not an image)")
-    codec = load_codec(cfg.synth.vae, resolve_model_config(cfg.model.teacher)["in_channels"], seed=cfg.synth.seed)
+    codec = load_codec(cfg.codec.vae, resolve_model_config(cfg.model.teacher)["in_channels"], seed=cfg.codec.seed)
     if p.height % codec.factor or p.width % codec.factor:
         raise ConfigError(f"pairs.height/width must be multiples of the codec factor {codec.factor}")
     text = load_text_encoder(cfg, "cpu")
@@ -198,6 +198,6 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
                     "index": start + n,
                 }
             )
-    summary = {"pairs": len(samples), "source": str(preferences), "images": str(images), "codec": cfg.synth.vae}
+    summary = {"pairs": len(samples), "source": str(preferences), "images": str(images), "codec": cfg.codec.vae}
     write_samples(out, samples, layout=PAIRS, extra_files={"pairs.json": json.dumps(summary, indent=2)})
     return summary

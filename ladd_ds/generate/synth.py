@@ -118,6 +118,8 @@ def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict) -> dic
         "buckets": counts,
         "source": source,
         "synth": config_to_dict(cfg)["synth"],
+        "text": config_to_dict(cfg)["text"],
+        "codec": config_to_dict(cfg)["codec"],
         "negative_prompt": NEGATIVE_PROMPT_FILE,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -209,7 +211,7 @@ def generation_buckets(cfg: Config) -> tuple[dict, list[str]]:
     from ladd_ds.models.registry import resolve_model_config
 
     model_cfg = resolve_model_config(cfg.model.teacher)
-    return model_cfg, check_buckets(cfg.synth.buckets, model_cfg["patch_size"], codec_factor(cfg.synth.vae))
+    return model_cfg, check_buckets(cfg.synth.buckets, model_cfg["patch_size"], codec_factor(cfg.codec.vae))
 
 
 def start_generation(cfg: Config, out: Path) -> torch.device:
@@ -229,7 +231,7 @@ def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
 
     out = Path(out)
     s = cfg.synth
-    factor = codec_factor(s.vae)
+    factor = codec_factor(cfg.codec.vae)
     _, buckets = generation_buckets(cfg)
     jobs = load_prompt_jobs(prompts, buckets, s.bucket_weights, s.seed)
     device = start_generation(cfg, out)

@@ -36,16 +36,17 @@ from ladd_ds.training.export import (
 def sampling_info(cfg) -> dict:
     """What `ladd-ds sample` needs besides the weights: the text encoders and latent codec the
     training data were made with, and the student's trained input times."""
-    s = cfg.synth
+    t = cfg.text
     return {
         "teacher": absolute_spec(cfg.model.teacher),
-        "text_encoders": absolute_spec(s.text_encoders),
-        "drop_t5": s.drop_t5,
-        "max_sequence_length": s.max_sequence_length,
-        "seed": s.seed,
-        "codec": absolute_spec(s.vae),
+        "text_encoders": absolute_spec(t.encoders),
+        "drop_t5": t.drop_t5,
+        "max_sequence_length": t.max_sequence_length,
+        "text_seed": t.seed,
+        "codec": absolute_spec(cfg.codec.vae),
+        "codec_seed": cfg.codec.seed,
         "student_timesteps": list(cfg.ladd.student_timesteps),
-        "default_size": list(s.buckets[0]),  # [height, width] for `ladd-ds sample` without --size
+        "default_size": list(cfg.synth.buckets[0]),  # [height, width] for `ladd-ds sample` without --size
     }
 
 

@@ -28,7 +28,7 @@ class LADDMethod(LADDSteps, Method):
     def check_config(cls, cfg: Config) -> None:
         check_data_matches_model(cfg)
         if cfg.data.source == "mds":
-            check_text_settings(cfg.data.path, cfg.synth)
+            check_text_settings(cfg.data.path, cfg.text)
 
     @classmethod
     def ds_configs(cls, cfg: Config, world: int) -> dict[str, dict]:

@@ -29,7 +29,7 @@ class SamplePreview:
     def __init__(self, cfg: Config, device: torch.device):
         model_cfg = resolve_model_config(cfg.model.student or cfg.model.teacher)
         self.text = load_text_encoder(cfg, device)
-        self.codec = load_codec(cfg.synth.vae, model_cfg["in_channels"], seed=cfg.synth.seed).to(device)
+        self.codec = load_codec(cfg.codec.vae, model_cfg["in_channels"], seed=cfg.codec.seed).to(device)
         self.prompts = list(cfg.logging.sample_prompts or [])
         self.trained = list(cfg.ladd.student_timesteps)
         self.steps = [n for n in PREVIEW_STEPS if n in trained_step_counts(self.trained)]

@@ -113,7 +113,7 @@ class LADDSteps:
             raise InputError(
                 f"the data's negative prompt conditioning has shape {tuple(embeds.shape)}, its prompts "
                 f"{(length, width)}: the data root mixes datasets of different text encoders or "
-                "synth.max_sequence_length; regenerate it with one `ladd-ds synth` run"
+                "text.max_sequence_length; regenerate it with one `ladd-ds synth` run"
             )
         return embeds.expand(b, -1, -1), pooled.expand(b, -1)
 

@@ -1,6 +1,6 @@
 """Latent codecs: the map between images and the latent grid the transformer sees.
 
-Two kinds, chosen by the `synth.vae` spec:
+Two kinds, chosen by the `codec.vae` spec:
 - a diffusers `AutoencoderKL` ("tiny", built in code, or a local SD3 folder's `vae/`): SD3's
   normalized latents `(z - shift_factor) * scaling_factor`, 8x downsampling;
 - "pixel-unshuffle" (the CPU demo): no learned model, an exact invertible rearrangement. An RGB
