@@ -43,7 +43,7 @@ def _run_trainer(args, method, dry_run) -> int:
         overrides.append(f"run.max_steps={args.max_steps}")
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, command=args.command)
 
     from ladd_ds.distributed.ranks import print0, world_size
     from ladd_ds.training.trainer import Trainer, TrainingHealthError

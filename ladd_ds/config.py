@@ -29,6 +29,10 @@ class RunConfig:
     seed: int = 0
     max_steps: int = 100
 
+    def validate(self) -> None:
+        if self.max_steps < 0:
+            raise ConfigError("run.max_steps: must be >= 0")
+
 
 @dataclass
 class ModelConfig:
@@ -48,6 +52,11 @@ class DiscriminatorConfig:
     taps: list[int] | None = None
     hidden_channels: int = 64
     num_layers: int = 2  # conv layers per head before the logit
+
+    def validate(self) -> None:
+        taps = self.taps
+        if taps is not None and (not taps or len(set(taps)) != len(taps) or min(taps) < 0):
+            raise ConfigError("discriminator.taps: distinct block indices >= 0, or null for all blocks")
 
 
 @dataclass
@@ -71,6 +80,29 @@ class LADDConfig:
     # True: the D step reuses the G step's fakes; False: recompute them with the updated student.
     reuse_fakes: bool = True
 
+    def validate(self) -> None:
+        n = len(self.student_timesteps)
+        if n == 0:
+            raise ConfigError("ladd.student_timesteps: must not be empty")
+        if any(not 0.0 < t <= 1.0 for t in self.student_timesteps):
+            raise ConfigError("ladd.student_timesteps: every timestep must be in (0, 1]")
+        for key in ("student_probs", "warmup_probs"):
+            probs = getattr(self, key)
+            if probs is None:
+                continue
+            if len(probs) != n:
+                raise ConfigError(f"ladd.{key}: has {len(probs)} entries, ladd.student_timesteps has {n}")
+            if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+                raise ConfigError(f"ladd.{key}: probabilities must be >= 0 and sum to 1, got {probs}")
+        if self.warmup_steps > 0 and self.warmup_probs is None:
+            raise ConfigError("ladd.warmup_steps > 0 needs ladd.warmup_probs")
+        if self.renoise_s <= 0:
+            raise ConfigError("ladd.renoise_s: must be > 0")
+        if self.r1_gamma < 0 or self.distill_weight < 0:
+            raise ConfigError("ladd.r1_gamma and ladd.distill_weight must be >= 0")
+        if self.distill_cfg is not None and self.distill_cfg < 1:
+            raise ConfigError(f"ladd.distill_cfg must be >= 1 (1 = no guidance) or null, got {self.distill_cfg}")
+
 
 @dataclass
 class RandomLatentsConfig:
@@ -84,6 +116,10 @@ class RandomLatentsConfig:
     text_dim: int = 32
     pooled_dim: int = 16
 
+    def validate(self) -> None:
+        if self.text_len < 1:
+            raise ConfigError("data.random_latents.text_len must be at least 1")
+
 
 @dataclass
 class DataConfig:
@@ -95,6 +131,12 @@ class DataConfig:
     micro_batch_size: int = 4
     num_workers: int = 0
     random_latents: RandomLatentsConfig = field(default_factory=RandomLatentsConfig)
+
+    def validate(self) -> None:
+        if self.source == "mds" and not self.path:
+            raise ConfigError("data.path: required when data.source is 'mds' (a directory of MDS shards)")
+        if self.micro_batch_size < 1:
+            raise ConfigError("data.micro_batch_size: must be >= 1")
 
 
 @dataclass
@@ -108,6 +150,14 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1
     ema_decay: float = 0.0  # EMA of the student's weights (0 = off)
+
+    def validate(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError("optim.betas: expected two numbers [beta1, beta2]")
+        if self.grad_accum < 1:
+            raise ConfigError("optim.grad_accum: must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("optim.ema_decay: must be in [0, 1)")
 
 
 @dataclass
@@ -130,11 +180,25 @@ class LoggingConfig:
     sample_every: int = 0
     sample_prompts: list[str] | None = None
 
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError("logging.every: must be >= 1")
+        if self.sample_every < 0:
+            raise ConfigError("logging.sample_every: must be >= 0 (0 = no sample grids)")
+        if self.sample_every > 0 and not self.sample_prompts:
+            raise ConfigError("logging.sample_prompts: give at least one prompt when logging.sample_every > 0")
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 500
     keep_last: int = 2
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError("checkpoint.every: must be >= 1")
+        if self.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last: must be >= 1 (resume needs a checkpoint)")
 
 
 @dataclass
@@ -148,6 +212,10 @@ class TextConfig:
     # and attends to 54% fewer text tokens (77 + 77 instead of 77 + 256; README, "Data").
     max_sequence_length: int = 256
     seed: int = 0  # initial weights of the "tiny" encoders (a folder's encoders are loaded)
+
+    def validate(self) -> None:
+        if self.max_sequence_length < 0:
+            raise ConfigError("text.max_sequence_length: must be >= 0 (0: no T5 tokens)")
 
 
 @dataclass
@@ -179,6 +247,12 @@ class SynthConfig:
     images: str | None = None  # `ladd-ds encode`: image folder
     captions: str | None = None  # `ladd-ds encode`: JSONL {"file", "caption"} or "file<TAB>caption" lines
 
+    def validate(self) -> None:
+        if self.bucket_weights is not None and len(self.bucket_weights) != len(self.buckets):
+            raise ConfigError(f"synth.bucket_weights: {len(self.bucket_weights)} weights for {len(self.buckets)} synth.buckets")
+        if self.batch_size < 1 or self.part_size < 1 or self.num_steps < 1:
+            raise ConfigError("synth.batch_size, synth.part_size and synth.num_steps must be >= 1")
+
 
 @dataclass
 class LoRAConfig:
@@ -189,6 +263,12 @@ class LoRAConfig:
     targets: list[str] | None = None
     mlp: bool = False  # also adapt the feed-forward layers
     dropout: float = 0.0
+
+    def validate(self) -> None:
+        if self.rank < 1 or (self.alpha is not None and self.alpha <= 0) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dpo.lora: rank >= 1, alpha > 0 (or null) and 0 <= dropout < 1")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("dpo.lora.targets: name at least one module, or null for every attention projection")
 
 
 @dataclass
@@ -206,6 +286,10 @@ class DPOConfig:
     t_mean: float = 0.0
     t_std: float = 1.0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def validate(self) -> None:
+        if self.beta <= 0 or self.lr <= 0 or self.t_std <= 0:
+            raise ConfigError("dpo.beta, dpo.lr and dpo.t_std must be > 0")
 
 
 @dataclass
@@ -232,6 +316,14 @@ class PairsConfig:
     # Pairs whose scores differ by less than this are dropped (no clear preference).
     min_score_gap: float = 0.0
 
+    def validate(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ConfigError("pairs.samples_per_prompt: need at least 2 samples to make a pair")
+        if self.steps < 1 or self.batch_size < 1 or self.min_score_gap < 0:
+            raise ConfigError("pairs.steps and pairs.batch_size must be >= 1, pairs.min_score_gap >= 0")
+        if self.scorer is not None and ":" not in self.scorer:
+            raise ConfigError(f"pairs.scorer: {self.scorer!r} should read 'package.module:callable'")
+
 
 @dataclass
 class HealthConfig:
@@ -240,6 +332,10 @@ class HealthConfig:
     max_consecutive_skips: int = 10
     # Collective operations that wait longer than this (e.g. for a rank that died) end the job.
     collective_timeout_s: float = 1800.0
+
+    def validate(self) -> None:
+        if self.max_consecutive_skips < 1 or self.collective_timeout_s <= 0:
+            raise ConfigError("health.max_consecutive_skips must be >= 1 and health.collective_timeout_s > 0")
 
 
 @dataclass
@@ -259,6 +355,39 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+
+    def validate(self) -> None:
+        """Every section checks its own keys (its `validate`, nested sections included), then the
+        rules across sections."""
+        from ladd_ds.models.registry import PRESETS
+
+        def sections(obj):
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if dataclasses.is_dataclass(value):
+                    yield from sections(value)
+                    yield value
+
+        for section in sections(self):
+            if hasattr(section, "validate"):
+                section.validate()
+
+        if self.model.student in PRESETS and not self.model.random_init_student:
+            raise ConfigError(
+                f"model.student = {self.model.student!r} is a size preset: the student would start from random weights. "
+                "Pass a local diffusers SD3 folder (e.g. a smaller pretrained model), leave model.student null to start "
+                "from a copy of the teacher, or set model.random_init_student: true to train a random one"
+            )
+
+    def check_command(self, command: str) -> None:
+        """Rules of one command's use of the config (`ladd-ds dpo` trains on pairs, without EMA)."""
+        if command == "dpo":
+            if self.data.source != "mds":
+                raise ConfigError(
+                    "data.source: `ladd-ds dpo` reads preference pairs (data.source: mds, written by `ladd-ds pairs`)"
+                )
+            if self.optim.ema_decay > 0:
+                raise ConfigError("optim.ema_decay: DPO keeps no EMA; set it to 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,89 +494,9 @@ def _apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(text)
 
 
-def _check(cfg: Config) -> None:
-    """Cross-field rules; raised messages name the keys involved."""
-    from ladd_ds.models.registry import PRESETS
-
-    if cfg.model.student in PRESETS and not cfg.model.random_init_student:
-        raise ConfigError(
-            f"model.student = {cfg.model.student!r} is a size preset: the student would start from random weights. "
-            "Pass a local diffusers SD3 folder (e.g. a smaller pretrained model), leave model.student null to start "
-            "from a copy of the teacher, or set model.random_init_student: true to train a random one"
-        )
-    ladd = cfg.ladd
-    n = len(ladd.student_timesteps)
-    if n == 0:
-        raise ConfigError("ladd.student_timesteps: must not be empty")
-    if any(not 0.0 < t <= 1.0 for t in ladd.student_timesteps):
-        raise ConfigError("ladd.student_timesteps: every timestep must be in (0, 1]")
-    for key in ("student_probs", "warmup_probs"):
-        probs = getattr(ladd, key)
-        if probs is None:
-            continue
-        if len(probs) != n:
-            raise ConfigError(f"ladd.{key}: has {len(probs)} entries, ladd.student_timesteps has {n}")
-        if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
-            raise ConfigError(f"ladd.{key}: probabilities must be >= 0 and sum to 1, got {probs}")
-    if ladd.warmup_steps > 0 and ladd.warmup_probs is None:
-        raise ConfigError("ladd.warmup_steps > 0 needs ladd.warmup_probs")
-    if ladd.renoise_s <= 0:
-        raise ConfigError("ladd.renoise_s: must be > 0")
-    if ladd.r1_gamma < 0 or ladd.distill_weight < 0:
-        raise ConfigError("ladd.r1_gamma and ladd.distill_weight must be >= 0")
-    if ladd.distill_cfg is not None and ladd.distill_cfg < 1:
-        raise ConfigError(f"ladd.distill_cfg must be >= 1 (1 = no guidance) or null, got {ladd.distill_cfg}")
-    if cfg.data.source == "mds" and not cfg.data.path:
-        raise ConfigError("data.path: required when data.source is 'mds' (a directory of MDS shards)")
-    if cfg.data.micro_batch_size < 1:
-        raise ConfigError("data.micro_batch_size: must be >= 1")
-    rl = cfg.data.random_latents
-    if rl.text_len < 1:
-        raise ConfigError("data.random_latents.text_len must be at least 1")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError("optim.betas: expected two numbers [beta1, beta2]")
-    if cfg.optim.grad_accum < 1:
-        raise ConfigError("optim.grad_accum: must be >= 1")
-    if not 0.0 <= cfg.optim.ema_decay < 1.0:
-        raise ConfigError("optim.ema_decay: must be in [0, 1)")
-    if cfg.run.max_steps < 0:
-        raise ConfigError("run.max_steps: must be >= 0")
-    if cfg.logging.every < 1 or cfg.checkpoint.every < 1:
-        raise ConfigError("logging.every and checkpoint.every must be >= 1")
-    if cfg.checkpoint.keep_last < 1:
-        raise ConfigError("checkpoint.keep_last: must be >= 1 (resume needs a checkpoint)")
-    if cfg.logging.sample_every < 0:
-        raise ConfigError("logging.sample_every: must be >= 0 (0 = no sample grids)")
-    if cfg.logging.sample_every > 0 and not cfg.logging.sample_prompts:
-        raise ConfigError("logging.sample_prompts: give at least one prompt when logging.sample_every > 0")
-    if cfg.health.max_consecutive_skips < 1 or cfg.health.collective_timeout_s <= 0:
-        raise ConfigError("health.max_consecutive_skips must be >= 1 and health.collective_timeout_s > 0")
-    sy = cfg.synth
-    if sy.bucket_weights is not None and len(sy.bucket_weights) != len(sy.buckets):
-        raise ConfigError(f"synth.bucket_weights: {len(sy.bucket_weights)} weights for {len(sy.buckets)} synth.buckets")
-    if sy.batch_size < 1 or sy.part_size < 1 or sy.num_steps < 1:
-        raise ConfigError("synth.batch_size, synth.part_size and synth.num_steps must be >= 1")
-    d = cfg.dpo
-    if d.beta <= 0 or d.lr <= 0 or d.t_std <= 0:
-        raise ConfigError("dpo.beta, dpo.lr and dpo.t_std must be > 0")
-    if d.lora.rank < 1 or (d.lora.alpha is not None and d.lora.alpha <= 0) or not 0.0 <= d.lora.dropout < 1.0:
-        raise ConfigError("dpo.lora: rank >= 1, alpha > 0 (or null) and 0 <= dropout < 1")
-    if d.lora.targets is not None and not d.lora.targets:
-        raise ConfigError("dpo.lora.targets: name at least one module, or null for every attention projection")
-    pr = cfg.pairs
-    if pr.samples_per_prompt < 2:
-        raise ConfigError("pairs.samples_per_prompt: need at least 2 samples to make a pair")
-    if pr.steps < 1 or pr.batch_size < 1 or pr.min_score_gap < 0:
-        raise ConfigError("pairs.steps and pairs.batch_size must be >= 1, pairs.min_score_gap >= 0")
-    if pr.scorer is not None and ":" not in pr.scorer:
-        raise ConfigError(f"pairs.scorer: {pr.scorer!r} should read 'package.module:callable'")
-    taps = cfg.discriminator.taps
-    if taps is not None and (not taps or len(set(taps)) != len(taps) or min(taps) < 0):
-        raise ConfigError("discriminator.taps: distinct block indices >= 0, or null for all blocks")
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML run config, apply ``--set`` overrides, type-check and validate it."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), command: str | None = None) -> Config:
+    """Load a YAML run config, apply ``--set`` overrides, type-check and validate it (every
+    section, the rules across sections, and `command`'s own rules when given)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -463,7 +512,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _apply_override(raw, override)
     try:
         cfg = _to_dataclass(raw, Config, "")
-        _check(cfg)
+        cfg.validate()
+        if command is not None:
+            cfg.check_command(command)
     except ConfigError as e:
         raise ConfigError(f"{path or '<defaults>'}: {e}") from None
     return cfg

@@ -14,3 +14,7 @@ class InputError(LaddError, ValueError):
 
 class MissingInputError(LaddError, FileNotFoundError):
     """A file or folder the command needs does not exist (the message names it)."""
+
+
+class OutputExistsError(LaddError, FileExistsError):
+    """The output a command would write exists already (the message says what to do)."""

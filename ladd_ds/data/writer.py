@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from streaming import MDSWriter
 
-from ladd_ds.core.errors import InputError
+from ladd_ds.core.errors import InputError, OutputExistsError
 from ladd_ds.core.files import atomic_directory
 from ladd_ds.data.schema import (
     LATENTS,
@@ -80,7 +80,7 @@ def write_samples(
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
-        raise FileExistsError(f"Dataset directory {str(out_dir)!r} already exists; delete it or choose another output path.")
+        raise OutputExistsError(f"Dataset directory {str(out_dir)!r} already exists; delete it or choose another output path.")
     samples = iter(samples)
     first = next(samples, None)
     if first is None:
@@ -194,7 +194,7 @@ def write_random_latents(
 def _check_random_params(out_dir: Path, params: dict[str, Any]) -> None:
     params_file = out_dir / RANDOM_PARAMS_FILE
     if not params_file.is_file():
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{str(out_dir)!r} exists but was not written by "
             f"write_random_latents (no {RANDOM_PARAMS_FILE}); delete it or "
             f"choose another output path."
@@ -203,7 +203,7 @@ def _check_random_params(out_dir: Path, params: dict[str, Any]) -> None:
     found = json.loads(params_file.read_text())
     if found != params:
         diff = {k: (found.get(k), v) for k, v in params.items() if found.get(k) != v}
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{str(out_dir)!r} holds random latents written with other "
             f"parameters (key: (on disk, requested)): {diff}. Delete it or "
             f"choose another output path."

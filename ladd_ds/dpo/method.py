@@ -7,7 +7,7 @@ frozen `reference` engine (deepspeed.teacher_config) holds the starting weights.
 
 from __future__ import annotations
 
-from ladd_ds.config import Config, ConfigError
+from ladd_ds.config import Config
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0
@@ -66,10 +66,7 @@ class DPOMethod(DPOSteps, Method):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.data.source != "mds":
-            raise ConfigError("data.source: `ladd-ds dpo` reads preference pairs (data.source: mds, written by `ladd-ds pairs`)")
-        if cfg.optim.ema_decay > 0:
-            raise ConfigError("optim.ema_decay: DPO keeps no EMA; set it to 0")
+        cfg.check_command("dpo")  # also checked when the `ladd-ds dpo` command loads the config
         if cfg.logging.sample_every > 0:
             print0("note: logging.sample_every is ignored by `ladd-ds dpo` (sample grids are LADD-only)")
 

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ladd_ds.config import Config, ConfigError
-from ladd_ds.core.errors import InputError, MissingInputError
+from ladd_ds.core.errors import InputError, MissingInputError, OutputExistsError
 from ladd_ds.core.noise import derive_seed
 from ladd_ds.data.prompts import bucket_name
 from ladd_ds.data.schema import PAIRS
@@ -75,7 +75,7 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
     p = cfg.pairs
     out = Path(out or p.out)
     if out.exists():
-        raise FileExistsError(f"pairs output {out} already exists; delete it or choose another pairs.out")
+        raise OutputExistsError(f"pairs output {out} already exists; delete it or choose another pairs.out")
     prompts = read_prompts(p.prompts)
     scorer = load_scorer(p.scorer, p.scorer_args)
     sm = load_sampling_model(p.model or cfg.model.teacher, precision=cfg.deepspeed.precision)
@@ -165,7 +165,7 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
     p = cfg.pairs
     out = Path(out or p.out)
     if out.exists():
-        raise FileExistsError(f"pairs output {out} already exists; delete it or choose another pairs.out")
+        raise OutputExistsError(f"pairs output {out} already exists; delete it or choose another pairs.out")
     records = read_preference_file(preferences)
     images = Path(images)
     for n, r in enumerate(records, 1):
