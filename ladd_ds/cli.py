@@ -220,7 +220,16 @@ def _demo_parser(sub) -> None:
         "--cache", default=None, help="where the pretrained teacher and classifier are cached (default: ~/.cache/ladd_ds)"
     )
     p.add_argument("--size", choices=["full", "test"], default="full", help="'test': a few-minute version for the test suite")
-    p.add_argument("--ablations", action="store_true", help="also run the ablation rows (each a LADD run + evaluation)")
+    p.add_argument(
+        "--ablations",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="NAME,...",
+        help="also run the ablation rows (each a LADD run + evaluation); optionally only the named ones "
+        "(real_data, re_noise_m_1__paper, re_noise_m_0, heads_on_last_block_only, without_distillation_loss, "
+        "unguided_distillation_target)",
+    )
     p.add_argument(
         "--dpo", action="store_true", help="also run the DPO recipe: DPO-LoRA on the teacher, LADD from it, LoRA on the student"
     )
@@ -243,7 +252,7 @@ def cmd_demo(args) -> int:
         args.out,
         cache=args.cache,
         size=args.size,
-        ablations=args.ablations,
+        ablations=False if args.ablations is None else True if args.ablations == "all" else args.ablations.split(","),
         dpo=args.dpo,
         precision=args.precision,
         train_seeds=args.train_seeds,

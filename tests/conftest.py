@@ -58,6 +58,15 @@ def distributed_world_of_one():
     yield
 
 
+@pytest.fixture(scope="session")
+def small_demo_teacher(tmp_path_factory) -> Path:
+    """A demo-architecture teacher folder after 2 pretraining steps (shared by the sampling, pairs
+    and LoRA tests: what they check does not need a trained teacher)."""
+    from ladd_ds.demo.pretrain import PretrainSettings, pretrain_teacher
+
+    return pretrain_teacher(tmp_path_factory.mktemp("teacher") / "teacher", PretrainSettings(steps=2, batch_size=4))
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

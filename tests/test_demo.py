@@ -10,16 +10,32 @@ import pytest
 from ladd_ds.cli import main
 from ladd_ds.demo import digits
 from ladd_ds.demo.classifier import accuracy, held_out_set, train_classifier
-from ladd_ds.demo.pipeline import ABLATIONS, SIZES, discriminator_separation
+from ladd_ds.demo.pipeline import ABLATIONS, SIZES, discriminator_separation, slug
 from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
+
+# Ablations run here (each is a LADD run + evaluation): the one on other data (real images) and
+# one config override; every other ablation is a config override of the same code path, checked
+# to be a valid config below.
+TESTED_ABLATIONS = ["real_data", "re_noise_m_0"]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The main pipeline (two training runs pooled), then the chosen ablations on its outputs."""
     out = tmp_path_factory.mktemp("demo")
-    args = ["demo", "--out", str(out / "run"), "--cache", str(out / "cache"), "--size", "test", "--ablations", "--dpo"]
-    assert main(args + ["--train-seeds", "2"]) == 0
+    args = ["demo", "--out", str(out / "run"), "--cache", str(out / "cache"), "--size", "test", "--train-seeds", "2"]
+    assert main(args + ["--ablations", ",".join(TESTED_ABLATIONS)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def bf16_demo(demo):
+    """`demo --size test --precision bf16 --dpo` with the fp32 run's cached teacher and classifier:
+    the DPO recipe and every stage in bf16."""
+    run = demo / "bf16"
+    args = ["demo", "--out", str(run), "--cache", str(demo / "cache"), "--size", "test", "--precision", "bf16", "--dpo"]
+    assert main(args) == 0
+    return run
 
 
 def test_demo_produces_every_stage_output(demo):
@@ -131,7 +147,9 @@ def test_cached_teacher_key_follows_architecture_and_data(monkeypatch):
 
 def test_ablations_each_get_rows(demo):
     results = json.loads((demo / "run" / "eval.json").read_text())
-    names = [a[0] for a in ABLATIONS]
+    names = [name for name, _, _ in ABLATIONS if slug(name) in TESTED_ABLATIONS]
+    assert len(names) == len(TESTED_ABLATIONS)
+    assert {r["ablation"] for r in results["ablations"]} == {"baseline (configs/demo.yaml)", *names}
     for name in names:
         rows = [r for r in results["ablations"] if r["ablation"] == name]
         assert sorted(r["steps"] for r in rows) == [1, 4] and all(r["finite"] for r in rows), name
@@ -140,10 +158,27 @@ def test_ablations_each_get_rows(demo):
     # Each ablation really ran with its setting.
     config = (demo / "run" / "ablations" / "re_noise_m_0" / "run" / "config.yaml").read_text()
     assert "renoise_m: 0.0" in config
+    assert "data/real" in (demo / "run" / "ablations" / "real_data" / "run" / "config.yaml").read_text()
 
 
-def test_dpo_recipe_runs_every_stage_and_reports(demo):
-    run = demo / "run"
+def test_every_ablation_is_a_valid_config_and_selectable():
+    from ladd_ds.config import load_config
+    from ladd_ds.demo.pipeline import DEMO_CONFIG, select_ablations
+
+    for name, _, change in ABLATIONS:
+        sets = [x.replace("LAST", "3") for x in change.get("set", [])]
+        cfg = load_config(DEMO_CONFIG, ["model.teacher=demo", "data.path=x", *sets])
+        for override in sets:
+            key, value = override.split("=", 1)
+            section, field = key.split(".")
+            assert str(getattr(getattr(cfg, section), field)).replace(" ", "") == value, override
+        assert select_ablations([slug(name)])[0][0] == name
+    with pytest.raises(ValueError, match="--ablations: unknown"):
+        select_ablations(["no_such_ablation"])
+
+
+def test_dpo_recipe_runs_every_stage_and_reports(bf16_demo):
+    run = bf16_demo
     pairs = json.loads((run / "dpo" / "pairs" / "pairs.json").read_text())
     assert pairs["pairs"] + pairs["dropped_ties"] == SIZES["test"].dpo_prompts and pairs["mean_score_gap"] > 0
     assert (run / "dpo" / "export" / "lora" / "adapter_config.json").is_file()
@@ -197,15 +232,13 @@ def test_teacher_sampler_sweep_is_reported(demo):
     assert f"| 3 | 1.5 | 1 | {a['fd']:.2f} | {b['fd']:.2f} | {b['fd'] / a['fd']:.2f} |" in report
 
 
-def test_bf16_demo_runs_every_stage_in_bf16(demo):
+def test_bf16_demo_runs_every_stage_in_bf16(bf16_demo):
     """`demo --size test --precision bf16 --dpo`: synth, LADD on ZeRO-3 engines, export, pairs,
     DPO and the evaluation's sampling all in bf16 (the teacher and classifier of the fp32 run's
     cache); the data stores bf16 conditioning and every table row is finite."""
     from ladd_ds.data.schema import PAIRS, validate_mds_dir
 
-    run = demo / "bf16"
-    args = ["demo", "--out", str(run), "--cache", str(demo / "cache"), "--size", "test", "--precision", "bf16", "--dpo"]
-    assert main(args) == 0
+    run = bf16_demo
     bucket = next(p for p in (run / "data" / "synthetic").iterdir() if (p / "index.json").is_file())
     assert validate_mds_dir(bucket)["columns"]["prompt_embeds"] == "ndarray:uint16"  # bf16 bits
     for ds_config in (run / "main" / "run" / "ds_config_student.json", run / "dpo" / "run" / "ds_config_model.json"):

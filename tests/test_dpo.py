@@ -267,13 +267,12 @@ def read_pairs(path):
     return [dict(s) for s in StreamingDataset(local=str(path), shuffle=False, batch_size=1)]
 
 
-def test_pairs_keep_the_best_and_the_worst_sample(tmp_path):
+def test_pairs_keep_the_best_and_the_worst_sample(tmp_path, small_demo_teacher):
     from ladd_ds.config import load_config
-    from ladd_ds.demo.pretrain import PretrainSettings, pretrain_teacher
     from ladd_ds.generate.pairs import make_pairs
     from ladd_ds.models.codec import PixelUnshuffleCodec
 
-    teacher = pretrain_teacher(tmp_path / "teacher", PretrainSettings(steps=2, batch_size=4))
+    teacher = small_demo_teacher
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red seven in the top left\na blue two in the bottom right\na green one in the top right\n")
     sets = [
@@ -361,13 +360,12 @@ def test_dry_run_counts_lora_parameters(capsys):
     assert "reference" in capsys.readouterr().out
 
 
-def test_sample_applies_a_lora(tmp_path):
+def test_sample_applies_a_lora(tmp_path, small_demo_teacher):
     import numpy as np
 
-    from ladd_ds.demo.pretrain import PretrainSettings, pretrain_teacher
     from ladd_ds.sampling import run_sample
 
-    teacher = pretrain_teacher(tmp_path / "teacher", PretrainSettings(steps=2, batch_size=4))
+    teacher = small_demo_teacher
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red seven in the top left\n")
     transformer = build_transformer(str(teacher))

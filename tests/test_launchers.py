@@ -1,4 +1,6 @@
-"""The launch scripts start 2 CPU ranks on this machine and train a step."""
+"""The launch scripts start 2 CPU ranks on this machine: the single-node script trains a step;
+the multi-node and Slurm scripts, whose training path is the same command, start both ranks with
+`--dry-run` (each rank reports the world it was started in, without building engines)."""
 
 import os
 import subprocess
@@ -8,23 +10,26 @@ from pathlib import Path
 from tests.conftest import REPO, free_port, read_metrics, subprocess_env
 
 
-def launch(script, run_dir, env_extra, tmp_path):
+def launch(script, run_dir, env_extra, tmp_path, train: bool = False):
     env = subprocess_env()
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     env.update(env_extra)
     cmd = [str(REPO / "launchers" / script), "configs/tiny_cpu.yaml", "--run-dir", str(run_dir), "--max-steps", "1"]
-    cmd += ["--set", "logging.progress_bar=false"]
+    cmd += ["--set", "logging.progress_bar=false"] + ([] if train else ["--dry-run"])
     proc = subprocess.run(
         cmd, cwd=tmp_path if script == "multi_node.sh" else REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "world size 2, 2 ranks per node" in proc.stdout
-    assert [r["step"] for r in read_metrics(run_dir)] == [1]
+    if train:
+        assert "world size 2, 2 ranks per node" in proc.stdout
+        assert [r["step"] for r in read_metrics(run_dir)] == [1]
+    else:  # both ranks started, in one world of 2
+        assert proc.stdout.count("; world size 2") == 2, proc.stdout[-3000:]
     return proc
 
 
 def test_single_node_script(tmp_path):
-    launch("single_node.sh", tmp_path / "run", {"NUM_GPUS": "2", "MASTER_PORT": str(free_port())}, tmp_path)
+    launch("single_node.sh", tmp_path / "run", {"NUM_GPUS": "2", "MASTER_PORT": str(free_port())}, tmp_path, train=True)
 
 
 def test_multi_node_script_with_a_one_host_hostfile(tmp_path):

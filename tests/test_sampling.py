@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ladd_ds.cli import main
-from ladd_ds.demo.pretrain import PretrainSettings, pretrain_teacher
 from ladd_ds.models.codec import PixelUnshuffleCodec, VAECodec, codec_factor, load_codec
 from ladd_ds.models.vae import build_tiny_vae
 from ladd_ds.sampling import ladd_sample, load_sampling_model, network_evaluations, student_schedule, trained_step_counts
@@ -76,9 +75,9 @@ def test_codecs():
         load_codec("pixel-unshuffle", 16)
 
 
-@pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory):
-    return pretrain_teacher(tmp_path_factory.mktemp("teacher") / "teacher", PretrainSettings(steps=2, batch_size=4))
+@pytest.fixture
+def teacher_folder(small_demo_teacher):
+    return small_demo_teacher
 
 
 def test_sample_command_on_a_teacher_folder(teacher_folder, tmp_path):

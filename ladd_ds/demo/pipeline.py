@@ -9,7 +9,8 @@ Stages (each skipped when its output is already complete, so an interrupted demo
   6. evaluate    teacher at 1..50 steps and student at 1, 2, 4 steps, 3 seeds each
   7. report      DIR/report.md, DIR/fd_vs_steps.png, DIR/grids/*.png, DIR/eval.json
 Stages 3-5 run the real command-line tools as subprocesses, exactly as a user would.
-With --ablations, stages 3-6 are repeated for each ablation setting (a second table).
+With --ablations, stages 3-6 are repeated for each ablation setting (a second table);
+`--ablations real_data,re_noise_m_0` runs only the named ones (`ablation_slugs()`).
 With --dpo, the paper's DPO recipe follows (`dpo_recipe`): `ladd-ds pairs` ranks K teacher
 samples per prompt by the classifier's confidence in the asked-for digit, `ladd-ds dpo` trains a
 LoRA on the teacher, `ladd-ds export --merge` gives the DPO'd teacher, LADD distills it, and
@@ -109,6 +110,21 @@ ABLATIONS = [
 ]
 
 
+def ablation_slugs() -> list[str]:
+    """The names `--ablations NAME,...` takes: each ablation's name as a slug (e.g. real_data)."""
+    return [slug(name) for name, _, _ in ABLATIONS]
+
+
+def select_ablations(ablations: bool | list[str]) -> list[tuple]:
+    """The ABLATIONS entries to run: all (True), none (False) or those named by slug."""
+    if ablations is True or ablations is False:
+        return list(ABLATIONS) if ablations else []
+    unknown = sorted(set(ablations) - set(ablation_slugs()))
+    if unknown:
+        raise InputError(f"--ablations: unknown {unknown}; the ablations are {', '.join(ablation_slugs())}")
+    return [a for a in ABLATIONS if slug(a[0]) in ablations]
+
+
 def teacher_sampler() -> tuple[float, float]:
     """(schedule shift, CFG scale) of the teacher everywhere in the demo: the sampler synth
     generates the LADD data with (configs/demo.yaml, synth.shift and synth.guidance_scale), so
@@ -128,7 +144,7 @@ def load_teacher(folder: Path, size: DemoSize):
     return tm
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
@@ -373,7 +389,7 @@ def run_demo(
     out: str | Path,
     cache: str | Path | None = None,
     size: str = "full",
-    ablations: bool = False,
+    ablations: bool | list[str] = False,
     dpo: bool = False,
     precision: str = "fp32",
     train_seeds: int | None = None,
@@ -428,7 +444,8 @@ def run_demo(
     warmup = load_config(DEMO_CONFIG).optim.warmup_steps
 
     ablation_rows = []
-    if ablations:
+    chosen = select_ablations(ablations)
+    if chosen:
         t0 = time.time()
         baseline = "baseline (configs/demo.yaml)"
         main_separation = discriminator_separation(out / "main" / "run", warmup).get("separation")
@@ -438,11 +455,11 @@ def run_demo(
             if r["kind"] == "student" and r["steps"] in (1, 4)
         ]
         last_block = resolve_model_config(str(teacher))["num_layers"] - 1
-        for name, what, change in ABLATIONS:
+        for name, what, change in chosen:
             kind = change.get("data", "synthetic")
             ablation_data = make_data(out / "data" / kind, teacher, s, kind)
             sets = [x.replace("LAST", str(last_block)) for x in change.get("set", [])]
-            export = ladd_stage(out / "ablations" / _slug(name), ablation_data, teacher, s, sets)
+            export = ladd_stage(out / "ablations" / slug(name), ablation_data, teacher, s, sets)
             separation = discriminator_separation(export.parent / "run", warmup).get("separation")
             for row in evaluate_models(teacher, [export], s, evaluator, teacher_steps=[]):
                 if row["steps"] in (1, 4):
