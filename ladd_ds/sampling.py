@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ladd_ds.core.errors import InputError, MissingInputError
+from ladd_ds.core.errors import InputError
 from ladd_ds.core.flow import add_noise, x0_from_velocity
 from ladd_ds.core.noise import derive_seed
 from ladd_ds.models.lora import load_lora
@@ -303,20 +303,15 @@ def run_sample(
     lora: str | None = None,
     precision: str = "fp32",
 ):
-    from ladd_ds.data.prompts import parse_bucket
+    from ladd_ds.data.prompts import numbered_lines, parse_bucket
 
     path = Path(prompts_file)
-    if not path.is_file():
-        raise MissingInputError(f"prompt file {path} does not exist")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    prompts = lines
+    prompts = [line for _, line in numbered_lines(path, "prompt file", "prompts")]
     if path.suffix == ".jsonl":
         try:
-            prompts = [json.loads(ln)["prompt"] for ln in lines]
+            prompts = [json.loads(ln)["prompt"] for ln in prompts]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{path}: every line must be a JSON object with a 'prompt' ({e})") from None
-    if not prompts:
-        raise InputError(f"prompt file {path} has no prompts")
     sm = load_sampling_model(model, precision=precision)
     if lora is not None:
         load_lora(sm.transformer, lora, merge=True)

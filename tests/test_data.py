@@ -320,3 +320,17 @@ def test_remote_with_local_cache_and_cache_claims(tmp_path, random_ds, monkeypat
     build_loader(random_ds, BATCH, seed=0, local_cache=cache)
     with pytest.raises(ValueError, match="is remote: set data.cache_dir"):
         build_loader("s3://bucket/data", BATCH, seed=0)
+
+
+def test_prompt_file_errors_cite_the_file_line_after_blank_lines(tmp_path):
+    """A bad line is reported with its line number in the file, blank lines counted; the sample
+    index (a sample's identity) counts prompts only."""
+    from ladd_ds.data.prompts import load_prompt_jobs
+
+    good = tmp_path / "prompts.jsonl"
+    good.write_text('{"prompt": "a"}\n\n\n{"prompt": "b"}\n')
+    assert [j.index for j in load_prompt_jobs(good, ["64x64"], None, 0)] == [0, 1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n\n\n{"prompt": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:4: expected an object with a string 'prompt'"):
+        load_prompt_jobs(bad, ["64x64"], None, 0)

@@ -30,23 +30,32 @@ def parse_bucket(name: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] | None, seed: int) -> list[PromptJob]:
+def numbered_lines(path: str | Path, what: str, expected: str) -> list[tuple[int, str]]:
+    """(line number in the file, text) of every non-blank line of `what` file `path` (error
+    messages cite the file's own line numbers, blank lines included); a missing or empty file is
+    an error saying what it should hold (`expected`)."""
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"prompt file {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+        raise MissingInputError(f"{what} {path} does not exist")
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     if not lines:
-        raise InputError(f"prompt file {path} has no prompts (one per line, or JSONL with a 'prompt' key)")
+        raise InputError(f"{what} {path} has no {expected}")
+    return lines
+
+
+def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] | None, seed: int) -> list[PromptJob]:
+    path = Path(path)
+    lines = numbered_lines(path, "prompt file", "prompts (one per line, or JSONL with a 'prompt' key)")
     draw = random.Random(seed)
     jobs = []
-    for index, line in enumerate(lines):
+    for index, (n, line) in enumerate(lines):  # index: the sample's identity; n: its line
         if path.suffix == ".jsonl":
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{index + 1}: not valid JSON ({e})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise InputError(f"{path}:{index + 1}: expected an object with a string 'prompt'")
+                raise InputError(f"{path}:{n}: expected an object with a string 'prompt'")
         else:
             record = {"prompt": line}
         bucket = record.get("bucket")
@@ -54,9 +63,9 @@ def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] 
         if bucket is None:
             bucket = drawn
         elif bucket not in buckets:
-            raise InputError(f"{path}:{index + 1}: bucket {bucket!r} is not one of the configured buckets {buckets}")
+            raise InputError(f"{path}:{n}: bucket {bucket!r} is not one of the configured buckets {buckets}")
         sample_seed = record.get("seed", seed * 1_000_003 + index)
         if not isinstance(sample_seed, int):
-            raise InputError(f"{path}:{index + 1}: 'seed' must be an integer")
+            raise InputError(f"{path}:{n}: 'seed' must be an integer")
         jobs.append(PromptJob(index=index, prompt=record["prompt"], bucket=bucket, seed=sample_seed))
     return jobs

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError, MissingInputError
-from ladd_ds.data.prompts import PromptJob, parse_bucket
+from ladd_ds.data.prompts import PromptJob, numbered_lines, parse_bucket
 from ladd_ds.generate.synth import generate_dataset, generation_buckets, start_generation
 from ladd_ds.sampling import load_text_encoder
 
@@ -27,12 +27,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 def read_captions(path: str | Path) -> list[tuple[str, str]]:
     """(file, caption) pairs from JSONL ({"file", "caption"}) or "file<TAB>caption" lines."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"caption file {path} does not exist")
     pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in numbered_lines(path, "caption file", "captions"):
         if path.suffix == ".jsonl":
             try:
                 record = json.loads(line)
@@ -44,8 +40,6 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
             if not sep:
                 raise InputError(f"{path}:{n}: expected 'file<TAB>caption'")
             pairs.append((file, caption))
-    if not pairs:
-        raise InputError(f"caption file {path} has no captions")
     return pairs
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ladd_ds.config import Config, ConfigError
 from ladd_ds.core.errors import InputError, MissingInputError, OutputExistsError
 from ladd_ds.core.noise import derive_seed
-from ladd_ds.data.prompts import bucket_name
+from ladd_ds.data.prompts import bucket_name, numbered_lines
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.data.writer import write_samples
 
@@ -54,13 +54,7 @@ def load_scorer(spec: str | None, args: dict) -> Scorer:
 def read_prompts(path: str | None) -> list[str]:
     if not path:
         raise ConfigError("pairs.prompts: a text file with one prompt per line")
-    file = Path(path)
-    if not file.is_file():
-        raise MissingInputError(f"pairs.prompts: prompt file {file} does not exist")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise InputError(f"pairs.prompts: {file} has no prompts")
-    return prompts
+    return [line.strip() for _, line in numbered_lines(path, "pairs.prompts: prompt file", "prompts")]
 
 
 def pair_from_scores(scores: torch.Tensor) -> tuple[int, int]:
@@ -137,12 +131,8 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
 
 def read_preference_file(path: str | Path) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"preference file {path} does not exist")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in numbered_lines(path, "preference file", "pairs"):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -150,8 +140,6 @@ def read_preference_file(path: str | Path) -> list[dict]:
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "winner", "loser")):
             raise InputError(f"{path}:{n}: expected an object with string 'prompt', 'winner' and 'loser' (image files)")
         records.append(record)
-    if not records:
-        raise InputError(f"preference file {path} has no pairs")
     return records
 
 
