@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from streaming import StreamingDataset
@@ -15,6 +16,7 @@ from ladd_ds.models.text_encoders import build_tiny_text_encoders
 from tests.conftest import TINY_CONFIG, read_metrics, run_cli
 
 
+@pytest.mark.multiproc
 def test_bf16_training_on_two_zero3_ranks_export_and_sample(tmp_path):
     run_dir = tmp_path / "run"
     sets = ["deepspeed.precision=bf16", "logging.progress_bar=false", "ladd.distill_weight=0.5"]

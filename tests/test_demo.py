@@ -13,6 +13,8 @@ from ladd_ds.demo.classifier import accuracy, held_out_set, train_classifier
 from ladd_ds.demo.pipeline import ABLATIONS, SIZES, discriminator_separation, slug
 from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
 
+pytestmark = [pytest.mark.slow]
+
 # Ablations run here (each is a LADD run + evaluation): the one on other data (real images) and
 # one config override; every other ablation is a config override of the same code path, checked
 # to be a valid config below.

@@ -198,6 +198,7 @@ def test_step_zero_loss_is_log2_and_accuracy_one_half(dpo_runs, name):
     assert later["dpo/loss"] != pytest.approx(LOG2, abs=1e-6)  # the model has moved off the reference
 
 
+@pytest.mark.multiproc
 def test_two_ranks_zero3_equal_one_process(dpo_runs):
     root, runs = dpo_runs
     ds_config = json.loads((runs["2ranks"] / "ds_config_model.json").read_text())

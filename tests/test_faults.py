@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY_CONFIG, free_port, read_metrics, run_cli, subprocess_env
 
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
 FAST = ["--set", "logging.progress_bar=false"]
 LOSSES = ("loss/generator", "loss/discriminator", "d/real_logit", "d/fake_logit")
 

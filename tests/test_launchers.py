@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, free_port, read_metrics, subprocess_env
+
+pytestmark = [pytest.mark.multiproc]
 
 
 def launch(script, run_dir, env_extra, tmp_path, train: bool = False):

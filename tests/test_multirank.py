@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from ladd_ds.models.registry import build_transformer
 from tests.conftest import TINY_CONFIG, run_cli
 
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
 STEPS = 4
 COMMON = [
     "logging.progress_bar=false",

@@ -11,6 +11,8 @@ import torch
 from tests.conftest import TINY_CONFIG, read_metrics, run_cli
 from tests.test_multirank import COMMON, assert_state_close, load_export
 
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
 LAYOUT = {1: ["data.micro_batch_size=8"], 2: ["data.micro_batch_size=4"]}
 LOSSES = ("loss/generator", "loss/discriminator", "d/real_logit", "d/fake_logit")
 

@@ -142,6 +142,7 @@ def test_killed_run_continues_without_duplicates_or_gaps(prompt_file, tmp_path, 
         assert np.array_equal(samples[index]["latent"], ref[index]["latent"]), index
 
 
+@pytest.mark.multiproc
 def test_two_ranks_split_the_prompts(prompt_file, tmp_path, reference):
     out = tmp_path / "out"
     synth(prompt_file, out, nproc=2)
@@ -182,6 +183,7 @@ def test_loader_gives_one_bucket_per_batch(reference):
     assert len(seen) == len(set(seen))
 
 
+@pytest.mark.multiproc
 def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path, monkeypatch):
     _, _, out = reference
     run_dir = tmp_path / "run"
@@ -212,6 +214,7 @@ def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path, monkeypa
     assert torch.equal(fed[0][0][0], embeds) and torch.equal(fed[0][1][0], pooled)
 
 
+@pytest.mark.multiproc
 def test_zero3_teacher_on_two_ranks_gives_the_same_samples(prompt_file, tmp_path, reference):
     out = tmp_path / "out"
     synth(prompt_file, out, nproc=2, extra=["synth.zero_stage=3"])
@@ -223,6 +226,7 @@ def test_zero3_teacher_on_two_ranks_gives_the_same_samples(prompt_file, tmp_path
         np.testing.assert_allclose(samples[index]["latent"], ref[index]["latent"], atol=2e-3)
 
 
+@pytest.mark.multiproc
 def test_resume_on_multi_bucket_data_with_two_ranks_is_exact(reference, tmp_path):
     """The loader state of per-bucket streams is restored: after a restart the next batches (and
     so the losses) are those of an uninterrupted run."""

@@ -78,6 +78,7 @@ def test_resume_equals_uninterrupted_and_skips_partial_checkpoints(tmp_path, uni
     assert not (tmp_path / "checkpoints" / ".step-00000004.tmp").exists()
 
 
+@pytest.mark.multiproc
 def test_two_ranks_under_the_deepspeed_launcher(tmp_path):
     out = train(tmp_path, 2, nproc=2)
     assert "done: step 2" in out.stdout
