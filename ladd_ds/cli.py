@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ladd_ds.config import load_config
 from ladd_ds.core.errors import InputError, LaddError
+from ladd_ds.export import export_run
 
 
 def _train_parser(sub, name: str = "train", help: str = "LADD training (also under `deepspeed --module ladd_ds train`)") -> None:
@@ -71,26 +72,6 @@ def _export_parser(sub) -> None:
     p.add_argument("--lora", default=None, help="LADD run: fold this LoRA folder (e.g. a DPO export's lora/) into the student")
     p.add_argument("--merge", action="store_true", help="DPO run: also write the model with its LoRA folded in")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
-
-
-def export_run(
-    run_dir: str | Path, out: str | Path, step: int | None = None, ema: bool = False, lora: str | None = None, merge: bool = False
-) -> Path:
-    """Export a run's checkpoint with its method's exporter (the checkpoint records the method)."""
-    from ladd_ds.training.export import run_checkpoint
-
-    cfg, checkpoint, kind = run_checkpoint(Path(run_dir), step)
-    if kind == "dpo":
-        if ema or lora:
-            raise InputError(f"{run_dir} is a DPO run: --ema and --lora apply to LADD runs only")
-        from ladd_ds.dpo.export import export_dpo_run
-
-        return export_dpo_run(Path(run_dir), Path(out), cfg, checkpoint, merge)
-    if merge:
-        raise InputError("--merge applies to DPO runs; to fold a LoRA into a LADD student use --lora DIR")
-    from ladd_ds.ladd.export import export_ladd_run
-
-    return export_ladd_run(Path(run_dir), Path(out), cfg, checkpoint, ema=ema, lora=lora)
 
 
 def cmd_export(args) -> int:

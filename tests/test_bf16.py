@@ -13,7 +13,7 @@ from streaming import StreamingDataset
 
 from ladd_ds.data.loader import stored_tensor
 from ladd_ds.models.text_encoders import build_tiny_text_encoders
-from tests.conftest import TINY_CONFIG, read_metrics, run_cli
+from tests.conftest import TINY_CONFIG, export, read_metrics, run_cli
 
 
 @pytest.mark.multiproc
@@ -29,12 +29,11 @@ def test_bf16_training_on_two_zero3_ranks_export_and_sample(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     for key in ("loss/generator", "loss/discriminator", "loss/distill", "grad_norm/student"):
         assert all(math.isfinite(r[key]) for r in records), key
-    export = tmp_path / "export"
-    run_cli("export", "--run", str(run_dir), "--out", str(export))
+    student = export(run_dir, tmp_path / "export")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red seven\n")
     out = tmp_path / "samples"
-    run_cli("sample", "--model", str(export), "--prompts", str(prompts), "--steps", "4", "--per-prompt", "2",
+    run_cli("sample", "--model", str(student), "--prompts", str(prompts), "--steps", "4", "--per-prompt", "2",
             "--precision", "bf16", "--out", str(out))  # fmt: skip
     images = np.load(out.with_suffix(".npz"))["images"]
     assert images.shape[0] == 2 and images.dtype == np.uint8 and images.std() > 0

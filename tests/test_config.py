@@ -5,7 +5,7 @@ import pytest
 from streaming import MDSWriter
 
 from ladd_ds.config import ConfigError, load_config
-from tests.conftest import TINY_CONFIG, run_cli
+from tests.conftest import TINY_CONFIG, cli_error
 
 
 def test_tiny_config_loads_with_overrides():
@@ -57,18 +57,13 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(listy)
 
 
-def _cli_error(tmp_path, *sets):
-    args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run")]
-    for s in sets:
-        args += ["--set", s]
-    proc = run_cli(*args, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
-    return proc.stderr
+def test_cli_bad_inputs_stop_before_any_engine(tmp_path, capsys):
+    def _cli_error(tmp_path, *sets):
+        args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run")]
+        err = cli_error(capsys, *args, *[a for s in sets for a in ("--set", s)])
+        assert not (tmp_path / "run" / "checkpoints").exists()
+        return err
 
-
-def test_cli_bad_inputs_stop_before_any_engine(tmp_path):
     err = _cli_error(tmp_path, "model.teacher=sd3-huge")
     assert "model 'sd3-huge' is neither a preset (tiny, demo, sd3-medium, sd3-large) nor an existing folder" in err
     err = _cli_error(tmp_path, "data.source=mds", f"data.path={tmp_path / 'missing_shards'}")

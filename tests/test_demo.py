@@ -15,10 +15,11 @@ from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
 
 pytestmark = [pytest.mark.slow]
 
-# Ablations run here (each is a LADD run + evaluation): the one on other data (real images) and
-# one config override; every other ablation is a config override of the same code path, checked
-# to be a valid config below.
-TESTED_ABLATIONS = ["real_data", "re_noise_m_0"]
+# Ablations run here (each is a LADD run + evaluation): the one on other data (real images,
+# through `ladd-ds encode`). Every other ablation is a config override (`--set`), the path the
+# second training run (`--train-seeds 2`: run.seed=1) takes too; each is checked below to be a
+# valid config that sets what it says.
+TESTED_ABLATIONS = ["real_data"]
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +158,7 @@ def test_ablations_each_get_rows(demo):
         assert sorted(r["steps"] for r in rows) == [1, 4] and all(r["finite"] for r in rows), name
     report = (demo / "run" / "report.md").read_text()
     assert "## Ablations" in report and all(f"| {name} | 1 |" in report for name in names)
-    # Each ablation really ran with its setting.
-    config = (demo / "run" / "ablations" / "re_noise_m_0" / "run" / "config.yaml").read_text()
-    assert "renoise_m: 0.0" in config
+    # The ablation really ran on its data.
     assert "data/real" in (demo / "run" / "ablations" / "real_data" / "run" / "config.yaml").read_text()
 
 

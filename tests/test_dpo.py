@@ -14,7 +14,7 @@ from ladd_ds.dpo.loss import dpo_loss, velocity_errors
 from ladd_ds.models.flow_model import FlowModel
 from ladd_ds.models.lora import adapters_disabled, add_lora, load_lora, lora_config, lora_state_dict, read_lora, save_lora
 from ladd_ds.models.registry import build_transformer
-from tests.conftest import REPO, read_metrics, run_cli
+from tests.conftest import REPO, cli_error, copy_run_until, export, read_metrics, run_cli
 
 DPO_CONFIG = REPO / "configs" / "tiny_dpo_cpu.yaml"
 LOG2 = math.log(2.0)
@@ -167,7 +167,7 @@ def dpo_runs(tmp_path_factory):
         args = ["dpo", "--config", str(DPO_CONFIG), "--run-dir", str(root / name), "--max-steps", str(steps)]
         for s in [f"data.path={pairs}", *COMMON, *sets]:
             args += ["--set", s]
-        run_cli(*args, nproc=nproc)
+        (root / f"{name}.log").write_text(run_cli(*args, nproc=nproc).stdout)
         return root / name
 
     runs = {
@@ -175,10 +175,11 @@ def dpo_runs(tmp_path_factory):
         "2ranks": dpo("2ranks", 4, "data.micro_batch_size=4", nproc=2),
         "full": dpo("full", 2, "data.micro_batch_size=8", "dpo.mode=full", "dpo.lr=1.0e-4"),
     }
-    dpo("resumed", 2, "data.micro_batch_size=8")
+    # Resumed from the 1-rank run's step-2 checkpoint (the run as it was after 2 steps).
+    copy_run_until(runs["1rank"], root / "resumed", 2)
     runs["resumed"] = dpo("resumed", 4, "data.micro_batch_size=8")
     for name, run_dir in runs.items():
-        run_cli("export", "--run", str(run_dir), "--out", str(root / f"{name}_export"))
+        export(run_dir, root / f"{name}_export")
     return root, runs
 
 
@@ -216,6 +217,7 @@ def test_resume_equals_uninterrupted(dpo_runs):
     full, resumed = lora_weights(root, "1rank"), lora_weights(root, "resumed")
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5)
+    assert "step-00000002 at step 2" in (root / "resumed.log").read_text()  # it did resume
     steps = [m["step"] for m in read_metrics(runs["resumed"])]
     assert steps == [1, 2, 3, 4]  # logged once each, no repeats after the restart
     for a, b in zip(read_metrics(runs["1rank"]), read_metrics(runs["resumed"])):
@@ -240,14 +242,13 @@ def test_export_writes_lora_and_full_model(dpo_runs):
         torch.testing.assert_close(merged(*x), FlowModel(adapted)(*x), atol=1e-5, rtol=1e-5)
 
 
-def test_dpo_rejects_latent_data_with_a_clear_error(tmp_path):
+def test_dpo_rejects_latent_data_with_a_clear_error(tmp_path, capsys):
     from ladd_ds.data.writer import write_random_latents
 
     latents = write_random_latents(tmp_path / "latents", 8, (4, 16, 16), 8, 32, 16, seed=0)
-    proc = run_cli("dpo", "--config", str(DPO_CONFIG), "--run-dir", str(tmp_path / "run"), "--set", f"data.path={latents}",
-                   check=False)  # fmt: skip
-    assert proc.returncode != 0
-    assert "latent_w" in proc.stderr and "ladd-ds pairs" in proc.stderr
+    args = ["dpo", "--config", str(DPO_CONFIG), "--run-dir", str(tmp_path / "run"), "--set", f"data.path={latents}"]
+    err = cli_error(capsys, *args)
+    assert "latent_w" in err and "ladd-ds pairs" in err
     assert validate_mds_dir(latents)["num_samples"] == 8  # the data is untouched
 
 

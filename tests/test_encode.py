@@ -10,16 +10,16 @@ from streaming import StreamingDataset
 from ladd_ds.generate.encode import load_cropped, nearest_bucket
 from ladd_ds.models.codec import VAECodec
 from ladd_ds.models.vae import build_tiny_vae
-from tests.conftest import TINY_CONFIG, run_cli
+from tests.conftest import TINY_CONFIG, cli_error, run_cli
 
 SETS = ["synth.buckets=[[64,64],[64,128],[128,64]]", "synth.batch_size=2", "text.max_sequence_length=32"]
 
 
-def encode(images, captions, out, check=True):
+def encode(images, captions, out):
     args = ["encode", "--config", str(TINY_CONFIG), "--images", str(images), "--captions", str(captions), "--out", str(out)]
     for s in SETS:
         args += ["--set", s]
-    return run_cli(*args, check=check)
+    return run_cli(*args)
 
 
 def test_nearest_bucket_and_center_crop(tmp_path):
@@ -58,11 +58,12 @@ def test_encode_writes_normalized_latents_per_bucket(tmp_path):
         torch.testing.assert_close(torch.from_numpy(s["latent"]).float(), expected, atol=2e-3, rtol=1e-3)
 
 
-def test_encode_bad_inputs(tmp_path):
+def test_encode_bad_inputs(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     captions = tmp_path / "c.tsv"
     captions.write_text("missing.png\ta caption\n")
-    proc = encode(images, captions, tmp_path / "out", check=False)
-    assert proc.returncode == 2 and "image missing.png not found" in proc.stderr
+    args = ["encode", "--config", str(TINY_CONFIG), "--images", str(images), "--captions", str(captions)]
+    err = cli_error(capsys, *args, "--out", str(tmp_path / "out"), *[a for s in SETS for a in ("--set", s)])
+    assert "image missing.png not found" in err
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -8,7 +8,17 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_CONFIG, free_port, read_metrics, run_cli, subprocess_env
+from tests.conftest import (
+    EXACT,
+    GLOBAL_BATCH_8,
+    REFERENCE_STEPS,
+    TINY_CONFIG,
+    export,
+    free_port,
+    read_metrics,
+    run_cli,
+    subprocess_env,
+)
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -34,7 +44,7 @@ def clean_fault_env():
 
 
 def exported(run_dir, step, out):
-    run_cli("export", "--run", str(run_dir), "--step", str(step), "--out", str(out))
+    export(run_dir, out, step=step)
     return (
         load_file(out / "transformer" / "diffusion_pytorch_model.safetensors"),
         load_file(out / "discriminator" / "heads.safetensors"),
@@ -68,21 +78,19 @@ def test_too_many_consecutive_skips_stop_with_a_checkpoint(tmp_path):
     assert (tmp_path / "checkpoints" / "step-00000003" / "trainer_state.json").is_file()
 
 
-def test_sigkill_mid_run_and_mid_checkpoint_resume_exactly(tmp_path):
-    sets = ("checkpoint.every=2", "checkpoint.keep_last=5")
-    reference = tmp_path / "reference"
-    run_cli(*train_args(reference, 6, *sets), nproc=2)
-
+def test_sigkill_mid_run_and_mid_checkpoint_resume_exactly(tmp_path, reference_runs):
+    reference = reference_runs(2)  # the same settings, uninterrupted
+    sets = (*EXACT, *GLOBAL_BATCH_8[2], "checkpoint.every=2", "checkpoint.keep_last=5")
     crashed = tmp_path / "crashed"
     with_faults("kill@4:0")  # SIGKILL rank 0 before step 4: the launcher takes the job down
-    assert run_cli(*train_args(crashed, 6, *sets), nproc=2, check=False).returncode != 0
+    assert run_cli(*train_args(crashed, REFERENCE_STEPS, *sets), nproc=2, check=False).returncode != 0
     assert [r["step"] for r in read_metrics(crashed)] == [1, 2, 3]
     with_faults("kill_in_save@4:1")  # rerun: resumes from step 2, dies while saving step 4
-    assert run_cli(*train_args(crashed, 6, *sets), nproc=2, check=False).returncode != 0
+    assert run_cli(*train_args(crashed, REFERENCE_STEPS, *sets), nproc=2, check=False).returncode != 0
     ckpts = crashed / "checkpoints"
     assert (ckpts / ".step-00000004.tmp").is_dir() and not (ckpts / "step-00000004").exists()
     with_faults("")
-    out = run_cli(*train_args(crashed, 6, *sets), nproc=2)
+    out = run_cli(*train_args(crashed, REFERENCE_STEPS, *sets), nproc=2)
     assert "resumed from" in out.stdout and "step-00000002 at step 2" in out.stdout
 
     got, want = read_metrics(crashed), read_metrics(reference)

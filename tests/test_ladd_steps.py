@@ -246,7 +246,7 @@ def test_export_equals_the_trained_weights(tmp_path, distributed_world_of_one):
     from diffusers import SD3Transformer2DModel
     from safetensors.torch import load_file
 
-    from ladd_ds.cli import export_run
+    from ladd_ds.export import export_run
 
     trainer = make_trainer(tmp_path / "run", "checkpoint.every=100")
     trainer.fit(2)  # ends with a checkpoint at step 2

@@ -1,8 +1,9 @@
 """Multi-rank ZeRO-3 LADD equals a single process with the same global batch and seed.
 
 Each run trains the tiny config for a few steps through the real `ladd-ds train` command (CPU
-ranks over gloo under the deepspeed launcher) and is exported with `ladd-ds export`; the student,
-its EMA and the heads must agree with the single-process run within fp32 round-off.
+ranks over gloo under the deepspeed launcher) and is exported (`export_run`, what `ladd-ds export`
+runs); the student, its EMA and the heads must agree with the single-process run within fp32
+round-off.
 """
 
 import json
@@ -12,45 +13,33 @@ import torch
 from safetensors.torch import load_file
 
 from ladd_ds.models.registry import build_transformer
-from tests.conftest import TINY_CONFIG, run_cli
+from tests.conftest import EXACT, GLOBAL_BATCH_8, REFERENCE_STEPS, export, read_metrics, run_cli, train_tiny
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 STEPS = 4
-COMMON = [
-    "logging.progress_bar=false",
-    # A large Adam eps keeps updates proportional to the gradient; with the default eps, Adam's
-    # first steps move every weight by ~lr * sign(grad) and turn round-off in near-zero
-    # gradients into lr-sized differences.
-    "optim.eps=0.01",
-    "optim.student_lr=1.0e-2",
-    "optim.heads_lr=1.0e-2",
-    "optim.warmup_steps=0",
-]
+# Layouts of the same global batch of 8. "1rank" and "2ranks" are the shared reference runs
+# (conftest.ReferenceRuns, compared at step STEPS); the others are trained here.
 LAYOUTS = {
-    "1rank": (1, ["data.micro_batch_size=8"]),
-    "2ranks": (2, ["data.micro_batch_size=4"]),
+    "1rank": (1, []),
+    "2ranks": (2, []),
     "2ranks_accum2": (2, ["data.micro_batch_size=2", "optim.grad_accum=2"]),
-    "4ranks": (4, ["data.micro_batch_size=2"]),
+    "4ranks": (4, GLOBAL_BATCH_8[4]),
 }
 
 
-def train_and_export(root, name):
-    nproc, sets = LAYOUTS[name]
-    run_dir = root / name
-    args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", str(STEPS)]
-    for s in COMMON + sets:
-        args += ["--set", s]
-    run_cli(*args, nproc=nproc)
-    run_cli("export", "--run", str(run_dir), "--out", str(root / f"{name}_export"))
-    run_cli("export", "--run", str(run_dir), "--out", str(root / f"{name}_export_ema"), "--ema")
-    return run_dir
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, reference_runs):
     root = tmp_path_factory.mktemp("multirank")
-    return root, {name: train_and_export(root, name) for name in LAYOUTS}
+    run_dirs = {"1rank": reference_runs(1), "2ranks": reference_runs(2)}
+    for name in ("2ranks_accum2", "4ranks"):
+        nproc, sets = LAYOUTS[name]
+        run_dirs[name] = root / name
+        train_tiny(run_dirs[name], STEPS, [*EXACT, *sets], nproc=nproc)
+    for name, run_dir in run_dirs.items():
+        export(run_dir, root / f"{name}_export", step=STEPS)
+        export(run_dir, root / f"{name}_export_ema", step=STEPS, ema=True)
+    return root, run_dirs
 
 
 def load_export(root, name, ema=False):
@@ -118,6 +107,16 @@ def test_export_loads_in_diffusers_and_equals_the_checkpoint(runs):
     assert heads_cfg["taps"] == [0, 1, 2] and heads_cfg["num_heads"] == 3
 
 
+def test_two_ranks_under_the_deepspeed_launcher(reference_runs):
+    run_dir = reference_runs(2)
+    assert f"done: step {REFERENCE_STEPS}" in reference_runs.stdout[2]
+    final = run_dir / "checkpoints" / f"step-{REFERENCE_STEPS:08d}"
+    assert (final / "rank-00000.pt").is_file() and (final / "rank-00001.pt").is_file()
+    ds_student = json.loads((run_dir / "ds_config_student.json").read_text())
+    assert ds_student["train_batch_size"] == 8 and ds_student["train_micro_batch_size_per_gpu"] == 4  # x 2 ranks
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, REFERENCE_STEPS + 1))
+
+
 def test_pretrained_folder_loads_partitioned_on_two_ranks(tmp_path):
     """A diffusers folder is loaded shard by shard into ZeRO-3-partitioned teacher and student."""
     folder = tmp_path / "sd3_folder"
@@ -125,11 +124,8 @@ def test_pretrained_folder_loads_partitioned_on_two_ranks(tmp_path):
     pretrained.save_pretrained(folder / "transformer")
     run_dir = tmp_path / "run"
     sets = ["logging.progress_bar=false", f"model.teacher={folder}", "optim.student_lr=0.0", "optim.heads_lr=0.0"]
-    args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", "1"]
-    for s in sets:
-        args += ["--set", s]
-    run_cli(*args, nproc=2)
-    run_cli("export", "--run", str(run_dir), "--out", str(tmp_path / "export"))
+    train_tiny(run_dir, 1, sets, nproc=2)
+    run_cli("export", "--run", str(run_dir), "--out", str(tmp_path / "export"))  # the command itself, once
     student = load_file(tmp_path / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
     for key, value in pretrained.state_dict().items():
         assert torch.equal(student[key], value), key  # lr 0: the student is still the folder's copy

@@ -14,7 +14,7 @@ from ladd_ds.generate.synth import completed_indices
 from ladd_ds.models.registry import build_transformer
 from ladd_ds.models.text_encoders import CLIP_TOKENS, build_tiny_text_encoders
 from ladd_ds.sampling import TeacherSampler
-from tests.conftest import TINY_CONFIG, run_cli
+from tests.conftest import TINY_CONFIG, cli_error, copy_run_until, export, read_metrics, run_cli, train_tiny
 
 PROMPTS = ["a red seven in the top left", "a blue one", "three green twos", "a yellow four", "five", "six six", "seven"]
 SETS = [
@@ -155,17 +155,20 @@ def test_two_ranks_split_the_prompts(prompt_file, tmp_path, reference):
     assert len(parts) >= 4
 
 
-def test_bad_inputs(tmp_path, prompt_file):
+def test_bad_inputs(tmp_path, prompt_file, capsys):
+    def refused(prompts, out, *extra):
+        args = ["synth", "--config", str(TINY_CONFIG), "--prompts", str(prompts), "--out", str(out)]
+        return cli_error(capsys, *args, *[a for s in [*SETS, *extra] for a in ("--set", s)])
+
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    proc = synth(empty, tmp_path / "o1", check=False)
-    assert proc.returncode == 2 and "has no prompts" in proc.stderr
-    proc = synth(prompt_file, tmp_path / "o2", check=False, extra=["synth.buckets=[[100,128]]"])
-    assert proc.returncode == 2 and "100x128: height and width must be positive multiples of 16" in proc.stderr
+    assert "has no prompts" in refused(empty, tmp_path / "o1")
+    err = refused(prompt_file, tmp_path / "o2", "synth.buckets=[[100,128]]")
+    assert "100x128: height and width must be positive multiples of 16" in err
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "a", "bucket": "256x256"}\n')
-    proc = synth(jsonl, tmp_path / "o3", check=False)
-    assert proc.returncode == 2 and "bucket '256x256' is not one of the configured buckets" in proc.stderr
+    assert "bucket '256x256' is not one of the configured buckets" in refused(jsonl, tmp_path / "o3")
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
 def test_loader_gives_one_bucket_per_batch(reference):
@@ -183,34 +186,52 @@ def test_loader_gives_one_bucket_per_batch(reference):
     assert len(seen) == len(set(seen))
 
 
-@pytest.mark.multiproc
-def test_train_on_synthetic_buckets_with_two_ranks(reference, tmp_path, monkeypatch):
+TRAIN_SETS = [
+    "data.source=mds",
+    "data.micro_batch_size=1",
+    "logging.progress_bar=false",
+    "ladd.distill_weight=0.5",  # with the guided target: the data's guidance scale
+    "checkpoint.every=2",
+    "checkpoint.keep_last=5",
+    *SETS,  # synth's text settings: training refuses data made with others
+]
+
+
+def train_on(out, run_dir, steps, nproc=2):
+    return train_tiny(run_dir, steps, [f"data.path={out}", *TRAIN_SETS], nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def synth_training(reference, tmp_path_factory):
+    """5 steps of LADD on the synthetic multi-bucket data on 2 ranks."""
     _, _, out = reference
-    run_dir = tmp_path / "run"
-    args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", "2"]
-    sets = ["data.source=mds", f"data.path={out}", "data.micro_batch_size=1", "logging.progress_bar=false"]
-    sets.append("ladd.distill_weight=0.5")  # with the guided target: the data's guidance scale
-    proc = run_cli(*args, *[a for s in sets for a in ("--set", s)], check=False)  # synth's text settings missing
-    assert proc.returncode != 0 and "text.max_sequence_length = 256, but" in proc.stderr and "with 32" in proc.stderr
-    for s in SETS + sets:
-        args += ["--set", s]
-    proc = run_cli(*args, nproc=2)
-    assert "done: step 2" in proc.stdout
+    run_dir = tmp_path_factory.mktemp("synth_training") / "run"
+    return run_dir, train_on(out, run_dir, 5).stdout
+
+
+@pytest.mark.multiproc
+def test_train_on_synthetic_buckets_with_two_ranks(reference, synth_training, tmp_path, monkeypatch, capsys):
+    _, _, out = reference
+    args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "refused")]
+    sets = [f"data.path={out}", *TRAIN_SETS[: -len(SETS)]]  # without synth's text settings
+    err = cli_error(capsys, *args, *[a for s in sets for a in ("--set", s)])
+    assert "text.max_sequence_length = 256, but" in err and "with 32" in err
+    run_dir, stdout = synth_training
+    assert "done: step 5" in stdout
     guidance = load_config(TINY_CONFIG, SETS).synth.guidance_scale
-    assert f"distillation target: teacher x0 with guidance scale {guidance:g}" in proc.stdout
+    assert f"distillation target: teacher x0 with guidance scale {guidance:g}" in stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss/generator"]) for r in records)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and all(np.isfinite(r["loss/generator"]) for r in records)
 
     # `ladd-ds sample` feeds the exported student bitwise the conditioning synth stored.
     import ladd_ds.sampling as sampling
 
-    export = tmp_path / "export"
-    run_cli("export", "--run", str(run_dir), "--out", str(export))
+    student = export(run_dir, tmp_path / "export")
     prompt = PROMPTS[0]
     embeds, pooled = stored_conditioning(out, prompt)
     fed = []
     monkeypatch.setattr(sampling, "ladd_sample", lambda model, e, p, noise, *rest: fed.append((e, p)) or noise)
-    sampling.sample_latents(sampling.load_sampling_model(export), [prompt], [0], 64, 64, steps=1, cfg=1.0)
+    sampling.sample_latents(sampling.load_sampling_model(student), [prompt], [0], 64, 64, steps=1, cfg=1.0)
     assert torch.equal(fed[0][0][0], embeds) and torch.equal(fed[0][1][0], pooled)
 
 
@@ -227,30 +248,21 @@ def test_zero3_teacher_on_two_ranks_gives_the_same_samples(prompt_file, tmp_path
 
 
 @pytest.mark.multiproc
-def test_resume_on_multi_bucket_data_with_two_ranks_is_exact(reference, tmp_path):
+def test_resume_on_multi_bucket_data_with_two_ranks_is_exact(reference, synth_training, tmp_path):
     """The loader state of per-bucket streams is restored: after a restart the next batches (and
     so the losses) are those of an uninterrupted run."""
     _, _, out = reference
-
-    def train(run_dir, steps):
-        args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", str(steps)]
-        sets = ["data.source=mds", f"data.path={out}", "data.micro_batch_size=1", "logging.progress_bar=false"]
-        sets += ["checkpoint.every=2", "checkpoint.keep_last=5", *SETS]
-        for s in sets:
-            args += ["--set", s]
-        run_cli(*args, nproc=2)
-        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-    whole = train(tmp_path / "whole", 5)
-    train(tmp_path / "split", 2)
-    split = train(tmp_path / "split", 5)
-    assert [r["step"] for r in split] == [1, 2, 3, 4, 5]
-    for a, b in zip(split, whole):
+    whole, _ = synth_training
+    split = copy_run_until(whole, tmp_path / "split", 2)  # the run as it was after 2 steps
+    assert "step-00000002 at step 2" in train_on(out, split, 5).stdout
+    a_records, b_records = (read_metrics(d) for d in (split, whole))
+    assert [r["step"] for r in a_records] == [1, 2, 3, 4, 5]
+    for a, b in zip(a_records, b_records):
         assert a["loss/generator"] == b["loss/generator"] and a["loss/discriminator"] == b["loss/discriminator"], a["step"]
     for r in range(2):
         ids = [
             torch.load(d / "checkpoints" / "step-00000005" / f"rank-{r:05d}.pt", weights_only=True)["last_sample_ids"]
-            for d in (tmp_path / "whole", tmp_path / "split")
+            for d in (split, whole)
         ]
         assert ids[0] == ids[1]
 

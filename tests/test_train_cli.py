@@ -78,17 +78,6 @@ def test_resume_equals_uninterrupted_and_skips_partial_checkpoints(tmp_path, uni
     assert not (tmp_path / "checkpoints" / ".step-00000004.tmp").exists()
 
 
-@pytest.mark.multiproc
-def test_two_ranks_under_the_deepspeed_launcher(tmp_path):
-    out = train(tmp_path, 2, nproc=2)
-    assert "done: step 2" in out.stdout
-    final = tmp_path / "checkpoints" / "step-00000002"
-    assert (final / "rank-00000.pt").is_file() and (final / "rank-00001.pt").is_file()
-    ds_student = json.loads((tmp_path / "ds_config_student.json").read_text())
-    assert ds_student["train_batch_size"] == 8  # 4 per rank x 2 ranks
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
-
-
 def test_dry_run_prints_parameter_counts_and_memory_plan(tmp_path):
     out = run_cli(
         "train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--dry-run", "--world-size", "4"

@@ -8,7 +8,8 @@ Stages (each skipped when its output is already complete, so an interrupted demo
   5. export      `ladd-ds export`: the student as a diffusers folder
   6. evaluate    teacher at 1..50 steps and student at 1, 2, 4 steps, 3 seeds each
   7. report      DIR/report.md, DIR/fd_vs_steps.png, DIR/grids/*.png, DIR/eval.json
-Stages 3-5 run the real command-line tools as subprocesses, exactly as a user would.
+Stages 3-4 run the real command-line tools as subprocesses, exactly as a user would; the export
+(stage 5) runs in this process through the function the `ladd-ds export` command calls.
 With --ablations, stages 3-6 are repeated for each ablation setting (a second table);
 `--ablations real_data,re_noise_m_0` runs only the named ones (`ablation_slugs()`).
 With --dpo, the paper's DPO recipe follows (`dpo_recipe`): `ladd-ds pairs` ranks K teacher
@@ -162,6 +163,17 @@ def _run(args: list[str], log: Path) -> None:
         raise RuntimeError(f"ladd-ds {args[0]} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
 
 
+def _export(run_dir: Path, out: Path, **options) -> Path:
+    """`ladd-ds export --run RUN_DIR --out OUT [options]`, in this process: unlike the training and
+    generating stages it starts no distributed job and leaves no state behind (it reads the
+    checkpoint and writes a folder), so a subprocess would only add its start-up."""
+    from ladd_ds.export import export_run
+
+    flags = "".join(f" --{k} {v}" if v is not True else f" --{k}" for k, v in options.items())
+    print(f"$ ladd-ds export --run {run_dir} --out {out}{flags}", flush=True)
+    return export_run(run_dir, out, **options)
+
+
 def write_prompt_file(path: Path, n: int, seed: int) -> Path:
     """JSONL prompts with a bucket each (half per bucket) and labels drawn uniformly from the
     combinations that are not held out (digits.HELD_OUT_COMBINATIONS)."""
@@ -231,7 +243,7 @@ def ladd_stage(work: Path, data: Path, teacher: Path, size: DemoSize, extra_sets
         sets = [f"data.path={data}", f"run.run_dir={run_dir}", f"run.max_steps={size.train_steps}"]
         sets += [f"logging.sample_every={size.sample_every}", *extra_sets]
         _run(["train", *_model_args(teacher, size.precision), *_set_args(sets)], work / "train.log")
-        _run(["export", "--run", str(run_dir), "--out", str(export)], work / "export.log")
+        _export(run_dir, export)
     return export
 
 
@@ -356,13 +368,12 @@ def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evalu
         sets = [f"data.path={pairs}", f"run.run_dir={run_dir}", f"run.max_steps={size.dpo_steps}"]
         sets.append(f"data.micro_batch_size={min(DPO_MICRO_BATCH, num_pairs)}")  # the test size has few pairs
         _run(["dpo", *common, *_set_args(sets)], work / "dpo.log")
-        _run(["export", "--run", str(run_dir), "--out", str(export), "--merge"], work / "export.log")
+        _export(run_dir, export, merge=True)
     data = make_data(work / "data" / "synthetic", export, size, "synthetic")  # the DPO'd teacher's samples
     student = ladd_stage(work / "ladd", data, export, size, [])
     student_lora = work / "ladd" / "student_lora"
     if not (student_lora / "ladd_export.json").is_file():
-        args = ["export", "--run", str(work / "ladd" / "run"), "--out", str(student_lora), "--lora", str(export / "lora")]
-        _run(args, work / "export_student_lora.log")
+        _export(work / "ladd" / "run", student_lora, lora=str(export / "lora"))
 
     from ladd_ds.sampling import load_sampling_model
 

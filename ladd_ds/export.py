@@ -1,0 +1,29 @@
+"""`ladd-ds export`: a run's checkpoint exported by the exporter of the method that trained it
+(the checkpoint records the method's name). The CLI, the demo and the tests call `export_run`;
+it sits above both methods (ladd/, dpo/) so that each of them stays independent of the other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ladd_ds.core.errors import InputError
+
+
+def export_run(
+    run_dir: str | Path, out: str | Path, step: int | None = None, ema: bool = False, lora: str | None = None, merge: bool = False
+) -> Path:
+    """Export a run's checkpoint with its method's exporter (the checkpoint records the method)."""
+    from ladd_ds.training.export import run_checkpoint
+
+    cfg, checkpoint, kind = run_checkpoint(Path(run_dir), step)
+    if kind == "dpo":
+        if ema or lora:
+            raise InputError(f"{run_dir} is a DPO run: --ema and --lora apply to LADD runs only")
+        from ladd_ds.dpo.export import export_dpo_run
+
+        return export_dpo_run(Path(run_dir), Path(out), cfg, checkpoint, merge)
+    if merge:
+        raise InputError("--merge applies to DPO runs; to fold a LoRA into a LADD student use --lora DIR")
+    from ladd_ds.ladd.export import export_ladd_run
+
+    return export_ladd_run(Path(run_dir), Path(out), cfg, checkpoint, ema=ema, lora=lora)
