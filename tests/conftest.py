@@ -70,7 +70,7 @@ def train_tiny(run_dir: Path, max_steps: int, sets: list[str], nproc: int = 1, c
 
 def export(run_dir: Path, out: Path, **kwargs) -> Path:
     """What `ladd-ds export --run RUN_DIR --out OUT [--step N] [--ema]` runs, in this process (the
-    CLI is a thin wrapper around `export_run`; the multi-rank tests run it in a subprocess too)."""
+    command is a thin wrapper around `export_run`; test_multirank also runs the command itself)."""
     from ladd_ds.export import export_run
 
     return export_run(run_dir, out, **kwargs)
