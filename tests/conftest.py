@@ -32,16 +32,69 @@ def subprocess_env() -> dict:
     return env
 
 
-def run_cli(*args: str, nproc: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m ladd_ds ARGS`, or under the deepspeed launcher with `nproc` CPU ranks."""
+def run_cli(
+    *args: str, nproc: int = 1, timeout: int = 600, check: bool = True, launcher: str = "direct"
+) -> subprocess.CompletedProcess:
+    """`python -m ladd_ds ARGS` on `nproc` CPU ranks.
+
+    Several ranks start either directly (`launcher="direct"`: one process per rank with the
+    variables torchrun sets, the default) or under the deepspeed launcher (`"deepspeed"`). The
+    deepspeed launcher runs two Python processes of its own that import torch and deepspeed before
+    the ranks start (about 8 s per launch on 2 cores); the tests of the launcher itself (the
+    2-rank reference run, tests/test_launchers.py) and of what it does when a rank dies
+    (tests/test_faults.py) use it, every other multi-rank test starts its ranks directly."""
+    if nproc > 1 and launcher == "direct":
+        return _run_ranks(args, nproc, timeout, check)
     if nproc == 1:
         cmd = [sys.executable, "-m", "ladd_ds", *args]
     else:
-        launcher = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "ladd_ds", *args]
+        deepspeed = Path(sys.executable).with_name("deepspeed")
+        cmd = [str(deepspeed), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "ladd_ds", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _run_ranks(args: tuple[str, ...], nproc: int, timeout: int, check: bool) -> subprocess.CompletedProcess:
+    """`nproc` ranks of `python -m ladd_ds ARGS` on this host, as torchrun would start them. Like
+    a launcher, the job fails when a rank fails: the others are killed. stdout and stderr are
+    those of every rank, in rank order."""
+    import tempfile
+    import time
+
+    cmd = [sys.executable, "-m", "ladd_ds", *args]
+    port = str(free_port())
+    with tempfile.TemporaryDirectory() as logs:
+        procs, files = [], []
+        for rank in range(nproc):
+            env = subprocess_env()
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            out, err = open(Path(logs) / f"{rank}.out", "w+"), open(Path(logs) / f"{rank}.err", "w+")
+            files.append((out, err))
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True))
+        deadline, returncode = time.monotonic() + timeout, 0
+        while any(p.poll() is None for p in procs) and not returncode:
+            returncode = next((p.returncode for p in procs if p.returncode), 0)  # the first rank that failed
+            if time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            time.sleep(0.1)
+        for p in procs:
+            if returncode:
+                p.kill()
+            p.wait()
+        returncode = returncode or next((p.returncode for p in procs if p.returncode), 0)
+        stdout, stderr = "", ""
+        for out, err in files:
+            out.seek(0), err.seek(0)
+            stdout, stderr = stdout + out.read(), stderr + err.read()
+            out.close(), err.close()
+    proc = subprocess.CompletedProcess(cmd, returncode, stdout, stderr)
+    if check and returncode != 0:
+        raise AssertionError(f"{nproc} ranks of {' '.join(cmd)} failed ({returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
     return proc
 
 
@@ -60,12 +113,12 @@ def cli_error(capsys, *args: str) -> str:
     return err
 
 
-def train_tiny(run_dir: Path, max_steps: int, sets: list[str], nproc: int = 1, check: bool = True):
+def train_tiny(run_dir: Path, max_steps: int, sets: list[str], nproc: int = 1, check: bool = True, launcher: str = "direct"):
     """`ladd-ds train` of configs/tiny_cpu.yaml with `--set` overrides."""
     args = ["train", "--config", str(TINY_CONFIG), "--run-dir", str(run_dir), "--max-steps", str(max_steps)]
     for s in sets:
         args += ["--set", s]
-    return run_cli(*args, nproc=nproc, check=check)
+    return run_cli(*args, nproc=nproc, check=check, launcher=launcher)
 
 
 def export(run_dir: Path, out: Path, **kwargs) -> Path:
@@ -105,7 +158,8 @@ class ReferenceRuns:
         run_dir = self.root / f"{nproc}rank"
         if nproc not in self.stdout:
             sets = [*EXACT, *GLOBAL_BATCH_8[nproc], "checkpoint.every=1", f"checkpoint.keep_last={REFERENCE_STEPS}"]
-            self.stdout[nproc] = train_tiny(run_dir, REFERENCE_STEPS, sets, nproc=nproc).stdout
+            # The 2-rank run is the suite's training run under the deepspeed launcher.
+            self.stdout[nproc] = train_tiny(run_dir, REFERENCE_STEPS, sets, nproc=nproc, launcher="deepspeed").stdout
         return run_dir
 
 

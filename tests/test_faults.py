@@ -83,10 +83,12 @@ def test_sigkill_mid_run_and_mid_checkpoint_resume_exactly(tmp_path, reference_r
     sets = (*EXACT, *GLOBAL_BATCH_8[2], "checkpoint.every=2", "checkpoint.keep_last=5")
     crashed = tmp_path / "crashed"
     with_faults("kill@4:0")  # SIGKILL rank 0 before step 4: the launcher takes the job down
-    assert run_cli(*train_args(crashed, REFERENCE_STEPS, *sets), nproc=2, check=False).returncode != 0
+    killed = run_cli(*train_args(crashed, REFERENCE_STEPS, *sets), nproc=2, check=False, launcher="deepspeed")
+    assert killed.returncode != 0
     assert [r["step"] for r in read_metrics(crashed)] == [1, 2, 3]
     with_faults("kill_in_save@4:1")  # rerun: resumes from step 2, dies while saving step 4
-    assert run_cli(*train_args(crashed, REFERENCE_STEPS, *sets), nproc=2, check=False).returncode != 0
+    killed = run_cli(*train_args(crashed, REFERENCE_STEPS, *sets), nproc=2, check=False, launcher="deepspeed")
+    assert killed.returncode != 0
     ckpts = crashed / "checkpoints"
     assert (ckpts / ".step-00000004.tmp").is_dir() and not (ckpts / "step-00000004").exists()
     with_faults("")

@@ -80,7 +80,9 @@ def load_source_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
 def render(digit: np.ndarray, label: DigitLabel, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
     """(3, height, width) image in [0, 1]: the 8x8 digit scaled, colored, placed in its region."""
     size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))  # digit size in pixels; it stays inside its quadrant
-    glyph = F.interpolate(torch.from_numpy(digit)[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    glyph = torch.from_numpy(digit)
+    if size != glyph.shape[-1]:  # at the source size, bilinear resampling is the identity
+        glyph = F.interpolate(glyph[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     top_half, left_half = label.place.startswith("top"), label.place.endswith("left")
     rows = (0, height // 2 - size) if top_half else (height // 2, height - size)
     cols = (0, width // 2 - size) if left_half else (width // 2, width - size)

@@ -83,7 +83,7 @@ SIZES = {
     ),
     # The test suite's version: every stage runs and produces its outputs, in minutes.
     "test": DemoSize(
-        pretrain_steps=30,
+        pretrain_steps=8,
         classifier_steps=30,
         synth_prompts=64,
         train_steps=4,
