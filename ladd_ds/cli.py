@@ -180,14 +180,17 @@ def cmd_pairs(args) -> int:
 def _pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain-teacher", help="demo helper: train the small digits teacher with rectified flow")
     p.add_argument("--out", required=True, help="output folder (an SD3-style diffusers folder)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the full demo's)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def cmd_pretrain(args) -> int:
-    from ladd_ds.demo.pretrain import PretrainSettings, pretrain_teacher
+    from dataclasses import replace
 
-    settings = PretrainSettings(seed=args.seed)
+    from ladd_ds.demo.pipeline import SIZES, teacher_settings
+    from ladd_ds.demo.pretrain import pretrain_teacher
+
+    settings = replace(teacher_settings(SIZES["full"]), seed=args.seed)
     if args.steps is not None:
         settings.steps = args.steps
     print(f"teacher written to {pretrain_teacher(args.out, settings)}")

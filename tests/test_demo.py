@@ -141,6 +141,7 @@ def test_cached_teacher_key_follows_architecture_and_data(monkeypatch):
     settings = PretrainSettings(steps=10)
     key = settings.key()
     assert PretrainSettings(steps=10).key() == key and PretrainSettings(steps=11).key() != key
+    assert PretrainSettings(steps=10, open_place=0.5).key() != key
     monkeypatch.setitem(PRESETS, "demo", {**PRESETS["demo"], "num_layers": 5})
     assert settings.key() != key
     monkeypatch.undo()

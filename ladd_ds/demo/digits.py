@@ -50,19 +50,27 @@ def data_identity() -> dict:
 class DigitLabel:
     digit: int
     color: str
-    place: str
+    place: str | None  # None: the prompt leaves the place open ("a red seven"), any quadrant will do
 
     @property
     def prompt(self) -> str:
-        return f"a {self.color} {DIGIT_WORDS[self.digit]} in the {self.place}"
+        where = "" if self.place is None else f" in the {self.place}"
+        return f"a {self.color} {DIGIT_WORDS[self.digit]}{where}"
 
 
 def parse_prompt(prompt: str) -> DigitLabel:
     """The labels a prompt asks for (inverse of DigitLabel.prompt)."""
     words = prompt.split()
-    if len(words) != 7 or words[0] != "a" or words[3:5] != ["in", "the"] or words[2] not in DIGIT_WORDS:
+    placed = len(words) == 7 and words[3:5] == ["in", "the"]
+    if not (placed or len(words) == 3) or words[0] != "a" or words[2] not in DIGIT_WORDS:
         raise ValueError(f"not a demo prompt: {prompt!r}")
-    return DigitLabel(DIGIT_WORDS.index(words[2]), words[1], " ".join(words[5:]))
+    return DigitLabel(DIGIT_WORDS.index(words[2]), words[1], " ".join(words[5:]) if placed else None)
+
+
+def open_places(label: DigitLabel) -> list[str]:
+    """Where a digit of a prompt without a place may be drawn: every quadrant whose (digit, color,
+    place) combination is not held out, so such prompts never produce a held-out combination."""
+    return [p for p in PLACES if DigitLabel(label.digit, label.color, p) not in HELD_OUT_COMBINATIONS]
 
 
 def load_source_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +86,11 @@ def load_source_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render(digit: np.ndarray, label: DigitLabel, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
-    """(3, height, width) image in [0, 1]: the 8x8 digit scaled, colored, placed in its region."""
+    """(3, height, width) image in [0, 1]: the 8x8 digit scaled, colored, placed in its region
+    (for a label without a place, in a quadrant drawn from `open_places`)."""
+    if label.place is None:
+        places = open_places(label)
+        label = DigitLabel(label.digit, label.color, places[int(rng.integers(len(places)))])
     size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))  # digit size in pixels; it stays inside its quadrant
     glyph = torch.from_numpy(digit)
     if size != glyph.shape[-1]:  # at the source size, bilinear resampling is the identity
@@ -110,9 +122,12 @@ HELD_OUT_COMBINATIONS = _held_out_combinations()
 PROMPT_SETS = ("all", "seen", "held_out")  # which combinations random_label may draw
 
 
-def random_label(rng: np.random.Generator, digit: int | None = None, combinations: str = "all") -> DigitLabel:
+def random_label(
+    rng: np.random.Generator, digit: int | None = None, combinations: str = "all", open_place: float = 0.0
+) -> DigitLabel:
     """A uniformly drawn label (with `digit` fixed if given) from `combinations`: "all", "seen"
-    (not held out) or "held_out" (HELD_OUT_COMBINATIONS)."""
+    (not held out) or "held_out" (HELD_OUT_COMBINATIONS). With probability `open_place` the
+    label leaves the place open (never for "held_out": the held-out set is of combinations)."""
     if combinations not in PROMPT_SETS:
         raise ValueError(f"combinations must be one of {PROMPT_SETS}, got {combinations!r}")
     while True:
@@ -120,21 +135,32 @@ def random_label(rng: np.random.Generator, digit: int | None = None, combination
             int(rng.integers(10)) if digit is None else digit, str(rng.choice(list(COLORS))), str(rng.choice(PLACES))
         )
         if combinations == "all" or (label in HELD_OUT_COMBINATIONS) == (combinations == "held_out"):
-            return label
+            break
+    # Drawn only when asked for, so that labels without open places are those of earlier versions.
+    if open_place > 0.0 and combinations != "held_out" and rng.random() < open_place:
+        return DigitLabel(label.digit, label.color, None)
+    return label
 
 
 def make_samples(
-    n: int, split: str, seed: int, bucket: tuple[int, int] | None = None, source=None, combinations: str = "all"
+    n: int,
+    split: str,
+    seed: int,
+    bucket: tuple[int, int] | None = None,
+    source=None,
+    combinations: str = "all",
+    open_place: float = 0.0,
 ) -> list[tuple[torch.Tensor, DigitLabel, tuple[int, int]]]:
     """n (image, label, bucket) triples, reproducible from (split, seed); the bucket of each is
     random unless `bucket` is given. `source`: load_source_digits(split), to skip reloading.
-    `combinations`: which (digit, color, place) combinations to draw (see random_label)."""
+    `combinations`, `open_place`: which labels to draw (see random_label); a label without a
+    place keeps None (its prompt), its image has the digit in some quadrant."""
     images, targets = source if source is not None else load_source_digits(split)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         i = int(rng.integers(len(images)))
-        label = random_label(rng, int(targets[i]), combinations)
+        label = random_label(rng, int(targets[i]), combinations, open_place)
         hw = bucket or BUCKETS[int(rng.integers(len(BUCKETS)))]
         out.append((render(images[i], label, *hw, rng), label, hw))
     return out

@@ -35,9 +35,9 @@ class EvalPrompts:
     combinations: str = "all"  # digits.PROMPT_SETS: which (digit, color, place) combinations
 
     @classmethod
-    def draw(cls, n: int, seed: int, combinations: str = "all") -> EvalPrompts:
+    def draw(cls, n: int, seed: int, combinations: str = "all", open_place: float = 0.0) -> EvalPrompts:
         rng = np.random.default_rng(seed)
-        labels = [digits.random_label(rng, combinations=combinations) for _ in range(n)]
+        labels = [digits.random_label(rng, combinations=combinations, open_place=open_place) for _ in range(n)]
         return cls(labels, [digits.BUCKETS[i % len(digits.BUCKETS)] for i in range(n)], combinations)
 
     def by_bucket(self) -> dict[tuple[int, int], list[int]]:

@@ -37,6 +37,9 @@ from ladd_ds.demo.pretrain import PretrainSettings
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 DPO_MICRO_BATCH = 32  # pairs per DPO step
+# Share of the demo's prompts (teacher pretraining, synth, evaluation, real images, DPO pairs) that
+# leave the place open ("a red seven"): see digits.random_label and README, "The demo".
+OPEN_PLACE = 0.0
 LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
@@ -111,6 +114,11 @@ ABLATIONS = [
 ]
 
 
+def teacher_settings(size: DemoSize) -> PretrainSettings:
+    """The demo teacher's pretraining settings at `size` (also `ladd-ds pretrain-teacher`'s)."""
+    return replace(PretrainSettings(), steps=size.pretrain_steps, open_place=OPEN_PLACE)
+
+
 def ablation_slugs() -> list[str]:
     """The names `--ablations NAME,...` takes: each ablation's name as a slug (e.g. real_data)."""
     return [slug(name) for name, _, _ in ABLATIONS]
@@ -181,7 +189,8 @@ def write_prompt_file(path: Path, n: int, seed: int) -> Path:
     lines = []
     for i in range(n):
         h, w = digits.BUCKETS[i % len(digits.BUCKETS)]
-        lines.append(json.dumps({"prompt": digits.random_label(rng, combinations="seen").prompt, "bucket": f"{h}x{w}"}))
+        label = digits.random_label(rng, combinations="seen", open_place=OPEN_PLACE)
+        lines.append(json.dumps({"prompt": label.prompt, "bucket": f"{h}x{w}"}))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -194,7 +203,7 @@ def write_real_images(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     captions = []
     per_bucket = [
-        digits.make_samples(n // len(digits.BUCKETS), "train", seed=seed + k, bucket=b, combinations="seen")
+        digits.make_samples(n // len(digits.BUCKETS), "train", seed=seed + k, bucket=b, combinations="seen", open_place=OPEN_PLACE)
         for k, b in enumerate(digits.BUCKETS)
     ]
     for i, (image, label, _) in enumerate(s for samples in per_bucket for s in samples):  # as many per bucket as synth
@@ -330,7 +339,7 @@ def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list
     from ladd_ds.core.noise import derive_seed
     from ladd_ds.sampling import generate, load_sampling_model, save_samples
 
-    prompts = [digits.random_label(np.random.default_rng(99 + i)).prompt for i in range(size.grid_prompts)]
+    prompts = [digits.random_label(np.random.default_rng(99 + i), open_place=OPEN_PLACE).prompt for i in range(size.grid_prompts)]
     index = [i for i in range(len(prompts)) for _ in range(size.grid_columns)]
     seeds = [derive_seed("grid", i, j) for i in range(len(prompts)) for j in range(size.grid_columns)]
     tm, sm, cfg = load_teacher(teacher, size), load_sampling_model(student, precision=size.precision), teacher_sampler()[1]
@@ -347,7 +356,8 @@ def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list
 def write_plain_prompts(path: Path, n: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(digits.random_label(rng, combinations="seen").prompt for _ in range(n)) + "\n")
+    labels = [digits.random_label(rng, combinations="seen", open_place=OPEN_PLACE) for _ in range(n)]
+    path.write_text("\n".join(label.prompt for label in labels) + "\n")
     return path
 
 
@@ -423,7 +433,7 @@ def run_demo(
     timings: dict[str, float] = {}
 
     t0 = time.time()
-    teacher, was_cached = cached_teacher(cache, replace(PretrainSettings(), steps=s.pretrain_steps))
+    teacher, was_cached = cached_teacher(cache, teacher_settings(s))
     timings["teacher (cached)" if was_cached else "teacher pretraining"] = time.time() - t0
     t0 = time.time()
     classifier, classifier_info = cached_classifier(cache, steps=s.classifier_steps)
@@ -440,7 +450,8 @@ def run_demo(
     timings["LADD train + export" + (f" ({s.train_seeds} runs)" if s.train_seeds > 1 else "")] = time.time() - t0
 
     t0 = time.time()
-    evaluator = DemoEvaluator(classifier, EvalPrompts.draw(s.eval_prompts, seed=2024, combinations="seen"), num_real=s.num_real)
+    prompts = EvalPrompts.draw(s.eval_prompts, seed=2024, combinations="seen", open_place=OPEN_PLACE)
+    evaluator = DemoEvaluator(classifier, prompts, num_real=s.num_real)
     rows = evaluate_models(teacher, students, s, evaluator)
     # Prompts of combinations that synth and LADD never saw, with other noise seeds.
     heldout = DemoEvaluator(

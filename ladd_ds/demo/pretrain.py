@@ -56,14 +56,20 @@ class PretrainSettings:
     seed: int = 0
     preset: str = "demo"
     shift: float = 1.0  # sampling schedule shift recorded with the model
+    # Share of training prompts that leave the place open ("a red seven"): their images have the
+    # digit in any quadrant, a distribution with several modes per prompt (digits.random_label).
+    open_place: float = 0.0
 
     def key(self) -> str:
         """Identifies a cached teacher: the same settings, architecture, data and text encoders
         give the same weights (a change of any of them must not reuse an old cache entry)."""
         from ladd_ds.models.registry import PRESETS
 
+        settings = asdict(self)
+        if not self.open_place:
+            del settings["open_place"]  # teachers cached before the setting existed keep their key
         identity = {
-            "settings": asdict(self),
+            "settings": settings,
             "architecture": PRESETS[self.preset],
             "data": digits.data_identity(),
             "text": {"clip_context": CLIP_CONTEXT, "words": digits.PROMPT_WORDS},
@@ -75,8 +81,9 @@ class PromptTable:
     """Embeddings of every demo prompt and of the empty prompt, encoded once: the demo has only
     10 digits x 4 colors x 4 places prompts."""
 
-    def __init__(self, text_encoder):
-        self.prompts = [""] + [digits.DigitLabel(d, c, p).prompt for d in range(10) for c in digits.COLORS for p in digits.PLACES]
+    def __init__(self, text_encoder, open_place: bool = False):
+        places = digits.PLACES + [None] if open_place else digits.PLACES
+        self.prompts = [""] + [digits.DigitLabel(d, c, p).prompt for d in range(10) for c in digits.COLORS for p in places]
         self.index = {p: i for i, p in enumerate(self.prompts)}
         self.embeds, self.pooled = text_encoder.encode(self.prompts)  # (P, L, D), (P, D')
 
@@ -115,7 +122,7 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
     text = build_tiny_text_encoders(
         s.preset, seed=s.seed, drop_t5=True, max_sequence_length=0, clip_tokens=CLIP_CONTEXT, words=digits.PROMPT_WORDS
     )
-    table = PromptTable(text)
+    table = PromptTable(text, open_place=s.open_place > 0)
     model = FlowModel(build_transformer(s.preset, seed=s.seed)).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -127,7 +134,9 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
     bar = tqdm(range(s.steps), desc="pretrain teacher", unit="step", dynamic_ncols=True)
     for step in bar:
         bucket = digits.BUCKETS[step % len(digits.BUCKETS)]
-        batch = digits.make_samples(s.batch_size, "train", seed=s.seed * 1_000_003 + step, bucket=bucket, source=source)
+        batch = digits.make_samples(
+            s.batch_size, "train", seed=s.seed * 1_000_003 + step, bucket=bucket, source=source, open_place=s.open_place
+        )
         x0 = digits.to_latent(torch.stack([b[0] for b in batch]))  # (B, 12, H/2, W/2)
         prompts = [b[1].prompt for b in batch]
         drop = torch.rand(len(prompts), generator=gen) < s.caption_dropout

@@ -30,6 +30,7 @@ def digit_confidence(classifier: str, attributes: tuple[str, ...] | list[str] = 
         targets = label_targets([digits.parse_prompt(p) for p in prompts])
         logits = model.logits(images.float())
         rows = torch.arange(len(prompts))
-        return sum(logits[a].softmax(dim=1)[rows, targets[a]] for a in attributes)
+        # A prompt that leaves the place open (target -1) is satisfied by any place: probability 1.
+        return sum(logits[a].softmax(dim=1)[rows, targets[a].clamp(min=0)].where(targets[a] >= 0, 1.0) for a in attributes)
 
     return score
