@@ -42,7 +42,12 @@ def run_cli(
     deepspeed launcher runs two Python processes of its own that import torch and deepspeed before
     the ranks start (about 8 s per launch on 2 cores); the tests of the launcher itself (the
     2-rank reference run, tests/test_launchers.py) and of what it does when a rank dies
-    (tests/test_faults.py) use it, every other multi-rank test starts its ranks directly."""
+    (tests/test_faults.py) use it, every other multi-rank test starts its ranks directly.
+
+    One process can also run in this one (`launcher="in-process"`): see `_run_in_process`."""
+    if launcher == "in-process":
+        assert nproc == 1, "in-process runs are jobs of one rank"
+        return _run_in_process(args, check)
     if nproc > 1 and launcher == "direct":
         return _run_ranks(args, nproc, timeout, check)
     if nproc == 1:
@@ -53,6 +58,25 @@ def run_cli(
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _run_in_process(args: tuple[str, ...], check: bool) -> subprocess.CompletedProcess:
+    """`ladd-ds ARGS` through the commands' entry point in the pytest process, as a job of one rank
+    (the first run starts a gloo group of one, later ones join it), its printed output captured.
+    Saves the ~8 s a subprocess spends importing torch, deepspeed and diffusers; for tests of
+    what a run computes and writes, not of how a process starts, fails or is killed."""
+    import contextlib
+    import io
+
+    from ladd_ds.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        returncode = main(list(args))
+    proc = subprocess.CompletedProcess(["ladd-ds", *args], returncode, out.getvalue(), err.getvalue())
+    if check and returncode != 0:
+        raise AssertionError(f"ladd-ds {' '.join(args)} failed ({returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 

@@ -34,7 +34,7 @@ def test_bf16_training_on_two_zero3_ranks_export_and_sample(tmp_path):
     prompts.write_text("a red seven\n")
     out = tmp_path / "samples"
     run_cli("sample", "--model", str(student), "--prompts", str(prompts), "--steps", "4", "--per-prompt", "2",
-            "--precision", "bf16", "--out", str(out))  # fmt: skip
+            "--precision", "bf16", "--out", str(out), launcher="in-process")  # fmt: skip
     images = np.load(out.with_suffix(".npz"))["images"]
     assert images.shape[0] == 2 and images.dtype == np.uint8 and images.std() > 0
 
@@ -48,7 +48,7 @@ def test_bf16_encode_runs_the_text_encoders_in_bf16(tmp_path):
     out = tmp_path / "out"
     sets = ["synth.buckets=[[64,64]]", "text.max_sequence_length=32", "deepspeed.precision=bf16"]
     args = ["encode", "--config", str(TINY_CONFIG), "--images", str(images), "--captions", str(captions), "--out", str(out)]
-    run_cli(*args, *[a for s in sets for a in ("--set", s)])
+    run_cli(*args, *[a for s in sets for a in ("--set", s)], launcher="in-process")
     sample = StreamingDataset(local=str(out / "64x64"), shuffle=False, batch_size=1)[0]
     assert sample["prompt_embeds"].dtype == np.uint16  # bf16 bits: what the bf16 encoders produced
     stored = stored_tensor(sample["prompt_embeds"])

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from ladd_ds.cli import main
-from ladd_ds.demo import digits
+from ladd_ds.demo import digits, pipeline
 from ladd_ds.demo.classifier import accuracy, held_out_set, train_classifier
 from ladd_ds.demo.pipeline import ABLATIONS, SIZES, discriminator_separation, slug
 from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
@@ -23,7 +23,17 @@ TESTED_ABLATIONS = ["real_data"]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def in_process_stages():
+    """The demo's command stages (synth, encode, train, pairs, dpo) in this process
+    (pipeline.IN_PROCESS_ENTRY_POINT): the commands' entry point without the ~8 s of imports a
+    subprocess spends per stage. The subprocess path itself is tested by test_stage_subprocess_*."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "IN_PROCESS_ENTRY_POINT", main)
+        yield
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, in_process_stages):
     """The main pipeline (two training runs pooled), then the chosen ablations on its outputs."""
     out = tmp_path_factory.mktemp("demo")
     args = ["demo", "--out", str(out / "run"), "--cache", str(out / "cache"), "--size", "test", "--train-seeds", "2"]
@@ -32,13 +42,29 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bf16_demo(demo):
+def bf16_demo(demo, in_process_stages):
     """`demo --size test --precision bf16 --dpo` with the fp32 run's cached teacher and classifier:
     the DPO recipe and every stage in bf16."""
     run = demo / "bf16"
     args = ["demo", "--out", str(run), "--cache", str(demo / "cache"), "--size", "test", "--precision", "bf16", "--dpo"]
     assert main(args) == 0
     return run
+
+
+def test_stage_subprocess_writes_its_log(tmp_path, capsys):
+    """A stage run as a subprocess (the demo's default, the user's path) prints the command and
+    leaves the command's output in its log."""
+    log = tmp_path / "help.log"
+    pipeline._run(["synth", "--help"], log)
+    assert "$ ladd-ds synth --help" in capsys.readouterr().out
+    assert "usage: ladd-ds synth" in log.read_text()
+
+
+def test_stage_subprocess_failure_names_the_stage_and_shows_the_log(tmp_path):
+    log = tmp_path / "synth.log"
+    with pytest.raises(RuntimeError, match=r"ladd-ds synth failed \(exit 2\).*synth\.log") as e:
+        pipeline._run(["synth"], log)
+    assert "the following arguments are required: --config" in str(e.value)  # the log's tail
 
 
 def test_demo_produces_every_stage_output(demo):

@@ -167,7 +167,8 @@ def dpo_runs(tmp_path_factory):
         args = ["dpo", "--config", str(DPO_CONFIG), "--run-dir", str(root / name), "--max-steps", str(steps)]
         for s in [f"data.path={pairs}", *COMMON, *sets]:
             args += ["--set", s]
-        (root / f"{name}.log").write_text(run_cli(*args, nproc=nproc).stdout)
+        launcher = "in-process" if nproc == 1 else "direct"
+        (root / f"{name}.log").write_text(run_cli(*args, nproc=nproc, launcher=launcher).stdout)
         return root / name
 
     runs = {
@@ -232,7 +233,7 @@ def test_export_writes_lora_and_full_model(dpo_runs):
     assert (root / "full_export" / "transformer" / "config.json").is_file()
     assert not (root / "full_export" / "lora").exists()
     # --merge: the model with the LoRA folded in equals base + adapter
-    run_cli("export", "--run", str(runs["1rank"]), "--out", str(root / "merged"), "--merge")
+    run_cli("export", "--run", str(runs["1rank"]), "--out", str(root / "merged"), "--merge", launcher="in-process")
     from diffusers import SD3Transformer2DModel
 
     merged = FlowModel(SD3Transformer2DModel.from_pretrained(root / "merged", subfolder="transformer"))

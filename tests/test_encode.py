@@ -19,7 +19,7 @@ def encode(images, captions, out):
     args = ["encode", "--config", str(TINY_CONFIG), "--images", str(images), "--captions", str(captions), "--out", str(out)]
     for s in SETS:
         args += ["--set", s]
-    return run_cli(*args)
+    return run_cli(*args, launcher="in-process")
 
 
 def test_nearest_bucket_and_center_crop(tmp_path):

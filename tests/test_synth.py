@@ -26,11 +26,11 @@ SETS = [
 ]
 
 
-def synth(prompts, out, nproc=1, check=True, extra=()):
+def synth(prompts, out, nproc=1, check=True, extra=(), launcher="direct"):
     args = ["synth", "--config", str(TINY_CONFIG), "--prompts", str(prompts), "--out", str(out)]
     for s in SETS + list(extra):
         args += ["--set", s]
-    return run_cli(*args, nproc=nproc, check=check)
+    return run_cli(*args, nproc=nproc, check=check, launcher=launcher)
 
 
 def read_all(out):
@@ -283,7 +283,7 @@ def test_bf16_synth(prompt_file, tmp_path, reference, tiny_teacher_folder, nproc
     teacher on 2 ranks; the samples stay close to the fp32 ones (bf16 round-off only)."""
     out = tmp_path / "out"
     extra = ["deepspeed.precision=bf16", f"synth.zero_stage={zero_stage}", f"model.teacher={tiny_teacher_folder}"]
-    synth(prompt_file, out, nproc=nproc, extra=extra)
+    synth(prompt_file, out, nproc=nproc, extra=extra, launcher="in-process" if nproc == 1 else "direct")
     _, samples = read_all(out)
     _, ref, _ = reference
     assert sorted(samples) == sorted(ref)

@@ -20,11 +20,13 @@ LoRA on the teacher, `ladd-ds export --merge` gives the DPO'd teacher, LADD dist
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -40,6 +42,10 @@ DPO_MICRO_BATCH = 32  # pairs per DPO step
 # Share of the demo's prompts (teacher pretraining, synth, evaluation, real images, DPO pairs) that
 # leave the place open ("a red seven"): see digits.random_label and README, "The demo".
 OPEN_PLACE = 0.0
+# The stages that are commands (synth, encode, train, pairs, dpo) run as subprocesses, as a user
+# runs them. The tests set this to the commands' entry point (ladd_ds.cli.main) to run them in
+# the demo's process instead, without the ~8 s of imports each subprocess spends.
+IN_PROCESS_ENTRY_POINT: Callable[[list[str]], int] | None = None
 LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
@@ -158,9 +164,13 @@ def slug(name: str) -> str:
 
 
 def _run(args: list[str], log: Path) -> None:
-    """Run a ladd-ds command as a subprocess (the user's path), its output in `log`."""
-    cmd = [sys.executable, "-m", "ladd_ds", *args]
+    """Run a ladd-ds command as a subprocess (the user's path), its output in `log`; in this
+    process instead when IN_PROCESS_ENTRY_POINT is set (see there)."""
     print(f"$ ladd-ds {' '.join(args)}   (log: {log})", flush=True)
+    if IN_PROCESS_ENTRY_POINT is not None:
+        _run_in_process(IN_PROCESS_ENTRY_POINT, args, log)
+        return
+    cmd = [sys.executable, "-m", "ladd_ds", *args]
     # Each stage is its own one-process job: drop rendezvous variables of any enclosing job (an
     # inherited MASTER_PORT that this process already listens on fails with EADDRINUSE).
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
@@ -169,6 +179,18 @@ def _run(args: list[str], log: Path) -> None:
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"ladd-ds {args[0]} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+
+
+def _run_in_process(main: Callable[[list[str]], int], args: list[str], log: Path) -> None:
+    """`ladd-ds ARGS` through the commands' entry point `main` in this process, as a job of one
+    rank (it joins this process's group, or starts one); Python-level output goes to `log`."""
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise RuntimeError("demo stages run in process only outside a multi-rank job")
+    with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        returncode = main(args)
+    if returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"ladd-ds {args[0]} failed (exit {returncode}); last lines of {log}:\n{tail}")
 
 
 def _export(run_dir: Path, out: Path, **options) -> Path:
