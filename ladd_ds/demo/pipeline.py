@@ -168,29 +168,27 @@ def _run(args: list[str], log: Path) -> None:
     process instead when IN_PROCESS_ENTRY_POINT is set (see there)."""
     print(f"$ ladd-ds {' '.join(args)}   (log: {log})", flush=True)
     if IN_PROCESS_ENTRY_POINT is not None:
-        _run_in_process(IN_PROCESS_ENTRY_POINT, args, log)
-        return
-    cmd = [sys.executable, "-m", "ladd_ds", *args]
-    # Each stage is its own one-process job: drop rendezvous variables of any enclosing job (an
-    # inherited MASTER_PORT that this process already listens on fails with EADDRINUSE).
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-20:])
-        raise RuntimeError(f"ladd-ds {args[0]} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-
-
-def _run_in_process(main: Callable[[list[str]], int], args: list[str], log: Path) -> None:
-    """`ladd-ds ARGS` through the commands' entry point `main` in this process, as a job of one
-    rank (it joins this process's group, or starts one); Python-level output goes to `log`."""
-    if os.environ.get("WORLD_SIZE", "1") != "1":
-        raise RuntimeError("demo stages run in process only outside a multi-rank job")
-    with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        returncode = main(args)
+        returncode = _run_in_process(IN_PROCESS_ENTRY_POINT, args, log)
+    else:
+        cmd = [sys.executable, "-m", "ladd_ds", *args]
+        # Each stage is its own one-process job: drop rendezvous variables of any enclosing job (an
+        # inherited MASTER_PORT that this process already listens on fails with EADDRINUSE).
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+        with log.open("w") as f:
+            returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"ladd-ds {args[0]} failed (exit {returncode}); last lines of {log}:\n{tail}")
+
+
+def _run_in_process(main: Callable[[list[str]], int], args: list[str], log: Path) -> int:
+    """`ladd-ds ARGS` through the commands' entry point `main` in this process, as a job of one
+    rank (it joins this process's group, or starts one); Python-level output goes to `log`.
+    Returns the command's exit code."""
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise RuntimeError("demo stages run in process only outside a multi-rank job")
+    with log.open("w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return main(args)
 
 
 def _export(run_dir: Path, out: Path, **options) -> Path:
