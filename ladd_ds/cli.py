@@ -212,7 +212,7 @@ def _demo_parser(sub) -> None:
         metavar="NAME,...",
         help="also run the ablation rows (each a LADD run + evaluation); optionally only the named ones "
         "(real_data, re_noise_m_1__paper, re_noise_m_0, heads_on_last_block_only, without_distillation_loss, "
-        "unguided_distillation_target)",
+        "unguided_distillation_target, uniform_student_timesteps)",
     )
     p.add_argument(
         "--dpo", action="store_true", help="also run the DPO recipe: DPO-LoRA on the teacher, LADD from it, LoRA on the student"

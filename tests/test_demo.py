@@ -189,9 +189,14 @@ def test_ablations_each_get_rows(demo):
     assert "data/real" in (demo / "run" / "ablations" / "real_data" / "run" / "config.yaml").read_text()
 
 
-def test_every_ablation_is_a_valid_config_and_selectable():
+def test_every_ablation_is_a_valid_config_and_selectable(capsys):
     from ladd_ds.config import load_config
-    from ladd_ds.demo.pipeline import DEMO_CONFIG, select_ablations
+    from ladd_ds.demo.pipeline import DEMO_CONFIG, ablation_slugs, select_ablations
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in ablation_slugs()), "`ladd-ds demo --help` lists every ablation"
 
     for name, _, change in ABLATIONS:
         sets = [x.replace("LAST", "3") for x in change.get("set", [])]
