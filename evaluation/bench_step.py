@@ -1,17 +1,26 @@
-"""Time the full LADD step (generator + discriminator) on synthetic inputs.
+"""Time the full LADD step (generator + discriminator) on synthetic inputs, on the trainer's
+DeepSpeed engines and, in the same run, in plain PyTorch with the same step code.
 
     python -m evaluation.bench_step --preset tiny --resolution 128 128 --batch 2
     python -m evaluation.bench_step --preset sd3-medium --resolution 1024 1024 --batch 4   # one GPU
 
-Prints img/s, the step's FLOPs (torch.utils.flop_counter, forward + backward of every engine),
-the achieved TFLOP/s and its ratio to a square matrix product timed in the same run at the same
-precision (bf16 on GPU, fp32 on CPU), and peak memory. One process; the DeepSpeed engines are the
-trainer's own (ZeRO stage set by --zero-stage).
+For each engine kind (`--engines plain,deepspeed`, the default) it prints the median step time,
+img/s, the step's FLOPs (torch.utils.flop_counter, forward + backward of every model), the achieved
+TFLOP/s and its ratio to a square matrix product timed in the same run at the same precision (bf16
+on GPU, fp32 on CPU), and peak memory; then the engine step's time over the plain one.
+
+The plain reference (`PlainEngine`) runs `LADDSteps` unchanged on bare modules: student and heads
+in fp32 with AdamW (fused on a GPU) and gradient clipping, under bf16 autocast when the precision is
+bf16; the frozen teacher in the training precision. The DeepSpeed engines are the trainer's own
+(ZeRO stages from the config, or `--zero-stage`). One process; the plain models are freed before
+the engines are built.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import resource
 import statistics
@@ -27,11 +36,41 @@ from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.models.registry import resolve_model_config
 
 VAE_FACTOR = 8  # SD3 VAE: 8x spatial downsampling
+ENGINE_KINDS = ("plain", "deepspeed")
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+class PlainEngine:
+    """The calls `LADDSteps` makes on a DeepSpeed engine, on a bare module: the reference the
+    engine step is measured against. With `lr`, backward/step train it as the trainer's engines do
+    (AdamW, the learning-rate warm-up, gradient clipping); without, it is a frozen model."""
+
+    def __init__(self, module: torch.nn.Module, lr: float | None = None, optim_cfg=None, grad_clip: float = 0.0):
+        self.module = module
+        self.grad_clip = grad_clip
+        if lr is not None:
+            self.optimizer = ds.adamw(module, lr, optim_cfg)
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, ds.linear_warmup(optim_cfg.warmup_steps))
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None], self.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def was_step_applied(self) -> bool:
+        return True
 
 
 def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 10) -> float:
@@ -69,7 +108,7 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process peak RSS
 
 
-def build_steps(args) -> tuple[LADDSteps, dict]:
+def bench_config(args):
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     overrides = [
         f"model.teacher={args.preset}",
@@ -81,77 +120,137 @@ def build_steps(args) -> tuple[LADDSteps, dict]:
     ]
     if args.taps is not None:
         overrides.append(f"discriminator.taps={args.taps}")
-    cfg = load_config(args.config, overrides)
-    model_cfg = resolve_model_config(args.preset)
-    ds.init_distributed()
+    return load_config(args.config, overrides)
+
+
+def build_plain_steps(cfg) -> LADDSteps:
+    """LADDSteps on PlainEngines: the models built as the trainer builds them, moved to the device."""
+    device = ds.device()
+    teacher, student, heads, taps = build_models(cfg)
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    teacher.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    optim = cfg.optim
+    engines = ds.Engines(
+        student=PlainEngine(student.to(device), optim.student_lr, optim, optim.grad_clip),
+        heads=PlainEngine(heads.to(device), optim.heads_lr, optim, optim.grad_clip),
+        teacher=PlainEngine(teacher),
+        ds_configs={},
+    )
+    return LADDSteps(cfg, engines, taps, device)
+
+
+def build_deepspeed_steps(cfg, zero_stage: int | None) -> LADDSteps:
     ds_configs = build_ds_configs(cfg, world=1)
-    if args.zero_stage is not None:
-        ds_configs["student"]["zero_optimization"] = {"stage": args.zero_stage}
-        ds_configs["heads"]["zero_optimization"] = {"stage": min(args.zero_stage, 2)}
-        ds_configs["teacher"]["zero_optimization"] = {"stage": 3 if args.zero_stage == 3 else 0}
+    if zero_stage is not None:
+        ds_configs["student"]["zero_optimization"] = {"stage": zero_stage}
+        ds_configs["heads"]["zero_optimization"] = {"stage": min(zero_stage, 2)}
+        ds_configs["teacher"]["zero_optimization"] = {"stage": 3 if zero_stage == 3 else 0}
     teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
     engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
-    return LADDSteps(cfg, engines, taps, ds.device()), model_cfg
+    return LADDSteps(cfg, engines, taps, ds.device())
+
+
+def time_steps(steps: LADDSteps, batch: dict, args, autocast) -> dict:
+    """Median step time after warm-up, the FLOPs of one more step, and peak memory."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with autocast:
+        for i in range(args.warmup):
+            steps.train_step([batch], i)
+        _sync()
+        times = []
+        for i in range(args.steps):
+            start = time.perf_counter()
+            steps.train_step([batch], args.warmup + i)
+            _sync()
+            times.append(time.perf_counter() - start)
+        with FlopCounterMode(display=False) as counter:
+            steps.train_step([batch], args.warmup + args.steps)
+    step_s = statistics.median(times)
+    return {
+        "step_s_median": step_s,
+        "step_s_all": times,
+        "img_per_s": args.batch / step_s,
+        "tflop_per_step": counter.get_total_flops() / 1e12,
+        "achieved_tflop_s": counter.get_total_flops() / step_s / 1e12,
+        "peak_memory_gib": peak_memory_gib(),
+    }
 
 
 def run(args) -> dict:
-    steps, model_cfg = build_steps(args)
+    kinds = args.engines.split(",")
+    unknown = sorted(set(kinds) - set(ENGINE_KINDS))
+    if unknown or not kinds:
+        raise SystemExit(f"--engines {args.engines}: choose from {', '.join(ENGINE_KINDS)}")
+    ds.init_distributed()
+    cfg = bench_config(args)
+    model_cfg = resolve_model_config(args.preset)
     h, w = args.resolution[0] // VAE_FACTOR, args.resolution[1] // VAE_FACTOR
     patch = model_cfg["patch_size"]
     if h % patch or w % patch:
         raise SystemExit(f"--resolution {args.resolution}: must be divisible by {VAE_FACTOR * patch} (VAE factor x patch size)")
     text_len = args.text_len or (333 if model_cfg["joint_attention_dim"] == 4096 else 8)  # SD3: 77 CLIP + 256 T5
-    batch = synthetic_batch(model_cfg, args.batch, (h, w), text_len, steps.device, steps.dtype)
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    device = ds.device()
+    batch = synthetic_batch(model_cfg, args.batch, (h, w), text_len, device, dtype)
 
-    for i in range(args.warmup):
-        steps.train_step([batch], i)
-    _sync()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.steps):
-        start = time.perf_counter()
-        steps.train_step([batch], args.warmup + i)
-        _sync()
-        times.append(time.perf_counter() - start)
-    with FlopCounterMode(display=False) as counter:
-        steps.train_step([batch], args.warmup + args.steps)
-    flops = counter.get_total_flops()
-    step_s = statistics.median(times)
-    achieved = flops / step_s / 1e12
-    peak = matmul_tflops(steps.dtype, steps.device, args.matmul_size or (8192 if torch.cuda.is_available() else 1024))
-    return {
+    runs = {}
+    taps = None
+    for kind in kinds:
+        if kind == "plain":
+            steps = build_plain_steps(cfg)
+            bf16 = dtype == torch.bfloat16
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            runs[kind] = {**time_steps(steps, batch, args, autocast), "placement": "plain PyTorch"}
+        else:
+            steps = build_deepspeed_steps(cfg, args.zero_stage)
+            stages = {name: ds.zero_stage(c) for name, c in steps.engines.ds_configs.items()}
+            placement = f"ZeRO student {stages['student']}, heads {stages['heads']}, teacher {stages['teacher']}"
+            runs[kind] = {**time_steps(steps, batch, args, contextlib.nullcontext()), "placement": placement}
+            runs[kind]["zero_stage_student"] = stages["student"]
+        taps = len(steps.taps)
+        del steps
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    peak = matmul_tflops(dtype, device, args.matmul_size or (8192 if torch.cuda.is_available() else 1024))
+    for r in runs.values():
+        r["ratio_to_matmul"] = r["achieved_tflop_s"] / peak
+    result = {
         "preset": args.preset,
         "resolution": list(args.resolution),
         "latent": [model_cfg["in_channels"], h, w],
         "batch": args.batch,
-        "precision": "bf16" if steps.dtype == torch.bfloat16 else "fp32",
-        "zero_stage_student": ds.zero_stage(steps.engines.ds_configs["student"]),
-        "heads": len(steps.taps),
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "heads": taps,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "step_s_median": step_s,
-        "step_s_all": times,
-        "img_per_s": args.batch / step_s,
-        "tflop_per_step": flops / 1e12,
-        "achieved_tflop_s": achieved,
         "matmul_tflop_s": peak,
-        "ratio_to_matmul": achieved / peak,
-        "peak_memory_gib": peak_memory_gib(),
-        "peak_memory_kind": "cuda max_allocated" if torch.cuda.is_available() else "process max RSS",
+        "peak_memory_kind": "cuda max_allocated" if torch.cuda.is_available() else "process max RSS (whole run so far)",
+        "runs": runs,
     }
+    if "plain" in runs and "deepspeed" in runs:
+        result["engine_over_plain"] = runs["deepspeed"]["step_s_median"] / runs["plain"]["step_s_median"]
+    return result
 
 
 def format_report(r: dict) -> str:
-    return "\n".join(
-        [
-            f"LADD step (G + D, {r['heads']} heads): {r['preset']} at {r['resolution'][0]}x{r['resolution'][1]} "
-            f"(latent {r['latent']}), batch {r['batch']}, {r['precision']}, ZeRO-{r['zero_stage_student']}, {r['device']}",
-            f"  step time (median of {len(r['step_s_all'])}): {r['step_s_median'] * 1000:.1f} ms  ->  {r['img_per_s']:.2f} img/s",
-            f"  FLOPs per step: {r['tflop_per_step']:.4f} TFLOP  ->  {r['achieved_tflop_s']:.4f} TFLOP/s",
-            f"  matmul in the same run: {r['matmul_tflop_s']:.4f} TFLOP/s  ->  ratio {r['ratio_to_matmul']:.1%}",
-            f"  peak memory: {r['peak_memory_gib']:.2f} GiB ({r['peak_memory_kind']})",
+    lines = [
+        f"LADD step (G + D, {r['heads']} heads): {r['preset']} at {r['resolution'][0]}x{r['resolution'][1]} "
+        f"(latent {r['latent']}), batch {r['batch']}, {r['precision']}, {r['device']}; "
+        f"matmul in the same run: {r['matmul_tflop_s']:.4f} TFLOP/s"
+    ]
+    for kind, run in r["runs"].items():
+        lines += [
+            f"  {kind} ({run['placement']}):",
+            f"    step time (median of {len(run['step_s_all'])}): {run['step_s_median'] * 1000:.1f} ms  ->  "
+            f"{run['img_per_s']:.2f} img/s",
+            f"    FLOPs per step: {run['tflop_per_step']:.4f} TFLOP  ->  {run['achieved_tflop_s']:.4f} TFLOP/s  "
+            f"({run['ratio_to_matmul']:.1%} of the matmul)",
+            f"    peak memory: {run['peak_memory_gib']:.2f} GiB ({r['peak_memory_kind']})",
         ]
-    )
+    if "engine_over_plain" in r:
+        lines.append(f"  engine step / plain step: {r['engine_over_plain']:.2f}x")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,6 +258,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--resolution", type=int, nargs=2, default=[128, 128], metavar=("H", "W"), help="image pixels (latent = /8)")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument(
+        "--engines", default="plain,deepspeed", help="which steps to time, in this order: plain, deepspeed or both"
+    )
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: the config's (ZeRO-3)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--steps", type=int, default=5)

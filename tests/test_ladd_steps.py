@@ -1,6 +1,7 @@
 """Generator and discriminator steps on the real DeepSpeed engines (one gloo rank, in-process)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ import torch
 from ladd_ds.config import load_config
 from ladd_ds.core import flow
 from ladd_ds.ladd.method import LADDMethod
+from ladd_ds.training.metrics import to_floats
 from ladd_ds.training.trainer import Trainer
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, read_metrics
 
 
 def local_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -36,9 +38,11 @@ def test_generator_step_updates_only_the_student(trainer):
     e = trainer.method.engines
     batch = trainer.method.to_device(next(trainer.batches))
     student, teacher, heads = local_params(e.student.module), local_params(e.teacher.module), local_params(e.heads.module)
-    metrics, fake = trainer.method.generator_step(batch, trainer.method.draw_noise(batch))
+    metrics, fakes = trainer.method.generator_step(batch, trainer.method.draw_noise(batch))
+    metrics = to_floats(metrics)
     assert math.isfinite(metrics["loss/generator"])
-    assert fake.shape == batch["latent"].shape and not fake.requires_grad
+    assert fakes.x0.shape == batch["latent"].shape and not fakes.x0.requires_grad
+    assert len(fakes.features) == len(trainer.method.taps) and not any(f.requires_grad for f in fakes.features)
     assert len(changed(student, local_params(e.student.module))) > 0.5 * len(student)
     assert changed(teacher, local_params(e.teacher.module)) == []
     assert changed(heads, local_params(e.heads.module)) == []
@@ -50,9 +54,9 @@ def test_discriminator_step_updates_only_the_heads(trainer):
     e = trainer.method.engines
     batch = trainer.method.to_device(next(trainer.batches))
     noise = trainer.method.draw_noise(batch)
-    _, fake = trainer.method.generator_step(batch, noise)
+    _, fakes = trainer.method.generator_step(batch, noise)
     student, teacher, heads = local_params(e.student.module), local_params(e.teacher.module), local_params(e.heads.module)
-    metrics = trainer.method.discriminator_step(batch, noise, fake)
+    metrics = to_floats(trainer.method.discriminator_step(batch, noise, fakes))
     assert {"loss/discriminator", "d/real_logit", "d/fake_logit"} <= metrics.keys()
     assert len(changed(heads, local_params(e.heads.module))) > 0.5 * len(heads)
     assert changed(student, local_params(e.student.module)) == []
@@ -72,11 +76,34 @@ def test_noise_depends_on_sample_id_and_step_not_on_batch_position(trainer):
     assert not torch.allclose(a.eps_student, c.eps_student)
 
 
+def test_d_step_reusing_the_g_steps_teacher_features_equals_recomputing_them(tmp_path, distributed_world_of_one):
+    """ladd.reuse_fakes: the D step takes the teacher's features of the fakes from the G step
+    (the same x0, noise and level) and runs the teacher on the reals only. Two identical runs, one
+    given the features and one made to recompute them (reals and fakes in one 2B teacher call),
+    get the same D loss and the same heads update, within round-off of the batch size."""
+    runs = [make_trainer(tmp_path / name) for name in ("reused", "recomputed")]
+    results = []
+    for trainer, keep_features in zip(runs, (True, False)):
+        method = trainer.method
+        batch = method.to_device(next(trainer.batches))
+        noise = method.draw_noise(batch)
+        _, fakes = method.generator_step(batch, noise)
+        if not keep_features:
+            fakes = replace(fakes, features=None)
+        metrics = to_floats(method.discriminator_step(batch, noise, fakes))
+        results.append((metrics, local_params(method.engines.heads.module)))
+    (m_reused, heads_reused), (m_recomputed, heads_recomputed) = results
+    for key in ("loss/discriminator", "d/real_logit", "d/fake_logit"):
+        assert m_reused[key] == pytest.approx(m_recomputed[key], rel=1e-5, abs=1e-6), key
+    for name in heads_reused:
+        torch.testing.assert_close(heads_reused[name], heads_recomputed[name], rtol=1e-5, atol=1e-6)
+
+
 def test_recomputed_fakes_and_distillation(tmp_path, distributed_world_of_one):
     reuse = make_trainer(tmp_path / "reuse")
     variant = make_trainer(tmp_path / "variant", "ladd.reuse_fakes=false", "ladd.distill_weight=0.5")
-    m_reuse = reuse.method.train_step([reuse.method.to_device(next(reuse.batches))], 0)
-    m_var = variant.method.train_step([variant.method.to_device(next(variant.batches))], 0)
+    m_reuse = to_floats(reuse.method.train_step([reuse.method.to_device(next(reuse.batches))], 0))
+    m_var = to_floats(variant.method.train_step([variant.method.to_device(next(variant.batches))], 0))
     # Same seed, same first batch: identical adversarial G loss; the D step differs because the
     # variant re-generated its fakes with the already-updated student.
     assert m_var["loss/generator"] == pytest.approx(m_reuse["loss/generator"], rel=1e-6)
@@ -146,8 +173,8 @@ def test_bf16_training_and_sampling_pass_the_same_fp32_timesteps(tmp_path, distr
 def test_r1_penalty_reaches_the_heads(tmp_path, distributed_world_of_one):
     plain = make_trainer(tmp_path / "plain")
     r1 = make_trainer(tmp_path / "r1", "ladd.r1_gamma=100.0")
-    m_plain = plain.method.train_step([plain.method.to_device(next(plain.batches))], 0)
-    m_r1 = r1.method.train_step([r1.method.to_device(next(r1.batches))], 0)
+    m_plain = to_floats(plain.method.train_step([plain.method.to_device(next(plain.batches))], 0))
+    m_r1 = to_floats(r1.method.train_step([r1.method.to_device(next(r1.batches))], 0))
     assert m_r1["loss/r1"] > 0 and math.isfinite(m_r1["loss/r1"])
     assert "loss/r1" not in m_plain
     assert m_r1["loss/discriminator"] == pytest.approx(m_plain["loss/discriminator"], rel=1e-6)
@@ -171,8 +198,8 @@ def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path, distribute
     batch = one.method.to_device(next(one.batches))  # 4 samples
     initial = {name: local_params(getattr(one.method.engines, name).module) for name in ("student", "heads")}
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
-    m_one = one.method.train_step([batch], 0)
-    m_acc = accum.method.train_step(halves, 0)
+    m_one = to_floats(one.method.train_step([batch], 0))
+    m_acc = to_floats(accum.method.train_step(halves, 0))
     assert m_acc["loss/generator"] == pytest.approx(m_one["loss/generator"], rel=1e-5)
     for name in ("student", "heads"):
         a = local_params(getattr(one.method.engines, name).module)
@@ -223,7 +250,7 @@ def test_bf16_on_cpu_runs_a_step(tmp_path, distributed_world_of_one):
     trainer = make_trainer(tmp_path, "deepspeed.precision=bf16")
     batch = trainer.method.to_device(next(trainer.batches))
     assert batch["latent"].dtype == torch.bfloat16
-    m = trainer.method.train_step([batch], 0)
+    m = to_floats(trainer.method.train_step([batch], 0))
     assert all(math.isfinite(v) for v in m.values())
     assert next(trainer.method.engines.student.module.parameters()).dtype == torch.bfloat16
 
@@ -234,8 +261,8 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, distributed_worl
     ckpt = make_trainer(tmp_path / "ckpt", "model.gradient_checkpointing=true", *common)
     assert ckpt.method.engines.teacher.module.transformer.gradient_checkpointing
     batch = plain.method.to_device(next(plain.batches))
-    m_plain = plain.method.train_step([batch], 0)
-    m_ckpt = ckpt.method.train_step([batch], 0)
+    m_plain = to_floats(plain.method.train_step([batch], 0))
+    m_ckpt = to_floats(ckpt.method.train_step([batch], 0))
     assert m_ckpt["loss/generator"] == pytest.approx(m_plain["loss/generator"], rel=1e-6)
     a, b = local_params(plain.method.engines.student.module), local_params(ckpt.method.engines.student.module)
     for key in a:
@@ -275,3 +302,54 @@ def test_export_equals_the_trained_weights(tmp_path, distributed_world_of_one):
     fp32 = sample_latents(sm, ["a prompt"], [0], *size, steps=4, cfg=1.0)
     bf16 = sample_latents(load_sampling_model(out, precision="bf16"), ["a prompt"], [0], *size, steps=4, cfg=1.0)
     assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.float(), fp32, atol=0.1 * fp32.abs().max().item())
+
+
+def test_no_host_sync_from_ladd_ds_between_logging_steps(tmp_path, distributed_world_of_one, monkeypatch):
+    """Between logging steps, ladd_ds code reads nothing back from the device, so a GPU never waits
+    for the host. Counted: Tensor.item / .tolist / .cpu / float() / bool() called from a ladd_ds
+    frame on a floating-point or bool tensor (the device's data: latents, losses, logits, t)
+    outside the logging step and the checkpoint. Integer tensors are the sample ids, which
+    batch_to_device leaves on the host (checked first)."""
+    import os
+    import sys
+
+    from ladd_ds.data.loader import batch_to_device
+
+    raw = {"sample_id": torch.arange(3), "latent": torch.zeros(3, 2)}
+    assert batch_to_device(raw, torch.device("cpu"), torch.bfloat16)["sample_id"] is raw["sample_id"]
+
+    trainer = make_trainer(tmp_path, "logging.every=100", "checkpoint.every=100")
+    calls, allowed = [], [0]
+    marker = os.sep + "ladd_ds" + os.sep
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if not allowed[0] and marker in caller and (self.is_floating_point() or self.dtype == torch.bool):
+                calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    def allowing(method):
+        def wrapper(*args, **kwargs):
+            allowed[0] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                allowed[0] -= 1
+
+        return wrapper
+
+    monkeypatch.setattr(trainer, "_log", allowing(trainer._log))
+    monkeypatch.setattr(trainer, "save", allowing(trainer.save))
+    for name in ("item", "tolist", "cpu", "__float__", "__bool__"):
+        counting(name)
+    trainer.fit(4)
+    monkeypatch.undo()
+    assert trainer.step == 4
+    assert calls == [], calls
+    logged = read_metrics(tmp_path)
+    assert [r["step"] for r in logged] == [4] and math.isfinite(logged[0]["loss/discriminator"])

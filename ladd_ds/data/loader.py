@@ -216,10 +216,17 @@ def build_loader(
     )
 
 
+HOST_KEYS = ("sample_id",)  # read on the host (noise seeds, checkpoint state): never moved to the device
+
+
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a collated batch to `device`, floating-point tensors cast to the training dtype."""
+    """Move a collated batch to `device`, floating-point tensors cast to the training dtype. The
+    sample ids stay on the host, so reading them in the step is no device synchronisation."""
     out = {}
     for k, v in batch.items():
+        if k in HOST_KEYS:
+            out[k] = v
+            continue
         v = v.to(device)
         out[k] = v.to(dtype) if v.is_floating_point() else v
     return out

@@ -16,7 +16,7 @@ import torch
 
 from ladd_ds.config import Config
 from ladd_ds.core import flow
-from ladd_ds.core.noise import per_sample_generators, randn_like_per_sample, randn_per_sample
+from ladd_ds.core.noise import per_sample_generators, randn_like_per_sample, randn_per_sample, to_device
 from ladd_ds.data.loader import batch_to_device
 from ladd_ds.distributed import faults
 from ladd_ds.dpo.loss import dpo_loss, velocity_errors
@@ -47,11 +47,11 @@ class DPOSteps:
     def draw_noise(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per pair: t ~ logit-normal(dpo.t_mean, dpo.t_std) and eps, from the pair's sample id."""
         x = batch["latent_w"]
-        g = per_sample_generators(batch["sample_id"].cpu(), self.cfg.run.seed, self.step, "dpo")
+        g = per_sample_generators(batch["sample_id"], self.cfg.run.seed, self.step, "dpo")  # ids on the host
         d = self.cfg.dpo
         t = torch.sigmoid(d.t_mean + d.t_std * randn_per_sample(g))
         eps = randn_like_per_sample(x, g)
-        return t.to(device=x.device, dtype=torch.float32), eps  # (B,) fp32 (see ladd.flow), (B, C, h, w)
+        return to_device(t, x.device, torch.float32), eps  # (B,) fp32 (see ladd.flow), (B, C, h, w)
 
     def reference_velocity(self, x_t, t, prompt_embeds, pooled) -> torch.Tensor:
         with torch.no_grad():

@@ -19,6 +19,7 @@ from ladd_ds.core.noise import (
     per_sample_generators,
     randn_like_per_sample,
     randn_per_sample,
+    to_device,
 )
 from ladd_ds.data.loader import batch_to_device
 from ladd_ds.distributed import faults
@@ -35,6 +36,16 @@ class Noise:
     eps_fake: torch.Tensor  # (B, C, H, W)
     t_real: torch.Tensor  # (B,) re-noising level of the real latents (D step)
     eps_real: torch.Tensor  # (B, C, H, W)
+
+
+@dataclass
+class Fakes:
+    """What the G step made of a micro-batch, reused by its D step (ladd.reuse_fakes)."""
+
+    x0: torch.Tensor  # (B, C, H, W) the student's clean estimate, detached
+    # The teacher's tapped tokens of its re-noised version (K x (B, N, D), detached): the D step
+    # re-noises the same x0 with the same noise and level, so the teacher would compute them again.
+    features: list[torch.Tensor] | None = None
 
 
 class LADDSteps:
@@ -72,7 +83,7 @@ class LADDSteps:
 
     def draw_noise(self, batch: dict) -> Noise:
         x0 = batch["latent"]
-        ids = batch["sample_id"].cpu()
+        ids = batch["sample_id"]  # (B,) on the host (batch_to_device leaves it there)
         seed, step, ladd = self.cfg.run.seed, self.step, self.cfg.ladd
         g = per_sample_generators(ids, seed, step, "student")
         probs = self.timesteps.probs_at(step)
@@ -84,7 +95,7 @@ class LADDSteps:
             g = per_sample_generators(ids, seed, step, f"renoise_{which}")
             t = torch.sigmoid(ladd.renoise_m + ladd.renoise_s * randn_per_sample(g))
             renoise[which] = (t, randn_like_per_sample(x0, g))
-        as_t = lambda t: t.to(device=x0.device, dtype=torch.float32)  # noqa: E731  t stays fp32 (flow.add_noise)
+        as_t = lambda t: to_device(t, x0.device, torch.float32)  # noqa: E731  t stays fp32 (flow.add_noise)
         return Noise(
             t_student=as_t(t_student),
             eps_student=eps_student,
@@ -137,46 +148,54 @@ class LADDSteps:
             v = v_uncond + self.distill_cfg * (v_cond - v_uncond)
         return flow.x0_from_velocity(x_hat, v, t)  # (B, C, H, W)
 
-    def generator_step(self, batch: dict, noise: Noise) -> tuple[dict, torch.Tensor]:
+    def generator_step(self, batch: dict, noise: Noise) -> tuple[dict, Fakes]:
         heads = self.engines.heads.module
         heads.requires_grad_(False)  # frozen: trainable heads break ZeRO's next head backward
         x0_hat = self.student_x0(batch, noise)
         x_hat = flow.add_noise(x0_hat, noise.eps_fake, noise.t_fake)
-        logits = heads(self.teacher_features(x_hat, noise.t_fake, batch), noise.t_fake, batch["pooled"])
+        features = self.teacher_features(x_hat, noise.t_fake, batch)
+        logits = heads(features, noise.t_fake, batch["pooled"])
         loss_adv = losses.generator_hinge_loss(logits)
         if faults.armed("nan_loss", self.step + 1):
             loss_adv = loss_adv * float("nan")
         loss = loss_adv
-        metrics = {"loss/generator": loss_adv.item()}
+        metrics = {"loss/generator": loss_adv.detach()}  # device tensors: read on logging steps only
         if self.cfg.ladd.distill_weight > 0:
             x0_teacher = self.distill_target(x_hat.detach(), noise.t_fake, batch)
             loss_distill = losses.distillation_loss(x0_hat, x0_teacher)
             loss = loss + self.cfg.ladd.distill_weight * loss_distill
-            metrics["loss/distill"] = loss_distill.item()
+            metrics["loss/distill"] = loss_distill.detach()
         self.engines.student.backward(loss)
         self.engines.student.step()
-        return metrics, x0_hat.detach()
+        return metrics, Fakes(x0_hat.detach(), [f.detach() for f in features])
 
-    def discriminator_step(self, batch: dict, noise: Noise, fake_x0: torch.Tensor | None) -> dict:
+    def discriminator_step(self, batch: dict, noise: Noise, fakes: Fakes | None) -> dict:
+        """Heads update on re-noised real latents and fakes. `fakes`: the G step's (ladd.reuse_fakes);
+        None recomputes them with the updated student. Fakes without features go through the
+        teacher with the reals, in one call on a 2B batch."""
         heads = self.engines.heads
         heads.module.requires_grad_(True)
         b = batch["latent"].shape[0]
+        t_hat = torch.cat([noise.t_real, noise.t_fake])  # (2B,)
+        pooled = torch.cat([batch["pooled"], batch["pooled"]])  # (2B, P)
         with torch.no_grad():
-            if fake_x0 is None:  # ladd.reuse_fakes = false: fakes from the updated student
-                fake_x0 = self.student_x0(batch, noise)
-            x_fake = flow.add_noise(fake_x0, noise.eps_fake, noise.t_fake)
             x_real = flow.add_noise(batch["latent"], noise.eps_real, noise.t_real)
-            t_hat = torch.cat([noise.t_real, noise.t_fake])  # (2B,)
-            both = {k: torch.cat([batch[k], batch[k]]) for k in ("prompt_embeds", "pooled")}
-            features = self.teacher_features(torch.cat([x_real, x_fake]), t_hat, both)
-        logits = heads(features, t_hat, both["pooled"])  # K x (2B, 1, h, w)
+            if fakes is not None and fakes.features is not None:
+                real = self.teacher_features(x_real, noise.t_real, batch)
+                features = [torch.cat([r, f]) for r, f in zip(real, fakes.features)]
+            else:
+                fake_x0 = self.student_x0(batch, noise) if fakes is None else fakes.x0
+                x_fake = flow.add_noise(fake_x0, noise.eps_fake, noise.t_fake)
+                both = {"prompt_embeds": torch.cat([batch["prompt_embeds"], batch["prompt_embeds"]]), "pooled": pooled}
+                features = self.teacher_features(torch.cat([x_real, x_fake]), t_hat, both)
+        logits = heads(features, t_hat, pooled)  # K x (2B, 1, h, w)
         real_logits = [lg[:b] for lg in logits]
         fake_logits = [lg[b:] for lg in logits]
         loss = losses.discriminator_hinge_loss(real_logits, fake_logits)
         metrics = {
-            "loss/discriminator": loss.item(),
-            "d/real_logit": torch.stack([lg.mean() for lg in real_logits]).mean().item(),
-            "d/fake_logit": torch.stack([lg.mean() for lg in fake_logits]).mean().item(),
+            "loss/discriminator": loss.detach(),
+            "d/real_logit": torch.stack([lg.mean() for lg in real_logits]).mean().detach(),
+            "d/fake_logit": torch.stack([lg.mean() for lg in fake_logits]).mean().detach(),
         }
         if self.cfg.ladd.r1_gamma > 0:
             # A second, small heads pass through `.module`: torch.autograd.grad on a graph built by
@@ -187,7 +206,7 @@ class LADDSteps:
             r1_logits = heads.module(real_features, noise.t_real, batch["pooled"])
             penalty = losses.r1_penalty(r1_logits, real_features)
             loss = loss + 0.5 * self.cfg.ladd.r1_gamma * penalty
-            metrics["loss/r1"] = penalty.item()
+            metrics["loss/r1"] = penalty.detach()
         heads.backward(loss)
         heads.step()
         return metrics
@@ -221,5 +240,5 @@ class LADDSteps:
             self.ema.update(self.engines.student.module)
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
         out["health/step_skipped"] = float(not (student_applied and heads_applied))
-        out["t/student_mean"] = float(torch.cat([n.t_student for n in noises]).float().mean())
+        out["t/student_mean"] = torch.cat([n.t_student for n in noises]).mean()
         return out

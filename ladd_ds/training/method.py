@@ -9,7 +9,9 @@ The loop calls, in this order:
   1. `check_config(cfg)`                      before anything is built: fail early, with the key
   2. `ds_configs(cfg, world)`                 one DeepSpeed config per engine, by name
   3. `build(cfg, ds_configs)`                 the engines (resume may have edited the configs)
-  4. `train_step(micro_batches, step)`        per optimizer step; returns float metrics and
+  4. `train_step(micro_batches, step)`        per optimizer step; returns metrics (floats or
+                                              0-dim device tensors, which the loop reads on
+                                              logging steps only) and a float
                                               "health/step_skipped" (1.0 when DeepSpeed skipped
                                               the update for a non-finite gradient norm)
   and, for checkpoints and export, `trainable_engines()`, `trained_module()`, `ema`,

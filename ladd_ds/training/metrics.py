@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 
 class NullLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -52,6 +54,16 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def to_floats(metrics: dict) -> dict[str, float]:
+    """Metrics as Python floats; tensor values (a step's losses, on the device) are read in one
+    copy to the host, the only synchronisation with the device a logging step needs."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if k not in keys}
+    if keys:
+        out.update(zip(keys, torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()))
+    return out
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -33,7 +33,7 @@ from ladd_ds.distributed.ranks import (
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training.ema import gather_full_shadow
 from ladd_ds.training.method import Method
-from ladd_ds.training.metrics import MetricLogger, NullLogger, truncate_after
+from ladd_ds.training.metrics import MetricLogger, NullLogger, to_floats, truncate_after
 
 
 def host_peak_rss_gib() -> float:
@@ -74,7 +74,7 @@ class Trainer:
         self._resume()
         self.preview = self.method.preview()
         self.batches = iterate_forever(self.loader)
-        self.last_sample_ids: list[int] = []
+        self.last_sample_ids = torch.zeros(0, dtype=torch.int64)  # on the host (batch_to_device)
 
     # ------------------------------------------------------------------ setup
 
@@ -155,7 +155,7 @@ class Trainer:
         print0(f"resumed from {path} at step {self.step}" + (" (universal checkpoint)" if self.resume_universal else ""))
 
     def save(self) -> Path:
-        rank_state = {"loader": self.loader.state_dict(), "step": self.step, "last_sample_ids": self.last_sample_ids}
+        rank_state = {"loader": self.loader.state_dict(), "step": self.step, "last_sample_ids": self.last_sample_ids.tolist()}
         if self.method.ema is not None:
             rank_state["ema"] = self.method.ema.state_dict()
         trainer_state = {
@@ -187,7 +187,7 @@ class Trainer:
             faults.maybe_die("exit", self.step + 1)
             faults.maybe_die("kill", self.step + 1)
             micro_batches = [batch_to_device(next(self.batches), ds.device(), self.dtype) for _ in range(cfg.optim.grad_accum)]
-            self.last_sample_ids = torch.cat([b["sample_id"] for b in micro_batches]).tolist()
+            self.last_sample_ids = torch.cat([b["sample_id"] for b in micro_batches])
             start = time.perf_counter()
             metrics = self.method.train_step(micro_batches, self.step)
             elapsed = time.perf_counter() - start
@@ -200,11 +200,7 @@ class Trainer:
             if skipped:
                 print0(f"step {self.step}: non-finite loss or gradient norm, update skipped on every rank")
             if self.step % cfg.logging.every == 0 or self.step == max_steps or skipped:
-                metrics.update(self._perf_metrics(images_per_step, elapsed))
-                metrics = all_reduce_mean(metrics)
-                if is_main():
-                    bar.set_postfix({label: f"{metrics[key]:.3f}" for label, key in self.method.postfix_metrics.items()})
-                self.logger.log(self.step, metrics)
+                self._log(metrics, images_per_step, elapsed, bar)
             if self.preview is not None and (self.step % cfg.logging.sample_every == 0 or self.step == max_steps):
                 self.logger.log_images(self.step, self.preview.grids(self.method.trained_module(), self.dtype))
             if self.step % cfg.checkpoint.every == 0:
@@ -221,6 +217,14 @@ class Trainer:
         bar.close()
         if last_saved is None or self.step % cfg.checkpoint.every != 0:
             self.save()  # a run that reaches max_steps always ends with a checkpoint
+
+    def _log(self, metrics: dict, images_per_step: int, elapsed: float, bar) -> None:
+        """A logging step: the only place the step's metrics (device tensors) are read on the host,
+        all in one copy, then averaged over ranks."""
+        metrics = all_reduce_mean({**to_floats(metrics), **self._perf_metrics(images_per_step, elapsed)})
+        if is_main():
+            bar.set_postfix({label: f"{metrics[key]:.3f}" for label, key in self.method.postfix_metrics.items()})
+        self.logger.log(self.step, metrics)
 
     def _perf_metrics(self, images_per_step: int, elapsed: float) -> dict:
         out = {"throughput/img_per_s": images_per_step / elapsed, "time/step_s": elapsed}
