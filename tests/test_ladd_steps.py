@@ -353,3 +353,27 @@ def test_no_host_sync_from_ladd_ds_between_logging_steps(tmp_path, distributed_w
     assert calls == [], calls
     logged = read_metrics(tmp_path)
     assert [r["step"] for r in logged] == [4] and math.isfinite(logged[0]["loss/discriminator"])
+
+
+def test_distillation_keeps_zero3_prefetch_trace_valid(tmp_path, distributed_world_of_one):
+    """With the distillation loss every teacher call is the same full pass, so ZeRO-3's prefetch
+    trace of the teacher (and of the student) is never invalidated. DeepSpeed reports each
+    invalidation when zero_optimization.log_trace_cache_warnings is on: 4 steps must report none.
+    (A guided target's empty-prompt pass is one more such call; it needs synth data, and
+    test_guided_distillation_target checks its arithmetic.)"""
+    import json
+
+    from tests.conftest import REPO, run_cli
+
+    sets = []
+    for key, name in (("student_config", "zero3"), ("teacher_config", "zero3_frozen"), ("heads_config", "zero2")):
+        template = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+        template["zero_optimization"]["log_trace_cache_warnings"] = True
+        (tmp_path / f"{name}.json").write_text(json.dumps(template))
+        sets += ["--set", f"deepspeed.{key}={tmp_path / f'{name}.json'}"]
+    proc = run_cli(
+        "train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--max-steps", "4",
+        "--set", "ladd.distill_weight=0.5", *sets, launcher="in-process",
+    )
+    assert "ZeRO stages: student 3, heads 2, teacher 3" in proc.stdout
+    assert "Invalidate trace cache" not in proc.stdout + proc.stderr

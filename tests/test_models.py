@@ -39,6 +39,21 @@ def test_taps_on_a_2_to_1_grid_equal_the_blocks_image_tokens():
     assert set(captured) == {0, 1}
 
 
+def test_full_pass_gives_the_taps_and_the_diffusers_velocity():
+    """`velocity=True`: one pass through every block gives the same tapped tokens as the early-
+    stopping pass and the same velocity as diffusers' own forward (on a 2:1 latent)."""
+    model = FlowModel(build_transformer("tiny", seed=0)).eval()
+    x, t, text, pooled = _inputs(h=8, w=16)
+    with torch.no_grad():
+        v = model(x, t, text, pooled)
+        feats = model(x, t, text, pooled, taps=[0, 1])
+        full_feats, full_v = model(x, t, text, pooled, taps=[0, 1], velocity=True)
+    assert full_v.shape == v.shape == x.shape
+    torch.testing.assert_close(full_v, v)
+    for a, b in zip(full_feats, feats):
+        torch.testing.assert_close(a, b)
+
+
 def test_tokens_to_grid_is_row_major_like_patch_embed():
     tokens = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)  # (B, N=2x3, C)
     grid = tokens_to_grid(tokens, 2, 3)

@@ -74,6 +74,10 @@ class LADDSteps:
         self.distill_cfg = distill_cfg
         self.negative = None if negative is None else tuple(x.to(device=device, dtype=self.dtype) for x in negative)
         self.step = 0
+        # With the distillation loss every teacher call is one full pass (tapped tokens and
+        # velocity): the same modules in the same order each time, so ZeRO-3's prefetch trace
+        # stays valid, and the G step's pass gives the distillation target's velocity too.
+        self.full_teacher_pass = cfg.ladd.distill_weight > 0
         self.timesteps = flow.StudentTimesteps(
             cfg.ladd.student_timesteps, cfg.ladd.student_probs, cfg.ladd.warmup_probs, cfg.ladd.warmup_steps
         )
@@ -111,10 +115,18 @@ class LADDSteps:
         v = self.engines.student(x_ts, noise.t_student, batch["prompt_embeds"], batch["pooled"])
         return flow.x0_from_velocity(x_ts, v, noise.t_student)  # (B, C, H, W)
 
-    def teacher_features(self, x: torch.Tensor, t: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+    def teacher_pass(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The teacher's tapped tokens K x (B, D, h, w) of x at t with the conditioning `cond`, and its
+        velocity (B, C, H, W) when every call is a full pass (`full_teacher_pass`), else None."""
         # `.module`: the engine's own backward hook raises for an optimizer-less engine inside a
         # graph the student backpropagates through (docs/method.md, section 7).
-        return self.engines.teacher.module(x, t, batch["prompt_embeds"], batch["pooled"], taps=self.taps)
+        out = self.engines.teacher.module(
+            x, t, cond["prompt_embeds"], cond["pooled"], taps=self.taps, velocity=self.full_teacher_pass
+        )
+        return out if self.full_teacher_pass else (out, None)
+
+    def teacher_features(self, x: torch.Tensor, t: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+        return self.teacher_pass(x, t, batch)[0]
 
     def negative_like(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty prompt's conditioning for every sample of `batch`: (B, L, D) and (B, P)."""
@@ -129,22 +141,19 @@ class LADDSteps:
         return embeds.expand(b, -1, -1), pooled.expand(b, -1)
 
     @torch.no_grad()
-    def distill_target(self, x_hat: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
+    def distill_target(self, x_hat: torch.Tensor, t: torch.Tensor, batch: dict, v_cond: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's x0 on the re-noised student output, with classifier-free guidance at
         `distill_cfg`: v = v(empty) + w (v(prompt) - v(empty)), the same guidance the data was
-        generated with, so that the distillation and the adversarial loss pull the same way."""
+        generated with, so that the distillation and the adversarial loss pull the same way.
+        `v_cond`: the teacher's velocity with the batch's prompts, when the caller has it (the G
+        step's full pass); the empty prompt's is one more full pass."""
         teacher = self.engines.teacher.module
-        if self.distill_cfg == 1.0:
-            v = teacher(x_hat, t, batch["prompt_embeds"], batch["pooled"])
-        else:
+        if v_cond is None:
+            _, v_cond = teacher(x_hat, t, batch["prompt_embeds"], batch["pooled"], taps=self.taps, velocity=True)
+        v = v_cond
+        if self.distill_cfg != 1.0:
             neg_embeds, neg_pooled = self.negative_like(batch)
-            both = teacher(
-                torch.cat([x_hat, x_hat]),
-                torch.cat([t, t]),
-                torch.cat([batch["prompt_embeds"], neg_embeds]),
-                torch.cat([batch["pooled"], neg_pooled]),
-            )  # (2B, C, H, W): one call, so that every rank runs the same ZeRO-3 forwards
-            v_cond, v_uncond = both.chunk(2)
+            _, v_uncond = teacher(x_hat, t, neg_embeds, neg_pooled, taps=self.taps, velocity=True)  # the same full pass
             v = v_uncond + self.distill_cfg * (v_cond - v_uncond)
         return flow.x0_from_velocity(x_hat, v, t)  # (B, C, H, W)
 
@@ -153,7 +162,7 @@ class LADDSteps:
         heads.requires_grad_(False)  # frozen: trainable heads break ZeRO's next head backward
         x0_hat = self.student_x0(batch, noise)
         x_hat = flow.add_noise(x0_hat, noise.eps_fake, noise.t_fake)
-        features = self.teacher_features(x_hat, noise.t_fake, batch)
+        features, v_cond = self.teacher_pass(x_hat, noise.t_fake, batch)  # v_cond: None without distillation
         logits = heads(features, noise.t_fake, batch["pooled"])
         loss_adv = losses.generator_hinge_loss(logits)
         if faults.armed("nan_loss", self.step + 1):
@@ -161,7 +170,7 @@ class LADDSteps:
         loss = loss_adv
         metrics = {"loss/generator": loss_adv.detach()}  # device tensors: read on logging steps only
         if self.cfg.ladd.distill_weight > 0:
-            x0_teacher = self.distill_target(x_hat.detach(), noise.t_fake, batch)
+            x0_teacher = self.distill_target(x_hat.detach(), noise.t_fake, batch, v_cond.detach())
             loss_distill = losses.distillation_loss(x0_hat, x0_teacher)
             loss = loss + self.cfg.ladd.distill_weight * loss_distill
             metrics["loss/distill"] = loss_distill.detach()

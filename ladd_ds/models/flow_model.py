@@ -36,9 +36,10 @@ class FlowModel(nn.Module):
     def feature_dim(self) -> int:
         return self.transformer.inner_dim
 
-    def forward(self, x, t, prompt_embeds, pooled, taps: list[int] | None = None):
+    def forward(self, x, t, prompt_embeds, pooled, taps: list[int] | None = None, velocity: bool = False):
         """Velocity (B, C, H, W) for x at time t in [0, 1]; or, with `taps`, the image tokens after
-        each tapped block as (B, inner_dim, H/p, W/p) grids, stopping after the last tapped block."""
+        each tapped block as (B, inner_dim, H/p, W/p) grids, stopping after the last tapped block;
+        with `taps` and `velocity`, (those grids, the velocity) from one pass through every block."""
         # fp32 whatever the model's dtype (diffusers' sinusoidal embedding computes in fp32 and casts
         # its output): in bf16, 1000 * 0.75 would be rounded to 752.
         timestep = t.float() * TIMESTEP_SCALE  # (B,)
@@ -50,11 +51,11 @@ class FlowModel(nn.Module):
                 timestep=timestep,
                 return_dict=False,
             )[0]
-        return self._tapped_features(x, timestep, prompt_embeds, pooled, taps)
+        return self._tapped_features(x, timestep, prompt_embeds, pooled, taps, velocity)
 
-    def _tapped_features(self, x, timestep, prompt_embeds, pooled, taps):
-        # Mirrors the first half of SD3Transformer2DModel.forward (diffusers 0.39): there is no
-        # hook for intermediate tokens, and stopping early saves the remaining blocks' compute.
+    def _tapped_features(self, x, timestep, prompt_embeds, pooled, taps, velocity):
+        # Mirrors SD3Transformer2DModel.forward (diffusers 0.39): there is no hook for intermediate
+        # tokens, and without `velocity` stopping early saves the remaining blocks' compute.
         tr = self.transformer
         p = tr.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
@@ -63,14 +64,21 @@ class FlowModel(nn.Module):
         context = tr.context_embedder(prompt_embeds)  # (B, L, C)
         wanted = set(taps)
         features = {}
-        for index, block in enumerate(tr.transformer_blocks[: max(taps) + 1]):
+        blocks = tr.transformer_blocks if velocity else tr.transformer_blocks[: max(taps) + 1]
+        for index, block in enumerate(blocks):
             if torch.is_grad_enabled() and tr.gradient_checkpointing:
                 context, hidden = tr._gradient_checkpointing_func(block, hidden, context, temb, None)
             else:
                 context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
             if index in wanted:
                 features[index] = tokens_to_grid(hidden, h, w)  # (B, C, h, w)
-        return [features[i] for i in taps]
+        tapped = [features[i] for i in taps]
+        if not velocity:
+            return tapped
+        out = tr.proj_out(tr.norm_out(hidden, temb))  # (B, N, p * p * C_out)
+        c_out = tr.out_channels
+        out = out.reshape(out.shape[0], h, w, p, p, c_out).permute(0, 5, 1, 3, 2, 4)  # (B, C_out, h, p, w, p)
+        return tapped, out.reshape(out.shape[0], c_out, h * p, w * p)  # (B, C_out, H, W)
 
 
 def build_flow_model(spec: str, seed: int, device: str = "cpu", ds_config: dict | None = None) -> FlowModel:
