@@ -43,7 +43,7 @@ class Fakes:
     """What the G step made of a micro-batch, reused by its D step (ladd.reuse_fakes)."""
 
     x0: torch.Tensor  # (B, C, H, W) the student's clean estimate, detached
-    # The teacher's tapped tokens of its re-noised version (K x (B, N, D), detached): the D step
+    # The teacher's tapped tokens of its re-noised version (K x (B, D, h, w), detached): the D step
     # re-noises the same x0 with the same noise and level, so the teacher would compute them again.
     features: list[torch.Tensor] | None = None
 
