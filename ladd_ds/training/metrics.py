@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +65,37 @@ def to_floats(metrics: dict) -> dict[str, float]:
     if keys:
         out.update(zip(keys, torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()))
     return out
+
+
+class StepTimer:
+    """Wall time of the latest training step, read on logging steps. On a GPU the step's work is
+    only queued when `stop` runs (nothing waits for the device between logging steps), so CUDA
+    events mark its start and end on the stream and `seconds` waits for the end event."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self._start = self._end = None
+        self._elapsed = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._end.record()
+        else:
+            self._elapsed = time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1000.0  # ms -> s
+        return self._elapsed
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from ladd_ds.distributed.ranks import (
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training.ema import gather_full_shadow
 from ladd_ds.training.method import Method
-from ladd_ds.training.metrics import MetricLogger, NullLogger, to_floats, truncate_after
+from ladd_ds.training.metrics import MetricLogger, NullLogger, StepTimer, to_floats, truncate_after
 
 
 def host_peak_rss_gib() -> float:
@@ -183,14 +182,15 @@ class Trainer:
             dynamic_ncols=True,
         )
         last_saved = None
+        timer = StepTimer()
         while self.step < max_steps:
             faults.maybe_die("exit", self.step + 1)
             faults.maybe_die("kill", self.step + 1)
             micro_batches = [batch_to_device(next(self.batches), ds.device(), self.dtype) for _ in range(cfg.optim.grad_accum)]
             self.last_sample_ids = torch.cat([b["sample_id"] for b in micro_batches])
-            start = time.perf_counter()
+            timer.start()
             metrics = self.method.train_step(micro_batches, self.step)
-            elapsed = time.perf_counter() - start
+            timer.stop()
             self.step += 1
             bar.update(1)
             skipped = metrics.pop("health/step_skipped") > 0
@@ -200,7 +200,7 @@ class Trainer:
             if skipped:
                 print0(f"step {self.step}: non-finite loss or gradient norm, update skipped on every rank")
             if self.step % cfg.logging.every == 0 or self.step == max_steps or skipped:
-                self._log(metrics, images_per_step, elapsed, bar)
+                self._log(metrics, images_per_step, timer, bar)
             if self.preview is not None and (self.step % cfg.logging.sample_every == 0 or self.step == max_steps):
                 self.logger.log_images(self.step, self.preview.grids(self.method.trained_module(), self.dtype))
             if self.step % cfg.checkpoint.every == 0:
@@ -218,10 +218,10 @@ class Trainer:
         if last_saved is None or self.step % cfg.checkpoint.every != 0:
             self.save()  # a run that reaches max_steps always ends with a checkpoint
 
-    def _log(self, metrics: dict, images_per_step: int, elapsed: float, bar) -> None:
+    def _log(self, metrics: dict, images_per_step: int, timer: StepTimer, bar) -> None:
         """A logging step: the only place the step's metrics (device tensors) are read on the host,
         all in one copy, then averaged over ranks."""
-        metrics = all_reduce_mean({**to_floats(metrics), **self._perf_metrics(images_per_step, elapsed)})
+        metrics = all_reduce_mean({**to_floats(metrics), **self._perf_metrics(images_per_step, timer.seconds())})
         if is_main():
             bar.set_postfix({label: f"{metrics[key]:.3f}" for label, key in self.method.postfix_metrics.items()})
         self.logger.log(self.step, metrics)
