@@ -123,11 +123,16 @@ def bench_config(args):
     return load_config(args.config, overrides)
 
 
+def training_dtype(cfg) -> torch.dtype:
+    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+
+
 def build_plain_steps(cfg) -> LADDSteps:
-    """LADDSteps on PlainEngines: the models built as the trainer builds them, moved to the device."""
+    """LADDSteps on PlainEngines: the models built as the trainer builds them, moved to the device
+    (the frozen teacher in the training dtype)."""
     device = ds.device()
     teacher, student, heads, taps = build_models(cfg)
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    dtype = training_dtype(cfg)
     teacher.requires_grad_(False).eval().to(device=device, dtype=dtype)
     optim = cfg.optim
     engines = ds.Engines(
@@ -190,7 +195,7 @@ def run(args) -> dict:
     if h % patch or w % patch:
         raise SystemExit(f"--resolution {args.resolution}: must be divisible by {VAE_FACTOR * patch} (VAE factor x patch size)")
     text_len = args.text_len or (333 if model_cfg["joint_attention_dim"] == 4096 else 8)  # SD3: 77 CLIP + 256 T5
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    dtype = training_dtype(cfg)
     device = ds.device()
     batch = synthetic_batch(model_cfg, args.batch, (h, w), text_len, device, dtype)
 
