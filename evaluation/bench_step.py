@@ -7,19 +7,24 @@ DeepSpeed engines and, in the same run, in plain PyTorch with the same step code
 For each engine kind (`--engines plain,deepspeed`, the default) it prints the median step time,
 img/s, the step's FLOPs (torch.utils.flop_counter, forward + backward of every model), the achieved
 TFLOP/s and its ratio to a square matrix product timed in the same run at the same precision (bf16
-on GPU, fp32 on CPU), and peak memory; then the engine step's time over the plain one.
+on GPU, fp32 on CPU), and peak memory; then the engine step's time over the plain one; on a GPU also the peak memory of every phase (forward,
+backward and optimizer step of each engine).
 
 The plain reference (`PlainEngine`) runs `LADDSteps` unchanged on bare modules: student and heads
 in fp32 with AdamW (fused on a GPU) and gradient clipping, under bf16 autocast when the precision is
-bf16; the frozen teacher in the training precision. The DeepSpeed engines are the trainer's own
-(ZeRO stages from the config, or `--zero-stage`). One process; the plain models are freed before
-the engines are built.
+bf16; the frozen teacher in the training precision. The DeepSpeed engines are the trainer's own,
+once per placement of `--placements` (default `auto`: the memory plan's stages, as
+`deepspeed.*_stage: auto` picks them; `config`: the templates' stages; a number N: student and
+heads at ZeRO-N (heads at most 2), the teacher at ZeRO-3 for N = 3 and replicated otherwise). On a
+GPU the SD3 GPU templates (ds_configs/gpu/) are used. One process; each run's models are freed
+before the next ones are built.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import resource
@@ -120,6 +125,9 @@ def bench_config(args):
     ]
     if args.taps is not None:
         overrides.append(f"discriminator.taps={args.taps}")
+    if torch.cuda.is_available():  # overlapped communication, fp32 reduction (ds_configs/gpu/)
+        template = "ds_configs/gpu/sd3_large.json" if args.preset == "sd3-large" else "ds_configs/gpu/sd3_medium.json"
+        overrides += [f"deepspeed.{name}_config={template}" for name in ("student", "teacher", "heads")]
     return load_config(args.config, overrides)
 
 
@@ -144,15 +152,50 @@ def build_plain_steps(cfg) -> LADDSteps:
     return LADDSteps(cfg, engines, taps, device)
 
 
-def build_deepspeed_steps(cfg, zero_stage: int | None) -> LADDSteps:
+def placement_config(cfg, placement: str):
+    """`cfg` with the engines' stages of one --placements entry."""
+    if placement == "config":
+        return cfg
+    if placement == "auto":
+        stages = {"student_stage": "auto", "heads_stage": "auto", "teacher_stage": "auto"}
+    else:
+        n = int(placement)
+        stages = {"student_stage": n, "heads_stage": min(n, 2), "teacher_stage": 3 if n == 3 else 0}
+    return dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, **stages))
+
+
+def build_deepspeed_steps(cfg, placement: str = "config") -> LADDSteps:
+    cfg = placement_config(cfg, placement)
     ds_configs = build_ds_configs(cfg, world=1)
-    if zero_stage is not None:
-        ds_configs["student"]["zero_optimization"] = {"stage": zero_stage}
-        ds_configs["heads"]["zero_optimization"] = {"stage": min(zero_stage, 2)}
-        ds_configs["teacher"]["zero_optimization"] = {"stage": 3 if zero_stage == 3 else 0}
     teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
     engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
     return LADDSteps(cfg, engines, taps, ds.device())
+
+
+class PhaseMemory:
+    """Peak device memory of each phase of a step: every engine's forward, backward and optimizer
+    step, recorded around the calls LADDSteps makes (CUDA only: the CPU allocator keeps no peak)."""
+
+    def __init__(self, engines: ds.Engines):
+        self.peaks: dict[str, float] = {}
+        for name in ("student", "teacher", "heads"):
+            engine = getattr(engines, name)
+            self._wrap(engine.module, "forward", f"{name} forward")
+            if name != "teacher":
+                self._wrap(engine, "backward", f"{name} backward")
+                self._wrap(engine, "step", f"{name} step")
+
+    def _wrap(self, obj, attr: str, phase: str) -> None:
+        original = getattr(obj, attr)
+
+        def recorded(*args, **kwargs):
+            torch.cuda.reset_peak_memory_stats()
+            out = original(*args, **kwargs)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak)
+            return out
+
+        setattr(obj, attr, recorded)
 
 
 def time_steps(steps: LADDSteps, batch: dict, args, autocast) -> dict:
@@ -171,6 +214,12 @@ def time_steps(steps: LADDSteps, batch: dict, args, autocast) -> dict:
             times.append(time.perf_counter() - start)
         with FlopCounterMode(display=False) as counter:
             steps.train_step([batch], args.warmup + args.steps)
+        peak = peak_memory_gib()
+        phases = None
+        if torch.cuda.is_available():  # one more step, recorded phase by phase (not timed)
+            recorder = PhaseMemory(steps.engines)
+            steps.train_step([batch], args.warmup + args.steps + 1)
+            phases = recorder.peaks
     step_s = statistics.median(times)
     return {
         "step_s_median": step_s,
@@ -178,7 +227,8 @@ def time_steps(steps: LADDSteps, batch: dict, args, autocast) -> dict:
         "img_per_s": args.batch / step_s,
         "tflop_per_step": counter.get_total_flops() / 1e12,
         "achieved_tflop_s": counter.get_total_flops() / step_s / 1e12,
-        "peak_memory_gib": peak_memory_gib(),
+        "peak_memory_gib": peak,
+        "phase_peak_memory_gib": phases,
     }
 
 
@@ -201,18 +251,23 @@ def run(args) -> dict:
 
     runs = {}
     taps = None
-    for kind in kinds:
-        if kind == "plain":
+    placements = args.placements.split(",")
+    bad = sorted(set(placements) - {"auto", "config", "0", "1", "2", "3"})
+    if bad:
+        raise SystemExit(f"--placements {args.placements}: {bad} unknown; choose from auto, config, 0, 1, 2, 3")
+    jobs = [("plain", None)] if "plain" in kinds else []
+    jobs += [(f"deepspeed:{p}", p) for p in placements] if "deepspeed" in kinds else []
+    for key, placement in jobs:
+        if placement is None:
             steps = build_plain_steps(cfg)
             bf16 = dtype == torch.bfloat16
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-            runs[kind] = {**time_steps(steps, batch, args, autocast), "placement": "plain PyTorch"}
+            runs[key] = {**time_steps(steps, batch, args, autocast), "placement": "plain PyTorch"}
         else:
-            steps = build_deepspeed_steps(cfg, args.zero_stage)
+            steps = build_deepspeed_steps(cfg, placement)
             stages = {name: ds.zero_stage(c) for name, c in steps.engines.ds_configs.items()}
-            placement = f"ZeRO student {stages['student']}, heads {stages['heads']}, teacher {stages['teacher']}"
-            runs[kind] = {**time_steps(steps, batch, args, contextlib.nullcontext()), "placement": placement}
-            runs[kind]["zero_stage_student"] = stages["student"]
+            described = f"{placement}: ZeRO student {stages['student']}, heads {stages['heads']}, teacher {stages['teacher']}"
+            runs[key] = {**time_steps(steps, batch, args, contextlib.nullcontext()), "placement": described, "stages": stages}
         taps = len(steps.taps)
         del steps
         gc.collect()
@@ -233,8 +288,9 @@ def run(args) -> dict:
         "peak_memory_kind": "cuda max_allocated" if torch.cuda.is_available() else "process max RSS (whole run so far)",
         "runs": runs,
     }
-    if "plain" in runs and "deepspeed" in runs:
-        result["engine_over_plain"] = runs["deepspeed"]["step_s_median"] / runs["plain"]["step_s_median"]
+    if "plain" in runs:
+        plain = runs["plain"]["step_s_median"]
+        result["engine_over_plain"] = {k: r["step_s_median"] / plain for k, r in runs.items() if k != "plain"}
     return result
 
 
@@ -253,8 +309,11 @@ def format_report(r: dict) -> str:
             f"({run['ratio_to_matmul']:.1%} of the matmul)",
             f"    peak memory: {run['peak_memory_gib']:.2f} GiB ({r['peak_memory_kind']})",
         ]
-    if "engine_over_plain" in r:
-        lines.append(f"  engine step / plain step: {r['engine_over_plain']:.2f}x")
+        if run["phase_peak_memory_gib"]:
+            phases = ", ".join(f"{phase} {gib:.2f}" for phase, gib in run["phase_peak_memory_gib"].items())
+            lines.append(f"    peak memory per phase (GiB): {phases}")
+    for key, ratio in r.get("engine_over_plain", {}).items():
+        lines.append(f"  engine step ({key}) / plain step: {ratio:.2f}x")
     return "\n".join(lines)
 
 
@@ -266,7 +325,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--engines", default="plain,deepspeed", help="which steps to time, in this order: plain, deepspeed or both"
     )
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: the config's (ZeRO-3)")
+    p.add_argument(
+        "--placements",
+        default="auto",
+        help="engine placements to time, comma-separated: auto (the memory plan's stages), config (the templates'), or 0-3",
+    )
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

@@ -6,9 +6,9 @@
 # It runs, each with its own time limit so that one hang cannot eat the rest:
 #   1. the GPU tests (pytest -m gpu);
 #   2. a 20-step bf16 LADD training of the tiny config through the command line;
-#   3. the step benchmark at the SD3-medium size (1024x1024, batch 4, bf16): the plain-PyTorch
-#      step and the engine step with the student under ZeRO-3 (teacher sharded), then the engine
-#      step with the student under ZeRO-2 (teacher replicated).
+#   3. the step benchmark at the SD3-medium size (1024x1024, batch 4, bf16, the GPU templates):
+#      the plain-PyTorch step, the engine step with auto placement (on one GPU: every engine at
+#      ZeRO-0) and with everything under ZeRO-3, with peak memory per phase.
 # Every log and result lands in OUT_DIR.
 set -uo pipefail
 out=${1:?usage: device_check.sh OUT_DIR}
@@ -36,8 +36,6 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/
 step pytest_gpu 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 step train_tiny_bf16 100 python3 -m ladd_ds train --config configs/tiny_cpu.yaml --run-dir /tmp/device_run \
     --set deepspeed.precision=bf16 --max-steps 20
-step bench_sd3_medium_zero3 200 python3 -m evaluation.bench_step --preset sd3-medium --resolution 1024 1024 --batch 4 \
-    --engines plain,deepspeed --zero-stage 3 --json "$out/bench_sd3_medium_zero3.json"
-step bench_sd3_medium_zero2 150 python3 -m evaluation.bench_step --preset sd3-medium --resolution 1024 1024 --batch 4 \
-    --engines deepspeed --zero-stage 2 --json "$out/bench_sd3_medium_zero2.json"
+step bench_sd3_medium 400 python3 -m evaluation.bench_step --preset sd3-medium --resolution 1024 1024 --batch 4 \
+    --engines plain,deepspeed --placements auto,3 --json "$out/bench_sd3_medium.json"
 cat "$out/summary.txt"

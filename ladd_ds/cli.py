@@ -21,6 +21,12 @@ def _train_parser(sub, name: str = "train", help: str = "LADD training (also und
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate, build models on the meta device, print sizes, exit")
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run (default: current)")
+    p.add_argument(
+        "--device-memory-gib",
+        type=float,
+        default=None,
+        help="memory per device that `auto` ZeRO stages plan against (sets deepspeed.device_memory_gib; default: this machine's)",
+    )
 
 
 def cmd_train(args) -> int:
@@ -44,6 +50,8 @@ def _run_trainer(args, method, dry_run) -> int:
         overrides.append(f"run.max_steps={args.max_steps}")
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
+    if args.device_memory_gib is not None:
+        overrides.append(f"deepspeed.device_memory_gib={args.device_memory_gib}")
     cfg = load_config(args.config, overrides, command=args.command)
 
     from ladd_ds.distributed.ranks import print0, world_size

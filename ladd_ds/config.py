@@ -163,11 +163,22 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     # JSON templates; relative paths are resolved against the repository root.
-    student_config: str = "ds_configs/zero3.json"
-    teacher_config: str = "ds_configs/zero3_frozen.json"
-    heads_config: str = "ds_configs/zero2.json"
+    student_config: str = "ds_configs/cpu/zero3.json"
+    teacher_config: str = "ds_configs/cpu/zero3_frozen.json"
+    heads_config: str = "ds_configs/cpu/zero2.json"
+    # ZeRO stage per engine, overriding the template's: null keeps the template's; "auto" picks it
+    # from the memory plan (docs/performance.md, "Placement"). The teacher is frozen: 0 or 3.
+    student_stage: Literal["auto", 0, 1, 2, 3] | None = None
+    teacher_stage: Literal["auto", 0, 3] | None = None
+    heads_stage: Literal["auto", 0, 1, 2, 3] | None = None
+    # Memory per device for "auto" (GiB); null: the GPU's, or the host's divided by the ranks per node.
+    device_memory_gib: float | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     dist_backend: str | None = None  # None: nccl on GPU, gloo on CPU
+
+    def validate(self) -> None:
+        if self.device_memory_gib is not None and self.device_memory_gib <= 0:
+            raise ConfigError(f"deepspeed.device_memory_gib: must be > 0 (GiB), got {self.device_memory_gib}")
 
 
 @dataclass

@@ -32,22 +32,25 @@ def bench(*extra):
 def test_bench_times_plain_and_engine_steps_of_the_same_math(distributed_world_of_one):
     full = bench()
     assert full["latent"] == [4, 16, 32] and full["heads"] == 3
-    assert list(full["runs"]) == ["plain", "deepspeed"] and full["runs"]["deepspeed"]["zero_stage_student"] == 3
-    plain, engine = full["runs"]["plain"], full["runs"]["deepspeed"]
+    # auto on one fp32 rank: nothing to shard, every engine at ZeRO-0.
+    assert list(full["runs"]) == ["plain", "deepspeed:auto"]
+    assert full["runs"]["deepspeed:auto"]["stages"] == {"student": 0, "heads": 0, "teacher": 0}
+    plain, engine = full["runs"]["plain"], full["runs"]["deepspeed:auto"]
     for run in (plain, engine):
         for key in ("step_s_median", "img_per_s", "tflop_per_step", "achieved_tflop_s", "peak_memory_gib"):
             assert math.isfinite(run[key]) and run[key] > 0, key
         assert 0 < run["ratio_to_matmul"] < 1.5
     # The same step code on both: the same FLOPs (ZeRO adds communication, not arithmetic).
     assert engine["tflop_per_step"] == pytest.approx(plain["tflop_per_step"], rel=1e-6)
-    assert full["engine_over_plain"] == pytest.approx(engine["step_s_median"] / plain["step_s_median"])
+    assert full["engine_over_plain"]["deepspeed:auto"] == pytest.approx(engine["step_s_median"] / plain["step_s_median"])
+    assert plain["phase_peak_memory_gib"] is None  # CUDA only
     report = bench_step.format_report(full)
-    assert "img/s" in report and "engine step / plain step" in report
+    assert "img/s" in report and "engine step (deepspeed:auto) / plain step" in report
     # Tapping only block 0 lets the teacher stop after its first block: the step must count fewer FLOPs.
-    first_only = bench("--taps", "[0]", "--zero-stage", "0", "--engines", "deepspeed")
-    assert first_only["heads"] == 1 and list(first_only["runs"]) == ["deepspeed"]
-    assert first_only["runs"]["deepspeed"]["zero_stage_student"] == 0
-    assert first_only["runs"]["deepspeed"]["tflop_per_step"] < 0.8 * engine["tflop_per_step"]
+    first_only = bench("--taps", "[0]", "--placements", "3", "--engines", "deepspeed")
+    assert first_only["heads"] == 1 and list(first_only["runs"]) == ["deepspeed:3"]
+    assert first_only["runs"]["deepspeed:3"]["stages"] == {"student": 3, "heads": 2, "teacher": 3}
+    assert first_only["runs"]["deepspeed:3"]["tflop_per_step"] < 0.8 * engine["tflop_per_step"]
 
 
 def test_plain_engine_trains_like_the_deepspeed_engine(distributed_world_of_one):
@@ -58,7 +61,7 @@ def test_plain_engine_trains_like_the_deepspeed_engine(distributed_world_of_one)
     cfg = bench_step.bench_config(args)
     model_cfg = bench_step.resolve_model_config("tiny")
     batch = bench_step.synthetic_batch(model_cfg, 2, (16, 16), 8, torch.device("cpu"), torch.float32)
-    runs = [bench_step.build_plain_steps(cfg), bench_step.build_deepspeed_steps(cfg, zero_stage=0)]
+    runs = [bench_step.build_plain_steps(cfg), bench_step.build_deepspeed_steps(cfg, "0")]
     plain, engine = ([to_floats(steps.train_step([batch], i)) for i in range(3)] for steps in runs)
     assert plain[2]["loss/generator"] != pytest.approx(plain[0]["loss/generator"], rel=1e-3)  # the updates moved it
     for step in range(3):

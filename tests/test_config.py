@@ -65,7 +65,7 @@ def test_cli_bad_inputs_stop_before_any_engine(tmp_path, capsys):
         return err
 
     err = _cli_error(tmp_path, "model.teacher=sd3-huge")
-    assert "model 'sd3-huge' is neither a preset (tiny, demo, sd3-medium, sd3-large) nor an existing folder" in err
+    assert "model 'sd3-huge' is neither a preset (tiny, small, demo, sd3-medium, sd3-large) nor an existing folder" in err
     err = _cli_error(tmp_path, "data.source=mds", f"data.path={tmp_path / 'missing_shards'}")
     assert "missing_shards" in err and "does not exist" in err
     shards = tmp_path / "shards"

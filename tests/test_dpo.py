@@ -358,7 +358,7 @@ def test_dry_run_counts_lora_parameters(capsys):
     total = sum(p.numel() for p in model.parameters())
     trained = sum(model.get_parameter(n).numel() for n in add_lora(model, lora_config(rank=4)))
     assert f"{total + trained:,} parameters, {trained:,} trained" in printed
-    assert "model ZeRO stage 3" in printed and "reference" not in printed
+    assert "model: ZeRO-3" in printed and "reference" not in printed
     assert main(["dpo", "--config", str(DPO_CONFIG), "--dry-run", "--set", "dpo.mode=full"]) == 0
     assert "reference" in capsys.readouterr().out
 

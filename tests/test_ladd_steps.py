@@ -367,7 +367,7 @@ def test_distillation_keeps_zero3_prefetch_trace_valid(tmp_path, distributed_wor
 
     sets = []
     for key, name in (("student_config", "zero3"), ("teacher_config", "zero3_frozen"), ("heads_config", "zero2")):
-        template = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+        template = json.loads((REPO / "ds_configs" / "cpu" / f"{name}.json").read_text())
         template["zero_optimization"]["log_trace_cache_warnings"] = True
         (tmp_path / f"{name}.json").write_text(json.dumps(template))
         sets += ["--set", f"deepspeed.{key}={tmp_path / f'{name}.json'}"]

@@ -94,9 +94,20 @@ def fill_ds_config(
     world_size: int,
     precision: str,
     grad_clip: float = 0.0,
+    stage: int | None = None,
+    trainable: bool = True,
 ) -> dict:
-    """The one function that puts run-config values into a DeepSpeed JSON template."""
+    """The one function that puts run-config values into a DeepSpeed JSON template: batch sizes,
+    precision, clipping, and the ZeRO stage when the run config sets one (`stage`).
+
+    fp32 gradient accumulation (`data_types.grad_accum_dtype`) is dropped where DeepSpeed 0.19.8
+    has none: a bf16 ZeRO-0 engine raises on it, and a frozen engine has no gradients.
+    """
     cfg = json.loads(json.dumps(template))  # deep copy
+    if stage is not None:
+        cfg.setdefault("zero_optimization", {})["stage"] = stage
+    if not trainable or zero_stage(cfg) == 0:
+        cfg.get("data_types", {}).pop("grad_accum_dtype", None)
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     cfg["gradient_accumulation_steps"] = grad_accum
     cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
@@ -111,6 +122,15 @@ def fill_ds_config(
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def device_memory_bytes() -> float:
+    """Memory of this rank's device: the GPU's, or on CPU ranks the host's shared by the ranks of
+    the node (what `auto` placement plans against when deepspeed.device_memory_gib is not set)."""
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def linear_warmup(warmup_steps: int):

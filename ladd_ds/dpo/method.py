@@ -7,53 +7,75 @@ frozen `reference` engine (deepspeed.teacher_config) holds the starting weights.
 
 from __future__ import annotations
 
+import torch
+
 from ladd_ds.config import Config
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0
 from ladd_ds.dpo.steps import DPOEngines, DPOSteps
+from ladd_ds.models.activations import model_activation_bytes
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.lora import add_lora, lora_config_from
-from ladd_ds.training.build import engine_ds_config, memory_plan
+from ladd_ds.training.build import EngineSlot, place_engines, placement_report, planned_shapes
 from ladd_ds.training.method import Method
 
 
-def build_dpo_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
-    configs = {"model": engine_ds_config(cfg, world, "student_config", trainable=True)}
+def dpo_slots(cfg: Config) -> list[EngineSlot]:
+    slots = [EngineSlot("model", "student_config", "student_stage", trainable=True)]
     if cfg.dpo.mode == "full":
-        configs["reference"] = engine_ds_config(cfg, world, "teacher_config", trainable=False)
-    return configs
+        slots.append(EngineSlot("reference", "teacher_config", "teacher_stage", trainable=False))
+    return slots
 
 
-def dpo_dry_run(cfg: Config, world: int) -> str:
-    """Build the model on the meta device (with its LoRA), count parameters, plan memory per rank."""
+def meta_dpo_models(cfg: Config) -> dict:
+    """The model (with its LoRA adapters in LoRA mode) and the full-mode reference, on the meta
+    device: what the memory plan counts."""
     model = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta")
     if cfg.dpo.mode == "lora":
         add_lora(model.transformer, lora_config_from(cfg.dpo.lora))
     else:
         model.requires_grad_(True)
-    configs = build_dpo_ds_configs(cfg, world)
+    models = {"model": model}
+    if cfg.dpo.mode == "full":
+        models["reference"] = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta").requires_grad_(False)
+    return models
+
+
+def dpo_activations(cfg: Config, models: dict) -> tuple[float, str]:
+    """Bytes autograd holds in a DPO step: the model's forward on winners and losers together
+    (2 x micro-batch); the reference runs without gradients."""
+    model = models["model"]
+    h, w, text, note = planned_shapes(cfg, model.transformer.config)
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    batch = 2 * cfg.data.micro_batch_size
+    total = model_activation_bytes(model, batch, (h, w), text, dtype, cfg.model.gradient_checkpointing)
+    return total, f"batch {batch} (winners and losers), {note}"
+
+
+def place_dpo_engines(cfg: Config, world: int, plan_always: bool = False):
+    return place_engines(
+        cfg, world, dpo_slots(cfg), lambda: meta_dpo_models(cfg), lambda m: dpo_activations(cfg, m)[0], plan_always
+    )
+
+
+def build_dpo_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
+    return place_dpo_engines(cfg, world)[0]
+
+
+def dpo_dry_run(cfg: Config, world: int) -> str:
+    """Build the model on the meta device (with its LoRA), count parameters, plan memory per rank."""
+    _, placement = place_dpo_engines(cfg, world, plan_always=True)
+    models = meta_dpo_models(cfg)
+    model = models["model"]
     total = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    precision, gib = cfg.deepspeed.precision, 2**30
-    stage = ds.zero_stage(configs["model"])
-    plans = [("model (frozen part)", memory_plan(total - trained, False, precision, stage, world))]
-    plans.append(("model (trained part)", memory_plan(trained, True, precision, stage, world)))
-    if "reference" in configs:
-        plans.append(("reference", memory_plan(total, False, precision, ds.zero_stage(configs["reference"]), world)))
     lines = [
         f"DPO mode {cfg.dpo.mode}: {total:,} parameters, {trained:,} trained ({100 * trained / total:.2f}%); "
-        f"precision {precision}; world size {world}; model ZeRO stage {stage}",
+        f"precision {cfg.deepspeed.precision}; world size {world}",
         "",
-        f"{'part':<22}{'weights':>10}{'grads':>10}{'optim':>10}{'total GiB/rank':>16}",
     ]
-    for name, plan in plans:
-        lines.append(
-            f"{name:<22}{plan['weights'] / gib:>10.2f}{plan['grads'] / gib:>10.2f}{plan['optimizer'] / gib:>10.2f}"
-            f"{sum(plan.values()) / gib:>16.2f}"
-        )
-    lines.append(f"{'all':<22}{'':>30}{sum(sum(p.values()) for _, p in plans) / gib:>16.2f}")
-    lines.append("Activations, communication buffers and the CUDA context are not included.")
+    lines += placement_report(cfg, placement, dpo_activations(cfg, models)[1])
     return "\n".join(lines)
 
 

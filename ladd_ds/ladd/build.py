@@ -7,11 +7,17 @@ import torch
 
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
-from ladd_ds.distributed import engines as ds
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
-from ladd_ds.models.registry import count_parameters
-from ladd_ds.training.build import check_data_matches_model, dry_run_data_lines, engine_ds_config, memory_plan
+from ladd_ds.models.activations import model_activation_bytes
+from ladd_ds.training.build import (
+    EngineSlot,
+    check_data_matches_model,
+    dry_run_data_lines,
+    place_engines,
+    placement_report,
+    planned_shapes,
+)
 
 
 def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
@@ -53,40 +59,48 @@ def build_models(
     return teacher, student, heads, taps
 
 
+ENGINES = [
+    EngineSlot("student", "student_config", "student_stage", trainable=True),
+    EngineSlot("heads", "heads_config", "heads_stage", trainable=True),
+    EngineSlot("teacher", "teacher_config", "teacher_stage", trainable=False),
+]
+def step_activations(cfg: Config, models: dict) -> tuple[float, str]:
+    """Bytes autograd holds at the peak of a LADD step (the generator step: the student's forward,
+    then the teacher's on the re-noised fakes, which the gradient flows back through), and a note
+    on the shapes assumed."""
+    teacher, student = models["teacher"], models["student"]
+    h, w, text, note = planned_shapes(cfg, teacher.transformer.config)
+    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    args = (cfg.data.micro_batch_size, (h, w), text, dtype, cfg.model.gradient_checkpointing)
+    taps = resolve_taps(cfg.discriminator.taps, teacher.num_blocks)
+    teacher_blocks = teacher.num_blocks if cfg.ladd.distill_weight > 0 else max(taps) + 1
+    total = model_activation_bytes(student, *args) + model_activation_bytes(teacher, *args, blocks_run=teacher_blocks)
+    checkpointing = "on" if cfg.model.gradient_checkpointing else "off"
+    return total, f"batch {cfg.data.micro_batch_size}, {note}, checkpointing {checkpointing}"
+
+
 def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
-    return {
-        "student": engine_ds_config(cfg, world, "student_config", trainable=True),
-        "heads": engine_ds_config(cfg, world, "heads_config", trainable=True),
-        "teacher": engine_ds_config(cfg, world, "teacher_config", trainable=False),
-    }
+    return place_ladd_engines(cfg, world)[0]
+
+
+def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False):
+    """(DeepSpeed config per engine, the memory plan or None): see training.build.place_engines."""
+
+    def meta_models():
+        teacher, student, heads, _ = build_models(cfg, device="meta")
+        return {"teacher": teacher, "student": student, "heads": heads}
+
+    return place_engines(cfg, world, ENGINES, meta_models, lambda models: step_activations(cfg, models)[0], plan_always)
 
 
 def dry_run(cfg: Config, world: int) -> str:
     """Validate, build the models on the meta device, count parameters, plan memory; no engines."""
     check_data_matches_model(cfg)
+    _, placement = place_ladd_engines(cfg, world, plan_always=True)
     teacher, student, heads, taps = build_models(cfg, device="meta")
-    ds_configs = build_ds_configs(cfg, world)
-    gib = 2**30
+    _, note = step_activations(cfg, {"teacher": teacher, "student": student})
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
     lines += dry_run_data_lines(cfg)
     lines.append("")
-    lines.append(f"{'engine':<9}{'params':>15}{'ZeRO':>5}{'weights':>10}{'grads':>10}{'optim':>10}{'total GiB/rank':>16}")
-    total = 0.0
-    for name, model, trainable in (("teacher", teacher, False), ("student", student, True), ("heads", heads, True)):
-        n = count_parameters(model)
-        stage = ds.zero_stage(ds_configs[name])
-        plan = memory_plan(n, trainable, cfg.deepspeed.precision, stage, world)
-        engine_total = sum(plan.values())
-        total += engine_total
-        lines.append(
-            f"{name:<9}{n:>15,}{stage:>5}{plan['weights'] / gib:>10.2f}{plan['grads'] / gib:>10.2f}"
-            f"{plan['optimizer'] / gib:>10.2f}{engine_total / gib:>16.2f}"
-        )
-    lines.append(f"{'all':<9}{'':>15}{'':>5}{'':>10}{'':>10}{'':>10}{total / gib:>16.2f}")
-    lines += [
-        "",
-        "per rank = params x bytes / ranks sharing them: weights 2 B (bf16) or 4 B (fp32); grads 4 B;",
-        "Adam 8 B (+4 B fp32 master in bf16); ZeRO-1 shards optimizer, -2 also grads, -3 also weights.",
-        "Activations, communication buffers and the CUDA context are not included.",
-    ]
+    lines += placement_report(cfg, placement, note)
     return "\n".join(lines)

@@ -31,6 +31,21 @@ PRESETS: dict[str, dict] = {
         pooled_projection_dim=16,
         pos_embed_max_size=32,
     ),
+    # CPU benchmarks one size up from tiny: 6 blocks of width 128, SD3's 16 latent channels and
+    # patch 2 (256 image tokens at 256x256 pixels).
+    "small": dict(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=6,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=256,
+        caption_projection_dim=128,
+        pooled_projection_dim=64,
+        pos_embed_max_size=64,
+    ),
     # The CPU demo's teacher (ladd-ds demo): 12-channel pixel-unshuffle latents of 16x16 and
     # 16x24 images (8x8 and 8x12 latent grids, patch 1: one token per 2x2 pixels), 4 blocks of
     # width 128; tiny SD3-shaped text encoders (two CLIPs of width 32).

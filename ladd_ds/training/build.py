@@ -3,17 +3,25 @@ check, and the memory plan of the --dry-run report."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
 from ladd_ds.data.loader import bucket_dirs
 from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
 from ladd_ds.distributed import engines as ds
+from ladd_ds.distributed.ranks import print0
 from ladd_ds.models.registry import resolve_model_config
+from ladd_ds.training.placement import AUTO, USABLE_FRACTION, EngineNeeds, Placement, choose_placement, format_placement
 
 
-def engine_ds_config(cfg: Config, world: int, template_key: str, trainable: bool) -> dict:
+def engine_ds_config(cfg: Config, world: int, template_key: str, trainable: bool, stage: int | None = None) -> dict:
     """One engine's DeepSpeed config: the JSON template at `deepspeed.<template_key>` with the
-    run's batch sizes and precision (and gradient clipping for a trained engine)."""
+    run's batch sizes and precision (and gradient clipping for a trained engine); with `stage`,
+    that ZeRO stage instead of the template's."""
     return ds.fill_ds_config(
         ds.load_template(getattr(cfg.deepspeed, template_key), f"deepspeed.{template_key}"),
         micro_batch_size=cfg.data.micro_batch_size,
@@ -21,7 +29,31 @@ def engine_ds_config(cfg: Config, world: int, template_key: str, trainable: bool
         world_size=world,
         precision=cfg.deepspeed.precision,
         grad_clip=cfg.optim.grad_clip if trainable else 0.0,
+        stage=stage,
+        trainable=trainable,
     )
+
+
+CLIP_TOKENS = 77  # SD3's conditioning: 77 CLIP tokens, then text.max_sequence_length T5 tokens
+
+
+def planned_shapes(cfg: Config, model_cfg: dict) -> tuple[int, int, int, str]:
+    """(latent height, latent width, text tokens) the memory plan assumes, and a note on where
+    they come from: the random-latent source's, else the model's native size and SD3's
+    conditioning (77 CLIP + text.max_sequence_length T5 tokens)."""
+    if cfg.data.source == "random_latents":
+        rl = cfg.data.random_latents
+        return rl.height, rl.width, rl.text_len, f"latent {rl.height}x{rl.width}, {rl.text_len} text tokens (data.random_latents)"
+    size, text = model_cfg["sample_size"], CLIP_TOKENS + cfg.text.max_sequence_length
+    return size, size, text, f"latent {size}x{size} (the model's sample_size), {text} text tokens"
+
+
+def planned_device_bytes(cfg: Config) -> float:
+    """The device memory `auto` placement plans against: deepspeed.device_memory_gib, or this
+    rank's device."""
+    if cfg.deepspeed.device_memory_gib is not None:
+        return cfg.deepspeed.device_memory_gib * 2**30
+    return ds.device_memory_bytes()
 
 
 def check_data_matches_model(cfg: Config) -> None:
@@ -42,21 +74,87 @@ def check_data_matches_model(cfg: Config) -> None:
             raise InputError(f"data.random_latents: height/width must be divisible by the patch size {factor}")
 
 
-def memory_plan(n_params: int, trainable: bool, precision: str, stage: int, world: int) -> dict[str, float]:
-    """Bytes per rank of weights, gradients and optimizer state for one engine.
+@dataclass(frozen=True)
+class EngineSlot:
+    """One engine of a method: its name, the deepspeed.* keys of its template and stage, whether
+    it trains."""
 
-    weights: 2 bytes/param in bf16, 4 in fp32; gradients: 4 (fp32); Adam: 8 (two fp32 moments)
-    plus a 4-byte fp32 master copy when training in bf16. ZeRO-1 shards the optimizer state,
-    ZeRO-2 also the gradients, ZeRO-3 also the weights, each over `world` ranks.
-    """
-    weight_b = 2 if precision == "bf16" else 4
-    grad_b = 4 if trainable else 0
-    optim_b = (8 + (4 if precision == "bf16" else 0)) if trainable else 0
-    return {
-        "weights": n_params * weight_b / (world if stage >= 3 else 1),
-        "grads": n_params * grad_b / (world if stage >= 2 else 1),
-        "optimizer": n_params * optim_b / (world if stage >= 1 else 1),
-    }
+    name: str
+    template_key: str
+    stage_key: str
+    trainable: bool
+
+
+def place_engines(
+    cfg: Config,
+    world: int,
+    slots: list[EngineSlot],
+    meta_models: Callable[[], dict[str, nn.Module]],
+    activations: Callable[[dict[str, nn.Module]], float],
+    plan_always: bool = False,
+) -> tuple[dict[str, dict], Placement | None]:
+    """Every engine's DeepSpeed config with its ZeRO stage: the template's, the one set in
+    deepspeed.<engine>_stage, or for "auto" the memory plan's (ladd_ds.training.placement).
+
+    The plan needs the models (built on the meta device by `meta_models`) and the activation
+    bytes of a training step (`activations`); it is made only when a stage is "auto" or
+    `plan_always` (the --dry-run report)."""
+    asked = {s.name: getattr(cfg.deepspeed, s.stage_key) for s in slots}
+    templates = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable) for s in slots}
+    if not plan_always and AUTO not in asked.values():
+        return {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, asked[s.name]) for s in slots}, None
+    models = meta_models()
+    needs = [
+        EngineNeeds(
+            name=s.name,
+            model=models[s.name],
+            trainable=s.trainable,
+            stage=ds.zero_stage(templates[s.name]) if asked[s.name] is None else asked[s.name],
+            ds_config=templates[s.name],
+        )
+        for s in slots
+    ]
+    placement = choose_placement(
+        needs,
+        world=world,
+        precision=cfg.deepspeed.precision,
+        grad_accum=cfg.optim.grad_accum,
+        activations=activations(models),
+        device_bytes=planned_device_bytes(cfg),
+    )
+    for s in slots:
+        if asked[s.name] is None:
+            placement.reasons[s.name] = f"the template's ({getattr(cfg.deepspeed, s.template_key)})"
+    configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, placement.stages[s.name]) for s in slots}
+    if not plan_always:
+        for s in slots:
+            if asked[s.name] == AUTO:
+                print0(f"deepspeed.{s.stage_key}: auto -> ZeRO-{placement.stages[s.name]} ({placement.reasons[s.name]})")
+        if not placement.fits:
+            print0(f"warning: the memory plan ({placement.total / 2**30:.1f} GiB per rank) exceeds the device's usable memory; see --dry-run")
+    return configs, placement
+
+
+def placement_report(cfg: Config, placement: Placement, activation_note: str) -> list[str]:
+    """The --dry-run memory table and the reason for every engine's stage."""
+    gib, usable = 2**30, placement.device_bytes * USABLE_FRACTION
+    lines = format_placement(placement)
+    lines.append(f"{'activations':<20}{placement.activations / gib:>59.2f}   {activation_note}")
+    verdict = "fits" if placement.fits else "DOES NOT FIT: training would run out of device memory"
+    lines += [
+        f"{'total':<20}{placement.total / gib:>59.2f}   of {usable / gib:.1f} GiB usable "
+        f"({USABLE_FRACTION:.0%} of {placement.device_bytes / gib:.1f} GiB per device): {verdict}",
+        "",
+        "stages:",
+    ]
+    lines += [f"  {name}: ZeRO-{placement.stages[name]}, {placement.reasons[name]}" for name in placement.stages]
+    lines += [
+        "",
+        "per rank: weights 2 B/param in bf16 (4 in fp32), sharded by ZeRO-3; grads in the model dtype below ZeRO-2,",
+        "an fp32 partition from ZeRO-2 on; Adam 12 B/param in bf16 (8 in fp32), sharded from ZeRO-1 on; buffers:",
+        "reduce / all-gather buckets and ZeRO-3 live parameters (docs/performance.md, \"Placement\").",
+    ]
+    return lines
 
 
 def dry_run_data_lines(cfg: Config, layout: Layout = LATENTS) -> list[str]:

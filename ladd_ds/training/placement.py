@@ -1,0 +1,195 @@
+"""Where each engine's weights live: the per-rank memory plan and the `auto` ZeRO stages.
+
+A run has trainable engines (the student, the discriminator heads; DPO's model) and frozen ones
+(the teacher; DPO's reference). `deepspeed.<engine>_stage: auto` picks each one's ZeRO stage from
+the plan below (docs/performance.md, "Placement"):
+
+- a trainable engine: ZeRO-0 on one rank (there is nothing to shard; ZeRO-1 instead in bf16 with
+  gradient accumulation, the lowest stage that accumulates in fp32), else ZeRO-2 when the run fits
+  the device with it, else ZeRO-3;
+- a frozen engine: replicated (ZeRO-0, no gathers at all) on one rank or when the run fits the
+  device with it replicated next to the trainable engines' chosen stages, else ZeRO-3.
+
+On one rank no stage saves memory; a run that does not fit is reported, not refused (the plan is
+an estimate).
+
+Per-rank bytes of one engine (bf16 training; fp32 doubles weights and has no master copy):
+weights 2 B/param, sharded by ZeRO-3; gradients 2 B/param in the model dtype below ZeRO-2 (plus an
+fp32 copy for ZeRO-1's fp32 accumulation), an fp32 partition of 4 B/param/world from ZeRO-2 on
+(with `data_types.grad_accum_dtype: fp32`; 2 B without); Adam 12 B/param (fp32 master + two
+moments), sharded from ZeRO-1 on; buffers: ZeRO's reduce bucket (doubled with `overlap_comm`), the
+ZeRO-1/2 all-gather bucket and ZeRO-3's live parameters (prefetch bucket plus the largest module,
+capped by `stage3_max_live_parameters`, plus the persistent small parameters). Activations are
+counted from the model code (ladd_ds.models.activations) by the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+GIB = 2**30
+# Fraction of the device memory the plan may fill: the rest is for the CUDA context, the
+# allocator's fragmentation and kernels' workspaces.
+USABLE_FRACTION = 0.9
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class EngineNeeds:
+    """What the plan needs of one engine: its model (built on the meta device), whether it trains,
+    the stage asked for (an int, or "auto") and its DeepSpeed config (buckets, accumulation dtype)."""
+
+    name: str
+    model: nn.Module
+    trainable: bool
+    stage: int | str
+    ds_config: dict
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def n_trained(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) if self.trainable else 0
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    weights: float
+    grads: float
+    optimizer: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.buffers
+
+
+@dataclass
+class Placement:
+    stages: dict[str, int]
+    memory: dict[str, EngineMemory]
+    activations: float
+    device_bytes: float
+    params: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(m.total for m in self.memory.values()) + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device_bytes * USABLE_FRACTION
+
+
+def _zero_settings(ds_config: dict) -> dict:
+    """The zero_optimization values the plan reads, with DeepSpeed's defaults (0.19.8)."""
+    z = ds_config.get("zero_optimization", {})
+    return {
+        "reduce_bucket_size": float(z.get("reduce_bucket_size", 5e8)),
+        "allgather_bucket_size": float(z.get("allgather_bucket_size", 5e8)),
+        "overlap_comm": bool(z.get("overlap_comm", False)),
+        "prefetch": float(z.get("stage3_prefetch_bucket_size", 5e7)),
+        "persistence": float(z.get("stage3_param_persistence_threshold", 1e5)),
+        "max_live": float(z.get("stage3_max_live_parameters", 1e9)),
+    }
+
+
+def _largest_module_params(model: nn.Module) -> int:
+    """Parameters of the largest module that owns parameters directly: ZeRO-3 gathers per module."""
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+
+
+def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -> EngineMemory:
+    """Bytes per rank of one engine at `stage` (the module docstring has the arithmetic)."""
+    bf16 = precision == "bf16"
+    weight_b = 2 if bf16 else 4
+    n, trained = engine.n_params, engine.n_trained
+    z = _zero_settings(engine.ds_config)
+    fp32_accum = bf16 and engine.ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+    comm_b = 4 if engine.ds_config.get("communication_data_type") == "fp32" or not bf16 else 2
+
+    weights = n * weight_b / (world if stage >= 3 else 1)
+    grads = optimizer = buffers = 0.0
+    if trained:
+        if stage >= 2:
+            grads = trained * (4 if fp32_accum else weight_b) / world
+        else:
+            grads = trained * weight_b + (trained * 4 if stage == 1 and fp32_accum else 0)
+        optimizer = trained * (12 if bf16 else 8) / (world if stage >= 1 else 1)
+        if world > 1 or stage >= 1:
+            buffers += min(z["reduce_bucket_size"], trained) * comm_b * (2 if z["overlap_comm"] else 1)
+        if stage in (1, 2):
+            buffers += min(z["allgather_bucket_size"], trained) * weight_b
+    if stage >= 3:
+        persistent = sum(p.numel() for p in engine.model.parameters() if p.numel() < z["persistence"])
+        live = min(z["max_live"], z["prefetch"] + _largest_module_params(engine.model), n)
+        buffers += (persistent + live) * weight_b
+    return EngineMemory(weights=weights, grads=grads, optimizer=optimizer, buffers=buffers)
+
+
+def plan(engines: list[EngineNeeds], stages: dict[str, int], world: int, precision: str, activations: float, device_bytes: float) -> Placement:
+    memory = {e.name: engine_memory(e, stages[e.name], world, precision) for e in engines}
+    params = {e.name: e.n_params for e in engines}
+    return Placement(stages=dict(stages), memory=memory, activations=activations, device_bytes=device_bytes, params=params)
+
+
+def choose_placement(
+    engines: list[EngineNeeds],
+    *,
+    world: int,
+    precision: str,
+    grad_accum: int,
+    activations: float,
+    device_bytes: float,
+) -> Placement:
+    """Resolve every "auto" stage (module docstring); explicit stages are kept as asked."""
+    stages = {e.name: e.stage for e in engines if e.stage != AUTO}
+    reasons = {e.name: "asked for in the config" for e in engines if e.stage != AUTO}
+    trainable = [e for e in engines if e.stage == AUTO and e.trainable]
+    frozen = [e for e in engines if e.stage == AUTO and not e.trainable]
+    usable = device_bytes * USABLE_FRACTION
+
+    def total_with(candidate: dict[str, int]) -> float:
+        # Engines not decided yet are counted at their smallest footprint (ZeRO-3).
+        full = {e.name: candidate.get(e.name, stages.get(e.name, 3)) for e in engines}
+        return plan(engines, full, world, precision, activations, device_bytes).total
+
+    for e in trainable:
+        if world == 1:
+            if precision == "bf16" and grad_accum > 1:
+                stages[e.name], reasons[e.name] = 1, "one rank: nothing to shard; ZeRO-1 accumulates gradients in fp32"
+            else:
+                stages[e.name], reasons[e.name] = 0, "one rank: nothing to shard"
+            continue
+        need = total_with({**stages, e.name: 2})
+        if need <= usable:
+            stages[e.name], reasons[e.name] = 2, f"the run fits with it under ZeRO-2 ({need / GIB:.1f} of {usable / GIB:.1f} GiB)"
+        else:
+            stages[e.name], reasons[e.name] = 3, f"under ZeRO-2 the run needs {need / GIB:.1f} GiB > {usable / GIB:.1f} usable"
+    for e in frozen:
+        need = total_with({**stages, e.name: 0})
+        if world == 1:
+            stages[e.name], reasons[e.name] = 0, "one rank: nothing to shard"
+        elif need <= usable:
+            stages[e.name], reasons[e.name] = 0, f"fits replicated ({need / GIB:.1f} of {usable / GIB:.1f} GiB)"
+        else:
+            stages[e.name], reasons[e.name] = 3, f"replicated the run needs {need / GIB:.1f} GiB > {usable / GIB:.1f} usable"
+    placement = plan(engines, stages, world, precision, activations, device_bytes)
+    placement.reasons = reasons
+    return placement
+
+
+def format_placement(p: Placement) -> list[str]:
+    """The --dry-run table: bytes per rank of every engine at its chosen stage, and why."""
+    lines = [f"{'engine':<9}{'params':>15}{'ZeRO':>5}{'weights':>10}{'grads':>10}{'optim':>10}{'buffers':>10}{'GiB/rank':>10}"]
+    for name, m in p.memory.items():
+        lines.append(
+            f"{name:<9}{p.params[name]:>15,}{p.stages[name]:>5}{m.weights / GIB:>10.2f}{m.grads / GIB:>10.2f}"
+            f"{m.optimizer / GIB:>10.2f}{m.buffers / GIB:>10.2f}{m.total / GIB:>10.2f}"
+        )
+    return lines

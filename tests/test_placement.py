@@ -1,0 +1,184 @@
+"""`auto` ZeRO stages from the memory plan, the plan's arithmetic and activations, and the GPU
+DeepSpeed templates (overlapped communication, fp32 reduction and accumulation) on CPU ranks."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ladd_ds.config import load_config
+from ladd_ds.ladd.build import build_models, place_ladd_engines
+from ladd_ds.models.activations import _fused_attention, block_activation_bytes, model_activation_bytes
+from ladd_ds.models.flow_model import FlowModel
+from ladd_ds.models.registry import build_transformer
+from ladd_ds.training.placement import EngineNeeds, engine_memory
+from tests.conftest import EXACT, REPO, TINY_CONFIG, export, read_metrics, run_cli, train_tiny
+
+GPU_TEMPLATE = "ds_configs/gpu/sd3_medium.json"
+
+
+def meta_linear(n: int, trainable: bool = True) -> torch.nn.Module:
+    with torch.device("meta"):
+        return torch.nn.Linear(n, 1, bias=False).requires_grad_(trainable)
+
+
+def test_engine_memory_counts_each_stage_and_dtype():
+    n, world = 1000, 4
+    bf16_fp32_accum = {"data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"reduce_bucket_size": 10}}
+    e = EngineNeeds("student", meta_linear(n), True, "auto", bf16_fp32_accum)
+    # ZeRO-3 in bf16: 2 B weights, an fp32 gradient partition, 12 B Adam (master + moments), all / world.
+    m = engine_memory(e, 3, world, "bf16")
+    assert (m.weights, m.grads, m.optimizer) == (n * 2 / world, n * 4 / world, n * 12 / world)
+    # ZeRO-2 keeps the weights whole; ZeRO-1 keeps bf16 grads whole plus its fp32 accumulation copy.
+    assert engine_memory(e, 2, world, "bf16").weights == n * 2
+    m1 = engine_memory(e, 1, world, "bf16")
+    assert (m1.grads, m1.optimizer) == (n * 2 + n * 4, n * 12 / world)
+    # Without fp32 accumulation ZeRO-2's partition is in the model dtype; fp32 runs have no master copy.
+    plain = EngineNeeds("student", meta_linear(n), True, "auto", {})
+    assert engine_memory(plain, 2, world, "bf16").grads == n * 2 / world
+    assert engine_memory(plain, 0, 1, "fp32").optimizer == n * 8
+    # Buffers: the reduce bucket (capped by the model, doubled with overlap_comm, fp32 communication).
+    overlap = {"communication_data_type": "fp32", "zero_optimization": {"reduce_bucket_size": 100, "overlap_comm": True, "allgather_bucket_size": 0}}
+    assert engine_memory(EngineNeeds("s", meta_linear(n), True, "auto", overlap), 2, world, "bf16").buffers == 100 * 4 * 2
+    # A frozen engine holds weights only (and ZeRO-3's gathered parameters).
+    frozen = engine_memory(EngineNeeds("teacher", meta_linear(n, False), False, "auto", {}), 0, world, "bf16")
+    assert (frozen.weights, frozen.grads, frozen.optimizer, frozen.buffers) == (n * 2, 0, 0, 0)
+
+
+def test_block_activations_on_meta_equal_a_real_forward():
+    """The plan's count on meta tensors is what autograd keeps in a real forward of the same block
+    (attention counted as a fused kernel in both)."""
+    block = build_transformer("tiny", seed=0).transformer_blocks[0]
+    batch, tokens, text, width = 2, 16, 8, block.norm1.linear.in_features
+    with torch.device("meta"):
+        meta_block = build_transformer("tiny", seed=0, device="meta").transformer_blocks[0]
+    planned = block_activation_bytes(meta_block, batch, tokens, text, width, torch.float32)
+
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    inputs = [torch.randn(batch, tokens, width), torch.randn(batch, text, width), torch.randn(batch, width)]
+    inputs = [x.requires_grad_() for x in inputs]
+    with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(hidden_states=inputs[0], encoder_hidden_states=inputs[1], temb=inputs[2])
+    assert planned.saved == sum(saved.values())
+    assert planned.inputs == sum(x.numel() * 4 for x in inputs)
+    # Checkpointing keeps the inputs of every block and one block's activations.
+    model = FlowModel(build_transformer("tiny", seed=0, device="meta"))
+    full = model_activation_bytes(model, batch, (8, 8), text, torch.float32, checkpointing=False)
+    ckpt = model_activation_bytes(model, batch, (8, 8), text, torch.float32, checkpointing=True)
+    assert full == 3 * planned.saved and ckpt == 3 * planned.inputs + planned.saved < full
+
+
+def sd3_config(preset: str, *sets: str):
+    config = REPO / "configs" / ("sd3_medium.yaml" if preset == "sd3-medium" else "sd3_large.yaml")
+    return load_config(config, ["data.source=random_latents", *sets])
+
+
+@pytest.mark.parametrize(
+    ("preset", "world", "gib", "expected"),
+    [
+        # 2B on 8 x 80 GiB: ZeRO-2 student, replicated teacher (DeepSpeed's gathers only where needed).
+        ("sd3-medium", 8, 80, {"student": 2, "heads": 2, "teacher": 0}),
+        # 8B on 8 x 40 GiB: the student's ZeRO-2 state does not fit, nor a replicated teacher.
+        ("sd3-large", 8, 40, {"student": 3, "heads": 2, "teacher": 3}),
+        # 8B on 64 x 40 GiB: sharded optimizer state is small, the 15 GiB teacher still is not.
+        ("sd3-large", 64, 40, {"student": 2, "heads": 2, "teacher": 3}),
+        # One rank: nothing to shard.
+        ("sd3-medium", 1, 141, {"student": 0, "heads": 0, "teacher": 0}),
+    ],
+)
+def test_auto_stages_follow_the_memory_plan(preset, world, gib, expected):
+    rl = ["data.random_latents.height=128", "data.random_latents.width=128", "data.random_latents.text_len=333",
+          "data.random_latents.latent_channels=16", "data.random_latents.text_dim=4096", "data.random_latents.pooled_dim=2048"]  # fmt: skip
+    cfg = sd3_config(preset, *rl, f"deepspeed.device_memory_gib={gib}")
+    configs, placement = place_ladd_engines(cfg, world)
+    assert placement.stages == expected and placement.fits
+    for name, stage in expected.items():
+        assert configs[name]["zero_optimization"]["stage"] == stage
+        # DeepSpeed 0.19.8 has no fp32 accumulation at ZeRO-0 (it raises): the key is dropped there.
+        assert ("grad_accum_dtype" in configs[name].get("data_types", {})) == (stage > 0 and name != "teacher")
+    # bf16 with gradient accumulation on one rank: ZeRO-1 is the lowest stage accumulating in fp32.
+    if world == 1:
+        cfg = sd3_config(preset, *rl, f"deepspeed.device_memory_gib={gib}", "optim.grad_accum=2")
+        assert place_ladd_engines(cfg, world)[1].stages["student"] == 1
+
+
+def test_explicit_stages_are_kept():
+    cfg = load_config(TINY_CONFIG, ["deepspeed.student_stage=2", "deepspeed.teacher_stage=0"])
+    configs, placement = place_ladd_engines(cfg, 4)
+    assert placement is None  # no "auto": no plan
+    assert [configs[n]["zero_optimization"]["stage"] for n in ("student", "heads", "teacher")] == [2, 2, 0]
+
+
+def test_dry_run_prints_the_choice_and_why():
+    out = run_cli(
+        "train", "--config", str(REPO / "configs" / "sd3_medium.yaml"), "--dry-run", "--world-size", "8",
+        "--device-memory-gib", "24", launcher="in-process",
+    ).stdout  # fmt: skip
+    assert "student: ZeRO-2, the run fits with it under ZeRO-2" in out
+    assert "teacher: ZeRO-0, fits replicated" in out
+    assert "of 21.6 GiB usable (90% of 24.0 GiB per device): fits" in out
+    assert "activations" in out and "checkpointing on" in out
+    tight = run_cli(
+        "train", "--config", str(REPO / "configs" / "sd3_medium.yaml"), "--dry-run", "--world-size", "8",
+        "--device-memory-gib", "12", launcher="in-process",
+    ).stdout  # fmt: skip
+    assert "teacher: ZeRO-3, replicated the run needs" in tight
+
+
+@pytest.mark.multiproc
+def test_gpu_templates_with_auto_stages_on_two_ranks(tmp_path, reference_runs):
+    """The SD3 GPU template (overlap_comm, fp32 communication and accumulation) with auto stages
+    on 2 CPU ranks: in fp32 it trains exactly what one process does; in bf16 with gradient
+    accumulation it runs, and its first step computes the fp32 run's losses within bf16 round-off."""
+    from safetensors.torch import load_file
+
+    ref_dir = reference_runs(1)
+    reference = export(ref_dir, tmp_path / "ref", step=4)
+    ref = load_file(reference / "transformer" / "diffusion_pytorch_model.safetensors")
+    gpu = [f"deepspeed.{k}_config={GPU_TEMPLATE}" for k in ("student", "teacher", "heads")]
+    gpu += [f"deepspeed.{k}_stage=auto" for k in ("student", "teacher", "heads")]
+    runs = {
+        "fp32": ["data.micro_batch_size=4"],
+        "bf16": ["data.micro_batch_size=2", "optim.grad_accum=2", "deepspeed.precision=bf16"],
+    }
+    for name, sets in runs.items():
+        run_dir = tmp_path / name
+        proc = train_tiny(run_dir, 4, [*EXACT, *gpu, *sets, "checkpoint.every=4"], nproc=2)
+        assert "ZeRO stages: student 2, heads 2, teacher 0" in proc.stdout
+        ds_student = json.loads((run_dir / "ds_config_student.json").read_text())
+        assert ds_student["zero_optimization"]["overlap_comm"] and ds_student["communication_data_type"] == "fp32"
+        assert ds_student["data_types"]["grad_accum_dtype"] == "fp32"
+        if name == "fp32":
+            out = load_file(export(run_dir, tmp_path / "export") / "transformer" / "diffusion_pytorch_model.safetensors")
+            for key in ref:
+                torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-4)
+        else:
+            first, want = read_metrics(run_dir)[0], read_metrics(ref_dir)[0]
+            assert all(math.isfinite(r["loss/generator"]) for r in read_metrics(run_dir))
+            for key in ("loss/generator", "loss/discriminator"):
+                assert first[key] == pytest.approx(want[key], rel=0.05, abs=0.02), key
+    initial = build_transformer("tiny", seed=0).state_dict()
+    assert max((ref[k] - initial[k]).abs().max() for k in initial) > 50 * 1e-5  # moved beyond the tolerance
+
+
+def test_bf16_zero2_accumulates_gradients_in_fp32(distributed_world_of_one):
+    """What the GPU template's data_types.grad_accum_dtype buys: a bf16 ZeRO-2 engine keeps its
+    gradient partition in fp32 (DeepSpeed drops the key at ZeRO-0, where it has none)."""
+    from ladd_ds.distributed import engines as ds
+    from ladd_ds.training.build import engine_ds_config
+
+    sets = [f"deepspeed.student_config={GPU_TEMPLATE}", "deepspeed.precision=bf16", "optim.grad_accum=2"]
+    cfg = load_config(TINY_CONFIG, sets)
+    _, student, _, _ = build_models(cfg)
+    engine = ds.trainable_engine(student, engine_ds_config(cfg, 1, "student_config", True, stage=2), 1e-3, cfg.optim)
+    assert engine.optimizer.gradient_accumulation_dtype == torch.float32
+    assert engine.optimizer.dtype == torch.bfloat16
