@@ -105,7 +105,7 @@ def test_auto_stages_follow_the_memory_plan(preset, world, gib, expected):
         assert configs[name]["zero_optimization"]["stage"] == stage
         # DeepSpeed 0.19.8 has no fp32 accumulation at ZeRO-0 (it raises): the key is dropped there.
         assert ("grad_accum_dtype" in configs[name].get("data_types", {})) == (stage > 0 and name != "teacher")
-    # bf16 with gradient accumulation on one rank: ZeRO-1 is the lowest stage accumulating in fp32.
+    # bf16 with gradient accumulation on one rank: ZeRO-1 is the lowest stage accumulating in fp32 (the SD3 configs ask for it).
     if world == 1:
         cfg = sd3_config(preset, *rl, f"deepspeed.device_memory_gib={gib}", "optim.grad_accum=2")
         assert place_ladd_engines(cfg, world)[1].stages["student"] == 1
@@ -182,3 +182,21 @@ def test_bf16_zero2_accumulates_gradients_in_fp32(distributed_world_of_one):
     engine = ds.trainable_engine(student, engine_ds_config(cfg, 1, "student_config", True, stage=2), 1e-3, cfg.optim)
     assert engine.optimizer.gradient_accumulation_dtype == torch.float32
     assert engine.optimizer.dtype == torch.bfloat16
+
+
+def test_auto_on_one_rank_trains_in_bf16(tmp_path):
+    """auto on one rank: every engine at ZeRO-0 (bf16 weights, DeepSpeed's fp32 master copy), and
+    the trained ones at ZeRO-1 when gradients are accumulated and the template asks for fp32
+    accumulation (the GPU templates); both train."""
+    auto = [f"deepspeed.{k}_stage=auto" for k in ("student", "teacher", "heads")]
+    gpu = [f"deepspeed.{k}_config={GPU_TEMPLATE}" for k in ("student", "teacher", "heads")]
+    for name, extra in (("accum1", []), ("accum2", [*gpu, "optim.grad_accum=2", "data.micro_batch_size=2"])):
+        run_dir = tmp_path / name
+        sets = [*auto, *extra, "deepspeed.precision=bf16", "logging.progress_bar=false"]
+        proc = train_tiny(run_dir, 2, sets, launcher="in-process")
+        student = 1 if extra else 0
+        assert f"ZeRO stages: student {student}, heads {student}, teacher 0" in proc.stdout
+        assert f"deepspeed.student_stage: auto -> ZeRO-{student} (one rank" in proc.stdout
+        records = read_metrics(run_dir)
+        assert [r["step"] for r in records] == [1, 2]
+        assert all(math.isfinite(r[k]) for r in records for k in ("loss/generator", "loss/discriminator", "grad_norm/student"))

@@ -5,8 +5,8 @@ A run has trainable engines (the student, the discriminator heads; DPO's model) 
 the plan below (docs/performance.md, "Placement"):
 
 - a trainable engine: ZeRO-0 on one rank (there is nothing to shard; ZeRO-1 instead in bf16 with
-  gradient accumulation, the lowest stage that accumulates in fp32), else ZeRO-2 when the run fits
-  the device with it, else ZeRO-3;
+  gradient accumulation when its template asks for fp32 accumulation: the lowest stage that has
+  it), else ZeRO-2 when the run fits the device with it, else ZeRO-3;
 - a frozen engine: replicated (ZeRO-0, no gathers at all) on one rank or when the run fits the
   device with it replicated next to the trainable engines' chosen stages, else ZeRO-3.
 
@@ -99,6 +99,10 @@ def _zero_settings(ds_config: dict) -> dict:
     }
 
 
+def _fp32_accumulation(ds_config: dict) -> bool:
+    return ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+
+
 def _largest_module_params(model: nn.Module) -> int:
     """Parameters of the largest module that owns parameters directly: ZeRO-3 gathers per module."""
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
@@ -110,7 +114,7 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
     weight_b = 2 if bf16 else 4
     n, trained = engine.n_params, engine.n_trained
     z = _zero_settings(engine.ds_config)
-    fp32_accum = bf16 and engine.ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+    fp32_accum = bf16 and _fp32_accumulation(engine.ds_config)
     comm_b = 4 if engine.ds_config.get("communication_data_type") == "fp32" or not bf16 else 2
 
     weights = n * weight_b / (world if stage >= 3 else 1)
@@ -161,7 +165,7 @@ def choose_placement(
 
     for e in trainable:
         if world == 1:
-            if precision == "bf16" and grad_accum > 1:
+            if precision == "bf16" and grad_accum > 1 and _fp32_accumulation(e.ds_config):
                 stages[e.name], reasons[e.name] = 1, "one rank: nothing to shard; ZeRO-1 accumulates gradients in fp32"
             else:
                 stages[e.name], reasons[e.name] = 0, "one rank: nothing to shard"
