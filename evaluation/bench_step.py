@@ -34,6 +34,7 @@ from ladd_ds.distributed import engines as ds
 from ladd_ds.ladd.build import build_ds_configs, build_models
 from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.models.registry import resolve_model_config
+from ladd_ds.training.build import training_dtype
 
 VAE_FACTOR = 8  # SD3 VAE: 8x spatial downsampling
 ENGINE_KINDS = ("plain", "deepspeed")
@@ -121,10 +122,6 @@ def bench_config(args):
     if args.taps is not None:
         overrides.append(f"discriminator.taps={args.taps}")
     return load_config(args.config, overrides)
-
-
-def training_dtype(cfg) -> torch.dtype:
-    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
 
 def build_plain_steps(cfg) -> LADDSteps:

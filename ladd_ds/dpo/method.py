@@ -14,7 +14,7 @@ from ladd_ds.distributed.ranks import print0
 from ladd_ds.dpo.steps import DPOEngines, DPOSteps
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.lora import add_lora, lora_config_from
-from ladd_ds.training.build import engine_ds_config, memory_plan
+from ladd_ds.training.build import engine_ds_config, memory_plan, training_dtype
 from ladd_ds.training.method import Method
 
 
@@ -76,7 +76,8 @@ class DPOMethod(DPOSteps, Method):
 
     @classmethod
     def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> DPOMethod:
-        model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["model"])
+        dtype = training_dtype(cfg)
+        model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["model"], dtype=dtype)
         if cfg.model.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
         reference = None
@@ -84,7 +85,7 @@ class DPOMethod(DPOSteps, Method):
             trainable = add_lora(model.transformer, lora_config_from(cfg.dpo.lora), seed=cfg.run.seed)
             print0(f"LoRA rank {cfg.dpo.lora.rank} on {len(trainable) // 2} layers; the reference is the model with adapters off")
         else:
-            ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["reference"])
+            ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["reference"], dtype=dtype)
             ref_model.requires_grad_(False).eval()
             reference = ds.frozen_engine(ref_model, ds_configs["reference"])
         engine = ds.trainable_engine(model, ds_configs["model"], cfg.dpo.lr, cfg.optim)

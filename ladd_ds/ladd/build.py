@@ -11,7 +11,7 @@ from ladd_ds.distributed import engines as ds
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
 from ladd_ds.models.registry import count_parameters
-from ladd_ds.training.build import check_data_matches_model, dry_run_data_lines, engine_ds_config, memory_plan
+from ladd_ds.training.build import check_data_matches_model, dry_run_data_lines, engine_ds_config, memory_plan, training_dtype
 
 
 def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
@@ -26,17 +26,20 @@ def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
 
 
 def build_models(
-    cfg: Config, device: str = "cpu", ds_configs: dict[str, dict] | None = None
+    cfg: Config, device: str | None = None, ds_configs: dict[str, dict] | None = None
 ) -> tuple[FlowModel, FlowModel, DiscriminatorHeads, list[int]]:
     """Teacher, student and heads. The student starts as a copy of the teacher (built again from
     the same preset seed or folder, which also works when both are partitioned under ZeRO-3)
-    unless model.student names its own. With `ds_configs`, ZeRO-3 models are built partitioned."""
+    unless model.student names its own. With `ds_configs` (for engines), teacher and student are
+    built in the training precision, partitioned under ZeRO-3 and on this rank's device otherwise;
+    without, in fp32 on the host (or `device`)."""
+    dtype = training_dtype(cfg) if ds_configs else torch.float32
     ds_configs = ds_configs or {}
-    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"))
+    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"), dtype)
     if cfg.model.student is None:
-        student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"))
+        student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"), dtype)
     else:
-        student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"))
+        student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"), dtype)
     if cfg.model.gradient_checkpointing:
         teacher.transformer.enable_gradient_checkpointing()
         student.transformer.enable_gradient_checkpointing()

@@ -3,6 +3,8 @@ check, and the memory plan of the --dry-run report."""
 
 from __future__ import annotations
 
+import torch
+
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
 from ladd_ds.data.loader import bucket_dirs
@@ -22,6 +24,11 @@ def engine_ds_config(cfg: Config, world: int, template_key: str, trainable: bool
         precision=cfg.deepspeed.precision,
         grad_clip=cfg.optim.grad_clip if trainable else 0.0,
     )
+
+
+def training_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of deepspeed.precision: the one models are built in for their engines."""
+    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
 
 def check_data_matches_model(cfg: Config) -> None:
