@@ -39,6 +39,7 @@ from ladd_ds.distributed import engines as ds
 from ladd_ds.ladd.build import build_ds_configs, build_models
 from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.models.registry import resolve_model_config
+from ladd_ds.training.build import training_dtype
 
 VAE_FACTOR = 8  # SD3 VAE: 8x spatial downsampling
 ENGINE_KINDS = ("plain", "deepspeed")
@@ -129,10 +130,6 @@ def bench_config(args):
         template = "ds_configs/gpu/sd3_large.json" if args.preset == "sd3-large" else "ds_configs/gpu/sd3_medium.json"
         overrides += [f"deepspeed.{name}_config={template}" for name in ("student", "teacher", "heads")]
     return load_config(args.config, overrides)
-
-
-def training_dtype(cfg) -> torch.dtype:
-    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
 
 def build_plain_steps(cfg) -> LADDSteps:

@@ -17,7 +17,7 @@ from ladd_ds.dpo.steps import DPOEngines, DPOSteps
 from ladd_ds.models.activations import model_activation_bytes
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.lora import add_lora, lora_config_from
-from ladd_ds.training.build import EngineSlot, place_engines, placement_report, planned_shapes
+from ladd_ds.training.build import EngineSlot, place_engines, placement_report, planned_shapes, training_dtype
 from ladd_ds.training.method import Method
 
 
@@ -47,7 +47,7 @@ def dpo_activations(cfg: Config, models: dict) -> tuple[float, str]:
     (2 x micro-batch); the reference runs without gradients."""
     model = models["model"]
     h, w, text, note = planned_shapes(cfg, model.transformer.config)
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    dtype = training_dtype(cfg)
     batch = 2 * cfg.data.micro_batch_size
     total = model_activation_bytes(model, batch, (h, w), text, dtype, cfg.model.gradient_checkpointing)
     return total, f"batch {batch} (winners and losers), {note}"
@@ -98,7 +98,8 @@ class DPOMethod(DPOSteps, Method):
 
     @classmethod
     def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> DPOMethod:
-        model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["model"])
+        dtype = training_dtype(cfg)
+        model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["model"], dtype=dtype)
         if cfg.model.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
         reference = None
@@ -106,7 +107,7 @@ class DPOMethod(DPOSteps, Method):
             trainable = add_lora(model.transformer, lora_config_from(cfg.dpo.lora), seed=cfg.run.seed)
             print0(f"LoRA rank {cfg.dpo.lora.rank} on {len(trainable) // 2} layers; the reference is the model with adapters off")
         else:
-            ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["reference"])
+            ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["reference"], dtype=dtype)
             ref_model.requires_grad_(False).eval()
             reference = ds.frozen_engine(ref_model, ds_configs["reference"])
         engine = ds.trainable_engine(model, ds_configs["model"], cfg.dpo.lr, cfg.optim)

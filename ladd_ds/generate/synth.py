@@ -29,7 +29,7 @@ from ladd_ds.data.schema import MANIFEST_FILE, NEGATIVE_PROMPT_FILE
 from ladd_ds.data.writer import write_negative_prompt, write_samples
 from ladd_ds.distributed import faults
 from ladd_ds.distributed.ranks import barrier, is_main, print0, rank, world_size
-from ladd_ds.sampling import TeacherSampler, load_text_encoder
+from ladd_ds.sampling import PRECISIONS, TeacherSampler, load_text_encoder
 
 PART_FILE = "part.indices"  # not *.json: streaming's merge_index reads every json as an index
 MANIFEST = MANIFEST_FILE
@@ -197,10 +197,10 @@ def build_teacher(cfg: Config):
         teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_config).transformer
         teacher.requires_grad_(False)
         return ds.frozen_engine(teacher, ds_config).module, "partitioned (ZeRO-3)"
-    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed).transformer.to(ds.device()).eval()
+    dtype = PRECISIONS[cfg.deepspeed.precision]
+    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device=ds.device(), dtype=dtype).transformer
+    teacher.eval()
     teacher.requires_grad_(False)
-    if cfg.deepspeed.precision == "bf16":
-        teacher.to(torch.bfloat16)
     return teacher, fingerprint(teacher)
 
 

@@ -7,9 +7,9 @@ import torch
 
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
+from ladd_ds.models.activations import model_activation_bytes
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
-from ladd_ds.models.activations import model_activation_bytes
 from ladd_ds.training.build import (
     EngineSlot,
     check_data_matches_model,
@@ -17,6 +17,7 @@ from ladd_ds.training.build import (
     place_engines,
     placement_report,
     planned_shapes,
+    training_dtype,
 )
 
 
@@ -32,17 +33,20 @@ def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
 
 
 def build_models(
-    cfg: Config, device: str = "cpu", ds_configs: dict[str, dict] | None = None
+    cfg: Config, device: str | None = None, ds_configs: dict[str, dict] | None = None
 ) -> tuple[FlowModel, FlowModel, DiscriminatorHeads, list[int]]:
     """Teacher, student and heads. The student starts as a copy of the teacher (built again from
     the same preset seed or folder, which also works when both are partitioned under ZeRO-3)
-    unless model.student names its own. With `ds_configs`, ZeRO-3 models are built partitioned."""
+    unless model.student names its own. With `ds_configs` (for engines), teacher and student are
+    built in the training precision, partitioned under ZeRO-3 and on this rank's device otherwise;
+    without, in fp32 on the host (or `device`)."""
+    dtype = training_dtype(cfg) if ds_configs else torch.float32
     ds_configs = ds_configs or {}
-    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"))
+    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"), dtype)
     if cfg.model.student is None:
-        student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"))
+        student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"), dtype)
     else:
-        student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"))
+        student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"), dtype)
     if cfg.model.gradient_checkpointing:
         teacher.transformer.enable_gradient_checkpointing()
         student.transformer.enable_gradient_checkpointing()
@@ -70,7 +74,7 @@ def step_activations(cfg: Config, models: dict) -> tuple[float, str]:
     on the shapes assumed."""
     teacher, student = models["teacher"], models["student"]
     h, w, text, note = planned_shapes(cfg, teacher.transformer.config)
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    dtype = training_dtype(cfg)
     args = (cfg.data.micro_batch_size, (h, w), text, dtype, cfg.model.gradient_checkpointing)
     taps = resolve_taps(cfg.discriminator.taps, teacher.num_blocks)
     teacher_blocks = teacher.num_blocks if cfg.ladd.distill_weight > 0 else max(taps) + 1

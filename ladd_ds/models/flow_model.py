@@ -81,14 +81,22 @@ class FlowModel(nn.Module):
         return tapped, out.reshape(out.shape[0], c_out, h * p, w * p)  # (B, C_out, H, W)
 
 
-def build_flow_model(spec: str, seed: int, device: str = "cpu", ds_config: dict | None = None) -> FlowModel:
-    """A FlowModel from a preset or folder; partitioned over the ranks under a ZeRO-3 `ds_config`."""
+def build_flow_model(
+    spec: str, seed: int, device: str | None = None, ds_config: dict | None = None, dtype: torch.dtype = torch.float32
+) -> FlowModel:
+    """A FlowModel from a preset or folder in `dtype` (the training precision); partitioned over
+    the ranks under a ZeRO-3 `ds_config`, else on `device` (by default the host, or with a
+    `ds_config` this rank's device, where its engine will hold it). A folder is loaded straight
+    into `dtype` on that device (registry.load_folder_transformer); under ZeRO-3 zero.Init casts
+    to the config's precision and `dtype` is not used."""
     from ladd_ds.distributed import engines as ds  # imports deepspeed: only when building
 
     if ds_config is None or device == "meta":
-        return FlowModel(build_transformer(spec, seed=seed, device=device))
+        return FlowModel(build_transformer(spec, seed=seed, device=device or "cpu", dtype=dtype))
+    if ds.zero_stage(ds_config) < 3:
+        return FlowModel(build_transformer(spec, seed=seed, device=device or ds.device(), dtype=dtype))
     with ds.partitioned_init(ds_config):
-        model = FlowModel(build_transformer(spec, seed=seed, load_weights=ds.zero_stage(ds_config) < 3))
-    if ds.zero_stage(ds_config) >= 3 and is_folder(spec):
+        model = FlowModel(build_transformer(spec, seed=seed, load_weights=False))
+    if is_folder(spec):
         ds.load_partitioned_weights(model.transformer, folder_weight_names(spec), read_folder_tensor, spec)
     return model

@@ -1,8 +1,8 @@
 """Model size presets (one registry) and the one place that builds or loads a transformer.
 
 A model spec is either a preset name below or a local diffusers folder with a ``transformer/``
-subfolder (``SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")``). Nothing is
-downloaded: these machines cannot reach a model hub.
+subfolder (config.json and safetensors, as ``SD3Transformer2DModel.save_pretrained`` writes it).
+Nothing is downloaded: these machines cannot reach a model hub.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers import SD3Transformer2DModel
+from torch import nn
 
 from ladd_ds.core.errors import InputError
 
@@ -118,20 +119,99 @@ def resolve_model_config(spec: str) -> dict:
 
 
 def build_transformer(
-    spec: str, *, seed: int = 0, device: str | torch.device = "cpu", load_weights: bool = True
+    spec: str,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    load_weights: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> SD3Transformer2DModel:
-    """Build a preset (random init from `seed`) or load a local folder's weights.
+    """Build a preset (random init from `seed`) or load a local folder's weights, in `dtype` on
+    `device`.
 
     device="meta" builds the structure only (for --dry-run parameter counts). load_weights=False
     builds a folder's architecture with random weights (they are loaded later, shard by shard,
-    when the model is built partitioned under ZeRO-3).
+    when the model is built partitioned under ZeRO-3). A preset is initialized on the host in
+    fp32 and then cast, so a seed gives the same weights in every dtype and on every device.
     """
     config = resolve_model_config(spec)
     if spec not in PRESETS and str(device) != "meta" and load_weights:
-        return SD3Transformer2DModel.from_pretrained(spec, subfolder="transformer", torch_dtype=torch.float32)
+        return load_folder_transformer(spec, config, device, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return transformer_from_config(config, meta=str(device) == "meta")
+        model = transformer_from_config(config, meta=str(device) == "meta")
+    return model if str(device) == "meta" else move(model, device, dtype)
+
+
+def load_folder_transformer(spec: str, config: dict, device: str | torch.device, dtype: torch.dtype) -> SD3Transformer2DModel:
+    """A folder's transformer loaded straight into `dtype` on `device`, one tensor at a time.
+
+    The model is built on the meta device (no memory) and each tensor is allocated on `device` in
+    `dtype` and filled from its memory-mapped safetensors file, so the host holds the model (when
+    `device` is the host) plus one tensor of the file, never an fp32 copy of the model. Buffers
+    the file does not hold (non-persistent ones, computed at init) are computed by a second build
+    that allocates buffers only. Floating buffers end in `dtype` too, as after ``model.to(dtype)``.
+    Eval mode, as ``from_pretrained`` returns it.
+    """
+    names = folder_weight_names(spec)
+    model = transformer_from_config(config, meta=True)
+    expected = model.state_dict()  # parameters and persistent buffers (meta tensors)
+    missing, unexpected = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+    if missing or unexpected:
+        raise InputError(
+            f"model folder {spec}: transformer weights do not match its config.json: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; point to a folder whose safetensors were saved from a model of that config"
+        )
+    for name, path in names.items():
+        tensor = read_folder_tensor(path, name)
+        if tensor.shape != expected[name].shape:
+            raise InputError(
+                f"model folder {spec}: {name} in {path.name} has shape {tuple(tensor.shape)}, "
+                f"its config.json makes it {tuple(expected[name].shape)}"
+            )
+        _set_tensor(model, name, tensor, device, dtype)
+        del tensor  # unmaps the file before the next tensor is read
+    unsaved = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if unsaved:
+        with parameters_on_meta():
+            computed = dict(transformer_from_config(config).named_buffers())
+        for name in unsaved:
+            _set_tensor(model, name, computed[name], device, dtype)
+    return model.eval()
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> None:
+    """Replace the meta parameter or buffer `name` by a copy of `value` on `device`, floating
+    tensors in `dtype`."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    old = getattr(module, leaf)
+    tensor = torch.empty(old.shape, dtype=dtype if old.is_floating_point() else old.dtype, device=device).copy_(value)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else tensor)
+
+
+def move(model: SD3Transformer2DModel, device: str | torch.device, dtype: torch.dtype) -> SD3Transformer2DModel:
+    """model.to(device, dtype) (floating tensors cast, others moved) without diffusers' override,
+    which warns on every cast about float32-only modules (SD3 has none)."""
+    return nn.Module.to(model, device, dtype)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no random init)
+    and their buffers as usual, with the values their init computes."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def transformer_from_config(config: dict, meta: bool = False) -> SD3Transformer2DModel:
@@ -164,12 +244,17 @@ def folder_weight_names(spec: str) -> dict[str, Path]:
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / "diffusion_pytorch_model.safetensors"
     if not single.is_file():
-        raise InputError(f"model folder {spec}: no diffusion_pytorch_model.safetensors (or its index) in {folder}")
+        raise InputError(
+            f"model folder {spec}: no diffusion_pytorch_model.safetensors (or its index) in {folder}; "
+            "weights are read from safetensors only: save the transformer with save_pretrained(..., safe_serialization=True)"
+        )
     with safe_open(str(single), "pt") as f:
         return {name: single for name in f.keys()}
 
 
 def read_folder_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, as stored: a view of the memory-mapped file, whose pages
+    are resident only once read and are unmapped when the tensor is freed."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:

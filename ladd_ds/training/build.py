@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ladd_ds.config import Config
@@ -54,6 +55,11 @@ def planned_device_bytes(cfg: Config) -> float:
     if cfg.deepspeed.device_memory_gib is not None:
         return cfg.deepspeed.device_memory_gib * 2**30
     return ds.device_memory_bytes()
+
+
+def training_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of deepspeed.precision: the one models are built in for their engines."""
+    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
 
 
 def check_data_matches_model(cfg: Config) -> None:
