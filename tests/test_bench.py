@@ -81,3 +81,20 @@ def test_loader_bench_and_shard_bytes(tmp_path):
         item = 2 if row["text_dtype"] == "bf16" else 4
         raw = 16 * 16 * 16 * 2 + (77 + row["max_sequence_length"] + 2048 / 4096) * 4096 * item
         assert raw < row["bytes_per_sample"] < 1.01 * raw + 1024, row
+
+
+def test_phase_memory_records_every_engine_phase(distributed_world_of_one, monkeypatch):
+    """The per-phase peaks wrap the calls LADDSteps makes, on plain and DeepSpeed engines alike.
+    The CUDA allocator's counters are stood in for by a counter that grows with every call."""
+    calls = iter(range(1, 10_000))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: next(calls) * 2**30)
+    args = bench_step.parse_args(["--preset", "tiny", "--batch", "2"])
+    cfg = bench_step.bench_config(args)
+    batch = bench_step.synthetic_batch(bench_step.resolve_model_config("tiny"), 2, (16, 16), 8, torch.device("cpu"), torch.float32)
+    phases = [f"{e} {p}" for e in ("student", "heads") for p in ("forward", "backward", "step")] + ["teacher forward"]
+    for steps in (bench_step.build_plain_steps(cfg), bench_step.build_deepspeed_steps(cfg, "0")):
+        recorder = bench_step.PhaseMemory(steps.engines)
+        steps.train_step([batch], 0)
+        assert sorted(recorder.peaks) == sorted(phases)
+        assert all(gib >= 1 for gib in recorder.peaks.values())
