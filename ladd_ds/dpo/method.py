@@ -14,7 +14,7 @@ from ladd_ds.distributed.ranks import print0
 from ladd_ds.dpo.steps import DPOEngines, DPOSteps
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.lora import add_lora, lora_config_from
-from ladd_ds.training.build import engine_ds_config, memory_plan
+from ladd_ds.training.build import check_compile_stages, engine_ds_config, memory_plan
 from ladd_ds.training.method import Method
 
 
@@ -27,12 +27,13 @@ def build_dpo_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
 
 def dpo_dry_run(cfg: Config, world: int) -> str:
     """Build the model on the meta device (with its LoRA), count parameters, plan memory per rank."""
+    configs = build_dpo_ds_configs(cfg, world)
+    check_compile_stages(cfg, {"student_config": configs["model"], "teacher_config": configs.get("reference")})
     model = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta")
     if cfg.dpo.mode == "lora":
         add_lora(model.transformer, lora_config_from(cfg.dpo.lora))
     else:
         model.requires_grad_(True)
-    configs = build_dpo_ds_configs(cfg, world)
     total = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     precision, gib = cfg.deepspeed.precision, 2**30
@@ -76,9 +77,12 @@ class DPOMethod(DPOSteps, Method):
 
     @classmethod
     def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> DPOMethod:
+        check_compile_stages(cfg, {"student_config": ds_configs["model"], "teacher_config": ds_configs.get("reference")})
         model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["model"])
         if cfg.model.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
+        if cfg.model.compile:
+            model.compile_blocks()  # compiled lazily: the LoRA layers added below are traced too
         reference = None
         if cfg.dpo.mode == "lora":
             trainable = add_lora(model.transformer, lora_config_from(cfg.dpo.lora), seed=cfg.run.seed)
@@ -86,6 +90,8 @@ class DPOMethod(DPOSteps, Method):
         else:
             ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["reference"])
             ref_model.requires_grad_(False).eval()
+            if cfg.model.compile:
+                ref_model.compile_blocks()
             reference = ds.frozen_engine(ref_model, ds_configs["reference"])
         engine = ds.trainable_engine(model, ds_configs["model"], cfg.dpo.lr, cfg.optim)
         return cls(cfg, DPOEngines(model=engine, reference=reference, ds_configs=ds_configs), ds.device())

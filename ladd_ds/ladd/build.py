@@ -11,7 +11,13 @@ from ladd_ds.distributed import engines as ds
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
 from ladd_ds.models.registry import count_parameters
-from ladd_ds.training.build import check_data_matches_model, dry_run_data_lines, engine_ds_config, memory_plan
+from ladd_ds.training.build import (
+    check_compile_stages,
+    check_data_matches_model,
+    dry_run_data_lines,
+    engine_ds_config,
+    memory_plan,
+)
 
 
 def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
@@ -30,8 +36,10 @@ def build_models(
 ) -> tuple[FlowModel, FlowModel, DiscriminatorHeads, list[int]]:
     """Teacher, student and heads. The student starts as a copy of the teacher (built again from
     the same preset seed or folder, which also works when both are partitioned under ZeRO-3)
-    unless model.student names its own. With `ds_configs`, ZeRO-3 models are built partitioned."""
+    unless model.student names its own. With `ds_configs`, ZeRO-3 models are built partitioned.
+    With model.compile, the blocks of teacher and student are compiled (not on the meta device)."""
     ds_configs = ds_configs or {}
+    check_compile_stages(cfg, {"student_config": ds_configs.get("student"), "teacher_config": ds_configs.get("teacher")})
     teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"))
     if cfg.model.student is None:
         student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"))
@@ -40,6 +48,9 @@ def build_models(
     if cfg.model.gradient_checkpointing:
         teacher.transformer.enable_gradient_checkpointing()
         student.transformer.enable_gradient_checkpointing()
+    if cfg.model.compile and device != "meta":
+        teacher.compile_blocks()
+        student.compile_blocks()
     taps = resolve_taps(cfg.discriminator.taps, teacher.num_blocks)
     with torch.device(device) if device == "meta" else torch.device("cpu"):
         torch.manual_seed(cfg.run.seed + 2)
@@ -64,8 +75,9 @@ def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
 def dry_run(cfg: Config, world: int) -> str:
     """Validate, build the models on the meta device, count parameters, plan memory; no engines."""
     check_data_matches_model(cfg)
-    teacher, student, heads, taps = build_models(cfg, device="meta")
     ds_configs = build_ds_configs(cfg, world)
+    check_compile_stages(cfg, {"student_config": ds_configs["student"], "teacher_config": ds_configs["teacher"]})
+    teacher, student, heads, taps = build_models(cfg, device="meta")
     gib = 2**30
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
     lines += dry_run_data_lines(cfg)
