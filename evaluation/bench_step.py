@@ -122,6 +122,7 @@ def bench_config(args):
         f"data.micro_batch_size={args.batch}",
         f"deepspeed.precision={precision}",
         f"model.gradient_checkpointing={str(args.grad_checkpointing).lower()}",
+        f"model.compile={str(args.compile).lower()}",
         f"discriminator.hidden_channels={args.head_channels}",
     ]
     if args.taps is not None:
@@ -279,6 +280,7 @@ def run(args) -> dict:
         "latent": [model_cfg["in_channels"], h, w],
         "batch": args.batch,
         "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "compile": cfg.model.compile,
         "heads": taps,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "matmul_tflop_s": peak,
@@ -294,7 +296,8 @@ def run(args) -> dict:
 def format_report(r: dict) -> str:
     lines = [
         f"LADD step (G + D, {r['heads']} heads): {r['preset']} at {r['resolution'][0]}x{r['resolution'][1]} "
-        f"(latent {r['latent']}), batch {r['batch']}, {r['precision']}, {r['device']}; "
+        f"(latent {r['latent']}), batch {r['batch']}, {r['precision']}{', compiled blocks' if r['compile'] else ''}, "
+        f"{r['device']}; "
         f"matmul in the same run: {r['matmul_tflop_s']:.4f} TFLOP/s"
     ]
     for kind, run in r["runs"].items():
@@ -334,6 +337,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-channels", type=int, default=64)
     p.add_argument("--text-len", type=int, default=None)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument(
+        "--compile", action="store_true", help="model.compile in both steps (the engines need stages below 3: --placements auto on one rank, or 0-2)"
+    )
     p.add_argument("--matmul-size", type=int, default=None)
     p.add_argument("--config", default=None, help="base run config (default: built-in defaults)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")

@@ -44,6 +44,10 @@ class ModelConfig:
     random_init_student: bool = False
     # Recompute block activations in backward instead of storing them (saves memory).
     gradient_checkpointing: bool = False
+    # torch.compile every transformer block of teacher and student in place (one static-shape
+    # graph per block kind, grad mode and bucket shape). Needs their engines below ZeRO-3
+    # (deepspeed.student_config, deepspeed.teacher_config); on a CPU, a C++ compiler.
+    compile: bool = False
 
 
 @dataclass

@@ -17,7 +17,14 @@ from ladd_ds.dpo.steps import DPOEngines, DPOSteps
 from ladd_ds.models.activations import model_activation_bytes
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.lora import add_lora, lora_config_from
-from ladd_ds.training.build import EngineSlot, place_engines, placement_report, planned_shapes, training_dtype
+from ladd_ds.training.build import (
+    EngineSlot,
+    check_compile_stages,
+    place_engines,
+    placement_report,
+    planned_shapes,
+    training_dtype,
+)
 from ladd_ds.training.method import Method
 
 
@@ -65,7 +72,8 @@ def build_dpo_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
 
 def dpo_dry_run(cfg: Config, world: int) -> str:
     """Build the model on the meta device (with its LoRA), count parameters, plan memory per rank."""
-    _, placement = place_dpo_engines(cfg, world, plan_always=True)
+    configs, placement = place_dpo_engines(cfg, world, plan_always=True)
+    check_compile_stages(cfg, {"student_stage": configs["model"], "teacher_stage": configs.get("reference")})
     models = meta_dpo_models(cfg)
     model = models["model"]
     total = sum(p.numel() for p in model.parameters())
@@ -98,10 +106,13 @@ class DPOMethod(DPOSteps, Method):
 
     @classmethod
     def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> DPOMethod:
+        check_compile_stages(cfg, {"student_stage": ds_configs["model"], "teacher_stage": ds_configs.get("reference")})
         dtype = training_dtype(cfg)
         model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["model"], dtype=dtype)
         if cfg.model.gradient_checkpointing:
             model.transformer.enable_gradient_checkpointing()
+        if cfg.model.compile:
+            model.compile_blocks()  # compiled lazily: the LoRA layers added below are traced too
         reference = None
         if cfg.dpo.mode == "lora":
             trainable = add_lora(model.transformer, lora_config_from(cfg.dpo.lora), seed=cfg.run.seed)
@@ -109,6 +120,8 @@ class DPOMethod(DPOSteps, Method):
         else:
             ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["reference"], dtype=dtype)
             ref_model.requires_grad_(False).eval()
+            if cfg.model.compile:
+                ref_model.compile_blocks()
             reference = ds.frozen_engine(ref_model, ds_configs["reference"])
         engine = ds.trainable_engine(model, ds_configs["model"], cfg.dpo.lr, cfg.optim)
         return cls(cfg, DPOEngines(model=engine, reference=reference, ds_configs=ds_configs), ds.device())

@@ -12,6 +12,7 @@ from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
 from ladd_ds.training.build import (
     EngineSlot,
+    check_compile_stages,
     check_data_matches_model,
     dry_run_data_lines,
     place_engines,
@@ -39,9 +40,11 @@ def build_models(
     the same preset seed or folder, which also works when both are partitioned under ZeRO-3)
     unless model.student names its own. With `ds_configs` (for engines), teacher and student are
     built in the training precision, partitioned under ZeRO-3 and on this rank's device otherwise;
-    without, in fp32 on the host (or `device`)."""
+    without, in fp32 on the host (or `device`). With model.compile, the blocks of teacher and
+    student are compiled (not on the meta device)."""
     dtype = training_dtype(cfg) if ds_configs else torch.float32
     ds_configs = ds_configs or {}
+    check_compile_stages(cfg, {"student_stage": ds_configs.get("student"), "teacher_stage": ds_configs.get("teacher")})
     teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"), dtype)
     if cfg.model.student is None:
         student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"), dtype)
@@ -50,6 +53,9 @@ def build_models(
     if cfg.model.gradient_checkpointing:
         teacher.transformer.enable_gradient_checkpointing()
         student.transformer.enable_gradient_checkpointing()
+    if cfg.model.compile and device != "meta":
+        teacher.compile_blocks()
+        student.compile_blocks()
     taps = resolve_taps(cfg.discriminator.taps, teacher.num_blocks)
     with torch.device(device) if device == "meta" else torch.device("cpu"):
         torch.manual_seed(cfg.run.seed + 2)
@@ -100,7 +106,8 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False):
 def dry_run(cfg: Config, world: int) -> str:
     """Validate, build the models on the meta device, count parameters, plan memory; no engines."""
     check_data_matches_model(cfg)
-    _, placement = place_ladd_engines(cfg, world, plan_always=True)
+    configs, placement = place_ladd_engines(cfg, world, plan_always=True)
+    check_compile_stages(cfg, {"student_stage": configs["student"], "teacher_stage": configs["teacher"]})
     teacher, student, heads, taps = build_models(cfg, device="meta")
     _, note = step_activations(cfg, {"teacher": teacher, "student": student})
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]

@@ -14,6 +14,13 @@ from torch import nn
 from ladd_ds.core.flow import TIMESTEP_SCALE
 from ladd_ds.models.registry import build_transformer, folder_weight_names, is_folder, read_folder_tensor
 
+# Every block runs the same code (the block class's forward), so all blocks of every compiled
+# model share one Dynamo cache: a graph per block kind (SD3's last block differs), grad mode,
+# train/eval mode and input shape. The LADD step makes 7 for one bucket shape (tiny model), and
+# previews and a second bucket add more; past Dynamo's default limit of 8 the blocks would run
+# eager again, with nothing but a logged warning.
+RECOMPILE_LIMIT = 128
+
 
 def tokens_to_grid(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, N, C) image tokens -> (B, C, h, w); PatchEmbed flattens the patch grid row-major."""
@@ -35,6 +42,15 @@ class FlowModel(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.transformer.inner_dim
+
+    def compile_blocks(self) -> None:
+        """torch.compile every transformer block in place (model.compile). `nn.Module.compile`
+        keeps the module tree, so parameter names, state dicts and checkpoints do not change, and
+        both paths through the blocks (diffusers' forward and `_tapped_features`) run them
+        compiled. Static shapes: a bucket's shape never changes, and its kernels are specialised."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        for block in self.transformer.transformer_blocks:
+            block.compile(dynamic=False)
 
     def forward(self, x, t, prompt_embeds, pooled, taps: list[int] | None = None, velocity: bool = False):
         """Velocity (B, C, H, W) for x at time t in [0, 1]; or, with `taps`, the image tokens after
