@@ -67,3 +67,44 @@ def test_encode_bad_inputs(tmp_path, capsys):
     err = cli_error(capsys, *args, "--out", str(tmp_path / "out"), *[a for s in SETS for a in ("--set", s)])
     assert "image missing.png not found" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_bad_images_are_skipped_recorded_and_never_lose_work(tmp_path):
+    """An undecodable and a truncated image are skipped with their reasons; the others are
+    encoded; a re-run does nothing; removing the bad lines re-finalizes without them; samples
+    keep their keys (relative paths) when lines move. EXIF orientation is applied."""
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"a.png": (80, 80), "sub/b.png": (200, 90), "c.png": (150, 70)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / name)
+    (images / "garbage.png").write_bytes(b"not an image at all" * 10)
+    full = images / "full.jpg"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(full, quality=95)
+    (images / "truncated.jpg").write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
+    # A 60x130 (wide) pixel array shown rotated: EXIF orientation 6 makes it 130 high, 60 wide.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 255, (60, 130, 3), dtype=np.uint8)).save(images / "rotated.jpg", exif=exif)
+    names = ["a.png", "garbage.png", "sub/b.png", "truncated.jpg", "c.png", "rotated.jpg"]
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("".join(f"{n}\tpicture {n}\n" for n in names))
+    out = tmp_path / "out"
+    proc = encode(images, captions, out)
+    assert "skipped 2" in proc.stdout and "garbage.png: cannot identify" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(i["key"], i["reason"].split(":")[0]) for i in manifest["skipped"]] == [
+        ("garbage.png", "cannot identify the image file (not a decodable image)"),
+        ("truncated.jpg", "does not decode"),
+    ]
+    assert manifest["samples"] == 4 and manifest["buckets"] == {"64x64": 1, "64x128": 2, "128x64": 1}
+    tall = StreamingDataset(local=str(out / "128x64"), shuffle=False, batch_size=1)
+    assert tall[0]["prompt"] == "picture rotated.jpg"  # the EXIF-rotated image is tall
+
+    assert "nothing to do" in encode(images, captions, out).stdout
+    # The bad lines removed and the good ones reordered: the same samples, no re-encoding.
+    captions.write_text("".join(f"{n}\tpicture {n}\n" for n in ["c.png", "rotated.jpg", "a.png", "sub/b.png"]))
+    proc = encode(images, captions, out)
+    assert "4 samples, 4 already done, 0 to generate" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 4 and manifest["skipped"] == []

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from streaming import StreamingDataset
 
 from ladd_ds.config import load_config
 from ladd_ds.data.manifest import generation_guidance_scale, read_negative_prompt
-from ladd_ds.generate.synth import completed_indices
+from ladd_ds.generate.state import completed_samples
 from ladd_ds.models.registry import build_transformer
 from ladd_ds.models.text_encoders import CLIP_TOKENS, build_tiny_text_encoders
 from ladd_ds.sampling import TeacherSampler
@@ -131,7 +132,14 @@ def test_killed_run_continues_without_duplicates_or_gaps(prompt_file, tmp_path, 
     finally:
         del os.environ["LADD_DS_INJECT_FAULTS"]
     assert not (out / "manifest.json").exists()  # nothing that looks complete
-    survived = len(completed_indices(out))
+    # Reading the unfinished output points to finishing it, never to deleting resumable parts.
+    from ladd_ds.data.schema import validate_mds_dir
+
+    for where in (out, next(out.glob("*x*"))):
+        with pytest.raises(FileNotFoundError) as err:
+            validate_mds_dir(where)
+        assert "run the same command again" in str(err.value) and "delete" not in str(err.value)
+    survived = len(completed_samples(out))
     assert 0 < survived < len(PROMPTS)  # two parts were committed before the kill
     proc = synth(prompt_file, out)
     assert f"{survived} already done" in proc.stdout
@@ -140,6 +148,61 @@ def test_killed_run_continues_without_duplicates_or_gaps(prompt_file, tmp_path, 
     assert sorted(samples) == sorted(ref)
     for index in ref:
         assert np.array_equal(samples[index]["latent"], ref[index]["latent"]), index
+
+
+def assert_same_samples(samples, ref):
+    assert sorted(samples) == sorted(ref)
+    for index in ref:
+        assert np.array_equal(samples[index]["latent"], ref[index]["latent"]), index
+
+
+def test_rerun_of_a_finished_output_does_nothing(reference, prompt_file, tmp_path):
+    out = shutil.copytree(reference[2], tmp_path / "out")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    proc = synth(prompt_file, out)
+    assert "is complete (7 samples): nothing to do" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_appended_prompts_are_generated_and_indexed(reference, tmp_path):
+    out = shutil.copytree(reference[2], tmp_path / "out")
+    longer = tmp_path / "prompts.txt"
+    longer.write_text("\n".join([*PROMPTS, "eight", "nine nine"]) + "\n")
+    proc = synth(longer, out)
+    assert "9 samples, 7 already done, 2 to generate" in proc.stdout
+    manifest, samples = read_all(out)
+    assert manifest["samples"] == 9 and sorted(samples) == list(range(9))
+    assert_same_samples({i: samples[i] for i in range(7)}, reference[1])
+    # A changed prompt under an existing sample is refused, naming it.
+    changed = tmp_path / "changed.txt"
+    changed.write_text("\n".join(["a red SEVEN", *PROMPTS[1:], "eight", "nine nine"]) + "\n")
+    proc = synth(changed, out, check=False)
+    assert proc.returncode == 2 and "1 prompts changed since their samples were written" in proc.stderr
+    assert "'0', now 'a red SEVEN'" in proc.stderr
+
+
+def test_kill_while_finalizing_then_rerun_gives_the_same_dataset(prompt_file, tmp_path, reference):
+    out = tmp_path / "out"
+    os.environ["LADD_DS_INJECT_FAULTS"] = "kill_in_finalize@2"  # after the first bucket's index
+    try:
+        assert synth(prompt_file, out, check=False).returncode != 0
+    finally:
+        del os.environ["LADD_DS_INJECT_FAULTS"]
+    assert not (out / "manifest.json").exists() and len(list(out.glob("*/index.json"))) == 1
+    proc = synth(prompt_file, out)
+    assert "7 already done, 0 to generate" in proc.stdout
+    _, samples = read_all(out)
+    assert_same_samples(samples, reference[1])
+
+
+def test_a_resume_with_other_settings_is_refused(prompt_file, tmp_path, reference):
+    out = shutil.copytree(reference[2], tmp_path / "out")
+    (out / "manifest.json").unlink()  # an unfinished output
+    proc = synth(prompt_file, out, check=False, extra=["synth.guidance_scale=2.0", "synth.num_steps=4"])
+    assert proc.returncode == 2
+    assert "was started with other settings" in proc.stderr and "synth:" in proc.stderr
+    assert "'guidance_scale': 5.0" in proc.stderr and "'guidance_scale': 2.0" in proc.stderr
+    assert "pass a new --out" in proc.stderr
 
 
 @pytest.mark.multiproc

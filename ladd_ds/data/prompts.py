@@ -4,6 +4,7 @@ seeded RNG from the configured weights, so the assignment is reproducible."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -14,11 +15,18 @@ from ladd_ds.core.errors import InputError, MissingInputError
 
 @dataclass(frozen=True)
 class PromptJob:
-    index: int  # position in the prompt file: the sample's identity in the data set
+    index: int  # position among the file's prompts (which rank makes it: index % world)
     prompt: str
     bucket: str  # "HxW" in pixels
     seed: int
     image: str | None = None  # `ladd-ds encode`: the image file of this caption
+    key: str = ""  # the sample's stable identity: str(index) for synth, the image's relative path for encode
+    digest: str = ""  # of the inputs the sample is made from: a re-run checks that they did not change
+
+
+def input_digest(*values) -> str:
+    """A short digest of JSON-serializable values: what a sample was made from."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def bucket_name(height: int, width: int) -> str:
@@ -67,5 +75,14 @@ def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] 
         sample_seed = record.get("seed", seed * 1_000_003 + index)
         if not isinstance(sample_seed, int):
             raise InputError(f"{path}:{n}: 'seed' must be an integer")
-        jobs.append(PromptJob(index=index, prompt=record["prompt"], bucket=bucket, seed=sample_seed))
+        jobs.append(
+            PromptJob(
+                index=index,
+                prompt=record["prompt"],
+                bucket=bucket,
+                seed=sample_seed,
+                key=str(index),
+                digest=input_digest(record["prompt"], bucket, sample_seed),
+            )
+        )
     return jobs

@@ -62,6 +62,8 @@ PAIR_OPTIONAL_COLUMNS: dict[str, str] = {
 }
 
 INDEX_FILE = "index.json"
+# `ladd-ds synth` / `encode`: the settings an output was started with (not *.json: see writer.py)
+GENERATION_STATE_FILE = "generation.state"
 # Next to manifest.json in a synth/encode output root: the empty prompt's conditioning, of the
 # same form as the shards' prompt_embeds, for classifier-free guidance of the teacher during training
 # (`ladd.distill_cfg`). safetensors with `prompt_embeds` (L, D) and `pooled` (P,), fp32.
@@ -111,13 +113,19 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
         )
     index_path = root / INDEX_FILE
     if not index_path.is_file():
-        has_sub_indexes = any(root.glob(f"*/{INDEX_FILE}"))
-        hint = (
-            f"Its sub-directories have {INDEX_FILE} files: merge them with "
-            f"streaming.base.util.merge_index({str(root)!r}, keep_local=True)."
-            if has_sub_indexes
-            else "The write was probably interrupted: delete the directory and write it again."
-        )
+        generation = next((d for d in (root, root.parent) if (d / GENERATION_STATE_FILE).is_file()), None)
+        if generation is not None:  # never advise deleting resumable parts
+            hint = (
+                f"{generation} is an unfinished `ladd-ds synth` / `ladd-ds encode` output: run the same command "
+                "again to finish it (it continues from the parts already written)."
+            )
+        elif any(root.glob(f"*/{INDEX_FILE}")):
+            hint = (
+                f"Its sub-directories have {INDEX_FILE} files: if they are parts of one dataset (the same columns "
+                f"and shapes), merge them with streaming.base.util.merge_index({str(root)!r}, keep_local=True)."
+            )
+        else:
+            hint = "The write was probably interrupted: delete the directory and write it again."
         raise MissingInputError(f"No {INDEX_FILE} in dataset directory {str(root)!r}. {hint}")
 
     try:

@@ -6,6 +6,8 @@ LADD_DS_INJECT_FAULTS="KIND@STEP[:RANK],..." with KIND one of
   kill          SIGKILL this process before that iteration
   kill_in_save  SIGKILL this process while writing the checkpoint of STEP, after the engines
                 wrote their files and before the checkpoint is committed
+  kill_in_finalize  SIGKILL `synth` / `encode` while finalizing, before the index of the STEP-th
+                bucket is written
 RANK limits the fault to one global rank (default: every rank).
 """
 
@@ -19,7 +21,7 @@ from ladd_ds.core.errors import InputError
 from ladd_ds.distributed.ranks import rank
 
 ENV = "LADD_DS_INJECT_FAULTS"
-KINDS = ("nan_loss", "exit", "kill", "kill_in_save")
+KINDS = ("nan_loss", "exit", "kill", "kill_in_save", "kill_in_finalize")
 
 
 @functools.lru_cache(maxsize=8)

@@ -82,3 +82,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.cuda()
     dist.all_reduce(t)
     return t.cpu()
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (any picklable object); the value itself in a world of one."""
+    if not is_initialized() or world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

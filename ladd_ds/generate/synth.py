@@ -5,17 +5,21 @@ with classifier-free guidance through diffusers' StableDiffusion3Pipeline (flow-
 scheduler with the configured shift, `output_type="latent"`), and writes them in parts of
 `synth.part_size` samples. Every part is an MDS directory written under a temporary name and
 renamed when complete, so a crash loses at most the part in progress and a re-run skips every
-prompt index found in a complete part. When all prompts are done, rank 0 checks that every index
-is present exactly once, merges each bucket's parts into OUT/<bucket>/index.json and writes
-OUT/manifest.json. A sample is reproducible from (prompt index, seed) alone: its initial noise
-comes from a generator seeded with the prompt's seed.
+sample found in a complete part. When all prompts are done, rank 0 checks that every sample is
+present exactly once, writes each bucket's index over its parts (OUT/<bucket>/index.json) and
+OUT/manifest.json, each replaced atomically. A sample is reproducible from (prompt, seed) alone:
+its initial noise comes from a generator seeded with the prompt's seed.
+
+Re-runs (ladd_ds.generate.state): the same command on a finished output does nothing; with
+prompts appended it makes only the new samples and finalizes again; after a kill (finalize
+included) it continues to the same dataset. A re-run with other settings or changed prompts
+stops and names what changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -24,14 +28,24 @@ from tqdm import tqdm
 
 from ladd_ds.config import Config, config_to_dict
 from ladd_ds.core.errors import InputError
-from ladd_ds.data.prompts import PromptJob, bucket_name, load_prompt_jobs, parse_bucket
+from ladd_ds.data.manifest import read_manifest
+from ladd_ds.data.prompts import PromptJob, bucket_name, input_digest, load_prompt_jobs, parse_bucket
 from ladd_ds.data.schema import MANIFEST_FILE, NEGATIVE_PROMPT_FILE
 from ladd_ds.data.writer import write_negative_prompt, write_samples
 from ladd_ds.distributed import faults
-from ladd_ds.distributed.ranks import barrier, is_main, print0, rank, world_size
+from ladd_ds.distributed.ranks import barrier, broadcast_object, is_main, print0, rank, world_size
+from ladd_ds.generate.state import (
+    PART_FILE,
+    check_or_write_state,
+    check_unchanged,
+    completed_samples,
+    record_skipped,
+    skipped_samples,
+    still_done,
+    write_text_atomic,
+)
 from ladd_ds.sampling import PRECISIONS, TeacherSampler, load_text_encoder
 
-PART_FILE = "part.indices"  # not *.json: streaming's merge_index reads every json as an index
 MANIFEST = MANIFEST_FILE
 
 
@@ -51,17 +65,6 @@ def check_buckets(buckets: list[list[int]], patch_size: int, codec_factor: int) 
     return names
 
 
-def completed_indices(out: Path) -> dict[int, Path]:
-    """Prompt index -> the complete part holding it (parts are renamed into place when done)."""
-    done: dict[int, Path] = {}
-    for part_file in sorted(out.glob(f"*/part-*/{PART_FILE}")):
-        for index in json.loads(part_file.read_text()):
-            if index in done:
-                raise RuntimeError(f"prompt {index} is in two parts: {done[index].parent} and {part_file.parent}")
-            done[index] = part_file
-    return done
-
-
 def my_batches(jobs: list[PromptJob], batch_size: int) -> list[list[PromptJob]]:
     """This rank's jobs (index % world == rank), grouped by bucket into batches."""
     mine = [j for j in jobs if j.index % world_size() == rank()]
@@ -73,7 +76,9 @@ def my_batches(jobs: list[PromptJob], batch_size: int) -> list[list[PromptJob]]:
 
 
 def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], encoded) -> Path:
-    part = out / jobs[0].bucket / f"part-{jobs[0].index:09d}"
+    # Named by its first sample and a digest of all its keys: unique even when keys are not
+    # positions (encode's image paths) and a re-run's parts start at the same position.
+    part = out / jobs[0].bucket / f"part-{jobs[0].index:09d}-{input_digest([j.key for j in jobs])[:8]}"
     samples = [
         {
             "latent": latents[i],
@@ -86,36 +91,66 @@ def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], en
         }
         for i, job in enumerate(jobs)
     ]
-    return write_samples(part, samples, extra_files={PART_FILE: json.dumps([j.index for j in jobs])})
+    return write_samples(part, samples, extra_files={PART_FILE: json.dumps([[j.key, j.digest] for j in jobs])})
 
 
-def fingerprint(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def model_identity(spec: str, seed: int) -> str:
+    """What the teacher's weights are, cheaply and the same on every rank: a preset with its
+    seed, or a digest of a folder's weight files (read once, on rank 0, and broadcast)."""
+    from ladd_ds.models.registry import is_folder
+
+    if not is_folder(spec):
+        return f"preset {spec}, seed {seed}"
+    identity = [None]
+    if is_main():
+        h = hashlib.sha256()
+        for path in sorted((Path(spec) / "transformer").glob("*.safetensors")):
+            h.update(path.name.encode())
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+        identity = [f"folder weights sha256 {h.hexdigest()[:16]}"]
+    return broadcast_object(identity[0])
+
+
+def write_bucket_index(bucket_dir: Path) -> int:
+    """OUT/<bucket>/index.json over the bucket's committed parts (what streaming's merge_index
+    writes, but replacing an existing index atomically); returns the bucket's sample count."""
+    shards = []
+    for part_index in sorted(bucket_dir.glob("part-*/index.json")):
+        for shard in json.loads(part_index.read_text())["shards"]:
+            for key in ("raw_data", "zip_data"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{part_index.parent.name}/{shard[key]['basename']}"
+            shards.append(shard)
+    write_text_atomic(bucket_dir / "index.json", json.dumps({"version": 2, "shards": shards}))
+    return sum(shard["samples"] for shard in shards)
 
 
 def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict) -> dict:
-    """Rank 0: every prompt exactly once, one merged index per bucket, and the manifest."""
-    from streaming.base.util import merge_index
-
-    logging.getLogger("streaming").setLevel(logging.ERROR)  # merge_index warns per existing dir
-    done = completed_indices(out)
-    expected = {j.index for j in jobs}
-    missing, extra = sorted(expected - set(done)), sorted(set(done) - expected)
-    if missing or extra:
-        raise RuntimeError(
-            f"{out}: {len(missing)} prompts missing (e.g. {missing[:5]}), {len(extra)} unexpected (e.g. {extra[:5]})"
+    """Rank 0: every sample exactly once (made or skipped), each bucket's index and the manifest,
+    each replaced atomically, so that a kill anywhere in here is undone by running it again."""
+    done = completed_samples(out)
+    expected = {j.key for j in jobs}
+    written = {k for k, d in done.items() if not d.skipped}
+    missing, extra = sorted(expected - still_done(done, jobs)), sorted(written - expected)
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} samples missing after generation (e.g. {missing[:5]})")
+    if extra:
+        raise InputError(
+            f"{out} holds {len(extra)} samples whose prompts or images are no longer in the input file "
+            f"(e.g. {extra[:5]}): restore those lines to finish this output, or pass a new --out"
         )
     counts = {}
-    for bucket in sorted({j.bucket for j in jobs}):
-        merge_index(str(out / bucket), keep_local=True)
-        counts[bucket] = sum(1 for j in jobs if j.bucket == bucket)
+    for bucket_dir in sorted(p for p in out.iterdir() if p.is_dir() and any(p.glob("part-*/index.json"))):
+        faults.maybe_die("kill_in_finalize", len(counts) + 1)  # tests: a kill between two buckets' indexes
+        counts[bucket_dir.name] = write_bucket_index(bucket_dir)
+    skipped = skipped_samples(out, jobs)
     manifest = {
-        "samples": len(jobs),
+        "samples": sum(counts.values()),
         "buckets": counts,
+        "inputs": input_digest(sorted(expected)),
+        "skipped": skipped,
         "source": source,
         "synth": config_to_dict(cfg)["synth"],
         "text": config_to_dict(cfg)["text"],
@@ -123,15 +158,35 @@ def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict) -> dic
         "negative_prompt": NEGATIVE_PROMPT_FILE,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / MANIFEST)
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def finished_manifest(out: Path, jobs: list[PromptJob]) -> dict | None:
+    """The manifest of a finished output made from exactly these jobs (nothing left to do), else None."""
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("inputs") != input_digest(sorted(j.key for j in jobs)):
+        return None
+    return manifest
+
+
+def prepare_output(out: Path, jobs: list[PromptJob], name: str, settings: dict) -> dict | None:
+    """Before any model is built: check (rank 0) or record the output's settings, check that the
+    finished samples' inputs did not change, and return the manifest when nothing is left to do."""
+    if is_main():
+        check_or_write_state(out, name, settings)
+    barrier()
+    check_unchanged(out, completed_samples(out), jobs, "prompts" if name == "synth" else "captions or images")
+    manifest = finished_manifest(out, jobs)
+    if manifest is not None:
+        print0(f"{name}: {out} is complete ({manifest['samples']} samples): nothing to do")
     return manifest
 
 
 def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents, source: dict, text, name: str) -> dict | None:
     """The crash-safe, multi-rank part of `synth` and `encode`: each rank produces its batches with
-    `make_latents(batch) -> (B, C, h, w)` and commits them in parts; rank 0 finalizes.
+    `make_latents(batch) -> (latents (B', C, h, w), the B' jobs made, [(job, reason) skipped])`
+    and commits them in parts (skipped samples in skip records); rank 0 finalizes.
 
     With `lockstep` ranks (a ZeRO-3 teacher) every rank must run the same number of model calls,
     so ranks with fewer batches repeat their last one and drop the result."""
@@ -139,8 +194,8 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
     from ladd_ds.distributed.ranks import all_reduce_sum
 
     s = cfg.synth
-    done = completed_indices(out)
-    todo = [j for j in jobs if j.index not in done]
+    done = still_done(completed_samples(out), jobs)
+    todo = [j for j in jobs if j.key not in done]
     batches = my_batches(todo, s.batch_size)
     print0(f"{name}: {len(jobs)} samples, {len(done)} already done, {len(todo)} to generate on {world_size()} ranks")
     counts = torch.zeros(world_size(), dtype=torch.float64)
@@ -150,20 +205,24 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
 
     bar = tqdm(total=len(todo), desc=name, disable=not is_main(), unit="sample", dynamic_ncols=True)
     pending: list[tuple[PromptJob, torch.Tensor, tuple]] = []  # (job, latent, (prompt_embeds, pooled))
-    parts_written = 0
+    parts_written = skips_written = 0
     for k in range(rounds):
         if k >= len(batches):  # keep the ZeRO-3 forwards in step with the other ranks
             make_latents(batches[-1] if batches else jobs[:1])
             continue
         batch = batches[k]
-        latents = make_latents(batch)
-        # Stored in the encoders' dtype, bit for bit what training and sampling feed.
-        embeds, pooled = (x.cpu() for x in text.encode([j.prompt for j in batch], device))
-        for i, job in enumerate(batch):
-            pending.append((job, latents[i].float().cpu(), (embeds[i], pooled[i])))
+        latents, made, skipped = make_latents(batch)
+        if skipped:
+            skips_written += 1
+            record_skipped(out, rank(), skips_written, skipped)
+        if made:
+            # Stored in the encoders' dtype, bit for bit what training and sampling feed.
+            embeds, pooled = (x.cpu() for x in text.encode([j.prompt for j in made], device))
+            for i, job in enumerate(made):
+                pending.append((job, latents[i].float().cpu(), (embeds[i], pooled[i])))
         bar.update(len(batch) * world_size())  # ranks advance in step: an estimate of the total
         next_bucket = batches[k + 1][0].bucket if k + 1 < len(batches) else None
-        if len(pending) >= s.part_size or next_bucket != batch[0].bucket:  # a part holds one bucket
+        if pending and (len(pending) >= s.part_size or next_bucket != batch[0].bucket):  # a part holds one bucket
             parts_written += 1
             faults.maybe_die("kill", parts_written)  # tests: a crash before this part is committed
             write_part(out, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending])
@@ -175,14 +234,17 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
         write_negative_prompt(out, embeds[0], pooled[0])
         manifest = finalize(out, jobs, cfg, source)
         print0(f"{name}: wrote {manifest['samples']} samples to {out}: {manifest['buckets']}")
+        if manifest["skipped"]:
+            print0(f"{name}: skipped {len(manifest['skipped'])} (listed in {out / MANIFEST} under 'skipped'):")
+            for item in manifest["skipped"]:
+                print0(f"  {item['file'] or item['key']}: {item['reason']}")
         return manifest
     return None
 
 
 def build_teacher(cfg: Config):
     """The teacher for sampling: replicated on every rank, or partitioned with ZeRO-3
-    (synth.zero_stage = 3) for teachers too large for one device. Returns the transformer and
-    its identity for the manifest (a weight fingerprint, or "partitioned (ZeRO-3)")."""
+    (synth.zero_stage = 3) for teachers too large for one device."""
     from ladd_ds.distributed import engines as ds
     from ladd_ds.models.flow_model import build_flow_model
 
@@ -196,12 +258,12 @@ def build_teacher(cfg: Config):
         )
         teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_config).transformer
         teacher.requires_grad_(False)
-        return ds.frozen_engine(teacher, ds_config).module, "partitioned (ZeRO-3)"
+        return ds.frozen_engine(teacher, ds_config).module
     dtype = PRECISIONS[cfg.deepspeed.precision]
     teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device=ds.device(), dtype=dtype).transformer
     teacher.eval()
     teacher.requires_grad_(False)
-    return teacher, fingerprint(teacher)
+    return teacher
 
 
 def generation_buckets(cfg: Config) -> tuple[dict, list[str]]:
@@ -212,6 +274,17 @@ def generation_buckets(cfg: Config) -> tuple[dict, list[str]]:
 
     model_cfg = resolve_model_config(cfg.model.teacher)
     return model_cfg, check_buckets(cfg.synth.buckets, model_cfg["patch_size"], codec_factor(cfg.codec.vae))
+
+
+# The synth settings that shape a sample (batch and part sizes, zero_stage and paths do not).
+SAMPLE_SETTINGS = ("buckets", "bucket_weights", "guidance_scale", "num_steps", "shift", "seed")
+
+
+def common_settings(cfg: Config) -> dict:
+    """Settings of every generating command that shape its samples: text conditioning, latent
+    codec and precision."""
+    d = config_to_dict(cfg)
+    return {"text": d["text"], "codec": d["codec"], "precision": cfg.deepspeed.precision}
 
 
 def start_generation(cfg: Config, out: Path) -> torch.device:
@@ -235,14 +308,20 @@ def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
     _, buckets = generation_buckets(cfg)
     jobs = load_prompt_jobs(prompts, buckets, s.bucket_weights, s.seed)
     device = start_generation(cfg, out)
+    identity = model_identity(cfg.model.teacher, cfg.run.seed)
+    sample_settings = {k: v for k, v in config_to_dict(cfg)["synth"].items() if k in SAMPLE_SETTINGS}
+    settings = {"teacher": cfg.model.teacher, "teacher_identity": identity, "synth": sample_settings, **common_settings(cfg)}
+    finished = prepare_output(out, jobs, "synth", settings)
+    if finished is not None:
+        return finished
     text = load_text_encoder(cfg, device)
-    teacher, identity = build_teacher(cfg)
+    teacher = build_teacher(cfg)
     sampler = TeacherSampler(teacher, text, s.shift, factor)
 
-    def make_latents(batch: list[PromptJob]) -> torch.Tensor:
+    def make_latents(batch: list[PromptJob]):
         h, w = parse_bucket(batch[0].bucket)
         prompts, seeds = [j.prompt for j in batch], [j.seed for j in batch]
-        return sampler.sample(prompts, seeds, h, w, device, s.num_steps, s.guidance_scale)
+        return sampler.sample(prompts, seeds, h, w, device, s.num_steps, s.guidance_scale), batch, []
 
     source = {"kind": "teacher samples", "model": cfg.model.teacher, "seed": cfg.run.seed, "fingerprint": identity}
     source["lockstep"] = s.zero_stage == 3
