@@ -98,17 +98,29 @@ class TeacherSampler:
         self.pipe.vae_scale_factor = codec_factor  # the pipeline checks height/width against it
         self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
         self.pipe.set_progress_bar_config(disable=True)
+        self._negative = None  # the empty prompt's conditioning, encoded on first use
 
     @torch.no_grad()
     def sample(
-        self, prompts: list[str], seeds: list[int], height: int, width: int, device, num_steps: int, guidance_scale: float
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        height: int,
+        width: int,
+        device,
+        num_steps: int,
+        guidance_scale: float,
+        conditioning: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(B, C, height/f, width/f) normalized latents; the initial noise of prompt i comes from
-        a generator seeded with seeds[i]."""
+        a generator seeded with seeds[i]. `conditioning`: the prompts' (prompt_embeds, pooled)
+        when the caller encoded them already (synth stores them)."""
         dtype = self.pipe.transformer.dtype  # bf16 runs: encoders, noise and latents in bf16 as well
-        embeds, pooled = (x.to(dtype) for x in self.text.encode(prompts, device))
-        # The empty prompt once (encode runs one prompt per call), then one copy per sample.
-        neg_embeds, neg_pooled = (x.to(dtype).expand(len(prompts), *x.shape[1:]) for x in self.text.encode([""], device))
+        embeds, pooled = (x.to(device, dtype) for x in (conditioning or self.text.encode(prompts, device)))
+        # The empty prompt, encoded once per sampler, then one copy per sample.
+        if self._negative is None:
+            self._negative = self.text.encode([""], device)
+        neg_embeds, neg_pooled = (x.to(device, dtype).expand(len(prompts), *x.shape[1:]) for x in self._negative)
         channels = self.pipe.transformer.config.in_channels
         noise = initial_noise(seeds, channels, height // self.factor, width // self.factor)
         return self.pipe(

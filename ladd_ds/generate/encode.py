@@ -116,7 +116,7 @@ def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict
     codec = load_codec(cfg.codec.vae, model_cfg["in_channels"], seed=cfg.codec.seed).to(device)
     text = load_text_encoder(cfg, device)
 
-    def make_latents(batch: list[PromptJob]):
+    def make_latents(batch: list[PromptJob], conditioning):  # the conditioning is not needed here
         if batch[0].bucket == UNREADABLE:
             return None, [], [(j, "cannot identify the image file (not a decodable image)") for j in batch]
         h, w = parse_bucket(batch[0].bucket)

@@ -185,7 +185,8 @@ def prepare_output(out: Path, jobs: list[PromptJob], name: str, settings: dict) 
 
 def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents, source: dict, text, name: str) -> dict | None:
     """The crash-safe, multi-rank part of `synth` and `encode`: each rank produces its batches with
-    `make_latents(batch) -> (latents (B', C, h, w), the B' jobs made, [(job, reason) skipped])`
+    `make_latents(batch, its (prompt_embeds, pooled) or None) -> (latents (B', C, h, w), the B'
+    jobs made, [(job, reason) skipped])`
     and commits them in parts (skipped samples in skip records); rank 0 finalizes.
 
     With `lockstep` ranks (a ZeRO-3 teacher) every rank must run the same number of model calls,
@@ -208,18 +209,20 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
     parts_written = skips_written = 0
     for k in range(rounds):
         if k >= len(batches):  # keep the ZeRO-3 forwards in step with the other ranks
-            make_latents(batches[-1] if batches else jobs[:1])
+            make_latents(batches[-1] if batches else jobs[:1], None)
             continue
         batch = batches[k]
-        latents, made, skipped = make_latents(batch)
+        # Encoded once: stored in the encoders' dtype, bit for bit what the teacher is fed here
+        # and what training and sampling feed.
+        embeds, pooled = text.encode([j.prompt for j in batch], device)
+        latents, made, skipped = make_latents(batch, (embeds, pooled))
         if skipped:
             skips_written += 1
             record_skipped(out, rank(), skips_written, skipped)
-        if made:
-            # Stored in the encoders' dtype, bit for bit what training and sampling feed.
-            embeds, pooled = (x.cpu() for x in text.encode([j.prompt for j in made], device))
-            for i, job in enumerate(made):
-                pending.append((job, latents[i].float().cpu(), (embeds[i], pooled[i])))
+        row = {j.key: i for i, j in enumerate(batch)}
+        for i, job in enumerate(made):
+            r = row[job.key]
+            pending.append((job, latents[i].float().cpu(), (embeds[r].cpu(), pooled[r].cpu())))
         bar.update(len(batch) * world_size())  # ranks advance in step: an estimate of the total
         next_bucket = batches[k + 1][0].bucket if k + 1 < len(batches) else None
         if pending and (len(pending) >= s.part_size or next_bucket != batch[0].bucket):  # a part holds one bucket
@@ -318,10 +321,11 @@ def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
     teacher = build_teacher(cfg)
     sampler = TeacherSampler(teacher, text, s.shift, factor)
 
-    def make_latents(batch: list[PromptJob]):
+    def make_latents(batch: list[PromptJob], conditioning):
         h, w = parse_bucket(batch[0].bucket)
         prompts, seeds = [j.prompt for j in batch], [j.seed for j in batch]
-        return sampler.sample(prompts, seeds, h, w, device, s.num_steps, s.guidance_scale), batch, []
+        latents = sampler.sample(prompts, seeds, h, w, device, s.num_steps, s.guidance_scale, conditioning)
+        return latents, batch, []
 
     source = {"kind": "teacher samples", "model": cfg.model.teacher, "seed": cfg.run.seed, "fingerprint": identity}
     source["lockstep"] = s.zero_stage == 3
