@@ -189,8 +189,10 @@ def test_kill_while_finalizing_then_rerun_gives_the_same_dataset(prompt_file, tm
     finally:
         del os.environ["LADD_DS_INJECT_FAULTS"]
     assert not (out / "manifest.json").exists() and len(list(out.glob("*/index.json"))) == 1
+    stale = next(out.glob("*x*")) / ".part-000000009-abcdef01.tmp-12345-0a0b0c0d"  # a killed write's leftover
+    stale.mkdir()
     proc = synth(prompt_file, out)
-    assert "7 already done, 0 to generate" in proc.stdout
+    assert "7 already done, 0 to generate" in proc.stdout and not stale.exists()
     _, samples = read_all(out)
     assert_same_samples(samples, reference[1])
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.data.prompts import PromptJob, input_digest, numbered_lines, parse_bucket
+from ladd_ds.distributed.ranks import rank, world_size
 from ladd_ds.generate.synth import common_settings, generate_dataset, generation_buckets, prepare_output, start_generation
 from ladd_ds.sampling import load_text_encoder
 
@@ -64,9 +65,12 @@ def displayed_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (w, h)
 
 
-def load_image_jobs(images: str | Path, captions: str | Path, buckets: list[str], seed: int) -> list[PromptJob]:
-    """One job per caption line, keyed by the image's relative path. Only headers are read here;
-    an image whose header does not decode gets no bucket and is skipped when its turn comes."""
+def load_image_jobs(
+    images: str | Path, captions: str | Path, buckets: list[str], seed: int, mine=lambda index: True
+) -> list[PromptJob]:
+    """One job per caption line, keyed by the image's relative path. Headers are read only for
+    this rank's jobs (`mine(index)`; the others keep an empty bucket: another rank makes them); an
+    image whose header does not decode gets no bucket and is skipped when its turn comes."""
     images = Path(images)
     if not images.is_dir():
         raise MissingInputError(f"image folder {images} does not exist")
@@ -79,12 +83,14 @@ def load_image_jobs(images: str | Path, captions: str | Path, buckets: list[str]
         if key in seen:
             raise InputError(f"{captions}: image {file} is captioned twice; keep one line per image")
         seen.add(key)
-        try:
-            with Image.open(path) as im:
-                bucket = nearest_bucket(*displayed_size(im), buckets)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            bucket = UNREADABLE
-        digest = input_digest(caption, bucket, path.stat().st_size)
+        bucket = ""
+        if mine(index):
+            try:
+                with Image.open(path) as im:
+                    bucket = nearest_bucket(*displayed_size(im), buckets)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                bucket = UNREADABLE
+        digest = input_digest(caption, path.stat().st_size)  # the bucket follows from the image
         jobs.append(PromptJob(index, caption, bucket, seed, image=str(path), key=key, digest=digest))
     return jobs
 
@@ -107,8 +113,8 @@ def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict
 
     out = Path(out)
     model_cfg, buckets = generation_buckets(cfg)
-    jobs = load_image_jobs(images, captions, buckets, cfg.synth.seed)
     device = start_generation(cfg, out)
+    jobs = load_image_jobs(images, captions, buckets, cfg.synth.seed, mine=lambda i: i % world_size() == rank())
     settings = {"images": str(Path(images).resolve()), "buckets": buckets, **common_settings(cfg)}
     finished = prepare_output(out, jobs, "encode", settings)
     if finished is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +124,16 @@ def skipped_samples(out: Path, jobs: list) -> list[dict]:
             if digests.get(i["key"]) == i["digest"]:
                 items.append({"key": i["key"], "file": i["file"], "reason": i["reason"]})
     return sorted(items, key=lambda i: i["key"])
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the hidden temporary parts (`.part-*.tmp*`) and records (`.*.tmp-*`) a killed run
+    left behind. Called by rank 0 at the start of a run, before any rank writes: no live writer
+    of this output can own them."""
+    stale = list(out.glob("*/.part-*.tmp*")) + list(out.glob(".*.tmp-*")) + list(out.glob(f"{SKIPPED_DIR}/.*.tmp-*"))
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return stale

@@ -40,6 +40,7 @@ from ladd_ds.generate.state import (
     check_unchanged,
     completed_samples,
     record_skipped,
+    remove_stale_temporaries,
     skipped_samples,
     still_done,
     write_text_atomic,
@@ -175,6 +176,7 @@ def prepare_output(out: Path, jobs: list[PromptJob], name: str, settings: dict) 
     finished samples' inputs did not change, and return the manifest when nothing is left to do."""
     if is_main():
         check_or_write_state(out, name, settings)
+        remove_stale_temporaries(out)
     barrier()
     check_unchanged(out, completed_samples(out), jobs, "prompts" if name == "synth" else "captions or images")
     manifest = finished_manifest(out, jobs)
