@@ -134,6 +134,9 @@ class DataConfig:
     buckets: list[str] | None = None  # bucket subdirectories of a remote multi-bucket root
     micro_batch_size: int = 4
     num_workers: int = 0
+    # Leave out (with a warning) the buckets of a local multi-bucket root that hold fewer samples
+    # than one global batch, instead of stopping: every batch comes from one bucket.
+    drop_small_buckets: bool = False
     random_latents: RandomLatentsConfig = field(default_factory=RandomLatentsConfig)
 
     def validate(self) -> None:

@@ -20,7 +20,8 @@ from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from ladd_ds.core.errors import InputError, MissingInputError
-from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
+from ladd_ds.data.manifest import read_manifest
+from ladd_ds.data.schema import INDEX_FILE, LATENTS, MANIFEST_FILE, Layout, validate_mds_dir
 from ladd_ds.distributed import ranks
 
 
@@ -110,11 +111,25 @@ def clean_stale_shared_memory_once() -> None:
 
 def bucket_dirs(path: str | Path) -> list[Path]:
     """The per-bucket datasets of a multi-bucket root (as `ladd-ds synth` writes: OUT/<bucket>/
-    with its own index.json and OUT/manifest.json), or [] for a single dataset."""
+    with its own index.json and OUT/manifest.json), or [] for a single dataset.
+
+    The buckets are those the manifest names (its "buckets": {name: samples}), so one that lost
+    its index.json is an error, not left out; a manifest without that key: every sub-directory
+    with an index.json."""
     path = Path(path)
-    if (path / "index.json").is_file() or not (path / "manifest.json").is_file():
+    if (path / INDEX_FILE).is_file() or not (path / MANIFEST_FILE).is_file():
         return []
-    buckets = sorted(p for p in path.iterdir() if p.is_dir() and (p / "index.json").is_file())
+    listed = (read_manifest(path) or {}).get("buckets")
+    if listed:
+        missing = [b for b in sorted(listed) if not (path / b / INDEX_FILE).is_file()]
+        if missing:
+            raise MissingInputError(
+                f"{path / MANIFEST_FILE} lists bucket(s) {missing} ({', '.join(f'{b}: {listed[b]} samples' for b in missing)}), "
+                f"but {path / missing[0] / INDEX_FILE} does not exist: the copy is incomplete; copy the complete "
+                "directory again or regenerate the data"
+            )
+        return [path / b for b in sorted(listed)]
+    buckets = sorted(p for p in path.iterdir() if p.is_dir() and (p / INDEX_FILE).is_file())
     if not buckets:
         raise MissingInputError(
             f"{path} has a manifest.json but no bucket directory with an index.json: was the synth run finished?"
@@ -160,6 +175,7 @@ def build_loader(
     local_cache: str | Path | None = None,
     remote_buckets: list[str] | None = None,
     layout: Layout = LATENTS,
+    buckets: list[Path] | None = None,
 ) -> StreamingDataLoader:
     """Build the per-rank loader over the MDS dataset at `path` (batches of `micro_batch_size`).
 
@@ -168,7 +184,9 @@ def build_loader(
     `local_cache`; `remote_buckets` names a remote root's bucket subdirectories. With
     `local_cache`, shards are copied there before reading. The shuffle order depends only on
     `seed` and the epoch. Building several loaders over one `path` in one process is fine.
-    `layout`: the kind of dataset (schema.LATENTS for LADD, schema.PAIRS for DPO).
+    `layout`: the kind of dataset (schema.LATENTS for LADD, schema.PAIRS for DPO). `buckets`:
+    the bucket directories of a local multi-bucket root to read (default: all of them;
+    the trainer passes those data.checks.plan_mds_data kept).
     """
     if is_remote(path):
         if local_cache is None:
@@ -177,7 +195,7 @@ def build_loader(
         buckets = [f"{str(path).rstrip('/')}/{b}" for b in remote_buckets] if remote_buckets else []
         summary = None
     else:
-        buckets = bucket_dirs(path)
+        buckets = bucket_dirs(path) if buckets is None else [Path(b) for b in buckets]
         summaries = [validate_mds_dir(d, layout) for d in (buckets or [path])]
         summary = {"num_samples": sum(x["num_samples"] for x in summaries)}
     world_size = ranks.world_size()

@@ -12,7 +12,7 @@ import torch
 from ladd_ds.config import Config
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed import engines as ds
-from ladd_ds.distributed.ranks import print0
+from ladd_ds.distributed.ranks import print0, world_size
 from ladd_ds.dpo.steps import DPOEngines, DPOSteps
 from ladd_ds.models.activations import model_activation_bytes
 from ladd_ds.models.flow_model import build_flow_model
@@ -20,6 +20,7 @@ from ladd_ds.models.lora import add_lora, lora_config_from
 from ladd_ds.training.build import (
     EngineSlot,
     check_compile_stages,
+    check_mds_data,
     place_engines,
     placement_report,
     planned_shapes,
@@ -97,6 +98,7 @@ class DPOMethod(DPOSteps, Method):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         cfg.check_command("dpo")  # also checked when the `ladd-ds dpo` command loads the config
+        check_mds_data(cfg, cls.layout, world_size())
         if cfg.logging.sample_every > 0:
             print0("note: logging.sample_every is ignored by `ladd-ds dpo` (sample grids are LADD-only)")
 

@@ -111,7 +111,7 @@ def dry_run(cfg: Config, world: int) -> str:
     teacher, student, heads, taps = build_models(cfg, device="meta")
     _, note = step_activations(cfg, {"teacher": teacher, "student": student})
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
-    lines += dry_run_data_lines(cfg)
+    lines += dry_run_data_lines(cfg, world)
     lines.append("")
     lines += placement_report(cfg, placement, note)
     return "\n".join(lines)

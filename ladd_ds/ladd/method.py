@@ -9,11 +9,11 @@ from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
 from ladd_ds.data.manifest import check_text_settings, generation_guidance_scale, read_negative_prompt
 from ladd_ds.distributed import engines as ds
-from ladd_ds.distributed.ranks import all_reduce_sum, print0
+from ladd_ds.distributed.ranks import all_reduce_sum, print0, world_size
 from ladd_ds.ladd.build import build_ds_configs, build_models
 from ladd_ds.ladd.preview import SamplePreview
 from ladd_ds.ladd.steps import LADDSteps
-from ladd_ds.training.build import check_data_matches_model
+from ladd_ds.training.build import check_data_matches_model, check_mds_data
 from ladd_ds.training.ema import ShardedEMA
 from ladd_ds.training.method import Method
 
@@ -28,6 +28,7 @@ class LADDMethod(LADDSteps, Method):
     def check_config(cls, cfg: Config) -> None:
         check_data_matches_model(cfg)
         if cfg.data.source == "mds":
+            check_mds_data(cfg, cls.layout, world_size())
             check_text_settings(cfg.data.path, cfg.text)
 
     @classmethod

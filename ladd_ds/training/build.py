@@ -11,8 +11,9 @@ from torch import nn
 
 from ladd_ds.config import Config, ConfigError
 from ladd_ds.core.errors import InputError
-from ladd_ds.data.loader import bucket_dirs
-from ladd_ds.data.schema import LATENTS, Layout, validate_mds_dir
+from ladd_ds.data.checks import DataPlan, check_stored_shapes, plan_mds_data
+from ladd_ds.data.loader import is_remote
+from ladd_ds.data.schema import LATENTS, Layout
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0
 from ladd_ds.models.registry import resolve_model_config
@@ -99,6 +100,38 @@ def check_data_matches_model(cfg: Config) -> None:
             raise InputError(f"data.random_latents: height/width must be divisible by the patch size {factor}")
 
 
+def global_batch(cfg: Config, world: int) -> tuple[int, str]:
+    """Samples per optimizer step, and how they are made up (for messages)."""
+    micro, accum = cfg.data.micro_batch_size, cfg.optim.grad_accum
+    return micro * accum * world, f"data.micro_batch_size {micro} x optim.grad_accum {accum} x {world} rank(s)"
+
+
+def mds_data_plan(cfg: Config, layout: Layout, world: int) -> DataPlan | None:
+    """The datasets the loader reads from data.path, checked (data.checks.plan_mds_data); None
+    for random latents and for a remote path, which is not checked here: listing it needs the
+    object store, and streaming reads its indexes when the loader is built."""
+    if cfg.data.source != "mds" or is_remote(cfg.data.path):
+        return None
+    batch, note = global_batch(cfg, world)
+    return plan_mds_data(cfg.data.path, layout, batch, note, cfg.data.drop_small_buckets)
+
+
+def check_mds_data(cfg: Config, layout: Layout, world: int) -> None:
+    """A method's check_config for data.source mds: buckets, sizes and stored shapes against
+    model.teacher, before any model is built; dropped buckets are reported here, once."""
+    plan = mds_data_plan(cfg, layout, world)
+    if plan is None:
+        return
+    check_stored_shapes(plan, layout, resolve_model_config(cfg.model.teacher), cfg.model.teacher)
+    if plan.dropped:
+        batch, note = global_batch(cfg, world)
+        print0(
+            f"warning: data.drop_small_buckets: leaving out bucket(s) {plan.dropped} (name: samples) of {plan.path}, "
+            f"smaller than one global batch of {batch} ({note}); training reads the other {len(plan.buckets)} "
+            f"bucket(s), {plan.num_samples} samples"
+        )
+
+
 @dataclass(frozen=True)
 class EngineSlot:
     """One engine of a method: its name, the deepspeed.* keys of its template and stage, whether
@@ -182,16 +215,17 @@ def placement_report(cfg: Config, placement: Placement, activation_note: str) ->
     return lines
 
 
-def dry_run_data_lines(cfg: Config, layout: Layout = LATENTS) -> list[str]:
+def dry_run_data_lines(cfg: Config, world: int, layout: Layout = LATENTS) -> list[str]:
     """The --dry-run report's data line: how many samples data.path holds, or why it is not
     usable (a memory plan is useful before the data exist: report, don't stop)."""
     if cfg.data.source != "mds":
         return []
-    if "://" in cfg.data.path:
+    if is_remote(cfg.data.path):
         return [f"data: remote {cfg.data.path}, cached in {cfg.data.cache_dir} (not checked in a dry run)"]
     try:
-        datasets = bucket_dirs(cfg.data.path) or [cfg.data.path]
-        n = sum(validate_mds_dir(d, layout)["num_samples"] for d in datasets)
-        return [f"data: {n} samples in {cfg.data.path} ({len(datasets)} bucket(s))"]
+        plan = mds_data_plan(cfg, layout, world)
+        check_stored_shapes(plan, layout, resolve_model_config(cfg.model.teacher), cfg.model.teacher)
     except (FileNotFoundError, ValueError) as e:
         return [f"data: NOT USABLE, training would stop here: {e}"]
+    dropped = f"; dropped (data.drop_small_buckets): {plan.dropped}" if plan.dropped else ""
+    return [f"data: {plan.num_samples} samples in {cfg.data.path} ({len(plan.datasets)} bucket(s){dropped})"]

@@ -30,6 +30,7 @@ from ladd_ds.distributed.ranks import (
     world_size,
 )
 from ladd_ds.training import checkpoint as ckpt
+from ladd_ds.training.build import mds_data_plan
 from ladd_ds.training.ema import gather_full_shadow
 from ladd_ds.training.method import Method
 from ladd_ds.training.metrics import MetricLogger, NullLogger, StepTimer, to_floats, truncate_after
@@ -94,6 +95,8 @@ class Trainer:
                     seed=self.cfg.run.seed,
                 )
             barrier()
+        # The buckets check_config kept (data.drop_small_buckets); None: every bucket, or not local.
+        plan = mds_data_plan(self.cfg, method.layout, world_size())
         return build_loader(
             path,
             data.micro_batch_size,
@@ -103,6 +106,7 @@ class Trainer:
             local_cache=data.cache_dir,
             remote_buckets=data.buckets,
             layout=method.layout,
+            buckets=(plan.buckets or None) if plan is not None else None,
         )
 
     def _write_resolved_configs(self) -> None:
