@@ -387,8 +387,9 @@ COMPILE_LAYOUT = ("deepspeed.student_stage=2", "deepspeed.teacher_stage=0")
 @pytest.mark.parametrize(
     "precision, rel, atol",
     # bf16: inductor keeps some intermediates in fp32; measured up to 4 bf16 ulps (2.2%) on the
-    # losses of step 3, where eager bf16 is 4.5% from eager fp32.
-    [("fp32", 1e-5, 1e-6), ("bf16", 5e-2, 2.5e-4)],
+    # losses of step 3, where eager bf16 is 4.5% from eager fp32. The logits average to near zero,
+    # so their round-off is absolute: up to 2.9e-4 apart at step 1 in one CI run.
+    [("fp32", 1e-5, 1e-6), ("bf16", 5e-2, 2e-3)],
 )
 def test_compiled_blocks_train_and_resume_as_eager(tmp_path, distributed_world_of_one, precision, rel, atol):
     """model.compile: the same 3 steps as eager within round-off, every block compiled whole (no
