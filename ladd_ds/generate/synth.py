@@ -72,7 +72,7 @@ def my_batches(jobs: list[PromptJob], batch_size: int) -> list[list[PromptJob]]:
     return batches
 
 
-def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], encoded) -> Path:
+def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], encoded, compression: str | None = None) -> Path:
     part = out / jobs[0].bucket / f"part-{jobs[0].index:09d}"
     samples = [
         {
@@ -86,7 +86,7 @@ def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], en
         }
         for i, job in enumerate(jobs)
     ]
-    return write_samples(part, samples, extra_files={PART_FILE: json.dumps([j.index for j in jobs])})
+    return write_samples(part, samples, extra_files={PART_FILE: json.dumps([j.index for j in jobs])}, compression=compression)
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -166,7 +166,7 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
         if len(pending) >= s.part_size or next_bucket != batch[0].bucket:  # a part holds one bucket
             parts_written += 1
             faults.maybe_die("kill", parts_written)  # tests: a crash before this part is committed
-            write_part(out, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending])
+            write_part(out, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending], cfg.data.compression)
             pending = []
     bar.close()
     barrier()
