@@ -132,6 +132,7 @@ class DataConfig:
     path: str | None = None  # local directory, multi-bucket root, or object-store URL
     cache_dir: str | None = None  # local copy of the shards (required for a remote path)
     buckets: list[str] | None = None  # bucket subdirectories of a remote multi-bucket root
+    compression: str | None = None  # of the shards synth/encode/pairs write: "zstd", "zstd:7", ...; null = none
     micro_batch_size: int = 4
     num_workers: int = 0
     # Leave out (with a warning) the buckets of a local multi-bucket root that hold fewer samples
@@ -144,6 +145,13 @@ class DataConfig:
             raise ConfigError("data.path: required when data.source is 'mds' (a directory of MDS shards)")
         if self.micro_batch_size < 1:
             raise ConfigError("data.micro_batch_size: must be >= 1")
+        if self.compression is not None:
+            from ladd_ds.data.writer import check_compression
+
+            try:
+                check_compression(self.compression, "data.compression")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass

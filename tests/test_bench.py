@@ -81,6 +81,8 @@ def test_loader_bench_and_shard_bytes(tmp_path):
         item = 2 if row["text_dtype"] == "bf16" else 4
         raw = 16 * 16 * 16 * 2 + (77 + row["max_sequence_length"] + 2048 / 4096) * 4096 * item
         assert raw < row["bytes_per_sample"] < 1.01 * raw + 1024, row
+        # zstd (data.compression) drops at least the zero half of the CLIP rows
+        assert row["compressed"]["zstd"] < row["bytes_per_sample"] - 0.9 * 77 * 2048 * item, row
 
 
 def test_phase_memory_records_every_engine_phase(distributed_world_of_one, monkeypatch):

@@ -31,6 +31,7 @@ def test_tiny_config_loads_with_overrides():
         ("model=3", r"model: expected a mapping"),
         ("model.student=tiny", r"model.student = 'tiny' is a size preset: the student would start from random weights"),
         ("ladd.distill_cfg=0.5", r"ladd.distill_cfg must be >= 1"),
+        ("data.compression=lz4", r"data.compression: 'lz4' is not one of .*'zstd'"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -334,3 +334,167 @@ def test_prompt_file_errors_cite_the_file_line_after_blank_lines(tmp_path):
     bad.write_text('{"prompt": "a"}\n\n\n{"prompt": 3}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:4: expected an object with a string 'prompt'"):
         load_prompt_jobs(bad, ["64x64"], None, 0)
+
+
+def flip_byte(path, at=None):
+    """Corrupt `path` in place without changing its size."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_shards_carry_hashes_and_a_flipped_byte_is_reported(tmp_path):
+    """A same-size corruption passes the size check: the shard hashes in index.json catch it, on
+    the first read of the shard, in iteration and in direct indexing, and name the file."""
+    from ladd_ds.core.errors import InputError
+
+    path = write_random_latents(tmp_path / "ds", 12, **SHAPES, seed=2, size_limit=4096)
+    shards = json.loads((path / "index.json").read_text())["shards"]
+    assert all(s["raw_data"]["hashes"].get("xxh64") for s in shards)
+    assert len(list(build_loader(path, BATCH, seed=0))) == 3  # intact: read and checked
+    flip_byte(path / "shard.00001.mds")
+    validate_mds_dir(path)  # the size is right
+    with pytest.raises(InputError, match=r"shard.00001.mds'.* does not match .*xxh64.*corrupted.*regenerate"):
+        list(build_loader(path, BATCH, seed=0))
+    loader = build_loader(path, BATCH, seed=0)
+    first_of_shard_1 = shards[0]["samples"]
+    assert loader.dataset[0]["sample_id"] == 0  # other shards read fine
+    with pytest.raises(InputError, match=r"shard.00001.mds'.* does not match"):
+        loader.dataset[first_of_shard_1]
+
+
+def test_corrupt_shard_reported_from_a_loader_worker(tmp_path):
+    import gc
+
+    from ladd_ds.core.errors import InputError
+
+    path = write_random_latents(tmp_path / "ds", 12, **SHAPES, seed=2, size_limit=4096)
+    flip_byte(path / "shard.00002.mds")
+    with pytest.raises(InputError, match=r"shard.00002.mds'.* does not match"):
+        list(build_loader(path, BATCH, seed=0, num_workers=1))
+    gc.collect()  # torch takes ~5 s to stop a worker that raised: count it here
+
+
+def test_processes_waiting_for_a_corrupt_shard_report_it_too(tmp_path):
+    """A shard is checked once per machine, by the first process (loader worker, rank) that needs
+    it; the others wait for that check and must then fail too, not read it or wait forever."""
+    import multiprocessing
+    import time
+
+    from streaming.base.dataset import _ShardState
+
+    from ladd_ds.core.errors import InputError
+
+    path = write_random_latents(tmp_path / "ds", 12, **SHAPES, seed=2, size_limit=4096)
+    flip_byte(path / "shard.00002.mds")
+    dataset = build_loader(path, BATCH, seed=0).dataset
+    first = int(dataset.sample_offset_per_shard[2])
+    dataset._shard_states[2] = _ShardState.PREPARING  # as while another process checks it
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+
+    def read(sample_id):
+        try:
+            dataset[sample_id]
+            errors.put("read")
+        except InputError as err:
+            errors.put(str(err))
+
+    readers = [ctx.Process(target=read, args=(first + i,)) for i in range(2)]
+    for p in readers:
+        p.start()
+    time.sleep(0.5)
+    assert all(p.is_alive() for p in readers)  # waiting for the check
+    dataset._shard_states[2] = _ShardState.REMOTE
+    with pytest.raises(InputError, match=r"shard.00002.mds'.* does not match"):
+        dataset[first]  # this process checks it
+    for p in readers:
+        p.join(timeout=30)
+    assert [p.exitcode for p in readers] == [0, 0]
+    reported = [errors.get(timeout=1) for _ in readers]
+    assert all("shard.00002.mds' does not match" in r for r in reported), reported
+
+
+def test_cached_copies_are_checked_on_every_build(tmp_path, random_ds):
+    """A shard copied into data.cache_dir is checked when copied and again by every later run: a
+    copy corrupted in the cache since is reported, not trained on."""
+    from ladd_ds.core.errors import InputError
+
+    source = shutil.copytree(random_ds, tmp_path / "source")
+    cache = tmp_path / "cache"
+    list(build_loader(source, BATCH, seed=0, local_cache=cache))
+    flip_byte(cache / "shard.00003.mds")
+    with pytest.raises(InputError, match=r"cache/shard.00003.mds'.* does not match"):
+        list(build_loader(source, BATCH, seed=0, local_cache=cache))
+    (cache / "shard.00003.mds").unlink()  # copied again on the next read
+    flip_byte(source / "shard.00003.mds")  # and now the source is corrupt: its copy is refused
+    with pytest.raises(InputError, match=r"shard.00003.mds'.* does not match"):
+        list(build_loader(source, BATCH, seed=0, local_cache=cache))
+
+
+def test_datasets_without_hashes_still_load(tmp_path, capsys):
+    path = tmp_path / "old"
+    columns = {"latent": "ndarray:float16", "prompt_embeds": "ndarray:float32", "pooled": "ndarray:float32", "prompt": "str"}
+    with MDSWriter(out=str(path), columns=columns, size_limit=4096) as writer:
+        for i in range(8):
+            writer.write(
+                {
+                    "latent": np.zeros((4, 2, 2), np.float16),
+                    "prompt_embeds": np.zeros((3, 8), np.float32),
+                    "pooled": np.zeros(8, np.float32),
+                    "prompt": f"p{i}",
+                }
+            )
+    flip_byte(path / "shard.00000.mds", at=-3)  # nothing to check it against
+    for _ in range(2):
+        assert len(list(build_loader(path, 2, seed=0))) == 4
+    out = capsys.readouterr().out
+    assert out.count("has no shard hashes") == 1 and str(path) in out  # one note per dataset
+
+
+def batches_of(path, **kwargs):
+    return [b for b in build_loader(path, 2, seed=0, shuffle=False, **kwargs)]
+
+
+def test_compressed_shards_read_in_place_through_a_cache_and_as_buckets(tmp_path):
+    """zstd shards (data.compression) give the batches of uncompressed ones: read in place (the
+    decompressed shard is written next to the compressed one), through data.cache_dir (the
+    source is left as it is) and as a multi-bucket root; a corrupt compressed shard is named."""
+    from ladd_ds.core.errors import InputError
+
+    rows = [
+        {"latent": torch.randn(4, 2, 2), "prompt_embeds": torch.zeros(5, 16), "pooled": torch.randn(8), "prompt": f"p{i}"}
+        for i in range(8)
+    ]
+    plain = write_samples(tmp_path / "plain", rows, size_limit=1024)
+    packed = write_samples(tmp_path / "zstd", rows, size_limit=1024, compression="zstd")
+    assert not list(packed.glob("*.mds")) and list(packed.glob("*.mds.zstd"))
+    zipped = sum(f.stat().st_size for f in packed.glob("*.zstd"))
+    assert zipped < 0.8 * sum(f.stat().st_size for f in plain.glob("*.mds"))  # zero text compresses
+    reference = batches_of(plain)
+    source = shutil.copytree(packed, tmp_path / "source")
+    assert_same_batches(batches_of(source, local_cache=tmp_path / "cache"), reference)
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in packed.iterdir())
+    assert_same_batches(batches_of(packed), reference)
+    assert {p.name for p in packed.glob("*.mds")} == {p.name[: -len(".zstd")] for p in packed.glob("*.zstd")}
+    assert_same_batches(batches_of(packed), reference)  # decompressed before: read as it is
+
+    root = tmp_path / "buckets"
+    for bucket in ("2x2", "2x4"):
+        write_samples(root / bucket, [{**r, "latent": torch.randn(4, 2, int(bucket[-1]))} for r in rows], compression="zstd")
+    (root / "manifest.json").write_text("{}")
+    assert {tuple(b["latent"].shape[-2:]) for b in batches_of(root)} == {(2, 2), (2, 4)}
+
+    broken = shutil.copytree(packed, tmp_path / "broken", ignore=shutil.ignore_patterns("*.mds"))
+    flip_byte(broken / "shard.00001.mds.zstd")
+    with pytest.raises(InputError, match=r"shard.00001.mds.zstd'.* does not match"):
+        batches_of(broken)
+
+
+def test_unknown_compression_is_refused_with_the_key(tmp_path):
+    from ladd_ds.core.errors import InputError
+
+    row = {"latent": torch.zeros(4, 2, 2), "prompt_embeds": torch.zeros(3, 8), "pooled": torch.zeros(8), "prompt": "x"}
+    with pytest.raises(InputError, match=r"compression: 'lz4' is not one of .*'zstd'"):
+        write_samples(tmp_path / "out", [row], compression="lz4")
+    assert not (tmp_path / "out").exists()

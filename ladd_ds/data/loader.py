@@ -5,24 +5,34 @@ Resume: `loader.state_dict()` / `loader.load_state_dict(sd)` of StreamingDataLoa
 built afresh, given that state and iterated with `iterate_forever`, yields exactly the batches an
 uninterrupted loader would have yielded next, also across epoch boundaries (tests/test_data.py).
 Keep the global batch size the same across the restart.
+
+Integrity: every shard is checked against the hash its index.json records (schema.SHARD_HASH)
+before it is first read by a loader, once per loader build and machine (`CheckedStream`); a
+mismatch stops the loader with an InputError that names the file.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import _ShardState
+from streaming.base.format.base.reader import FileInfo, Reader
+from streaming.base.hashing import get_hash, is_hash
 from streaming.base.util import clean_stale_shared_memory
 
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.data.manifest import read_manifest
-from ladd_ds.data.schema import INDEX_FILE, LATENTS, MANIFEST_FILE, Layout, validate_mds_dir
+from ladd_ds.data.schema import INDEX_FILE, LATENTS, MANIFEST_FILE, SHARD_HASH, Layout, validate_mds_dir
 from ladd_ds.distributed import ranks
+from ladd_ds.distributed.ranks import print0
 
 
 def stored_tensor(array: np.ndarray) -> torch.Tensor:
@@ -33,21 +43,98 @@ def stored_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array))
 
 
+class CheckedStream(Stream):
+    """A Stream whose shard files are checked against the hashes in index.json before they are read.
+
+    streaming checks only the files it downloads (with `validate_hash`), so never the shards of a
+    local directory, nor a copy in the cache once downloaded. Here every shard with hashes starts
+    as not yet prepared, so that streaming prepares it (once per machine, ahead of reading, in
+    its prepare thread) and preparing checks what is there: the raw shard, or the compressed one
+    before it is decompressed (next to it for a local directory). Shards without hashes (datasets
+    written before they were recorded) are read unchecked.
+    """
+
+    def set_up_local(self, shards: list[Reader], cache_usage_per_shard: NDArray[np.int64]) -> None:
+        super().set_up_local(shards, cache_usage_per_shard)
+        for i, shard in enumerate(shards):
+            if any(raw.hashes or (zipped and zipped.hashes) for raw, zipped in shard.file_pairs):
+                cache_usage_per_shard[i] = 0  # "absent": prepare_shard (the check) runs on first use
+
+    def _prepare_shard_part(self, raw_info: FileInfo, zip_info: FileInfo | None = None, compression: str | None = None) -> int:
+        raw = os.path.join(self.local, self.split, raw_info.basename)
+        if os.path.isfile(raw):
+            self._check(raw, raw_info)
+            return super()._prepare_shard_part(raw_info, zip_info, compression)
+        delta = super()._prepare_shard_part(raw_info, zip_info, compression)
+        if zip_info is None:
+            self._check(raw, raw_info)  # downloaded; a decompressed one comes from a checked file
+        return delta
+
+    def _decompress_shard_part(self, zip_info: FileInfo, zip_filename: str, raw_filename: str, compression: str | None) -> None:
+        self._check(zip_filename, zip_info)
+        super()._decompress_shard_part(zip_info, zip_filename, raw_filename, compression)
+
+    def _check(self, filename: str, info: FileInfo) -> None:
+        algos = [a for a in (SHARD_HASH, *sorted(info.hashes)) if a in info.hashes and is_hash(a)]
+        if not algos:
+            return
+        with open(filename, "rb") as f:
+            found = get_hash(algos[0], f.read())
+        if found != info.hashes[algos[0]]:
+            if self.remote is None:
+                todo = "Copy the dataset again from where it came from, or regenerate it (ladd-ds synth / encode / pairs)."
+            else:
+                todo = (
+                    f"Delete it, so that it is copied again from {self.remote}; if the error comes back, the shard "
+                    "there is corrupt: copy it there again or regenerate the dataset (ladd-ds synth / encode / pairs)."
+                )
+            raise InputError(
+                f"Shard file {filename!r} does not match the {algos[0]} hash in its index.json: the file is corrupted. {todo}"
+            )
+
+
 class LatentDataset(StreamingDataset):
     """StreamingDataset whose samples are tensors in `dtype`, plus their global `sample_id`.
 
     `sample_id` is the index into the whole dataset, the same whichever rank or worker reads the
     sample, so per-sample noise derived from it does not depend on the world size.
+
+    A corrupt shard (CheckedStream) found by streaming's prepare thread ends the epoch, and the
+    error is raised where the batches are read, instead of streaming's "Background thread failed".
     """
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, layout: Layout = LATENTS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dtype = dtype
         self.tensor_columns = (*layout.latent_columns, "prompt_embeds", "pooled")
+        self.shard_error: InputError | None = None
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except InputError as err:
+            # Not prepared: a process that needs it checks it again and fails the same way. (One
+            # whose streaming thread is waiting for it, which waits for LOCAL only, stays waiting
+            # until the loader or the job stops it; it never reads the shard.)
+            self._shard_states[shard_id] = _ShardState.REMOTE
+            self.shard_error = err
+            if threading.current_thread() is threading.main_thread():
+                raise
+            self._event.set()  # streaming's threads and the epoch stop; __iter__ raises the error
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from super().__iter__()
+        if self.shard_error is not None:
+            raise self.shard_error
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         # get_item (not __getitem__) is what both indexing and iteration end in, with the
         # index already made non-negative.
+        if self.shard_error is not None:
+            raise self.shard_error
+        shard_id = self.spanner[sample_id][0]
+        while self._shard_states[shard_id] != _ShardState.LOCAL:
+            self.prepare_shard(shard_id)  # checked before it is read (iteration's threads have done it)
         raw = super().get_item(sample_id, retry)
         sample = {k: stored_tensor(raw[k]).to(self.dtype) for k in self.tensor_columns}
         sample["sample_id"] = int(sample_id)
@@ -137,6 +224,19 @@ def bucket_dirs(path: str | Path) -> list[Path]:
     return buckets
 
 
+_noted_unhashed: set[str] = set()
+
+
+def note_unhashed(path: str | Path) -> None:
+    """Say once per dataset and process that its shards cannot be checked."""
+    if str(path) not in _noted_unhashed:
+        _noted_unhashed.add(str(path))
+        print0(
+            f"note: dataset {str(path)!r} has no shard hashes in its index.json (written by an older ladd-ds): "
+            "its shards are read unchecked. Regenerate it to have them checked."
+        )
+
+
 def is_remote(path: str | Path) -> bool:
     return "://" in str(path)
 
@@ -198,6 +298,8 @@ def build_loader(
         buckets = bucket_dirs(path) if buckets is None else [Path(b) for b in buckets]
         summaries = [validate_mds_dir(d, layout) for d in (buckets or [path])]
         summary = {"num_samples": sum(x["num_samples"] for x in summaries)}
+        if not all(x["hashed"] for x in summaries):
+            note_unhashed(path)
     world_size = ranks.world_size()
     if summary is not None and summary["num_samples"] < micro_batch_size * world_size:
         raise InputError(
@@ -216,15 +318,15 @@ def build_loader(
     if buckets:
         # One Stream per aspect bucket and per-stream batching: every batch holds one shape.
         streams = [
-            Stream(local=str(b))
+            CheckedStream(local=str(b))
             if local_cache is None
-            else Stream(remote=str(b), local=str(Path(local_cache) / Path(str(b)).name))
+            else CheckedStream(remote=str(b), local=str(Path(local_cache) / Path(str(b)).name))
             for b in buckets
         ]
         dataset = LatentDataset(streams=streams, batching_method="per_stream", **common)
     else:
         location = {"local": str(path)} if local_cache is None else {"remote": str(path), "local": str(local_cache)}
-        dataset = LatentDataset(**location, **common)
+        dataset = LatentDataset(streams=[CheckedStream(**location)], **common)
     return StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,

@@ -64,6 +64,10 @@ PAIR_OPTIONAL_COLUMNS: dict[str, str] = {
 INDEX_FILE = "index.json"
 # `ladd-ds synth` / `encode`: the settings an output was started with (not *.json: see writer.py)
 GENERATION_STATE_FILE = "generation.state"
+# Hash of every shard file, stored in index.json by the writer and checked before a shard is read
+# (ladd_ds.data.loader.CheckedStream): a fast non-cryptographic hash of xxhash, which streaming
+# depends on. A dataset whose index names other algorithms is checked with one of those.
+SHARD_HASH = "xxh64"
 # Next to manifest.json in a synth/encode output root: the empty prompt's conditioning, of the
 # same form as the shards' prompt_embeds, for classifier-free guidance of the teacher during training
 # (`ladd.distill_cfg`). safetensors with `prompt_embeds` (L, D) and `pooled` (P,), fp32.
@@ -99,7 +103,8 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
     with `streaming.base.util.merge_index`; both have a top-level index.json listing every shard.
 
     Returns:
-        {'path': str, 'num_samples': int, 'num_shards': int, 'columns': {name: encoding}}
+        {'path': str, 'num_samples': int, 'num_shards': int, 'columns': {name: encoding},
+         'hashed': whether index.json records a hash of every shard file}
 
     Raises:
         FileNotFoundError: the directory, its index.json or a listed shard file is missing.
@@ -138,6 +143,7 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
         raise InputError(f"{str(index_path)!r} lists no shards: the dataset is empty. Write at least one sample into it.")
 
     columns: dict[str, str] = {}
+    hashed = True
     for shard in shards:
         shard_file = shard.get("raw_data", {}).get("basename", "?")
         if shard.get("format") != "mds":
@@ -170,7 +176,7 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
                 f"Shard file {shard_file!r} listed in {str(index_path)!r} is missing. Copy the complete dataset directory again."
             )
         # A truncated or overwritten shard has another size than its index records (checking the
-        # size is free; the full hash check is streaming's validate_hash, at read time).
+        # size is free; the hash check happens before the shard is first read, in the loader).
         for f in present:
             size = (root / f["basename"]).stat().st_size
             if f.get("bytes") is not None and size != int(f["bytes"]):
@@ -178,6 +184,7 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
                     f"Shard file {str(root / f['basename'])!r} has {size} bytes, its index says {f['bytes']}: "
                     "the file is corrupted or truncated. Copy or regenerate the dataset."
                 )
+        hashed = hashed and all(f.get("hashes") for f in files if f)
         columns.update(found)
 
     return {
@@ -185,4 +192,5 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
         "num_samples": sum(int(shard["samples"]) for shard in shards),
         "num_shards": len(shards),
         "columns": columns,
+        "hashed": hashed,
     }

@@ -16,12 +16,14 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 from streaming import MDSWriter
+from streaming.base.compression import get_compressions
 
 from ladd_ds.core.errors import InputError, OutputExistsError
 from ladd_ds.core.files import atomic_directory
 from ladd_ds.data.schema import (
     LATENTS,
     NEGATIVE_PROMPT_FILE,
+    SHARD_HASH,
     TEXT_COLUMNS,
     TEXT_STORAGE,
     TORCH_DTYPES,
@@ -32,6 +34,14 @@ from ladd_ds.data.schema import (
 # JSON text, but not named *.json: streaming's merge_index(root) takes every .json file under
 # root's sub-directories for an index.json and fails on anything else (streaming 0.13).
 RANDOM_PARAMS_FILE = "random_latents.params"
+
+
+def check_compression(compression: str | None, key: str = "compression") -> None:
+    """Refuse a shard compression streaming cannot write (InputError naming `key`): None, or a
+    codec of streaming with an optional level, e.g. 'zstd' or 'zstd:7'."""
+    if compression is not None and compression not in get_compressions():
+        codecs = sorted({c.split(":")[0] for c in get_compressions()})
+        raise InputError(f"{key}: {compression!r} is not one of {codecs} (optionally with a level, 'zstd:7') or null (none).")
 
 
 def _to_fp16(value: Any) -> np.ndarray:
@@ -66,6 +76,7 @@ def write_samples(
     size_limit: int | str = "64mb",
     extra_files: Mapping[str, str] | None = None,
     layout: Layout = LATENTS,
+    compression: str | None = None,
 ) -> Path:
     """Write `samples` (dicts with the required columns of `layout`; by default the latent
     columns of `schema.REQUIRED_COLUMNS`) to `out_dir`.
@@ -76,8 +87,13 @@ def write_samples(
     (schema.TEXT_STORAGE), so that training feeds exactly what the encoders produced.
     `extra_files` ({file name: text}) are written next to index.json before the rename.
 
+    index.json records the `schema.SHARD_HASH` of every shard file, which the loader checks before
+    it reads the shard. `compression` (`data.compression`: e.g. 'zstd', 'zstd:7', None = none)
+    stores only compressed shards (`shard.NNNNN.mds.zstd`); readers decompress each on first use.
+
     Raises FileExistsError if `out_dir` exists: delete it or pick another path.
     """
+    check_compression(compression)
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise OutputExistsError(f"Dataset directory {str(out_dir)!r} already exists; delete it or choose another output path.")
@@ -92,7 +108,9 @@ def write_samples(
 
     # replace=False: fails if another process created out_dir meanwhile
     with atomic_directory(out_dir, replace=False) as tmp_dir:
-        with MDSWriter(out=str(tmp_dir), columns=columns, size_limit=size_limit) as writer:
+        with MDSWriter(
+            out=str(tmp_dir), columns=columns, size_limit=size_limit, hashes=[SHARD_HASH], compression=compression
+        ) as writer:
             for i, sample in enumerate(itertools.chain([first], samples)):
                 missing = [k for k in columns if k not in sample]
                 if missing:

@@ -125,7 +125,9 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
         "steps": p.steps,
         "guidance_scale": p.guidance_scale,
     }
-    write_samples(out, samples, layout=PAIRS, extra_files={"pairs.json": json.dumps(summary, indent=2)})
+    write_samples(
+        out, samples, layout=PAIRS, extra_files={"pairs.json": json.dumps(summary, indent=2)}, compression=cfg.data.compression
+    )
     return summary
 
 
@@ -187,5 +189,7 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
                 }
             )
     summary = {"pairs": len(samples), "source": str(preferences), "images": str(images), "codec": cfg.codec.vae}
-    write_samples(out, samples, layout=PAIRS, extra_files={"pairs.json": json.dumps(summary, indent=2)})
+    write_samples(
+        out, samples, layout=PAIRS, extra_files={"pairs.json": json.dumps(summary, indent=2)}, compression=cfg.data.compression
+    )
     return summary

@@ -76,7 +76,9 @@ def my_batches(jobs: list[PromptJob], batch_size: int) -> list[list[PromptJob]]:
     return batches
 
 
-def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], encoded) -> Path:
+def write_part(
+    out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], encoded, compression: str | None = None
+) -> Path:
     # Named by its first sample and a digest of all its keys: unique even when keys are not
     # positions (encode's image paths) and a re-run's parts start at the same position.
     part = out / jobs[0].bucket / f"part-{jobs[0].index:09d}-{input_digest([j.key for j in jobs])[:8]}"
@@ -92,7 +94,8 @@ def write_part(out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], en
         }
         for i, job in enumerate(jobs)
     ]
-    return write_samples(part, samples, extra_files={PART_FILE: json.dumps([[j.key, j.digest] for j in jobs])})
+    keys = json.dumps([[j.key, j.digest] for j in jobs])
+    return write_samples(part, samples, extra_files={PART_FILE: keys}, compression=compression)
 
 
 def model_identity(spec: str, seed: int) -> str:
@@ -230,7 +233,7 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents
         if pending and (len(pending) >= s.part_size or next_bucket != batch[0].bucket):  # a part holds one bucket
             parts_written += 1
             faults.maybe_die("kill", parts_written)  # tests: a crash before this part is committed
-            write_part(out, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending])
+            write_part(out, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending], cfg.data.compression)
             pending = []
     bar.close()
     barrier()
