@@ -338,7 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-len", type=int, default=None)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(
-        "--compile", action="store_true", help="model.compile in both steps (the engines need stages below 3: --placements auto on one rank, or 0-2)"
+        "--compile",
+        action="store_true",
+        help="model.compile in both steps (the engines need stages below 3: --placements auto on one rank, or 0-2)",
     )
     p.add_argument("--matmul-size", type=int, default=None)
     p.add_argument("--config", default=None, help="base run config (default: built-in defaults)")

@@ -93,7 +93,8 @@ def test_phase_memory_records_every_engine_phase(distributed_world_of_one, monke
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: next(calls) * 2**30)
     args = bench_step.parse_args(["--preset", "tiny", "--batch", "2"])
     cfg = bench_step.bench_config(args)
-    batch = bench_step.synthetic_batch(bench_step.resolve_model_config("tiny"), 2, (16, 16), 8, torch.device("cpu"), torch.float32)
+    model_cfg = bench_step.resolve_model_config("tiny")
+    batch = bench_step.synthetic_batch(model_cfg, 2, (16, 16), 8, torch.device("cpu"), torch.float32)
     phases = [f"{e} {p}" for e in ("student", "heads") for p in ("forward", "backward", "step")] + ["teacher forward"]
     for steps in (bench_step.build_plain_steps(cfg), bench_step.build_deepspeed_steps(cfg, "0")):
         recorder = bench_step.PhaseMemory(steps.engines)

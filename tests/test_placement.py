@@ -39,7 +39,8 @@ def test_engine_memory_counts_each_stage_and_dtype():
     assert engine_memory(plain, 2, world, "bf16").grads == n * 2 / world
     assert engine_memory(plain, 0, 1, "fp32").optimizer == n * 8
     # Buffers: the reduce bucket (capped by the model, doubled with overlap_comm, fp32 communication).
-    overlap = {"communication_data_type": "fp32", "zero_optimization": {"reduce_bucket_size": 100, "overlap_comm": True, "allgather_bucket_size": 0}}
+    zero = {"reduce_bucket_size": 100, "overlap_comm": True, "allgather_bucket_size": 0}
+    overlap = {"communication_data_type": "fp32", "zero_optimization": zero}
     assert engine_memory(EngineNeeds("s", meta_linear(n), True, "auto", overlap), 2, world, "bf16").buffers == 100 * 4 * 2
     # A frozen engine holds weights only (and ZeRO-3's gathered parameters).
     frozen = engine_memory(EngineNeeds("teacher", meta_linear(n, False), False, "auto", {}), 0, world, "bf16")
@@ -96,8 +97,8 @@ def sd3_config(preset: str, *sets: str):
     ],
 )
 def test_auto_stages_follow_the_memory_plan(preset, world, gib, expected):
-    rl = ["data.random_latents.height=128", "data.random_latents.width=128", "data.random_latents.text_len=333",
-          "data.random_latents.latent_channels=16", "data.random_latents.text_dim=4096", "data.random_latents.pooled_dim=2048"]  # fmt: skip
+    sizes = {"height": 128, "width": 128, "text_len": 333, "latent_channels": 16, "text_dim": 4096, "pooled_dim": 2048}
+    rl = [f"data.random_latents.{k}={v}" for k, v in sizes.items()]
     cfg = sd3_config(preset, *rl, f"deepspeed.device_memory_gib={gib}")
     configs, placement = place_ladd_engines(cfg, world)
     assert placement.stages == expected and placement.fits

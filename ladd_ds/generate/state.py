@@ -112,7 +112,8 @@ def record_skipped(out: Path, rank: int, serial: int, skipped: list[tuple]) -> N
     folder = out / SKIPPED_DIR
     folder.mkdir(exist_ok=True)
     items = [{"key": job.key, "digest": job.digest, "file": job.image, "reason": reason} for job, reason in skipped]
-    write_text_atomic(folder / f"rank-{rank:05d}-{serial:06d}-{input_digest([i['key'] for i in items])}.skipped", json.dumps(items))
+    name = f"rank-{rank:05d}-{serial:06d}-{input_digest([i['key'] for i in items])}.skipped"
+    write_text_atomic(folder / name, json.dumps(items))
 
 
 def skipped_samples(out: Path, jobs: list) -> list[dict]:

@@ -189,7 +189,8 @@ def place_engines(
             if asked[s.name] == AUTO:
                 print0(f"deepspeed.{s.stage_key}: auto -> ZeRO-{placement.stages[s.name]} ({placement.reasons[s.name]})")
         if not placement.fits:
-            print0(f"warning: the memory plan ({placement.total / 2**30:.1f} GiB per rank) exceeds the device's usable memory; see --dry-run")
+            need = placement.total / 2**30
+            print0(f"warning: the memory plan ({need:.1f} GiB per rank) exceeds the device's usable memory; see --dry-run")
     return configs, placement
 
 

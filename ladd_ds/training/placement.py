@@ -136,7 +136,9 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
     return EngineMemory(weights=weights, grads=grads, optimizer=optimizer, buffers=buffers)
 
 
-def plan(engines: list[EngineNeeds], stages: dict[str, int], world: int, precision: str, activations: float, device_bytes: float) -> Placement:
+def plan(
+    engines: list[EngineNeeds], stages: dict[str, int], world: int, precision: str, activations: float, device_bytes: float
+) -> Placement:
     memory = {e.name: engine_memory(e, stages[e.name], world, precision) for e in engines}
     params = {e.name: e.n_params for e in engines}
     return Placement(stages=dict(stages), memory=memory, activations=activations, device_bytes=device_bytes, params=params)
