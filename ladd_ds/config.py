@@ -125,6 +125,16 @@ class RandomLatentsConfig:
             raise ConfigError("data.random_latents.text_len must be at least 1")
 
 
+def check_compression(compression: str | None, key: str = "compression") -> None:
+    """Refuse a shard compression streaming cannot write (naming `key`): None, or a codec of
+    streaming with an optional level, e.g. 'zstd' or 'zstd:7'."""
+    from streaming.base.compression import get_compressions
+
+    if compression is not None and compression not in get_compressions():
+        codecs = sorted({c.split(":")[0] for c in get_compressions()})
+        raise ConfigError(f"{key}: {compression!r} is not one of {codecs} (optionally with a level, 'zstd:7') or null (none).")
+
+
 @dataclass
 class DataConfig:
     # "mds": read shards from `path`; "random_latents": write random shards to RUN_DIR/data first.
@@ -145,13 +155,7 @@ class DataConfig:
             raise ConfigError("data.path: required when data.source is 'mds' (a directory of MDS shards)")
         if self.micro_batch_size < 1:
             raise ConfigError("data.micro_batch_size: must be >= 1")
-        if self.compression is not None:
-            from ladd_ds.data.writer import check_compression
-
-            try:
-                check_compression(self.compression, "data.compression")
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        check_compression(self.compression, "data.compression")
 
 
 @dataclass

@@ -492,9 +492,9 @@ def test_compressed_shards_read_in_place_through_a_cache_and_as_buckets(tmp_path
 
 
 def test_unknown_compression_is_refused_with_the_key(tmp_path):
-    from ladd_ds.core.errors import InputError
+    from ladd_ds.config import ConfigError
 
     row = {"latent": torch.zeros(4, 2, 2), "prompt_embeds": torch.zeros(3, 8), "pooled": torch.zeros(8), "prompt": "x"}
-    with pytest.raises(InputError, match=r"compression: 'lz4' is not one of .*'zstd'"):
+    with pytest.raises(ConfigError, match=r"compression: 'lz4' is not one of .*'zstd'"):
         write_samples(tmp_path / "out", [row], compression="lz4")
     assert not (tmp_path / "out").exists()

@@ -16,8 +16,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 from streaming import MDSWriter
-from streaming.base.compression import get_compressions
 
+from ladd_ds.config import check_compression
 from ladd_ds.core.errors import InputError, OutputExistsError
 from ladd_ds.core.files import atomic_directory
 from ladd_ds.data.schema import (
@@ -34,14 +34,6 @@ from ladd_ds.data.schema import (
 # JSON text, but not named *.json: streaming's merge_index(root) takes every .json file under
 # root's sub-directories for an index.json and fails on anything else (streaming 0.13).
 RANDOM_PARAMS_FILE = "random_latents.params"
-
-
-def check_compression(compression: str | None, key: str = "compression") -> None:
-    """Refuse a shard compression streaming cannot write (InputError naming `key`): None, or a
-    codec of streaming with an optional level, e.g. 'zstd' or 'zstd:7'."""
-    if compression is not None and compression not in get_compressions():
-        codecs = sorted({c.split(":")[0] for c in get_compressions()})
-        raise InputError(f"{key}: {compression!r} is not one of {codecs} (optionally with a level, 'zstd:7') or null (none).")
 
 
 def _to_fp16(value: Any) -> np.ndarray:
