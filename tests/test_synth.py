@@ -306,7 +306,8 @@ def test_zero3_teacher_on_two_ranks_gives_the_same_samples(prompt_file, tmp_path
     synth(prompt_file, out, nproc=2, extra=["synth.zero_stage=3"])
     manifest, samples = read_all(out)
     _, ref, _ = reference
-    assert manifest["source"]["fingerprint"] == "partitioned (ZeRO-3)"
+    # The teacher's identity does not depend on its placement (read from the spec, not the weights).
+    assert manifest["source"]["fingerprint"] == reference[0]["source"]["fingerprint"] == "preset tiny, seed 0"
     assert sorted(samples) == sorted(ref)
     for index in ref:
         np.testing.assert_allclose(samples[index]["latent"], ref[index]["latent"], atol=2e-3)
