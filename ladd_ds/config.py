@@ -148,6 +148,9 @@ class DataConfig:
     # Leave out (with a warning) the buckets of a local multi-bucket root that hold fewer samples
     # than one global batch, instead of stopping: every batch comes from one bucket.
     drop_small_buckets: bool = False
+    # Shared memory of ended streaming jobs removed at start: "stale" = only blocks no process on
+    # the node uses; "all" = every streaming block (also a live job's: a node to yourself); "off".
+    shared_memory_cleanup: Literal["stale", "all", "off"] = "stale"
     random_latents: RandomLatentsConfig = field(default_factory=RandomLatentsConfig)
 
     def validate(self) -> None:

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from streaming import StreamingDataset
@@ -108,3 +109,39 @@ def test_bad_images_are_skipped_recorded_and_never_lose_work(tmp_path):
     assert "4 samples, 4 already done, 0 to generate" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == 4 and manifest["skipped"] == []
+
+
+@pytest.mark.multiproc
+def test_two_ranks_encode_what_one_rank_does(tmp_path):
+    """2 ranks split the images (each reads only its own headers), skip the same bad image and
+    give the samples and the manifest of one rank."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    names = []
+    for i in range(8):
+        w, h = (90, 80) if i % 2 else (200, 96)
+        names.append(f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / names[-1])
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    names.insert(3, "broken.png")
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("".join(f"{n}\tpicture {n}\n" for n in names))
+    encode(images, captions, tmp_path / "one")
+    args = ["encode", "--config", str(TINY_CONFIG), "--images", str(images), "--captions", str(captions)]
+    run_cli(*args, "--out", str(tmp_path / "two"), *[a for s in SETS for a in ("--set", s)], nproc=2)
+
+    def read(out):
+        manifest = json.loads((out / "manifest.json").read_text())
+        samples = {}
+        for bucket in manifest["buckets"]:
+            ds = StreamingDataset(local=str(out / bucket), shuffle=False, batch_size=1)
+            samples.update({ds[i]["prompt"]: ds[i]["latent"] for i in range(ds.num_samples)})
+        return manifest, samples
+
+    (m1, s1), (m2, s2) = read(tmp_path / "one"), read(tmp_path / "two")
+    assert m1["buckets"] == m2["buckets"] == {"64x64": 4, "64x128": 4}
+    assert [i["key"] for i in m2["skipped"]] == [i["key"] for i in m1["skipped"]] == ["broken.png"]
+    assert sorted(s1) == sorted(s2) and len(s1) == 8
+    for prompt, latent in s1.items():
+        np.testing.assert_allclose(s2[prompt], latent, atol=2e-3)

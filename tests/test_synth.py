@@ -208,9 +208,11 @@ def test_a_resume_with_other_settings_is_refused(prompt_file, tmp_path, referenc
 
 
 @pytest.mark.multiproc
-def test_two_ranks_split_the_prompts(prompt_file, tmp_path, reference):
+def test_two_ranks_split_the_prompts_and_train_on_compressed_checked_shards(prompt_file, tmp_path, reference):
+    """2 ranks write zstd shards with hashes: the samples of one rank; 2 ranks train on them;
+    a corrupted shard stops a 2-rank run with the shard's name."""
     out = tmp_path / "out"
-    synth(prompt_file, out, nproc=2)
+    synth(prompt_file, out, nproc=2, extra=["data.compression=zstd"])
     _, samples = read_all(out)
     _, ref, _ = reference
     assert sorted(samples) == sorted(ref)
@@ -218,6 +220,19 @@ def test_two_ranks_split_the_prompts(prompt_file, tmp_path, reference):
         np.testing.assert_allclose(samples[index]["latent"], ref[index]["latent"], atol=2e-3)
     parts = list(out.glob("*/part-*"))
     assert len(parts) >= 4
+    for bucket in json.loads((out / "manifest.json").read_text())["buckets"]:
+        shards = json.loads((out / bucket / "index.json").read_text())["shards"]
+        assert all(s["compression"] == "zstd" and s["zip_data"]["hashes"]["xxh64"] for s in shards)
+
+    assert "done: step 2" in train_on(out, tmp_path / "run", 2).stdout
+    victim = sorted(out.glob("64x128/part-*/*.mds.zstd"))[0]
+    victim.with_suffix("").unlink()  # the decompressed copy the first run left: decompressed again
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    proc = train_tiny(tmp_path / "run2", 2, [f"data.path={out}", *TRAIN_SETS], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert f"{victim.parent.name}/{victim.name}' does not match" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_bad_inputs(tmp_path, prompt_file, capsys):

@@ -26,11 +26,11 @@ from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.format.base.reader import FileInfo, Reader
 from streaming.base.hashing import get_hash, is_hash
-from streaming.base.util import clean_stale_shared_memory
 
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.data.manifest import read_manifest
 from ladd_ds.data.schema import INDEX_FILE, LATENTS, MANIFEST_FILE, SHARD_HASH, Layout, validate_mds_dir
+from ladd_ds.data.shared_memory import clean_all_streaming_blocks, clean_stale_blocks
 from ladd_ds.distributed import ranks
 from ladd_ds.distributed.ranks import print0
 
@@ -182,18 +182,30 @@ def _check_same_shape(samples: list[dict[str, Any]], column: str, hint: str) -> 
 _shared_memory_cleaned = False
 
 
-def clean_stale_shared_memory_once() -> None:
-    """Remove streaming's shared memory left by crashed runs, once per process.
+def clean_stale_shared_memory_once(mode: str = "stale") -> None:
+    """Remove the streaming shared memory that ended jobs left behind, once per process, before
+    the first dataset is built (call on every rank: local rank 0 cleans, all ranks wait).
 
-    streaming.base.util.clean_stale_shared_memory unlinks *every* streaming shared-memory block
-    it finds, including those of datasets alive in this process, so it must run before the first
-    dataset is built and never again. When torch.distributed is initialized it is collective
-    (local rank 0 cleans, all ranks wait at a barrier).
+    "stale" (default): only blocks no process on the node uses (data/shared_memory.py), so
+    another job running on the node keeps its own. "all": streaming's unconditional clean-up,
+    which also unlinks a live job's blocks. "off": nothing.
     """
     global _shared_memory_cleaned
-    if not _shared_memory_cleaned:
-        clean_stale_shared_memory()
-        _shared_memory_cleaned = True
+    if _shared_memory_cleaned or mode == "off":
+        return
+    _shared_memory_cleaned = True
+    if mode == "all":
+        clean_all_streaming_blocks()  # collective itself
+        return
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        report = clean_stale_blocks()
+        if report.removed:
+            print(
+                f"removed {len(report.removed)} shared-memory block(s) and lock file(s) of ended jobs "
+                f"(kept {len(report.kept_live)} in use)",
+                flush=True,
+            )
+    ranks.barrier()
 
 
 def bucket_dirs(path: str | Path) -> list[Path]:
@@ -276,6 +288,7 @@ def build_loader(
     remote_buckets: list[str] | None = None,
     layout: Layout = LATENTS,
     buckets: list[Path] | None = None,
+    shared_memory_cleanup: str = "stale",
 ) -> StreamingDataLoader:
     """Build the per-rank loader over the MDS dataset at `path` (batches of `micro_batch_size`).
 
@@ -286,7 +299,8 @@ def build_loader(
     `seed` and the epoch. Building several loaders over one `path` in one process is fine.
     `layout`: the kind of dataset (schema.LATENTS for LADD, schema.PAIRS for DPO). `buckets`:
     the bucket directories of a local multi-bucket root to read (default: all of them;
-    the trainer passes those data.checks.plan_mds_data kept).
+    the trainer passes those data.checks.plan_mds_data kept). `shared_memory_cleanup`: see
+    clean_stale_shared_memory_once.
     """
     if is_remote(path):
         if local_cache is None:
@@ -310,7 +324,7 @@ def build_loader(
     if local_cache is not None:
         claim_cache_dir(Path(local_cache))
     ranks.export_local_world_size()
-    clean_stale_shared_memory_once()
+    clean_stale_shared_memory_once(shared_memory_cleanup)
 
     # With remote=None streaming skips its "Reused local directory" check and gives each
     # dataset its own shared-memory prefix, so several datasets may read one directory.

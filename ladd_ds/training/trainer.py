@@ -107,6 +107,7 @@ class Trainer:
             remote_buckets=data.buckets,
             layout=method.layout,
             buckets=(plan.buckets or None) if plan is not None else None,
+            shared_memory_cleanup=data.shared_memory_cleanup,
         )
 
     def _write_resolved_configs(self) -> None:
