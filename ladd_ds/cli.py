@@ -88,6 +88,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _convert_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert-checkpoint",
+        help="convert a run's checkpoint for another world size (DeepSpeed universal format), resumably, in one process",
+    )
+    p.add_argument("--run", required=True, help="run directory of a ladd-ds train or dpo run")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
+
+
+def cmd_convert(args) -> int:
+    from ladd_ds.training.convert import convert_run
+
+    convert_run(Path(args.run), args.step)
+    return 0
+
+
 def _config_args(p) -> None:
     p.add_argument("--config", required=True, help="YAML run config (model.teacher and the synth section)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
@@ -261,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _train_parser(sub, "dpo", "Diffusion-DPO of model.teacher on preference pairs (LoRA or full; under deepspeed too)")
     _export_parser(sub)
+    _convert_parser(sub)
     _synth_parser(sub)
     _encode_parser(sub)
     _sample_parser(sub)
@@ -272,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "dpo": cmd_dpo,
         "export": cmd_export,
+        "convert-checkpoint": cmd_convert,
         "synth": cmd_synth,
         "encode": cmd_encode,
         "sample": cmd_sample,

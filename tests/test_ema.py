@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from ladd_ds.training.ema import ShardedEMA
+from ladd_ds.training.ema import ShardedEMA, read_flat_range
 
 
 def test_ema_is_an_exponential_moving_average_and_round_trips():
@@ -14,3 +15,35 @@ def test_ema_is_an_exponential_moving_average_and_round_trips():
     other = ShardedEMA(torch.nn.Linear(3, 2), decay=0.9)
     other.load_state_dict(ema.state_dict())
     torch.testing.assert_close(other.shadow["weight"], ema.shadow["weight"])
+
+
+def zero3_shards(full: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """ZeRO-3's layout: ceil(numel / world) elements per rank, the last one zero-padded."""
+    size = -(-full.numel() // world)
+    flat = torch.cat([full.flatten(), full.new_zeros(size * world - full.numel())])
+    return [flat[r * size : (r + 1) * size].clone() for r in range(world)]
+
+
+@pytest.mark.parametrize("old_world, new_world", [(3, 2), (2, 3), (1, 4), (4, 1), (5, 5)])
+def test_any_partition_is_read_from_the_shards_of_any_world_size(old_world, new_world):
+    full = torch.arange(23, dtype=torch.float32)
+    old = zero3_shards(full, old_world) if old_world > 1 else [full.clone()]
+    for r, want in enumerate(zero3_shards(full, new_world)):
+        size = want.numel()
+        got = read_flat_range(old, full.numel(), r * size, min((r + 1) * size, full.numel()))
+        torch.testing.assert_close(got, want[: got.numel()])
+    torch.testing.assert_close(read_flat_range(old, 23, 0, 23), full)
+
+
+def test_resharded_ema_from_memory_mapped_shards(tmp_path):
+    """From memory-mapped files saved by 2 ZeRO-3 ranks, an EMA kept in full (below ZeRO-3, one
+    rank) gets each whole tensor back."""
+    model = torch.nn.Linear(5, 3)
+    full = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for r in range(2):
+        torch.save({"ema": {"shadow": {n: zero3_shards(t, 2)[r] for n, t in full.items()}}}, tmp_path / f"{r}.pt")
+    shards = [torch.load(tmp_path / f"{r}.pt", mmap=True, weights_only=True)["ema"]["shadow"] for r in range(2)]
+    ema = ShardedEMA(model, decay=0.9)
+    ema.load_resharded(model, shards)
+    for n, t in full.items():
+        torch.testing.assert_close(ema.shadow[n], t)

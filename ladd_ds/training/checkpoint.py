@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from ladd_ds.core.errors import MissingInputError
 from ladd_ds.core.files import commit_directory, temporary_sibling
 from ladd_ds.distributed import faults
 from ladd_ds.distributed.ranks import barrier, is_main, rank
@@ -78,45 +77,59 @@ def read_trainer_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def read_rank_states(path: Path) -> list[dict]:
-    """Every rank's rank-XXXXX.pt of a checkpoint, in rank order."""
-    files = sorted(path.glob("rank-*.pt"))
+def rank_file(path: Path, r: int) -> Path:
+    return Path(path) / f"rank-{r:05d}.pt"
+
+
+def saved_world_size(path: Path) -> int:
+    """The world size that wrote checkpoint `path`, after checking that its rank files are all there."""
     expected = read_trainer_state(path)["world_size"]
-    if len(files) != expected:
-        raise RuntimeError(f"checkpoint {path} has {len(files)} rank files, expected {expected}")
-    return [torch.load(f, weights_only=True) for f in files]
+    missing = [rank_file(path, r).name for r in range(expected) if not rank_file(path, r).is_file()]
+    if missing:
+        raise MissingInputError(
+            f"checkpoint {path} was written by {expected} ranks but lacks {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''}: it is incomplete; remove it to resume from the one before"
+        )
+    return expected
+
+
+def checkpoint_bytes(path: Path, r: int) -> tuple[int, int]:
+    """(bytes of the files rank `r` reads to resume on the world size that wrote `path`, bytes of
+    every file of the checkpoint). A rank reads its ZeRO partition files (zero_pp_rank_<r>_...),
+    its rank file and the files without a rank (a ZeRO-0 engine's one model file)."""
+    share = total = 0
+    for f in Path(path).rglob("*.pt"):
+        if any(part.lstrip(".").startswith(UNIVERSAL_DIR) for part in f.relative_to(path).parts[:-1]):
+            continue  # a conversion for another world size (training/convert.py)
+        size = f.stat().st_size
+        total += size
+        ranked = re.match(r"^(?:zero_pp_rank_(\d+)_|rank-(\d+)\.pt$)", f.name)
+        if ranked is None or int(ranked.group(1) or ranked.group(2)) == r:
+            share += size
+    return share, total
+
+
+def read_rank_state(path: Path, r: int) -> dict:
+    """Rank `r`'s rank-XXXXX.pt, memory-mapped: its tensors are read from disk as they are used."""
+    return torch.load(rank_file(path, r), weights_only=True, mmap=True)
+
+
+def read_rank_states(path: Path) -> list[dict]:
+    """Every rank's rank-XXXXX.pt of a checkpoint, in rank order, memory-mapped (see read_rank_state)."""
+    return [read_rank_state(path, r) for r in range(saved_world_size(path))]
 
 
 UNIVERSAL_DIR = "universal"
 
 
-def prepare_universal(path: Path, names: list[str]) -> Path:
-    """Collective: convert the engines' ZeRO checkpoints in `path` to DeepSpeed's universal format
-    (path/universal/<name>/), which loads on any world size. Converted once, atomically."""
-    target = path / UNIVERSAL_DIR
-    if is_main() and not target.is_dir():
-        tmp = temporary_sibling(target, unique=False)
-        for name in names:
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
-            cmd += ["--input_folder", str(path / name), "--output_folder", str(tmp / name)]
-            # ZeRO-1/2 checkpoints lack the universal-info block that Megatron-style clients add;
-            # for plain (no tensor/pipeline parallel) models the default block is correct.
-            cmd += ["--inject_missing_state"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"converting {path / name} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
-        commit_directory(tmp, target)
-    barrier()
-    return target
-
-
-def load_checkpoint(path: Path, engines: dict, universal: bool = False) -> tuple[dict, list[dict]]:
-    """Collective: restores the engines (weights, optimizer, LR schedule); returns
-    (trainer_state, every rank's saved state). `universal`: load the converted universal
-    checkpoint (world size changed; the engines were built with checkpoint.load_universal)."""
+def load_checkpoint(path: Path, engines: dict, universal: bool = False) -> dict:
+    """Collective: restores the engines (weights, optimizer, LR schedule) and returns the trainer
+    state; the rank files are read by the caller (read_rank_state), each rank only what it needs.
+    `universal`: load the converted universal checkpoint (world size changed; the engines were
+    built with checkpoint.load_universal)."""
     source = path / UNIVERSAL_DIR if universal else path
     for name, engine in engines.items():
         load_path, _ = engine.load_checkpoint(str(source), tag=name)
         if load_path is None:
             raise RuntimeError(f"checkpoint {path}: could not load the '{name}' engine state from {source / name}")
-    return read_trainer_state(path), read_rank_states(path)
+    return read_trainer_state(path)

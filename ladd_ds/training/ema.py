@@ -42,19 +42,38 @@ class ShardedEMA:
         for n in self.names:
             self.shadow[n].copy_(state["shadow"][n])
 
-    def load_full(self, module: nn.Module, full: dict[str, torch.Tensor]) -> None:
-        """Load full (unsharded) EMA tensors, keeping this rank's ZeRO-3 partition of each."""
+    def load_resharded(self, module: nn.Module, shadows: list[dict[str, torch.Tensor]]) -> None:
+        """Load this rank's partition from the EMA shards a run of another world size saved (one
+        dict per old rank, in rank order). With memory-mapped shards only the elements this rank
+        keeps are read: its ZeRO-3 share, or the full tensor below stage 3."""
         params = dict(module.named_parameters())
         rank = dist.get_rank() if dist.is_initialized() else 0
         for n in self.names:
-            local = _local(params[n])
-            flat = full[n].flatten().float()
-            if local.numel() == flat.numel() and not hasattr(params[n], "ds_tensor"):
-                self.shadow[n].copy_(flat.view_as(self.shadow[n]))
-                continue
-            size = local.numel()  # ceil(numel / world): ZeRO-3 pads the last partition
-            padded = torch.cat([flat, flat.new_zeros(size * dist.get_world_size() - flat.numel())])
-            self.shadow[n].copy_(padded[rank * size : (rank + 1) * size])
+            p = params[n]
+            numel = math.prod(getattr(p, "ds_shape", p.shape))
+            local = self.shadow[n].view(-1)
+            start = rank * local.numel() if hasattr(p, "ds_tensor") else 0
+            stop = min(start + local.numel(), numel)  # ZeRO-3 pads the last partition
+            piece = read_flat_range([sh[n] for sh in shadows], numel, start, stop)
+            local[: piece.numel()].copy_(piece)
+            local[piece.numel() :].zero_()
+
+
+def read_flat_range(shards: list[torch.Tensor], numel: int, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of a flattened tensor of `numel` elements saved as `shards` (one per
+    rank, in rank order): ZeRO-3 partitions of ceil(numel / world) elements, the last one padded,
+    or, below stage 3, the full tensor on every rank. Only the shards overlapping the range are
+    touched."""
+    if start >= stop:
+        return shards[0].new_zeros(0)
+    if shards[0].numel() >= numel:  # full tensors: every rank saved the same
+        return shards[0].reshape(-1)[start:stop]
+    size = shards[0].numel()
+    pieces = []
+    for r in range(start // size, (stop - 1) // size + 1):
+        lo, hi = max(start, r * size), min(stop, (r + 1) * size)
+        pieces.append(shards[r].reshape(-1)[lo - r * size : hi - r * size])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def gather_full_shadow(shadows: list[dict[str, torch.Tensor]], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:

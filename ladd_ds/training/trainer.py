@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ladd_ds.config import Config, save_config
+from ladd_ds.core.host_memory import PeakIncrease, peak_rss_increase
 from ladd_ds.data.loader import batch_to_device, build_loader, iterate_forever
 from ladd_ds.data.writer import write_random_latents
 from ladd_ds.distributed import engines as ds
@@ -31,7 +32,7 @@ from ladd_ds.distributed.ranks import (
 )
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training.build import mds_data_plan
-from ladd_ds.training.ema import gather_full_shadow
+from ladd_ds.training.convert import convert_for_world_size
 from ladd_ds.training.method import Method
 from ladd_ds.training.metrics import MetricLogger, NullLogger, StepTimer, to_floats, truncate_after
 
@@ -125,8 +126,8 @@ class Trainer:
         saved_world = ckpt.read_trainer_state(path)["world_size"]
         if saved_world == world_size():
             return path, False
-        print0(f"{path} was written by {saved_world} ranks, this run has {world_size()}: converting to a universal checkpoint")
-        ckpt.prepare_universal(path, list(trainable))
+        print0(f"{path} was written by {saved_world} ranks, this run has {world_size()}: it loads as a universal checkpoint")
+        convert_for_world_size(path, list(trainable))
         for name in trainable:
             self.ds_configs[name]["checkpoint"] = {"load_universal": True}
         return path, True
@@ -135,28 +136,49 @@ class Trainer:
         path = self.resume_from
         if path is None:
             return
-        state, rank_states = ckpt.load_checkpoint(path, self.method.trainable_engines(), universal=self.resume_universal)
+        with peak_rss_increase() as engines_memory:
+            state = ckpt.load_checkpoint(path, self.method.trainable_engines(), universal=self.resume_universal)
+        with peak_rss_increase() as rank_memory:
+            self._load_rank_state(path, state)
+        self._report_resume_memory(path, engines_memory, rank_memory)
+        if is_main():
+            truncate_after(self.run_dir / "metrics.jsonl", self.step)
+        print0(f"resumed from {path} at step {self.step}" + (" (universal checkpoint)" if self.resume_universal else ""))
+
+    def _load_rank_state(self, path: Path, state: dict) -> None:
+        """Counters, data position and EMA. Each rank reads its own rank file; after a world-size
+        change, the old ranks' files memory-mapped, of which only this rank's EMA share is read."""
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        same_world = len(rank_states) == world_size()
-        mine = rank_states[rank()] if same_world else rank_states[0]
+        same_world = ckpt.saved_world_size(path) == world_size()
+        rank_states = [ckpt.read_rank_state(path, rank())] if same_world else ckpt.read_rank_states(path)
         # Streaming's loader state is global (epoch, samples consumed by all ranks), so any rank's
         # copy restores the position; it is exact when the global batch size is unchanged.
-        self.loader.load_state_dict(mine["loader"])
+        self.loader.load_state_dict(rank_states[0]["loader"])
         ema = self.method.ema
         if ema is not None:
             if any("ema" not in r for r in rank_states):
                 raise RuntimeError(f"checkpoint {path} has no EMA state but optim.ema_decay > 0")
             if same_world:
-                ema.load_state_dict(mine["ema"])
+                ema.load_state_dict(rank_states[0]["ema"])
             else:
-                module = self.method.trained_module()
-                shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in module.named_parameters()}
-                ema.load_full(module, gather_full_shadow([r["ema"]["shadow"] for r in rank_states], shapes))
-        if is_main():
-            truncate_after(self.run_dir / "metrics.jsonl", self.step)
-        print0(f"resumed from {path} at step {self.step}" + (" (universal checkpoint)" if self.resume_universal else ""))
+                ema.load_resharded(self.method.trained_module(), [r["ema"]["shadow"] for r in rank_states])
+
+    def _report_resume_memory(self, path: Path, engines: PeakIncrease, rank_state: PeakIncrease) -> None:
+        """Each rank prints how far resuming raised its host memory, next to the bytes of the
+        checkpoint files that are its share and of the whole checkpoint."""
+        if engines.increase is None or rank_state.increase is None:
+            return  # the peak cannot be reset here
+        peak = max(engines.increase, rank_state.before + rank_state.increase - engines.before)
+        share, total = ckpt.checkpoint_bytes(path, rank())
+        mib = 2**20
+        print(
+            f"rank {rank()}: resume raised host memory by {peak / mib:.1f} MiB at its peak (engines "
+            f"{engines.increase / mib:.1f} MiB, rank state {rank_state.increase / mib:.1f} MiB); checkpoint files: "
+            f"this rank's share {share / mib:.1f} MiB, all ranks {total / mib:.1f} MiB",
+            flush=True,
+        )
 
     def save(self) -> Path:
         rank_state = {"loader": self.loader.state_dict(), "step": self.step, "last_sample_ids": self.last_sample_ids.tolist()}
