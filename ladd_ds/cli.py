@@ -197,7 +197,8 @@ def cmd_pairs(args) -> int:
         summary = import_pairs(cfg, args.import_pairs, args.images, args.out)
     else:
         summary = make_pairs(cfg, args.out)
-    print(f"pairs: {summary['pairs']} written to {args.out or cfg.pairs.out}")
+    if summary is not None:  # rank 0
+        print(f"pairs: {summary['pairs']} pairs in {args.out or cfg.pairs.out} ({summary['skipped']} prompts or lines skipped)")
     return 0
 
 

@@ -339,7 +339,11 @@ class PairsConfig:
     shift: float | None = None  # schedule shift of the sampler; None = the model's own (ladd-ds sample's)
     height: int = 128  # pixels
     width: int = 128
-    batch_size: int = 16
+    # [[height, width], ...]: several resolutions (a prompt file's JSONL lines may name their
+    # "bucket"; imported pairs take the one nearest the winner's aspect ratio); None = height x width
+    buckets: list[list[int]] | None = None
+    batch_size: int = 16  # images per sampling call (batch_size // samples_per_prompt prompts), or pairs per encode call
+    part_size: int = 256  # pairs per committed part: what a crash can lose, and what is held in memory
     seed: int = 0
     # "package.module:callable" building the scorer, called with `scorer_args` as keyword
     # arguments; the scorer maps (images (N, 3, H, W) in [0, 1], prompts) to N scores, higher
@@ -352,8 +356,10 @@ class PairsConfig:
     def validate(self) -> None:
         if self.samples_per_prompt < 2:
             raise ConfigError("pairs.samples_per_prompt: need at least 2 samples to make a pair")
-        if self.steps < 1 or self.batch_size < 1 or self.min_score_gap < 0:
-            raise ConfigError("pairs.steps and pairs.batch_size must be >= 1, pairs.min_score_gap >= 0")
+        if self.steps < 1 or self.batch_size < 1 or self.part_size < 1 or self.min_score_gap < 0:
+            raise ConfigError("pairs.steps, pairs.batch_size and pairs.part_size must be >= 1, pairs.min_score_gap >= 0")
+        if self.buckets is not None and (not self.buckets or any(len(b) != 2 or min(b) <= 0 for b in self.buckets)):
+            raise ConfigError("pairs.buckets: a list of [height, width] in pixels, or null for pairs.height x pairs.width")
         if self.scorer is not None and ":" not in self.scorer:
             raise ConfigError(f"pairs.scorer: {self.scorer!r} should read 'package.module:callable'")
 

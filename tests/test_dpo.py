@@ -262,22 +262,23 @@ def brightness_scorer(scale: float = 1.0):
 
 
 def read_pairs(path):
+    """Every pair of a `ladd-ds pairs` output (all its buckets), in prompt order."""
     from streaming import StreamingDataset
 
     from ladd_ds.data.loader import clean_stale_shared_memory_once
 
     clean_stale_shared_memory_once()
-    return [dict(s) for s in StreamingDataset(local=str(path), shuffle=False, batch_size=1)]
+    rows = []
+    for bucket in json.loads((path / "manifest.json").read_text())["buckets"]:
+        ds = StreamingDataset(local=str(path / bucket), shuffle=False, batch_size=1)
+        rows += [dict(ds[i]) for i in range(ds.num_samples)]
+    return sorted(rows, key=lambda r: r["index"])
 
 
-def test_pairs_keep_the_best_and_the_worst_sample(tmp_path, small_demo_teacher):
-    from ladd_ds.config import load_config
-    from ladd_ds.generate.pairs import make_pairs
-    from ladd_ds.models.codec import PixelUnshuffleCodec
+PAIR_PROMPTS = ["a red seven in the top left", "a blue two in the bottom right", "a green one in the top right"]
 
-    teacher = small_demo_teacher
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red seven in the top left\na blue two in the bottom right\na green one in the top right\n")
+
+def pairs_args(teacher, prompts, out, *extra):
     sets = [
         f"model.teacher={teacher}",
         f"pairs.prompts={prompts}",
@@ -287,19 +288,115 @@ def test_pairs_keep_the_best_and_the_worst_sample(tmp_path, small_demo_teacher):
         "pairs.steps=2",
         "pairs.height=16",
         "pairs.width=16",
-        "pairs.batch_size=4",  # one prompt per sampling batch: batches do not change samples
+        "pairs.batch_size=3",  # one prompt per sampling batch: batches do not change samples
+        "pairs.part_size=1",
+        *extra,
     ]
-    summary = make_pairs(load_config(DPO_CONFIG, sets), tmp_path / "pairs")
-    assert summary["pairs"] == 3 and summary["dropped_ties"] == 0
-    assert validate_mds_dir(tmp_path / "pairs", PAIRS)["num_samples"] == 3
+    return ["pairs", "--config", str(DPO_CONFIG), "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def pair_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pair_prompts") / "prompts.txt"
+    path.write_text("\n".join(PAIR_PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_pairs(small_demo_teacher, pair_prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "pairs"
+    run_cli(*pairs_args(small_demo_teacher, pair_prompts, out), launcher="in-process")
+    return out
+
+
+def test_pairs_keep_the_best_and_the_worst_sample(reference_pairs, small_demo_teacher, pair_prompts):
+    from ladd_ds.models.codec import PixelUnshuffleCodec
+
+    summary = json.loads((reference_pairs / "pairs.json").read_text())
+    assert summary["pairs"] == 3 and summary["skipped"] == 0 and summary["mean_score_gap"] > 0
+    assert validate_mds_dir(reference_pairs / "16x16", PAIRS)["num_samples"] == 3
     codec = PixelUnshuffleCodec(2)
-    for s in read_pairs(tmp_path / "pairs"):
+    samples = read_pairs(reference_pairs)
+    assert [s["prompt"] for s in samples] == PAIR_PROMPTS
+    gaps = []
+    for s in samples:
         assert s["score_w"] > s["score_l"] and s["latent_w"].shape == (12, 16 // 2, 16 // 2)  # pixel-unshuffle 2
         for key, score in (("latent_w", s["score_w"]), ("latent_l", s["score_l"])):
             image = ((codec.decode(torch.tensor(s[key]).float()[None]) + 1) / 2).clamp(0, 1)
             assert 2.0 * image.mean().item() == pytest.approx(score, abs=2e-3)  # fp16 latents
-    with pytest.raises(FileExistsError, match="already exists"):
-        make_pairs(load_config(DPO_CONFIG, sets), tmp_path / "pairs")
+        gaps.append(s["score_w"] - s["score_l"])
+    assert summary["mean_score_gap"] == pytest.approx(sum(gaps) / len(gaps))
+    out = run_cli(*pairs_args(small_demo_teacher, pair_prompts, reference_pairs), launcher="in-process").stdout
+    assert "nothing to do" in out
+
+
+def assert_same_pairs(got, want):
+    """The same pairs, the latents within round-off (made by processes of other thread counts)."""
+    assert [(s["prompt"], s["index"]) for s in got] == [(s["prompt"], s["index"]) for s in want]
+    for g, w in zip(got, want):
+        for key in ("latent_w", "latent_l"):
+            torch.testing.assert_close(torch.tensor(g[key]).float(), torch.tensor(w[key]).float(), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.multiproc
+def test_pairs_on_two_ranks_and_after_a_kill_are_those_of_one_uninterrupted_rank(
+    reference_pairs, small_demo_teacher, pair_prompts, tmp_path, monkeypatch
+):
+    two = tmp_path / "two"
+    run_cli(*pairs_args(small_demo_teacher, pair_prompts, two), nproc=2)
+    assert_same_pairs(read_pairs(two), read_pairs(reference_pairs))  # another batch split
+    assert json.loads((two / "pairs.json").read_text())["pairs"] == 3
+
+    killed = tmp_path / "killed"
+    monkeypatch.setenv("LADD_DS_INJECT_FAULTS", "kill@2")  # SIGKILL before committing the second part
+    assert run_cli(*pairs_args(small_demo_teacher, pair_prompts, killed), check=False).returncode != 0
+    monkeypatch.delenv("LADD_DS_INJECT_FAULTS")
+    assert not (killed / "manifest.json").exists() and len(list(killed.glob("16x16/part-*"))) == 1
+    out = run_cli(*pairs_args(small_demo_teacher, pair_prompts, killed), launcher="in-process").stdout
+    assert "1 already done, 2 to generate" in out
+    assert_same_pairs(read_pairs(killed), read_pairs(reference_pairs))
+    changed = run_cli(*pairs_args(small_demo_teacher, pair_prompts, killed, "pairs.steps=3"), check=False, launcher="in-process")
+    assert changed.returncode == 2 and "was started with other settings" in changed.stderr
+
+
+def import_pairs_memory(tmp_path, name: str, count: int, images) -> tuple[float, int]:
+    """`ladd-ds pairs --import-pairs` of `count` pairs (distinct prompts over a few images): how far
+    host memory rose while generating (as the command reports it), and the bytes of its shards."""
+    import re
+
+    prefs = tmp_path / f"{name}.jsonl"
+    with prefs.open("w") as f:
+        for i in range(count):
+            f.write(json.dumps({"prompt": f"preference {i}", "winner": f"{i % 4}.png", "loser": f"{(i + 1) % 4}.png"}) + "\n")
+    out = tmp_path / name
+    sets = ["codec.vae=tiny", "pairs.height=16", "pairs.width=16", "pairs.batch_size=250", "pairs.part_size=500"]
+    sets += ["text.max_sequence_length=8"]  # small text rows keep the test quick; what is measured is the growth
+    args = ["pairs", "--config", str(DPO_CONFIG), "--import-pairs", str(prefs), "--images", str(images), "--out", str(out)]
+    stdout = run_cli(*args, *[a for s in sets for a in ("--set", s)]).stdout
+    assert json.loads((out / "pairs.json").read_text())["pairs"] == count
+    rose = float(re.search(r"host memory rose by ([\d.]+) MiB at its peak while generating", stdout)[1]) * 2**20
+    return rose, sum(f.stat().st_size for f in out.rglob("shard.*"))
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_importing_10k_pairs_holds_a_part_in_memory_not_the_set(tmp_path):
+    """Host memory while importing 10k pairs rises as much as while importing 1k (a part, the
+    models' working memory), far less than the bytes written; before, every pair was held in
+    memory until one write at the end."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    rose_1k, written_1k = import_pairs_memory(tmp_path, "1k", 1_000, images)
+    rose_10k, written_10k = import_pairs_memory(tmp_path, "10k", 10_000, images)
+    assert written_10k - written_1k > 80 * 2**20  # what holding the set in memory would add, at least
+    assert rose_10k - rose_1k < 0.1 * (written_10k - written_1k), (rose_1k / 2**20, rose_10k / 2**20)
+    assert rose_10k < 0.75 * written_10k
 
 
 def test_scorer_errors_name_the_key():

@@ -22,6 +22,7 @@ class PromptJob:
     image: str | None = None  # `ladd-ds encode`: the image file of this caption
     key: str = ""  # the sample's stable identity: str(index) for synth, the image's relative path for encode
     digest: str = ""  # of the inputs the sample is made from: a re-run checks that they did not change
+    other_image: str | None = None  # `ladd-ds pairs --import-pairs`: the loser image (`image`: the winner)
 
 
 def input_digest(*values) -> str:

@@ -396,7 +396,7 @@ def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evalu
     work.mkdir(parents=True, exist_ok=True)
     pairs, run_dir, export = work / "pairs", work / "run", work / "export"
     common = _model_args(teacher, size.precision)
-    if not (pairs / "index.json").is_file():
+    if not (pairs / "pairs.json").is_file():
         prompts = write_plain_prompts(work / "pairs_prompts.txt", size.dpo_prompts, seed=13)
         sets = [f"pairs.prompts={prompts}", f"pairs.scorer_args={{classifier: {classifier}}}"]
         _run(["pairs", *common, *_set_args(sets), "--out", str(pairs)], work / "pairs.log")

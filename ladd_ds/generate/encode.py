@@ -25,7 +25,14 @@ from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.data.prompts import PromptJob, input_digest, numbered_lines, parse_bucket
 from ladd_ds.distributed.ranks import rank, world_size
-from ladd_ds.generate.synth import common_settings, generate_dataset, generation_buckets, prepare_output, start_generation
+from ladd_ds.generate.synth import (
+    Generation,
+    common_settings,
+    generate_dataset,
+    generation_buckets,
+    prepare_output,
+    start_generation,
+)
 from ladd_ds.sampling import load_text_encoder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -122,9 +129,9 @@ def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict
     codec = load_codec(cfg.codec.vae, model_cfg["in_channels"], seed=cfg.codec.seed).to(device)
     text = load_text_encoder(cfg, device)
 
-    def make_latents(batch: list[PromptJob], conditioning):  # the conditioning is not needed here
+    def make_rows(batch: list[PromptJob], conditioning):  # the conditioning is not needed here
         if batch[0].bucket == UNREADABLE:
-            return None, [], [(j, "cannot identify the image file (not a decodable image)") for j in batch]
+            return {}, [], [(j, "cannot identify the image file (not a decodable image)") for j in batch]
         h, w = parse_bucket(batch[0].bucket)
         made, pixels, skipped = [], [], []
         for job in batch:
@@ -134,8 +141,10 @@ def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 skipped.append((job, f"does not decode: {e}"))
         if not made:
-            return None, [], skipped
-        return codec.encode(torch.stack(pixels).to(device)), made, skipped  # (B', C, H/f, W/f)
+            return {}, [], skipped
+        latents = codec.encode(torch.stack(pixels).to(device))  # (B', C, H/f, W/f)
+        return {"latent": latents, "seed": [j.seed for j in made]}, made, skipped
 
     source = {"kind": "encoded images", "images": str(images), "vae": cfg.codec.vae}
-    return generate_dataset(cfg, jobs, out, make_latents, source, text, "encode")
+    s = cfg.synth
+    return generate_dataset(cfg, jobs, out, make_rows, source, text, Generation("encode", "synth", s.batch_size, s.part_size))

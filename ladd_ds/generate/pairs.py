@@ -1,14 +1,22 @@
-"""Preference pairs for DPO, as MDS shards of the `schema.PAIRS` layout.
+"""Preference pairs for DPO, as a multi-bucket MDS root of the `schema.PAIRS` layout.
 
 `ladd-ds pairs --config C`: for every prompt of pairs.prompts, sample pairs.samples_per_prompt
 (K) images from pairs.model (anything `ladd-ds sample --model` takes; default model.teacher),
-score them with the configured scorer and keep the best and the worst as (winner, loser). The
-latents are the sampler's own, not re-encoded images. Pairs whose scores differ by less than
-pairs.min_score_gap are dropped.
+score them with the configured scorer (in batches) and keep the best and the worst as (winner,
+loser). The latents are the sampler's own, not re-encoded images. A prompt whose K scores differ
+by less than pairs.min_score_gap (or not at all) gives no pair; it is recorded as skipped.
 
 `ladd-ds pairs --config C --import-pairs FILE.jsonl --images DIR` instead encodes an existing
 preference set ({"prompt", "winner", "loser"} image files per line) through the latent codec of
-`ladd-ds encode` (codec.vae, e.g. SD3's VAE), at pairs.height x pairs.width.
+`ladd-ds encode` (codec.vae, e.g. SD3's VAE), in the bucket of pairs.buckets nearest the winner's
+aspect ratio. An image that does not decode skips its pair (recorded with the reason).
+
+Both run on the machinery of `ladd-ds synth` (ladd_ds.generate.synth.generate_dataset): any
+number of ranks (prompt i on rank i % world), parts committed atomically, crash-safe and resumable
+(the same command continues; on a finished output it does nothing; appended lines are added),
+and the settings recorded and checked. Memory holds one part of pairs, not the set; the jobs
+(prompt, file names, a digest) of every line are kept, about a few hundred bytes per pair.
+OUT/pairs.json summarises the output.
 
 A scorer is built by calling the callable named in pairs.scorer ("package.module:callable") with
 pairs.scorer_args; it maps (images (N, 3, H, W) in [0, 1], prompts) to N scores, higher is
@@ -23,14 +31,24 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-from tqdm import tqdm
 
-from ladd_ds.config import Config, ConfigError
-from ladd_ds.core.errors import InputError, MissingInputError, OutputExistsError
+from ladd_ds.config import Config, ConfigError, config_to_dict
+from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.core.noise import derive_seed
-from ladd_ds.data.prompts import bucket_name, numbered_lines
+from ladd_ds.data.prompts import PromptJob, bucket_name, input_digest, load_prompt_jobs, parse_bucket
 from ladd_ds.data.schema import PAIRS
-from ladd_ds.data.writer import write_samples
+from ladd_ds.distributed.ranks import is_main, rank, world_size
+from ladd_ds.generate.state import write_text_atomic
+from ladd_ds.generate.synth import (
+    Generation,
+    common_settings,
+    generate_dataset,
+    model_identity,
+    prepare_output,
+    start_generation,
+)
+
+SUMMARY = "pairs.json"
 
 
 class Scorer(Protocol):
@@ -51,145 +69,187 @@ def load_scorer(spec: str | None, args: dict) -> Scorer:
         raise ConfigError(f"pairs.scorer_args: {spec} does not accept {sorted(args)} ({e})") from None
 
 
-def read_prompts(path: str | None) -> list[str]:
-    if not path:
-        raise ConfigError("pairs.prompts: a text file with one prompt per line")
-    return [line.strip() for _, line in numbered_lines(path, "pairs.prompts: prompt file", "prompts")]
-
-
 def pair_from_scores(scores: torch.Tensor) -> tuple[int, int]:
     """Indices of the best and the worst of K scores (the first of equals)."""
     return int(torch.argmax(scores)), int(torch.argmin(scores))
 
 
-def make_pairs(cfg: Config, out: str | Path | None = None) -> dict:
-    """Sample, score and write the pairs; returns a summary (also written as pairs.json)."""
+def pairs_buckets(cfg: Config) -> list[str]:
+    p = cfg.pairs
+    return [bucket_name(h, w) for h, w in (p.buckets or [[p.height, p.width]])]
+
+
+def write_summary(out: Path, manifest: dict, extra: dict) -> dict:
+    """OUT/pairs.json from the finished manifest (rank 0), replaced atomically."""
+    stats = manifest.get("stats", {})
+    summary = {
+        "pairs": manifest["samples"],
+        "buckets": manifest["buckets"],
+        "skipped": len(manifest["skipped"]),
+        **({"mean_score_gap": stats["score_gap_sum"] / manifest["samples"]} if "score_gap_sum" in stats and manifest["samples"] else {}),
+        **extra,
+    }
+    if is_main():
+        write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2))
+    return summary
+
+
+def make_pairs(cfg: Config, out: str | Path | None = None) -> dict | None:
+    """Sample, score and write the pairs on every rank; returns the summary (also OUT/pairs.json)
+    on rank 0, None on the others."""
     from ladd_ds.sampling import decode_images, load_sampling_model, sample_latents
 
     p = cfg.pairs
     out = Path(out or p.out)
-    if out.exists():
-        raise OutputExistsError(f"pairs output {out} already exists; delete it or choose another pairs.out")
-    prompts = read_prompts(p.prompts)
+    if not p.prompts:
+        raise ConfigError("pairs.prompts: a text file with one prompt per line (or JSONL with 'prompt')")
+    spec = str(p.model or cfg.model.teacher)
+    jobs = load_prompt_jobs(p.prompts, pairs_buckets(cfg), None, p.seed)
     scorer = load_scorer(p.scorer, p.scorer_args)
-    sm = load_sampling_model(p.model or cfg.model.teacher, precision=cfg.deepspeed.precision)
+    device = start_generation(cfg, out)
+    pair_settings = {k: v for k, v in config_to_dict(cfg)["pairs"].items() if k not in ("out", "prompts", "batch_size", "part_size", "model")}
+    settings = {"model": spec, "model_identity": model_identity(spec, cfg.run.seed), "pairs": pair_settings, **common_settings(cfg)}
+    extra = {"prompts": len(jobs), "model": spec, "scorer": p.scorer, "samples_per_prompt": p.samples_per_prompt}
+    extra |= {"steps": p.steps, "guidance_scale": p.guidance_scale}
+    finished = prepare_output(out, jobs, "pairs", settings)
+    if finished is not None:
+        return write_summary(out, finished, extra) if is_main() else None
+    sm = load_sampling_model(spec, device=device, precision=cfg.deepspeed.precision)
     if p.shift is not None:
         sm.shift = p.shift
     k = p.samples_per_prompt
-    per_batch = max(1, p.batch_size // k)
-    samples, dropped, gaps = [], 0, []
-    bar = tqdm(total=len(prompts), desc="pairs", unit="prompt", dynamic_ncols=True)
-    for start in range(0, len(prompts), per_batch):
-        chunk = list(range(start, min(start + per_batch, len(prompts))))
-        batch_prompts = [prompts[i] for i in chunk for _ in range(k)]
-        seeds = [derive_seed(p.seed, i, j, "pairs") for i in chunk for j in range(k)]
-        latents = sample_latents(sm, batch_prompts, seeds, p.height, p.width, p.steps, p.guidance_scale, p.batch_size)
+
+    def make_rows(batch: list[PromptJob], conditioning):
+        h, w = parse_bucket(batch[0].bucket)
+        prompts = [j.prompt for j in batch for _ in range(k)]
+        seeds = [derive_seed(p.seed, j.index, n, "pairs") for j in batch for n in range(k)]
+        latents = sample_latents(sm, prompts, seeds, h, w, p.steps, p.guidance_scale, p.batch_size)
         with torch.no_grad():
-            scores = torch.as_tensor(scorer(decode_images(sm.codec, latents), batch_prompts), dtype=torch.float64)
-        if scores.shape != (len(batch_prompts),):
-            raise InputError(f"pairs.scorer {p.scorer} returned shape {tuple(scores.shape)} for {len(batch_prompts)} images")
-        embeds, pooled = sm.text.encode([prompts[i] for i in chunk])
-        for n, i in enumerate(chunk):
+            scores = torch.as_tensor(scorer(decode_images(sm.codec, latents), prompts), dtype=torch.float64).cpu()
+        if scores.shape != (len(prompts),):
+            raise InputError(f"pairs.scorer {p.scorer} returned shape {tuple(scores.shape)} for {len(prompts)} images")
+        columns = {"latent_w": [], "latent_l": [], "score_w": [], "score_l": []}
+        made, skipped = [], []
+        for n, job in enumerate(batch):
             s = scores[n * k : (n + 1) * k]
             best, worst = pair_from_scores(s)
             gap = float(s[best] - s[worst])
             if gap <= 0 or gap < p.min_score_gap:
-                dropped += 1
+                skipped.append((job, f"score gap {gap:.4g} of its {k} samples is below pairs.min_score_gap {p.min_score_gap:g}"))
                 continue
-            gaps.append(gap)
-            samples.append(
-                {
-                    "latent_w": latents[n * k + best].float().cpu(),
-                    "latent_l": latents[n * k + worst].float().cpu(),
-                    "prompt_embeds": embeds[n].cpu(),
-                    "pooled": pooled[n].cpu(),
-                    "prompt": prompts[i],
-                    "bucket": bucket_name(p.height, p.width),
-                    "score_w": float(s[best]),
-                    "score_l": float(s[worst]),
-                    "index": i,
-                }
-            )
-        bar.update(len(chunk))
-    bar.close()
-    if not samples:
-        raise InputError(f"no pair had a score gap of at least {p.min_score_gap}; nothing to write to {out}")
-    summary = {
-        "pairs": len(samples),
-        "prompts": len(prompts),
-        "dropped_ties": dropped,
-        "mean_score_gap": sum(gaps) / len(gaps),
-        "model": str(p.model or cfg.model.teacher),
-        "scorer": p.scorer,
-        "samples_per_prompt": k,
-        "steps": p.steps,
-        "guidance_scale": p.guidance_scale,
-    }
-    write_samples(
-        out, samples, layout=PAIRS, extra_files={"pairs.json": json.dumps(summary, indent=2)}, compression=cfg.data.compression
-    )
-    return summary
+            made.append(job)
+            columns["latent_w"].append(latents[n * k + best])
+            columns["latent_l"].append(latents[n * k + worst])
+            columns["score_w"].append(float(s[best]))
+            columns["score_l"].append(float(s[worst]))
+        return columns, made, skipped
+
+    def gap_sum(rows: list[dict]) -> dict:
+        return {"score_gap_sum": sum(r["score_w"] - r["score_l"] for r in rows)}
+
+    source = {"kind": "scored preference pairs", "model": spec, "scorer": p.scorer}
+    gen = Generation("pairs", "pairs", max(1, p.batch_size // k), p.part_size, PAIRS, gap_sum)
+    manifest = generate_dataset(cfg, jobs, out, make_rows, source, sm.text, gen)
+    return write_summary(out, manifest, extra) if manifest is not None else None
 
 
-def read_preference_file(path: str | Path) -> list[dict]:
+def read_preference_jobs(path: str | Path, images: Path, buckets: list[str]) -> list[PromptJob]:
+    """One job per line of a {"prompt", "winner", "loser"} JSONL file, read line by line, keyed
+    by its two image paths and its prompt. The winner's header is read (for its bucket) and both
+    images' existence checked only for this rank's lines (index % world)."""
+    from PIL import Image
+
+    from ladd_ds.generate.encode import IMAGE_SUFFIXES, UNREADABLE, displayed_size, nearest_bucket
+
     path = Path(path)
-    records = []
-    for n, line in numbered_lines(path, "preference file", "pairs"):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "winner", "loser")):
-            raise InputError(f"{path}:{n}: expected an object with string 'prompt', 'winner' and 'loser' (image files)")
-        records.append(record)
-    return records
+    if not path.is_file():
+        raise MissingInputError(f"preference file {path} does not exist")
+    jobs, lines, seen = [], {}, set()
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "winner", "loser")):
+                raise InputError(f"{path}:{n}: expected an object with string 'prompt', 'winner' and 'loser' (image files)")
+            key = f"{record['winner']}|{record['loser']}|{input_digest(record['prompt'])[:8]}"
+            if key in seen:
+                raise InputError(f"{path}:{n}: the same pair and prompt as line {lines[key]}; keep one line per pair")
+            seen.add(key)
+            lines[key] = n
+            index = len(jobs)
+            winner, loser, bucket, digest = images / record["winner"], images / record["loser"], "", ""
+            if index % world_size() == rank():
+                for role, f_ in (("winner", winner), ("loser", loser)):
+                    if not f_.is_file() or f_.suffix.lower() not in IMAGE_SUFFIXES:
+                        raise MissingInputError(
+                            f"{path}:{n}: {role} image {record[role]} not found in {images} (or not an image: "
+                            f"{sorted(IMAGE_SUFFIXES)})"
+                        )
+                try:
+                    with Image.open(winner) as im:
+                        bucket = nearest_bucket(*displayed_size(im), buckets)
+                except (OSError, ValueError, Image.DecompressionBombError):
+                    bucket = UNREADABLE
+                digest = input_digest(record["prompt"], winner.stat().st_size, loser.stat().st_size)
+            jobs.append(PromptJob(index, record["prompt"], bucket, 0, image=str(winner), key=key, digest=digest, other_image=str(loser)))
+    if not jobs:
+        raise InputError(f"preference file {path} has no pairs")
+    return jobs
 
 
-def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: str | Path | None = None) -> dict:
-    """Encode an existing preference set (images + winner/loser labels) into pair shards."""
-    from ladd_ds.generate.encode import IMAGE_SUFFIXES, load_cropped
+def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: str | Path | None = None) -> dict | None:
+    """Encode an existing preference set (images + winner/loser labels) into pair shards, on
+    every rank; returns the summary on rank 0, None on the others."""
+    from PIL import Image
+
+    from ladd_ds.generate.encode import UNREADABLE, load_cropped
     from ladd_ds.models.codec import load_codec
     from ladd_ds.models.registry import resolve_model_config
     from ladd_ds.sampling import load_text_encoder
 
     p = cfg.pairs
-    out = Path(out or p.out)
-    if out.exists():
-        raise OutputExistsError(f"pairs output {out} already exists; delete it or choose another pairs.out")
-    records = read_preference_file(preferences)
-    images = Path(images)
-    for n, r in enumerate(records, 1):
-        for key in ("winner", "loser"):
-            f = images / r[key]
-            if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
-                raise MissingInputError(f"{preferences}:{n}: {key} image {r[key]} not found in {images} (or not an image)")
+    out, images = Path(out or p.out), Path(images)
+    if not images.is_dir():
+        raise MissingInputError(f"image folder {images} does not exist")
+    buckets = pairs_buckets(cfg)
     codec = load_codec(cfg.codec.vae, resolve_model_config(cfg.model.teacher)["in_channels"], seed=cfg.codec.seed)
-    if p.height % codec.factor or p.width % codec.factor:
-        raise ConfigError(f"pairs.height/width must be multiples of the codec factor {codec.factor}")
-    text = load_text_encoder(cfg, "cpu")
-    samples = []
-    for start in tqdm(range(0, len(records), p.batch_size), desc="import pairs", unit="batch", dynamic_ncols=True):
-        chunk = records[start : start + p.batch_size]
+    bad = [b for b in buckets if any(v % codec.factor for v in parse_bucket(b))]
+    if bad:
+        raise ConfigError(f"pairs.buckets (or pairs.height/width): {bad} are not multiples of the codec factor {codec.factor}")
+    jobs = read_preference_jobs(preferences, images, buckets)
+    device = start_generation(cfg, out)
+    settings = {"preferences": str(Path(preferences).resolve()), "images": str(images.resolve()), "buckets": buckets}
+    finished = prepare_output(out, jobs, "pairs", {**settings, **common_settings(cfg)})
+    extra = {"source": str(preferences), "images": str(images), "codec": cfg.codec.vae}
+    if finished is not None:
+        return write_summary(out, finished, extra) if is_main() else None
+    codec = codec.to(device)
+    text = load_text_encoder(cfg, device)
+
+    def make_rows(batch: list[PromptJob], conditioning):
+        if batch[0].bucket == UNREADABLE:
+            return {}, [], [(j, "cannot identify the winner image file (not a decodable image)") for j in batch]
+        h, w = parse_bucket(batch[0].bucket)
+        made, winners, losers, skipped = [], [], [], []
+        for job in batch:
+            try:
+                winner, loser = load_cropped(job.image, h, w), load_cropped(job.other_image, h, w)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                skipped.append((job, f"does not decode: {e}"))
+                continue
+            made.append(job)
+            winners.append(winner)
+            losers.append(loser)
+        if not made:
+            return {}, [], skipped
         with torch.no_grad():
-            latents = {
-                key: codec.encode(torch.stack([load_cropped(str(images / r[key]), p.height, p.width) for r in chunk]))
-                for key in ("winner", "loser")
-            }
-        embeds, pooled = text.encode([r["prompt"] for r in chunk])
-        for n, r in enumerate(chunk):
-            samples.append(
-                {
-                    "latent_w": latents["winner"][n],
-                    "latent_l": latents["loser"][n],
-                    "prompt_embeds": embeds[n].cpu(),
-                    "pooled": pooled[n].cpu(),
-                    "prompt": r["prompt"],
-                    "bucket": bucket_name(p.height, p.width),
-                    "index": start + n,
-                }
-            )
-    summary = {"pairs": len(samples), "source": str(preferences), "images": str(images), "codec": cfg.codec.vae}
-    write_samples(
-        out, samples, layout=PAIRS, extra_files={"pairs.json": json.dumps(summary, indent=2)}, compression=cfg.data.compression
-    )
-    return summary
+            columns = {"latent_w": codec.encode(torch.stack(winners).to(device)), "latent_l": codec.encode(torch.stack(losers).to(device))}
+        return columns, made, skipped
+
+    source = {"kind": "imported preference pairs", "preferences": str(preferences), "vae": cfg.codec.vae}
+    manifest = generate_dataset(cfg, jobs, out, make_rows, source, text, Generation("pairs", "pairs", p.batch_size, p.part_size, PAIRS))
+    return write_summary(out, manifest, extra) if manifest is not None else None

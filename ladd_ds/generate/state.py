@@ -29,6 +29,7 @@ from ladd_ds.data.prompts import input_digest
 from ladd_ds.data.schema import GENERATION_STATE_FILE as STATE_FILE
 
 PART_FILE = "part.samples"
+PART_STATS = "part.stats"  # numbers a command sums over parts (generate_dataset's part_stats)
 SKIPPED_DIR = "skipped"
 
 

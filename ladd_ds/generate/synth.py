@@ -21,21 +21,25 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from ladd_ds.config import Config, config_to_dict
 from ladd_ds.core.errors import InputError
+from ladd_ds.core.host_memory import peak_rss_increase
 from ladd_ds.data.manifest import read_manifest
 from ladd_ds.data.prompts import PromptJob, bucket_name, input_digest, load_prompt_jobs, parse_bucket
-from ladd_ds.data.schema import MANIFEST_FILE, NEGATIVE_PROMPT_FILE
+from ladd_ds.data.schema import LATENTS, MANIFEST_FILE, NEGATIVE_PROMPT_FILE, Layout
 from ladd_ds.data.writer import write_negative_prompt, write_samples
 from ladd_ds.distributed import faults
 from ladd_ds.distributed.ranks import barrier, broadcast_object, is_main, print0, rank, world_size
 from ladd_ds.generate.state import (
     PART_FILE,
+    PART_STATS,
     check_or_write_state,
     check_unchanged,
     completed_samples,
@@ -77,25 +81,44 @@ def my_batches(jobs: list[PromptJob], batch_size: int) -> list[list[PromptJob]]:
 
 
 def write_part(
-    out: Path, jobs: list[PromptJob], latents: list[torch.Tensor], encoded, compression: str | None = None
+    out: Path,
+    jobs: list[PromptJob],
+    rows: list[dict],
+    encoded,
+    compression: str | None = None,
+    layout: Layout = LATENTS,
+    stats: dict | None = None,
 ) -> Path:
+    """Commit one part: the `rows` (the columns a generator made) of `jobs`, with their text
+    conditioning `encoded` [(prompt_embeds, pooled)], prompt, bucket and index; `stats` (numbers
+    summed over parts by finalize) in PART_STATS."""
     # Named by its first sample and a digest of all its keys: unique even when keys are not
     # positions (encode's image paths) and a re-run's parts start at the same position.
     part = out / jobs[0].bucket / f"part-{jobs[0].index:09d}-{input_digest([j.key for j in jobs])[:8]}"
     samples = [
         {
-            "latent": latents[i],
+            **rows[i],
             "prompt_embeds": encoded[i][0],
             "pooled": encoded[i][1],
             "prompt": job.prompt,
             "bucket": job.bucket,
-            "seed": job.seed,
             "index": job.index,
         }
         for i, job in enumerate(jobs)
     ]
-    keys = json.dumps([[j.key, j.digest] for j in jobs])
-    return write_samples(part, samples, extra_files={PART_FILE: keys}, compression=compression)
+    extra = {PART_FILE: json.dumps([[j.key, j.digest] for j in jobs])}
+    if stats:
+        extra[PART_STATS] = json.dumps(stats)
+    return write_samples(part, samples, extra_files=extra, compression=compression, layout=layout)
+
+
+def summed_part_stats(out: Path) -> dict[str, float]:
+    """The PART_STATS of every committed part, summed key by key."""
+    total: dict[str, float] = {}
+    for path in sorted(out.glob(f"*/part-*/{PART_STATS}")):
+        for key, value in json.loads(path.read_text()).items():
+            total[key] = total.get(key, 0.0) + value
+    return total
 
 
 def model_identity(spec: str, seed: int) -> str:
@@ -131,9 +154,10 @@ def write_bucket_index(bucket_dir: Path) -> int:
     return sum(shard["samples"] for shard in shards)
 
 
-def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict) -> dict:
+def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict, section: str = "synth") -> dict:
     """Rank 0: every sample exactly once (made or skipped), each bucket's index and the manifest,
-    each replaced atomically, so that a kill anywhere in here is undone by running it again."""
+    each replaced atomically, so that a kill anywhere in here is undone by running it again.
+    `section`: the config section of the generating command, recorded in the manifest."""
     done = completed_samples(out)
     expected = {j.key for j in jobs}
     written = {k for k, d in done.items() if not d.skipped}
@@ -155,8 +179,9 @@ def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict) -> dic
         "buckets": counts,
         "inputs": input_digest(sorted(expected)),
         "skipped": skipped,
+        "stats": summed_part_stats(out),
         "source": source,
-        "synth": config_to_dict(cfg)["synth"],
+        section: config_to_dict(cfg)[section],
         "text": config_to_dict(cfg)["text"],
         "codec": config_to_dict(cfg)["codec"],
         "negative_prompt": NEGATIVE_PROMPT_FILE,
@@ -181,73 +206,109 @@ def prepare_output(out: Path, jobs: list[PromptJob], name: str, settings: dict) 
         check_or_write_state(out, name, settings)
         remove_stale_temporaries(out)
     barrier()
-    check_unchanged(out, completed_samples(out), jobs, "prompts" if name == "synth" else "captions or images")
+    inputs = {"synth": "prompts", "encode": "captions or images", "pairs": "prompts or preference lines"}[name]
+    check_unchanged(out, completed_samples(out), jobs, inputs)
     manifest = finished_manifest(out, jobs)
     if manifest is not None:
         print0(f"{name}: {out} is complete ({manifest['samples']} samples): nothing to do")
     return manifest
 
 
-def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_latents, source: dict, text, name: str) -> dict | None:
-    """The crash-safe, multi-rank part of `synth` and `encode`: each rank produces its batches with
-    `make_latents(batch, its (prompt_embeds, pooled) or None) -> (latents (B', C, h, w), the B'
-    jobs made, [(job, reason) skipped])`
-    and commits them in parts (skipped samples in skip records); rank 0 finalizes.
+@dataclass(frozen=True)
+class Generation:
+    """How a command feeds generate_dataset: its name, the config section its settings come
+    from, the batch of jobs per `make_rows` call, the samples per part and the dataset layout."""
+
+    name: str
+    section: str
+    batch_size: int
+    part_size: int
+    layout: Layout = LATENTS
+    # rows of one part -> numbers to sum over parts (finalize: manifest["stats"]); None: none
+    part_stats: Callable[[list[dict]], dict] | None = None
+
+
+def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_rows, source: dict, text, gen: Generation) -> dict | None:
+    """The crash-safe, multi-rank part of `synth`, `encode` and `pairs`: each rank produces its
+    batches with `make_rows(batch, its (prompt_embeds, pooled))` -> ({column: one value per made
+    job (a tensor of B' rows, or a list)}, the B' jobs made, [(job, reason) skipped]) and commits
+    them in parts (skipped samples in skip records); rank 0 finalizes.
 
     With `lockstep` ranks (a ZeRO-3 teacher) every rank must run the same number of model calls,
     so ranks with fewer batches repeat their last one and drop the result."""
     from ladd_ds.distributed.engines import device as current_device
     from ladd_ds.distributed.ranks import all_reduce_sum
 
-    s = cfg.synth
+    name = gen.name
     done = still_done(completed_samples(out), jobs)
     todo = [j for j in jobs if j.key not in done]
-    batches = my_batches(todo, s.batch_size)
+    batches = my_batches(todo, gen.batch_size)
     print0(f"{name}: {len(jobs)} samples, {len(done)} already done, {len(todo)} to generate on {world_size()} ranks")
     counts = torch.zeros(world_size(), dtype=torch.float64)
     counts[rank()] = len(batches)
     rounds = int(all_reduce_sum(counts).max()) if source.get("lockstep") else len(batches)
     device = current_device()
 
-    bar = tqdm(total=len(todo), desc=name, disable=not is_main(), unit="sample", dynamic_ncols=True)
-    pending: list[tuple[PromptJob, torch.Tensor, tuple]] = []  # (job, latent, (prompt_embeds, pooled))
+    with peak_rss_increase() as memory:
+        _generate_parts(cfg, jobs, out, make_rows, text, gen, batches, rounds, len(todo), device)
+    if memory.increase is not None:
+        print0(f"{name}: host memory rose by {memory.increase / 2**20:.1f} MiB at its peak while generating (rank 0)")
+    barrier()
+    if is_main():
+        embeds, pooled = text.encode([""], device)  # for the teacher's guidance during training (ladd.distill_cfg)
+        write_negative_prompt(out, embeds[0], pooled[0])
+        manifest = finalize(out, jobs, cfg, source, gen.section)
+        print0(f"{name}: wrote {manifest['samples']} samples to {out}: {manifest['buckets']}")
+        if manifest["skipped"]:
+            print0(f"{name}: skipped {len(manifest['skipped'])} (listed in {out / MANIFEST} under 'skipped'):")
+            for item in manifest["skipped"][:20]:
+                print0(f"  {item['file'] or item['key']}: {item['reason']}")
+            if len(manifest["skipped"]) > 20:
+                print0(f"  ... and {len(manifest['skipped']) - 20} more")
+        return manifest
+    return None
+
+
+def _generate_parts(cfg: Config, jobs, out: Path, make_rows, text, gen: Generation, batches, rounds: int, todo: int, device) -> None:
+    """This rank's batches through `make_rows`, committed in parts of gen.part_size (one bucket each)."""
+    name = gen.name
+    bar = tqdm(total=todo, desc=name, disable=not is_main(), unit="sample", dynamic_ncols=True)
+    pending: list[tuple[PromptJob, dict, tuple]] = []  # (job, row, (prompt_embeds, pooled))
     parts_written = skips_written = 0
     for k in range(rounds):
         if k >= len(batches):  # keep the ZeRO-3 forwards in step with the other ranks
-            make_latents(batches[-1] if batches else jobs[:1], None)
+            make_rows(batches[-1] if batches else jobs[:1], None)
             continue
         batch = batches[k]
         # Encoded once: stored in the encoders' dtype, bit for bit what the teacher is fed here
         # and what training and sampling feed.
         embeds, pooled = text.encode([j.prompt for j in batch], device)
-        latents, made, skipped = make_latents(batch, (embeds, pooled))
+        columns, made, skipped = make_rows(batch, (embeds, pooled))
         if skipped:
             skips_written += 1
             record_skipped(out, rank(), skips_written, skipped)
-        row = {j.key: i for i, j in enumerate(batch)}
+        position = {j.key: i for i, j in enumerate(batch)}
         for i, job in enumerate(made):
-            r = row[job.key]
-            pending.append((job, latents[i].float().cpu(), (embeds[r].cpu(), pooled[r].cpu())))
+            r = position[job.key]
+            pending.append((job, {c: _row_value(v[i]) for c, v in columns.items()}, (embeds[r].cpu(), pooled[r].cpu())))
         bar.update(len(batch) * world_size())  # ranks advance in step: an estimate of the total
         next_bucket = batches[k + 1][0].bucket if k + 1 < len(batches) else None
-        if pending and (len(pending) >= s.part_size or next_bucket != batch[0].bucket):  # a part holds one bucket
+        if pending and (len(pending) >= gen.part_size or next_bucket != batch[0].bucket):  # a part holds one bucket
             parts_written += 1
             faults.maybe_die("kill", parts_written)  # tests: a crash before this part is committed
-            write_part(out, [p[0] for p in pending], [p[1] for p in pending], [p[2] for p in pending], cfg.data.compression)
+            rows = [p[1] for p in pending]
+            stats = gen.part_stats(rows) if gen.part_stats else None
+            write_part(out, [p[0] for p in pending], rows, [p[2] for p in pending], cfg.data.compression, gen.layout, stats)
             pending = []
     bar.close()
-    barrier()
-    if is_main():
-        embeds, pooled = text.encode([""], device)  # for the teacher's guidance during training (ladd.distill_cfg)
-        write_negative_prompt(out, embeds[0], pooled[0])
-        manifest = finalize(out, jobs, cfg, source)
-        print0(f"{name}: wrote {manifest['samples']} samples to {out}: {manifest['buckets']}")
-        if manifest["skipped"]:
-            print0(f"{name}: skipped {len(manifest['skipped'])} (listed in {out / MANIFEST} under 'skipped'):")
-            for item in manifest["skipped"]:
-                print0(f"  {item['file'] or item['key']}: {item['reason']}")
-        return manifest
-    return None
+
+
+def _row_value(value):
+    """One job's value of a column: a tensor row on the host in fp32 (the writer stores its
+    dtype), a 0-d tensor as a number, anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 else value.float().cpu()
+    return value
 
 
 def build_teacher(cfg: Config):
@@ -326,12 +387,12 @@ def run_synth(cfg: Config, prompts: str, out: str | Path) -> dict | None:
     teacher = build_teacher(cfg)
     sampler = TeacherSampler(teacher, text, s.shift, factor)
 
-    def make_latents(batch: list[PromptJob], conditioning):
+    def make_rows(batch: list[PromptJob], conditioning):
         h, w = parse_bucket(batch[0].bucket)
         prompts, seeds = [j.prompt for j in batch], [j.seed for j in batch]
         latents = sampler.sample(prompts, seeds, h, w, device, s.num_steps, s.guidance_scale, conditioning)
-        return latents, batch, []
+        return {"latent": latents, "seed": seeds}, batch, []
 
     source = {"kind": "teacher samples", "model": cfg.model.teacher, "seed": cfg.run.seed, "fingerprint": identity}
     source["lockstep"] = s.zero_stage == 3
-    return generate_dataset(cfg, jobs, out, make_latents, source, text, "synth")
+    return generate_dataset(cfg, jobs, out, make_rows, source, text, Generation("synth", "synth", s.batch_size, s.part_size))
