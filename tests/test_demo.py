@@ -213,7 +213,7 @@ def test_every_ablation_is_a_valid_config_and_selectable(capsys):
 def test_dpo_recipe_runs_every_stage_and_reports(bf16_demo):
     run = bf16_demo
     pairs = json.loads((run / "dpo" / "pairs" / "pairs.json").read_text())
-    assert pairs["pairs"] + pairs["dropped_ties"] == SIZES["test"].dpo_prompts and pairs["mean_score_gap"] > 0
+    assert pairs["pairs"] + pairs["skipped"] == SIZES["test"].dpo_prompts and pairs["mean_score_gap"] > 0
     assert (run / "dpo" / "export" / "lora" / "adapter_config.json").is_file()
     assert (run / "dpo" / "export" / "transformer" / "config.json").is_file()  # the merged teacher
     lora_export = json.loads((run / "dpo" / "ladd" / "student_lora" / "ladd_export.json").read_text())
