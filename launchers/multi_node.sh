@@ -8,14 +8,14 @@
 #
 # Variables:
 #   HOSTFILE      DeepSpeed hostfile, one line per node: "node-01 slots=8" (required)
-#   NUM_NODES     nodes to use (default: every line of HOSTFILE; pdsh only)
-#   NUM_GPUS      ranks per node (default: the slots of the hostfile; pdsh only)
+#   NUM_NODES     nodes to use (default: every line of HOSTFILE; not with the MPI launchers)
+#   NUM_GPUS      ranks per node (default: the slots of the hostfile; not with the MPI launchers)
 #   MASTER_ADDR   address of the rank-0 node, reachable from every node (default: first host)
 #   MASTER_PORT   rendezvous port (default 29500)
 #   LAUNCHER_ARGS extra deepspeed launcher arguments, e.g. "--launcher openmpi" or "--no_ssh_check".
 #                 The MPI launchers (openmpi, mpich, impi, mvapich) start every slot of HOSTFILE:
 #                 they refuse NUM_NODES and NUM_GPUS (edit the hostfile instead)
-#   MPIRUN_ARGS   arguments for mpirun (deepspeed --launcher_args), e.g.
+#   MPIRUN_ARGS   arguments for mpirun (deepspeed --launcher_args; with pdsh, for pdsh), e.g.
 #                 "--mca btl_tcp_if_include ib0": DeepSpeed's openmpi launcher otherwise adds
 #                 "--mca btl_tcp_if_include eth0"
 #   PASS_ENV      extra variable names to forward to every node (space separated). Forwarded
