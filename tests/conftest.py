@@ -29,6 +29,8 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
+    for key in [k for k in env if k.startswith(("OMPI_COMM_WORLD_", "PMI_", "MPI_LOCAL", "SLURM_"))]:
+        env.pop(key)  # a suite run under mpirun or srun: its ranks would take these for their own
     return env
 
 

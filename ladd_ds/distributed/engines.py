@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ladd_ds.core.errors import InputError, MissingInputError
-from ladd_ds.distributed.ranks import prepare_launcher_env
+from ladd_ds.distributed.launch_env import launcher_env, network_env
+from ladd_ds.distributed.ranks import prepare_launcher_env, print0
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,8 @@ def _free_port() -> int:
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
-    """Join the process group. A plain `python -m ladd_ds` run becomes a world of one.
+    """Join the process group. Ranks started by mpirun or srun without RANK take their rank from
+    that launcher (launch_env.launcher_env); a plain `python -m ladd_ds` run becomes a world of one.
 
     `timeout_s` bounds every collective: a rank that died leaves the others waiting at most that
     long before they raise and the launcher ends the job.
@@ -43,14 +45,17 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
     if torch.distributed.is_initialized():
         return
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(launcher_env(os.environ))
+        if os.environ["WORLD_SIZE"] == "1":
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+    network = network_env(os.environ)
+    if network:
+        print0("network: " + " ".join(f"{k}={v}" for k, v in network.items()))
     if not torch.cuda.is_available():
         atexit.register(_remove_shm_buffers, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"])
 
