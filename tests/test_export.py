@@ -13,6 +13,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors import safe_open
 
 from ladd_ds.distributed.engines import consolidate_zero_checkpoint
+from ladd_ds.models.registry import PRESETS
 from ladd_ds.models.sharded import INDEX_NAME, WEIGHTS_NAME, parse_size
 from ladd_ds.training import checkpoint as ckpt
 from tests.conftest import REPO, TINY_CONFIG, cli_error, export, subprocess_env
@@ -87,6 +88,27 @@ def test_small_preset_exports_in_shards_that_from_pretrained_loads_exactly(small
         heads = out / "discriminator" / "heads.safetensors"
         with safe_open(str(heads), "pt") as f:  # the heads stay in fp32 whatever --dtype
             assert {f.get_tensor(n).dtype for n in f.keys()} == {torch.float32}
+
+
+def test_lora_folded_into_the_streamed_export_equals_peft_merge(small_run, tmp_path):
+    """`export --lora DIR` (fp32): the consolidated student with the LoRA merged by peft."""
+    from ladd_ds.models.lora import add_lora, load_lora, lora_config, lora_state_dict, save_lora
+    from ladd_ds.models.registry import transformer_from_config
+
+    want = reference(ckpt.latest_checkpoint(small_run))
+    adapted = transformer_from_config(dict(PRESETS["small"]))
+    add_lora(adapted, lora_config(4, alpha=2.0, mlp=True), seed=3)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # peft starts lora_B at zero: a zero delta would prove nothing
+    save_lora(tmp_path / "lora", lora_state_dict(adapted.state_dict()), lora_config(4, alpha=2.0, mlp=True))
+    model = transformer_from_config(dict(PRESETS["small"]), meta=True)
+    model.load_state_dict({k: v.clone() for k, v in want.items()}, assign=True)  # fuse_lora works in place
+    merged = load_lora(model, tmp_path / "lora", merge=True).state_dict()
+    out = export(small_run, tmp_path / "export", lora=str(tmp_path / "lora"), dtype="fp32", shard_size="1MB")
+    assert_sharded_export(out, merged, torch.float32, parse_size("1MB"))
+    assert any(not torch.equal(merged[k], want[k]) for k in want)
 
 
 @pytest.mark.multiproc
