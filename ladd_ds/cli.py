@@ -79,7 +79,9 @@ def _export_parser(sub) -> None:
     p.add_argument("--ema", action="store_true", help="export the EMA weights of the student")
     p.add_argument("--lora", default=None, help="LADD run: fold this LoRA folder (e.g. a DPO export's lora/) into the student")
     p.add_argument("--merge", action="store_true", help="DPO run: also write the model with its LoRA folded in")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="bf16 (default) or fp32: the exported transformer's precision")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default="bf16", help="bf16 (default) or fp32: the exported transformer's precision"
+    )
     p.add_argument("--shard-size", default="5GB", help="largest safetensors file of the transformer, e.g. 5GB, 500MB")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
 

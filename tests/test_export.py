@@ -42,7 +42,9 @@ def assert_sharded_export(out, want, dtype, shard_size):
     index = json.loads((folder / INDEX_NAME).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and not (folder / WEIGHTS_NAME).exists()
-    assert files == [WEIGHTS_NAME.replace(".safetensors", f"-{i:05d}-of-{len(files):05d}.safetensors") for i in range(1, len(files) + 1)]
+    assert files == [
+        WEIGHTS_NAME.replace(".safetensors", f"-{i:05d}-of-{len(files):05d}.safetensors") for i in range(1, len(files) + 1)
+    ]
     itemsize = torch.empty((), dtype=dtype).element_size()
     assert index["metadata"]["total_size"] == sum(t.numel() for t in want.values()) * itemsize
     for file in files:
@@ -124,7 +126,9 @@ def test_two_rank_zero3_export_gathers_every_tensor_and_its_ema(reference_runs, 
 
 def _measure(run_dir, path):
     cmd = [sys.executable, "-m", "evaluation.export_memory", "--run", str(run_dir), "--path", path, "--shard-size", "1MB"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=dict(subprocess_env(), CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -40,7 +40,9 @@ def export_dpo_run(
     return Path(out)
 
 
-def _write_dpo_export(tmp: Path, sources: dict, cfg: Config, run_dir: Path, checkpoint: Path, merge: bool, dtype, shard_size) -> None:
+def _write_dpo_export(
+    tmp: Path, sources: dict, cfg: Config, run_dir: Path, checkpoint: Path, merge: bool, dtype, shard_size
+) -> None:
     lora_mode = cfg.dpo.mode == "lora"
     if lora_mode:
         adapters = {k: v() for k, v in sources.items() if ".lora_" in k}  # small: read them whole
