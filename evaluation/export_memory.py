@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import ladd_ds.distributed.engines  # noqa: F401  deepspeed and its zero_to_fp32, imported before the baseline
+from ladd_ds.core.host_memory import peak_rss_increase, status_bytes
 from ladd_ds.export import export_run
 from ladd_ds.models.registry import resolve_model_config, transformer_from_config
 from ladd_ds.models.sharded import parse_size
@@ -36,10 +37,10 @@ from ladd_ds.training.export import run_checkpoint
 
 
 def status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    value = status_bytes(key)
+    if value is None:
+        raise RuntimeError(f"/proc/self/status has no {key}: this measure needs Linux")
+    return value
 
 
 class AnonPeak:
@@ -81,21 +82,16 @@ def measure(run_dir: Path, path: str, dtype: str, shard_size: str) -> dict:
     meta = transformer_from_config(resolve_model_config(cfg.model.student or cfg.model.teacher), meta=True).state_dict()
     optim_files = sorted((checkpoint / "student").glob("*optim_states.pt"))
     with tempfile.TemporaryDirectory() as tmp:
-        baseline, baseline_anon = status("VmRSS"), status("RssAnon")
-        try:  # reset VmHWM to the current RSS: the imports' transient peak stays out
-            open("/proc/self/clear_refs", "w").write("5")
-        except OSError:
-            pass
-        with AnonPeak() as anon:
+        baseline_anon = status("RssAnon")
+        with peak_rss_increase() as hwm, AnonPeak() as anon:  # VmHWM is reset first: the imports' peak stays out
             if path == "streamed":
                 export_run(run_dir, Path(tmp) / "out", dtype=dtype, shard_size=shard_size)
             else:
                 export_whole(run_dir, Path(tmp) / "out", {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
-        hwm = status("VmHWM")
     return {
         "path": path,
         "dtype": dtype,
-        "hwm_increase": hwm - baseline,
+        "hwm_increase": hwm.increase,  # None where the peak cannot be reset
         "anon_increase": anon.peak - baseline_anon,
         "model_fp32": sum(t.numel() for t in meta.values()) * 4,
         "shard": parse_size(shard_size),
