@@ -79,11 +79,16 @@ def _export_parser(sub) -> None:
     p.add_argument("--ema", action="store_true", help="export the EMA weights of the student")
     p.add_argument("--lora", default=None, help="LADD run: fold this LoRA folder (e.g. a DPO export's lora/) into the student")
     p.add_argument("--merge", action="store_true", help="DPO run: also write the model with its LoRA folded in")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default="bf16", help="bf16 (default) or fp32: the exported transformer's precision"
+    )
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors file of the transformer, e.g. 5GB, 500MB")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
 
 
 def cmd_export(args) -> int:
-    out = export_run(args.run, args.out, step=args.step, ema=args.ema, lora=args.lora, merge=args.merge)
+    a = args
+    out = export_run(a.run, a.out, a.step, a.ema, a.lora, a.merge, dtype=a.dtype, shard_size=a.shard_size)
     print(f"exported to {out}")
     return 0
 
@@ -173,7 +178,8 @@ def cmd_sample(args) -> int:
 
     if is_run_dir(args.model):  # its latest checkpoint, exported to a temporary folder first
         with tempfile.TemporaryDirectory() as tmp:
-            sample(str(export_run(args.model, Path(tmp) / "student")))
+            dtype = "bf16" if args.precision == "bf16" else "fp32"  # exact in the precision it samples in
+            sample(str(export_run(args.model, Path(tmp) / "student", dtype=dtype)))
     else:
         sample(args.model)
     return 0

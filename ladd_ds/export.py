@@ -10,20 +10,31 @@ from ladd_ds.core.errors import InputError
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path, step: int | None = None, ema: bool = False, lora: str | None = None, merge: bool = False
+    run_dir: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    ema: bool = False,
+    lora: str | None = None,
+    merge: bool = False,
+    dtype: str = "bf16",
+    shard_size: str | int = "5GB",  # ladd_ds.models.sharded.DEFAULT_SHARD_SIZE
 ) -> Path:
-    """Export a run's checkpoint with its method's exporter (the checkpoint records the method)."""
+    """Export a run's checkpoint with its method's exporter (the checkpoint records the method).
+    The transformer is written in `dtype` ("bf16" or "fp32") as safetensors shards of at most
+    `shard_size` ("5GB", "10MB", or bytes)."""
+    from ladd_ds.models.sharded import parse_size, resolve_dtype
     from ladd_ds.training.export import run_checkpoint
 
+    torch_dtype, shard_bytes = resolve_dtype(dtype), parse_size(shard_size)
     cfg, checkpoint, kind = run_checkpoint(Path(run_dir), step)
     if kind == "dpo":
         if ema or lora:
             raise InputError(f"{run_dir} is a DPO run: --ema and --lora apply to LADD runs only")
         from ladd_ds.dpo.export import export_dpo_run
 
-        return export_dpo_run(Path(run_dir), Path(out), cfg, checkpoint, merge)
+        return export_dpo_run(Path(run_dir), Path(out), cfg, checkpoint, merge, torch_dtype, shard_bytes)
     if merge:
         raise InputError("--merge applies to DPO runs; to fold a LoRA into a LADD student use --lora DIR")
     from ladd_ds.ladd.export import export_ladd_run
 
-    return export_ladd_run(Path(run_dir), Path(out), cfg, checkpoint, ema=ema, lora=lora)
+    return export_ladd_run(Path(run_dir), Path(out), cfg, checkpoint, ema, lora, torch_dtype, shard_bytes)

@@ -148,11 +148,13 @@ def train_tiny(run_dir: Path, max_steps: int, sets: list[str], nproc: int = 1, c
 
 
 def export(run_dir: Path, out: Path, **kwargs) -> Path:
-    """What `ladd-ds export --run RUN_DIR --out OUT [--step N] [--ema]` runs, in this process (the
-    command is a thin wrapper around `export_run`; test_multirank also runs the command itself)."""
+    """What `ladd-ds export --run RUN_DIR --out OUT [--step N] [--ema] --dtype fp32` runs, in this
+    process (the command is a thin wrapper around `export_run`; test_multirank also runs the
+    command itself). fp32 unless a test asks otherwise: the tests compare exports of runs with
+    different layouts within fp32 round-off, which bf16's rounding would exceed."""
     from ladd_ds.export import export_run
 
-    return export_run(run_dir, out, **kwargs)
+    return export_run(run_dir, out, **{"dtype": "fp32", **kwargs})
 
 
 # Settings under which runs of different layouts are compared within fp32 round-off. A large Adam

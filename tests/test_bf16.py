@@ -29,7 +29,9 @@ def test_bf16_training_on_two_zero3_ranks_export_and_sample(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     for key in ("loss/generator", "loss/discriminator", "loss/distill", "grad_norm/student"):
         assert all(math.isfinite(r[key]) for r in records), key
-    student = export(run_dir, tmp_path / "export")
+    student = export(run_dir, tmp_path / "export", dtype="bf16")  # the default of `ladd-ds export`
+    info = json.loads((student / "ladd_export.json").read_text())
+    assert info["dtype"] == "bfloat16"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red seven\n")
     out = tmp_path / "samples"

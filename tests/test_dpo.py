@@ -233,7 +233,9 @@ def test_export_writes_lora_and_full_model(dpo_runs):
     assert (root / "full_export" / "transformer" / "config.json").is_file()
     assert not (root / "full_export" / "lora").exists()
     # --merge: the model with the LoRA folded in equals base + adapter
-    run_cli("export", "--run", str(runs["1rank"]), "--out", str(root / "merged"), "--merge", launcher="in-process")
+    run_cli(
+        "export", "--run", str(runs["1rank"]), "--out", str(root / "merged"), "--merge", "--dtype", "fp32", launcher="in-process"
+    )
     from diffusers import SD3Transformer2DModel
 
     merged = FlowModel(SD3Transformer2DModel.from_pretrained(root / "merged", subfolder="transformer"))

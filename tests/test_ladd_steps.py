@@ -278,7 +278,7 @@ def test_export_equals_the_trained_weights(tmp_path, distributed_world_of_one):
     trainer = make_trainer(tmp_path / "run", "checkpoint.every=100")
     trainer.fit(2)  # ends with a checkpoint at step 2
     trained = local_params(trainer.method.engines.student.module)  # one rank: the full tensors
-    out = export_run(tmp_path / "run", tmp_path / "export")
+    out = export_run(tmp_path / "run", tmp_path / "export", dtype="fp32")
     model = SD3Transformer2DModel.from_pretrained(str(out), subfolder="transformer")
     exported = dict(model.named_parameters())
     assert len(exported) == len(trained)
@@ -287,7 +287,7 @@ def test_export_equals_the_trained_weights(tmp_path, distributed_world_of_one):
     heads = load_file(out / "discriminator" / "heads.safetensors")
     for name, value in local_params(trainer.method.engines.heads.module).items():
         assert torch.equal(heads[name].flatten(), value.flatten()), name
-    ema = export_run(tmp_path / "run", tmp_path / "export_ema", ema=True)
+    ema = export_run(tmp_path / "run", tmp_path / "export_ema", ema=True, dtype="fp32")
     ema_model = SD3Transformer2DModel.from_pretrained(str(ema), subfolder="transformer")
     ema_weight = dict(ema_model.named_parameters())["proj_out.weight"].detach()
     torch.testing.assert_close(ema_weight.flatten(), trainer.method.ema.shadow["transformer.proj_out.weight"].flatten())

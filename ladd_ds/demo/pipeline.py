@@ -204,6 +204,7 @@ def _export(run_dir: Path, out: Path, **options) -> Path:
     checkpoint and writes a folder), so a subprocess would only add its start-up."""
     from ladd_ds.export import export_run
 
+    options.setdefault("dtype", "fp32")  # the demo evaluates and distils in fp32 on CPU
     flags = "".join(f" --{k} {v}" if v is not True else f" --{k}" for k, v in options.items())
     print(f"$ ladd-ds export --run {run_dir} --out {out}{flags}", flush=True)
     return export_run(run_dir, out, **options)

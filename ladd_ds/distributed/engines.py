@@ -239,3 +239,14 @@ def consolidate_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, tor
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+
+
+def lazy_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
+    """One engine's full fp32 parameters, each produced on demand (`.contiguous()`): DeepSpeed's
+    zero_to_fp32 in lazy mode. Under ZeRO-3 a parameter is gathered from every rank's fp32
+    partition when asked for; the ranks' optimizer files are memory-mapped (file pages the kernel
+    can drop), their Adam moments discarded. Below stage 3 (and for frozen parameters) DeepSpeed
+    concatenates the partitions up front: a full fp32 copy (README, "Export")."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)

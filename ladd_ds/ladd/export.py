@@ -1,12 +1,17 @@
 """Export a trained student as a diffusers folder (and the heads), from a training checkpoint.
 
-`ladd-ds export --run RUN_DIR [--step N] [--ema] --out DIR` writes
-  DIR/transformer/            config.json + safetensors, loadable with
-                              SD3Transformer2DModel.from_pretrained(DIR, subfolder="transformer")
-  DIR/discriminator/          heads.safetensors + config.json (architecture and taps)
+`ladd-ds export --run RUN_DIR [--step N] [--ema] [--dtype bf16|fp32] [--shard-size 5GB] --out DIR`
+writes
+  DIR/transformer/            config.json + safetensors in --dtype (bf16 by default), sharded with
+                              an index when larger than --shard-size (ladd_ds.models.sharded),
+                              loadable with SD3Transformer2DModel.from_pretrained(DIR,
+                              subfolder="transformer", torch_dtype=...)
+  DIR/discriminator/          heads.safetensors (fp32 whatever --dtype: the heads are small and
+                              kept exact for continued training) + config.json (architecture, taps)
   DIR/ladd_export.json        where it came from (run, step, EMA or not) and what sampling
                               needs (text encoders, latent codec: see ladd_ds.sampling)
-on one CPU process, whatever the world size of the run. The folder appears atomically.
+on one CPU process, whatever the world size of the run, one tensor at a time (the student is never
+held whole in memory). The folder appears atomically.
 `--lora DIR` merges a LoRA (e.g. from a DPO run) into the exported student: the paper's recipe
 applies the teacher's DPO LoRA to the LADD student.
 """
@@ -16,21 +21,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from ladd_ds.config import Config
 from ladd_ds.core.files import atomic_directory
 from ladd_ds.distributed.engines import consolidate_zero_checkpoint
 from ladd_ds.ladd.build import resolve_taps
-from ladd_ds.models.lora import load_lora
+from ladd_ds.models.lora import merged_sources
 from ladd_ds.models.registry import resolve_model_config
-from ladd_ds.training.export import (
-    STUDENT_PREFIX,
-    absolute_spec,
-    build_transformer_from_state,
-    checkpoint_info,
-    gather_ema,
-)
+from ladd_ds.models.sharded import DEFAULT_SHARD_BYTES
+from ladd_ds.training.export import absolute_spec, checkpoint_info, ema_sources, transformer_sources, write_transformer
 
 
 def sampling_info(cfg) -> dict:
@@ -50,25 +51,32 @@ def sampling_info(cfg) -> dict:
     }
 
 
-def export_ladd_run(run_dir: Path, out: Path, cfg: Config, checkpoint: Path, ema: bool = False, lora: str | None = None) -> Path:
-    """The student (its EMA with `ema`; `lora` merged in if given) and the heads of a LADD run."""
+def export_ladd_run(
+    run_dir: Path,
+    out: Path,
+    cfg: Config,
+    checkpoint: Path,
+    ema: bool = False,
+    lora: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_size: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """The student (its EMA with `ema`; `lora` merged in if given) in `dtype` and the heads of a
+    LADD run."""
     run_dir, out = Path(run_dir), Path(out)
-    state = consolidate_zero_checkpoint(checkpoint, "student")
-    student = {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    spec = cfg.model.student or cfg.model.teacher
+    student = transformer_sources(checkpoint, "student")
     if ema:
-        student = {k[len(STUDENT_PREFIX) :]: v for k, v in gather_ema(checkpoint, state).items()}
-
-    model = build_transformer_from_state(cfg.model.student or cfg.model.teacher, student)
+        student = ema_sources(checkpoint, student, spec)
     if lora is not None:
-        load_lora(model, lora, merge=True)
-
+        student = merged_sources(student, lora)
     with atomic_directory(out) as tmp:
-        _write_ladd_export(tmp, model, checkpoint, cfg, run_dir, ema, lora)
+        write_transformer(tmp / "transformer", spec, student, dtype, shard_size)
+        _write_ladd_export(tmp, checkpoint, cfg, run_dir, ema, lora, dtype)
     return out
 
 
-def _write_ladd_export(tmp: Path, model, checkpoint: Path, cfg: Config, run_dir: Path, ema: bool, lora: str | None) -> None:
-    model.save_pretrained(tmp / "transformer", safe_serialization=True)
+def _write_ladd_export(tmp: Path, checkpoint: Path, cfg: Config, run_dir: Path, ema: bool, lora: str | None, dtype) -> None:
     heads = consolidate_zero_checkpoint(checkpoint, "heads")
     (tmp / "discriminator").mkdir()
     save_file({k: v.contiguous() for k, v in heads.items()}, tmp / "discriminator" / "heads.safetensors")
@@ -85,6 +93,7 @@ def _write_ladd_export(tmp: Path, model, checkpoint: Path, cfg: Config, run_dir:
     info = {
         **checkpoint_info(run_dir, checkpoint),
         "ema": ema,
+        "dtype": str(dtype).removeprefix("torch."),
         "lora_merged": str(Path(lora).resolve()) if lora else None,
         "sampling": sampling_info(cfg),
     }

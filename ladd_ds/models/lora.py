@@ -13,7 +13,9 @@ The key prefix and the metadata are those of diffusers' pipeline-level LoRA file
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -143,3 +145,27 @@ def load_lora(transformer: nn.Module, folder: str | Path, merge: bool = False) -
         transformer.unload_lora()
     transformer.requires_grad_(False)
     return transformer
+
+
+def merged_sources(tensors: dict[str, Callable[[], torch.Tensor]], folder: str | Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """`tensors` (name -> callable producing the base weight) with the LoRA of `folder` folded into
+    the weights it adapts, one weight at a time when produced: W + (B @ A) * alpha / r, peft's
+    merge of a Linear LoRA (what `load_lora(..., merge=True)` does on a whole model in memory)."""
+    config, weights = read_lora(folder)
+    scale = config.lora_alpha / config.r
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in weights})
+    lacking = [m for m in modules if f"{m}.weight" not in tensors]
+    if lacking:
+        raise InputError(f"LoRA {folder}: weights for modules this transformer lacks, e.g. {lacking[:3]}")
+    out = dict(tensors)
+    for module in modules:
+        a, b = weights.get(f"{module}.lora_A.weight"), weights.get(f"{module}.lora_B.weight")
+        if a is None or b is None:
+            raise InputError(f"LoRA {folder}: {module} lacks its lora_A or lora_B weight (was the folder written by ladd-ds?)")
+        out[f"{module}.weight"] = functools.partial(_merge_one, tensors[f"{module}.weight"], a, b, scale)
+    return out
+
+
+def _merge_one(base: Callable[[], torch.Tensor], a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    weight = base()  # (out, in)
+    return weight + (b.to(weight.dtype) @ a.to(weight.dtype)) * scale  # (out, r) @ (r, in)

@@ -74,20 +74,3 @@ def read_flat_range(shards: list[torch.Tensor], numel: int, start: int, stop: in
         lo, hi = max(start, r * size), min(stop, (r + 1) * size)
         pieces.append(shards[r].reshape(-1)[lo - r * size : hi - r * size])
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def gather_full_shadow(shadows: list[dict[str, torch.Tensor]], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Full EMA tensors from every rank's shard (ordered by rank).
-
-    Under ZeRO-3 each rank holds ceil(numel / world) elements of every parameter, rank-major with
-    the last one padded (the layout DeepSpeed's zero_to_fp32 reassembles); below stage 3 every
-    rank holds the full tensor.
-    """
-    out = {}
-    for name in shadows[0]:
-        shape = shapes[name]
-        numel = math.prod(shape)
-        parts = [sh[name].flatten() for sh in shadows]
-        full = parts[0] if parts[0].numel() == numel else torch.cat(parts)[:numel]
-        out[name] = full.view(shape).clone()
-    return out

@@ -1,21 +1,27 @@
-"""What every exporter shares: finding a run's checkpoint, consolidating ZeRO shards into full
-state dicts, EMA weights, and building a diffusers transformer around a state dict. The LADD
-student's export is ladd_ds.ladd.export, the DPO model's ladd_ds.dpo.export; `ladd-ds export`
-picks one by the checkpoint's trainer kind."""
+"""What every exporter shares: finding a run's checkpoint, the trained transformer's tensors
+gathered from the ZeRO partitions one at a time (and their EMA), and writing them as a diffusers
+folder in sharded safetensors (ladd_ds.models.sharded). The LADD student's export is
+ladd_ds.ladd.export, the DPO model's ladd_ds.dpo.export; `ladd-ds export` picks one by the
+checkpoint's trainer kind.
+
+A tensor source is a callable producing one full fp32 tensor: nothing holds the whole model, so
+an export's host memory is one output shard plus what consolidation holds (README, "Export")."""
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import torch
-from diffusers import SD3Transformer2DModel
 
 from ladd_ds.config import Config, load_config
 from ladd_ds.core.errors import InputError, MissingInputError
-from ladd_ds.distributed.engines import consolidate_zero_checkpoint
+from ladd_ds.distributed.engines import lazy_zero_checkpoint
 from ladd_ds.models.registry import resolve_model_config, transformer_from_config
+from ladd_ds.models.sharded import TensorSource, save_sharded_transformer
 from ladd_ds.training import checkpoint as ckpt
-from ladd_ds.training.ema import gather_full_shadow
+from ladd_ds.training.ema import read_flat_range
 
 STUDENT_PREFIX = "transformer."  # FlowModel wraps the diffusers transformer as `.transformer`
 
@@ -31,28 +37,34 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     return found[step]
 
 
-def gather_ema(checkpoint: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with every trained parameter replaced by its EMA from the shards in rank-XXXXX.pt."""
+def ema_sources(checkpoint: Path, sources: dict[str, TensorSource], spec: str) -> dict[str, TensorSource]:
+    """`sources` with every trained parameter replaced by its EMA, gathered per tensor from the
+    shards in the (memory-mapped) rank-XXXXX.pt files; `spec` gives the tensors' shapes."""
     states = ckpt.read_rank_states(checkpoint)
     if any("ema" not in s for s in states):
         raise InputError(f"{checkpoint} holds no EMA (the run had optim.ema_decay = 0); export without --ema")
     shadows = [s["ema"]["shadow"] for s in states]
-    out = dict(state)  # buffers (e.g. the positional embedding) have no EMA
-    out.update(gather_full_shadow(shadows, {k: v.shape for k, v in state.items()}))
+    shapes = transformer_from_config(resolve_model_config(spec), meta=True).state_dict()
+    out = dict(sources)  # buffers (e.g. the positional embedding) have no EMA
+    for name in shadows[0]:
+        if not name.startswith(STUDENT_PREFIX):
+            continue
+        short = name[len(STUDENT_PREFIX) :]
+        out[short] = functools.partial(_full_shadow, [sh[name] for sh in shadows], shapes[short].shape)
     return out
+
+
+def _full_shadow(shards: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """One parameter's whole EMA from its per-rank shards; only this parameter's slices of the
+    memory-mapped rank files are read."""
+    numel = math.prod(shape)
+    return read_flat_range(shards, numel, 0, numel).view(shape).clone()
 
 
 def absolute_spec(spec: str) -> str:
     """A model/codec spec as an absolute path when it names a folder, so the export can be used
     from anywhere."""
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
-
-
-def build_transformer_from_state(spec: str, state: dict[str, torch.Tensor]) -> SD3Transformer2DModel:
-    """An SD3 transformer of `spec`'s architecture holding `state` (no weights are initialized)."""
-    model = transformer_from_config(resolve_model_config(spec), meta=True)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
 
 
 def run_checkpoint(run_dir: Path, step: int | None) -> tuple[Config, Path, str]:
@@ -70,7 +82,14 @@ def checkpoint_info(run_dir: Path, checkpoint: Path) -> dict:
     return {"run_dir": str(run_dir), "checkpoint": checkpoint.name, "step": int(checkpoint.name.split("-")[1])}
 
 
-def consolidated_transformer(checkpoint: Path, engine: str) -> dict[str, torch.Tensor]:
-    """The full state dict of the FlowModel trained by `engine`, without its `transformer.` prefix."""
-    state = consolidate_zero_checkpoint(checkpoint, engine)
-    return {k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+def transformer_sources(checkpoint: Path, engine: str) -> dict[str, TensorSource]:
+    """The tensors of the FlowModel trained by `engine`, without its `transformer.` prefix, each
+    gathered from the ZeRO checkpoint when asked for."""
+    lazy = lazy_zero_checkpoint(checkpoint, engine)
+    return {k[len(STUDENT_PREFIX) :]: v.contiguous for k, v in lazy.items() if k.startswith(STUDENT_PREFIX)}
+
+
+def write_transformer(folder: Path, spec: str, sources: dict[str, TensorSource], dtype: torch.dtype, shard_size: int) -> None:
+    """`folder` (a diffusers transformer/ folder) holding `sources` in `dtype` for `spec`'s
+    architecture, in safetensors shards of at most `shard_size` bytes."""
+    save_sharded_transformer(folder, resolve_model_config(spec), sources, dtype, shard_size, desc=f"writing {folder.name}/")
