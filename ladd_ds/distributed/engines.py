@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -242,11 +243,62 @@ def consolidate_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, tor
 
 
 def lazy_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
-    """One engine's full fp32 parameters, each produced on demand (`.contiguous()`): DeepSpeed's
-    zero_to_fp32 in lazy mode. Under ZeRO-3 a parameter is gathered from every rank's fp32
-    partition when asked for; the ranks' optimizer files are memory-mapped (file pages the kernel
-    can drop), their Adam moments discarded. Below stage 3 (and for frozen parameters) DeepSpeed
-    concatenates the partitions up front: a full fp32 copy (README, "Export")."""
+    """One engine's full fp32 parameters (and buffers), each produced on demand (`.contiguous()`),
+    from a ZeRO-1/2/3 checkpoint of any world size, holding no full copy of the model.
+
+    ZeRO-3: DeepSpeed's zero_to_fp32 in lazy mode, which gathers a parameter from every rank's fp32
+    partition when asked for (the optimizer files memory-mapped, their Adam moments dropped).
+    ZeRO-1/2, where that tool concatenates the partitions into a full fp32 copy first: a
+    parameter is read from the memory-mapped slices of the ranks' flat fp32 groups that cover it
+    (zero12_sources). Frozen parameters come as the model-state file stores them."""
+    ds_dir = Path(checkpoint_dir) / tag
+    optim_files = sorted(ds_dir.glob("*_optim_states.pt"), key=lambda f: int(re.search(r"rank_(\d+)_", f.name)[1]))
+    if optim_files:
+        first = torch.load(optim_files[0], map_location="cpu", mmap=True, weights_only=False)
+        if first["optimizer_state_dict"].get("zero_stage", 3) <= 2:
+            return zero12_sources(ds_dir, optim_files)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)
+
+
+class _Slice:
+    """A parameter of a ZeRO-1/2 checkpoint, read from the partitions covering it when asked for."""
+
+    def __init__(self, partitions: list[torch.Tensor], start: int, shape: torch.Size):
+        self.partitions, self.start, self.shape = partitions, start, torch.Size(shape)
+
+    def contiguous(self) -> torch.Tensor:
+        size, numel = self.partitions[0].numel(), self.shape.numel()
+        stop, pieces = self.start + numel, []
+        for r in range(self.start // size, (stop - 1) // size + 1):  # the ranks whose slices it spans
+            lo, hi = max(self.start, r * size), min(stop, (r + 1) * size)
+            pieces.append(self.partitions[r][lo - r * size : hi - r * size])
+        return torch.cat(pieces).view(self.shape).clone() if numel else torch.zeros(self.shape)
+
+
+def zero12_sources(ds_dir: Path, optim_files: list[Path]) -> dict[str, Any]:
+    """Below ZeRO-3, each param group's parameters lie back to back in one flat fp32 vector (each
+    followed by its alignment padding, when the checkpoint records one), padded and split into one
+    equal slice per rank; rank r's optimizer file holds slice r of every group. Those files and
+    rank 0's model-state file (shapes, buffers, frozen parameters) are memory-mapped: a
+    parameter's bytes are read when it is asked for."""
+    states = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"] for f in optim_files]
+    groups = [s["single_partition_of_fp32_groups"] for s in states]
+    paddings = states[0].get("param_alignment_paddings")
+    model = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+    out: dict[str, Any] = {k: v.float() if v.is_floating_point() else v for k, v in model["module"].items() if k in model["buffer_names"]}
+    out.update(model.get("frozen_param_fragments") or {})
+    for g, shapes in enumerate(model["param_shapes"]):
+        partitions, offset = [ranks_groups[g] for ranks_groups in groups], 0
+        if len({p.numel() for p in partitions}) != 1:
+            raise InputError(f"{ds_dir}: the ranks' fp32 partitions of param group {g} differ in size; not a ZeRO-1/2 checkpoint this reader knows")
+        for i, (name, shape) in enumerate(shapes.items()):
+            out[name] = _Slice(partitions, offset, shape)
+            offset += torch.Size(shape).numel() + (paddings[g][i] if paddings is not None else 0)
+        if offset > partitions[0].numel() * len(partitions):
+            raise InputError(f"{ds_dir}: param group {g} lists {offset} elements, its partitions hold fewer")
+    for alias, target in (model.get("shared_params") or {}).items():
+        if target in out:
+            out[alias] = out[target]
+    return out
