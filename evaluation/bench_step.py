@@ -7,8 +7,8 @@ DeepSpeed engines and, in the same run, in plain PyTorch with the same step code
 For each engine kind (`--engines plain,deepspeed`, the default) it prints the median step time,
 img/s, the step's FLOPs (torch.utils.flop_counter, forward + backward of every model), the achieved
 TFLOP/s and its ratio to a square matrix product timed in the same run at the same precision (bf16
-on GPU, fp32 on CPU), and peak memory; then the engine step's time over the plain one; on a GPU also the peak memory of every phase (forward,
-backward and optimizer step of each engine).
+on GPU, fp32 on CPU), and peak memory; then the engine step's time over the plain one; on a GPU
+also the peak memory of every phase (forward, backward and optimizer step of each engine).
 
 The plain reference (`PlainEngine`) runs `LADDSteps` unchanged on bare modules: student and heads
 in fp32 with AdamW (fused on a GPU) and gradient clipping, under bf16 autocast when the precision is
@@ -322,9 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--resolution", type=int, nargs=2, default=[128, 128], metavar=("H", "W"), help="image pixels (latent = /8)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument(
-        "--engines", default="plain,deepspeed", help="which steps to time, in this order: plain, deepspeed or both"
-    )
+    p.add_argument("--engines", default="plain,deepspeed", help="which steps to time, in this order: plain, deepspeed or both")
     p.add_argument(
         "--placements",
         default="auto",

@@ -276,7 +276,8 @@ def test_bf16_demo_runs_every_stage_in_bf16(bf16_demo):
     assert validate_mds_dir(bucket)["columns"]["prompt_embeds"] == "ndarray:uint16"  # bf16 bits
     for ds_config in (run / "main" / "run" / "ds_config_student.json", run / "dpo" / "run" / "ds_config_model.json"):
         assert json.loads(ds_config.read_text())["bf16"]["enabled"], ds_config
-    pairs = validate_mds_dir(run / "dpo" / "pairs", PAIRS)
+    pairs_bucket = next(p for p in (run / "dpo" / "pairs").iterdir() if (p / "index.json").is_file())
+    pairs = validate_mds_dir(pairs_bucket, PAIRS)
     assert pairs["columns"]["prompt_embeds"] == "ndarray:uint16"  # `pairs` ran its encoders in bf16
     results = json.loads((run / "eval.json").read_text())
     assert results["size"]["precision"] == "bf16" and "teacher (cached)" in results["timings_s"]

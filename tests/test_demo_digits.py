@@ -76,7 +76,7 @@ def test_held_out_combinations_are_excluded_from_the_seen_set():
 
 
 def test_prompts_that_leave_the_place_open():
-    """"a red seven": any quadrant will do, but never one of a held-out combination; the share of
+    """ "a red seven": any quadrant will do, but never one of a held-out combination; the share of
     such prompts is `open_place`; the held-out set always names the place."""
     import numpy as np
 

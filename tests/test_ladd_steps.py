@@ -372,8 +372,17 @@ def test_distillation_keeps_zero3_prefetch_trace_valid(tmp_path, distributed_wor
         (tmp_path / f"{name}.json").write_text(json.dumps(template))
         sets += ["--set", f"deepspeed.{key}={tmp_path / f'{name}.json'}"]
     proc = run_cli(
-        "train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--max-steps", "4",
-        "--set", "ladd.distill_weight=0.5", *sets, launcher="in-process",
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "4",
+        "--set",
+        "ladd.distill_weight=0.5",
+        *sets,
+        launcher="in-process",
     )
     assert "ZeRO stages: student 3, heads 2, teacher 3" in proc.stdout
     assert "Invalidate trace cache" not in proc.stdout + proc.stderr

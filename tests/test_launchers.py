@@ -174,7 +174,7 @@ def test_slurm_batch_script_finds_the_checkout_from_LADD_DS_HOME_or_says_how(tmp
 
 
 # `mpirun ARGS`: writes its arguments to FAKE_MPIRUN_ARGS instead of starting anything.
-FAKE_MPIRUN = "printf '%s\\n' \"$@\" > \"$FAKE_MPIRUN_ARGS\"\n"
+FAKE_MPIRUN = 'printf \'%s\\n\' "$@" > "$FAKE_MPIRUN_ARGS"\n'
 
 
 def test_multi_node_script_with_the_openmpi_launcher(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -35,9 +34,7 @@ def test_blocks_are_judged_by_prefix_and_use(tmp_path):
 
     report = clean_stale_blocks(shm, locks, in_use)
 
-    assert sorted(p.name for p in shm.iterdir()) == sorted(
-        ["000001_locals", "000001_epoch_shape", names[4], "123456_unrelated"]
-    )
+    assert sorted(p.name for p in shm.iterdir()) == sorted(["000001_locals", "000001_epoch_shape", names[4], "123456_unrelated"])
     assert sorted(p.name for p in locks.iterdir()) == ["000001_barrier_filelock"]
     assert sorted(report.removed) == sorted(
         ["000002_locals", "000002_barrier", names[5], "000002_barrier_filelock", "000003_cache_filelock"]

@@ -81,7 +81,15 @@ def test_resume_equals_uninterrupted_and_skips_partial_checkpoints(tmp_path, uni
 
 def test_dry_run_prints_parameter_counts_and_memory_plan(tmp_path):
     out = run_cli(
-        "train", "--config", str(TINY_CONFIG), "--run-dir", str(tmp_path / "run"), "--dry-run", "--world-size", "4", launcher="in-process"
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--dry-run",
+        "--world-size",
+        "4",
+        launcher="in-process",
     ).stdout
     assert "world size 4" in out
     teacher = next(line for line in out.splitlines() if line.startswith("teacher"))

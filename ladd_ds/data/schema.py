@@ -88,6 +88,20 @@ class Layout:
 
 LATENTS = Layout("latent", REQUIRED_COLUMNS, OPTIONAL_COLUMNS, ("latent",), "ladd-ds synth / ladd-ds encode")
 PAIRS = Layout("preference-pair", PAIR_COLUMNS, PAIR_OPTIONAL_COLUMNS, ("latent_w", "latent_l"), "ladd-ds pairs")
+# Image-conditioned tasks (ladd_ds.models.conditioning): the target `latent` plus its condition at
+# latent resolution. Inpainting: `condition` = the latent of the masked image (C, h, w), `mask`
+# (1, h, w) = 1 where the model fills in. Editing: `condition` = the latent of the source image.
+INPAINT_COLUMNS = {**REQUIRED_COLUMNS, "condition": "ndarray:float16", "mask": "ndarray:float16"}
+EDIT_COLUMNS = {**REQUIRED_COLUMNS, "condition": "ndarray:float16"}
+INPAINT = Layout(
+    "inpainting",
+    INPAINT_COLUMNS,
+    OPTIONAL_COLUMNS,
+    ("latent", "condition", "mask"),
+    "ladd_ds.data.write_samples(..., layout=INPAINT)",
+)
+EDIT = Layout("editing", EDIT_COLUMNS, OPTIONAL_COLUMNS, ("latent", "condition"), "ladd_ds.data.write_samples(..., layout=EDIT)")
+TASK_LAYOUTS = {"t2i": LATENTS, "inpaint": INPAINT, "edit": EDIT}
 
 
 def _encoding_matches(found: str, expected: str) -> bool:

@@ -69,9 +69,7 @@ def _unlink(path: Path, report: CleanupReport) -> None:
         report.kept_live.append(path.name)  # not ours
 
 
-def clean_stale_blocks(
-    shm_dir: Path = SHM_DIR, lock_dir: Path | None = None, in_use: set[str] | None = None
-) -> CleanupReport:
+def clean_stale_blocks(shm_dir: Path = SHM_DIR, lock_dir: Path | None = None, in_use: set[str] | None = None) -> CleanupReport:
     """Unlink the streaming and DeepSpeed shared-memory blocks no process uses, and the lock files
     of the streaming prefixes that are gone. `in_use` (default: read from /proc) names the paths
     some process maps or holds open; `shm_dir` and `lock_dir` are parameters for tests."""

@@ -231,7 +231,9 @@ def write_real_images(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     captions = []
     per_bucket = [
-        digits.make_samples(n // len(digits.BUCKETS), "train", seed=seed + k, bucket=b, combinations="seen", open_place=OPEN_PLACE)
+        digits.make_samples(
+            n // len(digits.BUCKETS), "train", seed=seed + k, bucket=b, combinations="seen", open_place=OPEN_PLACE
+        )
         for k, b in enumerate(digits.BUCKETS)
     ]
     for i, (image, label, _) in enumerate(s for samples in per_bucket for s in samples):  # as many per bucket as synth

@@ -287,12 +287,17 @@ def zero12_sources(ds_dir: Path, optim_files: list[Path]) -> dict[str, Any]:
     groups = [s["single_partition_of_fp32_groups"] for s in states]
     paddings = states[0].get("param_alignment_paddings")
     model = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
-    out: dict[str, Any] = {k: v.float() if v.is_floating_point() else v for k, v in model["module"].items() if k in model["buffer_names"]}
+    out: dict[str, Any] = {
+        k: v.float() if v.is_floating_point() else v for k, v in model["module"].items() if k in model["buffer_names"]
+    }
     out.update(model.get("frozen_param_fragments") or {})
     for g, shapes in enumerate(model["param_shapes"]):
         partitions, offset = [ranks_groups[g] for ranks_groups in groups], 0
         if len({p.numel() for p in partitions}) != 1:
-            raise InputError(f"{ds_dir}: the ranks' fp32 partitions of param group {g} differ in size; not a ZeRO-1/2 checkpoint this reader knows")
+            raise InputError(
+                f"{ds_dir}: the ranks' fp32 partitions of param group {g} differ in size; "
+                "not a ZeRO-1/2 checkpoint this reader knows"
+            )
         for i, (name, shape) in enumerate(shapes.items()):
             out[name] = _Slice(partitions, offset, shape)
             offset += torch.Size(shape).numel() + (paddings[g][i] if paddings is not None else 0)

@@ -7,8 +7,6 @@ frozen `reference` engine (deepspeed.teacher_config) holds the starting weights.
 
 from __future__ import annotations
 
-import torch
-
 from ladd_ds.config import Config
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed import engines as ds

@@ -86,7 +86,11 @@ def write_summary(out: Path, manifest: dict, extra: dict) -> dict:
         "pairs": manifest["samples"],
         "buckets": manifest["buckets"],
         "skipped": len(manifest["skipped"]),
-        **({"mean_score_gap": stats["score_gap_sum"] / manifest["samples"]} if "score_gap_sum" in stats and manifest["samples"] else {}),
+        **(
+            {"mean_score_gap": stats["score_gap_sum"] / manifest["samples"]}
+            if "score_gap_sum" in stats and manifest["samples"]
+            else {}
+        ),
         **extra,
     }
     if is_main():
@@ -107,8 +111,15 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict | None:
     jobs = load_prompt_jobs(p.prompts, pairs_buckets(cfg), None, p.seed)
     scorer = load_scorer(p.scorer, p.scorer_args)
     device = start_generation(cfg, out)
-    pair_settings = {k: v for k, v in config_to_dict(cfg)["pairs"].items() if k not in ("out", "prompts", "batch_size", "part_size", "model")}
-    settings = {"model": spec, "model_identity": model_identity(spec, cfg.run.seed), "pairs": pair_settings, **common_settings(cfg)}
+    pair_settings = {
+        k: v for k, v in config_to_dict(cfg)["pairs"].items() if k not in ("out", "prompts", "batch_size", "part_size", "model")
+    }
+    settings = {
+        "model": spec,
+        "model_identity": model_identity(spec, cfg.run.seed),
+        "pairs": pair_settings,
+        **common_settings(cfg),
+    }
     extra = {"prompts": len(jobs), "model": spec, "scorer": p.scorer, "samples_per_prompt": p.samples_per_prompt}
     extra |= {"steps": p.steps, "guidance_scale": p.guidance_scale}
     finished = prepare_output(out, jobs, "pairs", settings)
@@ -195,7 +206,9 @@ def read_preference_jobs(path: str | Path, images: Path, buckets: list[str]) -> 
                 except (OSError, ValueError, Image.DecompressionBombError):
                     bucket = UNREADABLE
                 digest = input_digest(record["prompt"], winner.stat().st_size, loser.stat().st_size)
-            jobs.append(PromptJob(index, record["prompt"], bucket, 0, image=str(winner), key=key, digest=digest, other_image=str(loser)))
+            jobs.append(
+                PromptJob(index, record["prompt"], bucket, 0, image=str(winner), key=key, digest=digest, other_image=str(loser))
+            )
     if not jobs:
         raise InputError(f"preference file {path} has no pairs")
     return jobs
@@ -247,9 +260,14 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
         if not made:
             return {}, [], skipped
         with torch.no_grad():
-            columns = {"latent_w": codec.encode(torch.stack(winners).to(device)), "latent_l": codec.encode(torch.stack(losers).to(device))}
+            columns = {
+                "latent_w": codec.encode(torch.stack(winners).to(device)),
+                "latent_l": codec.encode(torch.stack(losers).to(device)),
+            }
         return columns, made, skipped
 
     source = {"kind": "imported preference pairs", "preferences": str(preferences), "vae": cfg.codec.vae}
-    manifest = generate_dataset(cfg, jobs, out, make_rows, source, text, Generation("pairs", "pairs", p.batch_size, p.part_size, PAIRS))
+    manifest = generate_dataset(
+        cfg, jobs, out, make_rows, source, text, Generation("pairs", "pairs", p.batch_size, p.part_size, PAIRS)
+    )
     return write_summary(out, manifest, extra) if manifest is not None else None

@@ -228,7 +228,9 @@ class Generation:
     part_stats: Callable[[list[dict]], dict] | None = None
 
 
-def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_rows, source: dict, text, gen: Generation) -> dict | None:
+def generate_dataset(
+    cfg: Config, jobs: list[PromptJob], out: Path, make_rows, source: dict, text, gen: Generation
+) -> dict | None:
     """The crash-safe, multi-rank part of `synth`, `encode` and `pairs`: each rank produces its
     batches with `make_rows(batch, its (prompt_embeds, pooled))` -> ({column: one value per made
     job (a tensor of B' rows, or a list)}, the B' jobs made, [(job, reason) skipped]) and commits
@@ -269,7 +271,9 @@ def generate_dataset(cfg: Config, jobs: list[PromptJob], out: Path, make_rows, s
     return None
 
 
-def _generate_parts(cfg: Config, jobs, out: Path, make_rows, text, gen: Generation, batches, rounds: int, todo: int, device) -> None:
+def _generate_parts(
+    cfg: Config, jobs, out: Path, make_rows, text, gen: Generation, batches, rounds: int, todo: int, device
+) -> None:
     """This rank's batches through `make_rows`, committed in parts of gen.part_size (one bucket each)."""
     name = gen.name
     bar = tqdm(total=todo, desc=name, disable=not is_main(), unit="sample", dynamic_ncols=True)

@@ -74,6 +74,8 @@ ENGINES = [
     EngineSlot("heads", "heads_config", "heads_stage", trainable=True),
     EngineSlot("teacher", "teacher_config", "teacher_stage", trainable=False),
 ]
+
+
 def step_activations(cfg: Config, models: dict) -> tuple[float, str]:
     """Bytes autograd holds at the peak of a LADD step (the generator step: the student's forward,
     then the teacher's on the re-noised fakes, which the gradient flows back through), and a note

@@ -141,7 +141,9 @@ class LADDSteps:
         return embeds.expand(b, -1, -1), pooled.expand(b, -1)
 
     @torch.no_grad()
-    def distill_target(self, x_hat: torch.Tensor, t: torch.Tensor, batch: dict, v_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def distill_target(
+        self, x_hat: torch.Tensor, t: torch.Tensor, batch: dict, v_cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The teacher's x0 on the re-noised student output, with classifier-free guidance at
         `distill_cfg`: v = v(empty) + w (v(prompt) - v(empty)), the same guidance the data was
         generated with, so that the distillation and the adversarial loss pull the same way.
