@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ladd_ds.training.ema import ShardedEMA, read_flat_range
+from ladd_ds.distributed.flat import read_flat_range
+from ladd_ds.training.ema import ShardedEMA
 
 
 def test_ema_is_an_exponential_moving_average_and_round_trips():

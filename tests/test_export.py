@@ -59,7 +59,7 @@ def assert_sharded_export(out, want, dtype, shard_size):
         assert state[name].dtype == dtype and torch.equal(state[name], tensor.to(dtype)), name
 
 
-def train_small(run_dir, stage: int):
+def train_small(run_dir, stage: int, precision: str = "fp32"):
     """The `small` preset (6 blocks of width 128, 16 MB in fp32) trained 1 step on a student
     engine at ZeRO `stage` with EMA, in this process."""
     from ladd_ds.config import load_config
@@ -69,6 +69,7 @@ def train_small(run_dir, stage: int):
     sets = [f"run.run_dir={run_dir}", "logging.progress_bar=false", "model.teacher=small", "checkpoint.every=1"]
     sets += ["data.random_latents.latent_channels=16", "data.random_latents.text_dim=256", "data.random_latents.pooled_dim=64"]
     sets += ["data.random_latents.num_samples=4", "data.micro_batch_size=2", f"deepspeed.student_stage={stage}"]
+    sets += [f"deepspeed.precision={precision}"]
     cfg = load_config(TINY_CONFIG, sets)
     trainer = Trainer(cfg, run_dir, LADDMethod)
     assert trainer.method.ds_stages["student"] == stage
@@ -81,11 +82,13 @@ def small_run(tmp_path_factory, distributed_world_of_one):
     return train_small(tmp_path_factory.mktemp("small") / "run", 3)
 
 
-def test_a_zero2_student_exports_per_tensor_within_the_bound(tmp_path, distributed_world_of_one):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_zero2_student_exports_per_tensor_within_the_bound(tmp_path, distributed_world_of_one, precision):
     """Below ZeRO-3, DeepSpeed's consolidation joins the partitions into a full fp32 copy first;
     the export reads each tensor from the memory-mapped partitions instead: the same weights
-    (bf16, bitwise), and the streamed peak stays under the bound."""
-    run_dir = train_small(tmp_path / "run", 2)
+    (bf16, bitwise), and the streamed peak stays under the bound. Trained in fp32 and in bf16
+    (whose optimizer holds the fp32 master partitions read here)."""
+    run_dir = train_small(tmp_path / "run", 2, precision)
     want = reference(ckpt.latest_checkpoint(run_dir))
     out = export(run_dir, tmp_path / "export", dtype="bf16", shard_size="1MB")
     assert_sharded_export(out, want, torch.bfloat16, parse_size("1MB"))

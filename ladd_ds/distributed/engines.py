@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ladd_ds.core.errors import InputError, MissingInputError
+from ladd_ds.distributed.flat import read_flat_range
 from ladd_ds.distributed.launch_env import launcher_env, network_env
 from ladd_ds.distributed.ranks import prepare_launcher_env, print0
 
@@ -269,12 +270,8 @@ class _Slice:
         self.partitions, self.start, self.shape = partitions, start, torch.Size(shape)
 
     def contiguous(self) -> torch.Tensor:
-        size, numel = self.partitions[0].numel(), self.shape.numel()
-        stop, pieces = self.start + numel, []
-        for r in range(self.start // size, (stop - 1) // size + 1):  # the ranks whose slices it spans
-            lo, hi = max(self.start, r * size), min(stop, (r + 1) * size)
-            pieces.append(self.partitions[r][lo - r * size : hi - r * size])
-        return torch.cat(pieces).view(self.shape).clone() if numel else torch.zeros(self.shape)
+        numel, total = self.shape.numel(), self.partitions[0].numel() * len(self.partitions)
+        return read_flat_range(self.partitions, total, self.start, self.start + numel).view(self.shape).clone()
 
 
 def zero12_sources(ds_dir: Path, optim_files: list[Path]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ladd_ds.core.errors import InputError
+from ladd_ds.distributed.flat import read_flat_range
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -57,20 +58,3 @@ class ShardedEMA:
             piece = read_flat_range([sh[n] for sh in shadows], numel, start, stop)
             local[: piece.numel()].copy_(piece)
             local[piece.numel() :].zero_()
-
-
-def read_flat_range(shards: list[torch.Tensor], numel: int, start: int, stop: int) -> torch.Tensor:
-    """Elements [start, stop) of a flattened tensor of `numel` elements saved as `shards` (one per
-    rank, in rank order): ZeRO-3 partitions of ceil(numel / world) elements, the last one padded,
-    or, below stage 3, the full tensor on every rank. Only the shards overlapping the range are
-    touched."""
-    if start >= stop:
-        return shards[0].new_zeros(0)
-    if shards[0].numel() >= numel:  # full tensors: every rank saved the same
-        return shards[0].reshape(-1)[start:stop]
-    size = shards[0].numel()
-    pieces = []
-    for r in range(start // size, (stop - 1) // size + 1):
-        lo, hi = max(start, r * size), min(stop, (r + 1) * size)
-        pieces.append(shards[r].reshape(-1)[lo - r * size : hi - r * size])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

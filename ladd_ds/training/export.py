@@ -18,10 +18,10 @@ import torch
 from ladd_ds.config import Config, load_config
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.distributed.engines import lazy_zero_checkpoint
+from ladd_ds.distributed.flat import read_flat_range
 from ladd_ds.models.registry import resolve_model_config, transformer_from_config
 from ladd_ds.models.sharded import TensorSource, save_sharded_transformer
 from ladd_ds.training import checkpoint as ckpt
-from ladd_ds.training.ema import read_flat_range
 
 STUDENT_PREFIX = "transformer."  # FlowModel wraps the diffusers transformer as `.transformer`
 
