@@ -65,6 +65,11 @@ class DiscriminatorConfig:
 
 @dataclass
 class LADDConfig:
+    # What the student learns (docs/method.md, section 8): text-to-image, or an image-conditioned
+    # variant whose transformers take the condition as extra input channels (a text-to-image
+    # model.teacher / model.student is widened with zero weights for them). The data must be of
+    # the task's layout: `ladd-ds encode --task` / `ladd-ds synth --task`.
+    task: Literal["t2i", "inpaint", "edit"] = "t2i"
     # Student timesteps and their probabilities (paper: {1, .75, .5, .25} with .7/.1/.1/.1).
     student_timesteps: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     student_probs: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.1, 0.1])

@@ -23,6 +23,7 @@ import torch
 from ladd_ds.core.errors import InputError
 from ladd_ds.core.flow import add_noise, x0_from_velocity
 from ladd_ds.core.noise import derive_seed
+from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.lora import load_lora
 
 MODEL_INFO = "ladd_model.json"  # in a teacher folder without vae/: {"codec": ..., "shift": ...}
@@ -121,7 +122,7 @@ class TeacherSampler:
         if self._negative is None:
             self._negative = self.text.encode([""], device)
         neg_embeds, neg_pooled = (x.to(device, dtype).expand(len(prompts), *x.shape[1:]) for x in self._negative)
-        channels = self.pipe.transformer.config.in_channels
+        channels = latent_channels(self.pipe.transformer.config)
         noise = initial_noise(seeds, channels, height // self.factor, width // self.factor)
         return self.pipe(
             prompt_embeds=embeds,
@@ -186,7 +187,7 @@ def sample_latents(
     student = FlowModel(sm.transformer) if sm.kind == "student" else None
     if student is not None:
         schedule = student_schedule(steps, sm.info.get("sampling", {}).get("student_timesteps"))
-    channels = sm.transformer.config.in_channels
+    channels = latent_channels(sm.transformer.config)
     out = []
     for i in range(0, len(prompts), batch_size):
         p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
@@ -232,7 +233,7 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
         hint = " (a run directory: `ladd-ds export` it first)" if (folder / "checkpoints").is_dir() else ""
         raise InputError(f"--model {spec}: expected a ladd-ds export or a diffusers SD3 folder{hint}")
     transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").to(device, dtype).eval()
-    channels = transformer.config.in_channels
+    channels = latent_channels(transformer.config)
     if (folder / EXPORT_INFO).is_file():  # a LADD student
         info = json.loads((folder / EXPORT_INFO).read_text())
         s = info.get("sampling")

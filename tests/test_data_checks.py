@@ -91,7 +91,7 @@ def test_every_bucket_too_small_is_an_error(tmp_path, capsys, no_models):
 @pytest.mark.parametrize(
     "bucket, shapes, expected",
     [
-        ("128x128", dict(channels=16), ["column 'latent' stores latents with 16 channels", "in_channels=4"]),
+        ("128x128", dict(channels=16), ["column 'latent' stores 16 channels", "4 latent channels"]),
         ("120x120", {}, ["latents of 15x15", "patch_size=2"]),
         ("128x128", dict(text_dim=64), ["column 'prompt_embeds' stores width 64", "joint_attention_dim=32"]),
         ("128x128", dict(pooled_dim=8), ["column 'pooled' stores width 8", "pooled_projection_dim=16"]),
@@ -122,7 +122,7 @@ def write_pairs(path, n, channels=4):
 
 @pytest.mark.parametrize(
     "n, channels, expected",
-    [(8, 16, "column 'latent_w' stores latents with 16 channels"), (3, 4, "holds 3 samples, fewer than one global batch of 4")],
+    [(8, 16, "column 'latent_w' stores 16 channels"), (3, 4, "holds 3 samples, fewer than one global batch of 4")],
 )
 def test_dpo_checks_its_pairs_before_building_models(tmp_path, capsys, no_models, n, channels, expected):
     pairs = write_pairs(tmp_path / "pairs", n, channels)

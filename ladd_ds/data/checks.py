@@ -20,6 +20,7 @@ from ladd_ds.core.errors import InputError
 from ladd_ds.data.loader import bucket_dirs
 from ladd_ds.data.manifest import read_manifest
 from ladd_ds.data.schema import INDEX_FILE, MANIFEST_FILE, Layout, validate_mds_dir
+from ladd_ds.models.conditioning import latent_channels
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,12 @@ def check_stored_shapes(plan: DataPlan, layout: Layout, model_cfg: dict, model_n
             shape = tuple(sample[column].shape)
             if len(shape) != 3:
                 raise InputError(f"{where}: column {column!r} stores shape {shape}, expected (channels, height, width)")
-            if shape[0] != model_cfg["in_channels"]:
+            channels = 1 if column == "mask" else latent_channels(model_cfg)
+            if shape[0] != channels:
                 raise InputError(
-                    f"{where}: column {column!r} stores latents with {shape[0]} channels (shape {shape}), but "
-                    f"{model} has in_channels={model_cfg['in_channels']}: write the data with the latent codec "
-                    "of this model, or train the model the data was written for"
+                    f"{where}: column {column!r} stores {shape[0]} channels (shape {shape}), but {model} has "
+                    f"{latent_channels(model_cfg)} latent channels, so {column!r} must have {channels}: write the data "
+                    "with the latent codec of this model, or train the model the data was written for"
                 )
             patch = model_cfg["patch_size"]
             if shape[1] % patch or shape[2] % patch:

@@ -143,8 +143,10 @@ def _random_samples(
     pooled_dim: int,
     seed: int,
     bucket: str | None,
+    layout: Layout,
 ):
     rng = np.random.default_rng(seed)
+    c, h, w = latent_shape
     for i in range(num_samples):
         sample = {
             "latent": rng.standard_normal(latent_shape, dtype=np.float32),  # (C, h, w)
@@ -152,6 +154,10 @@ def _random_samples(
             "pooled": rng.standard_normal((pooled_dim,), dtype=np.float32),  # (P,)
             "prompt": f"random sample {i}",
         }
+        if "condition" in layout.required:  # image-conditioned tasks (schema.INPAINT, schema.EDIT)
+            sample["condition"] = rng.standard_normal(latent_shape, dtype=np.float32)  # (C, h, w)
+        if "mask" in layout.required:
+            sample["mask"] = (rng.random((1, h, w)) < 0.5).astype(np.float32)  # (1, h, w)
         if bucket is not None:
             sample["bucket"] = bucket
         yield sample
@@ -167,8 +173,10 @@ def write_random_latents(
     seed: int = 0,
     bucket: str | None = None,
     size_limit: int | str = "64mb",
+    layout: Layout = LATENTS,
 ) -> Path:
-    """Write the built-in "random latents" dataset (standard-normal tensors) for tests.
+    """Write the built-in "random latents" dataset (standard-normal tensors) for tests, of
+    `layout` (an image-conditioned one adds standard-normal conditions and random 0/1 masks).
 
     Deterministic in its arguments. If `out_dir` already holds a valid dataset written with the
     same arguments this does nothing, so every rank (or a resumed run) may call it; the
@@ -185,13 +193,18 @@ def write_random_latents(
         "seed": seed,
         "bucket": bucket,
         "size_limit": size_limit,
+        **({"layout": layout.name} if layout is not LATENTS else {}),  # earlier outputs keep their params
     }
     out_dir = Path(out_dir)
     if not out_dir.exists():
-        samples = _random_samples(num_samples, tuple(latent_shape), text_len, text_dim, pooled_dim, seed, bucket)
+        samples = _random_samples(num_samples, tuple(latent_shape), text_len, text_dim, pooled_dim, seed, bucket, layout)
         try:
             return write_samples(
-                out_dir, samples, size_limit=size_limit, extra_files={RANDOM_PARAMS_FILE: json.dumps(params, indent=1)}
+                out_dir,
+                samples,
+                size_limit=size_limit,
+                layout=layout,
+                extra_files={RANDOM_PARAMS_FILE: json.dumps(params, indent=1)},
             )
         except OSError:
             if not out_dir.exists():

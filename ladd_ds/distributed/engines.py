@@ -157,8 +157,10 @@ def partitioned_init(ds_config: dict):
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
-def load_partitioned_weights(module: nn.Module, names: dict[str, Path], read_tensor, source: str) -> None:
+def load_partitioned_weights(module: nn.Module, names: dict[str, Path], read_tensor, source: str, adapt=None) -> None:
     """Load named tensors into a module built under zero.Init, one parameter at a time.
+    `adapt(name, tensor, shape)`: what a stored tensor becomes in a parameter of `shape` (a text-to-
+    image weight in a widened model, models/conditioning.widen_weight).
 
     Rank 0 reads each tensor from disk and writes it into the gathered parameter; DeepSpeed
     re-partitions it on exit from GatheredParameters. Other ranks read only buffers, so peak host
@@ -179,6 +181,7 @@ def load_partitioned_weights(module: nn.Module, names: dict[str, Path], read_ten
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if is_rank0:
                 tensor = read_tensor(path, name)
+                tensor = tensor if adapt is None else adapt(name, tensor, param.shape)
                 if tensor.shape != param.shape:
                     raise InputError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
                 param.data.copy_(tensor)

@@ -117,6 +117,7 @@ def load_cropped(path: str, height: int, width: int) -> torch.Tensor:
 
 def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict | None:
     from ladd_ds.models.codec import load_codec
+    from ladd_ds.models.conditioning import latent_channels
 
     out = Path(out)
     model_cfg, buckets = generation_buckets(cfg)
@@ -126,7 +127,7 @@ def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict
     finished = prepare_output(out, jobs, "encode", settings)
     if finished is not None:
         return finished
-    codec = load_codec(cfg.codec.vae, model_cfg["in_channels"], seed=cfg.codec.seed).to(device)
+    codec = load_codec(cfg.codec.vae, latent_channels(model_cfg), seed=cfg.codec.seed).to(device)
     text = load_text_encoder(cfg, device)
 
     def make_rows(batch: list[PromptJob], conditioning):  # the conditioning is not needed here

@@ -221,6 +221,7 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
 
     from ladd_ds.generate.encode import UNREADABLE, load_cropped
     from ladd_ds.models.codec import load_codec
+    from ladd_ds.models.conditioning import latent_channels
     from ladd_ds.models.registry import resolve_model_config
     from ladd_ds.sampling import load_text_encoder
 
@@ -229,7 +230,7 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
     if not images.is_dir():
         raise MissingInputError(f"image folder {images} does not exist")
     buckets = pairs_buckets(cfg)
-    codec = load_codec(cfg.codec.vae, resolve_model_config(cfg.model.teacher)["in_channels"], seed=cfg.codec.seed)
+    codec = load_codec(cfg.codec.vae, latent_channels(resolve_model_config(cfg.model.teacher)), seed=cfg.codec.seed)
     bad = [b for b in buckets if any(v % codec.factor for v in parse_bucket(b))]
     if bad:
         raise ConfigError(f"pairs.buckets (or pairs.height/width): {bad} are not multiples of the codec factor {codec.factor}")

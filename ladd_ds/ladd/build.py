@@ -7,6 +7,7 @@ import torch
 
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
+from ladd_ds.data.schema import TASK_LAYOUTS
 from ladd_ds.models.activations import model_activation_bytes
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
@@ -45,11 +46,12 @@ def build_models(
     dtype = training_dtype(cfg) if ds_configs else torch.float32
     ds_configs = ds_configs or {}
     check_compile_stages(cfg, {"student_stage": ds_configs.get("student"), "teacher_stage": ds_configs.get("teacher")})
-    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"), dtype)
+    task = cfg.ladd.task
+    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"), dtype, task)
     if cfg.model.student is None:
-        student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"), dtype)
+        student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"), dtype, task)
     else:
-        student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"), dtype)
+        student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"), dtype, task)
     if cfg.model.gradient_checkpointing:
         teacher.transformer.enable_gradient_checkpointing()
         student.transformer.enable_gradient_checkpointing()
@@ -113,7 +115,7 @@ def dry_run(cfg: Config, world: int) -> str:
     teacher, student, heads, taps = build_models(cfg, device="meta")
     _, note = step_activations(cfg, {"teacher": teacher, "student": student})
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
-    lines += dry_run_data_lines(cfg, world)
+    lines += dry_run_data_lines(cfg, world, TASK_LAYOUTS[cfg.ladd.task])
     lines.append("")
     lines += placement_report(cfg, placement, note)
     return "\n".join(lines)

@@ -8,9 +8,11 @@ import torch
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
 from ladd_ds.data.manifest import check_text_settings, generation_guidance_scale, read_negative_prompt
+from ladd_ds.data.schema import TASK_LAYOUTS, Layout
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import all_reduce_sum, print0, world_size
 from ladd_ds.ladd.build import build_ds_configs, build_models
+from ladd_ds.ladd.conditioned import ConditionedLADDSteps
 from ladd_ds.ladd.preview import SamplePreview
 from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.training.build import check_data_matches_model, check_mds_data
@@ -28,8 +30,12 @@ class LADDMethod(LADDSteps, Method):
     def check_config(cls, cfg: Config) -> None:
         check_data_matches_model(cfg)
         if cfg.data.source == "mds":
-            check_mds_data(cfg, cls.layout, world_size())
+            check_mds_data(cfg, cls.data_layout(cfg), world_size())
             check_text_settings(cfg.data.path, cfg.text)
+
+    @classmethod
+    def data_layout(cls, cfg: Config) -> Layout:
+        return TASK_LAYOUTS[cfg.ladd.task]
 
     @classmethod
     def ds_configs(cls, cfg: Config, world: int) -> dict[str, dict]:
@@ -41,7 +47,8 @@ class LADDMethod(LADDSteps, Method):
         engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
         ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         distill_cfg, negative = distill_guidance(cfg)
-        method = cls(cfg, engines, taps, ds.device(), ema, distill_cfg, negative)
+        variant = cls if cfg.ladd.task == "t2i" else ConditionedLADDMethod
+        method = variant(cfg, engines, taps, ds.device(), ema, distill_cfg, negative)
         method.ds_stages = {name: ds.zero_stage(c) for name, c in ds_configs.items()}
         return method
 
@@ -63,6 +70,10 @@ class LADDMethod(LADDSteps, Method):
             local += torch.stack([x.sum(), x.pow(2).sum()]).cpu()
         sharded = self.ds_stages["teacher"] >= 3  # else every rank holds all of it
         return (all_reduce_sum(local) if sharded else local).tolist()
+
+
+class ConditionedLADDMethod(ConditionedLADDSteps, LADDMethod):
+    """LADD for inpainting and editing (`ladd.task`): LADDMethod with the conditioned steps."""
 
 
 def distill_guidance(cfg: Config) -> tuple[float, tuple | None]:

@@ -11,6 +11,7 @@ import torch
 
 from ladd_ds.config import Config
 from ladd_ds.models.codec import load_codec
+from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.registry import resolve_model_config
 from ladd_ds.sampling import (
     decode_images,
@@ -29,12 +30,12 @@ class SamplePreview:
     def __init__(self, cfg: Config, device: torch.device):
         model_cfg = resolve_model_config(cfg.model.student or cfg.model.teacher)
         self.text = load_text_encoder(cfg, device)
-        self.codec = load_codec(cfg.codec.vae, model_cfg["in_channels"], seed=cfg.codec.seed).to(device)
+        self.codec = load_codec(cfg.codec.vae, latent_channels(model_cfg), seed=cfg.codec.seed).to(device)
         self.prompts = list(cfg.logging.sample_prompts or [])
         self.trained = list(cfg.ladd.student_timesteps)
         self.steps = [n for n in PREVIEW_STEPS if n in trained_step_counts(self.trained)]
         height, width = cfg.synth.buckets[0]
-        shape = (model_cfg["in_channels"], height // self.codec.factor, width // self.codec.factor)
+        shape = (latent_channels(model_cfg), height // self.codec.factor, width // self.codec.factor)
         self.seeds = list(range(len(self.prompts)))
         self.noise = initial_noise(self.seeds, *shape).to(device)
         self.embeds, self.pooled = self.text.encode(self.prompts, device)

@@ -2,8 +2,9 @@
 
 Per iteration (docs/method.md, section 2): for every micro-batch a generator step (student update
 through the frozen teacher and frozen heads), then for every micro-batch a discriminator step
-(heads update on re-noised real and fake latents). Variants (editing, inpainting, DPO) override
-`generator_step`, `discriminator_step` or `train_step` rather than copying the loop.
+(heads update on re-noised real and fake latents). Variants override a step rather than copying
+the loop: image-conditioned LADD (inpainting, editing; ladd/conditioned.py) overrides
+`model_input`, through which every student and teacher call builds its input.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class Fakes:
 class LADDSteps:
     """Holds the engines and the step functions; no data, logging or checkpoint concerns."""
 
+    # Batch columns that condition the transformer besides the text (image-conditioned variants):
+    # the D step's 2B batch of reals and fakes repeats them like the text.
+    condition_columns: tuple[str, ...] = ()
+
     def __init__(
         self,
         cfg: Config,
@@ -85,6 +90,11 @@ class LADDSteps:
     def to_device(self, batch: dict) -> dict:
         return batch_to_device(batch, self.device, self.dtype)
 
+    def model_input(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The transformer input for the noisy latent x (B, C, H, W) of `batch`'s samples; text-to-
+        image: x itself. Image-conditioned variants add their condition channels."""
+        return x
+
     def draw_noise(self, batch: dict) -> Noise:
         x0 = batch["latent"]
         ids = batch["sample_id"]  # (B,) on the host (batch_to_device leaves it there)
@@ -112,7 +122,7 @@ class LADDSteps:
     def student_x0(self, batch: dict, noise: Noise) -> torch.Tensor:
         """Student's one-step clean estimate from x_{t_s} (LADD: t_s from the discrete set)."""
         x_ts = flow.add_noise(batch["latent"], noise.eps_student, noise.t_student)
-        v = self.engines.student(x_ts, noise.t_student, batch["prompt_embeds"], batch["pooled"])
+        v = self.engines.student(self.model_input(x_ts, batch), noise.t_student, batch["prompt_embeds"], batch["pooled"])
         return flow.x0_from_velocity(x_ts, v, noise.t_student)  # (B, C, H, W)
 
     def teacher_pass(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -121,7 +131,7 @@ class LADDSteps:
         # `.module`: the engine's own backward hook raises for an optimizer-less engine inside a
         # graph the student backpropagates through (docs/method.md, section 7).
         out = self.engines.teacher.module(
-            x, t, cond["prompt_embeds"], cond["pooled"], taps=self.taps, velocity=self.full_teacher_pass
+            self.model_input(x, cond), t, cond["prompt_embeds"], cond["pooled"], taps=self.taps, velocity=self.full_teacher_pass
         )
         return out if self.full_teacher_pass else (out, None)
 
@@ -150,12 +160,13 @@ class LADDSteps:
         `v_cond`: the teacher's velocity with the batch's prompts, when the caller has it (the G
         step's full pass); the empty prompt's is one more full pass."""
         teacher = self.engines.teacher.module
+        x_in = self.model_input(x_hat, batch)  # guidance drops the text only; the image condition stays
         if v_cond is None:
-            _, v_cond = teacher(x_hat, t, batch["prompt_embeds"], batch["pooled"], taps=self.taps, velocity=True)
+            _, v_cond = teacher(x_in, t, batch["prompt_embeds"], batch["pooled"], taps=self.taps, velocity=True)
         v = v_cond
         if self.distill_cfg != 1.0:
             neg_embeds, neg_pooled = self.negative_like(batch)
-            _, v_uncond = teacher(x_hat, t, neg_embeds, neg_pooled, taps=self.taps, velocity=True)  # the same full pass
+            _, v_uncond = teacher(x_in, t, neg_embeds, neg_pooled, taps=self.taps, velocity=True)  # the same full pass
             v = v_uncond + self.distill_cfg * (v_cond - v_uncond)
         return flow.x0_from_velocity(x_hat, v, t)  # (B, C, H, W)
 
@@ -197,7 +208,7 @@ class LADDSteps:
             else:
                 fake_x0 = self.student_x0(batch, noise) if fakes is None else fakes.x0
                 x_fake = flow.add_noise(fake_x0, noise.eps_fake, noise.t_fake)
-                both = {"prompt_embeds": torch.cat([batch["prompt_embeds"], batch["prompt_embeds"]]), "pooled": pooled}
+                both = {k: torch.cat([batch[k], batch[k]]) for k in ("prompt_embeds", "pooled", *self.condition_columns)}
                 features = self.teacher_features(torch.cat([x_real, x_fake]), t_hat, both)
         logits = heads(features, t_hat, pooled)  # K x (2B, 1, h, w)
         real_logits = [lg[:b] for lg in logits]

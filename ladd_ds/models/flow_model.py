@@ -12,6 +12,7 @@ from diffusers import SD3Transformer2DModel
 from torch import nn
 
 from ladd_ds.core.flow import TIMESTEP_SCALE
+from ladd_ds.models.conditioning import widen_weight
 from ladd_ds.models.registry import build_transformer, folder_weight_names, is_folder, read_folder_tensor
 
 # Every block runs the same code (the block class's forward), so all blocks of every compiled
@@ -98,21 +99,32 @@ class FlowModel(nn.Module):
 
 
 def build_flow_model(
-    spec: str, seed: int, device: str | None = None, ds_config: dict | None = None, dtype: torch.dtype = torch.float32
+    spec: str,
+    seed: int,
+    device: str | None = None,
+    ds_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    task: str = "t2i",
 ) -> FlowModel:
-    """A FlowModel from a preset or folder in `dtype` (the training precision); partitioned over
-    the ranks under a ZeRO-3 `ds_config`, else on `device` (by default the host, or with a
-    `ds_config` this rank's device, where its engine will hold it). A folder is loaded straight
-    into `dtype` on that device (registry.load_folder_transformer); under ZeRO-3 zero.Init casts
-    to the config's precision and `dtype` is not used."""
+    """A FlowModel from a preset or folder in `dtype` (the training precision), as a transformer
+    of `task` (a text-to-image model is widened for inpainting or editing: registry.build_transformer);
+    partitioned over the ranks under a ZeRO-3 `ds_config`, else on `device` (by default the host,
+    or with a `ds_config` this rank's device, where its engine will hold it). A folder is loaded
+    straight into `dtype` on that device (registry.load_folder_transformer); under ZeRO-3 zero.Init
+    casts to the config's precision and `dtype` is not used."""
     from ladd_ds.distributed import engines as ds  # imports deepspeed: only when building
 
     if ds_config is None or device == "meta":
-        return FlowModel(build_transformer(spec, seed=seed, device=device or "cpu", dtype=dtype))
+        return FlowModel(build_transformer(spec, seed=seed, device=device or "cpu", dtype=dtype, task=task))
     if ds.zero_stage(ds_config) < 3:
-        return FlowModel(build_transformer(spec, seed=seed, device=device or ds.device(), dtype=dtype))
+        return FlowModel(build_transformer(spec, seed=seed, device=device or ds.device(), dtype=dtype, task=task))
     with ds.partitioned_init(ds_config):
-        model = FlowModel(build_transformer(spec, seed=seed, load_weights=False))
+        model = FlowModel(build_transformer(spec, seed=seed, load_weights=False, task=task))
     if is_folder(spec):
-        ds.load_partitioned_weights(model.transformer, folder_weight_names(spec), read_folder_tensor, spec)
+        ds.load_partitioned_weights(model.transformer, folder_weight_names(spec), read_folder_tensor, spec, widen_weight)
+    elif task != "t2i":
+        # zero.Init draws a preset's weights at the widened shapes; the widened t2i preset (what
+        # every other path builds) is made on the host and copied in. Presets are test sizes.
+        weights = build_transformer(spec, seed=seed, task=task).state_dict()
+        ds.load_partitioned_weights(model.transformer, dict.fromkeys(weights), lambda _, name: weights[name], spec)
     return model

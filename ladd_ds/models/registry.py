@@ -15,6 +15,7 @@ from diffusers import SD3Transformer2DModel
 from torch import nn
 
 from ladd_ds.core.errors import InputError
+from ladd_ds.models.conditioning import widen_input_channels, widen_weight, widened_config
 
 # SD3 facts (docs/method.md, section 6): patch 2, joint attention dim 4096, pooled 2048, max pos 192.
 PRESETS: dict[str, dict] = {
@@ -125,9 +126,11 @@ def build_transformer(
     device: str | torch.device = "cpu",
     load_weights: bool = True,
     dtype: torch.dtype = torch.float32,
+    task: str = "t2i",
 ) -> SD3Transformer2DModel:
     """Build a preset (random init from `seed`) or load a local folder's weights, in `dtype` on
-    `device`.
+    `device`, as a transformer of `task` (models/conditioning.py): a text-to-image preset or folder
+    is widened for inpainting or editing, its new input channels with zero weights.
 
     device="meta" builds the structure only (for --dry-run parameter counts). load_weights=False
     builds a folder's architecture with random weights (they are loaded later, shard by shard,
@@ -135,12 +138,31 @@ def build_transformer(
     fp32 and then cast, so a seed gives the same weights in every dtype and on every device.
     """
     config = resolve_model_config(spec)
-    if spec not in PRESETS and str(device) != "meta" and load_weights:
-        return load_folder_transformer(spec, config, device, dtype)
+    wide, extra = task_config(spec, config, task)
+    meta = str(device) == "meta"
+    if spec not in PRESETS and not meta and load_weights:
+        return load_folder_transformer(spec, wide, device, dtype)
+    if meta or not load_weights:
+        # Structure only: the weights are loaded later (ZeRO-3) or never (meta).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = transformer_from_config(wide, meta=meta)
+        return model if meta else move(model, device, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformer_from_config(config, meta=str(device) == "meta")
-    return model if str(device) == "meta" else move(model, device, dtype)
+        model = transformer_from_config(config)
+    # A preset of another task is the text-to-image preset of that seed, widened: the same
+    # weights, and zero ones for the condition channels (as when a t2i folder is loaded).
+    return move(widen_input_channels(model, extra), device, dtype)
+
+
+def task_config(spec: str, config: dict, task: str) -> tuple[dict, int]:
+    """(the transformer config `task` needs, the input channels widening adds), or an error that
+    names the model."""
+    try:
+        return widened_config(config, task, spec)
+    except ValueError as e:
+        raise InputError(f"{e}: use a text-to-image model or one trained for {task!r}") from None
 
 
 def load_folder_transformer(spec: str, config: dict, device: str | torch.device, dtype: torch.dtype) -> SD3Transformer2DModel:
@@ -163,7 +185,7 @@ def load_folder_transformer(spec: str, config: dict, device: str | torch.device,
             f"unexpected {unexpected[:5]}; point to a folder whose safetensors were saved from a model of that config"
         )
     for name, path in names.items():
-        tensor = read_folder_tensor(path, name)
+        tensor = widen_weight(name, read_folder_tensor(path, name), expected[name].shape)
         if tensor.shape != expected[name].shape:
             raise InputError(
                 f"model folder {spec}: {name} in {path.name} has shape {tuple(tensor.shape)}, "

@@ -16,6 +16,7 @@ from ladd_ds.data.loader import is_remote
 from ladd_ds.data.schema import LATENTS, Layout
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0
+from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.registry import resolve_model_config
 from ladd_ds.training.placement import AUTO, USABLE_FRACTION, EngineNeeds, Placement, choose_placement, format_placement
 
@@ -88,7 +89,7 @@ def check_data_matches_model(cfg: Config) -> None:
     if cfg.data.source == "random_latents":
         rl = cfg.data.random_latents
         checks = [
-            ("data.random_latents.latent_channels", rl.latent_channels, "in_channels", model_cfg["in_channels"]),
+            ("data.random_latents.latent_channels", rl.latent_channels, "latent channels", latent_channels(model_cfg)),
             ("data.random_latents.text_dim", rl.text_dim, "joint_attention_dim", model_cfg["joint_attention_dim"]),
             ("data.random_latents.pooled_dim", rl.pooled_dim, "pooled_projection_dim", model_cfg["pooled_projection_dim"]),
         ]

@@ -37,6 +37,11 @@ class Method:
     # ---------------------------------------------------------------- before the engines
 
     @classmethod
+    def data_layout(cls, cfg: Config) -> Layout:
+        """The dataset kind this run reads (a method whose data depends on the config overrides it)."""
+        return cls.layout
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Raise a ConfigError (or ValueError) naming the key when the config cannot work."""
 

@@ -94,10 +94,11 @@ class Trainer:
                     text_dim=rl.text_dim,
                     pooled_dim=rl.pooled_dim,
                     seed=self.cfg.run.seed,
+                    layout=method.data_layout(self.cfg),
                 )
             barrier()
         # The buckets check_config kept (data.drop_small_buckets); None: every bucket, or not local.
-        plan = mds_data_plan(self.cfg, method.layout, world_size())
+        plan = mds_data_plan(self.cfg, method.data_layout(self.cfg), world_size())
         return build_loader(
             path,
             data.micro_batch_size,
@@ -106,7 +107,7 @@ class Trainer:
             dtype=self.dtype,
             local_cache=data.cache_dir,
             remote_buckets=data.buckets,
-            layout=method.layout,
+            layout=method.data_layout(self.cfg),
             buckets=(plan.buckets or None) if plan is not None else None,
             shared_memory_cleanup=data.shared_memory_cleanup,
         )
