@@ -18,7 +18,7 @@ import torch
 from ladd_ds.config import Config
 from ladd_ds.core.files import atomic_directory
 from ladd_ds.models.lora import lora_config_from, lora_state_dict, merged_sources, save_lora
-from ladd_ds.models.registry import is_folder
+from ladd_ds.models.registry import is_folder, resolve_model_config
 from ladd_ds.models.sharded import DEFAULT_SHARD_BYTES
 from ladd_ds.training.export import absolute_spec, checkpoint_info, transformer_sources, write_transformer
 
@@ -51,7 +51,7 @@ def _write_dpo_export(
         if lora_mode:  # peft's wrapped layers keep the frozen weight as `<layer>.base_layer.weight`
             base = {k.replace(".base_layer.", "."): v for k, v in sources.items() if ".lora_" not in k}
             sources = merged_sources(base, tmp / "lora")
-        write_transformer(tmp / "transformer", cfg.model.teacher, sources, dtype, shard_size)
+        write_transformer(tmp / "transformer", resolve_model_config(cfg.model.teacher), sources, dtype, shard_size)
         if is_folder(cfg.model.teacher):  # the rest of the SD3 folder: text encoders, vae/, ladd_model.json
             for item in Path(cfg.model.teacher).iterdir():
                 if item.name != "transformer":

@@ -29,7 +29,7 @@ from ladd_ds.core.files import atomic_directory
 from ladd_ds.distributed.engines import consolidate_zero_checkpoint
 from ladd_ds.ladd.build import resolve_taps
 from ladd_ds.models.lora import merged_sources
-from ladd_ds.models.registry import resolve_model_config
+from ladd_ds.models.registry import resolve_model_config, task_model_config
 from ladd_ds.models.sharded import DEFAULT_SHARD_BYTES
 from ladd_ds.training.export import absolute_spec, checkpoint_info, ema_sources, transformer_sources, write_transformer
 
@@ -47,6 +47,7 @@ def sampling_info(cfg) -> dict:
         "codec": absolute_spec(cfg.codec.vae),
         "codec_seed": cfg.codec.seed,
         "student_timesteps": list(cfg.ladd.student_timesteps),
+        "task": cfg.ladd.task,  # also readable from the transformer's channels (conditioning.model_task)
         "default_size": list(cfg.synth.buckets[0]),  # [height, width] for `ladd-ds sample` without --size
     }
 
@@ -64,14 +65,14 @@ def export_ladd_run(
     """The student (its EMA with `ema`; `lora` merged in if given) in `dtype` and the heads of a
     LADD run."""
     run_dir, out = Path(run_dir), Path(out)
-    spec = cfg.model.student or cfg.model.teacher
+    config = task_model_config(cfg.model.student or cfg.model.teacher, cfg.ladd.task)
     student = transformer_sources(checkpoint, "student")
     if ema:
-        student = ema_sources(checkpoint, student, spec)
+        student = ema_sources(checkpoint, student, config)
     if lora is not None:
         student = merged_sources(student, lora)
     with atomic_directory(out) as tmp:
-        write_transformer(tmp / "transformer", spec, student, dtype, shard_size)
+        write_transformer(tmp / "transformer", config, student, dtype, shard_size)
         _write_ladd_export(tmp, checkpoint, cfg, run_dir, ema, lora, dtype)
     return out
 

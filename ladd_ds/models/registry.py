@@ -119,6 +119,12 @@ def resolve_model_config(spec: str) -> dict:
     return dict(SD3Transformer2DModel.load_config(str(folder), subfolder="transformer"))
 
 
+def task_model_config(spec: str, task: str = "t2i") -> dict:
+    """The transformer config a model of `task` built from `spec` has (widened from a
+    text-to-image one: models/conditioning.py)."""
+    return task_config(spec, resolve_model_config(spec), task)[0]
+
+
 def build_transformer(
     spec: str,
     *,

@@ -19,7 +19,7 @@ from ladd_ds.config import Config, load_config
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.distributed.engines import lazy_zero_checkpoint
 from ladd_ds.distributed.flat import read_flat_range
-from ladd_ds.models.registry import resolve_model_config, transformer_from_config
+from ladd_ds.models.registry import transformer_from_config
 from ladd_ds.models.sharded import TensorSource, save_sharded_transformer
 from ladd_ds.training import checkpoint as ckpt
 
@@ -37,14 +37,15 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     return found[step]
 
 
-def ema_sources(checkpoint: Path, sources: dict[str, TensorSource], spec: str) -> dict[str, TensorSource]:
+def ema_sources(checkpoint: Path, sources: dict[str, TensorSource], config: dict) -> dict[str, TensorSource]:
     """`sources` with every trained parameter replaced by its EMA, gathered per tensor from the
-    shards in the (memory-mapped) rank-XXXXX.pt files; `spec` gives the tensors' shapes."""
+    shards in the (memory-mapped) rank-XXXXX.pt files; the transformer `config` gives the
+    tensors' shapes."""
     states = ckpt.read_rank_states(checkpoint)
     if any("ema" not in s for s in states):
         raise InputError(f"{checkpoint} holds no EMA (the run had optim.ema_decay = 0); export without --ema")
     shadows = [s["ema"]["shadow"] for s in states]
-    shapes = transformer_from_config(resolve_model_config(spec), meta=True).state_dict()
+    shapes = transformer_from_config(config, meta=True).state_dict()
     out = dict(sources)  # buffers (e.g. the positional embedding) have no EMA
     for name in shadows[0]:
         if not name.startswith(STUDENT_PREFIX):
@@ -89,7 +90,7 @@ def transformer_sources(checkpoint: Path, engine: str) -> dict[str, TensorSource
     return {k[len(STUDENT_PREFIX) :]: v.contiguous for k, v in lazy.items() if k.startswith(STUDENT_PREFIX)}
 
 
-def write_transformer(folder: Path, spec: str, sources: dict[str, TensorSource], dtype: torch.dtype, shard_size: int) -> None:
-    """`folder` (a diffusers transformer/ folder) holding `sources` in `dtype` for `spec`'s
-    architecture, in safetensors shards of at most `shard_size` bytes."""
-    save_sharded_transformer(folder, resolve_model_config(spec), sources, dtype, shard_size, desc=f"writing {folder.name}/")
+def write_transformer(folder: Path, config: dict, sources: dict[str, TensorSource], dtype: torch.dtype, shard_size: int) -> None:
+    """`folder` (a diffusers transformer/ folder) holding `sources` in `dtype` for the transformer
+    `config`, in safetensors shards of at most `shard_size` bytes."""
+    save_sharded_transformer(folder, config, sources, dtype, shard_size, desc=f"writing {folder.name}/")
