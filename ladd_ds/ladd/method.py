@@ -7,6 +7,8 @@ import torch
 
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
+from ladd_ds.data.checks import first_sample
+from ladd_ds.data.loader import is_remote
 from ladd_ds.data.manifest import check_text_settings, generation_guidance_scale, read_negative_prompt
 from ladd_ds.data.schema import TASK_LAYOUTS, Layout
 from ladd_ds.distributed import engines as ds
@@ -15,7 +17,8 @@ from ladd_ds.ladd.build import build_ds_configs, build_models
 from ladd_ds.ladd.conditioned import ConditionedLADDSteps
 from ladd_ds.ladd.preview import SamplePreview
 from ladd_ds.ladd.steps import LADDSteps
-from ladd_ds.training.build import check_data_matches_model, check_mds_data
+from ladd_ds.models.conditioning import batch_condition
+from ladd_ds.training.build import check_data_matches_model, check_mds_data, mds_data_plan
 from ladd_ds.training.ema import ShardedEMA
 from ladd_ds.training.method import Method
 
@@ -74,6 +77,24 @@ class LADDMethod(LADDSteps, Method):
 
 class ConditionedLADDMethod(ConditionedLADDSteps, LADDMethod):
     """LADD for inpainting and editing (`ladd.task`): LADDMethod with the conditioned steps."""
+
+    def preview(self):
+        if self.cfg.logging.sample_every <= 0:
+            return None
+        condition = self.preview_condition()
+        if condition is None:
+            print0("logging.sample_every: no sample grids for an image-conditioned run without local data shards")
+            return None
+        return SamplePreview(self.cfg, self.device, condition)
+
+    def preview_condition(self) -> torch.Tensor | None:
+        """The condition channels (extra, h, w) of the training data's first sample, or None
+        without local data shards (the previews of `data.source: random_latents` runs)."""
+        if self.cfg.data.source != "mds" or is_remote(self.cfg.data.path):
+            return None
+        plan = mds_data_plan(self.cfg, self.data_layout(self.cfg), world_size())
+        sample = first_sample(plan.datasets[0])
+        return batch_condition({k: torch.from_numpy(sample[k]).float()[None] for k in self.condition_columns}, self.task)[0]
 
 
 def distill_guidance(cfg: Config) -> tuple[float, tuple | None]:
