@@ -236,6 +236,11 @@ def _demo_parser(sub) -> None:
     )
     p.add_argument("--size", choices=["full", "test"], default="full", help="'test': a few-minute version for the test suite")
     p.add_argument(
+        "--tasks",
+        default="t2i,inpaint,edit",
+        help="comma-separated demo tasks: t2i (text-to-image), inpaint, edit (default: all three; README: their times)",
+    )
+    p.add_argument(
         "--ablations",
         nargs="?",
         const="all",
@@ -271,6 +276,7 @@ def cmd_demo(args) -> int:
         dpo=args.dpo,
         precision=args.precision,
         train_seeds=args.train_seeds,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
     )
     print(f"report: {report}")
     return 0

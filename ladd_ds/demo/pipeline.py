@@ -46,6 +46,7 @@ OPEN_PLACE = 0.0
 # runs them. The tests set this to the commands' entry point (ladd_ds.cli.main) to run them in
 # the demo's process instead, without the ~8 s of imports each subprocess spends.
 IN_PROCESS_ENTRY_POINT: Callable[[list[str]], int] | None = None
+DEMO_TASKS = ("t2i", "inpaint", "edit")  # `ladd-ds demo --tasks`, all by default
 LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
@@ -77,6 +78,9 @@ class DemoSize:
     # deepspeed.precision of every stage after the (fp32-pretrained) teacher: synth, LADD, export,
     # pairs, DPO, and the sampling of the evaluation (`ladd-ds demo --precision`).
     precision: str = "fp32"
+    # Pretraining steps of the inpainting and editing teachers (from the text-to-image teacher);
+    # None: pretrain.TASK_STEPS.
+    task_pretrain_steps: int | None = None
 
 
 SIZES = {
@@ -106,6 +110,7 @@ SIZES = {
         dpo_prompts=8,
         dpo_steps=2,
         heldout_prompts=8,
+        task_pretrain_steps=4,
     ),
 }
 
@@ -436,38 +441,13 @@ def dpo_recipe(out: Path, teacher: Path, classifier: Path, size: DemoSize, evalu
     return rows
 
 
-def run_demo(
-    out: str | Path,
-    cache: str | Path | None = None,
-    size: str = "full",
-    ablations: bool | list[str] = False,
-    dpo: bool = False,
-    precision: str = "fp32",
-    train_seeds: int | None = None,
-) -> Path:
+def t2i_demo(out: Path, cache: Path, s: DemoSize, teacher: Path, classifier, ablations, dpo: bool, timings: dict) -> dict:
+    """The text-to-image demo after its teacher and classifier: synth, LADD, evaluation, grids,
+    sampler sweep, and the optional ablations and DPO recipe; returns its results (eval.json keys)."""
     from ladd_ds.config import load_config
-    from ladd_ds.demo.classifier import cached_classifier, classifier_folder
+    from ladd_ds.demo.classifier import classifier_folder
     from ladd_ds.demo.evaluate import DemoEvaluator, EvalPrompts
-    from ladd_ds.demo.pretrain import cached_teacher
-    from ladd_ds.demo.report import write_report
     from ladd_ds.models.registry import resolve_model_config
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    s = replace(SIZES[size], precision=precision)
-    if train_seeds is not None:
-        if train_seeds < 1:
-            raise InputError(f"--train-seeds must be at least 1, got {train_seeds}")
-        s = replace(s, train_seeds=train_seeds)
-    cache = Path(cache or Path.home() / ".cache" / "ladd_ds")
-    timings: dict[str, float] = {}
-
-    t0 = time.time()
-    teacher, was_cached = cached_teacher(cache, teacher_settings(s))
-    timings["teacher (cached)" if was_cached else "teacher pretraining"] = time.time() - t0
-    t0 = time.time()
-    classifier, classifier_info = cached_classifier(cache, steps=s.classifier_steps)
-    timings["classifier"] = time.time() - t0
 
     t0 = time.time()
     data = make_data(out / "data" / "synthetic", teacher, s, "synthetic")
@@ -524,11 +504,7 @@ def run_demo(
         dpo_rows = dpo_recipe(out, teacher, classifier_folder(cache, s.classifier_steps), s, evaluator, rows)
         timings["DPO recipe"] = time.time() - t0
 
-    results = {
-        "size": asdict(s),
-        "teacher": str(teacher),
-        "classifier": classifier_info,
-        "num_real": evaluator.num_real,
+    return {
         "rows": rows,
         "heldout_rows": heldout_rows,
         "teacher_shift": teacher_sampler()[0],  # the main table's sampler (synth's)
@@ -538,9 +514,70 @@ def run_demo(
         "discriminator_runs": [discriminator_separation(st.parent / "run", after_step=warmup) for st in students],
         "ablations": ablation_rows,
         "dpo": dpo_rows,
-        "timings_s": timings,
         "grids": [str(g.relative_to(out)) for g in grids],
         "tensorboard": str((out / "main" / "run" / "tb").relative_to(out)),
     }
+
+
+def run_demo(
+    out: str | Path,
+    cache: str | Path | None = None,
+    size: str = "full",
+    ablations: bool | list[str] = False,
+    dpo: bool = False,
+    precision: str = "fp32",
+    train_seeds: int | None = None,
+    tasks: list[str] | tuple[str, ...] = DEMO_TASKS,
+) -> Path:
+    """The demo of `tasks` (DEMO_TASKS: text-to-image, inpainting, editing) into `out`; returns
+    report.md. The text-to-image teacher and the classifier are always made (the task teachers
+    start from that teacher; every task is evaluated with that classifier)."""
+    from ladd_ds.demo.classifier import cached_classifier
+    from ladd_ds.demo.pretrain import cached_teacher
+    from ladd_ds.demo.report import write_report
+
+    unknown = [t for t in tasks if t not in DEMO_TASKS]
+    if unknown or not tasks:
+        raise InputError(f"--tasks: {unknown or 'none given'}; choose from {', '.join(DEMO_TASKS)}")
+    if (ablations or dpo or train_seeds) and "t2i" not in tasks:
+        raise InputError("--ablations, --dpo and --train-seeds are text-to-image stages: add t2i to --tasks")
+    image_tasks = [t for t in DEMO_TASKS if t in tasks and t != "t2i"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = replace(SIZES[size], precision=precision)
+    if train_seeds is not None:
+        if train_seeds < 1:
+            raise InputError(f"--train-seeds must be at least 1, got {train_seeds}")
+        s = replace(s, train_seeds=train_seeds)
+    cache = Path(cache or Path.home() / ".cache" / "ladd_ds")
+    timings: dict[str, float] = {}
+
+    t0 = time.time()
+    teacher, was_cached = cached_teacher(cache, teacher_settings(s))
+    timings["teacher (cached)" if was_cached else "teacher pretraining"] = time.time() - t0
+    t0 = time.time()
+    classifier, classifier_info = cached_classifier(cache, steps=s.classifier_steps)
+    timings["classifier"] = time.time() - t0
+
+    results: dict = {
+        "size": asdict(s),
+        "teacher": str(teacher),
+        "classifier": classifier_info,
+        "num_real": s.num_real,
+        "timings_s": timings,
+    }
+    if "t2i" in tasks:
+        results |= t2i_demo(out, cache, s, teacher, classifier, ablations, dpo, timings)
+    if image_tasks:
+        from ladd_ds.demo.evaluate import DemoEvaluator, EvalPrompts
+        from ladd_ds.demo.task_pipeline import run_task
+
+        # FD reference of the tasks: held-out digits of every combination, both buckets.
+        real = DemoEvaluator(classifier, EvalPrompts.draw(2, seed=0), num_real=s.num_real)
+        results["tasks"] = {}
+        for task in image_tasks:
+            t0 = time.time()
+            results["tasks"][task] = run_task(out, task, cache, s, classifier, real.frechet_distance)
+            timings[f"{task} (all stages)"] = time.time() - t0
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     return write_report(out, results)

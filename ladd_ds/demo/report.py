@@ -214,15 +214,108 @@ def plot_fd_vs_steps(rows: list[dict], path: Path) -> Path:
 
 
 def write_report(out: Path, results: dict) -> Path:
-    rows = results["rows"]
-    plot_fd_vs_steps(rows, out / "fd_vs_steps.png")
-    size = results["size"]
-    teacher_table = [r for r in rows if r["kind"] == "student" or r["steps"] in (1, 4, max(size["teacher_steps"]))]
-    held_out = results["classifier"]["heldout"]
+    """DIR/report.md: the text-to-image sections (when the demo ran that task), one section per
+    image-conditioned task, then the setup."""
     lines = [
         "# ladd_ds demo: LADD on colored digits",
         "",
         f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        f"Precision of synth, LADD, DPO and sampling: {results['size'].get('precision', 'fp32')}.",
+        "",
+    ]
+    if results.get("rows"):
+        lines += t2i_sections(out, results)
+    for task, task_results in results.get("tasks", {}).items():
+        lines += task_section(task, task_results, results)
+    size = results["size"]
+    held_out = results["classifier"]["heldout"]
+    lines += [
+        "## Setup",
+        "",
+        f"- Teacher: `{results['teacher']}` (pretrained by `ladd-ds pretrain-teacher`, cached).",
+        *[
+            f"- {task} teacher: `{r['teacher']}` (`ladd-ds pretrain-teacher --task {task}`, cached)."
+            for task, r in results.get("tasks", {}).items()
+        ],
+        "- Classifier accuracy on held-out digits (all of digit, color, place): "
+        + ", ".join(f"{bucket}: {acc['all']:.3f} (digit {acc['digit']:.3f})" for bucket, acc in held_out.items())
+        + ".",
+        f"- Sizes: {', '.join(f'{k}={v}' for k, v in size.items())}.",
+        *(
+            [f"- TensorBoard: `tensorboard --logdir {results['tensorboard']}` (losses and sample grids during training)."]
+            if results.get("tensorboard")
+            else []
+        ),
+        "- Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()) + ".",
+        "",
+    ]
+    path = out / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def task_table(task: str, rows: list[dict]) -> list[str]:
+    """A markdown table of an image-conditioned task's rows (ladd_ds.demo.task_pipeline)."""
+    from ladd_ds.demo.task_pipeline import MEASURES
+
+    measures = MEASURES[task]
+    lines = [
+        "| model | steps | CFG | FD ↓ | "
+        + " | ".join(f"{title} {better}" for _, title, better in measures)
+        + " | NFE | ms/img |",
+        "|---|---|---|---|" + "---|" * len(measures) + "---|---|",
+    ]
+    for r in rows:
+        name = "teacher" if r["kind"] == "teacher" else "LADD student"
+        values = " | ".join(_fmt(r[key], r[f"{key}_std"], 3) for key, _, _ in measures)
+        lines.append(
+            f"| {name} | {r['steps']} | {r['cfg']:g} | {_fmt(r['fd'], r['fd_std'], 2)} | {values} | {r['nfe']} | "
+            f"{_fmt(r['ms_per_image'], r['ms_per_image_std'], 1)} |"
+        )
+    return lines
+
+
+TASK_INTROS = {
+    "inpaint": (
+        "Inpainting: held-out digits with a mask over the digit's quadrant or over a box of it; the prompt names what "
+        "should appear. FD of the results pasted back into the kept area; kept-region error: mean absolute pixel error "
+        "(in [-1, 1]) of the raw output outside the mask; filled-region alignment: share of pasted-back results whose "
+        "digit, color and place the classifier reads as the prompt asks."
+    ),
+    "edit": (
+        'Editing: held-out digits with an instruction ("make it green", "move it to the bottom left", "make it a '
+        'seven"). Edit success: share of outputs whose requested attribute the classifier reads as asked; '
+        "preservation: share whose two other attributes are the source's."
+    ),
+}
+
+
+def task_section(task: str, task_results: dict, results: dict) -> list[str]:
+    rows = task_results["rows"]
+    goal = task_results["goal"]
+    return [
+        f"## {task}: teacher vs. LADD student",
+        "",
+        TASK_INTROS[task]
+        + f" {rows[0]['num_images']} images per seed against {results['num_real']} held-out real images; mean ± std "
+        f"over {rows[0]['seeds']} seeds.",
+        "",
+        *task_table(task, rows),
+        "",
+        f"- {goal['text']}: {_met(goal['met'])}.",
+        f"- TensorBoard: `tensorboard --logdir {task_results['tensorboard']}`.",
+        "",
+    ]
+
+
+def t2i_sections(out: Path, results: dict) -> list[str]:
+    rows = results["rows"]
+    plot_fd_vs_steps(rows, out / "fd_vs_steps.png")
+    size = results["size"]
+    teacher_table = [r for r in rows if r["kind"] == "student" or r["steps"] in (1, 4, max(size["teacher_steps"]))]
+    lines = [
         f"FD: Fréchet distance in the demo classifier's feature space between {results['rows'][0]['num_images']} "
         f"generated images per seed and {results['num_real']} held-out real images; alignment: fraction of "
         f"images whose digit, color and place all match the prompt; mean ± std over {len(size['seeds'])} seeds"
@@ -231,8 +324,7 @@ def write_report(out: Path, results: dict) -> Path:
             if size.get("train_seeds", 1) > 1
             else ". "
         )
-        + "ms/img: sampling + decoding, batched, on this machine. "
-        f"Precision of synth, LADD, DPO and sampling: {size.get('precision', 'fp32')}.",
+        + "ms/img: sampling + decoding, batched, on this machine.",
         "",
         "## Teacher vs. LADD student",
         "",
@@ -305,19 +397,7 @@ def write_report(out: Path, results: dict) -> Path:
         "",
         *[f"![{Path(g).stem}]({g})" for g in results["grids"]],
         "",
-        "## Setup",
-        "",
-        f"- Teacher: `{results['teacher']}` (pretrained by `ladd-ds pretrain-teacher`, cached).",
-        "- Classifier accuracy on held-out digits (all of digit, color, place): "
-        + ", ".join(f"{bucket}: {acc['all']:.3f} (digit {acc['digit']:.3f})" for bucket, acc in held_out.items())
-        + ".",
-        f"- Sizes: {', '.join(f'{k}={v}' for k, v in size.items())}.",
         f"- TensorBoard: `tensorboard --logdir {results['tensorboard']}` (losses and sample grids during training).",
-        "- Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()) + ".",
         "",
     ]
-    path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    return path
+    return lines

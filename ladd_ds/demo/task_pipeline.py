@@ -1,0 +1,238 @@
+"""`ladd-ds demo --tasks inpaint,edit`: LADD for inpainting and editing on the colored digits.
+
+Per task (stages skipped when their output is complete, like the text-to-image demo's):
+  1. teacher   `ladd-ds pretrain-teacher --task T`: the task's teacher, started from the cached
+               text-to-image teacher (widened), cached under --cache
+  2. synth     `ladd-ds synth --task T`: the task teacher generates the targets from conditions
+               of training-split digits (PNG files and a JSONL written here) and their prompts
+  3. train     `ladd-ds train` with ladd.task = T (configs/demo.yaml), then export
+  4. evaluate  teacher at 50 and 4 steps (CFG), student at 1 and 4 steps, on held-out digits,
+               several noise seeds each: FD, the task's measures, NFE and ms/image
+The rows and the task's goal go into report.md (ladd_ds.demo.report.task_tables).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ladd_ds.demo import digits, tasks
+
+TEACHER_STEPS = (50, 4)  # the issue's teacher rows (the first is the reference)
+STUDENT_STEPS = (1, 4)
+# The goals (README, "The demo"): inpainting student at 1 step within this FD ratio of the teacher
+# at 50 steps; editing student at 4 steps with this share of the teacher's edit success and at
+# least this preservation.
+INPAINT_MAX_FD_RATIO = 1.25
+EDIT_MIN_SUCCESS_SHARE, EDIT_MIN_PRESERVATION = 0.9, 0.95
+# Measures of each task besides FD: (result key, column title, better).
+MEASURES = {
+    "inpaint": [("kept_error", "kept-region error", "↓"), ("alignment", "filled-region alignment", "↑")],
+    "edit": [("success", "edit success", "↑"), ("preservation", "preservation", "↑")],
+}
+# Sample grids in TensorBoard: prompts that fit the task (the inpaint ones are the t2i demo's).
+EDIT_PREVIEW_PROMPTS = ["make it green", "move it to the bottom left", "make it a seven", "make it red"]
+SYNTH_SEED, EVAL_SEED = 17, 2026
+
+
+def _save_png(path: Path, image: torch.Tensor) -> str:
+    """(C, H, W) in [0, 1] -> PNG (RGB or, for one channel, grey); returns the file name."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+    return path.name
+
+
+def write_condition_file(folder: Path, task: str, n: int, seed: int) -> Path:
+    """`ladd-ds synth --task` input from training-split digits: PNG images (and masks, white =
+    fill in) in `folder` and `folder`.jsonl with a line {"prompt", "image"[, "mask"]} each, half
+    per bucket. Written once (kept when complete)."""
+    jsonl = folder.with_suffix(".jsonl")
+    if jsonl.is_file():
+        return jsonl
+    folder.mkdir(parents=True, exist_ok=True)
+    make = tasks.TASK_BATCHES[task][0]
+    source = digits.load_source_digits("train")
+    lines = []
+    for k, bucket in enumerate(digits.BUCKETS):
+        for i, ex in enumerate(make(n // len(digits.BUCKETS), "train", seed=seed + k, bucket=bucket, source=source)):
+            stem = folder / f"{k}_{i:05d}"
+            if task == "inpaint":
+                image = _save_png(stem.with_suffix(".png"), (ex.image + 1) / 2)
+                mask = _save_png(stem.with_name(stem.name + "_mask.png"), ex.mask)
+                lines.append({"prompt": ex.prompt, "image": f"{folder.name}/{image}", "mask": f"{folder.name}/{mask}"})
+            else:
+                image = _save_png(stem.with_suffix(".png"), (ex.source + 1) / 2)
+                lines.append({"prompt": ex.instruction, "image": f"{folder.name}/{image}"})
+    tmp = jsonl.with_name(f".{jsonl.name}.tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tmp.replace(jsonl)
+    return jsonl
+
+
+@dataclass
+class TaskRow:
+    """One configuration of a task table, over several noise seeds."""
+
+    name: str
+    kind: str  # "teacher" or "student"
+    steps: int
+    cfg: float
+    nfe: int
+    num_images: int
+    fd: list[float] = field(default_factory=list)  # one per seed
+    measures: list[dict[str, float]] = field(default_factory=list)
+    ms_per_image: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def stats(values):
+            return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+        out = {"name": self.name, "kind": self.kind, "steps": self.steps, "cfg": self.cfg, "nfe": self.nfe}
+        out |= {"num_images": self.num_images, "seeds": len(self.fd)}
+        out["fd"], out["fd_std"] = stats(self.fd)
+        out["ms_per_image"], out["ms_per_image_std"] = stats(self.ms_per_image)
+        for key in self.measures[0]:
+            out[key], out[f"{key}_std"] = stats([m[key] for m in self.measures])
+        return out
+
+
+class TaskEvaluator:
+    """Held-out examples of a task (half per bucket) and the measures of a model's results on them:
+    FD against held-out real images (inpainting: of the results pasted back into the kept area),
+    and tasks.inpaint_metrics / tasks.edit_metrics."""
+
+    def __init__(self, task: str, classifier, n: int, num_real: int, frechet: Callable[[list[torch.Tensor]], float]):
+        self.task, self.classifier, self.frechet = task, classifier.eval(), frechet
+        make = tasks.TASK_BATCHES[task][0]
+        source = digits.load_source_digits("heldout")
+        self.examples = {
+            bucket: make(n // len(digits.BUCKETS), "heldout", seed=EVAL_SEED + k, bucket=bucket, source=source)
+            for k, bucket in enumerate(digits.BUCKETS)
+        }
+        self.num_images = sum(len(v) for v in self.examples.values())
+
+    def _inputs(self, examples) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        if self.task == "inpaint":
+            return torch.stack([e.image for e in examples]), torch.stack([e.mask for e in examples]), [e.prompt for e in examples]
+        return torch.stack([e.source for e in examples]), None, [e.instruction for e in examples]
+
+    @torch.no_grad()
+    def evaluate(self, name: str, sm, steps: int, cfg: float, seeds: list[int]) -> TaskRow:
+        from ladd_ds.core.noise import derive_seed
+        from ladd_ds.sampling import generate, network_evaluations, task_condition
+
+        row = TaskRow(name, sm.kind, steps, cfg, network_evaluations(sm.kind, steps, cfg), self.num_images)
+        conditions = {}
+        for bucket, examples in self.examples.items():
+            images, masks, prompts = self._inputs(examples)
+            conditions[bucket] = (images, masks, prompts, task_condition(sm, self.task, images, masks))
+        for seed in seeds:
+            results, measures, seconds = [], [], 0.0
+            for k, (bucket, examples) in enumerate(self.examples.items()):
+                images, masks, prompts, condition = conditions[bucket]
+                noise_seeds = [derive_seed(seed, k, i) for i in range(len(prompts))]
+                out, took = generate(sm, prompts, noise_seeds, *bucket, steps=steps, cfg=cfg, condition=condition)
+                seconds += took
+                out = out * 2.0 - 1.0  # [0, 1] -> the examples' [-1, 1]
+                if self.task == "inpaint":
+                    measures.append(tasks.inpaint_metrics(self.classifier, out, images, masks, [e.label for e in examples]))
+                    out = masks * out + (1 - masks) * images  # what a user gets: pasted back
+                else:
+                    sources = [e.source_label for e in examples]
+                    targets = [e.target_label for e in examples]
+                    measures.append(tasks.edit_metrics(self.classifier, out, sources, targets, [e.kind for e in examples]))
+                results.append(((out + 1.0) / 2.0).clamp(0, 1))
+            weights = [len(v) for v in self.examples.values()]
+            keys = MEASURES[self.task]
+            row.measures.append({key: float(np.average([m[key] for m in measures], weights=weights)) for key, _, _ in keys})
+            row.fd.append(self.frechet(results))
+            row.ms_per_image.append(1000.0 * seconds / self.num_images)
+        return row
+
+
+def goal(task: str, rows: list[dict]) -> dict:
+    """The task's goal from its rows: {"text", "met"}."""
+    teacher = {r["steps"]: r for r in rows if r["kind"] == "teacher"}
+    student = {r["steps"]: r for r in rows if r["kind"] == "student"}
+    top = max(teacher)
+    ref = teacher[top]
+    if task == "inpaint":
+        ratio = student[1]["fd"] / max(ref["fd"], 1e-9)
+        met = ratio <= INPAINT_MAX_FD_RATIO
+        text = (
+            f"Inpainting: student 1 step FD {student[1]['fd']:.2f} vs teacher {top} steps {ref['fd']:.2f}: "
+            f"ratio {ratio:.2f} (goal ≤ {INPAINT_MAX_FD_RATIO})"
+        )
+    else:
+        share = student[4]["success"] / max(ref["success"], 1e-9)
+        kept = student[4]["preservation"]
+        met = share >= EDIT_MIN_SUCCESS_SHARE and kept >= EDIT_MIN_PRESERVATION
+        text = (
+            f"Editing: student 4 steps edit success {student[4]['success']:.3f} = {100 * share:.0f}% of the teacher's "
+            f"{ref['success']:.3f} at {top} steps (goal ≥ {100 * EDIT_MIN_SUCCESS_SHARE:.0f}%), preservation "
+            f"{kept:.3f} (goal ≥ {EDIT_MIN_PRESERVATION})"
+        )
+    return {"text": text, "met": bool(met)}
+
+
+def run_task(out: Path, task: str, cache: Path, size, classifier, frechet: Callable[[list[torch.Tensor]], float]) -> dict:
+    """The task's stages under out/TASK; returns its results (rows, goal, timings). `size`: the
+    demo's DemoSize; `frechet`: FD of generated image batches against held-out real images."""
+    from ladd_ds.demo import pipeline as stages  # the text-to-image demo's stage helpers
+    from ladd_ds.demo.pretrain import cached_teacher, task_settings
+
+    work = out / task
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    settings = task_settings(task, stages.teacher_settings(size), steps=size.task_pretrain_steps)
+    teacher, was_cached = cached_teacher(cache, settings)
+    timings["teacher (cached)" if was_cached else "teacher pretraining"] = time.time() - t0
+
+    t0 = time.time()
+    data = work / "data"
+    if not (data / "manifest.json").is_file():
+        conditions = write_condition_file(work / "conditions", task, size.synth_prompts, SYNTH_SEED)
+        args = ["synth", "--task", task, *stages._model_args(teacher, size.precision), "--prompts", str(conditions)]
+        stages._run([*args, "--out", str(data)], work / "synth.log")
+    timings["synth"] = time.time() - t0
+
+    t0 = time.time()
+    sets = [f"ladd.task={task}"]
+    if task == "edit":
+        sets.append("logging.sample_prompts=[" + ", ".join(EDIT_PREVIEW_PROMPTS) + "]")
+    student = stages.ladd_stage(work, data, teacher, size, sets)
+    timings["LADD train + export"] = time.time() - t0
+
+    t0 = time.time()
+    from ladd_ds.sampling import load_sampling_model
+
+    evaluator = TaskEvaluator(task, classifier, size.eval_prompts, size.num_real, frechet)
+    tm, cfg = stages.load_teacher(teacher, size), stages.teacher_sampler()[1]
+    rows = []
+    for steps in TEACHER_STEPS:
+        steps = min(steps, max(size.teacher_steps))  # the test size samples fewer steps
+        print(f"evaluate {task}: teacher {steps} steps, CFG {cfg:g}", flush=True)
+        rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, cfg, size.seeds).summary())
+    sm = load_sampling_model(student, precision=size.precision)
+    for steps in STUDENT_STEPS:
+        print(f"evaluate {task}: LADD student {steps} steps", flush=True)
+        rows.append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, size.seeds).summary())
+    timings["evaluation"] = time.time() - t0
+    return {
+        "teacher": str(teacher),
+        "teacher_info": json.loads((teacher / "ladd_model.json").read_text()).get("settings", {}),
+        "rows": rows,
+        "goal": goal(task, rows),
+        "num_images": evaluator.num_images,
+        "timings_s": timings,
+        "tensorboard": str((work / "run" / "tb").relative_to(out)),
+    }
