@@ -237,6 +237,19 @@ def check_condition(config, condition: torch.Tensor | None, n: int, h: int, w: i
         raise InputError(f"the condition has shape {tuple(condition.shape)}; this {task} model needs {(n, extra, h, w)}")
 
 
+def check_size(sm: SamplingModel, height: int, width: int) -> None:
+    """A sample size the model can make: multiples of codec factor x patch, within its position embeddings."""
+    config = sm.transformer.config
+    step = sm.factor * config.patch_size
+    if height % step or width % step:
+        raise InputError(f"size {height}x{width}: height and width must be multiples of {step} (codec x patch)")
+    if config.pos_embed_max_size and max(height, width) > config.pos_embed_max_size * step:
+        raise InputError(
+            f"size {height}x{width}: this model's position embeddings cover at most "
+            f"{config.pos_embed_max_size * step} pixels per side; pass a smaller --size"
+        )
+
+
 @torch.no_grad()
 def sample_latents(
     sm: SamplingModel,
@@ -256,14 +269,7 @@ def sample_latents(
 
     device = next(sm.transformer.parameters()).device
     config = sm.transformer.config
-    step = sm.factor * config.patch_size
-    if height % step or width % step:
-        raise InputError(f"size {height}x{width}: height and width must be multiples of {step} (codec x patch)")
-    if config.pos_embed_max_size and max(height, width) > config.pos_embed_max_size * step:
-        raise InputError(
-            f"size {height}x{width}: this model's position embeddings cover at most "
-            f"{config.pos_embed_max_size * step} pixels per side; pass a smaller --size"
-        )
+    check_size(sm, height, width)
     teacher = TeacherSampler(sm.transformer, sm.text, sm.shift, sm.factor) if sm.kind == "teacher" else None
     student = FlowModel(sm.transformer) if sm.kind == "student" else None
     if student is not None:
@@ -430,6 +436,7 @@ def run_sample(
     index = [i for i in range(len(prompts)) for _ in range(per_prompt)]
     seeds = [derive_seed(seed, i, j) for i in range(len(prompts)) for j in range(per_prompt)]
     task = model_task(sm.transformer.config)
+    check_size(sm, height, width)  # before the condition is cut and encoded at that size
     source, pixel_mask = load_condition_images(task, image, mask, height, width)
     condition = None
     if task != "t2i":

@@ -9,6 +9,12 @@ A sample's key is its image's path relative to the image folder, so editing the 
 (removing a line, appending images) never renames the samples already written. An image that
 does not decode, or is truncated, is skipped: recorded with its reason (manifest.json, "skipped",
 and the closing summary), never retried by a re-run, and nothing already encoded is lost.
+
+`--task inpaint`: each image also gets a random mask (generate/masks.py; its seed from
+synth.seed and the image's key, stored as the sample's `seed`) and its condition, in the
+schema.INPAINT layout. `--task edit`: the caption file is JSONL of {"source", "target",
+"prompt"} triples; the target is the latent, the source the condition (schema.EDIT), both cut
+to the source's bucket. The task and mask kinds are recorded: a re-run with others is refused.
 """
 
 from __future__ import annotations
@@ -158,6 +164,7 @@ def run_encode(
     codec = load_codec(cfg.codec.vae, latent_channels(model_cfg), seed=cfg.codec.seed).to(device)
     text = load_text_encoder(cfg, device)
 
+    @torch.no_grad()
     def make_rows(batch: list[PromptJob], conditioning):  # the conditioning is not needed here
         if batch[0].bucket == UNREADABLE:
             return {}, [], [(j, "cannot identify the image file (not a decodable image)") for j in batch]
