@@ -117,8 +117,9 @@ def _config_args(p) -> None:
 def _synth_parser(sub) -> None:
     p = sub.add_parser("synth", help="generate training latents with the teacher (also under deepspeed)")
     _config_args(p)
-    p.add_argument("--prompts", help="prompt file (default: synth.prompts)")
+    p.add_argument("--prompts", help="prompt file (default: synth.prompts); inpaint/edit: JSONL {prompt, image[, mask]}")
     p.add_argument("--out", help="output directory (default: synth.out)")
+    _task_args(p)
 
 
 def cmd_synth(args) -> int:
@@ -128,7 +129,7 @@ def cmd_synth(args) -> int:
         raise InputError("no prompts: pass --prompts FILE or set synth.prompts")
     from ladd_ds.generate.synth import run_synth
 
-    run_synth(cfg, prompts, args.out or cfg.synth.out)
+    run_synth(cfg, prompts, args.out or cfg.synth.out, args.task or cfg.ladd.task, _mask_kinds(args))
     return 0
 
 
@@ -136,8 +137,25 @@ def _encode_parser(sub) -> None:
     p = sub.add_parser("encode", help="encode captioned images with the VAE into training shards")
     _config_args(p)
     p.add_argument("--images", help="image folder (default: synth.images)")
-    p.add_argument("--captions", help="JSONL {file, caption} or file<TAB>caption lines (default: synth.captions)")
+    p.add_argument(
+        "--captions",
+        help="JSONL {file, caption} or file<TAB>caption lines; edit: JSONL {source, target, prompt} (default: synth.captions)",
+    )
     p.add_argument("--out", help="output directory (default: synth.out)")
+    _task_args(p)
+
+
+def _task_args(p) -> None:
+    p.add_argument("--task", choices=["t2i", "inpaint", "edit"], default=None, help="data layout (default: ladd.task, t2i)")
+    p.add_argument(
+        "--mask-kinds",
+        default=None,
+        help="inpaint: random mask kinds, comma-separated (default box,stroke,border; or quadrant)",
+    )
+
+
+def _mask_kinds(args) -> tuple[str, ...] | None:
+    return tuple(args.mask_kinds.split(",")) if args.mask_kinds else None
 
 
 def cmd_encode(args) -> int:
@@ -147,7 +165,7 @@ def cmd_encode(args) -> int:
         raise InputError("pass --images DIR and --captions FILE (or set synth.images / synth.captions)")
     from ladd_ds.generate.encode import run_encode
 
-    run_encode(cfg, images, captions, args.out or cfg.synth.out)
+    run_encode(cfg, images, captions, args.out or cfg.synth.out, args.task or cfg.ladd.task, _mask_kinds(args))
     return 0
 
 
@@ -163,6 +181,8 @@ def _sample_parser(sub) -> None:
     p.add_argument("--lora", default=None, help="apply this LoRA folder (e.g. a DPO export's lora/) to the model")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="transformer and text encoders dtype")
     p.add_argument("--out", required=True, help="output path: writes OUT.png (grid) and OUT.npz (images, prompt index)")
+    p.add_argument("--image", default=None, help="inpaint/edit model: the image to inpaint or edit (cut to the sample size)")
+    p.add_argument("--mask", default=None, help="inpaint model: mask image, white = fill in (also writes OUT_pasted.png/.npz)")
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -174,7 +194,7 @@ def cmd_sample(args) -> int:
 
     def sample(model: str) -> None:
         a = args
-        run_sample(model, a.prompts, a.steps, a.cfg, a.seed, a.out, a.per_prompt, a.size, a.lora, a.precision)
+        run_sample(model, a.prompts, a.steps, a.cfg, a.seed, a.out, a.per_prompt, a.size, a.lora, a.precision, a.image, a.mask)
 
     if is_run_dir(args.model):  # its latest checkpoint, exported to a temporary folder first
         with tempfile.TemporaryDirectory() as tmp:

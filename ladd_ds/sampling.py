@@ -8,6 +8,10 @@
   latent codec): a teacher, sampled with diffusers' flow-matching Euler scheduler and CFG.
 and writes the PNG grid (one row per prompt) and an .npz next to it with the images (uint8,
 N x H x W x C), the prompt index and seed of each, and the prompts.
+
+Inpainting and editing models (models/conditioning.py) sample from a condition as well: `--image`
+(and `--mask` for inpainting, white = fill in), cut to the sample size; an inpainting sample is
+also written pasted back into the kept part of the image (OUT_pasted.png/.npz).
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ import torch
 from ladd_ds.core.errors import InputError
 from ladd_ds.core.flow import add_noise, x0_from_velocity
 from ladd_ds.core.noise import derive_seed
-from ladd_ds.models.conditioning import latent_channels
+from ladd_ds.models.conditioning import (
+    ConditionedTransformer,
+    batch_condition,
+    inpaint_condition,
+    join_condition,
+    latent_channels,
+    model_task,
+    paste_back,
+)
 from ladd_ds.models.lora import load_lora
 
 MODEL_INFO = "ladd_model.json"  # in a teacher folder without vae/: {"codec": ..., "shift": ...}
@@ -70,13 +82,22 @@ def trained_step_counts(trained: list[float], up_to: int = 16) -> list[int]:
 
 
 @torch.no_grad()
-def ladd_sample(model, embeds, pooled, noise: torch.Tensor, schedule: list[float], seeds: list[int]) -> torch.Tensor:
+def ladd_sample(
+    model,
+    embeds,
+    pooled,
+    noise: torch.Tensor,
+    schedule: list[float],
+    seeds: list[int],
+    condition: torch.Tensor | None = None,
+) -> torch.Tensor:
     """docs/method.md, section 4: start from noise at t = schedule[0], predict x0, re-noise it to the next t
-    with fresh noise (per sample, from its seed), repeat; no CFG. `model` is a FlowModel."""
+    with fresh noise (per sample, from its seed), repeat; no CFG. `model` is a FlowModel; an
+    inpainting or editing student gets its `condition` (B, extra, h, w) after every input."""
     x = noise
     for k, t in enumerate(schedule):
         tt = torch.full((x.shape[0],), t, device=x.device)
-        x0 = x0_from_velocity(x, model(x, tt, embeds, pooled), tt)  # (B, C, h, w)
+        x0 = x0_from_velocity(x, model(join_condition(x, condition), tt, embeds, pooled), tt)  # (B, C, h, w)
         if k + 1 == len(schedule):
             return x0
         fresh = torch.stack(
@@ -92,6 +113,7 @@ class TeacherSampler:
     def __init__(self, transformer, text_encoder, shift: float, codec_factor: int):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        self.transformer = transformer
         self.text = text_encoder
         self.factor = codec_factor
         self.pipe = text_encoder.pipe
@@ -112,10 +134,17 @@ class TeacherSampler:
         num_steps: int,
         guidance_scale: float,
         conditioning: tuple[torch.Tensor, torch.Tensor] | None = None,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, C, height/f, width/f) normalized latents; the initial noise of prompt i comes from
         a generator seeded with seeds[i]. `conditioning`: the prompts' (prompt_embeds, pooled)
-        when the caller encoded them already (synth stores them)."""
+        when the caller encoded them already (synth stores them). `condition` (B, extra, h, w):
+        the image condition of an inpainting or editing teacher, in both guidance branches (the
+        pipeline batches [unconditional, conditional]; join_condition repeats it)."""
+        # The pipeline samples a text-to-image-looking transformer: the wrapper joins the condition.
+        self.pipe.transformer = self.transformer
+        if condition is not None:
+            self.pipe.transformer = ConditionedTransformer(self.transformer, condition.to(device, self.transformer.dtype))
         dtype = self.pipe.transformer.dtype  # bf16 runs: encoders, noise and latents in bf16 as well
         embeds, pooled = (x.to(device, dtype) for x in (conditioning or self.text.encode(prompts, device)))
         # The empty prompt, encoded once per sampler, then one copy per sample.
@@ -165,15 +194,51 @@ def decode_images(codec, latents: torch.Tensor) -> torch.Tensor:
     return ((codec.decode(latents.float()) + 1.0) / 2.0).clamp(0, 1).cpu()
 
 
-@torch.no_grad()
-def sample_latents(
-    sm: SamplingModel, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, cfg: float, batch_size: int = 32
-) -> torch.Tensor:
-    """Latents (N, C, H/f, W/f) of `prompts`, one per seed: the student's sampler or the
-    teacher's Euler sampler with CFG, depending on `sm.kind`."""
-    from ladd_ds.models.flow_model import FlowModel
+def condition_columns(codec, task: str, images: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The condition of `task` as the data layouts store it (schema.INPAINT / EDIT): images
+    (N, 3, H, W) in [-1, 1] and, for inpainting, pixel masks (N, 1, H, W), 1 = fill in ->
+    inpaint: {"condition": masked-image latent (N, C, h, w), "mask": (N, 1, h, w)};
+    edit: {"condition": the image's latent (N, C, h, w)}; t2i: {}."""
+    if task == "inpaint":
+        if masks is None:
+            raise InputError("an inpainting condition needs a mask (1 = fill in) for every image")
+        latent, mask = inpaint_condition(codec, images, masks.to(images))
+        return {"condition": latent, "mask": mask}
+    if task == "edit":
+        return {"condition": codec.encode(images)}
+    return {}
 
-    device = next(sm.transformer.parameters()).device
+
+@torch.no_grad()
+def task_condition(sm: SamplingModel, task: str, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """The condition channels (N, extra, H/f, W/f) that `sm` (a model of `task`) samples from:
+    conditioning.batch_condition of condition_columns, made with the model's latent codec."""
+    have = model_task(sm.transformer.config)
+    if have != task:
+        raise InputError(f"this model's task is {have}: a condition for {task} does not fit it")
+    device = next(sm.transformer.parameters()).device  # where load_sampling_model put the codec too
+    masks = None if masks is None else masks.to(device)
+    return batch_condition(condition_columns(sm.codec, task, images.to(device).float(), masks), task)
+
+
+def check_condition(config, condition: torch.Tensor | None, n: int, h: int, w: int) -> None:
+    """A condition fits the transformer: present exactly for inpainting and editing models, with
+    (n, in_channels - latent channels, h, w)."""
+    task = model_task(config)
+    if task == "t2i":
+        if condition is not None:
+            raise InputError("this is a text-to-image model: it takes no image condition (--image, --mask)")
+        return
+    if condition is None:
+        needs = "--image and --mask" if task == "inpaint" else "--image (and an instruction as the prompt)"
+        raise InputError(f"this is an {task} model: it samples from an image condition; pass {needs}")
+    extra = config.in_channels - latent_channels(config)
+    if tuple(condition.shape) != (n, extra, h, w):
+        raise InputError(f"the condition has shape {tuple(condition.shape)}; this {task} model needs {(n, extra, h, w)}")
+
+
+def check_size(sm: SamplingModel, height: int, width: int) -> None:
+    """A sample size the model can make: multiples of codec factor x patch, within its position embeddings."""
     config = sm.transformer.config
     step = sm.factor * config.patch_size
     if height % step or width % step:
@@ -183,29 +248,62 @@ def sample_latents(
             f"size {height}x{width}: this model's position embeddings cover at most "
             f"{config.pos_embed_max_size * step} pixels per side; pass a smaller --size"
         )
+
+
+@torch.no_grad()
+def sample_latents(
+    sm: SamplingModel,
+    prompts: list[str],
+    seeds: list[int],
+    height: int,
+    width: int,
+    steps: int,
+    cfg: float,
+    batch_size: int = 32,
+    condition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Latents (N, C, H/f, W/f) of `prompts`, one per seed: the student's sampler or the
+    teacher's Euler sampler with CFG, depending on `sm.kind`. An inpainting or editing model
+    needs `condition` (N, extra, H/f, W/f): task_condition's channels, one per sample."""
+    from ladd_ds.models.flow_model import FlowModel
+
+    device = next(sm.transformer.parameters()).device
+    config = sm.transformer.config
+    check_size(sm, height, width)
     teacher = TeacherSampler(sm.transformer, sm.text, sm.shift, sm.factor) if sm.kind == "teacher" else None
     student = FlowModel(sm.transformer) if sm.kind == "student" else None
     if student is not None:
         schedule = student_schedule(steps, sm.info.get("sampling", {}).get("student_timesteps"))
-    channels = latent_channels(sm.transformer.config)
+    check_condition(config, condition, len(prompts), height // sm.factor, width // sm.factor)
+    channels = latent_channels(sm.transformer.config)  # the noise has the latent's channels, not in_channels
     out = []
     for i in range(0, len(prompts), batch_size):
         p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
+        c = None if condition is None else condition[i : i + batch_size].to(device, sm.transformer.dtype)
         if teacher is not None:
-            out.append(teacher.sample(p, s, height, width, device, steps, cfg))
+            out.append(teacher.sample(p, s, height, width, device, steps, cfg, condition=c))
         else:
             embeds, pooled = (x.to(sm.transformer.dtype) for x in sm.text.encode(p, device))
             noise = initial_noise(s, channels, height // sm.factor, width // sm.factor).to(device, sm.transformer.dtype)
-            out.append(ladd_sample(student, embeds, pooled, noise, schedule, s))
+            out.append(ladd_sample(student, embeds, pooled, noise, schedule, s, c))
     return torch.cat(out)
 
 
 def generate(
-    sm: SamplingModel, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, cfg: float, batch_size: int = 32
+    sm: SamplingModel,
+    prompts: list[str],
+    seeds: list[int],
+    height: int,
+    width: int,
+    steps: int,
+    cfg: float,
+    batch_size: int = 32,
+    condition: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Images (N, 3, H, W) in [0, 1] and the wall time in seconds (sampling + decoding)."""
     start = time.perf_counter()
-    images = decode_images(sm.codec, sample_latents(sm, prompts, seeds, height, width, steps, cfg, batch_size))
+    latents = sample_latents(sm, prompts, seeds, height, width, steps, cfg, batch_size, condition)
+    images = decode_images(sm.codec, latents)
     return images, time.perf_counter() - start
 
 
@@ -315,6 +413,8 @@ def run_sample(
     size: str | None,
     lora: str | None = None,
     precision: str = "fp32",
+    image: str | None = None,
+    mask: str | None = None,
 ):
     from ladd_ds.data.prompts import numbered_lines, parse_bucket
 
@@ -335,9 +435,50 @@ def run_sample(
     height, width = parse_bucket(size) if size else default_size(sm)
     index = [i for i in range(len(prompts)) for _ in range(per_prompt)]
     seeds = [derive_seed(seed, i, j) for i in range(len(prompts)) for j in range(per_prompt)]
-    images, seconds = generate(sm, [prompts[i] for i in index], seeds, height, width, steps, cfg)
+    task = model_task(sm.transformer.config)
+    check_size(sm, height, width)  # before the condition is cut and encoded at that size
+    source, pixel_mask = load_condition_images(task, image, mask, height, width)
+    condition = None
+    if task != "t2i":
+        condition = task_condition(sm, task, source[None], None if pixel_mask is None else pixel_mask[None])
+        condition = condition.expand(len(index), *condition.shape[1:])  # the same image for every sample
+    images, seconds = generate(sm, [prompts[i] for i in index], seeds, height, width, steps, cfg, condition=condition)
     png, npz = save_samples(Path(out), images, index, seeds, prompts, rows=len(prompts))
     nfe = network_evaluations(sm.kind, steps, cfg)
     print(f"{sm.kind}: {len(images)} images {height}x{width}, {steps} steps, CFG {cfg}, {nfe} NFE/image, "
           f"{1000 * seconds / len(images):.1f} ms/image -> {png}, {npz}")  # fmt: skip
+    if task == "inpaint":  # the result inside the hole, the given image everywhere else
+        pasted = paste_back(images, (source[None] + 1.0) / 2.0, pixel_mask[None])
+        out_pasted = Path(out).with_name(Path(out).with_suffix("").name + "_pasted")
+        pasted_png, pasted_npz = save_samples(out_pasted, pasted, index, seeds, prompts, rows=len(prompts))
+        print(f"inpaint: pasted back into the kept area -> {pasted_png}, {pasted_npz}")
     return png, npz
+
+
+def load_condition_images(
+    task: str, image: str | None, mask: str | None, height: int, width: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`--image` (3, H, W) in [-1, 1] and `--mask` (1, H, W), 1 = fill in, cut to the sample size,
+    as a model of `task` needs them: inpaint both, edit the image, t2i neither."""
+    from ladd_ds.data.images import load_cropped, load_mask
+
+    needs = {"t2i": (), "inpaint": ("--image", "--mask"), "edit": ("--image",)}[task]
+    given = [flag for flag, value in (("--image", image), ("--mask", mask)) if value is not None]
+    for flag in given:
+        if flag not in needs:
+            what = "a text-to-image model takes no image" if task == "t2i" else f"an {task} model takes no mask"
+            raise InputError(f"{flag}: {what}; leave it out")
+    missing = [flag for flag in needs if flag not in given]
+    if missing:
+        raise InputError(f"this is an {task} model: pass {' and '.join(missing)} (an image file; mask: white = fill in)")
+    for flag, path in (("--image", image), ("--mask", mask)):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{flag} {path}: no such file")
+    try:
+        source = load_cropped(image, height, width) if image else None
+        pixel_mask = load_mask(mask, height, width) if mask else None
+    except (OSError, ValueError) as e:
+        raise InputError(f"--image / --mask: cannot read the image ({e})") from None
+    if pixel_mask is not None and not pixel_mask.any():
+        raise InputError(f"--mask {mask}: no white pixels, nothing to fill in (white = fill in, black = keep)")
+    return source, pixel_mask

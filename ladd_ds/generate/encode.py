@@ -9,22 +9,30 @@ A sample's key is its image's path relative to the image folder, so editing the 
 (removing a line, appending images) never renames the samples already written. An image that
 does not decode, or is truncated, is skipped: recorded with its reason (manifest.json, "skipped",
 and the closing summary), never retried by a re-run, and nothing already encoded is lost.
+
+`--task inpaint`: each image also gets a random mask (generate/masks.py; its seed from
+synth.seed and the image's key, stored as the sample's `seed`) and its condition, in the
+schema.INPAINT layout. `--task edit`: the caption file is JSONL of {"source", "target",
+"prompt"} triples; the target is the latent, the source the condition (schema.EDIT), both cut
+to the source's bucket. The task and mask kinds are recorded: a re-run with others is refused.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError, MissingInputError
+from ladd_ds.core.noise import derive_seed
+from ladd_ds.data.images import UNREADABLE, displayed_size, image_bucket, load_cropped, nearest_bucket  # noqa: F401 (re-exported)
 from ladd_ds.data.prompts import PromptJob, input_digest, numbered_lines, parse_bucket
+from ladd_ds.data.schema import TASK_LAYOUTS
 from ladd_ds.distributed.ranks import rank, world_size
+from ladd_ds.generate.masks import DEFAULT_KINDS, check_kinds, random_mask
 from ladd_ds.generate.synth import (
     Generation,
     common_settings,
@@ -33,7 +41,7 @@ from ladd_ds.generate.synth import (
     prepare_output,
     start_generation,
 )
-from ladd_ds.sampling import load_text_encoder
+from ladd_ds.sampling import condition_columns, load_text_encoder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -57,21 +65,6 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def nearest_bucket(width: int, height: int, buckets: list[str]) -> str:
-    ratio = math.log(width / height)
-    return min(buckets, key=lambda b: abs(math.log(parse_bucket(b)[1] / parse_bucket(b)[0]) - ratio))
-
-
-EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image by 90 degrees: width and height swap
-UNREADABLE = "(unreadable)"  # the bucket of an image whose header does not decode
-
-
-def displayed_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) as the image is shown, after its EXIF orientation."""
-    w, h = im.size
-    return (h, w) if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (w, h)
-
-
 def load_image_jobs(
     images: str | Path, captions: str | Path, buckets: list[str], seed: int, mine=lambda index: True
 ) -> list[PromptJob]:
@@ -90,62 +83,123 @@ def load_image_jobs(
         if key in seen:
             raise InputError(f"{captions}: image {file} is captioned twice; keep one line per image")
         seen.add(key)
-        bucket = ""
-        if mine(index):
-            try:
-                with Image.open(path) as im:
-                    bucket = nearest_bucket(*displayed_size(im), buckets)
-            except (OSError, ValueError, Image.DecompressionBombError):
-                bucket = UNREADABLE
+        bucket = image_bucket(path, buckets) if mine(index) else ""
         digest = input_digest(caption, path.stat().st_size)  # the bucket follows from the image
         jobs.append(PromptJob(index, caption, bucket, seed, image=str(path), key=key, digest=digest))
     return jobs
 
 
-def load_cropped(path: str, height: int, width: int) -> torch.Tensor:
-    """Apply the EXIF orientation, resize to cover (height, width), center-crop; (3, H, W) in [-1, 1]."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        scale = max(width / im.width, height / im.height)
-        size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
-        im = im.resize(size, Image.BICUBIC)
-        left, top = (im.width - width) // 2, (im.height - height) // 2
-        im = im.crop((left, top, left + width, top + height))
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
-    return x.permute(2, 0, 1)  # (3, H, W)
+def read_edit_triples(path: str | Path) -> list[tuple[str, str, str]]:
+    """(source, target, instruction) from JSONL lines {"source", "target", "prompt"}."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        raise InputError(f'{path}: editing data needs a .jsonl file of {{"source", "target", "prompt"}} lines')
+    triples = []
+    for n, line in numbered_lines(path, "edit file", "edit triples"):
+        try:
+            r = json.loads(line)
+            triples.append((str(r["source"]), str(r["target"]), str(r["prompt"])))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{path}:{n}: expected a JSON object with 'source', 'target' and 'prompt'") from None
+    return triples
 
 
-def run_encode(cfg: Config, images: str, captions: str, out: str | Path) -> dict | None:
+def load_edit_jobs(
+    images: str | Path, captions: str | Path, buckets: list[str], seed: int, mine=lambda index: True
+) -> list[PromptJob]:
+    """One job per (source, target, instruction) line, keyed by both images' relative paths; the
+    bucket is the source's (the target is cut to it too). `image`: the source, `other_image`: the target."""
+    images = Path(images)
+    if not images.is_dir():
+        raise MissingInputError(f"image folder {images} does not exist")
+    jobs, seen = [], set()
+    for index, (source, target, prompt) in enumerate(read_edit_triples(captions)):
+        paths = [images / source, images / target]
+        for file, path in zip((source, target), paths):
+            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise MissingInputError(
+                    f"{captions}: image {file} not found in {images} (or not an image: {sorted(IMAGE_SUFFIXES)})"
+                )
+        key = " -> ".join(p.relative_to(images).as_posix() for p in paths)
+        if key in seen:
+            raise InputError(f"{captions}: the edit {key} is listed twice; keep one line per (source, target)")
+        seen.add(key)
+        bucket = image_bucket(paths[0], buckets) if mine(index) else ""
+        digest = input_digest(prompt, paths[0].stat().st_size, paths[1].stat().st_size)
+        jobs.append(
+            PromptJob(index, prompt, bucket, seed, image=str(paths[0]), key=key, digest=digest, other_image=str(paths[1]))
+        )
+    return jobs
+
+
+def mask_seed(seed: int, key: str) -> int:
+    """The random mask's seed of the image keyed `key` (its relative path: the same mask whatever
+    the line's position), stored as the sample's `seed`: random_mask(h, w, seed) gives it back."""
+    return derive_seed(seed, key, "inpaint-mask") & 0x7FFFFFFF
+
+
+def run_encode(
+    cfg: Config, images: str, captions: str, out: str | Path, task: str = "t2i", mask_kinds: tuple[str, ...] | None = None
+) -> dict | None:
+    """Encode captioned images (t2i); with task "inpaint" also a random mask per image and its
+    condition (schema.INPAINT); with task "edit" (source, instruction, target) triples, the
+    target as the latent and the source as the condition (schema.EDIT)."""
     from ladd_ds.models.codec import load_codec
     from ladd_ds.models.conditioning import latent_channels
 
     out = Path(out)
+    kinds = check_kinds(mask_kinds or DEFAULT_KINDS)
     model_cfg, buckets = generation_buckets(cfg)
     device = start_generation(cfg, out)
-    jobs = load_image_jobs(images, captions, buckets, cfg.synth.seed, mine=lambda i: i % world_size() == rank())
+    load_jobs = load_edit_jobs if task == "edit" else load_image_jobs
+    jobs = load_jobs(images, captions, buckets, cfg.synth.seed, mine=lambda i: i % world_size() == rank())
     settings = {"images": str(Path(images).resolve()), "buckets": buckets, **common_settings(cfg)}
+    if task != "t2i":  # recorded only for the new tasks: t2i outputs of earlier versions still resume
+        settings["task"] = task
+    if task == "inpaint":
+        settings["mask_kinds"] = list(kinds)
     finished = prepare_output(out, jobs, "encode", settings)
     if finished is not None:
         return finished
     codec = load_codec(cfg.codec.vae, latent_channels(model_cfg), seed=cfg.codec.seed).to(device)
     text = load_text_encoder(cfg, device)
 
+    @torch.no_grad()
     def make_rows(batch: list[PromptJob], conditioning):  # the conditioning is not needed here
         if batch[0].bucket == UNREADABLE:
             return {}, [], [(j, "cannot identify the image file (not a decodable image)") for j in batch]
         h, w = parse_bucket(batch[0].bucket)
-        made, pixels, skipped = [], [], []
+        made, pixels, sources, skipped = [], [], [], []
         for job in batch:
             try:
-                pixels.append(load_cropped(job.image, h, w))
+                if task == "edit":  # the target is the latent, the source its condition
+                    target, source = load_cropped(job.other_image, h, w), load_cropped(job.image, h, w)
+                    pixels.append(target), sources.append(source)
+                else:
+                    pixels.append(load_cropped(job.image, h, w))
                 made.append(job)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 skipped.append((job, f"does not decode: {e}"))
         if not made:
             return {}, [], skipped
-        latents = codec.encode(torch.stack(pixels).to(device))  # (B', C, H/f, W/f)
-        return {"latent": latents, "seed": [j.seed for j in made]}, made, skipped
+        pixels = torch.stack(pixels).to(device)  # (B', 3, H, W)
+        latents = codec.encode(pixels)  # (B', C, H/f, W/f)
+        seeds = [j.seed for j in made]
+        if task == "inpaint":
+            seeds = [mask_seed(cfg.synth.seed, j.key) for j in made]
+            masks = torch.stack([random_mask(h, w, seed, kinds) for seed in seeds]).to(device)  # (B', 1, H, W)
+            return {"latent": latents, **condition_columns(codec, task, pixels, masks), "seed": seeds}, made, skipped
+        if task == "edit":
+            return (
+                {"latent": latents, **condition_columns(codec, task, torch.stack(sources).to(device)), "seed": seeds},
+                made,
+                skipped,
+            )
+        return {"latent": latents, "seed": seeds}, made, skipped
 
     source = {"kind": "encoded images", "images": str(images), "vae": cfg.codec.vae}
+    if task != "t2i":
+        source["task"] = task
     s = cfg.synth
-    return generate_dataset(cfg, jobs, out, make_rows, source, text, Generation("encode", "synth", s.batch_size, s.part_size))
+    gen = Generation("encode", "synth", s.batch_size, s.part_size, layout=TASK_LAYOUTS[task])
+    return generate_dataset(cfg, jobs, out, make_rows, source, text, gen)
