@@ -570,14 +570,16 @@ def run_demo(
         results |= t2i_demo(out, cache, s, teacher, classifier, ablations, dpo, timings)
     if image_tasks:
         from ladd_ds.demo.evaluate import DemoEvaluator, EvalPrompts
-        from ladd_ds.demo.task_pipeline import run_task
+        from ladd_ds.demo.task_pipeline import Stages, run_task
+
+        stages = Stages(_run, _model_args, ladd_stage, load_teacher, teacher_settings, teacher_sampler)
 
         # FD reference of the tasks: held-out digits of every combination, both buckets.
         real = DemoEvaluator(classifier, EvalPrompts.draw(2, seed=0), num_real=s.num_real)
         results["tasks"] = {}
         for task in image_tasks:
             t0 = time.time()
-            results["tasks"][task] = run_task(out, task, cache, s, classifier, real.frechet_distance)
+            results["tasks"][task] = run_task(out, task, cache, s, classifier, real.frechet_distance, stages)
             timings[f"{task} (all stages)"] = time.time() - t0
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     return write_report(out, results)

@@ -256,11 +256,9 @@ def write_report(out: Path, results: dict) -> Path:
     return path
 
 
-def task_table(task: str, rows: list[dict]) -> list[str]:
-    """A markdown table of an image-conditioned task's rows (ladd_ds.demo.task_pipeline)."""
-    from ladd_ds.demo.task_pipeline import MEASURES
-
-    measures = MEASURES[task]
+def task_table(rows: list[dict], measures: list) -> list[str]:
+    """A markdown table of an image-conditioned task's rows (ladd_ds.demo.task_pipeline), with a
+    column per (key, title, arrow) of `measures`."""
     lines = [
         "| model | steps | CFG | FD ↓ | "
         + " | ".join(f"{title} {better}" for _, title, better in measures)
@@ -302,7 +300,7 @@ def task_section(task: str, task_results: dict, results: dict) -> list[str]:
         + f" {rows[0]['num_images']} images per seed against {results['num_real']} held-out real images; mean ± std "
         f"over {rows[0]['seeds']} seeds.",
         "",
-        *task_table(task, rows),
+        *task_table(rows, task_results["measures"]),
         "",
         f"- {goal['text']}: {_met(goal['met'])}.",
         f"- TensorBoard: `tensorboard --logdir {task_results['tensorboard']}`.",

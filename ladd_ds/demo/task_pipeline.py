@@ -183,10 +183,23 @@ def goal(task: str, rows: list[dict]) -> dict:
     return {"text": text, "met": bool(met)}
 
 
-def run_task(out: Path, task: str, cache: Path, size, classifier, frechet: Callable[[list[torch.Tensor]], float]) -> dict:
+@dataclass
+class Stages:
+    """The demo pipeline's stage helpers that a task reuses (ladd_ds.demo.pipeline defines them
+    and passes them in: that module imports this one)."""
+
+    run: Callable  # (command args, log file): a `ladd-ds` command as a subprocess
+    model_args: Callable  # (teacher, precision) -> the command's --config/--set arguments
+    ladd_stage: Callable  # (work, data, teacher, size, extra --set values) -> the student export
+    load_teacher: Callable  # (folder, size) -> SamplingModel with the demo's sampler shift
+    teacher_settings: Callable  # (size) -> the text-to-image teacher's PretrainSettings
+    teacher_sampler: Callable  # () -> (shift, CFG) of the teacher rows
+
+
+def run_task(out: Path, task: str, cache: Path, size, classifier, frechet: Callable, stages: Stages) -> dict:
     """The task's stages under out/TASK; returns its results (rows, goal, timings). `size`: the
-    demo's DemoSize; `frechet`: FD of generated image batches against held-out real images."""
-    from ladd_ds.demo import pipeline as stages  # the text-to-image demo's stage helpers
+    demo's DemoSize; `frechet`: FD of generated image batches (lists of (N, 3, H, W) in [0, 1])
+    against held-out real images."""
     from ladd_ds.demo.pretrain import cached_teacher, task_settings
 
     work = out / task
@@ -201,8 +214,8 @@ def run_task(out: Path, task: str, cache: Path, size, classifier, frechet: Calla
     data = work / "data"
     if not (data / "manifest.json").is_file():
         conditions = write_condition_file(work / "conditions", task, size.synth_prompts, SYNTH_SEED)
-        args = ["synth", "--task", task, *stages._model_args(teacher, size.precision), "--prompts", str(conditions)]
-        stages._run([*args, "--out", str(data)], work / "synth.log")
+        args = ["synth", "--task", task, *stages.model_args(teacher, size.precision), "--prompts", str(conditions)]
+        stages.run([*args, "--out", str(data)], work / "synth.log")
     timings["synth"] = time.time() - t0
 
     t0 = time.time()
@@ -232,6 +245,7 @@ def run_task(out: Path, task: str, cache: Path, size, classifier, frechet: Calla
         "teacher_info": json.loads((teacher / "ladd_model.json").read_text()).get("settings", {}),
         "rows": rows,
         "goal": goal(task, rows),
+        "measures": MEASURES[task],  # the table's columns besides FD: (key, title, arrow)
         "num_images": evaluator.num_images,
         "timings_s": timings,
         "tensorboard": str((work / "run" / "tb").relative_to(out)),
