@@ -233,18 +233,31 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (an SD3-style diffusers folder)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the full demo's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--task",
+        choices=["t2i", "inpaint", "edit"],
+        default="t2i",
+        help="t2i: the text-to-image teacher; inpaint/edit: a conditioned teacher started from the t2i one",
+    )
+    p.add_argument(
+        "--cache", default=None, help="inpaint/edit: where the t2i teacher they start from is cached (default: ~/.cache/ladd_ds)"
+    )
 
 
 def cmd_pretrain(args) -> int:
     from dataclasses import replace
+    from pathlib import Path
 
     from ladd_ds.demo.pipeline import SIZES, teacher_settings
-    from ladd_ds.demo.pretrain import pretrain_teacher
+    from ladd_ds.demo.pretrain import pretrain_teacher, task_settings
 
     settings = replace(teacher_settings(SIZES["full"]), seed=args.seed)
+    if args.task != "t2i":
+        settings = task_settings(args.task, settings)
     if args.steps is not None:
-        settings.steps = args.steps
-    print(f"teacher written to {pretrain_teacher(args.out, settings)}")
+        settings = replace(settings, steps=args.steps)
+    cache = Path(args.cache or Path.home() / ".cache" / "ladd_ds")
+    print(f"teacher written to {pretrain_teacher(args.out, settings, cache_dir=cache)}")
     return 0
 
 

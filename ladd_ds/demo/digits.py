@@ -174,3 +174,80 @@ def to_latent(image: torch.Tensor) -> torch.Tensor:
 def from_latent(latent: torch.Tensor) -> torch.Tensor:
     """Exact inverse of to_latent (values are not clamped)."""
     return (CODEC.decode(latent) + 1.0) / 2.0
+
+
+# Inpainting and editing (ladd_ds.demo.tasks builds their examples from these pieces).
+# The edit instructions' words: the prompt words and the verbs. A list of its own, so that the
+# text-to-image teacher's vocabulary (PROMPT_WORDS, part of its cache key) stays as it is.
+EDIT_WORDS = sorted({*PROMPT_WORDS, "make", "it", "move", "to"})
+MASK_KINDS = ("region", "box")  # the digit's whole quadrant, or a box over part of the digit
+EDIT_KINDS = ("color", "place", "digit")
+
+
+def draw_position(place: str, size: int, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(top, left) of a `size` px digit drawn uniformly inside `place`'s quadrant (as `render`)."""
+    top_half, left_half = place.startswith("top"), place.endswith("left")
+    rows = (0, height // 2 - size) if top_half else (height // 2, height - size)
+    cols = (0, width // 2 - size) if left_half else (width // 2, width - size)
+    return int(rng.integers(rows[0], rows[1] + 1)), int(rng.integers(cols[0], cols[1] + 1))
+
+
+def paint(digit: np.ndarray, color: str, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """(3, height, width) image in [0, 1]: the 8x8 source digit at its own size, colored, with its
+    top-left corner at (top, left) on a black canvas."""
+    size = digit.shape[-1]
+    image = torch.zeros(3, height, width)
+    color_rgb = torch.tensor(COLORS[color])[:, None, None]
+    image[:, top : top + size, left : left + size] = torch.from_numpy(digit).clamp(0, 1) * color_rgb
+    return image
+
+
+def quadrant_mask(place: str, height: int, width: int) -> torch.Tensor:
+    """(1, height, width) mask, 1 over `place`'s quadrant: the whole region a digit there may occupy."""
+    mask = torch.zeros(1, height, width)
+    rows = slice(0, height // 2) if place.startswith("top") else slice(height // 2, height)
+    cols = slice(0, width // 2) if place.endswith("left") else slice(width // 2, width)
+    mask[:, rows, cols] = 1.0
+    return mask
+
+
+def box_mask(lit: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """(1, H, W) mask, 1 over a random box that hides part of a digit whose lit pixels are `lit`
+    (H, W): sides of 4 or 6 px (the digit is 8 px), corners on even pixels so that the box is
+    exactly a set of cells of the latent grid (codec factor 2); some lit pixels hidden, some kept."""
+    height, width = lit.shape
+    rows, cols = lit.any(1).nonzero()[:, 0], lit.any(0).nonzero()[:, 0]
+    for _ in range(1000):
+        h, w = (int(v) for v in rng.choice([4, 6], size=2))
+        # Even corners with the box overlapping the lit pixels' bounding box.
+        ys = (-(-max(0, int(rows.min()) - h + 1) // 2), min(height - h, int(rows.max())) // 2)
+        xs = (-(-max(0, int(cols.min()) - w + 1) // 2), min(width - w, int(cols.max())) // 2)
+        if ys[0] > ys[1] or xs[0] > xs[1]:
+            continue
+        y, x = 2 * int(rng.integers(ys[0], ys[1] + 1)), 2 * int(rng.integers(xs[0], xs[1] + 1))
+        mask = torch.zeros(1, height, width)
+        mask[:, y : y + h, x : x + w] = 1.0
+        if 0 < int((lit & mask[0].bool()).sum()) < int(lit.sum()):
+            return mask
+    raise ValueError("no box hides part of the digit (is it lit at all?)")
+
+
+def edit_instruction(kind: str, target: DigitLabel) -> str:
+    """The instruction that asks for `target`'s `kind` attribute: "make it green", "move it to the
+    bottom left", "make it a seven"."""
+    if kind == "color":
+        return f"make it {target.color}"
+    if kind == "place":
+        return f"move it to the {target.place}"
+    if kind == "digit":
+        return f"make it a {DIGIT_WORDS[target.digit]}"
+    raise ValueError(f"edit kind must be one of {EDIT_KINDS}, got {kind!r}")
+
+
+def edit_instructions() -> list[str]:
+    """Every edit instruction (18): one per color, place and digit."""
+    return (
+        [edit_instruction("color", DigitLabel(0, c, PLACES[0])) for c in COLORS]
+        + [edit_instruction("place", DigitLabel(0, "red", p)) for p in PLACES]
+        + [edit_instruction("digit", DigitLabel(d, "red", PLACES[0])) for d in range(10)]
+    )

@@ -14,6 +14,14 @@ The output is a diffusers-style SD3 folder that every other command can use as a
   ladd_model.json (latent codec and sampling shift for `ladd-ds sample`; the settings and the
   loss curve)
 It is written under a temporary name and renamed when complete, so a cached teacher is whole.
+
+`task` "inpaint" or "edit" trains a conditioned teacher of ladd_ds.demo.tasks instead: the
+transformer widened for the task's condition channels (models/conditioning.py), its input the
+noisy latent joined with the condition (inpaint: masked-image latent and latent mask; edit: the
+source latent), trained on the task's examples (inpaint: the image's prompt; edit: the
+instruction). Caption dropout drops the text only: guidance keeps the image condition in both
+branches. `init_from` starts it from a cached text-to-image teacher's weights (its condition
+channels zero), which the task's training then adapts.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +40,9 @@ from tqdm import tqdm
 
 from ladd_ds.core.files import atomic_directory
 from ladd_ds.core.flow import add_noise, sample_logit_normal, velocity_target
-from ladd_ds.demo import digits
+from ladd_ds.demo import digits, tasks
 from ladd_ds.models.codec import PIXEL_UNSHUFFLE
+from ladd_ds.models.conditioning import TASKS, join_condition
 from ladd_ds.models.flow_model import FlowModel
 
 # The demo's CLIPs know the demo's 21 prompt words as whole tokens (any other text still
@@ -59,6 +68,18 @@ class PretrainSettings:
     # Share of training prompts that leave the place open ("a red seven"): their images have the
     # digit in any quadrant, a distribution with several modes per prompt (digits.random_label).
     open_place: float = 0.0
+    task: str = "t2i"  # conditioning.TASKS: the demo's text-to-image teacher, or an inpaint/edit one
+    # Start from the cached teacher of these (text-to-image) settings, widened, instead of `seed`'s
+    # random weights (inpaint/edit only).
+    init_from: PretrainSettings | None = None
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.init_from is not None and (self.task == "t2i" or self.init_from.task != "t2i"):
+            raise ValueError("init_from: an inpaint or edit teacher starts from a text-to-image teacher's settings")
+        if self.task != "t2i" and self.open_place:
+            raise ValueError("open_place is a text-to-image setting; the task teachers' prompts name the place")
 
     def key(self) -> str:
         """Identifies a cached teacher: the same settings, architecture, data and text encoders
@@ -66,24 +87,48 @@ class PretrainSettings:
         from ladd_ds.models.registry import PRESETS
 
         settings = asdict(self)
+        # Teachers cached before a setting existed keep their key: the defaults are left out.
         if not self.open_place:
-            del settings["open_place"]  # teachers cached before the setting existed keep their key
+            del settings["open_place"]
+        if self.task == "t2i":
+            del settings["task"]
+        if self.init_from is None:
+            del settings["init_from"]
+        else:
+            settings["init_from"] = self.init_from.key()
         identity = {
             "settings": settings,
             "architecture": PRESETS[self.preset],
             "data": digits.data_identity(),
-            "text": {"clip_context": CLIP_CONTEXT, "words": digits.PROMPT_WORDS},
+            "text": {"clip_context": CLIP_CONTEXT, "words": tasks.task_words(self.task)},
         }
+        if self.task != "t2i":
+            identity["task_data"] = {"mask_kinds": digits.MASK_KINDS, "edit_kinds": digits.EDIT_KINDS}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Pretraining steps of the task teachers (started from the t2i teacher), chosen by measurement
+# with evaluation/demo_tasks.py (its docstring records the results).
+TASK_STEPS = {"inpaint": 800, "edit": 800}
+
+
+def task_settings(task: str, base: PretrainSettings, steps: int | None = None, init: bool = True) -> PretrainSettings:
+    """An inpaint or edit teacher's settings: `base`'s (the demo's text-to-image teacher's) with
+    the task and its step count, started from `base`'s teacher unless `init` is False."""
+    if task not in TASK_STEPS:
+        raise ValueError(f"task must be one of {list(TASK_STEPS)}, got {task!r}")
+    return replace(base, task=task, steps=TASK_STEPS[task] if steps is None else steps, init_from=base if init else None)
 
 
 class PromptTable:
     """Embeddings of every demo prompt and of the empty prompt, encoded once: the demo has only
-    10 digits x 4 colors x 4 places prompts."""
+    10 digits x 4 colors x 4 places prompts (or `prompts`, e.g. the 18 edit instructions)."""
 
-    def __init__(self, text_encoder, open_place: bool = False):
+    def __init__(self, text_encoder, open_place: bool = False, prompts: list[str] | None = None):
         places = digits.PLACES + [None] if open_place else digits.PLACES
-        self.prompts = [""] + [digits.DigitLabel(d, c, p).prompt for d in range(10) for c in digits.COLORS for p in places]
+        if prompts is None:
+            prompts = [digits.DigitLabel(d, c, p).prompt for d in range(10) for c in digits.COLORS for p in places]
+        self.prompts = [""] + prompts
         self.index = {p: i for i, p in enumerate(self.prompts)}
         self.embeds, self.pooled = text_encoder.encode(self.prompts)  # (P, L, D), (P, D')
 
@@ -111,8 +156,21 @@ def lr_factor(step: int, s: PretrainSettings) -> float:
     return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) -> Path:
-    """Train and save the demo teacher; returns the folder."""
+def training_batch(s: PretrainSettings, step: int, source) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """Step `step`'s clean latents (B, 12, h, w), condition (B, extra, h, w) or None (t2i) and
+    prompts: fresh training-split samples of one bucket, buckets alternating."""
+    bucket = digits.BUCKETS[step % len(digits.BUCKETS)]
+    seed = s.seed * 1_000_003 + step
+    if s.task == "t2i":
+        batch = digits.make_samples(s.batch_size, "train", seed=seed, bucket=bucket, source=source, open_place=s.open_place)
+        return digits.to_latent(torch.stack([b[0] for b in batch])), None, [b[1].prompt for b in batch]
+    make_examples, make_batch = tasks.TASK_BATCHES[s.task]
+    return make_batch(make_examples(s.batch_size, "train", seed=seed, bucket=bucket, source=source))
+
+
+def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Train and save the demo teacher; returns the folder. `cache_dir`: where the teacher of
+    `settings.init_from` is cached (trained first if absent), when there is one."""
     from ladd_ds.models.registry import build_transformer
     from ladd_ds.models.text_encoders import build_tiny_text_encoders
 
@@ -120,10 +178,17 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
     out = Path(out)
     torch.manual_seed(s.seed)
     text = build_tiny_text_encoders(
-        s.preset, seed=s.seed, drop_t5=True, max_sequence_length=0, clip_tokens=CLIP_CONTEXT, words=digits.PROMPT_WORDS
+        s.preset, seed=s.seed, drop_t5=True, max_sequence_length=0, clip_tokens=CLIP_CONTEXT, words=tasks.task_words(s.task)
     )
-    table = PromptTable(text, open_place=s.open_place > 0)
-    model = FlowModel(build_transformer(s.preset, seed=s.seed)).train()
+    table = PromptTable(text, open_place=s.open_place > 0, prompts=None if s.task == "t2i" else tasks.task_prompts(s.task))
+    if s.init_from is not None:
+        if cache_dir is None:
+            raise ValueError("a teacher with init_from needs the cache_dir that holds (or will hold) its initial teacher")
+        base, _ = cached_teacher(cache_dir, s.init_from)
+        transformer = build_transformer(str(base), task=s.task)  # the t2i weights, condition channels zero
+    else:
+        transformer = build_transformer(s.preset, seed=s.seed, task=s.task)
+    model = FlowModel(transformer).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, s))
@@ -133,17 +198,13 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
     start = time.time()
     bar = tqdm(range(s.steps), desc="pretrain teacher", unit="step", dynamic_ncols=True)
     for step in bar:
-        bucket = digits.BUCKETS[step % len(digits.BUCKETS)]
-        batch = digits.make_samples(
-            s.batch_size, "train", seed=s.seed * 1_000_003 + step, bucket=bucket, source=source, open_place=s.open_place
-        )
-        x0 = digits.to_latent(torch.stack([b[0] for b in batch]))  # (B, 12, H/2, W/2)
-        prompts = [b[1].prompt for b in batch]
+        x0, condition, prompts = training_batch(s, step, source)  # (B, 12, H/2, W/2), (B, extra, ...) or None
+        # Caption dropout drops the text only: the image condition stays (guidance keeps it too).
         drop = torch.rand(len(prompts), generator=gen) < s.caption_dropout
         embeds, pooled = table.lookup(["" if d else p for p, d in zip(prompts, drop.tolist())])
         eps = torch.randn(x0.shape, generator=gen)
         t = sample_logit_normal((len(prompts),), generator=gen)  # SD3's training density
-        v = model(add_noise(x0, eps, t), t, embeds, pooled)
+        v = model(join_condition(add_noise(x0, eps, t), condition), t, embeds, pooled)
         loss = (v - velocity_target(x0, eps)).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,6 +225,7 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
         "shift": s.shift,
         "max_sequence_length": 0,  # no T5: prompt_embeds are the CLIP tokens only
         "default_size": list(digits.BUCKETS[0]),  # [height, width] for `ladd-ds sample` without --size
+        "task": s.task,
         "settings": asdict(s),
         "key": s.key(),
         "seconds": time.time() - start,
@@ -174,7 +236,8 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None) 
 
 def cached_teacher(cache_dir: str | Path, settings: PretrainSettings) -> tuple[Path, bool]:
     """The teacher for `settings` from the cache, trained first if absent. Returns (folder, was_cached)."""
-    folder = Path(cache_dir) / f"demo-teacher-{settings.key()}"
+    kind = "" if settings.task == "t2i" else f"{settings.task}-"
+    folder = Path(cache_dir) / f"demo-{kind}teacher-{settings.key()}"
     if (folder / INFO_FILE).is_file():
         return folder, True
-    return pretrain_teacher(folder, settings), False
+    return pretrain_teacher(folder, settings, cache_dir), False
