@@ -9,7 +9,21 @@ demo classifier:
   PYTHONPATH=. python evaluation/demo_tasks.py --task edit --steps 800 --init scratch --cfg 1 3
 
 Prints one JSON line per CFG scale (and writes them to --out if given), with the teacher's
-pretraining time and steps from its ladd_model.json. Not part of the test suite (minutes).
+pretraining time, steps and loss curve from its ladd_model.json. Not part of the test suite
+(minutes). --cache must hold the demo classifier (demo-classifier-s1000-seed0), or it is trained.
+
+Measured on the 2-core CPU (Dec 2026; 192 held-out examples, 96 per bucket, 50 Euler steps):
+- inpaint, 800 steps from the t2i teacher, batch 64: CFG 3: alignment 0.96 (region masks 0.97,
+  boxes 0.96), kept-region error 0.012; CFG 1: alignment 0.85, error 0.010.
+- edit, 800 steps from the t2i teacher: CFG 3: success 0.76 (color 1.0, place 1.0, digit 0.29),
+  preservation 0.50 (color edits 0.88, place edits 0.04, digit edits 0.60); CFG 1: success 0.70,
+  preservation 0.46. The real targets score success 0.98 and preservation 0.97 with the same
+  classifier.
+- from scratch instead (random init, `--init scratch`), 200 steps: loss over steps 150-199 of
+  0.148 (edit) and 0.109 (inpaint), against 0.065 and 0.047 at the same steps from the t2i teacher.
+- time per step (batch 64, 2 threads, the CPU otherwise nearly idle): 0.36 s, so 800 steps take
+  about 5 minutes; with other jobs on the CPU the 800-step runs took 1,257 s (inpaint) and
+  1,266 s (edit), one thread each, side by side.
 """
 
 from __future__ import annotations
@@ -83,11 +97,12 @@ def evaluate(folder: Path, task: str, classifier, n: int, steps: int, cfgs: list
                     classifier, images, [e.source_label for e in examples], [e.target_label for e in examples],
                     [e.kind for e in examples],
                 )  # fmt: skip
-                # Reference: the real targets, and the unchanged sources (success should be 0).
-                m["target_success"] = tasks.edit_metrics(
+                # Reference: the real targets, as far as the classifier reads them right.
+                real = tasks.edit_metrics(
                     classifier, torch.stack([e.target for e in examples]), [e.source_label for e in examples],
                     [e.target_label for e in examples], [e.kind for e in examples],
-                )["success"]  # fmt: skip
+                )  # fmt: skip
+                m["target_success"], m["target_preservation"] = real["success"], real["preservation"]
             parts.append(m)
             outputs.append(images)
         row = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if all(k in p for p in parts)}
@@ -124,7 +139,7 @@ def main() -> None:
     for row in evaluate(folder, args.task, classifier, args.n, args.sampling_steps, args.cfg):
         row.update(init=args.init, pretrain_steps=s.steps, lr=s.lr, batch_size=s.batch_size,
                    pretrain_seconds=info["seconds"], teacher=str(folder), clip_context=CLIP_CONTEXT,
-                   loss_first_last=[info["loss_per_50_steps"][0], info["loss_per_50_steps"][-1]])  # fmt: skip
+                   loss_per_50_steps=[round(v, 4) for v in info["loss_per_50_steps"]])  # fmt: skip
         line = json.dumps(row)
         print(line, flush=True)
         if args.out:
