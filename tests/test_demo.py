@@ -283,3 +283,59 @@ def test_bf16_demo_runs_every_stage_in_bf16(bf16_demo):
     assert results["size"]["precision"] == "bf16" and "teacher (cached)" in results["timings_s"]
     assert all(r["finite"] for r in results["rows"] + results["dpo"])
     assert "Precision of synth, LADD, DPO and sampling: bf16." in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("task", ["inpaint", "edit"])
+def test_task_tables_come_from_the_evaluation(demo, task):
+    """`demo` runs every task by default: the task teacher (from the cached t2i one), synth of
+    the task's data, LADD with ladd.task, the export, and a table whose cells and goal line are
+    the evaluation's numbers."""
+    from ladd_ds.data.schema import TASK_LAYOUTS, validate_mds_dir
+    from ladd_ds.demo.task_pipeline import MEASURES, STUDENT_STEPS, goal
+
+    run = demo / "run"
+    results = json.loads((run / "eval.json").read_text())
+    task_results = results["tasks"][task]
+    rows = task_results["rows"]
+    top = max(SIZES["test"].teacher_steps)
+    assert [(r["kind"], r["steps"]) for r in rows] == [("teacher", top), ("teacher", 4)] + [("student", s) for s in STUDENT_STEPS]
+    for r in rows:
+        assert r["seeds"] == 3 and r["num_images"] == SIZES["test"].eval_prompts
+        assert r["nfe"] == r["steps"] * (2 if r["kind"] == "teacher" else 1)
+        values = [r["fd"], r["ms_per_image"], *(r[key] for key, _, _ in MEASURES[task])]
+        assert all(math.isfinite(v) for v in values)
+    assert task_results["goal"] == goal(task, rows)
+    report = (run / "report.md").read_text()
+    section = report.split(f"## {task}: teacher vs. LADD student")[1].split("\n## ")[0]
+    for r in rows:
+        name = "teacher" if r["kind"] == "teacher" else "LADD student"
+        cells = " | ".join(f"{r[key]:.3f} ± {r[f'{key}_std']:.3f}" for key, _, _ in MEASURES[task])
+        assert f"| {name} | {r['steps']} | {r['cfg']:g} | {r['fd']:.2f} ± {r['fd_std']:.2f} | {cells} |" in section
+    assert task_results["goal"]["text"] in section
+    # The stages ran what a user runs: data of the task's layout, LADD with ladd.task, an export of the task.
+    bucket = next(p for p in (run / task / "data").iterdir() if (p / "index.json").is_file())
+    assert set(TASK_LAYOUTS[task].required) <= set(validate_mds_dir(bucket, TASK_LAYOUTS[task])["columns"])
+    assert f"task: {task}" in (run / task / "run" / "config.yaml").read_text()
+    assert json.loads((run / task / "student" / "ladd_export.json").read_text())["sampling"]["task"] == task
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / task_results["tensorboard"])).Reload()
+    assert "samples/student_1step" in events.Tags()["images"]  # previews on the first sample's condition
+
+
+def test_task_goals_are_judged_on_the_rows():
+    from ladd_ds.demo.task_pipeline import goal
+
+    def row(kind, steps, **values):
+        return {"kind": kind, "steps": steps, "fd": 1.0, **values}
+
+    inpaint = [row("teacher", 50, fd=10.0), row("teacher", 4, fd=20.0), row("student", 1, fd=12.4), row("student", 4)]
+    assert goal("inpaint", inpaint)["met"] and "ratio 1.24" in goal("inpaint", inpaint)["text"]
+    inpaint[2]["fd"] = 12.6
+    assert not goal("inpaint", inpaint)["met"]
+    edit = [row("teacher", 50, success=0.8, preservation=0.9), row("student", 4, success=0.76, preservation=0.95)]
+    assert goal("edit", edit)["met"]
+    edit[1]["preservation"] = 0.94
+    assert not goal("edit", edit)["met"]
+    edit[1] |= {"preservation": 0.95, "success": 0.71}
+    assert not goal("edit", edit)["met"]
