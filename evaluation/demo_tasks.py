@@ -19,6 +19,10 @@ Measured on the 2-core CPU (Dec 2026; 192 held-out examples, 96 per bucket, 50 E
   preservation 0.50 (color edits 0.88, place edits 0.04, digit edits 0.60); CFG 1: success 0.70,
   preservation 0.46. The real targets score success 0.98 and preservation 0.97 with the same
   classifier.
+- edit, 2,400 steps from the t2i teacher (the demo's setting, pretrain.TASK_STEPS): CFG 3: success
+  0.96 (color 1.0, place 1.0, digit 0.88), preservation 0.69 (color edits 0.89, place edits 0.21,
+  digit edits 1.0); the real targets of that draw: success 0.98, preservation 0.95. Loss per 50
+  steps still falling at the end (0.032). 1,415 s of pretraining, one thread, the CPU shared.
 - from scratch instead (random init, `--init scratch`), 200 steps: loss over steps 150-199 of
   0.148 (edit) and 0.109 (inpaint), against 0.065 and 0.047 at the same steps from the t2i teacher.
 - time per step (batch 64, 2 threads, the CPU otherwise nearly idle): 0.36 s, so 800 steps take
