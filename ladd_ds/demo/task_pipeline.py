@@ -235,7 +235,7 @@ def run_task(out: Path, task: str, cache: Path, size, classifier, frechet: Calla
     timings["synth"] = time.time() - t0
 
     t0 = time.time()
-    sets = [f"ladd.task={task}"]
+    sets = [f"ladd.task={task}", f"run.max_steps={size.task_train_steps.get(task, size.train_steps)}"]
     if task == "edit":
         sets.append("logging.sample_prompts=[" + ", ".join(EDIT_PREVIEW_PROMPTS) + "]")
     student = stages.ladd_stage(work, data, teacher, size, sets)
