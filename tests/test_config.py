@@ -77,7 +77,7 @@ def test_cli_bad_inputs_stop_before_any_engine(tmp_path, capsys):
     err = _cli_error(tmp_path, "data.source=mds", f"data.path={shards}")
     assert str(shards) in err and "missing column" in err
     err = _cli_error(tmp_path, "data.random_latents.latent_channels=16")
-    assert "data.random_latents.latent_channels=16 does not match the teacher's in_channels=4" in err
+    assert "data.random_latents.latent_channels=16 does not match the teacher's latent channels=4" in err
 
 
 @pytest.mark.parametrize("name", ["sd3_medium.yaml", "sd3_large.yaml"])
