@@ -239,3 +239,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def mds_samples(folder) -> list[dict]:
+    """Every sample of an MDS dataset folder, in order, decoded by streaming's shard readers. Not
+    a StreamingDataset: each holds shared-memory blocks whose file descriptors stay open in the
+    test process until the object is collected (hundreds over the suite ran out of descriptors)."""
+    import numpy as np
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    folder = Path(folder)
+    samples = []
+    for shard in json.loads((folder / "index.json").read_text())["shards"]:
+        reader = reader_from_json(str(folder), None, shard)
+        raw = folder / shard["raw_data"]["basename"]
+        if raw.is_file():
+            data = raw.read_bytes()
+        else:  # only the compressed shard is there
+            data = decompress(shard["compression"], (folder / shard["zip_data"]["basename"]).read_bytes())
+        n = int(shard["samples"])
+        offsets = np.frombuffer(data[4 : 4 + 4 * (n + 1)], np.uint32)  # MDS: sample count, then n + 1 offsets
+        samples += [reader.decode_sample(data[offsets[i] : offsets[i + 1]]) for i in range(n)]
+    return samples

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from streaming import StreamingDataset
 
 from ladd_ds.data.loader import stored_tensor
 from ladd_ds.models.text_encoders import build_tiny_text_encoders
-from tests.conftest import TINY_CONFIG, export, read_metrics, run_cli
+from tests.conftest import TINY_CONFIG, export, mds_samples, read_metrics, run_cli
 
 
 @pytest.mark.multiproc
@@ -51,7 +50,7 @@ def test_bf16_encode_runs_the_text_encoders_in_bf16(tmp_path):
     sets = ["synth.buckets=[[64,64]]", "text.max_sequence_length=32", "deepspeed.precision=bf16"]
     args = ["encode", "--config", str(TINY_CONFIG), "--images", str(images), "--captions", str(captions), "--out", str(out)]
     run_cli(*args, *[a for s in sets for a in ("--set", s)], launcher="in-process")
-    sample = StreamingDataset(local=str(out / "64x64"), shuffle=False, batch_size=1)[0]
+    sample = mds_samples(out / "64x64")[0]
     assert sample["prompt_embeds"].dtype == np.uint16  # bf16 bits: what the bf16 encoders produced
     stored = stored_tensor(sample["prompt_embeds"])
     bf16 = build_tiny_text_encoders("tiny", seed=0, max_sequence_length=32).to("cpu", torch.bfloat16)

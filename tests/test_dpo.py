@@ -14,7 +14,7 @@ from ladd_ds.dpo.loss import dpo_loss, velocity_errors
 from ladd_ds.models.flow_model import FlowModel
 from ladd_ds.models.lora import adapters_disabled, add_lora, load_lora, lora_config, lora_state_dict, read_lora, save_lora
 from ladd_ds.models.registry import build_transformer
-from tests.conftest import REPO, cli_error, copy_run_until, export, read_metrics, run_cli
+from tests.conftest import REPO, cli_error, copy_run_until, export, mds_samples, read_metrics, run_cli
 
 DPO_CONFIG = REPO / "configs" / "tiny_dpo_cpu.yaml"
 LOG2 = math.log(2.0)
@@ -265,15 +265,13 @@ def brightness_scorer(scale: float = 1.0):
 
 def read_pairs(path):
     """Every pair of a `ladd-ds pairs` output (all its buckets), in prompt order."""
-    from streaming import StreamingDataset
 
     from ladd_ds.data.loader import clean_stale_shared_memory_once
 
     clean_stale_shared_memory_once()
     rows = []
     for bucket in json.loads((path / "manifest.json").read_text())["buckets"]:
-        ds = StreamingDataset(local=str(path / bucket), shuffle=False, batch_size=1)
-        rows += [dict(ds[i]) for i in range(ds.num_samples)]
+        rows += [dict(s) for s in mds_samples(path / bucket)]
     return sorted(rows, key=lambda r: r["index"])
 
 

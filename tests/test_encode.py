@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from streaming import StreamingDataset
 
 from ladd_ds.generate.encode import load_cropped, nearest_bucket
 from ladd_ds.models.codec import VAECodec
 from ladd_ds.models.vae import build_tiny_vae
-from tests.conftest import TINY_CONFIG, cli_error, run_cli
+from tests.conftest import TINY_CONFIG, cli_error, mds_samples, run_cli
 
 SETS = ["synth.buckets=[[64,64],[64,128],[128,64]]", "synth.batch_size=2", "text.max_sequence_length=32"]
 
@@ -50,9 +49,7 @@ def test_encode_writes_normalized_latents_per_bucket(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["buckets"] == {"64x64": 1, "64x128": 2, "128x64": 1}
     codec = VAECodec(build_tiny_vae(4, seed=0))
-    ds = StreamingDataset(local=str(out / "64x128"), shuffle=False, batch_size=1)
-    for i in range(ds.num_samples):
-        s = ds[i]
+    for s in mds_samples(out / "64x128"):
         name = list(sizes)[s["index"]]
         assert s["prompt"] == f"picture {name}" and s["latent"].shape == (4, 8, 16)
         expected = codec.encode(load_cropped(str(images / name), 64, 128)[None])[0]
@@ -99,7 +96,7 @@ def test_bad_images_are_skipped_recorded_and_never_lose_work(tmp_path):
         ("truncated.jpg", "does not decode"),
     ]
     assert manifest["samples"] == 4 and manifest["buckets"] == {"64x64": 1, "64x128": 2, "128x64": 1}
-    tall = StreamingDataset(local=str(out / "128x64"), shuffle=False, batch_size=1)
+    tall = mds_samples(out / "128x64")
     assert tall[0]["prompt"] == "picture rotated.jpg"  # the EXIF-rotated image is tall
 
     assert "nothing to do" in encode(images, captions, out).stdout
@@ -135,8 +132,7 @@ def test_two_ranks_encode_what_one_rank_does(tmp_path):
         manifest = json.loads((out / "manifest.json").read_text())
         samples = {}
         for bucket in manifest["buckets"]:
-            ds = StreamingDataset(local=str(out / bucket), shuffle=False, batch_size=1)
-            samples.update({ds[i]["prompt"]: ds[i]["latent"] for i in range(ds.num_samples)})
+            samples.update({s["prompt"]: s["latent"] for s in mds_samples(out / bucket)})
         return manifest, samples
 
     (m1, s1), (m2, s2) = read(tmp_path / "one"), read(tmp_path / "two")

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from streaming import StreamingDataset
 
 from ladd_ds.config import load_config
 from ladd_ds.data.manifest import generation_guidance_scale, read_negative_prompt
@@ -15,7 +14,7 @@ from ladd_ds.generate.state import completed_samples
 from ladd_ds.models.registry import build_transformer
 from ladd_ds.models.text_encoders import CLIP_TOKENS, build_tiny_text_encoders
 from ladd_ds.sampling import TeacherSampler
-from tests.conftest import TINY_CONFIG, cli_error, copy_run_until, export, read_metrics, run_cli, train_tiny
+from tests.conftest import TINY_CONFIG, cli_error, copy_run_until, export, mds_samples, read_metrics, run_cli, train_tiny
 
 PROMPTS = ["a red seven in the top left", "a blue one", "three green twos", "a yellow four", "five", "six six", "seven"]
 SETS = [
@@ -39,9 +38,7 @@ def read_all(out):
     manifest = json.loads((out / "manifest.json").read_text())
     samples = {}
     for bucket in manifest["buckets"]:
-        ds = StreamingDataset(local=str(out / bucket), shuffle=False, batch_size=1)
-        for i in range(ds.num_samples):
-            s = ds[i]
+        for s in mds_samples(out / bucket):
             assert s["index"] not in samples, f"prompt {s['index']} twice"
             samples[s["index"]] = s
     return manifest, samples

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from streaming import StreamingDataset
 
 from ladd_ds.cli import main
 from ladd_ds.core.errors import InputError
@@ -22,7 +21,7 @@ from ladd_ds.models.registry import build_transformer
 from ladd_ds.models.text_encoders import build_tiny_text_encoders
 from ladd_ds.models.vae import build_tiny_vae
 from ladd_ds.sampling import SamplingModel, TeacherSampler, load_sampling_model, sample_latents, task_condition
-from tests.conftest import TINY_CONFIG, cli_error, run_cli
+from tests.conftest import TINY_CONFIG, cli_error, mds_samples, run_cli
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -250,8 +249,7 @@ def read(out):
     manifest = json.loads((out / "manifest.json").read_text())
     samples = {}
     for bucket in manifest["buckets"]:
-        ds = StreamingDataset(local=str(out / bucket), shuffle=False, batch_size=1)
-        samples.update({ds[i]["index"]: ds[i] for i in range(ds.num_samples)})
+        samples.update({s["index"]: s for s in mds_samples(out / bucket)})
     return manifest, samples
 
 
