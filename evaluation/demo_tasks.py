@@ -97,13 +97,14 @@ def evaluate(folder: Path, task: str, classifier, n: int, steps: int, cfgs: list
                     )  # fmt: skip
                     m[f"alignment/{kind}"], m[f"kept_error/{kind}"] = mk["alignment"], mk["kept_error"]
             else:
+                sources = torch.stack([e.source for e in examples])
                 m = tasks.edit_metrics(
-                    classifier, images, [e.source_label for e in examples], [e.target_label for e in examples],
+                    classifier, images, sources, [e.source_label for e in examples], [e.target_label for e in examples],
                     [e.kind for e in examples],
                 )  # fmt: skip
                 # Reference: the real targets, as far as the classifier reads them right.
                 real = tasks.edit_metrics(
-                    classifier, torch.stack([e.target for e in examples]), [e.source_label for e in examples],
+                    classifier, torch.stack([e.target for e in examples]), sources, [e.source_label for e in examples],
                     [e.target_label for e in examples], [e.kind for e in examples],
                 )  # fmt: skip
                 m["target_success"], m["target_preservation"] = real["success"], real["preservation"]

@@ -311,6 +311,9 @@ def test_task_tables_come_from_the_evaluation(demo, task):
         name = "teacher" if r["kind"] == "teacher" else "LADD student"
         cells = " | ".join(f"{r[key]:.3f} ± {r[f'{key}_std']:.3f}" for key, _, _ in MEASURES[task])
         assert f"| {name} | {r['steps']} | {r['cfg']:g} | {r['fd']:.2f} ± {r['fd_std']:.2f} | {cells} |" in section
+    ref = task_results["reference"]  # the real answers, scored by the same code
+    cells = " | ".join(f"{ref[key]:.3f}" for key, _, _ in MEASURES[task])
+    assert f"| real answers (reference) | – | – | {ref['fd']:.2f} | {cells} |" in section and math.isfinite(ref["fd"])
     assert task_results["goal"]["text"] in section
     # The stages ran what a user runs: data of the task's layout, LADD with ladd.task, an export of the task.
     bucket = next(p for p in (run / task / "data").iterdir() if (p / "index.json").is_file())

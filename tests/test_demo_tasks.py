@@ -185,13 +185,13 @@ def test_edit_metrics_score_success_and_preservation(dtype):
     sources, targets = torch.stack([e.source for e in examples]), torch.stack([e.target for e in examples])
     src, tgt, kinds = [e.source_label for e in examples], [e.target_label for e in examples], [e.kind for e in examples]
     oracle = Oracle(torch.cat([sources, targets]), src + tgt)
-    real = tasks.edit_metrics(oracle, targets.to(dtype), src, tgt, kinds)
+    real = tasks.edit_metrics(oracle, targets.to(dtype), sources, src, tgt, kinds)
     assert real["success"] == 1.0 and real["preservation"] == 1.0
     assert {f"success/{k}" for k in digits.EDIT_KINDS} <= set(real)
-    unchanged = tasks.edit_metrics(oracle, sources.to(dtype), src, tgt, kinds)
+    unchanged = tasks.edit_metrics(oracle, sources.to(dtype), sources, src, tgt, kinds)
     assert unchanged["success"] == 0.0 and unchanged["preservation"] == 1.0
     # Another example's target: a wrong edit that also changes what should have stayed.
-    wrong = tasks.edit_metrics(oracle, targets.roll(1, 0).to(dtype), src, tgt, kinds)
+    wrong = tasks.edit_metrics(oracle, targets.roll(1, 0).to(dtype), sources, src, tgt, kinds)
     shown = [tgt[i - 1] for i in range(12)]  # the label of what example i got
     others = [[k for k in digits.EDIT_KINDS if k != kind] for kind in kinds]
     kept = sum(all(getattr(a, k) == getattr(b, k) for k in ks) for a, b, ks in zip(shown, src, others))
@@ -199,8 +199,17 @@ def test_edit_metrics_score_success_and_preservation(dtype):
     assert wrong["success"] == pytest.approx(done / 12)
     expected = kept / 12
     assert wrong["preservation"] == pytest.approx(expected) and wrong["preservation"] < 1.0
+    # A classifier that misreads every glyph kept by color and place edits (the same way on the source
+    # and on its faithful copy): preservation compares with its reading of the source, so real targets
+    # still score 1; against the source labels only the digit edits (whose new glyph it reads) keep.
+    misread = [replace(lb, digit=(lb.digit + 1) % 10) for lb in src]
+    copies = [replace(t, digit=m.digit) if kind != "digit" else t for t, m, kind in zip(tgt, misread, kinds)]
+    biased_reader = Oracle(torch.cat([sources, targets]), misread + copies)
+    biased = tasks.edit_metrics(biased_reader, targets.to(dtype), sources, src, tgt, kinds)
+    assert biased["preservation"] == 1.0 and biased["success"] == 1.0
+    assert biased["preservation_vs_label"] == pytest.approx(kinds.count("digit") / 12) and "digit" in kinds
     with pytest.raises(ValueError, match="edit kinds"):
-        tasks.edit_metrics(oracle, targets, src, tgt, ["size"] * 12)
+        tasks.edit_metrics(oracle, targets, sources, src, tgt, ["size"] * 12)
 
 
 def test_task_teachers_train_from_the_t2i_teacher_and_sample_their_condition(tmp_path):

@@ -256,9 +256,10 @@ def write_report(out: Path, results: dict) -> Path:
     return path
 
 
-def task_table(rows: list[dict], measures: list) -> list[str]:
+def task_table(rows: list[dict], measures: list, reference: dict | None = None) -> list[str]:
     """A markdown table of an image-conditioned task's rows (ladd_ds.demo.task_pipeline), with a
-    column per (key, title, arrow) of `measures`."""
+    column per (key, title, arrow) of `measures`; `reference`: the real answers' scores
+    (TaskEvaluator.reference), a last row."""
     lines = [
         "| model | steps | CFG | FD ↓ | "
         + " | ".join(f"{title} {better}" for _, title, better in measures)
@@ -272,6 +273,9 @@ def task_table(rows: list[dict], measures: list) -> list[str]:
             f"| {name} | {r['steps']} | {r['cfg']:g} | {_fmt(r['fd'], r['fd_std'], 2)} | {values} | {r['nfe']} | "
             f"{_fmt(r['ms_per_image'], r['ms_per_image_std'], 1)} |"
         )
+    if reference is not None:
+        values = " | ".join(f"{reference[key]:.3f}" for key, _, _ in measures)
+        lines.append(f"| real answers (reference) | – | – | {reference['fd']:.2f} | {values} | – | – |")
     return lines
 
 
@@ -280,12 +284,13 @@ TASK_INTROS = {
         "Inpainting: held-out digits with a mask over the digit's quadrant or over a box of it; the prompt names what "
         "should appear. FD of the results pasted back into the kept area; kept-region error: mean absolute pixel error "
         "(in [-1, 1]) of the raw output outside the mask; filled-region alignment: share of pasted-back results whose "
-        "digit, color and place the classifier reads as the prompt asks."
+        "digit, color and place the classifier reads as the prompt asks. The reference row scores the source images."
     ),
     "edit": (
         'Editing: held-out digits with an instruction ("make it green", "move it to the bottom left", "make it a '
         'seven"). Edit success: share of outputs whose requested attribute the classifier reads as asked; '
-        "preservation: share whose two other attributes are the source's."
+        "preservation: share whose two other attributes the classifier reads as it reads them on the source image. "
+        "The reference row scores the rendered targets."
     ),
 }
 
@@ -300,7 +305,7 @@ def task_section(task: str, task_results: dict, results: dict) -> list[str]:
         + f" {rows[0]['num_images']} images per seed against {results['num_real']} held-out real images; mean ± std "
         f"over {rows[0]['seeds']} seeds.",
         "",
-        *task_table(rows, task_results["measures"]),
+        *task_table(rows, task_results["measures"], task_results.get("reference")),
         "",
         f"- {goal['text']}: {_met(goal['met'])}.",
         f"- TensorBoard: `tensorboard --logdir {task_results['tensorboard']}`.",

@@ -124,6 +124,36 @@ class TaskEvaluator:
             return torch.stack([e.image for e in examples]), torch.stack([e.mask for e in examples]), [e.prompt for e in examples]
         return torch.stack([e.source for e in examples]), None, [e.instruction for e in examples]
 
+    def _measure(self, examples, out: torch.Tensor, images: torch.Tensor, masks) -> tuple[dict, torch.Tensor]:
+        """The task's measures of outputs (B, 3, H, W) in [-1, 1] for one bucket's examples, and the
+        images that FD compares (inpainting: pasted back, what a user gets), in [0, 1]."""
+        if self.task == "inpaint":
+            measures = tasks.inpaint_metrics(self.classifier, out, images, masks, [e.label for e in examples])
+            out = masks * out + (1 - masks) * images
+        else:
+            labels = [e.source_label for e in examples], [e.target_label for e in examples]
+            measures = tasks.edit_metrics(self.classifier, out, images, *labels, [e.kind for e in examples])
+        return measures, ((out + 1.0) / 2.0).clamp(0, 1)
+
+    def _average(self, measures: list[dict]) -> dict[str, float]:
+        weights = [len(v) for v in self.examples.values()]
+        return {key: float(np.average([m[key] for m in measures], weights=weights)) for key, _, _ in MEASURES[self.task]}
+
+    @torch.no_grad()
+    def reference(self) -> dict:
+        """The real answers scored like a model's results (edit: the rendered targets; inpaint: the
+        source images): the ceiling the classifier and the FD's sample size allow."""
+        measures, results = [], []
+        for examples in self.examples.values():
+            images, masks, _ = self._inputs(examples)
+            real = torch.stack([e.target for e in examples]) if self.task == "edit" else images
+            m, shown = self._measure(examples, real, images, masks)
+            measures.append(m)
+            results.append(shown)
+        return {"name": "real", "kind": "real", "num_images": self.num_images, "fd": self.frechet(results)} | self._average(
+            measures
+        )
+
     @torch.no_grad()
     def evaluate(self, name: str, sm, steps: int, cfg: float, seeds: list[int]) -> TaskRow:
         from ladd_ds.core.noise import derive_seed
@@ -141,18 +171,10 @@ class TaskEvaluator:
                 noise_seeds = [derive_seed(seed, k, i) for i in range(len(prompts))]
                 out, took = generate(sm, prompts, noise_seeds, *bucket, steps=steps, cfg=cfg, condition=condition)
                 seconds += took
-                out = out * 2.0 - 1.0  # [0, 1] -> the examples' [-1, 1]
-                if self.task == "inpaint":
-                    measures.append(tasks.inpaint_metrics(self.classifier, out, images, masks, [e.label for e in examples]))
-                    out = masks * out + (1 - masks) * images  # what a user gets: pasted back
-                else:
-                    sources = [e.source_label for e in examples]
-                    targets = [e.target_label for e in examples]
-                    measures.append(tasks.edit_metrics(self.classifier, out, sources, targets, [e.kind for e in examples]))
-                results.append(((out + 1.0) / 2.0).clamp(0, 1))
-            weights = [len(v) for v in self.examples.values()]
-            keys = MEASURES[self.task]
-            row.measures.append({key: float(np.average([m[key] for m in measures], weights=weights)) for key, _, _ in keys})
+                m, shown = self._measure(examples, out * 2.0 - 1.0, images, masks)  # [0, 1] -> the examples' [-1, 1]
+                measures.append(m)
+                results.append(shown)
+            row.measures.append(self._average(measures))
             row.fd.append(self.frechet(results))
             row.ms_per_image.append(1000.0 * seconds / self.num_images)
         return row
@@ -255,11 +277,13 @@ def run_task(out: Path, task: str, cache: Path, size, classifier, frechet: Calla
     for steps in STUDENT_STEPS:
         print(f"evaluate {task}: LADD student {steps} steps", flush=True)
         rows.append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, size.seeds).summary())
+    reference = evaluator.reference()
     timings["evaluation"] = time.time() - t0
     return {
         "teacher": str(teacher),
         "teacher_info": json.loads((teacher / "ladd_model.json").read_text()).get("settings", {}),
         "rows": rows,
+        "reference": reference,  # the real answers, scored the same way
         "goal": goal(task, rows),
         "measures": MEASURES[task],  # the table's columns besides FD: (key, title, arrow)
         "num_images": evaluator.num_images,

@@ -193,28 +193,36 @@ def inpaint_metrics(
 def edit_metrics(
     classifier,
     outputs: torch.Tensor,
+    sources: torch.Tensor,
     source_labels: list[digits.DigitLabel],
     target_labels: list[digits.DigitLabel],
     kinds: list[str],
 ) -> dict[str, float]:
-    """Editing quality of outputs (B, 3, H, W) in [-1, 1]:
+    """Editing quality of outputs (B, 3, H, W) for source images (B, 3, H, W), all in [-1, 1]:
     - success: the share whose requested attribute (the edit's kind) the classifier reads as the
       target label's;
-    - preservation: the share whose other two attributes it reads as the source label's;
+    - preservation: the share whose other two attributes the classifier reads as it reads them on
+      the source image: unchanged by the edit. Compared with the reading of the source, not with its
+      label, so that the classifier's own errors (it misreads some held-out digits, the same way on
+      the source and on a faithful copy of it) do not cap the measure below 1;
+    - preservation_vs_label: the same against the source's label (capped by those errors);
     - success/<kind>, preservation/<kind> per edit kind present."""
     from ladd_ds.demo.classifier import label_targets
 
     _check_kinds(tuple(set(kinds)), digits.EDIT_KINDS, "edit")
-    pred = _read(classifier, outputs)
+    pred, seen = _read(classifier, outputs), _read(classifier, sources)
     src, tgt = label_targets(source_labels), label_targets(target_labels)
     kind_of = np.array(kinds)
     success = torch.zeros(len(kinds), dtype=torch.bool)
     kept = torch.ones(len(kinds), dtype=torch.bool)
+    kept_label = torch.ones(len(kinds), dtype=torch.bool)
     for kind in digits.EDIT_KINDS:  # each kind changes the attribute of its name
         rows = torch.from_numpy(kind_of == kind)
         success |= rows & (pred[kind] == tgt[kind])
-        kept &= rows | (pred[kind] == src[kind])  # an attribute the edits of other kinds must keep
+        kept &= rows | (pred[kind] == seen[kind])  # an attribute the edits of other kinds must keep
+        kept_label &= rows | (pred[kind] == src[kind])
     out = {"success": success.float().mean().item(), "preservation": kept.float().mean().item()}
+    out["preservation_vs_label"] = kept_label.float().mean().item()
     for kind in digits.EDIT_KINDS:
         rows = torch.from_numpy(kind_of == kind)
         if rows.any():
