@@ -12,7 +12,9 @@ Prints one JSON line per CFG scale (and writes them to --out if given), with the
 pretraining time, steps and loss curve from its ladd_model.json. Not part of the test suite
 (minutes). --cache must hold the demo classifier (demo-classifier-s1000-seed0), or it is trained.
 
-Measured on the 2-core CPU (Dec 2026; 192 held-out examples, 96 per bucket, 50 Euler steps):
+Measured on the 2-core CPU (Dec 2026; 192 held-out examples, 96 per bucket, 50 Euler steps;
+preservation then compared with the source's label, now (tasks.edit_metrics) with the classifier's
+reading of the source, and the measure against the label is `preservation_vs_label`):
 - inpaint, 800 steps from the t2i teacher, batch 64: CFG 3: alignment 0.96 (region masks 0.97,
   boxes 0.96), kept-region error 0.012; CFG 1: alignment 0.85, error 0.010.
 - edit, 800 steps from the t2i teacher: CFG 3: success 0.76 (color 1.0, place 1.0, digit 0.29),

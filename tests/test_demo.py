@@ -314,6 +314,13 @@ def test_task_tables_come_from_the_evaluation(demo, task):
     ref = task_results["reference"]  # the real answers, scored by the same code
     cells = " | ".join(f"{ref[key]:.3f}" for key, _, _ in MEASURES[task])
     assert f"| real answers (reference) | – | – | {ref['fd']:.2f} | {cells} |" in section and math.isfinite(ref["fd"])
+    if task == "edit":  # and per kind of edit, each weighted by its examples
+        keys = [f"{m}/{k}" for m in ("preservation", "success") for k in sorted(digits.EDIT_KINDS)]
+        assert "| model | steps | " + " | ".join(k.replace("/", ", ") for k in keys) + " |" in section
+        for r in rows:
+            name = "teacher" if r["kind"] == "teacher" else "LADD student"
+            cells = " | ".join(f"{r[k]:.3f} ± {r[f'{k}_std']:.3f}" for k in keys)
+            assert f"| {name} | {r['steps']} | {cells} |" in section
     assert task_results["goal"]["text"] in section
     # The stages ran what a user runs: data of the task's layout, LADD with ladd.task, an export of the task.
     bucket = next(p for p in (run / task / "data").iterdir() if (p / "index.json").is_file())

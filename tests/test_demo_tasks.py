@@ -259,3 +259,21 @@ def test_pretrain_teacher_command_takes_the_task(monkeypatch, tmp_path, task):
         assert settings.init_from is None
     else:  # started from the demo's text-to-image teacher, the one `ladd-ds demo` caches
         assert settings.init_from.key() == t2i.key()
+
+
+def test_task_measures_average_per_kind_over_that_kinds_examples():
+    """A per-kind measure pools the buckets by their examples of that kind, the overall measures by
+    the buckets' sizes."""
+    from ladd_ds.demo.task_pipeline import TaskEvaluator
+
+    evaluator = TaskEvaluator("edit", torch.nn.Identity(), n=12, num_real=0, frechet=None)
+    buckets = list(evaluator.examples.values())
+    counts = [sum(e.kind == "place" for e in ex) for ex in buckets]
+    assert len(buckets) == 2 and counts[0] != counts[1]  # this draw tells the weightings apart
+    measures = [
+        {"success": 1.0, "preservation": 0.5, "success/place": 1.0},
+        {"success": 0.0, "preservation": 0.5, "success/place": 0.0},
+    ]
+    averaged = evaluator._average(measures)
+    assert averaged["success"] == pytest.approx(0.5) and averaged["preservation"] == pytest.approx(0.5)
+    assert averaged["success/place"] == pytest.approx(counts[0] / sum(counts))

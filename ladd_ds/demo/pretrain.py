@@ -170,6 +170,36 @@ def training_batch(s: PretrainSettings, step: int, source) -> tuple[torch.Tensor
     return make_batch(make_examples(s.batch_size, "train", seed=seed, bucket=bucket, source=source))
 
 
+def flow_matching_loss(
+    model: FlowModel,
+    table: PromptTable,
+    x0: torch.Tensor,
+    condition: torch.Tensor | None,
+    prompts: list[str],
+    caption_dropout: float,
+    gen: torch.Generator,
+    time_shift: float = 1.0,
+) -> torch.Tensor:
+    """The teacher's rectified-flow loss on clean latents x0 (B, C, h, w): velocity MSE at times
+    from SD3's logit-normal density, shifted towards noise by `time_shift` (SD3's t -> s t / (1 +
+    (s - 1) t); 1 leaves it). Caption dropout drops the text only: the image condition stays
+    (guidance keeps it too)."""
+    drop = torch.rand(len(prompts), generator=gen) < caption_dropout
+    embeds, pooled = table.lookup(["" if d else p for p, d in zip(prompts, drop.tolist())])
+    eps = torch.randn(x0.shape, generator=gen)
+    t = sample_logit_normal((len(prompts),), generator=gen)
+    if time_shift != 1.0:
+        t = time_shift * t / (1.0 + (time_shift - 1.0) * t)
+    v = model(join_condition(add_noise(x0, eps, t), condition), t, embeds, pooled)
+    return (v - velocity_target(x0, eps)).square().mean()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1.0 - decay)
+
+
 def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None, cache_dir: str | Path | None = None) -> Path:
     """Train and save the demo teacher; returns the folder. `cache_dir`: where the teacher of
     `settings.init_from` is cached (trained first if absent), when there is one."""
@@ -201,22 +231,13 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None, 
     bar = tqdm(range(s.steps), desc="pretrain teacher", unit="step", dynamic_ncols=True)
     for step in bar:
         x0, condition, prompts = training_batch(s, step, source)  # (B, 12, H/2, W/2), (B, extra, ...) or None
-        # Caption dropout drops the text only: the image condition stays (guidance keeps it too).
-        drop = torch.rand(len(prompts), generator=gen) < s.caption_dropout
-        embeds, pooled = table.lookup(["" if d else p for p, d in zip(prompts, drop.tolist())])
-        eps = torch.randn(x0.shape, generator=gen)
-        t = sample_logit_normal((len(prompts),), generator=gen)  # SD3's training density
-        v = model(join_condition(add_noise(x0, eps, t), condition), t, embeds, pooled)
-        loss = (v - velocity_target(x0, eps)).square().mean()
+        loss = flow_matching_loss(model, table, x0, condition, prompts, s.caption_dropout, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            decay = min(s.ema_decay, (1 + step) / (10 + step))  # short warm-up of the EMA
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1.0 - decay)
+        ema_update(ema, model, min(s.ema_decay, (1 + step) / (10 + step)))  # short warm-up of the EMA
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")

@@ -279,6 +279,22 @@ def task_table(rows: list[dict], measures: list, reference: dict | None = None) 
     return lines
 
 
+def kind_table(rows: list[dict], reference: dict | None = None) -> list[str]:
+    """Per kind of example (the measures keyed "<measure>/<kind>", e.g. "preservation/place"): a
+    markdown table with a column each, a row per model row and the reference; empty if none."""
+    keys = [k for k in rows[0] if "/" in k and not k.endswith("_std")]
+    if not keys:
+        return []
+    keys.sort(key=lambda k: (k.split("/")[0], k.split("/")[1]))
+    lines = ["| model | steps | " + " | ".join(k.replace("/", ", ") for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        name = "teacher" if r["kind"] == "teacher" else "LADD student"
+        lines.append(f"| {name} | {r['steps']} | " + " | ".join(_fmt(r[k], r[f"{k}_std"], 3) for k in keys) + " |")
+    if reference is not None and all(k in reference for k in keys):
+        lines.append("| real answers (reference) | – | " + " | ".join(f"{reference[k]:.3f}" for k in keys) + " |")
+    return lines
+
+
 TASK_INTROS = {
     "inpaint": (
         "Inpainting: held-out digits with a mask over the digit's quadrant or over a box of it; the prompt names what "
@@ -295,6 +311,11 @@ TASK_INTROS = {
 }
 
 
+def _kind_lines(rows: list[dict], reference: dict | None) -> list[str]:
+    table = kind_table(rows, reference)
+    return ["Per kind of edit:", "", *table, ""] if table else []
+
+
 def task_section(task: str, task_results: dict, results: dict) -> list[str]:
     rows = task_results["rows"]
     goal = task_results["goal"]
@@ -307,6 +328,7 @@ def task_section(task: str, task_results: dict, results: dict) -> list[str]:
         "",
         *task_table(rows, task_results["measures"], task_results.get("reference")),
         "",
+        *_kind_lines(rows, task_results.get("reference")),
         f"- {goal['text']}: {_met(goal['met'])}.",
         f"- TensorBoard: `tensorboard --logdir {task_results['tensorboard']}`.",
         "",

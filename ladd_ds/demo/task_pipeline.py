@@ -136,8 +136,15 @@ class TaskEvaluator:
         return measures, ((out + 1.0) / 2.0).clamp(0, 1)
 
     def _average(self, measures: list[dict]) -> dict[str, float]:
+        """The buckets' measures, weighted by their examples; per edit kind ("success/place"),
+        weighted by the examples of that kind."""
         weights = [len(v) for v in self.examples.values()]
-        return {key: float(np.average([m[key] for m in measures], weights=weights)) for key, _, _ in MEASURES[self.task]}
+        out = {key: float(np.average([m[key] for m in measures], weights=weights)) for key, _, _ in MEASURES[self.task]}
+        for key in sorted({k for m in measures for k in m if "/" in k}):
+            kind = key.split("/")[1]
+            pairs = [(m[key], sum(e.kind == kind for e in ex)) for m, ex in zip(measures, self.examples.values()) if key in m]
+            out[key] = float(np.average([v for v, _ in pairs], weights=[n for _, n in pairs]))
+        return out
 
     @torch.no_grad()
     def reference(self) -> dict:
