@@ -110,7 +110,7 @@ class PretrainSettings:
 # Pretraining steps of the task teachers (started from the t2i teacher), chosen by measurement
 # with evaluation/demo_tasks.py (its docstring records the results). Editing needs more: at 50
 # steps and CFG 3, 800 steps gave edit success 0.76 and preservation 0.50, 2400 steps 0.96 and
-# 0.69 (192 held-out edits, 2-core CPU).
+# 0.69 (192 held-out edits, 2-core CPU; preservation then against the source's labels).
 TASK_STEPS = {"inpaint": 800, "edit": 2400}
 
 
