@@ -26,6 +26,11 @@ bucket; preservation 16x16 / 16x24), runs side by side:
 - the same with --pos-base 48: 250 steps 0.094 / 0.109 (stopped there; its loss first rose
   from 0.05 to 0.08 with the new position table).
 The real targets score 0.947 on place edits with the same classifier (the demo's report).
+Longer, alone after the first 500 steps: --kinds place,place,place,color,digit --time-shift 3
+--lr 1e-3: 500 steps 0.094 / 0.125, 1000 0.203 / 0.125, 1500 0.297 / 0.219, then the moves were
+learned in a jump: 2000 0.906 / 0.500 (loss 0.039 -> 0.032), 2500 0.984 / 0.609, 3000 0.984 /
+0.688, 3500 0.984 / 0.625. In the square bucket a move is a fixed shift by a quadrant; in the
+wide one the new position in the quadrant is drawn afresh, which the teacher learns more slowly.
 """
 
 from __future__ import annotations
