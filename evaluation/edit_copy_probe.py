@@ -17,8 +17,13 @@ is digit and color read as on the source) and the loss.
 (base size) at the same `pos_embed_max_size`: positions spaced base/max apart, so nearby tokens
 differ more. Not part of the test suite (minutes per 250 steps on 2 cores).
 
-Measured on the 2-core CPU (Dec 2026, from demo-edit-teacher-4e1efbdd1fb6, 64 place edits per
-bucket; preservation 16x16 / 16x24), runs side by side:
+It starts from the demo's edit teacher (pretrain.TASK_SETTINGS) unless --init names another.
+The measurements below are from before that teacher took the long run's schedule, and from
+before a move kept the glyph's offset in its quadrant (tasks.MOVES): the probe started from the
+then demo teacher, demo-edit-teacher-4e1efbdd1fb6 (2,400 steps, every kind equally, no time shift).
+
+Measured on the 2-core CPU (Dec 2026, 64 place edits per bucket; preservation 16x16 / 16x24), runs
+side by side:
 - before: 0.047 / 0.078 (the teacher draws the moved digit as another glyph);
 - --kinds place, lr 1e-3: 250 steps 0.078 / 0.062, 500 0.141 / 0.141, 750 0.156 / 0.156, 1000
   0.125 / 0.172;

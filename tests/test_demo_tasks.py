@@ -95,9 +95,11 @@ def test_edit_examples_change_exactly_the_requested_attribute(bucket):
         assert (quadrant_of(t_px), colour_of(e.target)) == (tgt.place, tgt.color)
         if e.kind == "color":  # the same glyph in the same place
             assert torch.equal(s_px, t_px)
-        if e.kind == "place":  # the same glyph, moved: equal crops around the lit pixels
-            (a, b, c, d), (p, q, r, s) = bbox(s_px), bbox(t_px)
-            assert torch.equal(e.source[:, a : b + 1, c : d + 1], e.target[:, p : q + 1, r : s + 1])
+        if e.kind == "place":  # the same glyph, shifted by half the image per changed half
+            h, w = bucket
+            rows = h // 2 * (tgt.place.startswith("bottom") - src.place.startswith("bottom"))
+            cols = w // 2 * (tgt.place.endswith("right") - src.place.endswith("right"))
+            assert torch.equal(torch.roll(e.source, (rows, cols), dims=(1, 2)), e.target)
 
 
 def test_edit_instructions_are_whole_words_of_the_edit_teachers_tokenizer():
@@ -129,6 +131,58 @@ def test_task_teachers_have_keys_of_their_own_and_the_t2i_key_is_unchanged():
         PretrainSettings(task="outpaint")
     with pytest.raises(ValueError, match="init_from"):
         PretrainSettings(init_from=t2i)
+    # The edit teacher's own schedule: weighted kinds and shifted times, each part of the key.
+    edit = task_settings("edit", t2i)
+    assert edit.time_shift > 1 and edit.kinds.count("place") > edit.kinds.count("color")
+    assert len({edit.key(), replace(edit, kinds=()).key(), replace(edit, time_shift=1.0).key()}) == 3
+    with pytest.raises(ValueError, match="kinds.*edit"):
+        replace(edit, kinds=("box",))
+    with pytest.raises(ValueError, match="kinds.*t2i"):
+        replace(t2i, kinds=("place",))
+    with pytest.raises(ValueError, match="time_shift"):
+        replace(edit, time_shift=0.0)
+
+
+def test_task_training_batches_draw_the_settings_kinds():
+    from ladd_ds.demo.pretrain import training_batch
+
+    source = digits.load_source_digits("train")
+    moves = {digits.edit_instruction("place", digits.DigitLabel(0, "red", p)) for p in digits.PLACES}
+    base = PretrainSettings(task="edit", batch_size=12)
+    _, _, prompts = training_batch(replace(base, kinds=("place",)), 0, source)
+    assert set(prompts) <= moves
+    _, _, prompts = training_batch(base, 0, source)
+    assert set(prompts) - moves  # every kind when none is named
+    _, masked, _ = training_batch(replace(base, task="inpaint", kinds=("region",)), 1, source)
+    mask = masked[:, -1:]  # inpaint: masked latent, then the mask at latent resolution
+    assert all(m.sum() == m.numel() / 4 for m in mask)  # one whole quadrant each
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_matching_loss_shifts_the_training_times_towards_noise(shift):
+    from ladd_ds.core.flow import sample_logit_normal
+    from ladd_ds.demo.pretrain import PromptTable, flow_matching_loss
+
+    class Table(PromptTable):
+        def __init__(self):
+            pass
+
+        def lookup(self, prompts):
+            return torch.zeros(len(prompts), 3, 8), torch.zeros(len(prompts), 8)
+
+    seen = []
+
+    def model(x, t, embeds, pooled):
+        seen.append(t)
+        return torch.zeros_like(x[:, :12])
+
+    x0 = torch.randn(64, 12, 4, 4)
+    flow_matching_loss(model, Table(), x0, None, ["a"] * 64, 0.1, torch.Generator().manual_seed(0), time_shift=shift)
+    gen = torch.Generator().manual_seed(0)
+    torch.rand(64, generator=gen), torch.randn(x0.shape, generator=gen)  # the loss's draws before the times
+    t = sample_logit_normal((64,), generator=gen)
+    assert torch.allclose(seen[0], shift * t / (1 + (shift - 1) * t))
+    assert (seen[0] >= t).all() and (shift == 1.0 or seen[0].mean() > t.mean() + 0.05)
 
 
 class Oracle(torch.nn.Module):

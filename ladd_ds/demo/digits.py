@@ -192,6 +192,14 @@ def draw_position(place: str, size: int, height: int, width: int, rng: np.random
     return int(rng.integers(rows[0], rows[1] + 1)), int(rng.integers(cols[0], cols[1] + 1))
 
 
+def move_position(top: int, left: int, place: str, new_place: str, height: int, width: int) -> tuple[int, int]:
+    """(top, left) in `new_place`'s quadrant at the same offset from the quadrant's corner as
+    (top, left) has in `place`'s: a move is a fixed shift by half the image per changed half."""
+    rows = (height // 2) * (new_place.startswith("bottom") - place.startswith("bottom"))
+    cols = (width // 2) * (new_place.endswith("right") - place.endswith("right"))
+    return top + rows, left + cols
+
+
 def paint(digit: np.ndarray, color: str, top: int, left: int, height: int, width: int) -> torch.Tensor:
     """(3, height, width) image in [0, 1]: the 8x8 source digit at its own size, colored, with its
     top-left corner at (top, left) on a black canvas."""

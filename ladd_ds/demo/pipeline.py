@@ -79,7 +79,7 @@ class DemoSize:
     # pairs, DPO, and the sampling of the evaluation (`ladd-ds demo --precision`).
     precision: str = "fp32"
     # Pretraining steps of the inpainting and editing teachers (from the text-to-image teacher);
-    # None: pretrain.TASK_STEPS.
+    # None: pretrain.TASK_SETTINGS.
     task_pretrain_steps: int | None = None
     # LADD steps of the task students ({task: steps}); a task not listed trains `train_steps`.
     task_train_steps: dict[str, int] = field(default_factory=dict)

@@ -69,6 +69,13 @@ class PretrainSettings:
     # digit in any quadrant, a distribution with several modes per prompt (digits.random_label).
     open_place: float = 0.0
     task: str = "t2i"  # conditioning.TASKS: the demo's text-to-image teacher, or an inpaint/edit one
+    # Kinds of training examples of an inpaint/edit task (digits.MASK_KINDS / EDIT_KINDS), drawn
+    # uniformly from this list: repeat a kind to weight it. Empty: every kind of the task, equally.
+    kinds: tuple[str, ...] = ()
+    # Training times drawn from SD3's logit-normal density, then shifted towards noise by this
+    # factor (t -> s t / (1 + (s - 1) t); 1 leaves them): more steps at the high noise levels that
+    # decide where a digit goes.
+    time_shift: float = 1.0
     # Start from the cached teacher of these (text-to-image) settings, widened, instead of `seed`'s
     # random weights (inpaint/edit only).
     init_from: PretrainSettings | None = None
@@ -80,6 +87,13 @@ class PretrainSettings:
             raise ValueError("init_from: an inpaint or edit teacher starts from a text-to-image teacher's settings")
         if self.task != "t2i" and self.open_place:
             raise ValueError("open_place is a text-to-image setting; the task teachers' prompts name the place")
+        self.kinds = tuple(self.kinds)
+        if self.kinds:
+            known = {"inpaint": digits.MASK_KINDS, "edit": digits.EDIT_KINDS}.get(self.task, ())
+            if not set(self.kinds) <= set(known):
+                raise ValueError(f"kinds: the {self.task} task's examples are of kinds {known}, got {self.kinds}")
+        if self.time_shift <= 0:
+            raise ValueError(f"time_shift must be positive, got {self.time_shift}")
 
     def key(self) -> str:
         """Identifies a cached teacher: the same settings, architecture, data and text encoders
@@ -96,6 +110,10 @@ class PretrainSettings:
             del settings["init_from"]
         else:
             settings["init_from"] = self.init_from.key()
+        if not self.kinds:
+            del settings["kinds"]
+        if self.time_shift == 1.0:
+            del settings["time_shift"]
         identity = {
             "settings": settings,
             "architecture": PRESETS[self.preset],
@@ -104,22 +122,30 @@ class PretrainSettings:
         }
         if self.task != "t2i":
             identity["task_data"] = {"mask_kinds": digits.MASK_KINDS, "edit_kinds": digits.EDIT_KINDS}
+        if self.task == "edit":
+            identity["task_data"]["moves"] = tasks.MOVES
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# Pretraining steps of the task teachers (started from the t2i teacher), chosen by measurement
-# with evaluation/demo_tasks.py (its docstring records the results). Editing needs more: at 50
-# steps and CFG 3, 800 steps gave edit success 0.76 and preservation 0.50, 2400 steps 0.96 and
-# 0.69 (192 held-out edits, 2-core CPU; preservation then against the source's labels).
-TASK_STEPS = {"inpaint": 800, "edit": 2400}
+# The task teachers' settings (started from the t2i teacher), chosen by measurement with
+# evaluation/demo_tasks.py and evaluation/edit_copy_probe.py (their docstrings hold the results).
+# Editing needs more: moving a glyph to another quadrant means carrying it across tokens through
+# attention, which the teacher learned only after thousands of steps, most of them on moves, with
+# the training times shifted towards noise (2-core CPU measurements in docs/method.md, section 8).
+TASK_SETTINGS = {
+    "inpaint": {"steps": 800},
+    "edit": {"steps": 6000, "kinds": ("place", "place", "place", "color", "digit"), "time_shift": 3.0},
+}
 
 
 def task_settings(task: str, base: PretrainSettings, steps: int | None = None, init: bool = True) -> PretrainSettings:
     """An inpaint or edit teacher's settings: `base`'s (the demo's text-to-image teacher's) with
-    the task and its step count, started from `base`'s teacher unless `init` is False."""
-    if task not in TASK_STEPS:
-        raise ValueError(f"task must be one of {list(TASK_STEPS)}, got {task!r}")
-    return replace(base, task=task, steps=TASK_STEPS[task] if steps is None else steps, init_from=base if init else None)
+    the task's (TASK_SETTINGS; `steps` replaces its step count), started from `base`'s teacher
+    unless `init` is False."""
+    if task not in TASK_SETTINGS:
+        raise ValueError(f"task must be one of {list(TASK_SETTINGS)}, got {task!r}")
+    own = dict(TASK_SETTINGS[task], **({} if steps is None else {"steps": steps}))
+    return replace(base, task=task, init_from=base if init else None, **own)
 
 
 class PromptTable:
@@ -167,7 +193,8 @@ def training_batch(s: PretrainSettings, step: int, source) -> tuple[torch.Tensor
         batch = digits.make_samples(s.batch_size, "train", seed=seed, bucket=bucket, source=source, open_place=s.open_place)
         return digits.to_latent(torch.stack([b[0] for b in batch])), None, [b[1].prompt for b in batch]
     make_examples, make_batch = tasks.TASK_BATCHES[s.task]
-    return make_batch(make_examples(s.batch_size, "train", seed=seed, bucket=bucket, source=source))
+    kinds = {"kinds": s.kinds} if s.kinds else {}
+    return make_batch(make_examples(s.batch_size, "train", seed=seed, bucket=bucket, source=source, **kinds))
 
 
 def flow_matching_loss(
@@ -231,7 +258,7 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None, 
     bar = tqdm(range(s.steps), desc="pretrain teacher", unit="step", dynamic_ncols=True)
     for step in bar:
         x0, condition, prompts = training_batch(s, step, source)  # (B, 12, H/2, W/2), (B, extra, ...) or None
-        loss = flow_matching_loss(model, table, x0, condition, prompts, s.caption_dropout, gen)
+        loss = flow_matching_loss(model, table, x0, condition, prompts, s.caption_dropout, gen, s.time_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -7,7 +7,7 @@ names what should appear. Masks of two kinds (digits.MASK_KINDS): the digit's wh
 
 Editing: (source image, instruction, target image) with one attribute changed (digits.EDIT_KINDS):
 "make it green" (the same glyph at the same position in the new color), "move it to the bottom
-left" (the same glyph, drawn at a new position in the new quadrant), "make it a seven" (a glyph of
+left" (the same glyph, shifted into the new quadrant: at the same offset from its corner), "make it a seven" (a glyph of
 the new digit from the same split, at the source's color and position).
 
 Images here are in [-1, 1] (the pixel range of the codec and of conditioning.inpaint_condition).
@@ -24,6 +24,11 @@ import torch
 
 from ladd_ds.demo import digits
 from ladd_ds.models.conditioning import inpaint_condition, paste_back
+
+# How a place edit's target is drawn, part of the edit teachers' cache key: "offset kept" (the
+# glyph shifted by half the image per changed half, digits.move_position). Until Dec 2026 the new
+# position in the quadrant was drawn afresh, which made a move in the wide bucket a guess.
+MOVES = "offset kept"
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def edit_examples(
         elif kind == "place":
             places = [p for p in digits.PLACES if p != label.place]
             new = digits.DigitLabel(label.digit, label.color, places[int(rng.integers(len(places)))])
-            new_top, new_left = digits.draw_position(new.place, glyph.shape[-1], h, w, rng)
+            new_top, new_left = digits.move_position(top, left, label.place, new.place, h, w)
         else:
             others = [d for d in range(10) if d != label.digit]
             new = digits.DigitLabel(others[int(rng.integers(len(others)))], label.color, label.place)
