@@ -21,10 +21,16 @@ reading of the source, and the measure against the label is `preservation_vs_lab
   preservation 0.50 (color edits 0.88, place edits 0.04, digit edits 0.60); CFG 1: success 0.70,
   preservation 0.46. The real targets score success 0.98 and preservation 0.97 with the same
   classifier.
-- edit, 2,400 steps from the t2i teacher (the demo's setting, pretrain.TASK_STEPS): CFG 3: success
+- edit, 2,400 steps from the t2i teacher (the demo's setting until Dec 2026): CFG 3: success
   0.96 (color 1.0, place 1.0, digit 0.88), preservation 0.69 (color edits 0.89, place edits 0.21,
   digit edits 1.0); the real targets of that draw: success 0.98, preservation 0.95. Loss per 50
   steps still falling at the end (0.032). 1,415 s of pretraining, one thread, the CPU shared.
+- edit, the demo's setting since Dec 2026 (pretrain.TASK_SETTINGS: 6,000 steps from the t2i
+  teacher, moves 3 of every 5 training edits, training times shifted by 3 towards noise; a move
+  keeps the glyph's offset in its quadrant, tasks.MOVES): CFG 3: success 0.97 (color 1.0, place
+  1.0, digit 0.91), preservation 0.98 (color edits 0.97, place edits 0.97, digit edits 1.0); the
+  real targets of that draw: success 0.98, preservation 1.0. Loss per 50 steps 0.010 at the end;
+  2,013 s of pretraining (2 threads, the CPU nearly idle).
 - from scratch instead (random init, `--init scratch`), 200 steps: loss over steps 150-199 of
   0.148 (edit) and 0.109 (inpaint), against 0.065 and 0.047 at the same steps from the t2i teacher.
 - time per step (batch 64, 2 threads, the CPU otherwise nearly idle): 0.36 s, so 800 steps take

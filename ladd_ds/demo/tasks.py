@@ -7,8 +7,8 @@ names what should appear. Masks of two kinds (digits.MASK_KINDS): the digit's wh
 
 Editing: (source image, instruction, target image) with one attribute changed (digits.EDIT_KINDS):
 "make it green" (the same glyph at the same position in the new color), "move it to the bottom
-left" (the same glyph, shifted into the new quadrant: at the same offset from its corner), "make it a seven" (a glyph of
-the new digit from the same split, at the source's color and position).
+left" (the same glyph, shifted into the new quadrant at the same offset from its corner), "make
+it a seven" (a glyph of the new digit from the same split, at the source's color and position).
 
 Images here are in [-1, 1] (the pixel range of the codec and of conditioning.inpaint_condition).
 Every example is reproducible from (split, seed); train and held-out splits use disjoint source
