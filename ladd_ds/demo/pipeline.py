@@ -285,14 +285,24 @@ def _model_args(teacher: Path, precision: str) -> list[str]:
 
 
 def ladd_stage(work: Path, data: Path, teacher: Path, size: DemoSize, extra_sets: list[str]) -> Path:
-    """LADD training on `data`, then export; skipped when the export exists. Returns the export."""
+    """LADD training on `data`, then export; skipped when the export exists and was trained as
+    many steps as this stage asks (another count is an error: the stage would be stale). Returns
+    the export."""
     run_dir, export = work / "run", work / "student"
-    if not (export / "ladd_export.json").is_file():
-        work.mkdir(parents=True, exist_ok=True)
-        sets = [f"data.path={data}", f"run.run_dir={run_dir}", f"run.max_steps={size.train_steps}"]
-        sets += [f"logging.sample_every={size.sample_every}", *extra_sets]
-        _run(["train", *_model_args(teacher, size.precision), *_set_args(sets)], work / "train.log")
-        _export(run_dir, export)
+    sets = [f"data.path={data}", f"run.run_dir={run_dir}", f"run.max_steps={size.train_steps}"]
+    sets += [f"logging.sample_every={size.sample_every}", *extra_sets]
+    if (export / "ladd_export.json").is_file():
+        trained = json.loads((export / "ladd_export.json").read_text()).get("step")
+        planned = int([x for x in sets if x.startswith("run.max_steps=")][-1].split("=", 1)[1])
+        if trained != planned:
+            raise InputError(
+                f"{export} holds a student trained {trained} LADD steps, this demo's stage trains {planned}: "
+                f"use another --out, or delete {work} to train it again"
+            )
+        return export
+    work.mkdir(parents=True, exist_ok=True)
+    _run(["train", *_model_args(teacher, size.precision), *_set_args(sets)], work / "train.log")
+    _export(run_dir, export)
     return export
 
 
