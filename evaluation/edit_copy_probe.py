@@ -34,8 +34,9 @@ The real targets score 0.947 on place edits with the same classifier (the demo's
 Longer, alone after the first 500 steps: --kinds place,place,place,color,digit --time-shift 3
 --lr 1e-3: 500 steps 0.094 / 0.125, 1000 0.203 / 0.125, 1500 0.297 / 0.219, then the moves were
 learned in a jump: 2000 0.906 / 0.500 (loss 0.039 -> 0.032), 2500 0.984 / 0.609, 3000 0.984 /
-0.688, 3500 0.984 / 0.625. In the square bucket a move is a fixed shift by a quadrant; in the
-wide one the new position in the quadrant is drawn afresh, which the teacher learns more slowly.
+0.688, 3500 0.984 / 0.625. In the square bucket a move was a fixed shift by a quadrant; in the
+wide one the new position in the quadrant was then drawn afresh, which the teacher learned more
+slowly (a move now keeps the offset: tasks.MOVES).
 """
 
 from __future__ import annotations
