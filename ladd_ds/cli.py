@@ -22,6 +22,12 @@ def _train_parser(sub, name: str = "train", help: str = "LADD training (also und
     p.add_argument("--dry-run", action="store_true", help="validate, build models on the meta device, print sizes, exit")
     p.add_argument("--world-size", type=int, default=None, help="world size assumed by --dry-run (default: current)")
     p.add_argument(
+        "--allow-change",
+        default=None,
+        metavar="KEY,...",
+        help="resume although these config keys (or sections) changed what is trained; recorded in config_history.jsonl",
+    )
+    p.add_argument(
         "--device-memory-gib",
         type=float,
         default=None,
@@ -55,17 +61,22 @@ def _run_trainer(args, method, dry_run) -> int:
     cfg = load_config(args.config, overrides, command=args.command)
 
     from ladd_ds.distributed.ranks import print0, world_size
+    from ladd_ds.distributed.stop import StopRequested
     from ladd_ds.training.trainer import Trainer, TrainingHealthError
 
     if args.dry_run:
         print(dry_run(cfg, args.world_size or world_size()))
         return 0
-    trainer = Trainer(cfg, cfg.run.run_dir, method)
+    allow = [k.strip() for k in args.allow_change.split(",") if k.strip()] if args.allow_change else None
+    trainer = Trainer(cfg, cfg.run.run_dir, method, allow_change=allow)
     try:
         trainer.fit(cfg.run.max_steps)
     except TrainingHealthError as e:
         print0(f"ladd-ds {args.command}: stopped: {e}")
         return 3
+    except StopRequested as e:  # SIGINT / SIGTERM, after a checkpoint every rank saved
+        print0(f"ladd-ds {args.command}: {e}")
+        return e.exit_code
     finally:
         trainer.close()
     print0(f"done: step {trainer.step}, run directory {cfg.run.run_dir}")
@@ -83,12 +94,17 @@ def _export_parser(sub) -> None:
         "--dtype", choices=["bf16", "fp32"], default="bf16", help="bf16 (default) or fp32: the exported transformer's precision"
     )
     p.add_argument("--shard-size", default="5GB", help="largest safetensors file of the transformer, e.g. 5GB, 500MB")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; replaces only an export of the same run)")
+    _overwrite_arg(p, "an export of another run")
+
+
+def _overwrite_arg(p, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"also replace {what} at --out (anything else is refused)")
 
 
 def cmd_export(args) -> int:
     a = args
-    out = export_run(a.run, a.out, a.step, a.ema, a.lora, a.merge, dtype=a.dtype, shard_size=a.shard_size)
+    out = export_run(a.run, a.out, a.step, a.ema, a.lora, a.merge, dtype=a.dtype, shard_size=a.shard_size, overwrite=a.overwrite)
     print(f"exported to {out}")
     return 0
 
@@ -181,6 +197,7 @@ def _sample_parser(sub) -> None:
     p.add_argument("--lora", default=None, help="apply this LoRA folder (e.g. a DPO export's lora/) to the model")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="transformer and text encoders dtype")
     p.add_argument("--out", required=True, help="output path: writes OUT.png (grid) and OUT.npz (images, prompt index)")
+    _overwrite_arg(p, "samples of another model")
     p.add_argument("--image", default=None, help="inpaint/edit model: the image to inpaint or edit (cut to the sample size)")
     p.add_argument("--mask", default=None, help="inpaint model: mask image, white = fill in (also writes OUT_pasted.png/.npz)")
 
@@ -190,13 +207,18 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def cmd_sample(args) -> int:
-    from ladd_ds.sampling import run_sample
+    from ladd_ds.core.outputs import absolute
+    from ladd_ds.sampling import check_sample_outputs, run_sample
 
     def sample(model: str) -> None:
         a = args
-        run_sample(model, a.prompts, a.steps, a.cfg, a.seed, a.out, a.per_prompt, a.size, a.lora, a.precision, a.image, a.mask)
+        run_sample(
+            model, a.prompts, a.steps, a.cfg, a.seed, a.out, a.per_prompt, a.size, a.lora, a.precision, a.image, a.mask,
+            source=str(absolute(a.model)), overwrite=a.overwrite,
+        )  # fmt: skip
 
     if is_run_dir(args.model):  # its latest checkpoint, exported to a temporary folder first
+        check_sample_outputs(args.out, str(absolute(args.model)), args.overwrite)  # before the export
         with tempfile.TemporaryDirectory() as tmp:
             dtype = "bf16" if args.precision == "bf16" else "fp32"  # exact in the precision it samples in
             sample(str(export_run(args.model, Path(tmp) / "student", dtype=dtype)))
@@ -230,7 +252,10 @@ def cmd_pairs(args) -> int:
 
 def _pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain-teacher", help="demo helper: train the small digits teacher with rectified flow")
-    p.add_argument("--out", required=True, help="output folder (an SD3-style diffusers folder)")
+    p.add_argument(
+        "--out", required=True, help="output folder (an SD3-style diffusers folder; replaces only a teacher of the same settings)"
+    )
+    _overwrite_arg(p, "a teacher of other settings")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the full demo's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -257,7 +282,7 @@ def cmd_pretrain(args) -> int:
     if args.steps is not None:
         settings = replace(settings, steps=args.steps)
     cache = Path(args.cache or Path.home() / ".cache" / "ladd_ds")
-    print(f"teacher written to {pretrain_teacher(args.out, settings, cache_dir=cache)}")
+    print(f"teacher written to {pretrain_teacher(args.out, settings, cache_dir=cache, overwrite=args.overwrite)}")
     return 0
 
 
@@ -350,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         # bug and raises with its traceback.
         print(f"ladd-ds {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside training's steps (which stop with a checkpoint instead): what the command
+        # committed so far (parts, checkpoints) stays; a re-run continues from there.
+        print(f"ladd-ds {args.command}: interrupted (Ctrl-C); committed outputs are kept, run it again to go on", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ladd_ds.core.errors import InputError
+from ladd_ds.core.outputs import check_output
 
 
 def export_run(
@@ -18,23 +19,27 @@ def export_run(
     merge: bool = False,
     dtype: str = "bf16",
     shard_size: str | int = "5GB",  # ladd_ds.models.sharded.DEFAULT_SHARD_SIZE
+    overwrite: bool = False,
 ) -> Path:
     """Export a run's checkpoint with its method's exporter (the checkpoint records the method).
     The transformer is written in `dtype` ("bf16" or "fp32") as safetensors shards of at most
-    `shard_size` ("5GB", "10MB", or bytes)."""
+    `shard_size` ("5GB", "10MB", or bytes). `out` is replaced only when it holds an export of the
+    same run, an export of another run only with `overwrite`; anything else is refused
+    (ladd_ds.core.outputs), before any tensor is read."""
     from ladd_ds.models.sharded import parse_size, resolve_dtype
-    from ladd_ds.training.export import run_checkpoint
+    from ladd_ds.training.export import export_source, run_checkpoint
 
     torch_dtype, shard_bytes = resolve_dtype(dtype), parse_size(shard_size)
     cfg, checkpoint, kind = run_checkpoint(Path(run_dir), step)
+    check_output(out, "export", export_source(run_dir), overwrite=overwrite)
     if kind == "dpo":
         if ema or lora:
             raise InputError(f"{run_dir} is a DPO run: --ema and --lora apply to LADD runs only")
         from ladd_ds.dpo.export import export_dpo_run
 
-        return export_dpo_run(Path(run_dir), Path(out), cfg, checkpoint, merge, torch_dtype, shard_bytes)
+        return export_dpo_run(Path(run_dir), Path(out), cfg, checkpoint, merge, torch_dtype, shard_bytes, overwrite)
     if merge:
         raise InputError("--merge applies to DPO runs; to fold a LoRA into a LADD student use --lora DIR")
     from ladd_ds.ladd.export import export_ladd_run
 
-    return export_ladd_run(Path(run_dir), Path(out), cfg, checkpoint, ema, lora, torch_dtype, shard_bytes)
+    return export_ladd_run(Path(run_dir), Path(out), cfg, checkpoint, ema, lora, torch_dtype, shard_bytes, overwrite)

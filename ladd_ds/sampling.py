@@ -373,18 +373,75 @@ def image_grid(images: torch.Tensor, rows: int, pad: int = 2, zoom: int | None =
     return grid
 
 
-def save_samples(out: Path, images: torch.Tensor, prompt_index: list[int], seeds: list[int], prompts: list[str], rows: int):
-    """out.png (grid, `rows` rows; small images enlarged, see image_grid) and out.npz (the images
-    at their own size), each written to a temporary name first."""
+# The mark of a sample set (ladd_ds.core.outputs): the model it came from, in the PNG's text chunk
+# and as an entry of the npz. Only files that carry it are replaced.
+SAMPLES_KEY = "ladd_ds_samples"
+
+
+def _sample_source(path: Path) -> str | None:
+    """The model a ladd-ds sample file records, or None for a file that ladd-ds did not write."""
     from PIL import Image
 
+    try:
+        if path.suffix == ".png":
+            with Image.open(path) as im:
+                return im.text.get(SAMPLES_KEY)
+        with np.load(path) as npz:
+            return str(npz[SAMPLES_KEY]) if SAMPLES_KEY in npz.files else None
+    except Exception:  # not an image or archive at all (or not readable): not ours
+        return None
+
+
+def check_sample_outputs(out: str | Path, source: str, overwrite: bool = False) -> None:
+    """Refuse to write OUT.png / OUT.npz over a file ladd-ds did not write, or over samples of
+    another model without `overwrite` (OutputExistsError)."""
+    from ladd_ds.core.errors import OutputExistsError
+
+    for path in (Path(out).with_suffix(".png"), Path(out).with_suffix(".npz")):
+        if not path.exists():
+            continue
+        found = None if path.is_dir() else _sample_source(path)
+        if found is None:
+            raise OutputExistsError(f"--out {out}: {path} exists and was not written by ladd-ds sample; pass another --out")
+        if found != source and not overwrite:
+            raise OutputExistsError(
+                f"--out {out}: {path} holds samples of {found}, not of {source}; "
+                "pass --overwrite to replace them, or another --out"
+            )
+
+
+def save_samples(
+    out: Path,
+    images: torch.Tensor,
+    prompt_index: list[int],
+    seeds: list[int],
+    prompts: list[str],
+    rows: int,
+    source: str = "",
+    overwrite: bool = False,
+):
+    """out.png (grid, `rows` rows; small images enlarged, see image_grid) and out.npz (the images
+    at their own size), each written to a temporary name first, both marked with `source` (the
+    model). Files at out.png / out.npz are replaced only when they are samples of the same model
+    (of any model with `overwrite`)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
     out = Path(out)
+    check_sample_outputs(out, source, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     png, npz = out.with_suffix(".png"), out.with_suffix(".npz")
     tmp_png, tmp_npz = png.with_name(f".{png.name}.tmp.png"), npz.with_name(f".{npz.stem}.tmp.npz")
-    Image.fromarray(image_grid(images, rows)).save(tmp_png)
+    info = PngInfo()
+    info.add_text(SAMPLES_KEY, source)
+    Image.fromarray(image_grid(images, rows)).save(tmp_png, pnginfo=info)
     np.savez_compressed(
-        tmp_npz, images=to_uint8(images), prompt_index=np.array(prompt_index), seeds=np.array(seeds), prompts=np.array(prompts)
+        tmp_npz,
+        images=to_uint8(images),
+        prompt_index=np.array(prompt_index),
+        seeds=np.array(seeds),
+        prompts=np.array(prompts),
+        **{SAMPLES_KEY: np.array(source)},
     )
     tmp_png.replace(png)
     tmp_npz.replace(npz)
@@ -415,8 +472,18 @@ def run_sample(
     precision: str = "fp32",
     image: str | None = None,
     mask: str | None = None,
+    source: str | None = None,
+    overwrite: bool = False,
 ):
+    """`ladd-ds sample`. `source`: what the samples record as their model (default: `model`,
+    absolute); OUT.png / OUT.npz of another model are replaced only with `overwrite`."""
+    from ladd_ds.core.outputs import absolute
     from ladd_ds.data.prompts import numbered_lines, parse_bucket
+
+    made_by = source or str(absolute(model))
+    out_pasted = Path(out).with_name(Path(out).with_suffix("").name + "_pasted")
+    for target in (out, out_pasted):
+        check_sample_outputs(target, made_by, overwrite)  # before any model is loaded
 
     path = Path(prompts_file)
     prompts = [line for _, line in numbered_lines(path, "prompt file", "prompts")]
@@ -443,14 +510,15 @@ def run_sample(
         condition = task_condition(sm, task, source[None], None if pixel_mask is None else pixel_mask[None])
         condition = condition.expand(len(index), *condition.shape[1:])  # the same image for every sample
     images, seconds = generate(sm, [prompts[i] for i in index], seeds, height, width, steps, cfg, condition=condition)
-    png, npz = save_samples(Path(out), images, index, seeds, prompts, rows=len(prompts))
+    png, npz = save_samples(Path(out), images, index, seeds, prompts, rows=len(prompts), source=made_by, overwrite=overwrite)
     nfe = network_evaluations(sm.kind, steps, cfg)
     print(f"{sm.kind}: {len(images)} images {height}x{width}, {steps} steps, CFG {cfg}, {nfe} NFE/image, "
           f"{1000 * seconds / len(images):.1f} ms/image -> {png}, {npz}")  # fmt: skip
     if task == "inpaint":  # the result inside the hole, the given image everywhere else
         pasted = paste_back(images, (source[None] + 1.0) / 2.0, pixel_mask[None])
-        out_pasted = Path(out).with_name(Path(out).with_suffix("").name + "_pasted")
-        pasted_png, pasted_npz = save_samples(out_pasted, pasted, index, seeds, prompts, rows=len(prompts))
+        pasted_png, pasted_npz = save_samples(
+            out_pasted, pasted, index, seeds, prompts, rows=len(prompts), source=made_by, overwrite=overwrite
+        )
         print(f"inpaint: pasted back into the kept area -> {pasted_png}, {pasted_npz}")
     return png, npz
 

@@ -5,11 +5,15 @@ entry, and a crash leaves only a hidden `.NAME.tmp*` directory that nothing pick
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from ladd_ds.core.errors import OutputExistsError
+from ladd_ds.core.outputs import absolute, check_output, write_marker
 
 
 def temporary_sibling(out: str | Path, unique: bool = True) -> Path:
@@ -43,15 +47,30 @@ def commit_directory(tmp: Path, out: str | Path, replace: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | Path, replace: bool = True) -> Iterator[Path]:
-    """`with atomic_directory(out) as tmp:` write into `tmp`; on success it becomes `out`, on an
-    exception it is removed and `out` is untouched."""
-    out = Path(out)
+def atomic_directory(
+    out: str | Path, kind: str | None = None, source: str | None = None, *, overwrite: bool = False, option: str = "--out"
+) -> Iterator[Path]:
+    """`with atomic_directory(out, kind) as tmp:` write into `tmp`; on success it becomes `out`, on
+    an exception it is removed and `out` is untouched.
+
+    `kind` (an output kind of ladd_ds.core.outputs): `out` may be replaced only when it holds
+    that kind's marker (from the same `source`, or any with `overwrite`); the new folder gets the
+    marker. Checked before the first byte is written and again before the rename (a long write
+    may meet a folder that appeared meanwhile). Without `kind`, `out` must not exist."""
+    out = absolute(out)
+    check = functools.partial(check_output, out, kind, source, overwrite=overwrite, option=option)
+    if kind is None and out.exists():
+        raise OutputExistsError(f"{out} already exists; delete it or choose another output path")
+    if kind is not None:
+        check()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(out)
     try:
         yield tmp
+        if kind is not None:
+            write_marker(tmp, kind, source)
+            check()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    commit_directory(tmp, out, replace=replace)
+    commit_directory(tmp, out, replace=kind is not None)

@@ -99,7 +99,7 @@ def write_samples(
     latent_columns = [k for k, v in columns.items() if v.startswith("ndarray") and k not in storage]
 
     # replace=False: fails if another process created out_dir meanwhile
-    with atomic_directory(out_dir, replace=False) as tmp_dir:
+    with atomic_directory(out_dir) as tmp_dir:
         with MDSWriter(
             out=str(tmp_dir), columns=columns, size_limit=size_limit, hashes=[SHARD_HASH], compression=compression
         ) as writer:

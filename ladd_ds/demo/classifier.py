@@ -129,7 +129,7 @@ def train_classifier(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3,
 
 
 def save_classifier(model: DigitClassifier, info: dict, folder: Path) -> None:
-    with atomic_directory(folder) as tmp:
+    with atomic_directory(folder, "classifier") as tmp:
         save_file(model.state_dict(), tmp / WEIGHTS)
         (tmp / INFO).write_text(json.dumps(info, indent=2))
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ladd_ds.core.errors import InputError
+from ladd_ds.core.outputs import OUTPUT_MARKER, check_output, write_marker
 from ladd_ds.demo import digits
 from ladd_ds.demo.pretrain import PretrainSettings
 
@@ -558,7 +559,10 @@ def run_demo(
         raise InputError("--ablations, --dpo and --train-seeds are text-to-image stages: add t2i to --tasks")
     image_tasks = [t for t in DEMO_TASKS if t in tasks and t != "t2i"]
     out = Path(out)
+    check_output(out, "demo")  # a new or empty folder, or an earlier demo's output (its finished stages are reused)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / OUTPUT_MARKER).is_file():
+        write_marker(out, "demo")
     s = replace(SIZES[size], precision=precision)
     if train_seeds is not None:
         if train_seeds < 1:

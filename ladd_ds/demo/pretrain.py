@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from ladd_ds.core.files import atomic_directory
 from ladd_ds.core.flow import add_noise, sample_logit_normal, velocity_target
+from ladd_ds.core.outputs import check_output
 from ladd_ds.demo import digits, tasks
 from ladd_ds.models.codec import PIXEL_UNSHUFFLE
 from ladd_ds.models.conditioning import TASKS, join_condition
@@ -165,9 +166,10 @@ class PromptTable:
         return self.embeds[idx], self.pooled[idx]
 
 
-def save_teacher_folder(out: Path, transformer, text_encoder, info: dict) -> Path:
-    """Write an SD3-style folder atomically (temporary name, then rename)."""
-    with atomic_directory(out) as tmp:
+def save_teacher_folder(out: Path, transformer, text_encoder, info: dict, overwrite: bool = False) -> Path:
+    """Write an SD3-style folder atomically (temporary name, then rename). It replaces only a
+    teacher of the same settings (`info["key"]`), another teacher with `overwrite`."""
+    with atomic_directory(out, "teacher", info.get("key"), overwrite=overwrite) as tmp:
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         pipe = text_encoder.pipe
         for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
@@ -227,14 +229,19 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         pe.lerp_(pm, 1.0 - decay)
 
 
-def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None, cache_dir: str | Path | None = None) -> Path:
+def pretrain_teacher(
+    out: str | Path, settings: PretrainSettings | None = None, cache_dir: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Train and save the demo teacher; returns the folder. `cache_dir`: where the teacher of
-    `settings.init_from` is cached (trained first if absent), when there is one."""
+    `settings.init_from` is cached (trained first if absent), when there is one. `out` is checked
+    before training (ladd_ds.core.outputs): it is replaced only when it holds a teacher of the
+    same settings, another teacher only with `overwrite`."""
     from ladd_ds.models.registry import build_transformer
     from ladd_ds.models.text_encoders import build_tiny_text_encoders
 
     s = settings or PretrainSettings()
     out = Path(out)
+    check_output(out, "teacher", s.key(), overwrite=overwrite)
     torch.manual_seed(s.seed)
     text = build_tiny_text_encoders(
         s.preset, seed=s.seed, drop_t5=True, max_sequence_length=0, clip_tokens=CLIP_CONTEXT, words=tasks.task_words(s.task)
@@ -281,7 +288,7 @@ def pretrain_teacher(out: str | Path, settings: PretrainSettings | None = None, 
         "seconds": time.time() - start,
         "loss_per_50_steps": curve,
     }
-    return save_teacher_folder(out, ema.transformer, text, info)
+    return save_teacher_folder(out, ema.transformer, text, info, overwrite=overwrite)
 
 
 def cached_teacher(cache_dir: str | Path, settings: PretrainSettings) -> tuple[Path, bool]:

@@ -8,6 +8,8 @@ LADD_DS_INJECT_FAULTS="KIND@STEP[:RANK],..." with KIND one of
                 wrote their files and before the checkpoint is committed
   kill_in_finalize  SIGKILL `synth` / `encode` while finalizing, before the index of the STEP-th
                 bucket is written
+  sigterm       send SIGTERM to this process before that iteration (as SLURM does before it kills
+                a job; the run stops after that iteration with a checkpoint)
 RANK limits the fault to one global rank (default: every rank).
 """
 
@@ -21,7 +23,7 @@ from ladd_ds.core.errors import InputError
 from ladd_ds.distributed.ranks import rank
 
 ENV = "LADD_DS_INJECT_FAULTS"
-KINDS = ("nan_loss", "exit", "kill", "kill_in_save", "kill_in_finalize")
+KINDS = ("nan_loss", "exit", "kill", "kill_in_save", "kill_in_finalize", "sigterm")
 
 
 @functools.lru_cache(maxsize=8)
@@ -48,6 +50,9 @@ def maybe_die(kind: str, step: int) -> None:
     if not armed(kind, step):
         return
     print(f"[fault injection] {kind} at step {step} on rank {rank()}", flush=True)
+    if kind == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     if kind == "exit":
         os._exit(0)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -20,7 +20,7 @@ from ladd_ds.core.files import atomic_directory
 from ladd_ds.models.lora import lora_config_from, lora_state_dict, merged_sources, save_lora
 from ladd_ds.models.registry import is_folder, resolve_model_config
 from ladd_ds.models.sharded import DEFAULT_SHARD_BYTES
-from ladd_ds.training.export import absolute_spec, checkpoint_info, transformer_sources, write_transformer
+from ladd_ds.training.export import absolute_spec, checkpoint_info, export_source, transformer_sources, write_transformer
 
 
 def export_dpo_run(
@@ -31,11 +31,12 @@ def export_dpo_run(
     merge: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     shard_size: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """The LoRA (LoRA mode) and/or the fine-tuned model as an SD3 folder in `dtype` (`merge`, or
     full mode)."""
     sources = transformer_sources(checkpoint, "model")
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "export", export_source(run_dir), overwrite=overwrite) as tmp:
         _write_dpo_export(tmp, sources, cfg, run_dir, checkpoint, merge, dtype, shard_size)
     return Path(out)
 

@@ -37,12 +37,14 @@ from tqdm import tqdm
 from ladd_ds.config import Config, config_to_dict
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.core.host_memory import peak_rss_increase
+from ladd_ds.core.outputs import check_output
 from ladd_ds.data.images import UNREADABLE, image_bucket, load_cropped, load_mask
 from ladd_ds.data.manifest import read_manifest
 from ladd_ds.data.prompts import PromptJob, bucket_name, input_digest, load_prompt_jobs, numbered_lines, parse_bucket
 from ladd_ds.data.schema import LATENTS, MANIFEST_FILE, NEGATIVE_PROMPT_FILE, TASK_LAYOUTS, Layout
 from ladd_ds.data.writer import write_negative_prompt, write_samples
 from ladd_ds.distributed import faults
+from ladd_ds.distributed.claim import claim_folder
 from ladd_ds.distributed.ranks import barrier, broadcast_object, is_main, print0, rank, world_size
 from ladd_ds.generate.masks import DEFAULT_KINDS, check_kinds, random_mask
 from ladd_ds.generate.state import (
@@ -370,14 +372,14 @@ def common_settings(cfg: Config) -> dict:
 
 
 def start_generation(cfg: Config, out: Path) -> torch.device:
-    """Collective set-up of a generating command (synth, encode): the process group, the output
-    directory (made by rank 0, seen by all after a barrier); returns this rank's device."""
+    """Collective set-up of a generating command (synth, encode, pairs): the process group, and
+    the output directory claimed by rank 0 (ladd_ds.distributed.claim): refused when it holds
+    anything but a dataset of ladd-ds or when another job writes it, else created, locked for this
+    job and marked. Returns this rank's device."""
     from ladd_ds.distributed import engines as ds
 
     ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    barrier()
+    claim_folder(out, lambda folder: check_output(folder, "dataset"), "dataset", None, "dataset")
     return ds.device()
 
 

@@ -31,7 +31,14 @@ from ladd_ds.ladd.build import resolve_taps
 from ladd_ds.models.lora import merged_sources
 from ladd_ds.models.registry import resolve_model_config, task_model_config
 from ladd_ds.models.sharded import DEFAULT_SHARD_BYTES
-from ladd_ds.training.export import absolute_spec, checkpoint_info, ema_sources, transformer_sources, write_transformer
+from ladd_ds.training.export import (
+    absolute_spec,
+    checkpoint_info,
+    ema_sources,
+    export_source,
+    transformer_sources,
+    write_transformer,
+)
 
 
 def sampling_info(cfg) -> dict:
@@ -61,6 +68,7 @@ def export_ladd_run(
     lora: str | None = None,
     dtype: torch.dtype = torch.bfloat16,
     shard_size: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """The student (its EMA with `ema`; `lora` merged in if given) in `dtype` and the heads of a
     LADD run."""
@@ -71,7 +79,7 @@ def export_ladd_run(
         student = ema_sources(checkpoint, student, config)
     if lora is not None:
         student = merged_sources(student, lora)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "export", export_source(run_dir), overwrite=overwrite) as tmp:
         write_transformer(tmp / "transformer", config, student, dtype, shard_size)
         _write_ladd_export(tmp, checkpoint, cfg, run_dir, ema, lora, dtype)
     return out

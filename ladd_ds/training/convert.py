@@ -12,22 +12,23 @@ process group's collective time-out (30 minutes), so it never runs inside a coll
 The work is resumable: each engine is converted into CHECKPOINT/.universal.tmp/<engine>/ and
 renamed into place when complete; an interrupted conversion restarts at the first engine not yet
 done, and CHECKPOINT/universal/ appears (renamed) only when every engine is converted. A lock file
-(CHECKPOINT/.universal.lock: host and pid) keeps two processes from converting at once; a lock
-whose process on this host is gone is taken over.
+(CHECKPOINT/.universal.lock, ladd_ds.core.lock) keeps two processes from converting at once; a
+lock whose process on this host is gone is taken over. `ladd-ds convert-checkpoint` also holds
+the run directory's lock: it does not convert while a training job runs there.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ladd_ds.core.errors import InputError
+from ladd_ds.core.lock import LOCK_FILE, FileLock, LockedError, describe, holder_alive
+from ladd_ds.core.outputs import absolute
 from ladd_ds.training.checkpoint import UNIVERSAL_DIR
 
 STAGING = ".universal.tmp"
@@ -43,51 +44,28 @@ class ConversionBusy(InputError):
 
 
 def is_converted(checkpoint: Path) -> bool:
-    return (Path(checkpoint) / UNIVERSAL_DIR).is_dir()
-
-
-def _lock_owner(lock: Path) -> tuple[str, int] | None:
-    try:
-        host, pid = lock.read_text().split()
-        return host, int(pid)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _owner_alive(owner: tuple[str, int] | None) -> bool:
-    """Whether a lock's process still runs; one on another host is taken to (it cannot be checked)."""
-    if owner is None:
-        return False
-    host, pid = owner
-    if host != socket.gethostname():
+    """Whether CHECKPOINT/universal/ holds a finished conversion. A universal/ folder without the
+    conversion's record was not written here: it is refused, never used or replaced."""
+    universal = Path(checkpoint) / UNIVERSAL_DIR
+    if (universal / RECORD).is_file():
         return True
+    if universal.exists():
+        raise InputError(
+            f"{universal} was not written by ladd-ds convert-checkpoint (it has no {RECORD}); "
+            "move it out of the checkpoint, then run the command again"
+        )
+    return False
+
+
+def _lock(checkpoint: Path) -> FileLock:
+    return FileLock(Path(checkpoint) / LOCK, f"the conversion of {checkpoint}")
+
+
+def _take_lock(checkpoint: Path) -> FileLock:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _take_lock(checkpoint: Path) -> None:
-    lock = checkpoint / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = _lock_owner(lock)
-            if _owner_alive(owner):
-                raise ConversionBusy(
-                    f"{checkpoint} is being converted by another process ({owner[0]}, pid {owner[1]}); wait for it "
-                    f"to finish, or remove {lock} if that process is gone"
-                ) from None
-            lock.unlink(missing_ok=True)  # left by a process that died
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return
-    raise ConversionBusy(f"could not take {lock}: another process keeps taking it")
+        return _lock(checkpoint).acquire()
+    except LockedError as e:
+        raise ConversionBusy(str(e)) from None
 
 
 def engine_bytes(folder: Path) -> int:
@@ -103,7 +81,7 @@ def convert_to_universal(checkpoint: Path, engines: list[str], log=print) -> dic
     checkpoint = Path(checkpoint)
     if is_converted(checkpoint):
         return None
-    _take_lock(checkpoint)
+    lock = _take_lock(checkpoint)
     try:
         (checkpoint / FAILED).unlink(missing_ok=True)
         record = _convert(checkpoint, engines, log)
@@ -111,7 +89,7 @@ def convert_to_universal(checkpoint: Path, engines: list[str], log=print) -> dic
         (checkpoint / FAILED).write_text(f"{type(e).__name__}: {e}\n")
         raise
     finally:
-        (checkpoint / LOCK).unlink(missing_ok=True)
+        lock.release()
     return record
 
 
@@ -165,16 +143,16 @@ def wait_for_conversion(checkpoint: Path, log=print, poll_s: float = POLL_S) -> 
     checkpoint = Path(checkpoint)
     started = last_report = time.monotonic()
     while not is_converted(checkpoint):
-        failed, owner = checkpoint / FAILED, _lock_owner(checkpoint / LOCK)
+        failed, owner = checkpoint / FAILED, _lock(checkpoint).read_holder()
         if failed.is_file() and not (checkpoint / LOCK).exists():
             raise RuntimeError(f"converting {checkpoint} for this world size failed: {failed.read_text().strip()}")
-        if owner is not None and not _owner_alive(owner):
+        if owner and not holder_alive(owner):
             raise RuntimeError(
-                f"the process converting {checkpoint} ({owner[0]}, pid {owner[1]}) is gone; run "
+                f"the process converting {checkpoint} ({describe(owner)}) is gone; run "
                 "`ladd-ds convert-checkpoint --run RUN_DIR` (it resumes the conversion), then start the run again"
             )
         if time.monotonic() - last_report >= REPORT_EVERY_S:
-            by = f" by {owner[0]} pid {owner[1]}" if owner else ""
+            by = f" by {describe(owner)}" if owner else ""
             log(f"waiting for the conversion of {checkpoint}{by}: {time.monotonic() - started:.0f} s so far")
             last_report = time.monotonic()
         time.sleep(poll_s)
@@ -208,10 +186,17 @@ def convert_for_world_size(checkpoint: Path, engines: list[str]) -> None:
 def convert_run(run_dir: Path, step: int | None = None) -> Path:
     """`ladd-ds convert-checkpoint`: convert a run's checkpoint (default: the latest) for any
     world size, in this process; the run's next start on another world size loads it at once."""
-    from ladd_ds.training.checkpoint import read_trainer_state
     from ladd_ds.training.export import find_checkpoint
 
     checkpoint = find_checkpoint(Path(run_dir), step)
+    # One writer per run directory: not while a training job (or another conversion) runs in it.
+    with FileLock(Path(run_dir) / LOCK_FILE, f"run directory {absolute(run_dir)}"):
+        return _convert_run(checkpoint)
+
+
+def _convert_run(checkpoint: Path) -> Path:
+    from ladd_ds.training.checkpoint import read_trainer_state
+
     state = read_trainer_state(checkpoint)
     engines = trainable_engines(checkpoint)
     if is_converted(checkpoint):

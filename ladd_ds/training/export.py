@@ -17,13 +17,20 @@ import torch
 
 from ladd_ds.config import Config, load_config
 from ladd_ds.core.errors import InputError, MissingInputError
+from ladd_ds.core.outputs import absolute
 from ladd_ds.distributed.engines import lazy_zero_checkpoint
 from ladd_ds.distributed.flat import read_flat_range
 from ladd_ds.models.registry import transformer_from_config
 from ladd_ds.models.sharded import TensorSource, save_sharded_transformer
 from ladd_ds.training import checkpoint as ckpt
+from ladd_ds.training.run_dir import effective_overrides
 
 STUDENT_PREFIX = "transformer."  # FlowModel wraps the diffusers transformer as `.transformer`
+
+
+def export_source(run_dir: str | Path) -> str:
+    """What an export records as its source (ladd_ds.core.outputs): the run directory, absolute."""
+    return str(absolute(run_dir))
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
@@ -75,7 +82,8 @@ def run_checkpoint(run_dir: Path, step: int | None) -> tuple[Config, Path, str]:
     if not config_file.is_file():
         raise MissingInputError(f"{run_dir} has no config.yaml: is it a ladd-ds run directory?")
     checkpoint = find_checkpoint(run_dir, step)
-    return load_config(config_file), checkpoint, ckpt.read_trainer_state(checkpoint).get("trainer", "ladd")
+    cfg = load_config(config_file, effective_overrides(run_dir))  # with the changes a resume accepted
+    return cfg, checkpoint, ckpt.read_trainer_state(checkpoint).get("trainer", "ladd")
 
 
 def checkpoint_info(run_dir: Path, checkpoint: Path) -> dict:

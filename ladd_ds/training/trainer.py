@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ladd_ds.config import Config, save_config
+from ladd_ds.config import Config
+from ladd_ds.core.errors import LaddError
 from ladd_ds.core.host_memory import PeakIncrease, peak_rss_increase
 from ladd_ds.data.loader import batch_to_device, build_loader, iterate_forever
 from ladd_ds.data.writer import write_random_latents
@@ -24,17 +25,20 @@ from ladd_ds.distributed import faults
 from ladd_ds.distributed.ranks import (
     all_reduce_mean,
     barrier,
+    broadcast_object,
     is_main,
     local_world_size,
     print0,
     rank,
     world_size,
 )
+from ladd_ds.distributed.stop import StopRequested, StopSignals
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training.build import mds_data_plan
 from ladd_ds.training.convert import convert_for_world_size
 from ladd_ds.training.method import Method
 from ladd_ds.training.metrics import MetricLogger, NullLogger, StepTimer, to_floats, truncate_after
+from ladd_ds.training.run_dir import check_run_dir, claim_run_dir, record_config
 
 
 def host_peak_rss_gib() -> float:
@@ -48,14 +52,26 @@ class TrainingHealthError(RuntimeError):
 class Trainer:
     """Loop, data, logging, checkpoints, resume and health around one `Method`."""
 
-    def __init__(self, cfg: Config, run_dir: Path, method: type[Method]):
+    def __init__(self, cfg: Config, run_dir: Path, method: type[Method], allow_change: list[str] | None = None):
+        """`allow_change`: config keys (or sections) a resumed run may change although they change
+        what is trained (training/run_dir.py)."""
+        check_run_dir(Path(run_dir), method.kind)  # read-only, every rank: first, before the data is checked
         method.check_config(cfg)
         ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = claim_run_dir(self.run_dir, method.kind)  # one job per run directory
+        try:
+            self._setup(cfg, method, allow_change)
+        except BaseException:
+            if self.lock is not None:  # a job that failed to start leaves the run directory free
+                self.lock.release()
+            raise
+
+    def _setup(self, cfg: Config, method: type[Method], allow_change: list[str] | None) -> None:
         self.cfg = cfg
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
         self.step = 0
+        self._record_config(allow_change)
         self.loader = self._build_loader(method)
 
         self.ds_configs = method.ds_configs(cfg, world_size())
@@ -112,8 +128,30 @@ class Trainer:
             shared_memory_cleanup=data.shared_memory_cleanup,
         )
 
+    def _record_config(self, allow_change: list[str] | None) -> None:
+        """Collective: rank 0 records the config (config.yaml at the first start, a history line at
+        every start) or refuses a resume that changes what is trained; every rank raises its error."""
+        error = None
+        if is_main():
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            saved = ckpt.read_trainer_state(latest) if latest is not None else {"step": 0, "world_size": world_size()}
+            try:
+                record_config(
+                    self.run_dir,
+                    self.cfg,
+                    step=saved["step"],
+                    world=world_size(),
+                    saved_world=saved["world_size"],
+                    allow_change=allow_change,
+                )
+            except LaddError as e:
+                error = e
+        error = broadcast_object(error)
+        if error is not None:
+            raise error
+
     def _write_resolved_configs(self) -> None:
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        """The DeepSpeed configs this start built its engines with (they depend on the world size)."""
         for name, ds_config in self.ds_configs.items():
             (self.run_dir / f"ds_config_{name}.json").write_text(json.dumps(ds_config, indent=2))
 
@@ -200,6 +238,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self, max_steps: int) -> None:
+        """Train to `max_steps`. SIGINT / SIGTERM stop it after the current step with a checkpoint
+        (StopRequested; ladd_ds.distributed.stop)."""
+        with StopSignals() as stop:
+            self._fit(max_steps, stop)
+
+    def _fit(self, max_steps: int, stop: StopSignals) -> None:
         cfg = self.cfg
         images_per_step = cfg.data.micro_batch_size * cfg.optim.grad_accum * world_size()
         bar = tqdm(
@@ -214,6 +258,7 @@ class Trainer:
         while self.step < max_steps:
             faults.maybe_die("exit", self.step + 1)
             faults.maybe_die("kill", self.step + 1)
+            faults.maybe_die("sigterm", self.step + 1)
             micro_batches = [batch_to_device(next(self.batches), ds.device(), self.dtype) for _ in range(cfg.optim.grad_accum)]
             self.last_sample_ids = torch.cat([b["sample_id"] for b in micro_batches])
             timer.start()
@@ -233,6 +278,11 @@ class Trainer:
                 self.logger.log_images(self.step, self.preview.grids(self.method.trained_module(), self.dtype))
             if self.step % cfg.checkpoint.every == 0:
                 last_saved = self.save()
+            signum = stop.agreed()  # every rank, every step: a signal any rank got stops them all
+            if signum:
+                bar.close()
+                path = last_saved if last_saved is not None and self.step % cfg.checkpoint.every == 0 else self.save()
+                raise StopRequested(signum, self.step, path)
             if self.consecutive_skips >= cfg.health.max_consecutive_skips:
                 bar.close()
                 path = self.save()
@@ -269,3 +319,5 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
