@@ -86,6 +86,7 @@ def test_sigkill_mid_run_and_mid_checkpoint_resume_exactly(tmp_path, reference_r
     killed = run_cli(*train_args(crashed, REFERENCE_STEPS, *sets), nproc=2, check=False, launcher="deepspeed")
     assert killed.returncode != 0
     assert [r["step"] for r in read_metrics(crashed)] == [1, 2, 3]
+    assert (crashed / ".ladd_ds.lock").is_file()  # left by the killed rank 0: a dead holder, taken over below
     with_faults("kill_in_save@4:1")  # rerun: resumes from step 2, dies while saving step 4
     killed = run_cli(*train_args(crashed, REFERENCE_STEPS, *sets), nproc=2, check=False, launcher="deepspeed")
     assert killed.returncode != 0
@@ -101,6 +102,31 @@ def test_sigkill_mid_run_and_mid_checkpoint_resume_exactly(tmp_path, reference_r
         for key in LOSSES:
             assert g[key] == w[key], (g["step"], key)
     assert not (ckpts / ".step-00000004.tmp").exists()
+    assert not (crashed / ".ladd_ds.lock").exists()  # released by the run that finished
+
+
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint_and_resumes_exactly(tmp_path, reference_runs):
+    """SLURM's SIGTERM before a kill (here reaching rank 1 only, before step 3): every rank finishes
+    step 3, they save it together and exit 143; the resumed run equals the uninterrupted one."""
+    reference = reference_runs(2)
+    sets = (*EXACT, *GLOBAL_BATCH_8[2], "checkpoint.every=100")  # no checkpoint but the signal's
+    run_dir = tmp_path / "run"
+    with_faults("sigterm@3:1")
+    stopped = run_cli(*train_args(run_dir, REFERENCE_STEPS, *sets), nproc=2, check=False)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "ladd-ds train: stopped by SIGTERM after step 3; checkpoint" in stopped.stdout
+    assert "Traceback" not in stopped.stderr
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000003"]
+    assert not (run_dir / ".ladd_ds.lock").exists()
+    with_faults("")
+    out = run_cli(*train_args(run_dir, REFERENCE_STEPS, *sets), nproc=2)
+    assert "step-00000003 at step 3" in out.stdout
+    got, want = read_metrics(run_dir), read_metrics(reference)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for g, w in zip(got, want):
+        for key in LOSSES:
+            assert g[key] == w[key], (g["step"], key)
+    assert all(same(a, b) for a, b in zip(exported(run_dir, 6, tmp_path / "e1"), exported(reference, 6, tmp_path / "e2")))
 
 
 def test_a_rank_that_exits_ends_the_job(tmp_path):

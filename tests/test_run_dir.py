@@ -146,3 +146,19 @@ def test_allowed_changes_are_recorded_and_config_yaml_keeps_the_original(one_ste
     assert run_checkpoint(run_dir, None)[0].optim.student_lr == 2.0e-4  # exports see the config it trained with
     # Once accepted, the change is the run's config: the next resume with it needs no flag.
     run_cli(*resume(run_dir, "optim.student_lr=2.0e-4", "logging.every=2"), "--max-steps", "3", launcher="in-process")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch, precision):
+    """SIGINT before step 2 of a one-rank run: step 2 is finished and saved, exit 130, one line;
+    the same command resumes from it (SIGTERM on 2 ranks: tests/test_faults.py)."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("LADD_DS_INJECT_FAULTS", "sigint@2")
+    sets = [*FAST, f"deepspeed.precision={precision}", "checkpoint.every=100"]
+    proc = train_tiny(run_dir, 3, sets, check=False, launcher="in-process")
+    assert proc.returncode == 130
+    assert "ladd-ds train: stopped by SIGINT after step 2; checkpoint" in proc.stdout
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000002"]
+    monkeypatch.delenv("LADD_DS_INJECT_FAULTS")
+    out = train_tiny(run_dir, 3, sets, launcher="in-process")
+    assert "at step 2" in out.stdout and "done: step 3" in out.stdout

@@ -10,6 +10,7 @@ LADD_DS_INJECT_FAULTS="KIND@STEP[:RANK],..." with KIND one of
                 bucket is written
   sigterm       send SIGTERM to this process before that iteration (as SLURM does before it kills
                 a job; the run stops after that iteration with a checkpoint)
+  sigint        the same with SIGINT (Ctrl-C)
 RANK limits the fault to one global rank (default: every rank).
 """
 
@@ -23,7 +24,7 @@ from ladd_ds.core.errors import InputError
 from ladd_ds.distributed.ranks import rank
 
 ENV = "LADD_DS_INJECT_FAULTS"
-KINDS = ("nan_loss", "exit", "kill", "kill_in_save", "kill_in_finalize", "sigterm")
+KINDS = ("nan_loss", "exit", "kill", "kill_in_save", "kill_in_finalize", "sigterm", "sigint")
 
 
 @functools.lru_cache(maxsize=8)
@@ -50,8 +51,8 @@ def maybe_die(kind: str, step: int) -> None:
     if not armed(kind, step):
         return
     print(f"[fault injection] {kind} at step {step} on rank {rank()}", flush=True)
-    if kind == "sigterm":
-        os.kill(os.getpid(), signal.SIGTERM)
+    if kind in ("sigterm", "sigint"):
+        os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
         return
     if kind == "exit":
         os._exit(0)

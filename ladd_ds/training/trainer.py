@@ -259,6 +259,7 @@ class Trainer:
             faults.maybe_die("exit", self.step + 1)
             faults.maybe_die("kill", self.step + 1)
             faults.maybe_die("sigterm", self.step + 1)
+            faults.maybe_die("sigint", self.step + 1)
             micro_batches = [batch_to_device(next(self.batches), ds.device(), self.dtype) for _ in range(cfg.optim.grad_accum)]
             self.last_sample_ids = torch.cat([b["sample_id"] for b in micro_batches])
             timer.start()
