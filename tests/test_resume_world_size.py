@@ -8,6 +8,8 @@ The first part of each run is the reference run of the first world size up to it
 checkpoint (conftest.copy_run_until).
 """
 
+import json
+
 import pytest
 import torch
 
@@ -48,3 +50,7 @@ def test_resume_on_another_world_size(reference_runs, tmp_path, first, second):
         assert_state_close(student, ref_student, f"{first} -> {second} ranks student (ema={ema})")
         assert_state_close(heads, ref_heads, f"{first} -> {second} ranks heads")
     assert last_ids(run_dir, second) == last_ids(reference, 2)
+    # The world size changed with the same global batch: accepted, and recorded at the resume.
+    history = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["world_size"]) for h in history] == [(0, first), (RESUME_AT, second)]
+    assert history[1]["changed"].get("data.micro_batch_size") == [8 // first, 8 // second]

@@ -123,6 +123,15 @@ def test_a_resume_that_changes_what_is_trained_is_refused_with_the_differences(o
     assert checksums(one_step_run) == before  # nothing written, the lock released
 
 
+def test_convert_checkpoint_refuses_a_run_directory_in_use(one_step_run, other_process, capsys):
+    hold(one_step_run / LOCK, other_process.pid)
+    try:
+        err = cli_error(capsys, "convert-checkpoint", "--run", str(one_step_run))
+        assert f"is in use by another ladd-ds process: pid {other_process.pid}" in err
+    finally:
+        (one_step_run / LOCK).unlink()
+
+
 def test_dpo_refuses_a_ladd_run_directory_by_name(one_step_run, capsys):
     err = cli_error(capsys, "dpo", "--config", str(REPO / "configs" / "tiny_dpo_cpu.yaml"), "--run-dir", str(one_step_run))
     assert "is a run directory of ladd-ds train (LADD); ladd-ds dpo (Diffusion-DPO) cannot continue it" in err

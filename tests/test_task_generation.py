@@ -194,8 +194,8 @@ def test_sample_command_inpaints_and_pastes_back(task_teachers, tmp_path, precis
     # Another mask gives other samples: the condition reaches the model.
     mask[:] = 0
     mask[:8] = 255
-    Image.fromarray(mask).save(tmp_path / "top.png")
-    assert main([*args, "--mask", str(tmp_path / "top.png"), "--out", str(tmp_path / "top")]) == 0
+    Image.fromarray(mask).save(tmp_path / "top_mask.png")  # not top.png: that is where --out top writes
+    assert main([*args, "--mask", str(tmp_path / "top_mask.png"), "--out", str(tmp_path / "top")]) == 0
     assert not np.array_equal(np.load(tmp_path / "top.npz")["images"], result)
 
 
@@ -372,7 +372,7 @@ SYNTH = ["synth.num_steps=2", "synth.guidance_scale=3.0"]
 def test_synth_inpaint_samples_targets_from_conditions(tiny_task_teachers, image_folder, tmp_path, precision, capsys):
     mask = np.zeros((64, 64), np.uint8)
     mask[:32] = 255
-    Image.fromarray(mask).save(tmp_path / "top.png")
+    Image.fromarray(mask).save(tmp_path / "top_mask.png")  # not top.png: that is where --out top writes
     shutil.copy(image_folder / "img0.png", tmp_path / "img0.png")
     shutil.copy(image_folder / "img1.png", tmp_path / "img1.png")
     shutil.copy(image_folder / "broken.png", tmp_path / "broken.png")
