@@ -156,6 +156,15 @@ class DataConfig:
     # Shared memory of ended streaming jobs removed at start: "stale" = only blocks no process on
     # the node uses; "all" = every streaming block (also a live job's: a node to yourself); "off".
     shared_memory_cleanup: Literal["stale", "all", "off"] = "stale"
+    # `ladd-ds encode` skips (and lists with the reason) an image whose shorter side is below
+    # min_image_side pixels or whose long side / short side is beyond max_aspect_ratio, from its
+    # header. null: from synth.buckets. Half the smallest bucket side: an image enlarged more than
+    # 2x to cover its bucket is mostly interpolation (a 1x1 image would fill a 128x128 bucket with
+    # one colour). Twice the most elongated bucket's ratio: the center crop to the nearest bucket
+    # (of the image's orientation) then keeps at least half of the image (a 20000x20 strip would
+    # keep 0.15% of it in a 1.5:1 bucket).
+    min_image_side: int | None = None
+    max_aspect_ratio: float | None = None
     random_latents: RandomLatentsConfig = field(default_factory=RandomLatentsConfig)
 
     def validate(self) -> None:
@@ -163,6 +172,10 @@ class DataConfig:
             raise ConfigError("data.path: required when data.source is 'mds' (a directory of MDS shards)")
         if self.micro_batch_size < 1:
             raise ConfigError("data.micro_batch_size: must be >= 1")
+        if self.min_image_side is not None and self.min_image_side < 1:
+            raise ConfigError("data.min_image_side: must be >= 1 (pixels), or null for half the smallest bucket side")
+        if self.max_aspect_ratio is not None and not self.max_aspect_ratio >= 1.0:
+            raise ConfigError("data.max_aspect_ratio: must be >= 1 (long side / short side), or null to derive it from buckets")
         check_compression(self.compression, "data.compression")
 
 

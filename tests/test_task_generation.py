@@ -307,12 +307,18 @@ def test_encode_edit_reads_triples(image_folder, tmp_path, capsys):
         ("img1.png", "img3.png", "make it wider"),
         ("img0.png", "img2.png", "make it green"),
         ("img2.png", "img0.png", "undo"),
+        ("img0.png", "gone.png", "a target not on disk"),  # skipped with its reason, not an abort
+        ("broken.png", "img0.png", "a source that does not decode"),
     ]
     triples.write_text("".join(json.dumps({"source": a, "target": b, "prompt": p}) + "\n" for a, b, p in lines))
     out = tmp_path / "edit"
     command("encode", "--images", str(image_folder), "--captions", str(triples), "--out", str(out), "--task", "edit")
     manifest, samples = read(out)
     assert manifest["buckets"] == {"64x64": 2, "64x128": 1}
+    assert [(i["key"], i["reason"]) for i in manifest["skipped"]] == [
+        ("broken.png -> img0.png", "source broken.png: cannot identify the image file (not a decodable image)"),
+        ("img0.png -> gone.png", "target gone.png: file not found"),
+    ]
     codec = VAECodec(build_tiny_vae(4, seed=0))
     for index, s in samples.items():
         source, target, prompt = lines[index]

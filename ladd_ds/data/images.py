@@ -8,6 +8,7 @@ condition is cut from its image the same way wherever it is made.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from PIL import Image, ImageOps
 from ladd_ds.data.prompts import parse_bucket
 
 EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image by 90 degrees: width and height swap
-UNREADABLE = "(unreadable)"  # the bucket of an image whose header does not decode
+UNREADABLE = "(unreadable)"  # the bucket of an image that is skipped before it is read: see checked_bucket
 
 
 def nearest_bucket(width: int, height: int, buckets: list[str]) -> str:
@@ -33,11 +34,58 @@ def displayed_size(im: Image.Image) -> tuple[int, int]:
 def image_bucket(path, buckets: list[str]) -> str:
     """The bucket of nearest aspect ratio to the image as shown, or UNREADABLE when its header
     does not decode (the generating commands skip such an image, recording why)."""
+    return checked_bucket(path, buckets)[0]
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The smallest shorter side and the largest long/short side ratio of an image that is cut into
+    a bucket (data.min_image_side, data.max_aspect_ratio); `*_note`: where a default came from,
+    for the skip reasons."""
+
+    min_side: int
+    max_aspect: float
+    min_side_note: str = ""
+    max_aspect_note: str = ""
+
+    @classmethod
+    def for_buckets(cls, buckets: list[str], *, min_side: int | None = None, max_aspect: float | None = None) -> ImageLimits:
+        """The configured limits, each null one derived from the buckets: half the smallest bucket
+        side, twice the most elongated bucket's ratio (the comments on DataConfig say why)."""
+        sides = [parse_bucket(b) for b in buckets]
+        min_note = aspect_note = ""
+        if min_side is None:
+            min_side = max(1, min(min(hw) for hw in sides) // 2)
+            min_note = " (the default: half the smallest bucket side)"
+        if max_aspect is None:
+            max_aspect = 2.0 * max(max(hw) / min(hw) for hw in sides)
+            aspect_note = " (the default: twice the most elongated bucket's ratio)"
+        return cls(min_side, float(max_aspect), min_note, aspect_note)
+
+    def violation(self, width: int, height: int) -> str:
+        """Why an image of this size is not cut into a bucket, or "" when it may be."""
+        if min(width, height) < self.min_side:
+            return f"image is {width}x{height} pixels, smaller than data.min_image_side = {self.min_side}{self.min_side_note}"
+        ratio = max(width, height) / min(width, height)
+        if ratio > self.max_aspect:
+            return (
+                f"image is {width}x{height} pixels, aspect ratio {ratio:.4g} beyond data.max_aspect_ratio = "
+                f"{self.max_aspect:g}{self.max_aspect_note}"
+            )
+        return ""
+
+
+def checked_bucket(path, buckets: list[str], limits: ImageLimits | None = None) -> tuple[str, str]:
+    """(the bucket of nearest aspect ratio to the image as shown, "") from its header alone, or
+    (UNREADABLE, why) when the header does not decode or the size is outside `limits`: the
+    generating commands skip such an image, recording why."""
     try:
         with Image.open(path) as im:
-            return nearest_bucket(*displayed_size(im), buckets)
+            width, height = displayed_size(im)
     except (OSError, ValueError, Image.DecompressionBombError):
-        return UNREADABLE
+        return UNREADABLE, "cannot identify the image file (not a decodable image)"
+    why = limits.violation(width, height) if limits is not None else ""
+    return (UNREADABLE, why) if why else (nearest_bucket(width, height, buckets), "")
 
 
 def _cover_crop(im: Image.Image, height: int, width: int, resample) -> Image.Image:

@@ -23,6 +23,10 @@ class PromptJob:
     key: str = ""  # the sample's stable identity: str(index) for synth, the image's relative path for encode
     digest: str = ""  # of the inputs the sample is made from: a re-run checks that they did not change
     other_image: str | None = None  # `ladd-ds pairs --import-pairs`: the loser image (`image`: the winner)
+    # `ladd-ds encode`: the image files' size and mtime (and the image limits): a sample skipped
+    # under another stamp is retried (state.skip_digest)
+    stamp: str = ""
+    skip: str = ""  # why the sample cannot be made, found before any model runs; its bucket is then UNREADABLE
 
 
 def input_digest(*values) -> str:

@@ -7,8 +7,11 @@ real-vs-synthetic comparison.
 
 A sample's key is its image's path relative to the image folder, so editing the caption file
 (removing a line, appending images) never renames the samples already written. An image that
-does not decode, or is truncated, is skipped: recorded with its reason (manifest.json, "skipped",
-and the closing summary), never retried by a re-run, and nothing already encoded is lost.
+is missing, does not decode, is truncated, or is too small or too elongated for the buckets
+(data.min_image_side, data.max_aspect_ratio, checked from its header) is skipped: recorded with
+its reason (manifest.json, "skipped", and the closing summary), and nothing already encoded is
+lost. A re-run retries a skip only when its file changed (size or modification time) or the
+limits did (generate/state.py).
 
 `--task inpaint`: each image also gets a random mask (generate/masks.py; its seed from
 synth.seed and the image's key, stored as the sample's `seed`) and its condition, in the
@@ -19,7 +22,9 @@ to the source's bucket. The task and mask kinds are recorded: a re-run with othe
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import stat
 from pathlib import Path
 
 import torch
@@ -28,7 +33,15 @@ from PIL import Image
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.core.noise import derive_seed
-from ladd_ds.data.images import UNREADABLE, displayed_size, image_bucket, load_cropped, nearest_bucket  # noqa: F401 (re-exported)
+from ladd_ds.data.images import (  # noqa: F401 (displayed_size, image_bucket, nearest_bucket: re-exported)
+    UNREADABLE,
+    ImageLimits,
+    checked_bucket,
+    displayed_size,
+    image_bucket,
+    load_cropped,
+    nearest_bucket,
+)
 from ladd_ds.data.prompts import PromptJob, input_digest, numbered_lines, parse_bucket
 from ladd_ds.data.schema import TASK_LAYOUTS
 from ladd_ds.distributed.ranks import rank, world_size
@@ -65,27 +78,73 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def file_state(path: Path) -> tuple[list | None, str]:
+    """([size, mtime in ns] or None when missing, why it cannot be a captioned image or ""), from
+    one stat: every rank stats every captioned file at every start."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None, "file not found"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not a file"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return [st.st_size, st.st_mtime_ns], f"not an image file name (expected one of {sorted(IMAGE_SUFFIXES)})"
+    return [st.st_size, st.st_mtime_ns], ""
+
+
+def skip_stamp(stamps: list, limits: ImageLimits | None) -> str:
+    """The job's stamp (PromptJob.stamp): its files' [size, mtime] and the image limits, so that
+    a changed file, or other limits, make its skip stale and a re-run retries it. Not the
+    sample's digest: a written sample is not redone when a file is only touched or copied."""
+    return input_digest(stamps, dataclasses.asdict(limits) if limits else None)
+
+
+def check_some_found(jobs: list[PromptJob], captions, images: Path) -> None:
+    """A caption file none of whose images is in the folder is a wrong --images (or paths), not a
+    dataset of skips."""
+    if jobs and all("file not found" in j.skip for j in jobs):
+        raise MissingInputError(
+            f"{captions}: none of its {len(jobs)} lines has its images in {images} (the first: {jobs[0].key}, "
+            f"{jobs[0].skip}): check --images and the paths in the caption file"
+        )
+
+
 def load_image_jobs(
-    images: str | Path, captions: str | Path, buckets: list[str], seed: int, mine=lambda index: True
+    images: str | Path,
+    captions: str | Path,
+    buckets: list[str],
+    seed: int,
+    mine=lambda index: True,
+    limits: ImageLimits | None = None,
 ) -> list[PromptJob]:
     """One job per caption line, keyed by the image's relative path. Headers are read only for
     this rank's jobs (`mine(index)`; the others keep an empty bucket: another rank makes them); an
-    image whose header does not decode gets no bucket and is skipped when its turn comes."""
+    image that is missing, whose header does not decode, or whose size is outside `limits` gets
+    no bucket and its reason (job.skip), and is skipped when its turn comes. Every rank stats
+    every file: the stamps (size, mtime) decide on every rank alike which skips are stale."""
     images = Path(images)
     if not images.is_dir():
         raise MissingInputError(f"image folder {images} does not exist")
     jobs, seen = [], set()
     for index, (file, caption) in enumerate(read_captions(captions)):
         path = images / file
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise MissingInputError(f"{captions}: image {file} not found in {images} (or not an image: {sorted(IMAGE_SUFFIXES)})")
         key = path.relative_to(images).as_posix()
         if key in seen:
             raise InputError(f"{captions}: image {file} is captioned twice; keep one line per image")
         seen.add(key)
-        bucket = image_bucket(path, buckets) if mine(index) else ""
-        digest = input_digest(caption, path.stat().st_size)  # the bucket follows from the image
-        jobs.append(PromptJob(index, caption, bucket, seed, image=str(path), key=key, digest=digest))
+        stamp, why = file_state(path)
+        bucket = ""
+        if mine(index):
+            bucket, why = (UNREADABLE, why) if why else checked_bucket(path, buckets, limits)
+        # The bucket follows from the image. "": a missing file's digest is unknown, and not
+        # compared (a written sample whose file was deleted since stays as it is).
+        digest = input_digest(caption, stamp[0]) if stamp else ""
+        jobs.append(
+            PromptJob(
+                index, caption, bucket, seed, image=str(path), key=key, digest=digest, stamp=skip_stamp([stamp], limits), skip=why
+            )
+        )
+    check_some_found(jobs, captions, images)
     return jobs
 
 
@@ -105,30 +164,51 @@ def read_edit_triples(path: str | Path) -> list[tuple[str, str, str]]:
 
 
 def load_edit_jobs(
-    images: str | Path, captions: str | Path, buckets: list[str], seed: int, mine=lambda index: True
+    images: str | Path,
+    captions: str | Path,
+    buckets: list[str],
+    seed: int,
+    mine=lambda index: True,
+    limits: ImageLimits | None = None,
 ) -> list[PromptJob]:
     """One job per (source, target, instruction) line, keyed by both images' relative paths; the
-    bucket is the source's (the target is cut to it too). `image`: the source, `other_image`: the target."""
+    bucket is the source's (the target is cut to it too). `image`: the source, `other_image`: the
+    target. Skips as load_image_jobs, for either image (both headers are read for this rank's jobs)."""
     images = Path(images)
     if not images.is_dir():
         raise MissingInputError(f"image folder {images} does not exist")
     jobs, seen = [], set()
     for index, (source, target, prompt) in enumerate(read_edit_triples(captions)):
         paths = [images / source, images / target]
-        for file, path in zip((source, target), paths):
-            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise MissingInputError(
-                    f"{captions}: image {file} not found in {images} (or not an image: {sorted(IMAGE_SUFFIXES)})"
-                )
         key = " -> ".join(p.relative_to(images).as_posix() for p in paths)
         if key in seen:
             raise InputError(f"{captions}: the edit {key} is listed twice; keep one line per (source, target)")
         seen.add(key)
-        bucket = image_bucket(paths[0], buckets) if mine(index) else ""
-        digest = input_digest(prompt, paths[0].stat().st_size, paths[1].stat().st_size)
+        roles = [("source", source, paths[0]), ("target", target, paths[1])]
+        stamps, problems = zip(*(file_state(path) for path in paths))
+        bucket, why = "", next((f"{role} {file}: {w}" for (role, file, _), w in zip(roles, problems) if w), "")
+        if mine(index) and not why:  # both headers: the target is cut to the source's bucket
+            checks = [checked_bucket(path, buckets, limits) for _, _, path in roles]
+            bucket = checks[0][0]
+            why = next((f"{role} {file}: {w}" for (role, file, _), (_, w) in zip(roles, checks) if w), "")
+        if mine(index) and why:
+            bucket = UNREADABLE
+        digest = input_digest(prompt, stamps[0][0], stamps[1][0]) if all(stamps) else ""  # "": as load_image_jobs
         jobs.append(
-            PromptJob(index, prompt, bucket, seed, image=str(paths[0]), key=key, digest=digest, other_image=str(paths[1]))
+            PromptJob(
+                index,
+                prompt,
+                bucket,
+                seed,
+                image=str(paths[0]),
+                key=key,
+                digest=digest,
+                other_image=str(paths[1]),
+                stamp=skip_stamp(list(stamps), limits),
+                skip=why,
+            )
         )
+    check_some_found(jobs, captions, images)
     return jobs
 
 
@@ -152,7 +232,8 @@ def run_encode(
     model_cfg, buckets = generation_buckets(cfg)
     device = start_generation(cfg, out)
     load_jobs = load_edit_jobs if task == "edit" else load_image_jobs
-    jobs = load_jobs(images, captions, buckets, cfg.synth.seed, mine=lambda i: i % world_size() == rank())
+    limits = ImageLimits.for_buckets(buckets, min_side=cfg.data.min_image_side, max_aspect=cfg.data.max_aspect_ratio)
+    jobs = load_jobs(images, captions, buckets, cfg.synth.seed, mine=lambda i: i % world_size() == rank(), limits=limits)
     settings = {"images": str(Path(images).resolve()), "buckets": buckets, **common_settings(cfg)}
     if task != "t2i":  # recorded only for the new tasks: t2i outputs of earlier versions still resume
         settings["task"] = task
@@ -166,8 +247,8 @@ def run_encode(
 
     @torch.no_grad()
     def make_rows(batch: list[PromptJob], conditioning):  # the conditioning is not needed here
-        if batch[0].bucket == UNREADABLE:
-            return {}, [], [(j, "cannot identify the image file (not a decodable image)") for j in batch]
+        if batch[0].bucket == UNREADABLE:  # skipped from the header or file alone (load_image_jobs)
+            return {}, [], [(j, j.skip) for j in batch]
         h, w = parse_bucket(batch[0].bucket)
         made, pixels, sources, skipped = [], [], [], []
         for job in batch:

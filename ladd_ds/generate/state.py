@@ -8,9 +8,12 @@ only with the same inputs.
   position for synth, the image's relative path for encode) and a digest of the inputs it was
   made from (prompt or caption, bucket, seed). A re-run whose prompt for an existing key changed
   stops and names it; new keys (prompts or images appended) are generated.
-- OUT/skipped/*.skipped: samples that could not be made (an image that does not decode), each
-  with its reason; they count as done, so a re-run does not retry them, and the manifest lists
-  them.
+- OUT/skipped/*.skipped: samples that could not be made (an image that does not decode, is
+  missing or too small), each with its reason and skip_digest: the inputs' digest and, for
+  `encode`, the files' size and mtime. They count as done while that digest holds, so a re-run
+  does not retry them; a changed file makes the skip stale: rank 0 drops it from its record at
+  the start of the next run (drop_stale_skips), which then retries the sample. The manifest lists
+  the skips that hold.
 
 None of these files is named *.json: streaming's index merging reads every .json under a bucket
 as an index (streaming 0.13).
@@ -71,35 +74,82 @@ class Done:
     skipped: bool
 
 
-def completed_samples(out: Path) -> dict[str, Done]:
-    """Sample key -> where it is done, over every committed part and skip record (parts are
-    renamed into place when complete, records replaced atomically)."""
-    done: dict[str, Done] = {}
+def skip_digest(job) -> str:
+    """What a skip record holds of the job it skipped: its inputs' digest and, where the job has
+    one, the stamp of its files (size and mtime, as make and rsync compare them: no file is read).
+    A skip whose digest differs from its job's is stale: the file changed, retry it."""
+    return input_digest(job.digest, job.stamp) if job.stamp else job.digest
 
-    def add(key: str, item: Done) -> None:
-        if key in done:
-            raise InputError(f"{out}: sample {key!r} is in both {done[key].where} and {item.where}; remove one of them")
-        done[key] = item
 
+def _written(out: Path) -> dict[str, Done]:
+    """Key -> the committed part holding it; a key in two parts is an error (parts are renamed
+    into place when complete and never made twice)."""
+    written: dict[str, Done] = {}
     for part_file in sorted(out.glob(f"*/part-*/{PART_FILE}")):
         for key, value_digest in json.loads(part_file.read_text()):
-            add(key, Done(value_digest, part_file.parent, skipped=False))
+            if key in written:
+                raise InputError(
+                    f"{out}: sample {key!r} is in both {written[key].where} and {part_file.parent}; remove one of these parts"
+                )
+            written[key] = Done(value_digest, part_file.parent, skipped=False)
+    return written
+
+
+def completed_samples(out: Path) -> dict[str, Done]:
+    """Sample key -> where it is done, over every committed part and skip record (parts are
+    renamed into place when complete, records replaced atomically). A written sample supersedes
+    a skip record of its key: a retry made it (drop_stale_skips removes such entries)."""
+    done = _written(out)
     for record in sorted((out / SKIPPED_DIR).glob("*.skipped")):
         for item in json.loads(record.read_text()):
-            add(item["key"], Done(item["digest"], record, skipped=True))
+            done.setdefault(item["key"], Done(item["digest"], record, skipped=True))
     return done
 
 
+def _skip_holds(current: str | None, recorded: str) -> bool:
+    """Whether a skip recorded with digest `recorded` holds for a job of skip digest `current`
+    (None: no such job; "": not known on this rank, as `pairs` reads only its own rank's files,
+    so the record is trusted: every rank must agree on what is done)."""
+    return current == "" or current == recorded
+
+
 def still_done(done: dict[str, Done], jobs: list) -> set[str]:
-    """Keys that need no work: written samples, and skips whose inputs are unchanged (a replaced
-    image is tried again)."""
-    digests = {j.key: j.digest for j in jobs}
-    return {k for k, d in done.items() if not d.skipped or digests.get(k) == d.digest}
+    """Keys that need no work: written samples, and skips of unchanged inputs and files (a
+    replaced image is tried again)."""
+    digests = {j.key: skip_digest(j) for j in jobs}
+    return {k for k, d in done.items() if not d.skipped or _skip_holds(digests.get(k), d.digest)}
+
+
+def drop_stale_skips(out: Path, jobs: list) -> int:
+    """Remove from the skip records the entries a re-run supersedes: keys written in a part (a
+    retry made them) and skips of current jobs whose inputs or files changed (they are retried
+    now). Each record is replaced atomically (deleted when emptied), so a kill in here leaves
+    records that are still right. Rank 0, before any rank writes. Returns the entries dropped.
+
+    A job whose digest is unknown on this rank ("": `pairs` reads only its own rank's files)
+    keeps its skip, as do the skips of lines removed from the input (they hold if put back)."""
+    written = _written(out)
+    current = {j.key: skip_digest(j) for j in jobs}
+    dropped = 0
+    for record in sorted((out / SKIPPED_DIR).glob("*.skipped")):
+        items = json.loads(record.read_text())
+        keep = [i for i in items if i["key"] not in written and _skip_holds(current.get(i["key"], ""), i["digest"])]
+        if len(keep) == len(items):
+            continue
+        dropped += len(items) - len(keep)
+        if keep:
+            write_text_atomic(record, json.dumps(keep))
+        else:
+            record.unlink()
+    return dropped
 
 
 def check_unchanged(out: Path, done: dict[str, Done], jobs: list, what: str) -> None:
-    """Stop when a written sample's inputs (its job's digest) changed since it was made."""
-    changed = [j for j in jobs if j.key in done and not done[j.key].skipped and done[j.key].digest != j.digest]
+    """Stop when a written sample's inputs (its job's digest) changed since it was made. A job
+    whose digest is unknown ("": its file is missing, or another rank reads it) is not compared."""
+    changed = [
+        j for j in jobs if j.digest and j.key in done and not done[j.key].skipped and done[j.key].digest != j.digest
+    ]
     if changed:
         first = changed[0]
         raise InputError(
@@ -112,18 +162,20 @@ def record_skipped(out: Path, rank: int, serial: int, skipped: list[tuple]) -> N
     """Commit this rank's skipped samples [(job, reason)] as one record (atomic)."""
     folder = out / SKIPPED_DIR
     folder.mkdir(exist_ok=True)
-    items = [{"key": job.key, "digest": job.digest, "file": job.image, "reason": reason} for job, reason in skipped]
+    items = [{"key": job.key, "digest": skip_digest(job), "file": job.image, "reason": reason} for job, reason in skipped]
     name = f"rank-{rank:05d}-{serial:06d}-{input_digest([i['key'] for i in items])}.skipped"
     write_text_atomic(folder / name, json.dumps(items))
 
 
 def skipped_samples(out: Path, jobs: list) -> list[dict]:
-    """The skip records of the current jobs (an image whose line was removed is no longer listed)."""
-    digests = {j.key: j.digest for j in jobs}
+    """The skips that hold for the current jobs (an image whose line was removed is no longer
+    listed, nor one written since)."""
+    digests = {j.key: skip_digest(j) for j in jobs}
+    written = _written(out)
     items = []
     for record in sorted((out / SKIPPED_DIR).glob("*.skipped")):
         for i in json.loads(record.read_text()):
-            if digests.get(i["key"]) == i["digest"]:
+            if _skip_holds(digests.get(i["key"]), i["digest"]) and i["key"] not in written:
                 items.append({"key": i["key"], "file": i["file"], "reason": i["reason"]})
     return sorted(items, key=lambda i: i["key"])
 

@@ -53,6 +53,7 @@ from ladd_ds.generate.state import (
     check_or_write_state,
     check_unchanged,
     completed_samples,
+    drop_stale_skips,
     record_skipped,
     remove_stale_temporaries,
     skipped_samples,
@@ -202,24 +203,30 @@ def finalize(out: Path, jobs: list[PromptJob], cfg: Config, source: dict, sectio
     return manifest
 
 
-def finished_manifest(out: Path, jobs: list[PromptJob]) -> dict | None:
-    """The manifest of a finished output made from exactly these jobs (nothing left to do), else None."""
+def finished_manifest(out: Path, jobs: list[PromptJob], done: set[str]) -> dict | None:
+    """The manifest of a finished output made from exactly these jobs, each of them `done`
+    (written, or skipped with the same inputs and files): nothing left to do. Else None."""
     manifest = read_manifest(out)
     if manifest is None or manifest.get("inputs") != input_digest(sorted(j.key for j in jobs)):
+        return None
+    if any(j.key not in done for j in jobs):  # a stale skip (its file changed) is retried
         return None
     return manifest
 
 
 def prepare_output(out: Path, jobs: list[PromptJob], name: str, settings: dict) -> dict | None:
     """Before any model is built: check (rank 0) or record the output's settings, check that the
-    finished samples' inputs did not change, and return the manifest when nothing is left to do."""
+    finished samples' inputs did not change, and return the manifest when nothing is left to do.
+    Rank 0 also drops the skips this run supersedes, before any rank reads what is done."""
     if is_main():
         check_or_write_state(out, name, settings)
         remove_stale_temporaries(out)
+        drop_stale_skips(out, jobs)
     barrier()
     inputs = {"synth": "prompts", "encode": "captions or images", "pairs": "prompts or preference lines"}[name]
-    check_unchanged(out, completed_samples(out), jobs, inputs)
-    manifest = finished_manifest(out, jobs)
+    done = completed_samples(out)
+    check_unchanged(out, done, jobs, inputs)
+    manifest = finished_manifest(out, jobs, still_done(done, jobs))
     if manifest is not None:
         print0(f"{name}: {out} is complete ({manifest['samples']} samples): nothing to do")
     return manifest
