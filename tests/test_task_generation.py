@@ -378,7 +378,7 @@ SYNTH = ["synth.num_steps=2", "synth.guidance_scale=3.0"]
 def test_synth_inpaint_samples_targets_from_conditions(tiny_task_teachers, image_folder, tmp_path, precision, capsys):
     mask = np.zeros((64, 64), np.uint8)
     mask[:32] = 255
-    Image.fromarray(mask).save(tmp_path / "top_mask.png")  # not top.png: that is where --out top writes
+    Image.fromarray(mask).save(tmp_path / "top.png")
     shutil.copy(image_folder / "img0.png", tmp_path / "img0.png")
     shutil.copy(image_folder / "img1.png", tmp_path / "img1.png")
     shutil.copy(image_folder / "broken.png", tmp_path / "broken.png")
