@@ -65,8 +65,8 @@ class Trainer:
         self.lock = claim_run_dir(self.run_dir, method.kind)  # one job per run directory
         # The log file after the lock: a second job refused above never writes into this run's log.
         found = ckpt.complete_checkpoints(self.run_dir)
-        self.run_log = RunLog(self.run_dir, rank=rank(), world_size=world_size(), resume_step=found[-1][0] if found else None)
         try:
+            self.run_log = RunLog(self.run_dir, rank=rank(), world_size=world_size(), resume_step=found[-1][0] if found else None)
             with logged_exceptions(close=self.run_log):
                 self._setup(cfg, method, allow_change)
         except BaseException:
