@@ -180,21 +180,23 @@ def command_line() -> str:
     return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
-@contextlib.contextmanager
-def logged_exceptions(*, reported: tuple[type[BaseException], ...] = (), close: RunLog | None = None):
-    """Write an exception that ends the run into the log file before it propagates: a user's
-    mistake (LaddError) as its one line, anything else with its traceback; `reported`: exceptions
-    the caller reports itself. `close`: a RunLog to detach when one propagates (a run that fails
-    while it is built is never closed by its owner)."""
+def log_exception(error: BaseException, *, reported: tuple[type[BaseException], ...] = ()) -> None:
+    """Write an exception that ends the run into the log file: a user's mistake (LaddError) as
+    its one line, anything else with its traceback; `reported`: exceptions the caller reports
+    itself (a line it prints)."""
     from ladd_ds.core.errors import LaddError
 
+    if isinstance(error, LaddError):
+        logger().error(f"error: {error}")
+    elif not isinstance(error, reported):
+        logger().error("the run stopped with an exception", exc_info=(type(error), error, error.__traceback__))
+
+
+@contextlib.contextmanager
+def logged_exceptions(*, reported: tuple[type[BaseException], ...] = ()):
+    """`log_exception` for an exception that propagates out of the block."""
     try:
         yield
     except BaseException as e:
-        if isinstance(e, LaddError):
-            logger().error(f"error: {e}")
-        elif not isinstance(e, reported):
-            logger().error("the run stopped with an exception", exc_info=True)
-        if close is not None:
-            close.close()
+        log_exception(e, reported=reported)
         raise

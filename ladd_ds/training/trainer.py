@@ -38,7 +38,7 @@ from ladd_ds.distributed.stop import StopRequested, StopSignals
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training.build import mds_data_plan
 from ladd_ds.training.convert import convert_for_world_size
-from ladd_ds.training.logfile import RunLog, log_line, logged_exceptions
+from ladd_ds.training.logfile import RunLog, log_exception, log_line, logged_exceptions
 from ladd_ds.training.method import Method
 from ladd_ds.training.metrics import MetricLogger, NullLogger, StepTimer, to_floats, truncate_after
 from ladd_ds.training.run_dir import check_run_dir, claim_run_dir, record_config
@@ -63,13 +63,13 @@ class Trainer:
         ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
         self.run_dir = Path(run_dir)
         self.lock = claim_run_dir(self.run_dir, method.kind)  # one job per run directory
-        # The log file after the lock: a second job refused above never writes into this run's log.
-        found = ckpt.complete_checkpoints(self.run_dir)
+        self.run_log = None
         try:
-            self.run_log = RunLog(self.run_dir, rank=rank(), world_size=world_size(), resume_step=found[-1][0] if found else None)
-            with logged_exceptions(close=self.run_log):
-                self._setup(cfg, method, allow_change)
-        except BaseException:
+            self._setup(cfg, method, allow_change)
+        except BaseException as e:
+            if self.run_log is not None:
+                log_exception(e)
+                self.run_log.close()
             if self.lock is not None:  # a job that failed to start leaves the run directory free
                 self.lock.release()
             raise
@@ -79,6 +79,10 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
         self.step = 0
         self._record_config(allow_change)
+        # The log file from here on: a start refused before (another job's lock, a config change
+        # that needs --allow-change) leaves the run directory as it was.
+        found = ckpt.complete_checkpoints(self.run_dir)
+        self.run_log = RunLog(self.run_dir, rank=rank(), world_size=world_size(), resume_step=found[-1][0] if found else None)
         self.loader = self._build_loader(method)
 
         self.ds_configs = method.ds_configs(cfg, world_size())
@@ -352,7 +356,6 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        self.logger.close()
         self.logger.close()
         if self.lock is not None:
             self.lock.release()
