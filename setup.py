@@ -15,7 +15,9 @@ setup(
         "torchvision",
         "deepspeed>=0.19.3",  # non-reentrant checkpointing of frozen params under ZeRO-3
         "diffusers>=0.39,<0.40",
-        "transformers>=4.50,<5",  # mosaicml-streaming 0.13 pins transformers<5
+        # <5: mosaicml-streaming 0.13 pins it; >=4.56: from_pretrained(dtype=...), which
+        # replaced the deprecated torch_dtype argument.
+        "transformers>=4.56,<5",
         "mosaicml-streaming>=0.13",
         "numpy<2.2",
         "tensorboard",

@@ -10,6 +10,7 @@ from pathlib import Path
 from ladd_ds.config import load_config
 from ladd_ds.core.errors import InputError, LaddError
 from ladd_ds.export import export_run
+from ladd_ds.training.logfile import capture_warnings
 
 
 def _train_parser(sub, name: str = "train", help: str = "LADD training (also under `deepspeed --module ladd_ds train`)") -> None:
@@ -77,10 +78,11 @@ def _run_trainer(args, method, dry_run) -> int:
     except StopRequested as e:  # SIGINT / SIGTERM, after a checkpoint every rank saved
         print0(f"ladd-ds {args.command}: {e}")
         return e.exit_code
+    else:
+        print0(f"done: step {trainer.step}, run directory {cfg.run.run_dir}")  # before close: into the log file too
+        return 0
     finally:
         trainer.close()
-    print0(f"done: step {trainer.step}, run directory {cfg.run.run_dir}")
-    return 0
 
 
 def _export_parser(sub) -> None:
@@ -356,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     _pretrain_parser(sub)
     _demo_parser(sub)
     args = parser.parse_args(argv)
+    capture_warnings()  # warnings that repeat at every step are shown once (training/logfile.py)
     commands = {
         "train": cmd_train,
         "dpo": cmd_dpo,

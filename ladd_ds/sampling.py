@@ -330,7 +330,8 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
     if not (folder / "transformer" / "config.json").is_file():
         hint = " (a run directory: `ladd-ds export` it first)" if (folder / "checkpoints").is_dir() else ""
         raise InputError(f"--model {spec}: expected a ladd-ds export or a diffusers SD3 folder{hint}")
-    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").to(device, dtype).eval()
+    # The dtype at load, not `.to(dtype)` after it: diffusers 0.39 warns at every cast with `to()`.
+    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype).to(device).eval()
     channels = latent_channels(transformer.config)
     if (folder / EXPORT_INFO).is_file():  # a LADD student
         info = json.loads((folder / EXPORT_INFO).read_text())

@@ -181,13 +181,15 @@ class ReferenceRuns:
     def __init__(self, root: Path):
         self.root = root
         self.stdout: dict[int, str] = {}
+        self.stderr: dict[int, str] = {}
 
     def __call__(self, nproc: int) -> Path:
         run_dir = self.root / f"{nproc}rank"
         if nproc not in self.stdout:
             sets = [*EXACT, *GLOBAL_BATCH_8[nproc], "checkpoint.every=1", f"checkpoint.keep_last={REFERENCE_STEPS}"]
             # The 2-rank run is the suite's training run under the deepspeed launcher.
-            self.stdout[nproc] = train_tiny(run_dir, REFERENCE_STEPS, sets, nproc=nproc, launcher="deepspeed").stdout
+            proc = train_tiny(run_dir, REFERENCE_STEPS, sets, nproc=nproc, launcher="deepspeed")
+            self.stdout[nproc], self.stderr[nproc] = proc.stdout, proc.stderr
         return run_dir
 
 

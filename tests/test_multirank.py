@@ -115,6 +115,18 @@ def test_two_ranks_under_the_deepspeed_launcher(reference_runs):
     ds_student = json.loads((run_dir / "ds_config_student.json").read_text())
     assert ds_student["train_batch_size"] == 8 and ds_student["train_micro_batch_size_per_gpu"] == 4  # x 2 ranks
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, REFERENCE_STEPS + 1))
+    # logging.progress_bar=false: a plain line per step, from rank 0 only.
+    assert [line.split(" | ")[0] for line in reference_runs.stdout[2].splitlines() if line.startswith("step ")] == [
+        f"step {s}/{REFERENCE_STEPS}" for s in range(1, REFERENCE_STEPS + 1)
+    ]
+    # DeepSpeed's ZeRO collectives raise torch's deprecation warnings at every step: each rank
+    # shows each once. Both ranks' warnings are in the run's log file, with their rank.
+    for deprecated in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        assert reference_runs.stderr[2].count(f"`torch.distributed.{deprecated}` is deprecated") <= 2, deprecated
+    log = (run_dir / "train.log").read_text()
+    assert log.count("=== ") == 1 and "| world size 2 | starts at step 0" in log
+    assert "[rank 0] WARNING" in log and "[rank 1] WARNING" in log
+    assert f"done: step {REFERENCE_STEPS}" in log
 
 
 def test_pretrained_folder_loads_partitioned_on_two_ranks(tmp_path):

@@ -10,6 +10,7 @@ from ladd_ds.cli import main
 from ladd_ds.models.codec import PixelUnshuffleCodec, VAECodec, codec_factor, load_codec
 from ladd_ds.models.vae import build_tiny_vae
 from ladd_ds.sampling import ladd_sample, load_sampling_model, network_evaluations, student_schedule, trained_step_counts
+from tests.conftest import run_cli
 
 
 def test_student_schedule_matches_the_trained_timesteps():
@@ -106,6 +107,18 @@ def test_sample_command_on_a_teacher_folder(teacher_folder, tmp_path):
     assert load_sampling_model(teacher_folder, precision="bf16").transformer.dtype == torch.bfloat16
     diff = np.abs(np.load(tmp_path / "bf16.npz")["images"].astype(int) - data["images"].astype(int))
     assert 0 < diff.max() and diff.mean() < 8
+
+
+def test_sample_command_prints_no_deprecation_noise(teacher_folder, tmp_path):
+    """A fresh process (libraries warn some things once per process), in bf16: the transformer
+    and the text encoders load in their dtype without the deprecated arguments or a cast that
+    diffusers and transformers warn about."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red seven in the top left\n")
+    args = ["--steps", "1", "--per-prompt", "1", "--precision", "bf16", "--out", str(tmp_path / "x")]
+    err = run_cli("sample", "--model", str(teacher_folder), "--prompts", str(prompts), *args).stderr
+    assert "deprecat" not in err.lower() and "Casting directly with `to()`" not in err, err
+    assert (tmp_path / "x.png").is_file()
 
 
 def test_sample_command_errors(teacher_folder, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -38,8 +39,11 @@ def is_main() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
+    """Print on rank 0; the line also goes to the run's log file while a run has one open
+    (ladd_ds.training.logfile attaches it to the "ladd_ds" logger)."""
     if is_main():
         print(*args, **kwargs, flush=True)
+        logging.getLogger("ladd_ds").info(kwargs.get("sep", " ").join(map(str, args)))
 
 
 def barrier() -> None:

@@ -123,11 +123,11 @@ def load_sd3_text_encoders(
         transformer=_meta_transformer(transformer_config),
         scheduler=None,
         vae=None,
-        text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", torch_dtype=dtype),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype),
         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-        text_encoder_3=None if drop_t5 else T5EncoderModel.from_pretrained(folder / "text_encoder_3", torch_dtype=dtype),
+        text_encoder_3=None if drop_t5 else T5EncoderModel.from_pretrained(folder / "text_encoder_3", dtype=dtype),
         tokenizer_3=None if drop_t5 else T5TokenizerFast.from_pretrained(folder / "tokenizer_3"),
     )
     return SD3TextEncoder(pipe, transformer_config["joint_attention_dim"], max_sequence_length)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ from ladd_ds.distributed.stop import StopRequested, StopSignals
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training.build import mds_data_plan
 from ladd_ds.training.convert import convert_for_world_size
+from ladd_ds.training.logfile import RunLog, log_exception, log_line, logged_exceptions
 from ladd_ds.training.method import Method
 from ladd_ds.training.metrics import MetricLogger, NullLogger, StepTimer, to_floats, truncate_after
 from ladd_ds.training.run_dir import check_run_dir, claim_run_dir, record_config
@@ -60,9 +63,13 @@ class Trainer:
         ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
         self.run_dir = Path(run_dir)
         self.lock = claim_run_dir(self.run_dir, method.kind)  # one job per run directory
+        self.run_log = None
         try:
             self._setup(cfg, method, allow_change)
-        except BaseException:
+        except BaseException as e:
+            if self.run_log is not None:
+                log_exception(e)
+                self.run_log.close()
             if self.lock is not None:  # a job that failed to start leaves the run directory free
                 self.lock.release()
             raise
@@ -72,6 +79,10 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
         self.step = 0
         self._record_config(allow_change)
+        # The log file from here on: a start refused before (another job's lock, a config change
+        # that needs --allow-change) leaves the run directory as it was.
+        found = ckpt.complete_checkpoints(self.run_dir)
+        self.run_log = RunLog(self.run_dir, rank=rank(), world_size=world_size(), resume_step=found[-1][0] if found else None)
         self.loader = self._build_loader(method)
 
         self.ds_configs = method.ds_configs(cfg, world_size())
@@ -85,10 +96,10 @@ class Trainer:
 
         self.skipped_steps = 0  # steps whose update DeepSpeed skipped (non-finite norm)
         self.consecutive_skips = 0
-        self.logger = MetricLogger(self.run_dir, cfg.logging.tensorboard) if is_main() else NullLogger()
         if is_main():
             self._write_resolved_configs()
         self._resume()
+        self.logger = self._metric_logger()
         self.preview = self.method.preview()
         self.batches = iterate_forever(self.loader)
         self.last_sample_ids = torch.zeros(0, dtype=torch.int64)  # on the host (batch_to_device)
@@ -180,9 +191,18 @@ class Trainer:
         with peak_rss_increase() as rank_memory:
             self._load_rank_state(path, state)
         self._report_resume_memory(path, engines_memory, rank_memory)
-        if is_main():
-            truncate_after(self.run_dir / "metrics.jsonl", self.step)
         print0(f"resumed from {path} at step {self.step}" + (" (universal checkpoint)" if self.resume_universal else ""))
+
+    def _metric_logger(self) -> MetricLogger | NullLogger:
+        """metrics.jsonl and TensorBoard on rank 0, without what an interrupted run logged after
+        the step this one starts from: those steps are trained again. metrics.jsonl loses its
+        records past it; TensorBoard hides the events past it (`purge_step`: a START event at
+        step + 1 after which TensorBoard discards the older events of later steps), so the
+        replayed steps do not show twice."""
+        if not is_main():
+            return NullLogger()
+        truncate_after(self.run_dir / "metrics.jsonl", self.step)
+        return MetricLogger(self.run_dir, self.cfg.logging.tensorboard, purge_step=self.step + 1)
 
     def _load_rank_state(self, path: Path, state: dict) -> None:
         """Counters, data position and EMA. Each rank reads its own rank file; after a world-size
@@ -240,7 +260,7 @@ class Trainer:
     def fit(self, max_steps: int) -> None:
         """Train to `max_steps`. SIGINT / SIGTERM stop it after the current step with a checkpoint
         (StopRequested; ladd_ds.distributed.stop)."""
-        with StopSignals() as stop:
+        with StopSignals() as stop, logged_exceptions(reported=(TrainingHealthError, StopRequested)):  # the CLI prints them
             self._fit(max_steps, stop)
 
     def _fit(self, max_steps: int, stop: StopSignals) -> None:
@@ -255,6 +275,7 @@ class Trainer:
         )
         last_saved = None
         timer = StepTimer()
+        self._started = (time.monotonic(), self.step)  # for the plain log lines' ETA
         while self.step < max_steps:
             faults.maybe_die("exit", self.step + 1)
             faults.maybe_die("kill", self.step + 1)
@@ -274,7 +295,7 @@ class Trainer:
             if skipped:
                 print0(f"step {self.step}: non-finite loss or gradient norm, update skipped on every rank")
             if self.step % cfg.logging.every == 0 or self.step == max_steps or skipped:
-                self._log(metrics, images_per_step, timer, bar)
+                self._log(metrics, images_per_step, timer, bar, max_steps)
             if self.preview is not None and (self.step % cfg.logging.sample_every == 0 or self.step == max_steps):
                 self.logger.log_images(self.step, self.preview.grids(self.method.trained_module(), self.dtype))
             if self.step % cfg.checkpoint.every == 0:
@@ -297,13 +318,30 @@ class Trainer:
         if last_saved is None or self.step % cfg.checkpoint.every != 0:
             self.save()  # a run that reaches max_steps always ends with a checkpoint
 
-    def _log(self, metrics: dict, images_per_step: int, timer: StepTimer, bar) -> None:
+    def _log(self, metrics: dict, images_per_step: int, timer: StepTimer, bar, max_steps: int) -> None:
         """A logging step: the only place the step's metrics (device tensors) are read on the host,
         all in one copy, then averaged over ranks."""
         metrics = all_reduce_mean({**to_floats(metrics), **self._perf_metrics(images_per_step, timer.seconds())})
         if is_main():
             bar.set_postfix({label: f"{metrics[key]:.3f}" for label, key in self.method.postfix_metrics.items()})
+            line = self._plain_line(metrics, max_steps)
+            # The bar shows the losses on a terminal; a job's output file (or no bar) gets lines.
+            if self.cfg.logging.progress_bar and sys.stdout.isatty():
+                log_line(line)
+            else:
+                print0(line)
         self.logger.log(self.step, metrics)
+
+    def _plain_line(self, metrics: dict, max_steps: int) -> str:
+        """`step 20/100 | loss/generator 0.693 | loss/discriminator 1.386 | 3.2 img/s | eta 5m12s`"""
+        parts = [f"step {self.step}/{max_steps}"]
+        parts += [f"{key} {number(metrics[key])}" for key in self.method.postfix_metrics.values() if key in metrics]
+        parts.append(f"{metrics['throughput/img_per_s']:.3g} img/s")
+        start_time, start_step = self._started
+        done = self.step - start_step
+        if done > 0:
+            parts.append(f"eta {duration((time.monotonic() - start_time) / done * (max_steps - self.step))}")
+        return " | ".join(parts)
 
     def _perf_metrics(self, images_per_step: int, elapsed: float) -> dict:
         out = {"throughput/img_per_s": images_per_step / elapsed, "time/step_s": elapsed}
@@ -322,3 +360,19 @@ class Trainer:
         self.logger.close()
         if self.lock is not None:
             self.lock.release()
+        self.run_log.close()
+
+
+def number(value: float) -> str:
+    """0.6931, 12.50, 1.234e-05: four decimals where they show the value, else exponent form"""
+    return f"{value:.4f}" if 1e-3 <= abs(value) < 1e5 or value == 0 else f"{value:.3e}"
+
+
+def duration(seconds: float) -> str:
+    """5s, 5m12s, 2h05m"""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
