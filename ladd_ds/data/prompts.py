@@ -39,6 +39,17 @@ def parse_bucket(name: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """The text of `what` file `path`, which must be UTF-8 (not the locale's encoding: a prompt
+    file must read the same on every machine of a job); a bad byte is an error naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"{what} {path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+
+
 def numbered_lines(path: str | Path, what: str, expected: str) -> list[tuple[int, str]]:
     """(line number in the file, text) of every non-blank line of `what` file `path` (error
     messages cite the file's own line numbers, blank lines included); a missing or empty file is
@@ -46,7 +57,7 @@ def numbered_lines(path: str | Path, what: str, expected: str) -> list[tuple[int
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{what} {path} does not exist")
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(read_utf8(path, what).splitlines(), 1) if line.strip()]
     if not lines:
         raise InputError(f"{what} {path} has no {expected}")
     return lines

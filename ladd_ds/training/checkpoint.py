@@ -10,6 +10,7 @@ Assumes RUN_DIR is on a file system every rank sees (as DeepSpeed's own checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ladd_ds.core.errors import MissingInputError
+from ladd_ds.core.errors import InputError, MissingInputError, reporting_full_disk
 from ladd_ds.core.files import commit_directory, temporary_sibling
 from ladd_ds.distributed import faults
 from ladd_ds.distributed.ranks import barrier, is_main, rank
@@ -47,6 +48,28 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+COMMANDS = {"ladd": "ladd-ds train", "dpo": "ladd-ds dpo"}  # Method.kind -> the command that trains it
+
+
+def check_run_dir(run_dir: Path, kind: str) -> None:
+    """Before a run writes into `run_dir`: it is a directory (or does not exist yet), and the
+    checkpoints in it were written by the method `kind` (a DPO run cannot resume a LADD run's
+    engines, nor the other way round)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"run directory {run_dir} (--run-dir, run.run_dir) is a file, not a directory; pass another --run-dir")
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return
+    saved = read_trainer_state(path).get("trainer")
+    if saved is not None and saved != kind:
+        theirs, ours = COMMANDS.get(saved, saved), COMMANDS.get(kind, kind)
+        raise InputError(
+            f"run directory {run_dir} (--run-dir, run.run_dir) holds a {saved} run ({path} was written by `{theirs}`); "
+            f"`{ours}` cannot resume it: pass another --run-dir"
+        )
+
+
 def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, trainer_state: dict, keep_last: int) -> Path:
     """Collective: every rank must call it with the same step."""
     root = checkpoint_root(run_dir)
@@ -59,18 +82,32 @@ def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, t
             shutil.rmtree(final)
         temporary_sibling(final, unique=False)  # clears a crashed save's leftovers
     barrier()
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-    torch.save(rank_state, tmp / f"rank-{rank():05d}.pt")
+    # A full disk is one clear line naming the checkpoint; its partial files are removed (the
+    # earlier checkpoints are untouched: the run resumes from the newest once there is space).
+    # On several ranks the others wait in the next collective until health.collective_timeout_s.
+    with _removed_on_error(tmp), reporting_full_disk(final, "checkpoint"):
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+        torch.save(rank_state, tmp / f"rank-{rank():05d}.pt")
     faults.maybe_die("kill_in_save", step)
     barrier()
     if is_main():
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        with _removed_on_error(tmp), reporting_full_disk(final, "checkpoint"):
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         commit_directory(tmp, final)
         for _, old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path):
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_trainer_state(path: Path) -> dict:

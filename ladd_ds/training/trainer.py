@@ -52,6 +52,7 @@ class Trainer:
         method.check_config(cfg)
         ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
         self.run_dir = Path(run_dir)
+        ckpt.check_run_dir(self.run_dir, method.kind)  # before anything is written into it
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
