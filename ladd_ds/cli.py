@@ -206,7 +206,9 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def cmd_sample(args) -> int:
-    from ladd_ds.sampling import run_sample
+    from ladd_ds.sampling import check_sample_args, run_sample
+
+    check_sample_args(args.prompts, args.steps, args.per_prompt, args.size)  # before a run is exported
 
     def sample(model: str) -> None:
         a = args

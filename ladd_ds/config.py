@@ -547,7 +547,8 @@ def _apply_override(raw: dict, override: str, label: str) -> None:
     for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{label}: {'.'.join(parts[: i + 1])} is not a section (it holds {node!r})")
+            section = ".".join(parts[: i + 1])
+            raise ConfigError(f"{label}: {section} is not a section (it holds {node!r}); set {section}=VALUE itself")
     try:
         node[parts[-1]] = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -590,7 +591,7 @@ def load_config(
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid YAML (fix it where the parser points): {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
     given = {o: (labels or {}).get(o, f"--set {o}") for o in overrides}

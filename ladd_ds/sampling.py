@@ -430,6 +430,34 @@ def parse_size(size: str) -> tuple[int, int]:
     return height, width
 
 
+def check_sample_args(
+    prompts_file: str, steps: int | None, per_prompt: int, size: str | None
+) -> tuple[list[str], tuple[int, int] | None]:
+    """`ladd-ds sample`'s arguments that need no model, checked before one is loaded (or a run
+    exported): the prompts of the file, and --size as (height, width) or None."""
+    from ladd_ds.data.prompts import numbered_lines
+
+    if per_prompt < 1:
+        raise InputError(f"--per-prompt {per_prompt}: must be >= 1 (images per prompt)")
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps {steps}: must be >= 1")
+    size_hw = parse_size(size) if size else None
+    path = Path(prompts_file)
+    lines = numbered_lines(path, "prompt file", "prompts (one per line, or JSONL with a 'prompt')")
+    if path.suffix != ".jsonl":
+        return [line for _, line in lines], size_hw
+    prompts = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e}); fix or remove the line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise InputError(f"{path}:{n}: expected a JSON object with a string 'prompt'; fix or remove the line")
+        prompts.append(record["prompt"])
+    return prompts, size_hw
+
+
 def run_sample(
     model: str,
     prompts_file: str,
@@ -444,20 +472,7 @@ def run_sample(
     image: str | None = None,
     mask: str | None = None,
 ):
-    from ladd_ds.data.prompts import numbered_lines
-
-    if per_prompt < 1:
-        raise InputError(f"--per-prompt {per_prompt}: must be >= 1 (images per prompt)")
-    if steps is not None and steps < 1:
-        raise InputError(f"--steps {steps}: must be >= 1")
-    size_hw = parse_size(size) if size else None
-    path = Path(prompts_file)
-    prompts = [line for _, line in numbered_lines(path, "prompt file", "prompts")]
-    if path.suffix == ".jsonl":
-        try:
-            prompts = [json.loads(ln)["prompt"] for ln in prompts]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{path}: every line must be a JSON object with a 'prompt' ({e})") from None
+    prompts, size_hw = check_sample_args(prompts_file, steps, per_prompt, size)
     sm = load_sampling_model(model, precision=precision)
     if lora is not None:
         load_lora(sm.transformer, lora, merge=True)

@@ -56,10 +56,10 @@ def numbered_lines(path: str | Path, what: str, expected: str) -> list[tuple[int
     an error saying what it should hold (`expected`)."""
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"{what} {path} does not exist")
+        raise MissingInputError(f"{what} {path} does not exist; pass a file of {expected}")
     lines = [(n, line) for n, line in enumerate(read_utf8(path, what).splitlines(), 1) if line.strip()]
     if not lines:
-        raise InputError(f"{what} {path} has no {expected}")
+        raise InputError(f"{what} {path} has no {expected}; write at least one")
     return lines
 
 
@@ -73,9 +73,9 @@ def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] 
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({e}); fix or remove the line") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise InputError(f"{path}:{n}: expected an object with a string 'prompt'")
+                raise InputError(f"{path}:{n}: expected an object with a string 'prompt'; fix or remove the line")
         else:
             record = {"prompt": line}
         bucket = record.get("bucket")

@@ -145,8 +145,10 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
                 f"Its sub-directories have {INDEX_FILE} files: if they are parts of one dataset (the same columns "
                 f"and shapes), merge them with streaming.base.util.merge_index({str(root)!r}, keep_local=True)."
             )
-        else:
+        elif any(root.glob("shard.*.mds*")):
             hint = "The write was probably interrupted: delete the directory and write it again."
+        else:  # never advise deleting a folder that holds something else (e.g. the user's images)
+            hint = "It is not an MDS dataset: point data.path at the output of ladd-ds synth / ladd-ds encode."
         raise MissingInputError(f"No {INDEX_FILE} in dataset directory {str(root)!r}. {hint}")
 
     try:
