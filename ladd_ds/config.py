@@ -552,7 +552,15 @@ def _apply_override(raw: dict, override: str, label: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{label}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+        raise ConfigError(f"{label}: the value is not valid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what, and where (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = f" ({e.context})" if getattr(e, "context", None) else ""
+    return f"{getattr(e, 'problem', None) or ' '.join(str(e).split())}{where}{context}"
 
 
 def _override_of(message: str, overrides: dict[str, str]) -> str | None:
@@ -591,7 +599,7 @@ def load_config(
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML (fix it where the parser points): {e}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}; fix it there") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
     given = {o: (labels or {}).get(o, f"--set {o}") for o in overrides}
