@@ -80,7 +80,7 @@ def truncated_shard(work: Path, run: Path) -> None:
 
 ROWS = [
     # --- issue 32, item 6 and item 8
-    Row("run dir is a file", train(), "run directory {work}/run", "pass another --run-dir", {"run": "not a folder"}),
+    Row("run dir is a file", train(), "{work}/run", "pass another --run-dir", {"run": "not a folder"}),
     Row(
         "sample --per-prompt 0",
         sample("--prompts", "{work}/p.txt", "--per-prompt", "0"),
@@ -116,7 +116,7 @@ ROWS = [
     Row(
         "dpo into a LADD run",
         ["dpo", "--config", "{dpo_config}", "--run-dir", "{run}", *sets("data.path={pairs}")],
-        "run directory {run}",
+        "{run}",
         "pass another --run-dir",
     ),
     # --- configs
