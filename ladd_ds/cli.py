@@ -50,23 +50,34 @@ def cmd_dpo(args) -> int:
 
 
 def _run_trainer(args, method, dry_run) -> int:
-    overrides = list(args.set)
-    if args.run_dir:
-        overrides.append(f"run.run_dir={args.run_dir}")
-    if args.max_steps is not None:
-        overrides.append(f"run.max_steps={args.max_steps}")
-    if args.seed is not None:
-        overrides.append(f"run.seed={args.seed}")
-    if args.device_memory_gib is not None:
-        overrides.append(f"deepspeed.device_memory_gib={args.device_memory_gib}")
-    cfg = load_config(args.config, overrides, command=args.command)
+    overrides, labels = list(args.set), {}
+    for flag, key, value in (
+        ("--run-dir", "run.run_dir", args.run_dir),
+        ("--max-steps", "run.max_steps", args.max_steps),
+        ("--seed", "run.seed", args.seed),
+        ("--device-memory-gib", "deepspeed.device_memory_gib", args.device_memory_gib),
+    ):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+            labels[overrides[-1]] = f"{flag} {value}"
+    if args.world_size is not None and not args.dry_run:
+        raise InputError(
+            "--world-size: only --dry-run plans for an assumed world size; a run's world size is the number of "
+            "ranks it is launched on (deepspeed --num_gpus N, torchrun --nproc-per-node N). Leave it out or add --dry-run"
+        )
+    if args.world_size is not None and args.world_size < 1:
+        raise InputError(f"--world-size {args.world_size}: must be >= 1")
+    cfg = load_config(args.config, overrides, command=args.command, labels=labels)
 
     from ladd_ds.distributed.ranks import print0, world_size
     from ladd_ds.distributed.stop import StopRequested
     from ladd_ds.training.trainer import Trainer, TrainingHealthError
 
     if args.dry_run:
-        print(dry_run(cfg, args.world_size or world_size()))
+        report = dry_run(cfg, args.world_size or world_size())
+        print(report.text, flush=True)
+        if report.problems:  # the report above is complete; the exit status says the run cannot start
+            raise InputError(f"--dry-run: the run could not start: {'; '.join(p.rstrip('.') for p in report.problems)}")
         return 0
     allow = [k.strip() for k in args.allow_change.split(",") if k.strip()] if args.allow_change else None
     trainer = Trainer(cfg, cfg.run.run_dir, method, allow_change=allow)
@@ -191,7 +202,12 @@ def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a student (export or run) or a teacher (SD3 folder)")
     p.add_argument("--model", required=True, help="ladd-ds export folder, ladd-ds run directory, or diffusers SD3 folder")
     p.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with 'prompt'")
-    p.add_argument("--steps", type=int, default=4, help="sampling steps (student: 1, 2, 4; teacher: e.g. 28 or 50)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps (default: a student's trained maximum, e.g. 4; a teacher's 28)",
+    )
     p.add_argument("--cfg", type=float, default=None, help="teacher guidance scale (default 4; the student has none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (one grid row per prompt)")
@@ -210,7 +226,9 @@ def is_run_dir(path: str | Path) -> bool:
 
 def cmd_sample(args) -> int:
     from ladd_ds.core.outputs import absolute
-    from ladd_ds.sampling import check_sample_outputs, run_sample
+    from ladd_ds.sampling import check_sample_args, check_sample_outputs, run_sample
+
+    check_sample_args(args.prompts, args.steps, args.per_prompt, args.size)  # before a run is exported
 
     def sample(model: str) -> None:
         a = args

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -192,8 +193,16 @@ class OptimConfig:
     ema_decay: float = 0.0  # EMA of the student's weights (0 = off)
 
     def validate(self) -> None:
-        if len(self.betas) != 2:
-            raise ConfigError("optim.betas: expected two numbers [beta1, beta2]")
+        # Checked here, not left to torch: a negative rate passes DeepSpeed's engine set-up and
+        # fails in the optimizer's constructor after every model is built.
+        for key in ("student_lr", "heads_lr", "eps"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"optim.{key}: must be > 0, got {getattr(self, key)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two numbers [beta1, beta2], each in [0, 1), got {self.betas}")
+        for key in ("weight_decay", "grad_clip", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
         if self.grad_accum < 1:
             raise ConfigError("optim.grad_accum: must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -339,8 +348,9 @@ class DPOConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> None:
-        if self.beta <= 0 or self.lr <= 0 or self.t_std <= 0:
-            raise ConfigError("dpo.beta, dpo.lr and dpo.t_std must be > 0")
+        for key in ("beta", "lr", "t_std"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"dpo.{key}: must be > 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -537,43 +547,85 @@ def _to_dataclass(data: dict, cls: type, path: str) -> Any:
     return cls(**kwargs)
 
 
-def _apply_override(raw: dict, override: str) -> None:
-    """Apply one ``section.key=value`` override; the value is parsed as YAML."""
+def _apply_override(raw: dict, override: str, label: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML. `label`: how the
+    user gave it (``--set KEY=VALUE``, or a flag such as ``--max-steps 5``), for errors."""
     if "=" not in override:
-        raise ConfigError(f"--set {override!r}: expected section.key=value")
+        raise ConfigError(f"{label}: expected section.key=value, e.g. --set optim.student_lr=1e-5")
     key, text = override.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{label}: {key.strip()!r} is not a key path; expected section.key=value")
     node = raw
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text)
+            section = ".".join(parts[: i + 1])
+            raise ConfigError(f"{label}: {section} is not a section (it holds {node!r}); set {section}=VALUE itself")
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{label}: the value is not valid YAML: {_yaml_problem(e)}") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), command: str | None = None) -> Config:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what, and where (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = f" ({e.context})" if getattr(e, "context", None) else ""
+    return f"{getattr(e, 'problem', None) or ' '.join(str(e).split())}{where}{context}"
+
+
+def _override_of(message: str, overrides: dict[str, str]) -> str | None:
+    """The label of the override whose key the error message names (the last such override wins,
+    as its value is the one that was used), or None: the error is the config file's."""
+    found = None
+    for override, label in overrides.items():
+        parts = override.split("=", 1)[0].strip().split(".")
+        key = ".".join(parts)
+        # The key itself or one under it (`--set optim={...}` -> "optim.student_lr: ..."), or the
+        # key that a deeper --set turned into a section ("optim.betas: expected a list").
+        named = [key, *(".".join(parts[:i]) for i in range(2, len(parts)))]
+        if any(re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message) for k in named):
+            found = label
+    return found
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    command: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> Config:
     """Load a YAML run config, apply ``--set`` overrides, type-check and validate it (every
-    section, the rules across sections, and `command`'s own rules when given)."""
+    section, the rules across sections, and `command`'s own rules when given). An error is
+    attributed to the override that set the key it names (``--set optim.grad_accum=0: ...``, or
+    its entry in `labels`: override -> how the user gave it, e.g. ``--max-steps -1``), else to the
+    file."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (pass --config FILE, e.g. configs/tiny_cpu.yaml)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}; fix it there") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
-    for override in overrides:
-        _apply_override(raw, override)
+    given = {o: (labels or {}).get(o, f"--set {o}") for o in overrides}
+    for override, label in given.items():
+        _apply_override(raw, override, label)
     try:
         cfg = _to_dataclass(raw, Config, "")
         cfg.validate()
         if command is not None:
             cfg.check_command(command)
     except ConfigError as e:
-        raise ConfigError(f"{path or '<defaults>'}: {e}") from None
+        label = _override_of(str(e), given)
+        raise ConfigError(f"{label or path or '<defaults>'}: {e}") from None
     return cfg
 
 

@@ -27,6 +27,7 @@ import torch
 from ladd_ds.core.errors import InputError
 from ladd_ds.core.flow import add_noise, x0_from_velocity
 from ladd_ds.core.noise import derive_seed
+from ladd_ds.data.prompts import parse_bucket
 from ladd_ds.models.conditioning import (
     ConditionedTransformer,
     batch_condition,
@@ -460,10 +461,65 @@ def default_size(sm: SamplingModel) -> tuple[int, int]:
     return side, side
 
 
+TEACHER_STEPS = 28  # `ladd-ds sample` of a teacher without --steps (SD3's released default)
+
+
+def default_steps(sm: SamplingModel) -> tuple[int, str]:
+    """The step count `ladd-ds sample` uses without --steps, and why: a student's largest trained
+    count (its export records ladd.student_timesteps: 1, .75, .5, .25 gives 4), a teacher's 28."""
+    if sm.kind == "teacher":
+        return TEACHER_STEPS, "a teacher's default"
+    trained = sm.info.get("sampling", {}).get("student_timesteps")
+    if trained is None:  # exports written before the timesteps were recorded
+        return 4, "the paper's student"
+    counts = trained_step_counts(trained)
+    # No count fits when 1.0 was not trained: student_schedule then says which times are missing.
+    return (max(counts), "the student's trained maximum") if counts else (len(trained), "one per trained time")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """`--size HxW` in pixels."""
+    try:
+        height, width = parse_bucket(size)
+    except ValueError:
+        height = width = 0
+    if height < 1 or width < 1:
+        raise InputError(f"--size {size}: expected HEIGHTxWIDTH in pixels, e.g. 128x128")
+    return height, width
+
+
+def check_sample_args(
+    prompts_file: str, steps: int | None, per_prompt: int, size: str | None
+) -> tuple[list[str], tuple[int, int] | None]:
+    """`ladd-ds sample`'s arguments that need no model, checked before one is loaded (or a run
+    exported): the prompts of the file, and --size as (height, width) or None."""
+    from ladd_ds.data.prompts import numbered_lines
+
+    if per_prompt < 1:
+        raise InputError(f"--per-prompt {per_prompt}: must be >= 1 (images per prompt)")
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps {steps}: must be >= 1")
+    size_hw = parse_size(size) if size else None
+    path = Path(prompts_file)
+    lines = numbered_lines(path, "prompt file", "prompts (one per line, or JSONL with a 'prompt')")
+    if path.suffix != ".jsonl":
+        return [line for _, line in lines], size_hw
+    prompts = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e}); fix or remove the line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise InputError(f"{path}:{n}: expected a JSON object with a string 'prompt'; fix or remove the line")
+        prompts.append(record["prompt"])
+    return prompts, size_hw
+
+
 def run_sample(
     model: str,
     prompts_file: str,
-    steps: int,
+    steps: int | None,
     cfg: float | None,
     seed: int,
     out: str,
@@ -479,20 +535,12 @@ def run_sample(
     """`ladd-ds sample`. `source`: what the samples record as their model (default: `model`,
     absolute); OUT.png / OUT.npz of another model are replaced only with `overwrite`."""
     from ladd_ds.core.outputs import absolute
-    from ladd_ds.data.prompts import numbered_lines, parse_bucket
 
     made_by = source or str(absolute(model))
     out_pasted = Path(out).with_name(Path(out).with_suffix("").name + "_pasted")
     for target in (out, out_pasted):
         check_sample_outputs(target, made_by, overwrite)  # before any model is loaded
-
-    path = Path(prompts_file)
-    prompts = [line for _, line in numbered_lines(path, "prompt file", "prompts")]
-    if path.suffix == ".jsonl":
-        try:
-            prompts = [json.loads(ln)["prompt"] for ln in prompts]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{path}: every line must be a JSON object with a 'prompt' ({e})") from None
+    prompts, size_hw = check_sample_args(prompts_file, steps, per_prompt, size)
     sm = load_sampling_model(model, precision=precision)
     if lora is not None:
         load_lora(sm.transformer, lora, merge=True)
@@ -500,7 +548,10 @@ def run_sample(
         cfg = 1.0 if sm.kind == "student" else 4.0
     if sm.kind == "student" and cfg != 1.0:
         raise InputError("--cfg: the LADD student samples without guidance (docs/method.md, section 4); leave --cfg unset or 1")
-    height, width = parse_bucket(size) if size else default_size(sm)
+    if steps is None:
+        steps, why = default_steps(sm)
+        print(f"--steps {steps}: {why} (pass --steps to change it)")
+    height, width = size_hw or default_size(sm)
     index = [i for i in range(len(prompts)) for _ in range(per_prompt)]
     seeds = [derive_seed(seed, i, j) for i in range(len(prompts)) for j in range(per_prompt)]
     task = model_task(sm.transformer.config)

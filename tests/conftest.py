@@ -264,3 +264,13 @@ def mds_samples(folder) -> list[dict]:
         offsets = np.frombuffer(data[4 : 4 + 4 * (n + 1)], np.uint32)  # MDS: sample count, then n + 1 offsets
         samples += [reader.decode_sample(data[offsets[i] : offsets[i + 1]]) for i in range(n)]
     return samples
+
+
+@pytest.fixture(scope="session")
+def tiny_ladd_run(tmp_path_factory) -> Path:
+    """configs/tiny_cpu.yaml trained 2 steps in this process, a checkpoint after each: a finished
+    LADD run for tests that read it and never change it (the README snippets, the bad-input table,
+    which checks that it stays unchanged). ~8 s on 2 cores."""
+    run_dir = tmp_path_factory.mktemp("tiny_ladd_run") / "run"
+    train_tiny(run_dir, 2, ["logging.progress_bar=false", "checkpoint.every=1"], launcher="in-process")
+    return run_dir

@@ -11,7 +11,7 @@ def test_a_user_error_is_one_line_and_exit_2(tmp_path, capsys):
     missing = tmp_path / "prompts.txt"
     assert main(["sample", "--model", str(tmp_path), "--prompts", str(missing), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"ladd-ds sample: error: prompt file {missing} does not exist"]
+    assert len(err) == 1 and err[0].startswith(f"ladd-ds sample: error: prompt file {missing} does not exist; pass a file of")
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
@@ -19,5 +19,6 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
         raise ValueError("an internal invariant")  # a plain ValueError is not a user error
 
     monkeypatch.setattr(sampling, "run_sample", broken)
+    (tmp_path / "p.txt").write_text("a prompt\n")
     with pytest.raises(ValueError, match="an internal invariant"):
-        main(["sample", "--model", str(tmp_path), "--prompts", "p.txt", "--out", str(tmp_path / "x")])
+        main(["sample", "--model", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "x")])

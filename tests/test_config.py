@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import yaml
 from streaming import MDSWriter
 
 from ladd_ds.config import ConfigError, load_config
@@ -32,12 +33,34 @@ def test_tiny_config_loads_with_overrides():
         ("model.student=tiny", r"model.student = 'tiny' is a size preset: the student would start from random weights"),
         ("ladd.distill_cfg=0.5", r"ladd.distill_cfg must be >= 1"),
         ("data.compression=lz4", r"data.compression: 'lz4' is not one of .*'zstd'"),
+        # The optimizer's values, checked before torch's constructors see them.
+        ("optim.student_lr=-1", r"optim.student_lr: must be > 0, got -1.0"),
+        ("optim.heads_lr=0", r"optim.heads_lr: must be > 0, got 0.0"),
+        ("optim.eps=0", r"optim.eps: must be > 0"),
+        ("optim.betas=[0.9, 1.0]", r"optim.betas: expected two numbers \[beta1, beta2\], each in \[0, 1\)"),
+        ("optim.betas=[-0.1, 0.99]", r"optim.betas: .* each in \[0, 1\)"),
+        ("optim.weight_decay=-0.01", r"optim.weight_decay: must be >= 0"),
+        ("optim.grad_clip=-1", r"optim.grad_clip: must be >= 0"),
+        ("dpo.lr=-1e-4", r"dpo.lr: must be > 0"),
     ],
 )
-def test_bad_values_name_the_key(override, message):
+def test_bad_values_name_the_key(override, message, tmp_path):
+    """The error names the key, and where its value came from: the --set argument, or the file."""
     with pytest.raises(ConfigError, match=message) as info:
-        load_config(TINY_CONFIG, [override])
-    assert str(TINY_CONFIG) in str(info.value)  # the file is named too
+        load_config(TINY_CONFIG, ["run.seed=3", override])
+    assert str(info.value).startswith(f"--set {override}: ")
+    # The same value written into the YAML file: the file is named.
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    key, value = override.split("=", 1)
+    *sections, last = key.split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[last] = yaml.safe_load(value)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(tmp_path / "bad.yaml", ["run.seed=3"])
+    assert str(info.value).startswith(f"{tmp_path / 'bad.yaml'}: ")
 
 
 def test_a_random_student_must_be_asked_for():

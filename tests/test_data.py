@@ -207,7 +207,12 @@ def test_validate_missing_dir_index_and_shard(tmp_path, random_ds):
     (no_index / "part0").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="No index.json") as err:
         validate_mds_dir(no_index)
-    assert str(no_index) in str(err.value) and "interrupted" in str(err.value)
+    # No shard file either: not advised to delete it (it may be the user's own folder).
+    assert str(no_index) in str(err.value) and "not an MDS dataset" in str(err.value) and "delete" not in str(err.value)
+    (no_index / "shard.00000.mds").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="No index.json") as err:
+        validate_mds_dir(no_index)
+    assert "interrupted" in str(err.value)
     (no_index / "part0" / "index.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="merge_index"):
         validate_mds_dir(no_index)

@@ -132,9 +132,14 @@ def test_dpo_checks_its_pairs_before_building_models(tmp_path, capsys, no_models
 
 
 def test_dry_run_reports_the_data_problem(tmp_path):
+    """The whole report is printed, and the exit status and last line say that the run could not start."""
     root = write_root(tmp_path / "data", {"128x128": 16, "64x128": 3})
-    out = run_cli(*train_args(tmp_path, root), "--dry-run", launcher="in-process").stdout
-    assert "data: NOT USABLE, training would stop here:" in out and "{'64x128': 3}" in out
+    proc = run_cli(*train_args(tmp_path, root), "--dry-run", launcher="in-process", check=False)
+    assert proc.returncode == 2
+    assert "data: NOT USABLE, training would stop here:" in proc.stdout and "{'64x128': 3}" in proc.stdout
+    assert "stages:" in proc.stdout  # the memory plan after the data line
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ladd-ds train: error: --dry-run: the run could not start: data: ") and "{'64x128': 3}" in last
     out = run_cli(*train_args(tmp_path, root, "data.drop_small_buckets=true"), "--dry-run", launcher="in-process").stdout
     assert "data: 16 samples in" in out and "dropped (data.drop_small_buckets): {'64x128': 3}" in out
 

@@ -304,7 +304,9 @@ def test_pretrain_teacher_command_takes_the_task(monkeypatch, tmp_path, task):
     from ladd_ds.demo.pipeline import SIZES, teacher_settings
 
     calls = []
-    monkeypatch.setattr(pretrain, "pretrain_teacher", lambda out, s, cache_dir=None, overwrite=False: calls.append((s, cache_dir)) or out)
+    monkeypatch.setattr(
+        pretrain, "pretrain_teacher", lambda out, s, cache_dir=None, overwrite=False: calls.append((s, cache_dir)) or out
+    )
     args = ["pretrain-teacher", "--out", str(tmp_path / "t"), "--steps", "3", "--task", task, "--cache", str(tmp_path)]
     assert cli.main(args) == 0
     (settings, cache), t2i = calls[0], teacher_settings(SIZES["full"])

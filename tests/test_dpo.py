@@ -446,18 +446,25 @@ def test_import_pairs_encodes_a_preference_set(tmp_path):
     assert not (tmp_path / "pairs2").exists()
 
 
-def test_dry_run_counts_lora_parameters(capsys):
+def test_dry_run_counts_lora_parameters(capsys, tmp_path):
     from ladd_ds.cli import main
 
-    assert main(["dpo", "--config", str(DPO_CONFIG), "--dry-run", "--world-size", "8"]) == 0
+    pairs = write_random_pairs(tmp_path / "pairs")
+    args = ["dpo", "--config", str(DPO_CONFIG), "--dry-run", "--set", f"data.path={pairs}"]
+    assert main([*args, "--world-size", "8"]) == 0
     printed = capsys.readouterr().out
+    assert f"data: {NUM_PAIRS} samples in {pairs}" in printed
     model = build_transformer("tiny", seed=0)
     total = sum(p.numel() for p in model.parameters())
     trained = sum(model.get_parameter(n).numel() for n in add_lora(model, lora_config(rank=4)))
     assert f"{total + trained:,} parameters, {trained:,} trained" in printed
     assert "model: ZeRO-3" in printed and "reference" not in printed
-    assert main(["dpo", "--config", str(DPO_CONFIG), "--dry-run", "--set", "dpo.mode=full"]) == 0
+    assert main([*args, "--set", "dpo.mode=full"]) == 0
     assert "reference" in capsys.readouterr().out
+    # Without the pairs (the config's data.path does not exist here) the report is printed and the run cannot start.
+    assert main(["dpo", "--config", str(DPO_CONFIG), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "data: NOT USABLE" in captured.out and "could not start: data: " in captured.err and "ladd-ds pairs" in captured.err
 
 
 def test_sample_applies_a_lora(tmp_path, small_demo_teacher):

@@ -120,19 +120,37 @@ def test_explicit_stages_are_kept():
 
 
 def test_dry_run_prints_the_choice_and_why():
-    out = run_cli(
+    # The config's data.path does not exist here: the plan is printed in full, and the run is
+    # reported as one that could not start (exit status 2), for the data only.
+    proc = run_cli(
         "train", "--config", str(REPO / "configs" / "sd3_medium.yaml"), "--dry-run", "--world-size", "8",
-        "--device-memory-gib", "24", launcher="in-process",
-    ).stdout  # fmt: skip
+        "--device-memory-gib", "24", launcher="in-process", check=False,
+    )  # fmt: skip
+    out, last = proc.stdout, proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "could not start: data: " in last and "memory:" not in last
     assert "student: ZeRO-2, the run fits with it under ZeRO-2" in out
     assert "teacher: ZeRO-0, fits replicated" in out
     assert "of 21.6 GiB usable (90% of 24.0 GiB per device): fits" in out
     assert "activations" in out and "checkpointing on" in out
     tight = run_cli(
         "train", "--config", str(REPO / "configs" / "sd3_medium.yaml"), "--dry-run", "--world-size", "8",
-        "--device-memory-gib", "12", launcher="in-process",
+        "--device-memory-gib", "12", launcher="in-process", check=False,
     ).stdout  # fmt: skip
     assert "teacher: ZeRO-3, replicated the run needs" in tight
+
+
+def test_dry_run_of_a_run_that_does_not_fit_exits_2(tmp_path):
+    """The plan's verdict decides the exit status: 1 rank of 4 GiB cannot hold an SD3-medium LADD run."""
+    sets = ["--set", "data.source=random_latents", "--set", "data.random_latents.latent_channels=16"]
+    sets += ["--set", "data.random_latents.text_dim=4096", "--set", "data.random_latents.pooled_dim=2048"]
+    proc = run_cli(
+        "train", "--config", str(REPO / "configs" / "sd3_medium.yaml"), "--dry-run", "--world-size", "1",
+        "--device-memory-gib", "4", *sets, launcher="in-process", check=False,
+    )  # fmt: skip
+    assert "DOES NOT FIT" in proc.stdout and proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ladd-ds train: error: --dry-run: the run could not start: memory: the plan needs ")
+    assert "data:" not in last
 
 
 @pytest.mark.multiproc

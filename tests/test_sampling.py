@@ -143,3 +143,27 @@ def test_grid_enlarges_small_images_and_keeps_large_ones():
     assert (grid[2 : 2 + 4, 2 : 2 + 4] == grid[2, 2]).all()  # one source pixel -> a 4x4 block
     assert image_grid(small, rows=3, zoom=1).shape == (3 * 18 + 2, 26 + 2, 3)
     assert image_grid(torch.rand(1, 3, 128, 128), rows=1).shape == (132, 132, 3)
+
+
+def test_steps_default_to_the_teachers_28_and_the_students_trained_maximum(teacher_folder, tiny_ladd_run, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red seven in the top left\n")
+    base = ["sample", "--prompts", str(prompts), "--per-prompt", "1"]
+    assert main([*base, "--model", str(teacher_folder), "--out", str(tmp_path / "teacher")]) == 0
+    out = capsys.readouterr().out
+    assert "--steps 28: a teacher's default" in out and "28 steps, CFG 4.0, 56 NFE/image" in out
+    # The tiny run trained t in {1, .75, .5, .25}: its largest schedule is 4 steps (1, .75, .5, .25).
+    assert main([*base, "--model", str(tiny_ladd_run), "--out", str(tmp_path / "student")]) == 0
+    out = capsys.readouterr().out
+    assert "--steps 4: the student's trained maximum" in out and "4 steps, CFG 1.0, 4 NFE/image" in out
+
+
+@pytest.mark.parametrize("trained, steps", [([1.0, 0.75, 0.5, 0.25], 4), ([1.0, 0.5], 2), ([1.0, 0.6], 1), ([1.0], 1)])
+def test_the_student_default_is_the_largest_schedule_of_trained_times(trained, steps):
+    from ladd_ds.sampling import SamplingModel, default_steps, student_schedule
+
+    sm = SamplingModel(None, None, None, "student", info={"sampling": {"student_timesteps": trained}})
+    assert default_steps(sm)[0] == steps
+    student_schedule(steps, trained)  # a trained schedule
+    with pytest.raises(ValueError, match="untrained"):
+        student_schedule(steps + 1 if steps < 4 else 3, trained)

@@ -43,16 +43,27 @@ def parse_bucket(name: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """The text of `what` file `path`, which must be UTF-8 (not the locale's encoding: a prompt
+    file must read the same on every machine of a job); a bad byte is an error naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"{what} {path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+
+
 def numbered_lines(path: str | Path, what: str, expected: str) -> list[tuple[int, str]]:
     """(line number in the file, text) of every non-blank line of `what` file `path` (error
     messages cite the file's own line numbers, blank lines included); a missing or empty file is
     an error saying what it should hold (`expected`)."""
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(f"{what} {path} does not exist")
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        raise MissingInputError(f"{what} {path} does not exist; pass a file of {expected}")
+    lines = [(n, line) for n, line in enumerate(read_utf8(path, what).splitlines(), 1) if line.strip()]
     if not lines:
-        raise InputError(f"{what} {path} has no {expected}")
+        raise InputError(f"{what} {path} has no {expected}; write at least one")
     return lines
 
 
@@ -66,9 +77,9 @@ def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] 
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({e}); fix or remove the line") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise InputError(f"{path}:{n}: expected an object with a string 'prompt'")
+                raise InputError(f"{path}:{n}: expected an object with a string 'prompt'; fix or remove the line")
         else:
             record = {"prompt": line}
         bucket = record.get("bucket")

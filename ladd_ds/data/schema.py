@@ -98,9 +98,11 @@ INPAINT = Layout(
     INPAINT_COLUMNS,
     OPTIONAL_COLUMNS,
     ("latent", "condition", "mask"),
-    "ladd_ds.data.write_samples(..., layout=INPAINT)",
+    "ladd-ds synth --task inpaint / ladd-ds encode --task inpaint",
 )
-EDIT = Layout("editing", EDIT_COLUMNS, OPTIONAL_COLUMNS, ("latent", "condition"), "ladd_ds.data.write_samples(..., layout=EDIT)")
+EDIT = Layout(
+    "editing", EDIT_COLUMNS, OPTIONAL_COLUMNS, ("latent", "condition"), "ladd-ds synth --task edit / ladd-ds encode --task edit"
+)
 TASK_LAYOUTS = {"t2i": LATENTS, "inpaint": INPAINT, "edit": EDIT}
 
 
@@ -127,8 +129,8 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
     root = Path(path)
     if not root.is_dir():
         raise MissingInputError(
-            f"Dataset directory {str(root)!r} does not exist. Write one with "
-            f"ladd_ds.data.write_samples / write_random_latents, or fix the data path."
+            f"Dataset directory {str(root)!r} does not exist. Write one with {layout.written_by} "
+            f'(README, "Data"), or point data.path at an existing one.'
         )
     index_path = root / INDEX_FILE
     if not index_path.is_file():
@@ -143,8 +145,10 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
                 f"Its sub-directories have {INDEX_FILE} files: if they are parts of one dataset (the same columns "
                 f"and shapes), merge them with streaming.base.util.merge_index({str(root)!r}, keep_local=True)."
             )
-        else:
+        elif any(root.glob("shard.*.mds*")):
             hint = "The write was probably interrupted: delete the directory and write it again."
+        else:  # never advise deleting a folder that holds something else (e.g. the user's images)
+            hint = "It is not an MDS dataset: point data.path at the output of ladd-ds synth / ladd-ds encode."
         raise MissingInputError(f"No {INDEX_FILE} in dataset directory {str(root)!r}. {hint}")
 
     try:

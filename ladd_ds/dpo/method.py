@@ -16,10 +16,13 @@ from ladd_ds.models.activations import model_activation_bytes
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.lora import add_lora, lora_config_from
 from ladd_ds.training.build import (
+    DryRunReport,
     EngineSlot,
     check_compile_stages,
     check_mds_data,
+    dry_run_data_lines,
     place_engines,
+    placement_problems,
     placement_report,
     planned_shapes,
     training_dtype,
@@ -69,8 +72,9 @@ def build_dpo_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
     return place_dpo_engines(cfg, world)[0]
 
 
-def dpo_dry_run(cfg: Config, world: int) -> str:
-    """Build the model on the meta device (with its LoRA), count parameters, plan memory per rank."""
+def dpo_dry_run(cfg: Config, world: int) -> DryRunReport:
+    """Build the model on the meta device (with its LoRA), count parameters, plan memory per rank,
+    check the pairs at data.path. The report's problems: unusable pairs, a plan that does not fit."""
     configs, placement = place_dpo_engines(cfg, world, plan_always=True)
     check_compile_stages(cfg, {"student_stage": configs["model"], "teacher_stage": configs.get("reference")})
     models = meta_dpo_models(cfg)
@@ -80,10 +84,11 @@ def dpo_dry_run(cfg: Config, world: int) -> str:
     lines = [
         f"DPO mode {cfg.dpo.mode}: {total:,} parameters, {trained:,} trained ({100 * trained / total:.2f}%); "
         f"precision {cfg.deepspeed.precision}; world size {world}",
-        "",
     ]
+    data_lines, problems = dry_run_data_lines(cfg, world, PAIRS)
+    lines += [*data_lines, ""]
     lines += placement_report(cfg, placement, dpo_activations(cfg, models)[1])
-    return "\n".join(lines)
+    return DryRunReport("\n".join(lines), problems + placement_problems(placement))
 
 
 class DPOMethod(DPOSteps, Method):

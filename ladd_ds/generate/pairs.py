@@ -176,8 +176,12 @@ def read_preference_jobs(path: str | Path, images: Path, buckets: list[str]) -> 
     if not path.is_file():
         raise MissingInputError(f"preference file {path} does not exist")
     jobs, lines, seen = [], {}, set()
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:  # read line by line (a set of millions of pairs), decoded as UTF-8
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

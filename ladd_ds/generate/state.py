@@ -147,9 +147,7 @@ def drop_stale_skips(out: Path, jobs: list) -> int:
 def check_unchanged(out: Path, done: dict[str, Done], jobs: list, what: str) -> None:
     """Stop when a written sample's inputs (its job's digest) changed since it was made. A job
     whose digest is unknown ("": its file is missing, or another rank reads it) is not compared."""
-    changed = [
-        j for j in jobs if j.digest and j.key in done and not done[j.key].skipped and done[j.key].digest != j.digest
-    ]
+    changed = [j for j in jobs if j.digest and j.key in done and not done[j.key].skipped and done[j.key].digest != j.digest]
     if changed:
         first = changed[0]
         raise InputError(

@@ -12,11 +12,13 @@ from ladd_ds.models.activations import model_activation_bytes
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
 from ladd_ds.training.build import (
+    DryRunReport,
     EngineSlot,
     check_compile_stages,
     check_data_matches_model,
     dry_run_data_lines,
     place_engines,
+    placement_problems,
     placement_report,
     planned_shapes,
     training_dtype,
@@ -107,15 +109,16 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False):
     return place_engines(cfg, world, ENGINES, meta_models, lambda models: step_activations(cfg, models)[0], plan_always)
 
 
-def dry_run(cfg: Config, world: int) -> str:
-    """Validate, build the models on the meta device, count parameters, plan memory; no engines."""
+def dry_run(cfg: Config, world: int) -> DryRunReport:
+    """Validate, build the models on the meta device, count parameters, plan memory; no engines.
+    The report's problems: unusable data, a plan that does not fit."""
     check_data_matches_model(cfg)
     configs, placement = place_ladd_engines(cfg, world, plan_always=True)
     check_compile_stages(cfg, {"student_stage": configs["student"], "teacher_stage": configs["teacher"]})
     teacher, student, heads, taps = build_models(cfg, device="meta")
     _, note = step_activations(cfg, {"teacher": teacher, "student": student})
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
-    lines += dry_run_data_lines(cfg, world, TASK_LAYOUTS[cfg.ladd.task])
-    lines.append("")
+    data_lines, problems = dry_run_data_lines(cfg, world, TASK_LAYOUTS[cfg.ladd.task])
+    lines += [*data_lines, ""]
     lines += placement_report(cfg, placement, note)
-    return "\n".join(lines)
+    return DryRunReport("\n".join(lines), problems + placement_problems(placement))

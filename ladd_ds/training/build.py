@@ -217,17 +217,40 @@ def placement_report(cfg: Config, placement: Placement, activation_note: str) ->
     return lines
 
 
-def dry_run_data_lines(cfg: Config, world: int, layout: Layout = LATENTS) -> list[str]:
+@dataclass
+class DryRunReport:
+    """What `--dry-run` prints (`text`) and why the run could not start (`problems`, each a
+    sentence naming the setting and what to do; empty when it could)."""
+
+    text: str
+    problems: list[str]
+
+
+def dry_run_data_lines(cfg: Config, world: int, layout: Layout = LATENTS) -> tuple[list[str], list[str]]:
     """The --dry-run report's data line: how many samples data.path holds, or why it is not
-    usable (a memory plan is useful before the data exist: report, don't stop)."""
+    usable; and that reason as a problem (the report is printed in full either way: a memory
+    plan is useful before the data exist)."""
     if cfg.data.source != "mds":
-        return []
+        return [], []
     if is_remote(cfg.data.path):
-        return [f"data: remote {cfg.data.path}, cached in {cfg.data.cache_dir} (not checked in a dry run)"]
+        return [f"data: remote {cfg.data.path}, cached in {cfg.data.cache_dir} (not checked in a dry run)"], []
     try:
         plan = mds_data_plan(cfg, layout, world)
         check_stored_shapes(plan, layout, resolve_model_config(cfg.model.teacher), cfg.model.teacher)
     except (FileNotFoundError, ValueError) as e:
-        return [f"data: NOT USABLE, training would stop here: {e}"]
+        return [f"data: NOT USABLE, training would stop here: {e}"], [f"data: {e}"]
     dropped = f"; dropped (data.drop_small_buckets): {plan.dropped}" if plan.dropped else ""
-    return [f"data: {plan.num_samples} samples in {cfg.data.path} ({len(plan.datasets)} bucket(s){dropped})"]
+    return [f"data: {plan.num_samples} samples in {cfg.data.path} ({len(plan.datasets)} bucket(s){dropped})"], []
+
+
+def placement_problems(placement: Placement) -> list[str]:
+    """The memory plan's verdict as a problem when the run does not fit (the plan is an estimate:
+    training itself only warns; a dry run, asked whether the run can start, says no)."""
+    if placement.fits:
+        return []
+    gib = 2**30
+    return [
+        f"memory: the plan needs {placement.total / gib:.1f} GiB per rank, more than the "
+        f"{placement.device_bytes * USABLE_FRACTION / gib:.1f} GiB usable; use more ranks (--world-size), ZeRO-3 "
+        "(deepspeed.student_stage / teacher_stage), model.gradient_checkpointing or a smaller data.micro_batch_size"
+    ]

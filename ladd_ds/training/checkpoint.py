@@ -10,6 +10,7 @@ Assumes RUN_DIR is on a file system every rank sees (as DeepSpeed's own checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ladd_ds.core.errors import MissingInputError
+from ladd_ds.core.errors import MissingInputError, reporting_full_disk
 from ladd_ds.core.files import commit_directory, temporary_sibling
 from ladd_ds.distributed import faults
 from ladd_ds.distributed.ranks import barrier, is_main, rank
@@ -59,18 +60,32 @@ def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, t
             shutil.rmtree(final)
         temporary_sibling(final, unique=False)  # clears a crashed save's leftovers
     barrier()
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-    torch.save(rank_state, tmp / f"rank-{rank():05d}.pt")
+    # A full disk is one clear line naming the checkpoint; its partial files are removed (the
+    # earlier checkpoints are untouched: the run resumes from the newest once there is space).
+    # On several ranks the others wait in the next collective until health.collective_timeout_s.
+    with _removed_on_error(tmp), reporting_full_disk(final, "checkpoint"):
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+        torch.save(rank_state, tmp / f"rank-{rank():05d}.pt")
     faults.maybe_die("kill_in_save", step)
     barrier()
     if is_main():
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        with _removed_on_error(tmp), reporting_full_disk(final, "checkpoint"):
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         commit_directory(tmp, final)
         for _, old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path):
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_trainer_state(path: Path) -> dict:

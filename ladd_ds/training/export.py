@@ -36,11 +36,14 @@ def export_source(run_dir: str | Path) -> str:
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     found = dict(ckpt.complete_checkpoints(run_dir))
     if not found:
-        raise MissingInputError(f"{run_dir} has no complete checkpoint under checkpoints/ (train first, or check --run)")
+        raise MissingInputError(f"--run {run_dir} has no complete checkpoint under checkpoints/ (train first, or check --run)")
     if step is None:
         return found[max(found)]
     if step not in found:
-        raise MissingInputError(f"{run_dir}: no complete checkpoint for step {step} (available: {sorted(found)})")
+        raise MissingInputError(
+            f"--step {step}: {run_dir} has no complete checkpoint for that step; pass one of {sorted(found)}, or leave "
+            "--step out for the latest"
+        )
     return found[step]
 
 
@@ -80,7 +83,9 @@ def run_checkpoint(run_dir: Path, step: int | None) -> tuple[Config, Path, str]:
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
-        raise MissingInputError(f"{run_dir} has no config.yaml: is it a ladd-ds run directory?")
+        raise MissingInputError(
+            f"--run {run_dir} has no config.yaml: pass the run directory of a `ladd-ds train` or `ladd-ds dpo` run"
+        )
     checkpoint = find_checkpoint(run_dir, step)
     cfg = load_config(config_file, effective_overrides(run_dir))  # with the changes a resume accepted
     return cfg, checkpoint, ckpt.read_trainer_state(checkpoint).get("trainer", "ladd")

@@ -113,7 +113,6 @@ class _AppendHandler(logging.Handler):
             self.handleError(record)
 
 
-
 class _Formatter(logging.Formatter):
     """rank 0's lines as printed; warnings and errors with time, rank and level."""
 

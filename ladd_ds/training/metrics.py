@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ladd_ds.core.errors import reporting_full_disk
+
 
 class NullLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -40,7 +42,7 @@ class MetricLogger:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         # json cannot hold NaN/inf portably; keep them visible as strings.
         safe = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()}
-        with self.path.open("a") as f:
+        with reporting_full_disk(self.path, "metrics"), self.path.open("a") as f:
             f.write(json.dumps(safe) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():

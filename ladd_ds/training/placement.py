@@ -10,8 +10,8 @@ the plan below (docs/performance.md, "Placement"):
 - a frozen engine: replicated (ZeRO-0, no gathers at all) on one rank or when the run fits the
   device with it replicated next to the trainable engines' chosen stages, else ZeRO-3.
 
-On one rank no stage saves memory; a run that does not fit is reported, not refused (the plan is
-an estimate).
+On one rank no stage saves memory; a run that does not fit is reported at start, not refused (the
+plan is an estimate); `--dry-run` exits 2 for it.
 
 Per-rank bytes of one engine (bf16 training; fp32 doubles weights and has no master copy):
 weights 2 B/param, sharded by ZeRO-3; gradients 2 B/param in the model dtype below ZeRO-2 (plus an
