@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ladd_ds.config import load_config
 from ladd_ds.core.errors import InputError, LaddError
+from ladd_ds.core.lock import FileLock
 from ladd_ds.export import export_run
 from ladd_ds.training.logfile import capture_warnings
 
@@ -401,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         # committed so far (parts, checkpoints) stays; a re-run continues from there.
         print(f"ladd-ds {args.command}: interrupted (Ctrl-C); committed outputs are kept, run it again to go on", file=sys.stderr)
         return 130
+    finally:
+        FileLock.release_all()  # the run directory's or output's lock, also when main() runs in process
 
 
 if __name__ == "__main__":

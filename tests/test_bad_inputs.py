@@ -78,6 +78,61 @@ def truncated_shard(work: Path, run: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-10])
 
 
+MINE = {"mine/thesis.txt": "four years of work\n"}
+
+
+def png_bytes() -> bytes:
+    """A small valid PNG image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+NOTES = {"notes.txt": "my notes\n"}
+
+
+def EXPORT(out: str) -> list[str]:
+    return ["export", "--run", "{run}", "--out", out]
+
+
+def resume(*args: str) -> list[str]:
+    """The shared run resumed (it stopped at step 2) with `args`."""
+    return ["train", "--config", "{config}", "--run-dir", "{run}", "--max-steps", "3", *args]
+
+
+def foreign_export(work: Path, run: Path) -> None:
+    """{work}/student: an export of another run."""
+    from ladd_ds.core.outputs import write_marker
+
+    (work / "student").mkdir()
+    (work / "student" / "ladd_export.json").write_text("{}")
+    write_marker(work / "student", "export", "/elsewhere/runs/other")
+
+
+def held_run(work: Path, run: Path) -> None:
+    """{work}/run locked by a live process of this host (pid 1, which outlives every test)."""
+    import json
+    import socket
+    import time
+
+    from ladd_ds.core.lock import LOCK_FILE, _process_start_ticks
+
+    (work / "run").mkdir()
+    holder = {"host": socket.gethostname(), "pid": 1, "start_ticks": _process_start_ticks(1), "time": time.time()}
+    (work / "run" / LOCK_FILE).write_text(json.dumps({**holder, "command": "ladd-ds train", "token": "x"}))
+
+
+def run_with_foreign_universal(work: Path, run: Path) -> None:
+    """{work}/run: a copy of the shared run whose newest checkpoint holds a universal/ folder of the user's."""
+    copy_run_until(run, work / "run", 2)
+    universal = work / "run" / "checkpoints" / "step-00000002" / "universal"
+    universal.mkdir()
+    (universal / "notes.txt").write_text("mine\n")
+
+
 ROWS = [
     # --- issue 32, item 6 and item 8
     Row("run dir is a file", train(), "{work}/run", "pass another --run-dir", {"run": "not a folder"}),
@@ -246,11 +301,11 @@ ROWS = [
     ),
     # --- images and caption files
     Row(
-        "a non-image captioned",
-        ENCODE,
-        "notes.txt",
-        "not an image",
-        {"images/notes.txt": "my notes\n", "captions.txt": "notes.txt\ta caption\n"},
+        "an image folder that is not there",
+        ["encode", "--config", "{config}", "--images", "{work}/nope", "--captions", "{work}/captions.txt", "--out", "{work}/enc"],
+        "image folder {work}/nope",
+        "does not exist",
+        {"captions.txt": "a.png\ta caption\n"},
     ),
     Row(
         "caption line without a tab",
@@ -300,6 +355,62 @@ ROWS = [
         ["dpo", "--config", "{dpo_config}", "--run-dir", "{work}/run", *sets("data.path={pairs}", "data.micro_batch_size=64")],
         "data.path {pairs}",
         "lower data.micro_batch_size",
+    ),
+    # --- outputs that are not the command's own (ladd_ds/core/outputs.py), places in use, resumes
+    Row("export onto a user's folder", EXPORT("{work}/mine"), "--out {work}/mine", "Pass a new or empty folder", MINE),
+    Row("export onto a file", EXPORT("{work}/notes.txt"), "--out {work}/notes.txt", "never replaces a file", NOTES),
+    Row("export --out RUN_DIR", EXPORT("{run}"), "--out {run}: it holds a run directory", "Pass another --out"),
+    Row(
+        "export onto another run's export",
+        EXPORT("{work}/student"),
+        "--out {work}/student",
+        "pass --overwrite",
+        setup=foreign_export,
+    ),
+    Row(
+        "sample onto a user's PNG",
+        ["sample", "--model", "{run}", "--prompts", "{work}/p.txt", "--out", "{work}/grid"],
+        "{work}/grid.png",
+        "pass another --out",
+        {**PROMPTS, "grid.png": b"\x89PNG my drawing"},
+    ),
+    Row("train into a user's folder", train(), "--run-dir {work}/run", "pass a new or empty folder", {"run/thesis.txt": "mine"}),
+    Row("a run directory in use", train(), "run directory {work}/run is in use", "Wait for it to finish", setup=held_run),
+    Row("resume with another lr", resume(*sets("optim.student_lr=0.5")), "optim.student_lr: 0.0001 -> 0.5", "--allow-change"),
+    Row(
+        "resume with wider heads",
+        resume(*sets("discriminator.hidden_channels=64")),
+        "hidden_channels: 32 -> 64",
+        "--allow-change",
+    ),
+    Row(
+        "convert-checkpoint over a user's universal/",
+        ["convert-checkpoint", "--run", "{work}/run"],
+        "universal was not written by ladd-ds convert-checkpoint",
+        "move it out of the checkpoint",
+        setup=run_with_foreign_universal,
+    ),
+    Row(
+        "pretrain-teacher onto a user's folder",
+        ["pretrain-teacher", "--out", "{work}/mine", "--steps", "1"],
+        "{work}/mine",
+        "Pass a new",
+        MINE,
+    ),
+    Row("demo onto a user's folder", ["demo", "--out", "{work}/mine", "--size", "test"], "--out {work}/mine", "Pass a new", MINE),
+    Row(
+        "synth into a user's folder",
+        ["synth", "--config", "{config}", "--prompts", "{work}/p.txt", "--out", "{work}/mine"],
+        "--out {work}/mine",
+        "Pass a new or empty folder",
+        {**PROMPTS, **MINE},
+    ),
+    Row(
+        "encode into a run directory",
+        ["encode", "--config", "{config}", "--images", "{work}", "--captions", "{work}/c.txt", "--out", "{run}"],
+        "--out {run}: it holds a run directory",
+        "Pass another --out",
+        {"c.txt": "a.png\ta caption\n", "a.png": png_bytes()},
     ),
 ]
 

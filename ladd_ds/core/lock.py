@@ -78,6 +78,8 @@ class FileLock:
     """`with FileLock(path, what="run directory runs/r1"):` or acquire() / release(). Raises
     LockedError when a live process holds it."""
 
+    _holding: set[FileLock] = set()  # every lock this process holds (release_all)
+
     def __init__(self, path: str | Path, what: str):
         self.path = Path(path)
         self.what = what
@@ -117,6 +119,7 @@ class FileLock:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self._record()))
             self.held = True
+            FileLock._holding.add(self)
             return self
         raise LockedError(f"could not take {self.path}: other processes keep taking it; try again")
 
@@ -160,9 +163,17 @@ class FileLock:
         if not self.held:
             return
         self.held = False
+        FileLock._holding.discard(self)
         holder = self.read_holder()
         if holder and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)
+
+    @classmethod
+    def release_all(cls) -> None:
+        """Release every lock this process holds: a command's end (ladd_ds.cli.main), also when it
+        runs in a process that goes on (the demo's stages, the tests)."""
+        for lock in list(cls._holding):
+            lock.release()
 
     def __enter__(self) -> FileLock:
         return self.acquire()

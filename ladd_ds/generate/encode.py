@@ -230,10 +230,12 @@ def run_encode(
     out = Path(out)
     kinds = check_kinds(mask_kinds or DEFAULT_KINDS)
     model_cfg, buckets = generation_buckets(cfg)
-    device = start_generation(cfg, out)
     load_jobs = load_edit_jobs if task == "edit" else load_image_jobs
     limits = ImageLimits.for_buckets(buckets, min_side=cfg.data.min_image_side, max_aspect=cfg.data.max_aspect_ratio)
+    # The inputs are read before the output is claimed: a caption file that cannot be used leaves
+    # no trace at --out. Every rank reads them (rank and world size from the launcher's variables).
     jobs = load_jobs(images, captions, buckets, cfg.synth.seed, mine=lambda i: i % world_size() == rank(), limits=limits)
+    device = start_generation(cfg, out)
     settings = {"images": str(Path(images).resolve()), "buckets": buckets, **common_settings(cfg)}
     if task != "t2i":  # recorded only for the new tasks: t2i outputs of earlier versions still resume
         settings["task"] = task

@@ -90,6 +90,9 @@ FREE_KEYS = (
     "data.num_workers",
     "data.cache_dir",
     "data.shared_memory_cleanup",
+    "data.compression",  # how synth / encode / pairs write shards; and the image filters of encode:
+    "data.min_image_side",
+    "data.max_aspect_ratio",
     "synth.",  # the sections of other commands: not read by training
     "pairs.",
 )
