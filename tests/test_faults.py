@@ -129,6 +129,21 @@ def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint_and_resumes_exac
     assert all(same(a, b) for a, b in zip(exported(run_dir, 6, tmp_path / "e1"), exported(reference, 6, tmp_path / "e2")))
 
 
+def test_a_full_disk_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """Rank 1 cannot write its part of the step-2 checkpoint: both ranks exit 2 with the line that
+    names the checkpoint (none waits for a collective time-out), no partial checkpoint is left and
+    step 1's resumes."""
+    run_dir = tmp_path / "run"
+    with_faults("enospc_in_save@2:1")
+    proc = run_cli(*train_args(run_dir, 3, "checkpoint.every=1", "health.collective_timeout_s=120"), nproc=2, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = f"ladd-ds train: error: checkpoint {run_dir / 'checkpoints' / 'step-00000002'}: no space left on device"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]  # every rank
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000001"]
+    with_faults("")
+    assert "at step 1" in run_cli(*train_args(run_dir, 2), nproc=2).stdout
+
+
 def test_a_rank_that_exits_ends_the_job(tmp_path):
     launcher = os.path.join(os.path.dirname(os.sys.executable), "deepspeed")
     args = train_args(tmp_path, 6, "health.collective_timeout_s=20")

@@ -11,11 +11,13 @@ LADD_DS_INJECT_FAULTS="KIND@STEP[:RANK],..." with KIND one of
   sigterm       send SIGTERM to this process before that iteration (as SLURM does before it kills
                 a job; the run stops after that iteration with a checkpoint)
   sigint        the same with SIGINT (Ctrl-C)
+  enospc_in_save  a full disk (OSError ENOSPC) while this rank writes the checkpoint of STEP
 RANK limits the fault to one global rank (default: every rank).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -24,7 +26,7 @@ from ladd_ds.core.errors import InputError
 from ladd_ds.distributed.ranks import rank
 
 ENV = "LADD_DS_INJECT_FAULTS"
-KINDS = ("nan_loss", "exit", "kill", "kill_in_save", "kill_in_finalize", "sigterm", "sigint")
+KINDS = ("nan_loss", "exit", "kill", "kill_in_save", "kill_in_finalize", "sigterm", "sigint", "enospc_in_save")
 
 
 @functools.lru_cache(maxsize=8)
@@ -51,6 +53,8 @@ def maybe_die(kind: str, step: int) -> None:
     if not armed(kind, step):
         return
     print(f"[fault injection] {kind} at step {step} on rank {rank()}", flush=True)
+    if kind == "enospc_in_save":
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
     if kind in ("sigterm", "sigint"):
         os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
         return

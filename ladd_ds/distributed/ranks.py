@@ -88,6 +88,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t.cpu()
 
 
+def first_of_ranks(value):
+    """Collective: the first non-None `value` in rank order (e.g. an error one rank met), the
+    same on every rank; None when every rank passed None."""
+    if not is_initialized() or world_size() == 1:
+        return value
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return next((v for v in values if v is not None), None)
+
+
 def broadcast_object(value):
     """Rank 0's `value` on every rank (any picklable object); the value itself in a world of one."""
     if not is_initialized() or world_size() == 1:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ladd_ds.core.errors import MissingInputError, reporting_full_disk
+from ladd_ds.core.errors import MissingInputError, NoSpaceError, reporting_full_disk
 from ladd_ds.core.files import commit_directory, temporary_sibling
 from ladd_ds.distributed import faults
-from ladd_ds.distributed.ranks import barrier, is_main, rank
+from ladd_ds.distributed.ranks import barrier, first_of_ranks, is_main, rank
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -62,11 +62,23 @@ def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, t
     barrier()
     # A full disk is one clear line naming the checkpoint; its partial files are removed (the
     # earlier checkpoints are untouched: the run resumes from the newest once there is space).
-    # On several ranks the others wait in the next collective until health.collective_timeout_s.
-    with _removed_on_error(tmp), reporting_full_disk(final, "checkpoint"):
-        for name, engine in engines.items():
-            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-        torch.save(rank_state, tmp / f"rank-{rank():05d}.pt")
+    # The ranks agree on it before going on, so that every rank stops with that line instead of
+    # waiting for the one that failed (a failure inside DeepSpeed's own collectives cannot be
+    # agreed on this way: the other ranks wait there until health.collective_timeout_s).
+    full = None
+    try:
+        with reporting_full_disk(final, "checkpoint"):
+            for name, engine in engines.items():
+                engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+            torch.save(rank_state, tmp / f"rank-{rank():05d}.pt")
+            faults.maybe_die("enospc_in_save", step)
+    except NoSpaceError as e:
+        full = str(e)
+    full = first_of_ranks(full)  # collective: the barrier before the commit
+    if full is not None:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise NoSpaceError(full)
     faults.maybe_die("kill_in_save", step)
     barrier()
     if is_main():
