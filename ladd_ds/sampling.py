@@ -493,7 +493,7 @@ def check_sample_args(
 ) -> tuple[list[str], tuple[int, int] | None]:
     """`ladd-ds sample`'s arguments that need no model, checked before one is loaded (or a run
     exported): the prompts of the file, and --size as (height, width) or None."""
-    from ladd_ds.data.prompts import numbered_lines
+    from ladd_ds.data.prompts import numbered_lines, prompt_record
 
     if per_prompt < 1:
         raise InputError(f"--per-prompt {per_prompt}: must be >= 1 (images per prompt)")
@@ -502,18 +502,7 @@ def check_sample_args(
     size_hw = parse_size(size) if size else None
     path = Path(prompts_file)
     lines = numbered_lines(path, "prompt file", "prompts (one per line, or JSONL with a 'prompt')")
-    if path.suffix != ".jsonl":
-        return [line for _, line in lines], size_hw
-    prompts = []
-    for n, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e}); fix or remove the line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise InputError(f"{path}:{n}: expected a JSON object with a string 'prompt'; fix or remove the line")
-        prompts.append(record["prompt"])
-    return prompts, size_hw
+    return [prompt_record(path, n, line)["prompt"] for n, line in lines], size_hw
 
 
 def run_sample(

@@ -67,21 +67,27 @@ def numbered_lines(path: str | Path, what: str, expected: str) -> list[tuple[int
     return lines
 
 
+def prompt_record(path: Path, n: int, line: str) -> dict:
+    """Line `n` of a prompt file: {"prompt": line} of a text file, the object of a JSONL line (a
+    string "prompt", optionally "bucket" and "seed")."""
+    if path.suffix != ".jsonl":
+        return {"prompt": line}
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{n}: not valid JSON ({e}); fix or remove the line") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise InputError(f"{path}:{n}: expected an object with a string 'prompt'; fix or remove the line")
+    return record
+
+
 def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] | None, seed: int) -> list[PromptJob]:
     path = Path(path)
     lines = numbered_lines(path, "prompt file", "prompts (one per line, or JSONL with a 'prompt' key)")
     draw = random.Random(seed)
     jobs = []
     for index, (n, line) in enumerate(lines):  # index: the sample's identity; n: its line
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e}); fix or remove the line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise InputError(f"{path}:{n}: expected an object with a string 'prompt'; fix or remove the line")
-        else:
-            record = {"prompt": line}
+        record = prompt_record(path, n, line)
         bucket = record.get("bucket")
         drawn = draw.choices(buckets, weights=weights)[0]  # drawn for every line: stable per index
         if bucket is None:
