@@ -274,3 +274,14 @@ def tiny_ladd_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny_ladd_run") / "run"
     train_tiny(run_dir, 2, ["logging.progress_bar=false", "checkpoint.every=1"], launcher="in-process")
     return run_dir
+
+
+def hold(path, pid: int, host: str | None = None, age_s: float = 0.0, start_ticks="live") -> None:
+    """Write the lock file of a holder `pid` on `host`, taken `age_s` seconds ago."""
+    import time
+
+    from ladd_ds.core.lock import _process_start_ticks
+
+    ticks = _process_start_ticks(pid) if start_ticks == "live" else start_ticks
+    record = {"host": host or socket.gethostname(), "pid": pid, "start_ticks": ticks, "time": time.time() - age_s}
+    path.write_text(json.dumps({**record, "command": "ladd-ds train --config x.yaml", "token": "t"}))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_CONFIG, copy_run_until, read_metrics, run_cli
+from tests.conftest import TINY_CONFIG, copy_run_until, hold, read_metrics, run_cli
 from tests.test_dpo import DPO_CONFIG, write_random_pairs
 
 
@@ -114,15 +114,10 @@ def foreign_export(work: Path, run: Path) -> None:
 
 def held_run(work: Path, run: Path) -> None:
     """{work}/run locked by a live process of this host (pid 1, which outlives every test)."""
-    import json
-    import socket
-    import time
-
-    from ladd_ds.core.lock import LOCK_FILE, _process_start_ticks
+    from ladd_ds.core.lock import LOCK_FILE
 
     (work / "run").mkdir()
-    holder = {"host": socket.gethostname(), "pid": 1, "start_ticks": _process_start_ticks(1), "time": time.time()}
-    (work / "run" / LOCK_FILE).write_text(json.dumps({**holder, "command": "ladd-ds train", "token": "x"}))
+    hold(work / "run" / LOCK_FILE, 1)
 
 
 def run_with_foreign_universal(work: Path, run: Path) -> None:

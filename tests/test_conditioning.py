@@ -64,6 +64,6 @@ def test_conditioned_datasets_are_written_validated_and_batched(task, tmp_path):
         tmp_path / "plain", [{k: r[k] for k in ("latent", "prompt_embeds", "pooled", "prompt")} for r in rows], layout=LATENTS
     )
     with pytest.raises(
-        InputError, match=rf"missing column 'condition', so it is not a {layout.name} dataset.*layout={task.upper()}"
+        InputError, match=rf"missing column 'condition', so it is not a {layout.name} dataset.*ladd-ds synth --task {task}"
     ):
         validate_mds_dir(plain, layout)

@@ -3,13 +3,12 @@ collective (ladd_ds/training/convert.py). Loading the converted checkpoint on an
 is tested in tests/test_resume_world_size.py."""
 
 import json
-import os
 import socket
 
 import pytest
 
 from ladd_ds.training import convert
-from tests.conftest import cli_error, copy_run_until, run_cli
+from tests.conftest import cli_error, copy_run_until, hold, run_cli
 
 pytestmark = [pytest.mark.multiproc]  # the 2-rank reference run
 
@@ -54,16 +53,16 @@ def test_an_interrupted_conversion_resumes_and_a_second_one_does_nothing(run_dir
 
 def test_a_live_lock_is_respected_and_a_dead_one_taken_over(run_dir, capsys):
     checkpoint = checkpoint_of(run_dir)
-    (checkpoint / convert.LOCK).write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live process
+    hold(checkpoint / convert.LOCK, 1)  # a live process of this host (pid 1 outlives the test)
     err = cli_error(capsys, "convert-checkpoint", "--run", str(run_dir))
-    assert f"being converted by another process ({socket.gethostname()}, pid {os.getpid()})" in err
+    assert f"the conversion of {checkpoint} is in use by another ladd-ds process: pid 1 on host {socket.gethostname()}" in err
     with pytest.raises(RuntimeError, match="is gone"):  # a waiting rank notices when its converter dies
-        (checkpoint / convert.LOCK).write_text(f"{socket.gethostname()} {2**22 + 1}\n")
+        hold(checkpoint / convert.LOCK, 2**22 + 1, start_ticks=None)
         convert.wait_for_conversion(checkpoint, poll_s=0.01)
     (checkpoint / convert.LOCK).unlink()
     (checkpoint / convert.FAILED).write_text("RuntimeError: disk full\n")
     with pytest.raises(RuntimeError, match="disk full"):
         convert.wait_for_conversion(checkpoint, poll_s=0.01)
-    (checkpoint / convert.LOCK).write_text(f"{socket.gethostname()} {2**22 + 1}\n")  # died while converting
+    hold(checkpoint / convert.LOCK, 2**22 + 1, start_ticks=None)  # died while converting
     convert.convert_run(run_dir)
     assert convert.is_converted(checkpoint) and not (checkpoint / convert.LOCK).exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_CONFIG, cli_error, export, run_cli, train_tiny
+from tests.conftest import TINY_CONFIG, cli_error, export, run_cli
 
 FAST = ["logging.progress_bar=false", "logging.tensorboard=false"]
 
@@ -28,12 +28,10 @@ def user_folder(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A LADD run of one step (one checkpoint), trained in this process."""
-    run_dir = tmp_path_factory.mktemp("outputs") / "run"
-    train_tiny(run_dir, 1, FAST, launcher="in-process")
-    return run_dir
+@pytest.fixture
+def tiny_run(tiny_ladd_run) -> Path:
+    """A finished LADD run (the session's, conftest.tiny_ladd_run; the tests leave it as it was)."""
+    return tiny_ladd_run
 
 
 def refused(capsys, folder: Path, *args: str) -> str:
@@ -75,7 +73,7 @@ def test_export_replaces_its_own_and_another_runs_only_with_overwrite(tiny_run, 
 
 
 def test_convert_checkpoint_refuses_a_universal_folder_it_did_not_write(tiny_run, tmp_path, capsys):
-    checkpoint = next((tiny_run / "checkpoints").glob("step-*"))
+    checkpoint = sorted((tiny_run / "checkpoints").glob("step-*"))[-1]  # the one convert-checkpoint converts
     universal = user_folder(checkpoint / "universal")
     try:
         err = refused(capsys, universal, "convert-checkpoint", "--run", str(tiny_run))

@@ -6,13 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
-from ladd_ds.core.lock import FileLock, LockedError, _process_start_ticks
-from tests.conftest import REPO, TINY_CONFIG, cli_error, run_cli, subprocess_env, train_tiny
+from ladd_ds.core.lock import FileLock, LockedError
+from tests.conftest import REPO, TINY_CONFIG, cli_error, hold, run_cli, subprocess_env, train_tiny
 from tests.test_outputs import checksums
 
 FAST = ["logging.progress_bar=false", "logging.tensorboard=false"]
@@ -26,13 +25,6 @@ def other_process():
     yield proc
     proc.kill()
     proc.wait()
-
-
-def hold(path, pid: int, host: str | None = None, age_s: float = 0.0, start_ticks="live") -> None:
-    """Write the lock file of a holder `pid` on `host`, taken `age_s` seconds ago."""
-    ticks = _process_start_ticks(pid) if start_ticks == "live" else start_ticks
-    record = {"host": host or socket.gethostname(), "pid": pid, "start_ticks": ticks, "time": time.time() - age_s}
-    path.write_text(json.dumps({**record, "command": "ladd-ds train --config x.yaml", "token": "t"}))
 
 
 def test_a_live_holder_is_named_and_a_dead_one_is_taken_over(tmp_path, other_process):
