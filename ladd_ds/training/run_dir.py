@@ -82,6 +82,8 @@ HISTORY_FILE = "config_history.jsonl"
 FREE_KEYS = (
     "run.max_steps",
     "run.run_dir",
+    "model.gradient_checkpointing",  # recompute instead of storing: the same math, less memory
+    "model.compile",  # the same blocks compiled: the same math within round-off
     "logging.",
     "checkpoint.",
     "health.",
