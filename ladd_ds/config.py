@@ -194,10 +194,13 @@ class OptimConfig:
 
     def validate(self) -> None:
         # Checked here, not left to torch: a negative rate passes DeepSpeed's engine set-up and
-        # fails in the optimizer's constructor after every model is built.
-        for key in ("student_lr", "heads_lr", "eps"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"optim.{key}: must be > 0, got {getattr(self, key)}")
+        # fails in the optimizer's constructor after every model is built. A rate of 0 is allowed:
+        # it keeps that model as it is (e.g. to check loading, tests/test_multirank.py).
+        for key in ("student_lr", "heads_lr"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"optim.{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas: expected two numbers [beta1, beta2], each in [0, 1), got {self.betas}")
         for key in ("weight_decay", "grad_clip", "warmup_steps"):

@@ -34,8 +34,8 @@ def test_tiny_config_loads_with_overrides():
         ("ladd.distill_cfg=0.5", r"ladd.distill_cfg must be >= 1"),
         ("data.compression=lz4", r"data.compression: 'lz4' is not one of .*'zstd'"),
         # The optimizer's values, checked before torch's constructors see them.
-        ("optim.student_lr=-1", r"optim.student_lr: must be > 0, got -1.0"),
-        ("optim.heads_lr=0", r"optim.heads_lr: must be > 0, got 0.0"),
+        ("optim.student_lr=-1", r"optim.student_lr: must be >= 0, got -1.0"),
+        ("optim.heads_lr=-0.5", r"optim.heads_lr: must be >= 0, got -0.5"),
         ("optim.eps=0", r"optim.eps: must be > 0"),
         ("optim.betas=[0.9, 1.0]", r"optim.betas: expected two numbers \[beta1, beta2\], each in \[0, 1\)"),
         ("optim.betas=[-0.1, 0.99]", r"optim.betas: .* each in \[0, 1\)"),
