@@ -91,6 +91,8 @@ def png_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
 NOTES = {"notes.txt": "my notes\n"}
 
 

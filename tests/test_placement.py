@@ -219,3 +219,38 @@ def test_auto_on_one_rank_trains_in_bf16(tmp_path):
         records = read_metrics(run_dir)
         assert [r["step"] for r in records] == [1, 2]
         assert all(math.isfinite(r[k]) for r in records for k in ("loss/generator", "loss/discriminator", "grad_norm/student"))
+
+
+def ema_bytes(shadows: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in shadows.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_plans_ema_is_the_ema_one_rank_keeps(tmp_path, distributed_world_of_one, precision):
+    """One rank (ZeRO-0): the plan's EMA term is exactly the bytes of the EMA the run keeps; no EMA
+    term without optim.ema_decay."""
+    from tests.test_ladd_steps import make_trainer
+
+    trainer = make_trainer(tmp_path / "run", "optim.ema_decay=0.9", f"deepspeed.precision={precision}")
+    planned = place_ladd_engines(trainer.cfg, 1, plan_always=True)[1].memory
+    assert planned["student"].ema == ema_bytes(trainer.method.ema.shadow) > 0
+    assert planned["heads"].ema == planned["teacher"].ema == 0
+    trainer.close()
+    off = load_config(TINY_CONFIG, ["optim.ema_decay=0"])
+    assert place_ladd_engines(off, 1, plan_always=True)[1].memory["student"].ema == 0
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_the_plans_ema_is_each_zero3_ranks_share(reference_runs):
+    """2 ZeRO-3 ranks (the shared reference run; tiny config, EMA on): each rank's saved EMA shard is
+    the plan's per-rank term, up to ZeRO-3's padding of each parameter to a multiple of the ranks."""
+    run_dir = reference_runs(2)
+    cfg = load_config(run_dir / "config.yaml")
+    _, placement = place_ladd_engines(cfg, 2, plan_always=True)
+    assert placement.stages["student"] == 3
+    checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    n_params = len(torch.load(checkpoint / "rank-00000.pt", weights_only=True)["ema"]["shadow"])
+    for rank in range(2):
+        measured = ema_bytes(torch.load(checkpoint / f"rank-{rank:05d}.pt", weights_only=True)["ema"]["shadow"])
+        assert 0 <= measured - placement.memory["student"].ema <= n_params * 4  # at most one padded element each

@@ -74,7 +74,7 @@ def build_models(
 
 
 ENGINES = [
-    EngineSlot("student", "student_config", "student_stage", trainable=True),
+    EngineSlot("student", "student_config", "student_stage", trainable=True, keeps_ema=True),
     EngineSlot("heads", "heads_config", "heads_stage", trainable=True),
     EngineSlot("teacher", "teacher_config", "teacher_stage", trainable=False),
 ]

@@ -136,12 +136,13 @@ def check_mds_data(cfg: Config, layout: Layout, world: int) -> None:
 @dataclass(frozen=True)
 class EngineSlot:
     """One engine of a method: its name, the deepspeed.* keys of its template and stage, whether
-    it trains."""
+    it trains, and whether its model is the one the run's EMA follows (optim.ema_decay > 0)."""
 
     name: str
     template_key: str
     stage_key: str
     trainable: bool
+    keeps_ema: bool = False
 
 
 def place_engines(
@@ -170,6 +171,7 @@ def place_engines(
             trainable=s.trainable,
             stage=ds.zero_stage(templates[s.name]) if asked[s.name] is None else asked[s.name],
             ds_config=templates[s.name],
+            ema=s.keeps_ema and cfg.optim.ema_decay > 0,
         )
         for s in slots
     ]
@@ -199,10 +201,10 @@ def placement_report(cfg: Config, placement: Placement, activation_note: str) ->
     """The --dry-run memory table and the reason for every engine's stage."""
     gib, usable = 2**30, placement.device_bytes * USABLE_FRACTION
     lines = format_placement(placement)
-    lines.append(f"{'activations':<20}{placement.activations / gib:>59.2f}   {activation_note}")
+    lines.append(f"{'activations':<20}{placement.activations / gib:>69.2f}   {activation_note}")
     verdict = "fits" if placement.fits else "DOES NOT FIT: training would run out of device memory"
     lines += [
-        f"{'total':<20}{placement.total / gib:>59.2f}   of {usable / gib:.1f} GiB usable "
+        f"{'total':<20}{placement.total / gib:>69.2f}   of {usable / gib:.1f} GiB usable "
         f"({USABLE_FRACTION:.0%} of {placement.device_bytes / gib:.1f} GiB per device): {verdict}",
         "",
         "stages:",
@@ -211,7 +213,8 @@ def placement_report(cfg: Config, placement: Placement, activation_note: str) ->
     lines += [
         "",
         "per rank: weights 2 B/param in bf16 (4 in fp32), sharded by ZeRO-3; grads in the model dtype below ZeRO-2,",
-        "an fp32 partition from ZeRO-2 on; Adam 12 B/param in bf16 (8 in fp32), sharded from ZeRO-1 on; buffers:",
+        "an fp32 partition from ZeRO-2 on; Adam 12 B/param in bf16 (8 in fp32), sharded from ZeRO-1 on; EMA",
+        "(optim.ema_decay > 0): an fp32 copy of the trained weights, 4 B/param, sharded only by ZeRO-3; buffers:",
         'reduce / all-gather buckets and ZeRO-3 live parameters (docs/performance.md, "Placement").',
     ]
     return lines

@@ -17,7 +17,8 @@ Per-rank bytes of one engine (bf16 training; fp32 doubles weights and has no mas
 weights 2 B/param, sharded by ZeRO-3; gradients 2 B/param in the model dtype below ZeRO-2 (plus an
 fp32 copy for ZeRO-1's fp32 accumulation), an fp32 partition of 4 B/param/world from ZeRO-2 on
 (with `data_types.grad_accum_dtype: fp32`; 2 B without); Adam 12 B/param (fp32 master + two
-moments), sharded from ZeRO-1 on; buffers: ZeRO's reduce bucket (doubled with `overlap_comm`), the
+moments), sharded from ZeRO-1 on; the EMA of a trained model (optim.ema_decay > 0) 4 B/param,
+sharded by ZeRO-3 only; buffers: ZeRO's reduce bucket (doubled with `overlap_comm`), the
 ZeRO-1/2 all-gather bucket and ZeRO-3's live parameters (prefetch bucket plus the largest module,
 capped by `stage3_max_live_parameters`, plus the persistent small parameters). Activations are
 counted from the model code (ladd_ds.models.activations) by the method.
@@ -46,6 +47,7 @@ class EngineNeeds:
     trainable: bool
     stage: int | str
     ds_config: dict
+    ema: bool = False  # the run keeps an EMA of this engine's trained weights (training/ema.py)
 
     @property
     def n_params(self) -> int:
@@ -62,10 +64,11 @@ class EngineMemory:
     grads: float
     optimizer: float
     buffers: float
+    ema: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.buffers
+        return self.weights + self.grads + self.optimizer + self.buffers + self.ema
 
 
 @dataclass
@@ -129,11 +132,14 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
             buffers += min(z["reduce_bucket_size"], trained) * comm_b * (2 if z["overlap_comm"] else 1)
         if stage in (1, 2):
             buffers += min(z["allgather_bucket_size"], trained) * weight_b
+    # The EMA (training/ema.py): an fp32 copy of each trained parameter's local tensor, which is
+    # its ZeRO-3 partition or, below stage 3, the whole tensor (32 GB per rank for 8B).
+    ema = trained * 4 / (world if stage >= 3 else 1) if engine.ema else 0.0
     if stage >= 3:
         persistent = sum(p.numel() for p in engine.model.parameters() if p.numel() < z["persistence"])
         live = min(z["max_live"], z["prefetch"] + _largest_module_params(engine.model), n)
         buffers += (persistent + live) * weight_b
-    return EngineMemory(weights=weights, grads=grads, optimizer=optimizer, buffers=buffers)
+    return EngineMemory(weights=weights, grads=grads, optimizer=optimizer, buffers=buffers, ema=ema)
 
 
 def plan(
@@ -192,10 +198,11 @@ def choose_placement(
 
 def format_placement(p: Placement) -> list[str]:
     """The --dry-run table: bytes per rank of every engine at its chosen stage, and why."""
-    lines = [f"{'engine':<9}{'params':>15}{'ZeRO':>5}{'weights':>10}{'grads':>10}{'optim':>10}{'buffers':>10}{'GiB/rank':>10}"]
+    head = f"{'engine':<9}{'params':>15}{'ZeRO':>5}{'weights':>10}{'grads':>10}{'optim':>10}{'ema':>10}{'buffers':>10}"
+    lines = [head + f"{'GiB/rank':>10}"]
     for name, m in p.memory.items():
         lines.append(
             f"{name:<9}{p.params[name]:>15,}{p.stages[name]:>5}{m.weights / GIB:>10.2f}{m.grads / GIB:>10.2f}"
-            f"{m.optimizer / GIB:>10.2f}{m.buffers / GIB:>10.2f}{m.total / GIB:>10.2f}"
+            f"{m.optimizer / GIB:>10.2f}{m.ema / GIB:>10.2f}{m.buffers / GIB:>10.2f}{m.total / GIB:>10.2f}"
         )
     return lines
