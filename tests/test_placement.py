@@ -16,6 +16,7 @@ from ladd_ds.training.placement import EngineNeeds, engine_memory
 from tests.conftest import EXACT, REPO, TINY_CONFIG, export, read_metrics, run_cli, train_tiny
 
 GPU_TEMPLATE = "ds_configs/gpu/sd3_medium.json"
+HEADS_TEMPLATE = "ds_configs/gpu/heads.json"
 
 
 def meta_linear(n: int, trainable: bool = True) -> torch.nn.Module:
@@ -155,7 +156,7 @@ def test_dry_run_of_a_run_that_does_not_fit_exits_2(tmp_path):
 
 @pytest.mark.multiproc
 def test_gpu_templates_with_auto_stages_on_two_ranks(tmp_path, reference_runs):
-    """The SD3 GPU template (overlap_comm, fp32 communication and accumulation) with auto stages
+    """The SD3 GPU templates (overlap_comm, fp32 communication and accumulation; the heads' own) with auto stages
     on 2 CPU ranks: in fp32 it trains exactly what one process does; in bf16 with gradient
     accumulation it runs, and its first step computes the fp32 run's losses within bf16 round-off."""
     from safetensors.torch import load_file
@@ -163,7 +164,7 @@ def test_gpu_templates_with_auto_stages_on_two_ranks(tmp_path, reference_runs):
     ref_dir = reference_runs(1)
     reference = export(ref_dir, tmp_path / "ref", step=4)
     ref = load_file(reference / "transformer" / "diffusion_pytorch_model.safetensors")
-    gpu = [f"deepspeed.{k}_config={GPU_TEMPLATE}" for k in ("student", "teacher", "heads")]
+    gpu = [f"deepspeed.{k}_config={GPU_TEMPLATE}" for k in ("student", "teacher")] + [f"deepspeed.heads_config={HEADS_TEMPLATE}"]
     gpu += [f"deepspeed.{k}_stage=auto" for k in ("student", "teacher", "heads")]
     runs = {
         "fp32": ["data.micro_batch_size=4"],
@@ -208,7 +209,7 @@ def test_auto_on_one_rank_trains_in_bf16(tmp_path):
     the trained ones at ZeRO-1 when gradients are accumulated and the template asks for fp32
     accumulation (the GPU templates); both train."""
     auto = [f"deepspeed.{k}_stage=auto" for k in ("student", "teacher", "heads")]
-    gpu = [f"deepspeed.{k}_config={GPU_TEMPLATE}" for k in ("student", "teacher", "heads")]
+    gpu = [f"deepspeed.{k}_config={GPU_TEMPLATE}" for k in ("student", "teacher")] + [f"deepspeed.heads_config={HEADS_TEMPLATE}"]
     for name, extra in (("accum1", []), ("accum2", [*gpu, "optim.grad_accum=2", "data.micro_batch_size=2"])):
         run_dir = tmp_path / name
         sets = [*auto, *extra, "deepspeed.precision=bf16", "logging.progress_bar=false"]
@@ -254,3 +255,22 @@ def test_the_plans_ema_is_each_zero3_ranks_share(reference_runs):
     for rank in range(2):
         measured = ema_bytes(torch.load(checkpoint / f"rank-{rank:05d}.pt", weights_only=True)["ema"]["shadow"])
         assert 0 <= measured - placement.memory["student"].ema <= n_params * 4  # at most one padded element each
+
+
+def test_the_heads_template_holds_buckets_sized_for_the_heads():
+    """sd3-large on 64 ranks: the heads' buffers in the plan are their own template's buckets, a
+    fraction of what the transformer's template would hold for them (docs/performance.md)."""
+    cfg = load_config(REPO / "configs" / "sd3_large.yaml", ["data.source=random_latents"])
+    assert cfg.deepspeed.heads_config == HEADS_TEMPLATE
+    own = place_ladd_engines(cfg, 64, plan_always=True)[1]
+    big = load_config(
+        REPO / "configs" / "sd3_large.yaml",
+        ["data.source=random_latents", f"deepspeed.heads_config={cfg.deepspeed.student_config}"],
+    )
+    theirs = place_ladd_engines(big, 64, plan_always=True)[1]
+    n = own.params["heads"]
+    assert own.stages["heads"] == theirs.stages["heads"] == 2 and n > 1e8
+    template = json.loads((REPO / HEADS_TEMPLATE).read_text())["zero_optimization"]
+    # Reduce bucket: fp32, double-buffered (overlap_comm); all-gather bucket: bf16 weights.
+    assert own.memory["heads"].buffers == template["reduce_bucket_size"] * 4 * 2 + template["allgather_bucket_size"] * 2
+    assert theirs.memory["heads"].buffers > 7 * own.memory["heads"].buffers
