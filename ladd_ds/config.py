@@ -191,6 +191,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1
     ema_decay: float = 0.0  # EMA of the student's weights (0 = off)
+    # Update the EMA after every k-th optimizer step (its horizon is then about k / (1 - decay)
+    # steps): each update reads every trained parameter once, which at 8B is a pass over 32 GB.
+    ema_every: int = 1
 
     def validate(self) -> None:
         # Checked here, not left to torch: a negative rate passes DeepSpeed's engine set-up and
@@ -210,6 +213,8 @@ class OptimConfig:
             raise ConfigError("optim.grad_accum: must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("optim.ema_decay: must be in [0, 1)")
+        if self.ema_every < 1:
+            raise ConfigError(f"optim.ema_every: must be >= 1 (update the EMA every k steps), got {self.ema_every}")
 
 
 @dataclass

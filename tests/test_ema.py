@@ -48,3 +48,34 @@ def test_resharded_ema_from_memory_mapped_shards(tmp_path):
     ema.load_resharded(model, shards)
     for n, t in full.items():
         torch.testing.assert_close(ema.shadow[n], t)
+
+
+def test_the_foreach_update_is_the_per_parameter_lerp_in_fp32_and_bf16():
+    """One foreach call gives bit for bit what a lerp per parameter gave, for fp32 and bf16
+    parameters (the EMA is fp32 either way)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3).to(torch.bfloat16))
+    ema = ShardedEMA(model, decay=0.95)
+    expected = {n: t.clone() for n, t in ema.shadow.items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        for n, p in model.named_parameters():
+            expected[n].lerp_(p.detach().float(), 1 - 0.95)
+    for n in expected:
+        assert ema.shadow[n].dtype == torch.float32 and torch.equal(ema.shadow[n], expected[n]), n
+
+
+def test_ema_every_k_steps(tmp_path, distributed_world_of_one):
+    """optim.ema_every=2: the EMA is left alone after the first step and updated after the second."""
+    from tests.test_ladd_steps import make_trainer
+
+    trainer = make_trainer(tmp_path / "run", "optim.ema_decay=0.5", "optim.ema_every=2", "checkpoint.every=100")
+    start = {n: t.clone() for n, t in trainer.method.ema.shadow.items()}
+    trainer.fit(1)
+    assert all(torch.equal(trainer.method.ema.shadow[n], start[n]) for n in start)
+    trainer.fit(2)
+    assert any(not torch.equal(trainer.method.ema.shadow[n], start[n]) for n in start)
+    trainer.close()

@@ -258,7 +258,7 @@ class LADDSteps:
             for m in metrics:
                 m.update({"loss/discriminator": nan, "d/real_logit": nan, "d/fake_logit": nan})
             heads_applied = False
-        if self.ema is not None and student_applied:
+        if self.ema is not None and student_applied and self.ema.due(step + 1):
             self.ema.update(self.engines.student.module)
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
         out["health/step_skipped"] = float(not (student_applied and heads_applied))

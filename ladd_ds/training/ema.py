@@ -21,17 +21,25 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 class ShardedEMA:
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, every: int = 1):
         self.decay = decay
+        self.every = every  # update after every `every`-th optimizer step (optim.ema_every)
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())
         self.shadow = {n: _local(params[n]).detach().clone().float() for n in self.names}
 
+    def due(self, steps_done: int) -> bool:
+        """Whether the optimizer step that makes `steps_done` steps updates the EMA."""
+        return steps_done % self.every == 0
+
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        """shadow <- shadow + (1 - decay) (param - shadow), for every parameter in one foreach
+        call (one kernel launch per group of tensors on a GPU, not one per parameter). bf16
+        parameters are read as fp32 copies: the EMA is kept in fp32."""
         params = dict(module.named_parameters())
-        for n in self.names:
-            self.shadow[n].lerp_(_local(params[n]).float(), 1.0 - self.decay)
+        shadows = [self.shadow[n] for n in self.names]
+        torch._foreach_lerp_(shadows, [_local(params[n]).float() for n in self.names], 1.0 - self.decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
