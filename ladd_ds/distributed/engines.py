@@ -120,10 +120,9 @@ def fill_ds_config(
     cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
     cfg["bf16"] = {"enabled": precision == "bf16"}
     cfg.setdefault("fp16", {"enabled": False})
-    if grad_clip > 0:
-        cfg["gradient_clipping"] = grad_clip
-    else:
-        cfg.pop("gradient_clipping", None)
+    # Written either way: a missing key is DeepSpeed 0.19.8's default, clipping at 1.0
+    # (runtime/constants.py GRADIENT_CLIPPING_DEFAULT), not "off".
+    cfg["gradient_clipping"] = float(grad_clip) if grad_clip > 0 else 0.0
     return cfg
 
 
@@ -209,16 +208,148 @@ def adamw(model: nn.Module, lr: float, optim_cfg) -> torch.optim.AdamW:
     )
 
 
+class MasterWeightAdamW(torch.optim.AdamW):
+    """Fused AdamW on fp32 master copies of bf16 parameters: what a bf16 ZeRO-0 engine steps with.
+
+    DeepSpeed 0.19.8 wraps any non-DeepSpeed optimizer of a bf16 ZeRO-0 engine in
+    FP16_UnfusedOptimizer (engine.py `_configure_fp16_optimizer`): an inf/NaN check that reads
+    every gradient back to the host one parameter at a time, and a per-parameter AdamW. This
+    class computes what that wrapper computes, with one fused kernel per chunk and no host read:
+    bf16 weights and gradients (a parameter without a gradient steps on zeros, as there), fp32
+    master weights and moments (the 12 B per trained parameter of the memory plan), the gradient
+    norm over the bf16 gradients, clipping to `grad_clip` by dividing the gradients by
+    max(1, (norm + 1e-6) / grad_clip), and no update at all when the norm is not finite.
+    Clipping and the skip run on the device (the fused kernel's `grad_scale` and `found_inf`);
+    `overflow` reads the flag when DeepSpeed asks for it after the step, once per step, as
+    ZeRO-1/2/3's own overflow check does.
+
+    The master gradients exist for `chunk_elements` parameters at a time (4 B each), so the
+    step's transient memory is bounded instead of a second fp32 copy of every gradient. The
+    state dict has FP16_UnfusedOptimizer's layout, so checkpoints move between the two.
+    """
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        grad_clip: float = 0.0,
+        chunk_elements: int = 2**27,
+    ):
+        self.model_params = list(params)
+        masters = [nn.Parameter(p.detach().float().clone()) for p in self.model_params]
+        super().__init__(masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        self.grad_clip, self.chunk_elements = grad_clip, chunk_elements
+        self.found_inf: torch.Tensor | None = None  # read by the fused kernel: 1.0 skips the update
+        self.grad_scale: torch.Tensor | None = None  # read by the fused kernel: gradients are divided by it
+        self._global_grad_norm: torch.Tensor | None = None  # DeepSpeed's engine reports it (get_global_grad_norm)
+        self.steps = 0
+
+    @property
+    def overflow(self) -> bool:
+        """Whether the last step was skipped (DeepSpeed's engine reads it after each step)."""
+        return self.found_inf is not None and bool(self.found_inf)
+
+    def _chunks(self) -> list[list[int]]:
+        chunks, size = [[]], 0
+        for i, p in enumerate(self.model_params):
+            if size and size + p.numel() > self.chunk_elements:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(i)
+            size += p.numel()
+        return chunks
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model_params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+        self._global_grad_norm = norm
+        self.found_inf = (~torch.isfinite(norm)).float()
+        self.grad_scale = None
+        if self.grad_clip > 0:
+            self.grad_scale = torch.clamp((norm + 1e-6) / self.grad_clip, min=1.0)
+        masters = self.param_groups[0]["params"]
+        for chunk in self._chunks():
+            for i in chunk:
+                masters[i].grad = grads[i].float()
+            super().step()
+            for i in chunk:
+                masters[i].grad = None
+            torch._foreach_copy_([self.model_params[i] for i in chunk], [masters[i] for i in chunk])
+        self.steps += 1
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.model_params:
+            p.grad = None
+        super().zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        # FP16_UnfusedOptimizer's keys (deepspeed/runtime/fp16/unfused_optimizer.py): a run resumes
+        # across this change in either direction.
+        masters = [p.detach() for p in self.param_groups[0]["params"]]
+        return {
+            "dynamic_loss_scale": False,
+            "cur_scale": 1.0,
+            "cur_iter": self.steps,
+            "optimizer_state_dict": super().state_dict(),
+            "fp32_groups": [masters],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = [t for group in state_dict["fp32_groups"] for t in group]
+        masters = self.param_groups[0]["params"]
+        if [t.shape for t in saved] != [p.shape for p in masters]:
+            raise InputError("optimizer state: the saved fp32 master weights do not match the model's trained parameters")
+        super().load_state_dict(state_dict["optimizer_state_dict"])
+        with torch.no_grad():
+            for master, t in zip(self.param_groups[0]["params"], saved):
+                master.copy_(t)
+        self.steps = int(state_dict.get("cur_iter", 0))
+
+
+def uses_master_weight_adamw(ds_config: dict) -> bool:
+    """bf16 at ZeRO-0: the engine steps with MasterWeightAdamW instead of DeepSpeed's unfused wrapper."""
+    return zero_stage(ds_config) == 0 and bool(ds_config.get("bf16", {}).get("enabled"))
+
+
 def trainable_engine(model: nn.Module, ds_config: dict, lr: float, optim_cfg) -> Any:
-    # Torch AdamW as a client optimizer: DeepSpeed's own optimizers JIT-compile ops (slow on CPU).
-    optimizer = adamw(model, lr, optim_cfg)
+    """A DeepSpeed engine with a torch AdamW as client optimizer (DeepSpeed's own optimizers
+    JIT-compile ops, slow on CPU).
+
+    bf16 at ZeRO-0: the model's parameters are cast to bf16 here and step with MasterWeightAdamW;
+    DeepSpeed gets the config with bf16 off and gradient_clipping 0, so it neither wraps nor clips
+    (the optimizer clips; DeepSpeed's own fp32 clipping all-reduces the norm). One rank at ZeRO-0
+    runs no gradient all-reduce: DeepSpeed's buffered_allreduce_fallback otherwise flattens,
+    casts to fp32, all-reduces over one rank and copies back after every backward.
+    """
     schedule = linear_warmup(optim_cfg.warmup_steps)
+    hyper = dict(lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
+    if uses_master_weight_adamw(ds_config):
+        # The cast DeepSpeed's bf16 engine makes (engine.py `_cast_module_mixed_precision`):
+        # floating-point parameters to bf16, buffers as they are; the masters start from it.
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = MasterWeightAdamW(trained, **hyper, grad_clip=float(ds_config.get("gradient_clipping", 0.0)))
+        ds_config = {**ds_config, "gradient_clipping": 0.0, "bf16": {"enabled": False}}
+    else:
+        optimizer = adamw(model, lr, optim_cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )
+    if zero_stage(ds_config) == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
     return engine
 
 
