@@ -1,29 +1,39 @@
 """Time the full LADD step (generator + discriminator) on synthetic inputs, on the trainer's
 DeepSpeed engines and, in the same run, in plain PyTorch with the same step code.
 
+    python -m evaluation.bench_step --config configs/sd3_medium.yaml       # the production step, one GPU
     python -m evaluation.bench_step --preset tiny --resolution 128 128 --batch 2
-    python -m evaluation.bench_step --preset sd3-medium --resolution 1024 1024 --batch 4   # one GPU
+    python -m evaluation.bench_step --preset sd3-medium --resolution 1024 1024 --batch 4
+
+With `--config` the step is the run's: model, heads (channels, layers, taps), gradient
+checkpointing, compile, EMA, attention backend, precision, micro-batch size, the DeepSpeed
+templates and stages, and the shapes the memory plan assumes (the random-latent source's, else
+the model's native size with 77 CLIP + text.max_sequence_length T5 tokens); a flag given on the
+command line, and every `--set KEY=VALUE`, overrides the config. Without it: the tiny preset at
+128x128, 64-channel heads, no checkpointing, and on a GPU the SD3 GPU templates (ds_configs/gpu/).
 
 For each engine kind (`--engines plain,deepspeed`, the default) it prints the median step time,
 img/s, the step's FLOPs (torch.utils.flop_counter, forward + backward of every model), the achieved
 TFLOP/s and its ratio to a square matrix product timed in the same run at the same precision (bf16
 on GPU, fp32 on CPU), and peak memory; then the engine step's time over the plain one; on a GPU
-also the peak memory of every phase (forward, backward and optimizer step of each engine).
+also the peak memory of every phase (forward, backward and optimizer step of each engine) and,
+for the engines, the memory plan's bytes per device next to it. `--attention-backends` times the
+same built models once per scaled-dot-product-attention backend (models/attention.py).
 
 The plain reference (`PlainEngine`) runs `LADDSteps` unchanged on bare modules: student and heads
-in fp32 with AdamW (fused on a GPU) and gradient clipping, under bf16 autocast when the precision is
-bf16; the frozen teacher in the training precision. The DeepSpeed engines are the trainer's own,
-once per placement of `--placements` (default `auto`: the memory plan's stages, as
-`deepspeed.*_stage: auto` picks them; `config`: the templates' stages; a number N: student and
-heads at ZeRO-N (heads at most 2), the teacher at ZeRO-3 for N = 3 and replicated otherwise). On a
-GPU the SD3 GPU templates (ds_configs/gpu/) are used. One process; each run's models are freed
-before the next ones are built.
+in fp32 with AdamW (fused on a GPU) and gradient clipping, each forward in its own bf16 autocast
+region when the precision is bf16; the frozen teacher in the training precision. The DeepSpeed
+engines are the trainer's own, once per placement of `--placements` (default `auto`: the memory
+plan's stages, as `deepspeed.*_stage: auto` picks them; `config`: the config's stages; a number N:
+student and heads at ZeRO-N (heads at most 2), the teacher at ZeRO-3 for N = 3 and replicated
+otherwise; a `:no-overlap` suffix turns zero_optimization.overlap_comm off in every engine). The
+EMA update is part of the step when the config keeps one (optim.ema_decay > 0). One process; each
+run's models are freed before the next ones are built.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -36,10 +46,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ladd_ds.config import load_config
 from ladd_ds.distributed import engines as ds
-from ladd_ds.ladd.build import build_ds_configs, build_models
+from ladd_ds.ladd.build import build_models, place_ladd_engines
 from ladd_ds.ladd.steps import LADDSteps
+from ladd_ds.models.attention import PRIORITIES, sdpa_context, sdpa_priority
 from ladd_ds.models.registry import resolve_model_config
-from ladd_ds.training.build import training_dtype
+from ladd_ds.training.build import planned_shapes, training_dtype
+from ladd_ds.training.ema import ShardedEMA
 
 VAE_FACTOR = 8  # SD3 VAE: 8x spatial downsampling
 ENGINE_KINDS = ("plain", "deepspeed")
@@ -114,23 +126,64 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process peak RSS
 
 
+BUILTIN = {"preset": "tiny", "batch": 2, "head_channels": 64, "grad_checkpointing": False, "compile": False}
+
+
 def bench_config(args):
-    precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    overrides = [
-        f"model.teacher={args.preset}",
-        "data.source=random_latents",
-        f"data.micro_batch_size={args.batch}",
-        f"deepspeed.precision={precision}",
-        f"model.gradient_checkpointing={str(args.grad_checkpointing).lower()}",
-        f"model.compile={str(args.compile).lower()}",
-        f"discriminator.hidden_channels={args.head_channels}",
-    ]
+    """The run config the step is built from: `--config` (or the built-in defaults) with the flags
+    given on the command line, then every --set, on top. The synthetic batch replaces the data."""
+    given = {k: getattr(args, k) for k in BUILTIN if getattr(args, k) is not None}
+    data = []
+    if args.config is None:
+        given = {**BUILTIN, **given}
+        precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+        data = ["data.source=random_latents"]  # the defaults' mds source needs a data.path
+    else:
+        precision = args.precision
+    keys = {
+        "preset": "model.teacher",
+        "batch": "data.micro_batch_size",
+        "head_channels": "discriminator.hidden_channels",
+        "grad_checkpointing": "model.gradient_checkpointing",
+        "compile": "model.compile",
+    }
+    overrides = [f"{keys[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in given.items()]
+    if precision is not None:
+        overrides.append(f"deepspeed.precision={precision}")
     if args.taps is not None:
         overrides.append(f"discriminator.taps={args.taps}")
-    if torch.cuda.is_available():  # overlapped communication, fp32 reduction (ds_configs/gpu/)
-        template = "ds_configs/gpu/sd3_large.json" if args.preset == "sd3-large" else "ds_configs/gpu/sd3_medium.json"
-        overrides += [f"deepspeed.{name}_config={template}" for name in ("student", "teacher", "heads")]
-    return load_config(args.config, overrides)
+    if args.config is None and torch.cuda.is_available():  # overlapped communication, fp32 reduction (ds_configs/gpu/)
+        template = "ds_configs/gpu/sd3_large.json" if given["preset"] == "sd3-large" else "ds_configs/gpu/sd3_medium.json"
+        overrides += [f"deepspeed.{name}_config={template}" for name in ("student", "teacher")]
+        overrides.append("deepspeed.heads_config=ds_configs/gpu/heads.json")
+    return load_config(args.config, [*data, *overrides, *args.set])
+
+
+def step_shapes(args, cfg) -> tuple[int, int, int]:
+    """(latent height, latent width, text tokens): the flags', else with --config the memory
+    plan's (training.build.planned_shapes), else 128x128 pixels and SD3's 333 or 8 tokens."""
+    model_cfg = resolve_model_config(cfg.model.teacher)
+    if args.config is not None:
+        h, w, text, _ = planned_shapes(cfg, model_cfg)
+    else:
+        h = w = 128 // VAE_FACTOR
+        text = 333 if model_cfg["joint_attention_dim"] == 4096 else 8  # SD3: 77 CLIP + 256 T5
+    if args.resolution is not None:
+        h, w = args.resolution[0] // VAE_FACTOR, args.resolution[1] // VAE_FACTOR
+    return h, w, args.text_len or text
+
+
+def autocast_forward(module: torch.nn.Module, device_type: str) -> None:
+    """Run each of `module`'s forwards in its own bf16 autocast region (as accelerate's
+    prepare_model wraps model.forward). One region around several steps would keep serving the
+    bf16 copies of the weights it cast before the optimizer updated them: autocast caches the
+    casts of leaf tensors that require grad until its outermost region exits."""
+    module.forward = torch.autocast(device_type, dtype=torch.bfloat16)(module.forward)
+
+
+def student_ema(cfg, student: torch.nn.Module) -> ShardedEMA | None:
+    """The EMA the trainer keeps of the student (ladd/method.py), so its update is in the step."""
+    return ShardedEMA(student, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay > 0 else None
 
 
 def build_plain_steps(cfg) -> LADDSteps:
@@ -140,6 +193,9 @@ def build_plain_steps(cfg) -> LADDSteps:
     teacher, student, heads, taps = build_models(cfg)
     dtype = training_dtype(cfg)
     teacher.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    if dtype == torch.bfloat16:  # student and heads stay fp32: mixed precision by autocast
+        for module in (student, heads, teacher):
+            autocast_forward(module, device.type)
     optim = cfg.optim
     engines = ds.Engines(
         student=PlainEngine(student.to(device), optim.student_lr, optim, optim.grad_clip),
@@ -147,11 +203,22 @@ def build_plain_steps(cfg) -> LADDSteps:
         teacher=PlainEngine(teacher),
         ds_configs={},
     )
-    return LADDSteps(cfg, engines, taps, device)
+    return LADDSteps(cfg, engines, taps, device, ema=student_ema(cfg, engines.student.module))
+
+
+PLACEMENTS = ("auto", "config", "0", "1", "2", "3")
+NO_OVERLAP = ":no-overlap"
+
+
+def check_placements(placements: list[str]) -> None:
+    bad = [p for p in placements if p.removesuffix(NO_OVERLAP) not in PLACEMENTS]
+    if bad:
+        raise SystemExit(f"--placements: {bad} unknown; choose from {', '.join(PLACEMENTS)}, each optionally with {NO_OVERLAP}")
 
 
 def placement_config(cfg, placement: str):
-    """`cfg` with the engines' stages of one --placements entry."""
+    """`cfg` with the engines' stages of one --placements entry (its :no-overlap suffix aside)."""
+    placement = placement.removesuffix(NO_OVERLAP)
     if placement == "config":
         return cfg
     if placement == "auto":
@@ -162,12 +229,26 @@ def placement_config(cfg, placement: str):
     return dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, **stages))
 
 
-def build_deepspeed_steps(cfg, placement: str = "config") -> LADDSteps:
+def build_deepspeed_steps(cfg, placement: str = "config") -> tuple[LADDSteps, object]:
+    """The trainer's engines for one --placements entry, and the memory plan of that placement."""
     cfg = placement_config(cfg, placement)
-    ds_configs = build_ds_configs(cfg, world=1)
+    ds_configs, plan = place_ladd_engines(cfg, 1, plan_always=True)
+    if placement.endswith(NO_OVERLAP):
+        for c in ds_configs.values():
+            c.setdefault("zero_optimization", {})["overlap_comm"] = False
     teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
     engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
-    return LADDSteps(cfg, engines, taps, ds.device())
+    return LADDSteps(cfg, engines, taps, ds.device(), ema=student_ema(cfg, engines.student.module)), plan
+
+
+def planned_gib(plan) -> dict:
+    """The memory plan's bytes per device (training/placement.py): each engine's, the step's
+    activations, their sum."""
+    return {
+        "engines": {name: m.total / 2**30 for name, m in plan.memory.items()},
+        "activations": plan.activations / 2**30,
+        "total": plan.total / 2**30,
+    }
 
 
 class PhaseMemory:
@@ -196,11 +277,12 @@ class PhaseMemory:
         setattr(obj, attr, recorded)
 
 
-def time_steps(steps: LADDSteps, batch: dict, args, autocast) -> dict:
-    """Median step time after warm-up, the FLOPs of one more step, and peak memory."""
+def time_steps(steps: LADDSteps, batch: dict, args, backend: str) -> dict:
+    """Median step time after warm-up, the FLOPs of one more step, and peak memory; every step
+    under the attention backend `backend` (models/attention.py)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with autocast:
+    with sdpa_context(sdpa_priority(backend, cuda=torch.cuda.is_available())):
         for i in range(args.warmup):
             steps.train_step([batch], i)
         _sync()
@@ -222,11 +304,12 @@ def time_steps(steps: LADDSteps, batch: dict, args, autocast) -> dict:
     return {
         "step_s_median": step_s,
         "step_s_all": times,
-        "img_per_s": args.batch / step_s,
+        "img_per_s": batch["latent"].shape[0] / step_s,
         "tflop_per_step": counter.get_total_flops() / 1e12,
         "achieved_tflop_s": counter.get_total_flops() / step_s / 1e12,
         "peak_memory_gib": peak,
         "phase_peak_memory_gib": phases,
+        "attention_backend": backend,
     }
 
 
@@ -235,37 +318,42 @@ def run(args) -> dict:
     unknown = sorted(set(kinds) - set(ENGINE_KINDS))
     if unknown or not kinds:
         raise SystemExit(f"--engines {args.engines}: choose from {', '.join(ENGINE_KINDS)}")
+    placements = args.placements.split(",")
+    check_placements(placements)
     ds.init_distributed()
     cfg = bench_config(args)
-    model_cfg = resolve_model_config(args.preset)
-    h, w = args.resolution[0] // VAE_FACTOR, args.resolution[1] // VAE_FACTOR
+    backends = args.attention_backends.split(",") if args.attention_backends else [cfg.model.attention_backend]
+    if set(backends) - set(PRIORITIES):
+        raise SystemExit(f"--attention-backends {args.attention_backends}: choose from {', '.join(PRIORITIES)}")
+    model_cfg = resolve_model_config(cfg.model.teacher)
+    h, w, text_len = step_shapes(args, cfg)
+    # The memory plan of the engines (`auto`, and the printed plan) for the shapes timed here.
+    shapes = dataclasses.replace(cfg.data.random_latents, height=h, width=w, text_len=text_len)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="random_latents", random_latents=shapes))
     patch = model_cfg["patch_size"]
     if h % patch or w % patch:
-        raise SystemExit(f"--resolution {args.resolution}: must be divisible by {VAE_FACTOR * patch} (VAE factor x patch size)")
-    text_len = args.text_len or (333 if model_cfg["joint_attention_dim"] == 4096 else 8)  # SD3: 77 CLIP + 256 T5
+        raise SystemExit(
+            f"resolution {h * VAE_FACTOR}x{w * VAE_FACTOR}: must be divisible by {VAE_FACTOR * patch} (VAE factor x patch size)"
+        )
     dtype = training_dtype(cfg)
     device = ds.device()
-    batch = synthetic_batch(model_cfg, args.batch, (h, w), text_len, device, dtype)
+    batch = synthetic_batch(model_cfg, cfg.data.micro_batch_size, (h, w), text_len, device, dtype)
 
     runs = {}
     taps = None
-    placements = args.placements.split(",")
-    bad = sorted(set(placements) - {"auto", "config", "0", "1", "2", "3"})
-    if bad:
-        raise SystemExit(f"--placements {args.placements}: {bad} unknown; choose from auto, config, 0, 1, 2, 3")
     jobs = [("plain", None)] if "plain" in kinds else []
     jobs += [(f"deepspeed:{p}", p) for p in placements] if "deepspeed" in kinds else []
     for key, placement in jobs:
         if placement is None:
-            steps = build_plain_steps(cfg)
-            bf16 = dtype == torch.bfloat16
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-            runs[key] = {**time_steps(steps, batch, args, autocast), "placement": "plain PyTorch"}
+            steps, described, extra = build_plain_steps(cfg), "plain PyTorch", {}
         else:
-            steps = build_deepspeed_steps(cfg, placement)
+            steps, plan = build_deepspeed_steps(cfg, placement)
             stages = {name: ds.zero_stage(c) for name, c in steps.engines.ds_configs.items()}
             described = f"{placement}: ZeRO student {stages['student']}, heads {stages['heads']}, teacher {stages['teacher']}"
-            runs[key] = {**time_steps(steps, batch, args, contextlib.nullcontext()), "placement": described, "stages": stages}
+            extra = {"stages": stages, "planned_memory_gib": planned_gib(plan)}
+        for backend in backends:
+            name = key if len(backends) == 1 else f"{key}@{backend}"
+            runs[name] = {**time_steps(steps, batch, args, backend), "placement": described, **extra}
         taps = len(steps.taps)
         del steps
         gc.collect()
@@ -275,29 +363,36 @@ def run(args) -> dict:
     for r in runs.values():
         r["ratio_to_matmul"] = r["achieved_tflop_s"] / peak
     result = {
-        "preset": args.preset,
-        "resolution": list(args.resolution),
+        "config": args.config,
+        "preset": cfg.model.teacher,
+        "resolution": [h * VAE_FACTOR, w * VAE_FACTOR],
         "latent": [model_cfg["in_channels"], h, w],
-        "batch": args.batch,
+        "text_tokens": text_len,
+        "batch": cfg.data.micro_batch_size,
         "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
         "compile": cfg.model.compile,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "head_channels": cfg.discriminator.hidden_channels,
+        "ema": cfg.optim.ema_decay > 0,
         "heads": taps,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "matmul_tflop_s": peak,
         "peak_memory_kind": "cuda max_allocated" if torch.cuda.is_available() else "process max RSS (whole run so far)",
         "runs": runs,
     }
-    if "plain" in runs:
-        plain = runs["plain"]["step_s_median"]
-        result["engine_over_plain"] = {k: r["step_s_median"] / plain for k, r in runs.items() if k != "plain"}
+    plain_keys = [k for k in runs if k.split("@")[0] == "plain"]
+    if plain_keys:
+        plain = runs[plain_keys[0]]["step_s_median"]
+        result["engine_over_plain"] = {k: r["step_s_median"] / plain for k, r in runs.items() if k not in plain_keys}
     return result
 
 
 def format_report(r: dict) -> str:
     lines = [
-        f"LADD step (G + D, {r['heads']} heads): {r['preset']} at {r['resolution'][0]}x{r['resolution'][1]} "
-        f"(latent {r['latent']}), batch {r['batch']}, {r['precision']}{', compiled blocks' if r['compile'] else ''}, "
-        f"{r['device']}; "
+        f"LADD step (G + D, {r['heads']} heads of {r['head_channels']} channels): {r['preset']} at "
+        f"{r['resolution'][0]}x{r['resolution'][1]} (latent {r['latent']}, {r['text_tokens']} text tokens), "
+        f"batch {r['batch']}, {r['precision']}{', compiled blocks' if r['compile'] else ''}"
+        f"{', checkpointing' if r['gradient_checkpointing'] else ''}{', EMA' if r['ema'] else ''}, {r['device']}; "
         f"matmul in the same run: {r['matmul_tflop_s']:.4f} TFLOP/s"
     ]
     for kind, run in r["runs"].items():
@@ -312,6 +407,10 @@ def format_report(r: dict) -> str:
         if run["phase_peak_memory_gib"]:
             phases = ", ".join(f"{phase} {gib:.2f}" for phase, gib in run["phase_peak_memory_gib"].items())
             lines.append(f"    peak memory per phase (GiB): {phases}")
+        if "planned_memory_gib" in run:
+            p = run["planned_memory_gib"]
+            engines = " + ".join(f"{name} {gib:.2f}" for name, gib in p["engines"].items())
+            lines.append(f"    memory plan (GiB): {engines} + activations {p['activations']:.2f} = {p['total']:.2f}")
     for key, ratio in r.get("engine_over_plain", {}).items():
         lines.append(f"  engine step ({key}) / plain step: {ratio:.2f}x")
     return "\n".join(lines)
@@ -319,29 +418,44 @@ def format_report(r: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--resolution", type=int, nargs=2, default=[128, 128], metavar=("H", "W"), help="image pixels (latent = /8)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--config", default=None, help="the run config whose step is timed (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--preset", default=None, help="model.teacher (default: the config's, else tiny)")
+    p.add_argument(
+        "--resolution", type=int, nargs=2, default=None, metavar=("H", "W"),
+        help="image pixels (latent = /8); default: the config's planned shapes, else 128 128",
+    )  # fmt: skip
+    p.add_argument("--batch", type=int, default=None, help="micro-batch size (default: the config's, else 2)")
     p.add_argument("--engines", default="plain,deepspeed", help="which steps to time, in this order: plain, deepspeed or both")
     p.add_argument(
         "--placements",
         default="auto",
-        help="engine placements to time, comma-separated: auto (the memory plan's stages), config (the templates'), or 0-3",
+        help="engine placements to time, comma-separated: auto (the memory plan's stages), config (the config's), or 0-3; "
+        "each optionally with :no-overlap (zero_optimization.overlap_comm off)",
     )
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default=None, help="default: the config's, else bf16 on GPU and fp32 on CPU"
+    )
+    p.add_argument(
+        "--attention-backends", default=None,
+        help=f"comma-separated, each timed on the same models: {', '.join(PRIORITIES)} (default: the config's)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--taps", default=None, help="YAML list of blocks, e.g. '[23]'; default: every block")
-    p.add_argument("--head-channels", type=int, default=64)
+    p.add_argument("--head-channels", type=int, default=None, help="default: the config's, else 64")
     p.add_argument("--text-len", type=int, default=None)
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument(
+        "--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: the config's, else off"
+    )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="model.compile in both steps (the engines need stages below 3: --placements auto on one rank, or 0-2)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="model.compile in both steps (the engines need stages below 3: --placements auto on one rank, or 0-2); "
+        "default: the config's, else off",
     )
     p.add_argument("--matmul-size", type=int, default=None)
-    p.add_argument("--config", default=None, help="base run config (default: built-in defaults)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -3,26 +3,36 @@
 #   bash evaluation/device_check.sh OUT_DIR
 # The machine has its own torch; what the project needs beyond it travels as wheels in .whl/
 # (deepspeed, diffusers, transformers<5 and their dependencies; README, "Step benchmark").
-# It runs, each with its own time limit so that one hang cannot eat the rest:
+# Without a CUDA GPU it stops at once with exit status 2. It runs, each with its own time limit
+# so that one hang cannot eat the rest (the limits add up to about 10 minutes):
 #   1. the GPU tests (pytest -m gpu);
-#   2. a 20-step bf16 LADD training of the tiny config through the command line, with the GPU
-#      templates and auto placement (on one GPU: every engine at ZeRO-0, models loaded on the GPU);
-#   3. the step benchmark at the SD3-medium size (1024x1024, batch 4, bf16, the GPU templates):
-#      the plain-PyTorch step, the engine step with auto placement (on one GPU: every engine at
-#      ZeRO-0) and with everything under ZeRO-3, with peak memory per phase.
-# Every log and result lands in OUT_DIR. The limits add up to under 8 minutes.
+#   2. the production step: bench_step --config configs/sd3_medium.yaml (its 256-channel heads,
+#      checkpointing, templates, auto placement: every engine at ZeRO-0 on one GPU, bf16 AdamW on
+#      fp32 masters), plain PyTorch and engines, once per attention backend, with the peak memory
+#      of every phase and the memory plan;
+#   3. the same step with everything under ZeRO-3, with and without overlap_comm;
+#   4. the same step with model.compile (auto placement);
+#   5. 20 steps of `ladd-ds train` with configs/sd3_medium.yaml on random latents at 1024x1024
+#      (StepTimer's time/step_s, memory/max_allocated_gib in metrics.jsonl; the run leaves before
+#      its final checkpoint, ~28 GB of no interest here);
+# then one table of all of them (evaluation/device_table.py). Every log and result lands in OUT_DIR.
 set -uo pipefail
 out=${1:?usage: device_check.sh OUT_DIR}
+python=${PYTHON:-python3}
 mkdir -p "$out"
 if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
 else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+if ! "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "device_check.sh: no CUDA GPU visible to torch ($python); this check measures a GPU and runs only on one" >&2
+    exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, deepspeed, diffusers, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
+"$python" -c "import torch, deepspeed, diffusers, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log, record the exit status
     local name=$1 limit=$2
@@ -34,13 +44,24 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/
     tail -n 8 "$out/$name.log"
 }
 
-step pytest_gpu 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
-gpu_templates="--set deepspeed.student_config=ds_configs/gpu/sd3_medium.json --set deepspeed.teacher_config=ds_configs/gpu/sd3_medium.json"
-gpu_templates="$gpu_templates --set deepspeed.heads_config=ds_configs/gpu/sd3_medium.json"
-auto="--set deepspeed.student_stage=auto --set deepspeed.teacher_stage=auto --set deepspeed.heads_stage=auto"
-# shellcheck disable=SC2086  # the --set lists are meant to split
-step train_tiny_bf16 60 python3 -m ladd_ds train --config configs/tiny_cpu.yaml --run-dir /tmp/device_run \
-    --set deepspeed.precision=bf16 $gpu_templates $auto --max-steps 20
-step bench_sd3_medium 330 python3 -m evaluation.bench_step --preset sd3-medium --resolution 1024 1024 --batch 4 \
-    --engines plain,deepspeed --placements auto,3 --json "$out/bench_sd3_medium.json"
+config=configs/sd3_medium.yaml
+bench=("$python" -m evaluation.bench_step --config "$config" --steps 3 --warmup 1)
+step pytest_gpu 45 "$python" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+step bench_production 170 "${bench[@]}" --engines plain,deepspeed --placements auto \
+    --attention-backends default,flash,cudnn,efficient,math --json "$out/bench_production.json"
+step bench_zero3 120 "${bench[@]}" --engines deepspeed --placements 3,3:no-overlap --json "$out/bench_zero3.json"
+step bench_compile 120 "${bench[@]}" --engines deepspeed --placements auto --compile --warmup 2 --json "$out/bench_compile.json"
+# The run directory stays off OUT_DIR; `exit@21` (distributed/faults.py) leaves after step 20.
+random=(--set data.source=random_latents --set data.random_latents.num_samples=48)
+for kv in latent_channels=16 height=128 width=128 text_len=333 text_dim=4096 pooled_dim=2048; do
+    random+=(--set "data.random_latents.$kv")
+done
+rm -rf /tmp/device_train
+LADD_DS_INJECT_FAULTS=exit@21 step train_sd3_medium 150 "$python" -m ladd_ds train --config "$config" \
+    --run-dir /tmp/device_train --max-steps 21 "${random[@]}" --set logging.every=1 --set logging.progress_bar=false \
+    --set checkpoint.every=1000
+mkdir -p "$out/train_sd3_medium"
+cp /tmp/device_train/metrics.jsonl /tmp/device_train/*.json "$out/train_sd3_medium/" 2>/dev/null
 cat "$out/summary.txt"
+"$python" -m evaluation.device_table "$out"/bench_production.json "$out"/bench_zero3.json "$out"/bench_compile.json \
+    --train "$out/train_sd3_medium" | tee "$out/table.txt"

@@ -49,6 +49,9 @@ class ModelConfig:
     # graph per block kind, grad mode and bucket shape). Needs their engines below ZeRO-3
     # (deepspeed.student_config, deepspeed.teacher_config); on a CPU, a C++ compiler.
     compile: bool = False
+    # Scaled-dot-product-attention kernel put first (models/attention.py): default (torch's own
+    # order), flash, cudnn, efficient (GPU kernels: a CPU run warns and uses the default) or math.
+    attention_backend: Literal["default", "flash", "cudnn", "efficient", "math"] = "default"
 
 
 @dataclass

@@ -309,16 +309,32 @@ def test_no_host_sync_from_ladd_ds_between_logging_steps(tmp_path, distributed_w
     for the host. Counted: Tensor.item / .tolist / .cpu / float() / bool() called from a ladd_ds
     frame on a floating-point or bool tensor (the device's data: latents, losses, logits, t)
     outside the logging step and the checkpoint. Integer tensors are the sample ids, which
-    batch_to_device leaves on the host (checked first)."""
+    batch_to_device leaves on the host (checked first). The batches' copy to a GPU does not wait
+    either: the loader pins them on a CUDA machine, and batch_to_device copies every tensor from
+    pinned memory with non_blocking (its CUDA path, run here on a stand-in for the copy)."""
     import os
     import sys
 
     from ladd_ds.data.loader import batch_to_device
 
-    raw = {"sample_id": torch.arange(3), "latent": torch.zeros(3, 2)}
+    raw = {"sample_id": torch.arange(3), "latent": torch.zeros(3, 2), "mask": torch.ones(3, dtype=torch.bool)}
     assert batch_to_device(raw, torch.device("cpu"), torch.bfloat16)["sample_id"] is raw["sample_id"]
+    copies, pinned = [], set()
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "pin_memory", lambda self: pinned.add(id(self)) or self)
+        m.setattr(torch.Tensor, "is_pinned", lambda self: id(self) in pinned)
+
+        def to(self, *args, **kwargs):
+            if args and isinstance(args[0], torch.device):
+                copies.append((args[0].type, kwargs.get("non_blocking", False), id(self) in pinned))
+            return self
+
+        m.setattr(torch.Tensor, "to", to)
+        batch_to_device(raw, torch.device("cuda", 0), torch.bfloat16)
+    assert copies == [("cuda", True, True)] * 2  # latent and mask; the sample ids stay on the host
 
     trainer = make_trainer(tmp_path, "logging.every=100", "checkpoint.every=100")
+    assert trainer.loader.pin_memory == torch.cuda.is_available()
     calls, allowed = [], [0]
     marker = os.sep + "ladd_ds" + os.sep
 

@@ -31,7 +31,9 @@ def ds_config(precision: str) -> dict:
     from ladd_ds.distributed import engines as ds
 
     template = ds.load_template("ds_configs/cpu/zero0.json", "test")
-    return ds.fill_ds_config(template, micro_batch_size=MICRO, grad_accum=ACCUM, world_size=1, precision=precision, grad_clip=CLIP)
+    return ds.fill_ds_config(
+        template, micro_batch_size=MICRO, grad_accum=ACCUM, world_size=1, precision=precision, grad_clip=CLIP
+    )
 
 
 def inputs(step: int, micro: int, dtype) -> torch.Tensor:
@@ -120,7 +122,9 @@ def assert_masters_close(got, want):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_bf16_zero0_steps_on_fp32_masters_without_deepspeeds_wrapper_or_an_all_reduce(distributed_world_of_one, monkeypatch, tmp_path):
+def test_bf16_zero0_steps_on_fp32_masters_without_deepspeeds_wrapper_or_an_all_reduce(
+    distributed_world_of_one, monkeypatch, tmp_path
+):
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     from ladd_ds.distributed import engines as ds

@@ -347,6 +347,8 @@ def build_loader(
         collate_fn=functools.partial(collate, latent_columns=layout.latent_columns),
         num_workers=num_workers,
         drop_last=True,
+        # Pinned batches let batch_to_device copy them to the GPU without the host waiting.
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -355,13 +357,20 @@ HOST_KEYS = ("sample_id",)  # read on the host (noise seeds, checkpoint state): 
 
 def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Move a collated batch to `device`, floating-point tensors cast to the training dtype. The
-    sample ids stay on the host, so reading them in the step is no device synchronisation."""
+    sample ids stay on the host, so reading them in the step is no device synchronisation.
+
+    To a GPU each tensor goes from pinned memory (the loader pins its batches; another batch is
+    pinned here) with non_blocking: a copy from pageable memory makes the host wait for the GPU's
+    queued work. The cast to `dtype` runs on the device, after the copy."""
+    cuda = device.type == "cuda"
     out = {}
     for k, v in batch.items():
         if k in HOST_KEYS:
             out[k] = v
             continue
-        v = v.to(device)
+        if cuda and not v.is_pinned():
+            v = v.pin_memory()
+        v = v.to(device, non_blocking=cuda)
         out[k] = v.to(dtype) if v.is_floating_point() else v
     return out
 

@@ -35,6 +35,7 @@ from ladd_ds.distributed.ranks import (
     world_size,
 )
 from ladd_ds.distributed.stop import StopRequested, StopSignals
+from ladd_ds.models.attention import sdpa_context, sdpa_priority
 from ladd_ds.training import checkpoint as ckpt
 from ladd_ds.training.build import mds_data_plan
 from ladd_ds.training.convert import convert_for_world_size
@@ -96,6 +97,7 @@ class Trainer:
 
         self.skipped_steps = 0  # steps whose update DeepSpeed skipped (non-finite norm)
         self.consecutive_skips = 0
+        self.sdpa_priority = sdpa_priority(cfg.model.attention_backend, cuda=torch.cuda.is_available())
         if is_main():
             self._write_resolved_configs()
         self._resume()
@@ -284,7 +286,8 @@ class Trainer:
             micro_batches = [batch_to_device(next(self.batches), ds.device(), self.dtype) for _ in range(cfg.optim.grad_accum)]
             self.last_sample_ids = torch.cat([b["sample_id"] for b in micro_batches])
             timer.start()
-            metrics = self.method.train_step(micro_batches, self.step)
+            with sdpa_context(self.sdpa_priority):
+                metrics = self.method.train_step(micro_batches, self.step)
             timer.stop()
             self.step += 1
             bar.update(1)
