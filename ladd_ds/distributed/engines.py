@@ -340,6 +340,8 @@ def trainable_engine(model: nn.Module, ds_config: dict, lr: float, optim_cfg) ->
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = MasterWeightAdamW(trained, **hyper, grad_clip=float(ds_config.get("gradient_clipping", 0.0)))
         ds_config = {**ds_config, "gradient_clipping": 0.0, "bf16": {"enabled": False}}
+        # Several ZeRO-0 ranks reduce in bf16 as a bf16 engine does, unless the template says otherwise.
+        ds_config.setdefault("communication_data_type", "bf16")
     else:
         optimizer = adamw(model, lr, optim_cfg)
     engine, _, _, _ = deepspeed.initialize(

@@ -84,6 +84,7 @@ FREE_KEYS = (
     "run.run_dir",
     "model.gradient_checkpointing",  # recompute instead of storing: the same math, less memory
     "model.compile",  # the same blocks compiled: the same math within round-off
+    "model.attention_backend",  # another kernel for the same attention: the same math within round-off
     "logging.",
     "checkpoint.",
     "health.",
