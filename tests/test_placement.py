@@ -205,7 +205,7 @@ def test_bf16_zero2_accumulates_gradients_in_fp32(distributed_world_of_one):
 
 
 def test_auto_on_one_rank_trains_in_bf16(tmp_path):
-    """auto on one rank: every engine at ZeRO-0 (bf16 weights, DeepSpeed's fp32 master copy), and
+    """auto on one rank: every engine at ZeRO-0 (bf16 weights, fp32 masters in MasterWeightAdamW), and
     the trained ones at ZeRO-1 when gradients are accumulated and the template asks for fp32
     accumulation (the GPU templates); both train."""
     auto = [f"deepspeed.{k}_stage=auto" for k in ("student", "teacher", "heads")]
