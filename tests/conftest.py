@@ -82,14 +82,17 @@ def _run_in_process(args: tuple[str, ...], check: bool) -> subprocess.CompletedP
     return proc
 
 
-def _run_ranks(args: tuple[str, ...], nproc: int, timeout: int, check: bool) -> subprocess.CompletedProcess:
-    """`nproc` ranks of `python -m ladd_ds ARGS` on this host, as torchrun would start them. Like
-    a launcher, the job fails when a rank fails: the others are killed. stdout and stderr are
-    those of every rank, in rank order."""
+def _run_ranks(
+    args: tuple[str, ...], nproc: int, timeout: int, check: bool, module: str = "ladd_ds"
+) -> subprocess.CompletedProcess:
+    """`nproc` ranks of `python -m MODULE ARGS` (the `ladd-ds` command by default) on this host, as
+    torchrun would start them. Like a launcher, the job fails when a rank fails: the others are
+    killed. stdout and stderr are those of every rank, in rank order. Tests run a module of their
+    own on several ranks with `run_module_ranks`."""
     import tempfile
     import time
 
-    cmd = [sys.executable, "-m", "ladd_ds", *args]
+    cmd = [sys.executable, "-m", module, *args]
     port = str(free_port())
     with tempfile.TemporaryDirectory() as logs:
         procs, files = [], []
@@ -122,6 +125,12 @@ def _run_ranks(args: tuple[str, ...], nproc: int, timeout: int, check: bool) -> 
     if check and returncode != 0:
         raise AssertionError(f"{nproc} ranks of {' '.join(cmd)} failed ({returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
     return proc
+
+
+def run_module_ranks(module: str, *args: str, nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` on `nproc` CPU ranks (e.g. a test file's `__main__` part), as
+    `run_cli` starts the command's ranks."""
+    return _run_ranks(args, nproc, timeout, check=True, module=module)
 
 
 def cli_error(capsys, *args: str) -> str:
@@ -176,20 +185,25 @@ REFERENCE_STEPS = 6
 class ReferenceRuns:
     """The tiny config trained REFERENCE_STEPS steps with EXACT settings and a global batch of 8,
     a checkpoint after every step: one run per world size, trained on first use and shared by the
-    multi-rank, world-size-resume and fault tests (the same 6-step runs were trained in each)."""
+    multi-rank, world-size-resume and fault tests (the same 6-step runs were trained in each).
+    With `stage`, the student at that ZeRO stage instead of the template's ZeRO-3 (the ZeRO-2
+    run: its EMA partitioned by the optimizer's partitions)."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.stdout: dict[int, str] = {}
-        self.stderr: dict[int, str] = {}
+        self.stdout: dict[int | tuple[int, int], str] = {}
+        self.stderr: dict[int | tuple[int, int], str] = {}
 
-    def __call__(self, nproc: int) -> Path:
-        run_dir = self.root / f"{nproc}rank"
-        if nproc not in self.stdout:
+    def __call__(self, nproc: int, stage: int | None = None) -> Path:
+        key = nproc if stage is None else (nproc, stage)
+        run_dir = self.root / (f"{nproc}rank" if stage is None else f"{nproc}rank_zero{stage}")
+        if key not in self.stdout:
             sets = [*EXACT, *GLOBAL_BATCH_8[nproc], "checkpoint.every=1", f"checkpoint.keep_last={REFERENCE_STEPS}"]
+            sets += [] if stage is None else [f"deepspeed.student_stage={stage}"]
             # The 2-rank run is the suite's training run under the deepspeed launcher.
-            proc = train_tiny(run_dir, REFERENCE_STEPS, sets, nproc=nproc, launcher="deepspeed")
-            self.stdout[nproc], self.stderr[nproc] = proc.stdout, proc.stderr
+            launcher = "deepspeed" if stage is None else "direct"
+            proc = train_tiny(run_dir, REFERENCE_STEPS, sets, nproc=nproc, launcher=launcher)
+            self.stdout[key], self.stderr[key] = proc.stdout, proc.stderr
         return run_dir
 
 

@@ -26,7 +26,9 @@ def reference(checkpoint, ema=False):
     """The student as the previous export computed it: DeepSpeed's zero_to_fp32 materialising every
     tensor, the EMA concatenated from every rank's whole shard."""
     state = {k[len(PREFIX) :]: v for k, v in consolidate_zero_checkpoint(checkpoint, "student").items() if k.startswith(PREFIX)}
-    if ema:  # ZeRO-3: rank r holds elements [r * size, (r + 1) * size) of each flattened tensor
+    # ZeRO-3: rank r holds elements [r * size, (r + 1) * size) of each flattened tensor; ZeRO-1/2:
+    # the elements in rank r's optimizer partition, ranks in order and no padding.
+    if ema:
         shadows = [s["ema"]["shadow"] for s in ckpt.read_rank_states(checkpoint)]
         for name in shadows[0]:
             shape = state[name[len(PREFIX) :]].shape
@@ -134,10 +136,12 @@ def test_lora_folded_into_the_streamed_export_equals_peft_merge(small_run, tmp_p
 
 
 @pytest.mark.multiproc
-def test_two_rank_zero3_export_gathers_every_tensor_and_its_ema(reference_runs, tmp_path):
-    """Two ZeRO-3 ranks: each tensor gathered from both ranks' partitions (and the EMA from both
-    rank files) one at a time equals DeepSpeed's whole consolidation."""
-    run_dir = reference_runs(2)
+@pytest.mark.parametrize("stage", [3, 2])
+def test_two_rank_export_gathers_every_tensor_and_its_ema(reference_runs, tmp_path, stage):
+    """Two ZeRO-3 or ZeRO-2 ranks: each tensor gathered from both ranks' partitions (and the EMA
+    from both rank files) one at a time equals DeepSpeed's whole consolidation (and the EMA pieces
+    joined)."""
+    run_dir = reference_runs(2, stage=None if stage == 3 else stage)
     checkpoint = ckpt.latest_checkpoint(run_dir)
     for ema in (False, True):
         out = export(run_dir, tmp_path / f"export_{ema}", ema=ema, dtype="bf16", shard_size="100KB")

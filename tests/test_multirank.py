@@ -1,4 +1,4 @@
-"""Multi-rank ZeRO-3 LADD equals a single process with the same global batch and seed.
+"""Multi-rank ZeRO-3 (and ZeRO-2) LADD equals a single process with the same global batch and seed.
 
 Each run trains the tiny config for a few steps through the real `ladd-ds train` command (CPU
 ranks over gloo under the deepspeed launcher) and is exported (`export_run`, what `ladd-ds export`
@@ -18,20 +18,21 @@ from tests.conftest import EXACT, GLOBAL_BATCH_8, REFERENCE_STEPS, export, read_
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 STEPS = 4
-# Layouts of the same global batch of 8. "1rank" and "2ranks" are the shared reference runs
-# (conftest.ReferenceRuns, compared at step STEPS); the others are trained here.
+# Layouts of the same global batch of 8. "1rank", "2ranks" and "2ranks_zero2" are the shared
+# reference runs (conftest.ReferenceRuns, compared at step STEPS); the others are trained here.
 LAYOUTS = {
     "1rank": (1, []),
     "2ranks": (2, []),
     "2ranks_accum2": (2, ["data.micro_batch_size=2", "optim.grad_accum=2"]),
     "4ranks": (4, GLOBAL_BATCH_8[4]),
+    "2ranks_zero2": (2, ["deepspeed.student_stage=2"]),  # the shared ZeRO-2 reference run
 }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, reference_runs):
     root = tmp_path_factory.mktemp("multirank")
-    run_dirs = {"1rank": reference_runs(1), "2ranks": reference_runs(2)}
+    run_dirs = {"1rank": reference_runs(1), "2ranks": reference_runs(2), "2ranks_zero2": reference_runs(2, stage=2)}
     for name in ("2ranks_accum2", "4ranks"):
         nproc, sets = LAYOUTS[name]
         run_dirs[name] = root / name
@@ -60,7 +61,7 @@ def assert_state_close(got, want, what):
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{what} {key}: {m}")
 
 
-@pytest.mark.parametrize("layout", ["2ranks", "2ranks_accum2", "4ranks"])
+@pytest.mark.parametrize("layout", ["2ranks", "2ranks_accum2", "4ranks", "2ranks_zero2"])
 def test_multirank_equals_single_process(runs, layout):
     root, run_dirs = runs
     ref_student, ref_heads = load_export(root, "1rank")

@@ -243,18 +243,26 @@ def test_the_plans_ema_is_the_ema_one_rank_keeps(tmp_path, distributed_world_of_
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_the_plans_ema_is_each_zero3_ranks_share(reference_runs):
-    """2 ZeRO-3 ranks (the shared reference run; tiny config, EMA on): each rank's saved EMA shard is
-    the plan's per-rank term, up to ZeRO-3's padding of each parameter to a multiple of the ranks."""
-    run_dir = reference_runs(2)
+@pytest.mark.parametrize("stage", [3, 2])
+def test_the_plans_ema_is_each_ranks_share(reference_runs, stage):
+    """2 ranks (the shared reference runs; tiny config, EMA on), the student at ZeRO-3 and ZeRO-2:
+    each rank's saved EMA is the plan's per-rank term, up to ZeRO-3's padding of each parameter to
+    a multiple of the ranks, or ZeRO-2's padding of the flat group to a multiple of 2 elements per
+    rank (DeepSpeed's stage_1_and_2.py), which no rank keeps an EMA of."""
+    run_dir = reference_runs(2, stage=None if stage == 3 else stage)
     cfg = load_config(run_dir / "config.yaml")
     _, placement = place_ladd_engines(cfg, 2, plan_always=True)
-    assert placement.stages["student"] == 3
+    assert placement.stages["student"] == stage
     checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    n_params = len(torch.load(checkpoint / "rank-00000.pt", weights_only=True)["ema"]["shadow"])
-    for rank in range(2):
-        measured = ema_bytes(torch.load(checkpoint / f"rank-{rank:05d}.pt", weights_only=True)["ema"]["shadow"])
-        assert 0 <= measured - placement.memory["student"].ema <= n_params * 4  # at most one padded element each
+    shadows = [torch.load(checkpoint / f"rank-{r:05d}.pt", weights_only=True)["ema"]["shadow"] for r in range(2)]
+    planned, n_params = placement.memory["student"].ema, len(shadows[0])
+    for measured in map(ema_bytes, shadows):
+        if stage == 3:
+            assert 0 <= measured - planned <= n_params * 4  # at most one padded element each
+        else:
+            assert abs(measured - planned) <= 2 * 2 * 4  # the padding: 2 elements per rank x 2 ranks, fp32
+    if stage == 2:  # the ranks' pieces together: one fp32 copy of the trained weights
+        assert sum(map(ema_bytes, shadows)) == 2 * planned
 
 
 def test_the_heads_template_holds_buckets_sized_for_the_heads():

@@ -1,5 +1,6 @@
-"""Resume on a different world size (2 -> 1 and 1 -> 2 ranks) through DeepSpeed's universal
-checkpoint. What is checked against an uninterrupted 2-rank run of the same global batch (the
+"""Resume on a different world size (2 -> 1 ranks with the student at ZeRO-2, whose EMA each rank
+keeps of its optimizer partition; 1 -> 2 at ZeRO-3) through DeepSpeed's universal checkpoint.
+What is checked against an uninterrupted 2-rank run of the same global batch and stage (the
 shared reference run):
 - losses after the resume, and the exported student, EMA and heads (fp32 round-off);
 - the data position: the samples of the last step are exactly the uninterrupted run's (the
@@ -13,6 +14,7 @@ import json
 import pytest
 import torch
 
+from ladd_ds.models.registry import build_transformer
 from tests.conftest import EXACT, GLOBAL_BATCH_8, REFERENCE_STEPS, copy_run_until, export, read_metrics, train_tiny
 from tests.test_multirank import assert_state_close, load_export
 
@@ -30,11 +32,13 @@ def last_ids(run_dir, world):
     return sorted(ids)
 
 
-@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
-def test_resume_on_another_world_size(reference_runs, tmp_path, first, second):
-    reference = reference_runs(2)
-    run_dir = copy_run_until(reference_runs(first), tmp_path / "run", RESUME_AT)
-    out = train_tiny(run_dir, REFERENCE_STEPS, [*EXACT, *GLOBAL_BATCH_8[second]], nproc=second)
+# 2 -> 1 from the ZeRO-2 run (each rank's EMA a piece of its partition), 1 -> 2 at ZeRO-3.
+@pytest.mark.parametrize("first, second, stage", [(2, 1, 2), (1, 2, None)])
+def test_resume_on_another_world_size(reference_runs, tmp_path, first, second, stage):
+    reference = reference_runs(2, stage)
+    run_dir = copy_run_until(reference_runs(first, stage), tmp_path / "run", RESUME_AT)
+    sets = [*EXACT, *GLOBAL_BATCH_8[second]] + ([] if stage is None else [f"deepspeed.student_stage={stage}"])
+    out = train_tiny(run_dir, REFERENCE_STEPS, sets, nproc=second)
     assert f"step-{RESUME_AT:08d} at step {RESUME_AT} (universal checkpoint)" in out.stdout
     got, want = read_metrics(run_dir), read_metrics(reference)
     assert [r["step"] for r in got] == list(range(1, REFERENCE_STEPS + 1))
@@ -54,3 +58,21 @@ def test_resume_on_another_world_size(reference_runs, tmp_path, first, second):
     history = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
     assert [(h["step"], h["world_size"]) for h in history] == [(0, first), (RESUME_AT, second)]
     assert history[1]["changed"].get("data.micro_batch_size") == [8 // first, 8 // second]
+
+
+def test_resume_on_the_same_world_size_at_zero2_is_exact(reference_runs, tmp_path):
+    """2 ZeRO-2 ranks resumed from their step-5 checkpoint: each rank loads its own EMA pieces and
+    the last step's losses and EMA are bit for bit the uninterrupted run's."""
+    reference = reference_runs(2, stage=2)
+    run_dir = copy_run_until(reference, tmp_path / "run", REFERENCE_STEPS - 1)
+    train_tiny(run_dir, REFERENCE_STEPS, [*EXACT, *GLOBAL_BATCH_8[2], "deepspeed.student_stage=2"], nproc=2)
+    got, want = read_metrics(run_dir)[-1], read_metrics(reference)[-1]
+    assert all(got[key] == want[key] for key in LOSSES), (got, want)
+    kept = 0
+    for r in range(2):
+        name = f"step-{REFERENCE_STEPS:08d}/rank-{r:05d}.pt"
+        ema, ref = (torch.load(d / "checkpoints" / name, weights_only=True)["ema"] for d in (run_dir, reference))
+        assert ema["offset"] == ref["offset"], r
+        assert all(torch.equal(ema["shadow"][n], ref["shadow"][n]) for n in ref["shadow"]), r
+        kept += sum(t.numel() for t in ema["shadow"].values())
+    assert kept == sum(p.numel() for p in build_transformer("tiny", seed=0).parameters())  # one copy in all

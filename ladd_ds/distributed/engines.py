@@ -355,6 +355,23 @@ def trainable_engine(model: nn.Module, ds_config: dict, lr: float, optim_cfg) ->
     return engine
 
 
+def partition_ranges(engine) -> dict[str, tuple[int, int]] | None:
+    """For an engine at ZeRO-1/2: [start, stop) of each trained parameter's flattened elements
+    that this rank's fp32 optimizer partition holds (start == stop where other ranks hold all of
+    it). DeepSpeed's ZeRO-1/2 optimizer links each bit16 parameter to its fragment of the
+    partition (`param._hp_mapping`, stage_1_and_2.py `_link_all_hp_params`; None where the
+    partition holds none of it). None at other stages: ZeRO-3 partitions the parameters themselves
+    (`param.ds_tensor`), ZeRO-0 nothing."""
+    if engine.zero_optimization_stage() not in (1, 2):
+        return None
+    ranges = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            fragment = p._hp_mapping.lp_fragment_address if p._hp_mapping is not None else None
+            ranges[name] = (fragment.start, fragment.start + fragment.numel) if fragment else (0, 0)
+    return ranges
+
+
 def frozen_engine(model: nn.Module, ds_config: dict):
     """An optimizer-less engine: ZeRO's partitioning and gathering for a frozen model."""
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)

@@ -6,19 +6,33 @@ from __future__ import annotations
 
 import torch
 
+from ladd_ds.core.errors import InputError
 
-def read_flat_range(shards: list[torch.Tensor], numel: int, start: int, stop: int) -> torch.Tensor:
+
+def read_flat_range(
+    shards: list[torch.Tensor], numel: int, start: int, stop: int, offsets: list[int] | None = None
+) -> torch.Tensor:
     """Elements [start, stop) of a flattened tensor of `numel` elements saved as `shards` (one per
-    rank, in rank order): ZeRO-3 partitions of ceil(numel / world) elements, the last one padded,
-    or, below stage 3, the full tensor on every rank. Only the shards overlapping the range are
-    touched."""
+    rank, in rank order). `offsets[r]` is where shard r starts in the flattened tensor: the EMA of
+    a ZeRO-1/2 rank's partition holds a piece of any size, possibly none. Without `offsets`: ZeRO-3
+    partitions of ceil(numel / world) elements, the last one padded, or the full tensor on every
+    rank. Only the shards overlapping the range are touched (a shard's size is read without its
+    data)."""
     if start >= stop:
         return shards[0].new_zeros(0)
-    if shards[0].numel() >= numel:  # full tensors: every rank saved the same
-        return shards[0].reshape(-1)[start:stop]
-    size = shards[0].numel()
-    pieces = []
-    for r in range(start // size, (stop - 1) // size + 1):
-        lo, hi = max(start, r * size), min(stop, (r + 1) * size)
-        pieces.append(shards[r].reshape(-1)[lo - r * size : hi - r * size])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if offsets is None:
+        size = shards[0].numel()
+        offsets = [0] * len(shards) if size >= numel else [r * size for r in range(len(shards))]
+    pieces, at = [], start
+    for shard, offset in zip(shards, offsets):
+        # Shards may overlap (full tensors on every rank): each element is taken from the first
+        # shard holding it.
+        if offset <= at < offset + shard.numel():
+            end = min(stop, offset + shard.numel())
+            pieces.append(shard.reshape(-1)[at - offset : end - offset])
+            at = end
+            if at == stop:
+                return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    raise InputError(
+        f"no saved partition holds element {at} of a flattened tensor of {numel} elements (the ranks' files disagree)"
+    )

@@ -48,7 +48,10 @@ class LADDMethod(LADDSteps, Method):
     def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> LADDMethod:
         teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
         engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
-        ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay > 0 else None
+        ema = None
+        if cfg.optim.ema_decay > 0:
+            ranges = ds.partition_ranges(engines.student)  # ZeRO-1/2: the EMA of this rank's partition
+            ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay, cfg.optim.ema_every, ranges=ranges)
         distill_cfg, negative = distill_guidance(cfg)
         variant = cls if cfg.ladd.task == "t2i" else ConditionedLADDMethod
         method = variant(cfg, engines, taps, ds.device(), ema, distill_cfg, negative)

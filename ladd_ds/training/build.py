@@ -214,7 +214,7 @@ def placement_report(cfg: Config, placement: Placement, activation_note: str) ->
         "",
         "per rank: weights 2 B/param in bf16 (4 in fp32), sharded by ZeRO-3; grads in the model dtype below ZeRO-2,",
         "an fp32 partition from ZeRO-2 on; Adam 12 B/param in bf16 (8 in fp32), sharded from ZeRO-1 on; EMA",
-        "(optim.ema_decay > 0): an fp32 copy of the trained weights, 4 B/param, sharded only by ZeRO-3; buffers:",
+        "(optim.ema_decay > 0): an fp32 copy of the trained weights, 4 B/param, sharded from ZeRO-1 on; buffers:",
         'reduce / all-gather buckets and ZeRO-3 live parameters (docs/performance.md, "Placement").',
     ]
     return lines

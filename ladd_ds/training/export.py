@@ -19,10 +19,10 @@ from ladd_ds.config import Config, load_config
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.core.outputs import absolute
 from ladd_ds.distributed.engines import lazy_zero_checkpoint
-from ladd_ds.distributed.flat import read_flat_range
 from ladd_ds.models.registry import transformer_from_config
 from ladd_ds.models.sharded import TensorSource, save_sharded_transformer
 from ladd_ds.training import checkpoint as ckpt
+from ladd_ds.training.ema import read_ema_range
 from ladd_ds.training.run_dir import effective_overrides
 
 STUDENT_PREFIX = "transformer."  # FlowModel wraps the diffusers transformer as `.transformer`
@@ -54,22 +54,21 @@ def ema_sources(checkpoint: Path, sources: dict[str, TensorSource], config: dict
     states = ckpt.read_rank_states(checkpoint)
     if any("ema" not in s for s in states):
         raise InputError(f"{checkpoint} holds no EMA (the run had optim.ema_decay = 0); export without --ema")
-    shadows = [s["ema"]["shadow"] for s in states]
+    emas = [s["ema"] for s in states]
     shapes = transformer_from_config(config, meta=True).state_dict()
     out = dict(sources)  # buffers (e.g. the positional embedding) have no EMA
-    for name in shadows[0]:
-        if not name.startswith(STUDENT_PREFIX):
-            continue
-        short = name[len(STUDENT_PREFIX) :]
-        out[short] = functools.partial(_full_shadow, [sh[name] for sh in shadows], shapes[short].shape)
+    for name in emas[0]["shadow"]:
+        if name.startswith(STUDENT_PREFIX):
+            short = name[len(STUDENT_PREFIX) :]
+            out[short] = functools.partial(_full_shadow, emas, name, shapes[short].shape)
     return out
 
 
-def _full_shadow(shards: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """One parameter's whole EMA from its per-rank shards; only this parameter's slices of the
+def _full_shadow(emas: list[dict], name: str, shape: torch.Size) -> torch.Tensor:
+    """One parameter's whole EMA from the ranks' pieces; only this parameter's slices of the
     memory-mapped rank files are read."""
     numel = math.prod(shape)
-    return read_flat_range(shards, numel, 0, numel).view(shape).clone()
+    return read_ema_range(emas, name, numel=numel, start=0, stop=numel).view(shape).clone()
 
 
 def absolute_spec(spec: str) -> str:

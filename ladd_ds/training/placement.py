@@ -18,7 +18,7 @@ weights 2 B/param, sharded by ZeRO-3; gradients 2 B/param in the model dtype bel
 fp32 copy for ZeRO-1's fp32 accumulation), an fp32 partition of 4 B/param/world from ZeRO-2 on
 (with `data_types.grad_accum_dtype: fp32`; 2 B without); Adam 12 B/param (fp32 master + two
 moments), sharded from ZeRO-1 on; the EMA of a trained model (optim.ema_decay > 0) 4 B/param,
-sharded by ZeRO-3 only; buffers: ZeRO's reduce bucket (doubled with `overlap_comm`), the
+sharded from ZeRO-1 on; buffers: ZeRO's reduce bucket (doubled with `overlap_comm`), the
 ZeRO-1/2 all-gather bucket and ZeRO-3's live parameters (prefetch bucket plus the largest module,
 capped by `stage3_max_live_parameters`, plus the persistent small parameters). Activations are
 counted from the model code (ladd_ds.models.activations) by the method.
@@ -132,9 +132,9 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
             buffers += min(z["reduce_bucket_size"], trained) * comm_b * (2 if z["overlap_comm"] else 1)
         if stage in (1, 2):
             buffers += min(z["allgather_bucket_size"], trained) * weight_b
-    # The EMA (training/ema.py): an fp32 copy of each trained parameter's local tensor, which is
-    # its ZeRO-3 partition or, below stage 3, the whole tensor (32 GB per rank for 8B).
-    ema = trained * 4 / (world if stage >= 3 else 1) if engine.ema else 0.0
+    # The EMA (training/ema.py): an fp32 copy of what this rank's partition owns, its ZeRO-3
+    # shards or its ZeRO-1/2 optimizer partition; the whole model only at ZeRO-0 (32 GB for 8B).
+    ema = trained * 4 / (world if stage >= 1 else 1) if engine.ema else 0.0
     if stage >= 3:
         persistent = sum(p.numel() for p in engine.model.parameters() if p.numel() < z["persistence"])
         live = min(z["max_live"], z["prefetch"] + _largest_module_params(engine.model), n)

@@ -224,7 +224,7 @@ class Trainer:
             if same_world:
                 ema.load_state_dict(rank_states[0]["ema"])
             else:
-                ema.load_resharded(self.method.trained_module(), [r["ema"]["shadow"] for r in rank_states])
+                ema.load_resharded([r["ema"] for r in rank_states])
 
     def _report_resume_memory(self, path: Path, engines: PeakIncrease, rank_state: PeakIncrease) -> None:
         """Each rank prints how far resuming raised its host memory, next to the bytes of the
