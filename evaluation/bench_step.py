@@ -122,6 +122,7 @@ def bench_config(args):
         f"data.micro_batch_size={args.batch}",
         f"deepspeed.precision={precision}",
         f"model.gradient_checkpointing={str(args.grad_checkpointing).lower()}",
+        f"deepspeed.z3_leaf_blocks={str(args.z3_leaf_blocks).lower()}",
         f"model.compile={str(args.compile).lower()}",
         f"discriminator.hidden_channels={args.head_channels}",
     ]
@@ -166,7 +167,7 @@ def build_deepspeed_steps(cfg, placement: str = "config") -> LADDSteps:
     cfg = placement_config(cfg, placement)
     ds_configs = build_ds_configs(cfg, world=1)
     teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
-    engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
+    engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim, leaf_blocks=cfg.deepspeed.z3_leaf_blocks)
     return LADDSteps(cfg, engines, taps, ds.device())
 
 
@@ -335,6 +336,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-channels", type=int, default=64)
     p.add_argument("--text-len", type=int, default=None)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--z3-leaf-blocks", action="store_true", help="ZeRO-3 engines gather whole blocks (deepspeed.z3_leaf_blocks)")
     p.add_argument(
         "--compile",
         action="store_true",

@@ -250,7 +250,8 @@ def frozen_engine(model: nn.Module, ds_config: dict):
 def set_leaf_blocks(model: nn.Module, ds_config: dict) -> None:
     """Under ZeRO-3, make each of `model.blocks` a DeepSpeed leaf module: its weights are gathered
     in one coalesced all-gather when it starts and released after it, its submodules get no hooks
-    of their own (SD3-medium: 24 gathers per pass instead of one per each of ~340 submodules).
+    of their own (SD3-medium: one gather for each of its 24 blocks instead of one for each of the
+    blocks' 333 submodules with weights).
     Before deepspeed.initialize, which registers the hooks. The model calls its blocks with
     positional inputs (models/flow_model.py says why)."""
     if zero_stage(ds_config) >= 3:
