@@ -126,7 +126,14 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process peak RSS
 
 
-BUILTIN = {"preset": "tiny", "batch": 2, "head_channels": 64, "grad_checkpointing": False, "compile": False}
+BUILTIN = {
+    "preset": "tiny",
+    "batch": 2,
+    "head_channels": 64,
+    "grad_checkpointing": False,
+    "compile": False,
+    "z3_leaf_blocks": False,
+}
 
 
 def bench_config(args):
@@ -146,6 +153,7 @@ def bench_config(args):
         "head_channels": "discriminator.hidden_channels",
         "grad_checkpointing": "model.gradient_checkpointing",
         "compile": "model.compile",
+        "z3_leaf_blocks": "deepspeed.z3_leaf_blocks",
     }
     overrides = [f"{keys[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in given.items()]
     if precision is not None:
@@ -237,7 +245,7 @@ def build_deepspeed_steps(cfg, placement: str = "config") -> tuple[LADDSteps, ob
         for c in ds_configs.values():
             c.setdefault("zero_optimization", {})["overlap_comm"] = False
     teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
-    engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
+    engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim, leaf_blocks=cfg.deepspeed.z3_leaf_blocks)
     return LADDSteps(cfg, engines, taps, ds.device(), ema=student_ema(cfg, engines.student.module)), plan
 
 
@@ -447,6 +455,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-len", type=int, default=None)
     p.add_argument(
         "--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: the config's, else off"
+    )
+    p.add_argument(
+        "--z3-leaf-blocks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ZeRO-3 engines gather whole blocks (deepspeed.z3_leaf_blocks); default: the config's, else off",
     )
     p.add_argument(
         "--compile",

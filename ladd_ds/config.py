@@ -235,6 +235,10 @@ class DeepSpeedConfig:
     device_memory_gib: float | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     dist_backend: str | None = None  # None: nccl on GPU, gloo on CPU
+    # LADD's ZeRO-3 student and teacher gather each transformer block's weights in one coalesced
+    # all-gather (the block a DeepSpeed "leaf module") instead of one per submodule
+    # (docs/performance.md, "ZeRO-3 gathers"; DPO's engines do not use it yet).
+    z3_leaf_blocks: bool = False
 
     def validate(self) -> None:
         if self.device_memory_gib is not None and self.device_memory_gib <= 0:

@@ -138,6 +138,42 @@ def test_guided_distillation_target(tmp_path, distributed_world_of_one):
         trainer.method.distill_target(x, noise.t_fake, batch)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_guided_target_in_the_g_steps_teacher_call_equals_a_separate_pass(tmp_path, distributed_world_of_one, precision):
+    """ladd.distill_cfg > 1 on a ZeRO-3 teacher: the empty prompt's pass rides in the G step's
+    teacher call as the second half of a 2B batch (one top-level teacher forward, so ZeRO-3's
+    prefetch trace holds). Two identical trainers, one per way, make the same G step: the same
+    losses and the same student update (fp32 within round-off of the batch size; bf16 within its
+    round-off)."""
+    results = []
+    for one_call in (True, False):
+        trainer = make_trainer(tmp_path / str(one_call), "ladd.distill_weight=1.0", f"deepspeed.precision={precision}")
+        method = trainer.method
+        assert method.guidance_in_one_call  # the tiny config's teacher is ZeRO-3
+        batch = method.to_device(next(trainer.batches))
+        _, length, dim = batch["prompt_embeds"].shape
+        g = torch.Generator().manual_seed(0)
+        negative = (torch.randn(length, dim, generator=g), torch.randn(batch["pooled"].shape[1], generator=g))
+        method.distill_cfg, method.negative = 3.0, tuple(x.to(method.dtype) for x in negative)
+        method.guidance_in_one_call = one_call
+        calls = []
+        hook = method.engines.teacher.module.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+        metrics, fakes = method.generator_step(batch, method.draw_noise(batch))
+        hook.remove()
+        b = batch["latent"].shape[0]
+        assert calls == ([2 * b] if one_call else [b, b])
+        results.append((to_floats(metrics), fakes, local_params(method.engines.student.module)))
+        trainer.close()
+    (m_one, fakes_one, student_one), (m_two, fakes_two, student_two) = results
+    rel, atol = (1e-5, 1e-6) if precision == "fp32" else (2e-2, 2e-3)
+    for key in ("loss/generator", "loss/distill"):
+        assert m_one[key] == pytest.approx(m_two[key], rel=rel, abs=atol), key
+    for a, b in zip(fakes_one.features, fakes_two.features):
+        torch.testing.assert_close(a, b, rtol=rel, atol=atol)
+    for name in student_one:
+        torch.testing.assert_close(student_one[name], student_two[name], rtol=rel, atol=atol)
+
+
 def test_guided_distillation_needs_teacher_data(tmp_path, distributed_world_of_one):
     with pytest.raises(ValueError, match=r"ladd.distill_cfg = 3 needs data from `ladd-ds synth`"):
         make_trainer(tmp_path, "ladd.distill_weight=1.0", "ladd.distill_cfg=3.0")
@@ -152,7 +188,8 @@ def test_bf16_training_and_sampling_pass_the_same_fp32_timesteps(tmp_path, distr
     trainer = make_trainer(tmp_path, "deepspeed.precision=bf16")
     transformer = trainer.method.engines.student.module.transformer
     seen = []
-    hook = transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
+    # The timestep's first use in the transformer (FlowModel runs its submodules itself).
+    hook = transformer.time_text_embed.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
     batch = trainer.method.to_device(next(trainer.batches))
     noise = trainer.method.draw_noise(batch)
     assert noise.t_student.dtype == noise.t_fake.dtype == torch.float32
@@ -371,17 +408,33 @@ def test_no_host_sync_from_ladd_ds_between_logging_steps(tmp_path, distributed_w
     assert [r["step"] for r in logged] == [4] and math.isfinite(logged[0]["loss/discriminator"])
 
 
-def test_distillation_keeps_zero3_prefetch_trace_valid(tmp_path, distributed_world_of_one):
+@pytest.mark.parametrize("distill_cfg", [1.0, 3.0])
+def test_distillation_keeps_zero3_prefetch_trace_valid(tmp_path, distributed_world_of_one, distill_cfg):
     """With the distillation loss every teacher call is the same full pass, so ZeRO-3's prefetch
     trace of the teacher (and of the student) is never invalidated. DeepSpeed reports each
     invalidation when zero_optimization.log_trace_cache_warnings is on: 4 steps must report none.
-    (A guided target's empty-prompt pass is one more such call; it needs synth data, and
-    test_guided_distillation_target checks its arithmetic.)"""
+    A guided target (distill_cfg 3) adds the empty prompt's pass to the G step's teacher call; its
+    data: random latents as MDS shards with an empty prompt's conditioning next to them."""
     import json
 
+    from ladd_ds.data.writer import write_negative_prompt, write_random_latents
     from tests.conftest import REPO, run_cli
 
-    sets = []
+    sets = ["--set", f"ladd.distill_cfg={distill_cfg}"]
+    if distill_cfg != 1.0:
+        cfg = load_config(TINY_CONFIG).data.random_latents
+        data = write_random_latents(
+            tmp_path / "data",
+            cfg.num_samples,
+            (cfg.latent_channels, cfg.height, cfg.width),
+            text_len=cfg.text_len,
+            text_dim=cfg.text_dim,
+            pooled_dim=cfg.pooled_dim,
+        )
+        g = torch.Generator().manual_seed(0)
+        embeds, pooled = torch.randn(cfg.text_len, cfg.text_dim, generator=g), torch.randn(cfg.pooled_dim, generator=g)
+        write_negative_prompt(data, embeds, pooled)
+        sets += ["--set", "data.source=mds", "--set", f"data.path={data}"]
     for key, name in (("student_config", "zero3"), ("teacher_config", "zero3_frozen"), ("heads_config", "zero2")):
         template = json.loads((REPO / "ds_configs" / "cpu" / f"{name}.json").read_text())
         template["zero_optimization"]["log_trace_cache_warnings"] = True
@@ -401,6 +454,7 @@ def test_distillation_keeps_zero3_prefetch_trace_valid(tmp_path, distributed_wor
         launcher="in-process",
     )
     assert "ZeRO stages: student 3, heads 2, teacher 3" in proc.stdout
+    assert f"distillation target: teacher x0 with guidance scale {distill_cfg:g}" in proc.stdout
     assert "Invalidate trace cache" not in proc.stdout + proc.stderr
 
 

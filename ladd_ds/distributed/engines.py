@@ -24,6 +24,7 @@ from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.distributed.flat import read_flat_range
 from ladd_ds.distributed.launch_env import launcher_env, network_env
 from ladd_ds.distributed.ranks import prepare_launcher_env, print0
+from ladd_ds.distributed.zero_sizes import AUTO, AUTO_KEYS, has_auto_sizes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,6 +114,12 @@ def fill_ds_config(
     cfg = json.loads(json.dumps(template))  # deep copy
     if stage is not None:
         cfg.setdefault("zero_optimization", {})["stage"] = stage
+    if zero_stage(cfg) < 3:
+        # ZeRO-3's gather sizes mean nothing below it; "auto" ones are resolved from the model
+        # (zero_sizes.resolve_zero3_sizes) only where they apply, and DeepSpeed refuses the word.
+        zero = cfg.get("zero_optimization", {})
+        for key in [k for k in AUTO_KEYS if zero.get(k) == AUTO]:
+            del zero[key]
     if not trainable or zero_stage(cfg) == 0:
         cfg.get("data_types", {}).pop("grad_accum_dtype", None)
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -148,11 +155,21 @@ def linear_warmup(warmup_steps: int):
     return factor
 
 
+def check_resolved(ds_config: dict) -> None:
+    """DeepSpeed validates its config as integers: an unresolved "auto" is a bug of the caller."""
+    if has_auto_sizes(ds_config):
+        raise ValueError(
+            f'zero_optimization {list(AUTO_KEYS)}: resolve "auto" from the model first '
+            "(ladd_ds.distributed.zero_sizes.resolve_zero3_sizes)"
+        )
+
+
 def partitioned_init(ds_config: dict):
     """Context that builds modules partitioned over the ranks when the engine uses ZeRO-3, so no
     rank ever holds a full copy of an 8B model (deepspeed.zero.Init); a no-op below stage 3."""
     if zero_stage(ds_config) < 3:
         return contextlib.nullcontext()
+    check_resolved(ds_config)
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
@@ -329,6 +346,7 @@ def trainable_engine(model: nn.Module, ds_config: dict, lr: float, optim_cfg) ->
     runs no gradient all-reduce: DeepSpeed's buffered_allreduce_fallback otherwise flattens,
     casts to fp32, all-reduces over one rank and copies back after every backward.
     """
+    check_resolved(ds_config)
     schedule = linear_warmup(optim_cfg.warmup_steps)
     hyper = dict(lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
     if uses_master_weight_adamw(ds_config):
@@ -374,13 +392,32 @@ def partition_ranges(engine) -> dict[str, tuple[int, int]] | None:
 
 def frozen_engine(model: nn.Module, ds_config: dict):
     """An optimizer-less engine: ZeRO's partitioning and gathering for a frozen model."""
+    check_resolved(ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     return engine
 
 
-def build_engines(student: nn.Module, teacher: nn.Module, heads: nn.Module, ds_configs: dict[str, dict], optim_cfg) -> Engines:
+def set_leaf_blocks(model: nn.Module, ds_config: dict) -> None:
+    """Under ZeRO-3, make each of `model.blocks` a DeepSpeed leaf module: its weights are gathered
+    in one coalesced all-gather when it starts and released after it, its submodules get no hooks
+    of their own (SD3-medium: one gather for each of its 24 blocks instead of one for each of the
+    blocks' 333 submodules with weights).
+    Before deepspeed.initialize, which registers the hooks. The model calls its blocks with
+    positional inputs (models/flow_model.py says why)."""
+    if zero_stage(ds_config) >= 3:
+        kinds = {type(b) for b in model.blocks}
+        deepspeed.utils.set_z3_leaf_modules(model, sorted(kinds, key=lambda k: k.__qualname__))
+
+
+def build_engines(
+    student: nn.Module, teacher: nn.Module, heads: nn.Module, ds_configs: dict[str, dict], optim_cfg, *, leaf_blocks: bool = False
+) -> Engines:
+    """`leaf_blocks`: deepspeed.z3_leaf_blocks (set_leaf_blocks) for the student and the teacher."""
     teacher.requires_grad_(False)
     teacher.eval()
+    if leaf_blocks:
+        set_leaf_blocks(student, ds_configs["student"])
+        set_leaf_blocks(teacher, ds_configs["teacher"])
     student_engine = trainable_engine(student, ds_configs["student"], optim_cfg.student_lr, optim_cfg)
     heads_engine = trainable_engine(heads, ds_configs["heads"], optim_cfg.heads_lr, optim_cfg)
     # No optimizer: a frozen teacher only needs ZeRO's parameter partitioning and gathering.

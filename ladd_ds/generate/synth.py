@@ -347,6 +347,10 @@ def build_teacher(cfg: Config, task: str = "t2i"):
             world_size=world_size(),
             precision=cfg.deepspeed.precision,
         )
+        from ladd_ds.distributed.zero_sizes import resolve_zero3_sizes
+
+        meta = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta", task=task)
+        ds_config = resolve_zero3_sizes(ds_config, meta)  # "auto" gather sizes: about two of its blocks
         teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_config, task=task).transformer
         teacher.requires_grad_(False)
         return ds.frozen_engine(teacher, ds_config).module

@@ -47,7 +47,7 @@ class LADDMethod(LADDSteps, Method):
     @classmethod
     def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> LADDMethod:
         teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
-        engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim)
+        engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim, leaf_blocks=cfg.deepspeed.z3_leaf_blocks)
         ema = None
         if cfg.optim.ema_decay > 0:
             ranges = ds.partition_ranges(engines.student)  # ZeRO-1/2: the EMA of this rank's partition

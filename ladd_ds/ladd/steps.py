@@ -49,6 +49,12 @@ class Fakes:
     features: list[torch.Tensor] | None = None
 
 
+def _zero_stage(engine) -> int:
+    """An engine's ZeRO stage; 0 for a plain module (evaluation/bench_step's engines)."""
+    stage = getattr(engine, "zero_optimization_stage", None)
+    return stage() if callable(stage) else 0
+
+
 class LADDSteps:
     """Holds the engines and the step functions; no data, logging or checkpoint concerns."""
 
@@ -83,6 +89,11 @@ class LADDSteps:
         # velocity): the same modules in the same order each time, so ZeRO-3's prefetch trace
         # stays valid, and the G step's pass gives the distillation target's velocity too.
         self.full_teacher_pass = cfg.ladd.distill_weight > 0
+        # A guided target's empty-prompt pass rides in the G step's teacher call (2B batch) on a
+        # ZeRO-3 teacher: a separate call between that call's forward and backward would reset
+        # ZeRO-3's prefetch trace every step. It costs the teacher's input-gradient pass on the
+        # empty-prompt half too (its gradient is zero), so a replicated teacher keeps two calls.
+        self.guidance_in_one_call = engines is not None and _zero_stage(engines.teacher) >= 3
         self.timesteps = flow.StudentTimesteps(
             cfg.ladd.student_timesteps, cfg.ladd.student_probs, cfg.ladd.warmup_probs, cfg.ladd.warmup_steps
         )
@@ -135,6 +146,20 @@ class LADDSteps:
         )
         return out if self.full_teacher_pass else (out, None)
 
+    def guided_teacher_pass(
+        self, x: torch.Tensor, t: torch.Tensor, batch: dict
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """`teacher_pass` of x with the batch's prompts and, in the same call, of x detached with the
+        empty prompt: the tapped tokens and velocity of the first half, and the empty prompt's
+        velocity (B, C, H, W), detached (it only enters the no-grad guided target)."""
+        b = x.shape[0]
+        neg_embeds, neg_pooled = self.negative_like(batch)
+        both = {k: torch.cat([batch[k], batch[k]]) for k in self.condition_columns}
+        both["prompt_embeds"] = torch.cat([batch["prompt_embeds"], neg_embeds])  # (2B, L, D)
+        both["pooled"] = torch.cat([batch["pooled"], neg_pooled])  # (2B, P)
+        features, v = self.teacher_pass(torch.cat([x, x.detach()]), torch.cat([t, t]), both)
+        return [f[:b] for f in features], v[:b], v[b:].detach()
+
     def teacher_features(self, x: torch.Tensor, t: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         return self.teacher_pass(x, t, batch)[0]
 
@@ -152,21 +177,28 @@ class LADDSteps:
 
     @torch.no_grad()
     def distill_target(
-        self, x_hat: torch.Tensor, t: torch.Tensor, batch: dict, v_cond: torch.Tensor | None = None
+        self,
+        x_hat: torch.Tensor,
+        t: torch.Tensor,
+        batch: dict,
+        v_cond: torch.Tensor | None = None,
+        v_uncond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The teacher's x0 on the re-noised student output, with classifier-free guidance at
         `distill_cfg`: v = v(empty) + w (v(prompt) - v(empty)), the same guidance the data was
         generated with, so that the distillation and the adversarial loss pull the same way.
-        `v_cond`: the teacher's velocity with the batch's prompts, when the caller has it (the G
-        step's full pass); the empty prompt's is one more full pass."""
+        `v_cond`, `v_uncond`: the teacher's velocities with the batch's prompts and with the empty
+        prompt, when the caller has them (the G step's full pass; `guided_teacher_pass`); each one
+        missing is one more full pass."""
         teacher = self.engines.teacher.module
         x_in = self.model_input(x_hat, batch)  # guidance drops the text only; the image condition stays
         if v_cond is None:
             _, v_cond = teacher(x_in, t, batch["prompt_embeds"], batch["pooled"], taps=self.taps, velocity=True)
         v = v_cond
         if self.distill_cfg != 1.0:
-            neg_embeds, neg_pooled = self.negative_like(batch)
-            _, v_uncond = teacher(x_in, t, neg_embeds, neg_pooled, taps=self.taps, velocity=True)  # the same full pass
+            if v_uncond is None:
+                neg_embeds, neg_pooled = self.negative_like(batch)
+                _, v_uncond = teacher(x_in, t, neg_embeds, neg_pooled, taps=self.taps, velocity=True)  # the same full pass
             v = v_uncond + self.distill_cfg * (v_cond - v_uncond)
         return flow.x0_from_velocity(x_hat, v, t)  # (B, C, H, W)
 
@@ -175,7 +207,11 @@ class LADDSteps:
         heads.requires_grad_(False)  # frozen: trainable heads break ZeRO's next head backward
         x0_hat = self.student_x0(batch, noise)
         x_hat = flow.add_noise(x0_hat, noise.eps_fake, noise.t_fake)
-        features, v_cond = self.teacher_pass(x_hat, noise.t_fake, batch)  # v_cond: None without distillation
+        v_uncond = None
+        if self.distill_cfg != 1.0 and self.full_teacher_pass and self.guidance_in_one_call:
+            features, v_cond, v_uncond = self.guided_teacher_pass(x_hat, noise.t_fake, batch)
+        else:
+            features, v_cond = self.teacher_pass(x_hat, noise.t_fake, batch)  # v_cond: None without distillation
         logits = heads(features, noise.t_fake, batch["pooled"])
         loss_adv = losses.generator_hinge_loss(logits)
         if faults.armed("nan_loss", self.step + 1):
@@ -183,7 +219,7 @@ class LADDSteps:
         loss = loss_adv
         metrics = {"loss/generator": loss_adv.detach()}  # device tensors: read on logging steps only
         if self.cfg.ladd.distill_weight > 0:
-            x0_teacher = self.distill_target(x_hat.detach(), noise.t_fake, batch, v_cond.detach())
+            x0_teacher = self.distill_target(x_hat.detach(), noise.t_fake, batch, v_cond.detach(), v_uncond)
             loss_distill = losses.distillation_loss(x0_hat, x0_teacher)
             loss = loss + self.cfg.ladd.distill_weight * loss_distill
             metrics["loss/distill"] = loss_distill.detach()

@@ -60,15 +60,13 @@ class FlowModel(nn.Module):
         # fp32 whatever the model's dtype (diffusers' sinusoidal embedding computes in fp32 and casts
         # its output): in bf16, 1000 * 0.75 would be rounded to 752.
         timestep = t.float() * TIMESTEP_SCALE  # (B,)
-        if taps is None:
-            return self.transformer(
-                hidden_states=x,
-                encoder_hidden_states=prompt_embeds,
-                pooled_projections=pooled,
-                timestep=timestep,
-                return_dict=False,
-            )[0]
+        if taps is None:  # the velocity alone: the same pass, its blocks called as below
+            return self._tapped_features(x, timestep, prompt_embeds, pooled, [], True)[1]
         return self._tapped_features(x, timestep, prompt_embeds, pooled, taps, velocity)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.transformer_blocks
 
     def _tapped_features(self, x, timestep, prompt_embeds, pooled, taps, velocity):
         # Mirrors SD3Transformer2DModel.forward (diffusers 0.39): there is no hook for intermediate
@@ -86,7 +84,13 @@ class FlowModel(nn.Module):
             if torch.is_grad_enabled() and tr.gradient_checkpointing:
                 context, hidden = tr._gradient_checkpointing_func(block, hidden, context, temb, None)
             else:
-                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+                # Positional, not diffusers' keywords: torch module hooks see positional inputs only.
+                # A block that is a ZeRO-3 leaf (deepspeed.z3_leaf_blocks) reduces its gradients in
+                # a full backward hook, which for a call with no positional tensors fires on the
+                # gradient of its outputs, before the block's own backward (deepspeed 0.19.8,
+                # stage3.py reduce_leaf_module_grads), and releases its weights only after the
+                # gradients of its (positional) inputs.
+                context, hidden = block(hidden, context, temb)
             if index in wanted:
                 features[index] = tokens_to_grid(hidden, h, w)  # (B, C, h, w)
         tapped = [features[i] for i in taps]

@@ -16,6 +16,7 @@ from ladd_ds.data.loader import is_remote
 from ladd_ds.data.schema import LATENTS, Layout
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0
+from ladd_ds.distributed.zero_sizes import has_auto_sizes, resolve_zero3_sizes
 from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.registry import resolve_model_config
 from ladd_ds.training.placement import AUTO, USABLE_FRACTION, EngineNeeds, Placement, choose_placement, format_placement
@@ -162,7 +163,10 @@ def place_engines(
     asked = {s.name: getattr(cfg.deepspeed, s.stage_key) for s in slots}
     templates = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable) for s in slots}
     if not plan_always and AUTO not in asked.values():
-        return {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, asked[s.name]) for s in slots}, None
+        configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, asked[s.name]) for s in slots}
+        if any(has_auto_sizes(c) for c in configs.values()):
+            configs = resolve_sizes(configs, meta_models())
+        return configs, None
     models = meta_models()
     needs = [
         EngineNeeds(
@@ -187,6 +191,7 @@ def place_engines(
         if asked[s.name] is None:
             placement.reasons[s.name] = f"the template's ({getattr(cfg.deepspeed, s.template_key)})"
     configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, placement.stages[s.name]) for s in slots}
+    configs = resolve_sizes(configs, models)
     if not plan_always:
         for s in slots:
             if asked[s.name] == AUTO:
@@ -195,6 +200,12 @@ def place_engines(
             need = placement.total / 2**30
             print0(f"warning: the memory plan ({need:.1f} GiB per rank) exceeds the device's usable memory; see --dry-run")
     return configs, placement
+
+
+def resolve_sizes(configs: dict[str, dict], models: dict[str, nn.Module]) -> dict[str, dict]:
+    """Each engine's ZeRO-3 "auto" live and prefetch sizes from its model (about two of its
+    blocks: distributed/zero_sizes.py), the values the memory plan counts too."""
+    return {name: resolve_zero3_sizes(c, models[name]) for name, c in configs.items()}
 
 
 def placement_report(cfg: Config, placement: Placement, activation_note: str) -> list[str]:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ladd_ds.distributed.zero_sizes import resolve_zero3_sizes
+
 GIB = 2**30
 # Fraction of the device memory the plan may fill: the rest is for the CUDA context, the
 # allocator's fragmentation and kernels' workspaces.
@@ -116,7 +118,8 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
     bf16 = precision == "bf16"
     weight_b = 2 if bf16 else 4
     n, trained = engine.n_params, engine.n_trained
-    z = _zero_settings(engine.ds_config)
+    # "auto" live/prefetch sizes resolve as the engine's own config does (distributed/zero_sizes.py).
+    z = _zero_settings(resolve_zero3_sizes(engine.ds_config, engine.model))
     fp32_accum = bf16 and _fp32_accumulation(engine.ds_config)
     comm_b = 4 if engine.ds_config.get("communication_data_type") == "fp32" or not bf16 else 2
 

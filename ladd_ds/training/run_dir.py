@@ -90,6 +90,7 @@ FREE_KEYS = (
     "health.",
     "deepspeed.device_memory_gib",
     "deepspeed.dist_backend",
+    "deepspeed.z3_leaf_blocks",  # how ZeRO-3 gathers the same weights: the same math
     "data.num_workers",
     "data.cache_dir",
     "data.shared_memory_cleanup",

@@ -1,0 +1,120 @@
+"""ZeRO-3's parameter gathers: how often a step would drain the GPU (DeepSpeed's CUDA stream path,
+modelled on CPU ranks by tests/device_syncs.py), transformer blocks as leaf modules
+(deepspeed.z3_leaf_blocks), and the "auto" gather sizes of the templates."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import tests.conftest as conftest
+from ladd_ds.config import load_config
+from ladd_ds.distributed.zero_sizes import block_params, zero3_live_sizes
+from ladd_ds.ladd.build import build_models, place_ladd_engines
+from ladd_ds.training.placement import _largest_module_params
+from tests import device_syncs
+from tests.conftest import EXACT, REPO, TINY_CONFIG, read_metrics, train_tiny
+from tests.test_ladd_steps import local_params, make_trainer
+
+
+def gathered_templates(tmp_path, **zero) -> list[str]:
+    """--set overrides: the committed CPU ZeRO-3 templates (student, teacher) with every parameter
+    gathered (the tiny model's are all below the persistence threshold, which keeps them resident)
+    and the `zero` settings."""
+    sets = []
+    for key, name in (("student_config", "zero3"), ("teacher_config", "zero3_frozen")):
+        template = json.loads((REPO / "ds_configs" / "cpu" / f"{name}.json").read_text())
+        template["zero_optimization"].update({"stage3_param_persistence_threshold": 0, **zero})
+        (tmp_path / f"{name}.json").write_text(json.dumps(template))
+        sets.append(f"deepspeed.{key}={tmp_path / f'{name}.json'}")
+    return sets
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_zero3_steps_do_not_drain_the_device_and_leaf_blocks_train_the_same(tmp_path, monkeypatch):
+    """2 ZeRO-3 ranks (student and teacher), every parameter gathered, the distillation loss on,
+    3 steps (the first records the prefetch trace; DeepSpeed's throughput timer synchronizes from
+    the third), on the stream path DeepSpeed takes on a GPU. With the committed templates (overlap_comm: a gather's wait is on the
+    all-gather stream; DeepSpeed's throughput timer off) no step makes the host wait on the compute
+    stream or the device; with `overlap_comm: false` every gathered module's wait did
+    (docs/performance.md, "ZeRO-3 gathers"). Transformer blocks as leaf modules gather less often
+    and train exactly as per-submodule gathers do (fp32)."""
+    site = device_syncs.sitecustomize_dir(tmp_path / "site")
+    plain_env = conftest.subprocess_env
+
+    def counting_env():
+        env = plain_env()
+        env["PYTHONPATH"] = str(site) + os.pathsep + env["PYTHONPATH"]
+        env[device_syncs.ENV] = str(tmp_path / f"syncs-{len(runs)}")
+        return env
+
+    monkeypatch.setattr(conftest, "subprocess_env", counting_env)
+    sets = [*EXACT, "ladd.distill_weight=0.5", *gathered_templates(tmp_path)]
+    runs = {}
+    for name, extra in (("per-submodule", []), ("leaf blocks", ["deepspeed.z3_leaf_blocks=true"])):
+        prefix = tmp_path / f"syncs-{len(runs)}"
+        train_tiny(tmp_path / name, 3, [*sets, *extra], nproc=2)
+        runs[name] = [json.loads(prefix.with_name(f"{prefix.name}.{rank}.json").read_text()) for rank in range(2)]
+    for name, ranks in runs.items():
+        for steps in ranks:
+            assert len(steps) == 3
+            assert [device_syncs.drains(c) for c in steps] == [0, 0, 0], (name, steps)
+            assert all(c.get("host waits on side stream", 0) > 0 for c in steps)  # it did gather
+    waits = {name: runs[name][0][-1]["host waits on side stream"] for name in runs}
+    assert waits["leaf blocks"] < waits["per-submodule"]
+    plain, leaf = read_metrics(tmp_path / "per-submodule"), read_metrics(tmp_path / "leaf blocks")
+    for key in ("loss/generator", "loss/distill", "loss/discriminator"):
+        assert [r[key] for r in leaf] == pytest.approx([r[key] for r in plain], rel=1e-6, abs=1e-7), key
+
+
+def test_leaf_blocks_train_as_per_submodule_gathers_in_bf16(tmp_path, distributed_world_of_one):
+    """One rank, bf16: a G and a D step with the blocks as ZeRO-3 leaf modules give the losses and
+    the student update of per-submodule gathers (the same kernels on the same values)."""
+    sets = gathered_templates(tmp_path)
+    results = []
+    for leaf in (False, True):
+        trainer = make_trainer(
+            tmp_path / str(leaf), *sets, "deepspeed.precision=bf16", "ladd.distill_weight=0.5", f"deepspeed.z3_leaf_blocks={leaf}"
+        )
+        method = trainer.method
+        batch = method.to_device(next(trainer.batches))
+        noise = method.draw_noise(batch)
+        metrics, fakes = method.generator_step(batch, noise)
+        metrics.update(method.discriminator_step(batch, noise, fakes))
+        results.append(({k: float(v) for k, v in metrics.items()}, local_params(method.engines.student.module)))
+        trainer.close()
+    (m_plain, student_plain), (m_leaf, student_leaf) = results
+    assert m_leaf == m_plain
+    assert all(torch.equal(student_leaf[n], student_plain[n]) for n in student_plain)
+
+
+def test_auto_gather_sizes_are_two_blocks_in_the_configs_and_the_plan(tmp_path):
+    """`"auto"` stage3_prefetch_bucket_size / stage3_max_live_parameters: one and two of the
+    model's largest blocks, in the resolved DeepSpeed config written into the run directory and in
+    the memory plan's ZeRO-3 live term; a stage below 3 drops them."""
+    template = json.loads((REPO / "ds_configs" / "cpu" / "zero3.json").read_text())
+    auto = {"stage3_prefetch_bucket_size": "auto", "stage3_max_live_parameters": "auto"}
+    template["zero_optimization"].update(stage3_param_persistence_threshold=0, **auto)  # the live term alone
+    (tmp_path / "auto.json").write_text(json.dumps(template))
+    sets = [f"deepspeed.student_config={tmp_path / 'auto.json'}", f"deepspeed.teacher_config={tmp_path / 'auto.json'}"]
+    run_dir = tmp_path / "run"
+    train_tiny(run_dir, 1, [*sets, "logging.progress_bar=false"], launcher="in-process")
+    cfg = load_config(TINY_CONFIG, sets)
+    teacher, student, _, _ = build_models(cfg, device="meta")
+    block = sum(p.numel() for p in teacher.blocks[0].parameters())
+    assert block_params(teacher) == block > _largest_module_params(teacher)
+    assert zero3_live_sizes(student) == {"stage3_prefetch_bucket_size": block, "stage3_max_live_parameters": 2 * block}
+    for name in ("student", "teacher"):
+        zero = json.loads((run_dir / f"ds_config_{name}.json").read_text())["zero_optimization"]
+        assert (zero["stage3_prefetch_bucket_size"], zero["stage3_max_live_parameters"]) == (block, 2 * block)
+    # The plan's ZeRO-3 buffers of the frozen teacher (2 ranks, fp32: 4 bytes) are its live term
+    # alone, computed from the same two numbers: the prefetch bucket plus the largest module
+    # gathered at once, capped by the live parameters.
+    placement = place_ladd_engines(cfg, 2, plan_always=True)[1]
+    assert placement.stages["teacher"] == 3
+    n = sum(p.numel() for p in teacher.parameters())
+    assert placement.memory["teacher"].buffers == min(2 * block, block + _largest_module_params(teacher), n) * 4
+    below = place_ladd_engines(load_config(TINY_CONFIG, [*sets, "deepspeed.student_stage=2"]), 2)[0]["student"]
+    assert "stage3_max_live_parameters" not in below["zero_optimization"]
