@@ -82,14 +82,16 @@ def _run_in_process(args: tuple[str, ...], check: bool) -> subprocess.CompletedP
     return proc
 
 
-def _run_ranks(args: tuple[str, ...], nproc: int, timeout: int, check: bool) -> subprocess.CompletedProcess:
-    """`nproc` ranks of `python -m ladd_ds ARGS` on this host, as torchrun would start them. Like
+def _run_ranks(
+    args: tuple[str, ...], nproc: int, timeout: int, check: bool, module: str = "ladd_ds"
+) -> subprocess.CompletedProcess:
+    """`nproc` ranks of `python -m MODULE ARGS` on this host, as torchrun would start them. Like
     a launcher, the job fails when a rank fails: the others are killed. stdout and stderr are
     those of every rank, in rank order."""
     import tempfile
     import time
 
-    cmd = [sys.executable, "-m", "ladd_ds", *args]
+    cmd = [sys.executable, "-m", module, *args]
     port = str(free_port())
     with tempfile.TemporaryDirectory() as logs:
         procs, files = [], []
