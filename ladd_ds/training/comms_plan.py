@@ -15,12 +15,14 @@ Bytes per step of one engine of N parameters (n_t trained), on a group of n rank
   `stage3_param_persistence_threshold` elements a parameter stays gathered), w x ceil(numel / n)
   logged per parameter. A module is used once per forward and, when its output requires grad,
   once in the backward (DeepSpeed re-gathers there); gradient checkpointing recomputes a block's
-  forward inside the backward. After a use the parameters are released unless the module is
-  used again within `stage3_max_reuse_distance` elements of the recorded trace (the order of
-  module uses between two top-level forwards). A trained engine's optimizer step releases
-  everything and gathers the persistent parameters again; a frozen engine keeps what it was not
-  told to release from one step to the next. `zero3_gathered` replays that bookkeeping (the
-  coordinator's trace, prefetch aside, which changes when a gather happens, not how much).
+  forward inside the backward. After a use the parameters are released unless the prefetch
+  (`stage3_prefetch_bucket_size` elements not yet gathered, ahead in the recorded trace) has
+  already passed over the module's next use, or that use is within `stage3_max_reuse_distance`
+  elements of the trace. A trained engine's optimizer step releases everything and gathers the
+  persistent parameters again; a frozen engine keeps what it held from one step to the next.
+  `zero3_gathered` replays DeepSpeed's coordinator on the module order of a meta forward.
+  ZeRO++ hpZ (`zero_hpz_partition_size` h): a module's gathers after its first since the last
+  step read secondary shards within groups of h ranks (w x numel / h logged per parameter).
 - ZeRO-2/3 gradient reduction after every backward that produces the engine's gradients (a per
   step): ZeRO-3 reduce-scatter c x n x ceil(numel / n) per parameter; ZeRO-2 (and ZeRO-1, ZeRO-0
   once per step) an all-reduce of c x n_t (`use_multi_rank_bucket_allreduce`, the default) in
@@ -29,8 +31,8 @@ Bytes per step of one engine of N parameters (n_t trained), on a group of n rank
 - The gradient-norm all-reduce of a ZeRO-1/2/3 step: 4 or 8 bytes.
 
 For an 8B student at ZeRO-2 with fp32 communication that is 32 GB all-reduced per micro-batch, 64
-GB on the wire per rank; at ZeRO-3 16 GB gathered per pass (x(n-1)/n on the wire) and 32 GB
-reduce-scattered (x(n-1)/n).
+GB on the wire per rank; at ZeRO-3 16 GB x (n-1)/n on the wire per gathered pass (16 GB / n
+logged) and 32 GB reduce-scattered, 32 GB x (n-1)/n on the wire.
 
 A LADD step per micro-batch (ladd/steps.py): the student's forward and backward (generator step),
 the teacher's forward on the re-noised fakes with the backward through it into the student, and
