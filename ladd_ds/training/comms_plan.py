@@ -234,8 +234,11 @@ def zero3_gathered(layout: EngineLayout, events: str, *, world: int, zero: dict,
     elements not yet gathered are on their way (gathered ones are passed over for free), and a
     module's parameters are kept after a use when the prefetch has already passed over a later
     use of it, or when it is used again within `stage3_max_reuse_distance` elements of the trace
-    ahead; otherwise they are released. S (a trained engine's step) releases everything and
-    gathers the persistent parameters again.
+    ahead; otherwise they are released. Persistent parameters (`stage3_param_persistence_threshold`)
+    stay gathered, except that a use while the trace is not complete releases them too (the
+    heads' trace, whose generator-step backward visits fewer modules than the discriminator
+    step's, never completes). S (a trained engine's step) releases everything and gathers the
+    persistent parameters again.
 
     With ZeRO++ hpZ (`zero_hpz_partition_size` h > 1) releasing a module also keeps a secondary
     shard of it, partitioned over the h ranks of its group (1 / h of the world-padded tensor per
@@ -266,11 +269,20 @@ def zero3_gathered(layout: EngineLayout, events: str, *, world: int, zero: dict,
     queue: collections.deque[int] = collections.deque()
     fetched_for: dict[int, int] = {}  # module -> the latest trace position the prefetch passed over
     available: set[int] = {m for m in range(len(numel)) if not gatherable[m]}
+    persistent_shard = [
+        sum(math.ceil(n / world) for n, keep in zip(ns, ps) if keep) for ns, ps in zip(layout.param_numels, layout.persistent)
+    ]
+    # Persistent parameters are gathered at init and after every step, and released only by a
+    # use while the trace is not complete (the coordinator's release skips them only then).
+    holds_persistent = {m for m in range(len(numel)) if persistent_shard[m]}
     live = 0.0
     gathered, within = 0.0, 0.0
 
     def gather(m: int) -> None:
         nonlocal gathered, within, live
+        if persistent_shard[m] and m not in holds_persistent:
+            gathered += persistent_shard[m]
+            holds_persistent.add(m)
         if m not in available:
             if m in secondary:
                 within += secondary_shard[m]
@@ -315,6 +327,7 @@ def zero3_gathered(layout: EngineLayout, events: str, *, world: int, zero: dict,
                     release(m)
                 secondary.clear()
                 gathered += persistent
+                holds_persistent.update(m for m in range(len(numel)) if persistent_shard[m])
                 continue
             for m in passes[event]:
                 if mode == "complete" and (step_id >= len(trace) or trace[step_id] != m):
@@ -342,6 +355,8 @@ def zero3_gathered(layout: EngineLayout, events: str, *, world: int, zero: dict,
                     keep = fetched_for.get(m, -1) > step_id or (j >= 0 and prefix[j] - prefix[step_id] < reuse)
                 if not keep:
                     release(m)
+                if mode != "complete":
+                    holds_persistent.discard(m)
     return gathered, within
 
 
