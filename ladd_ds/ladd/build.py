@@ -101,7 +101,8 @@ def step_activations(cfg: Config, models: dict) -> tuple[float, str]:
 def ladd_layouts(cfg: Config, configs: dict[str, dict], models: dict) -> dict[str, comms_plan.EngineLayout]:
     """Each model's module order and FLOPs for the communication plan: one forward of each on
     meta tensors of the planned shapes (the teacher frozen, its input requiring grad as the fakes
-    do; the heads on the teacher's features)."""
+    do; the heads on the teacher's features). FLOPs only with deepspeed.interconnect: without
+    one nothing is timed."""
     teacher, student = models["teacher"], models["student"]
     taps = resolve_taps(cfg.discriminator.taps, teacher.num_blocks)
     tc = teacher.transformer.config
@@ -128,12 +129,17 @@ def ladd_layouts(cfg: Config, configs: dict[str, dict], models: dict) -> dict[st
 def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full) -> dict[str, comms_plan.EngineLayout]:
     teacher, student, heads = models["teacher"], models["student"], models["heads"]
     x, t, embeds, pooled = inputs
+    timed = cfg.deepspeed.interconnect is not None
 
     def threshold(name):
         return float(configs[name].get("zero_optimization", {}).get("stage3_param_persistence_threshold", 1e5))
 
     s_layout, _ = comms_plan.trace_model(
-        student, lambda m: m(x, t, embeds, pooled), persistence_threshold=threshold("student"), checkpointed=checkpointed
+        student,
+        lambda m: m(x, t, embeds, pooled),
+        persistence_threshold=threshold("student"),
+        checkpointed=checkpointed,
+        count_flops=timed,
     )
     frozen = [p for p in teacher.parameters() if p.requires_grad]
     for p in frozen:
@@ -145,13 +151,14 @@ def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full) -
             lambda m: m(x_fake, t, embeds, pooled, taps=taps, velocity=full),
             persistence_threshold=threshold("teacher"),
             checkpointed=checkpointed,
+            count_flops=timed,
         )
     finally:
         for p in frozen:
             p.requires_grad_(True)
     features = out[0] if full else out
     h_layout, _ = comms_plan.trace_model(
-        heads, lambda m: m(features, t, pooled), persistence_threshold=threshold("heads"), frozen_too=True
+        heads, lambda m: m(features, t, pooled), persistence_threshold=threshold("heads"), frozen_too=True, count_flops=timed
     )
     return {"student": s_layout, "teacher": t_layout, "heads": h_layout}
 
