@@ -35,6 +35,19 @@ def _train_parser(sub, name: str = "train", help: str = "LADD training (also und
         default=None,
         help="memory per device that `auto` ZeRO stages plan against (sets deepspeed.device_memory_gib; default: this machine's)",
     )
+    p.add_argument(
+        "--interconnect",
+        default=None,
+        metavar="INTRA,INTER,GPUS_PER_NODE",
+        help="Gbit/s per GPU within a node and between nodes, GPUs per node, e.g. 3600,400,8 (sets deepspeed.interconnect): "
+        "--dry-run then times communication and `auto` picks the fastest placement that fits",
+    )
+    p.add_argument(
+        "--achieved-tflops",
+        type=float,
+        default=None,
+        help="TFLOP/s per GPU assumed for the compute time (sets deepspeed.achieved_tflops)",
+    )
 
 
 def cmd_train(args) -> int:
@@ -57,10 +70,22 @@ def _run_trainer(args, method, dry_run) -> int:
         ("--max-steps", "run.max_steps", args.max_steps),
         ("--seed", "run.seed", args.seed),
         ("--device-memory-gib", "deepspeed.device_memory_gib", args.device_memory_gib),
+        ("--achieved-tflops", "deepspeed.achieved_tflops", args.achieved_tflops),
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
             labels[overrides[-1]] = f"{flag} {value}"
+    if args.interconnect is not None:
+        from ladd_ds.training.comms_plan import Interconnect
+
+        net = Interconnect.parse(args.interconnect)
+        for key, value in (
+            ("intra_node_gbps", net.intra_node_gbs * 8),
+            ("inter_node_gbps", net.inter_node_gbs * 8),
+            ("gpus_per_node", net.gpus_per_node),
+        ):
+            overrides.append(f"deepspeed.interconnect.{key}={value}")
+            labels[overrides[-1]] = f"--interconnect {args.interconnect}"
     if args.world_size is not None and not args.dry_run:
         raise InputError(
             "--world-size: only --dry-run plans for an assumed world size; a run's world size is the number of "

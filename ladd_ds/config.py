@@ -221,6 +221,20 @@ class OptimConfig:
 
 
 @dataclass
+class InterconnectConfig:
+    """Bandwidth per GPU (Gbit/s) within a node and between nodes, and GPUs per node: what the
+    communication plan times collectives with (ladd_ds/training/comms_plan.py)."""
+
+    intra_node_gbps: float = 3600.0  # NVLink 4: ~450 GB/s per GPU
+    inter_node_gbps: float = 400.0  # one 400 Gb/s NIC per GPU
+    gpus_per_node: int = 8
+
+    def validate(self) -> None:
+        if self.intra_node_gbps <= 0 or self.inter_node_gbps <= 0 or self.gpus_per_node < 1:
+            raise ConfigError("deepspeed.interconnect: bandwidths must be > 0 (Gbit/s) and gpus_per_node >= 1")
+
+
+@dataclass
 class DeepSpeedConfig:
     # JSON templates; relative paths are resolved against the repository root.
     student_config: str = "ds_configs/cpu/zero3.json"
@@ -239,10 +253,20 @@ class DeepSpeedConfig:
     # all-gather (the block a DeepSpeed "leaf module") instead of one per submodule
     # (docs/performance.md, "ZeRO-3 gathers"; DPO's engines do not use it yet).
     z3_leaf_blocks: bool = False
+    # With an interconnect, --dry-run estimates communication and step time, and "auto" picks the
+    # fastest placement that fits (docs/performance.md, "Communication"); null: memory only.
+    interconnect: InterconnectConfig | None = None
+    # Achieved TFLOP/s per GPU assumed for the compute time: a plain PyTorch LADD step on one H200
+    # ran 242.6 TFLOP in 881.8 ms (README, "Step benchmark"), 275 TFLOP/s.
+    achieved_tflops: float = 275.0
 
     def validate(self) -> None:
         if self.device_memory_gib is not None and self.device_memory_gib <= 0:
             raise ConfigError(f"deepspeed.device_memory_gib: must be > 0 (GiB), got {self.device_memory_gib}")
+        if self.achieved_tflops <= 0:
+            raise ConfigError(f"deepspeed.achieved_tflops: must be > 0, got {self.achieved_tflops}")
+        if self.interconnect is not None:
+            self.interconnect.validate()
 
 
 @dataclass

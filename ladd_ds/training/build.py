@@ -153,13 +153,15 @@ def place_engines(
     meta_models: Callable[[], dict[str, nn.Module]],
     activations: Callable[[dict[str, nn.Module]], float],
     plan_always: bool = False,
+    step_time: Callable[[dict[str, nn.Module], dict[str, int]], float] | None = None,
 ) -> tuple[dict[str, dict], Placement | None]:
     """Every engine's DeepSpeed config with its ZeRO stage: the template's, the one set in
     deepspeed.<engine>_stage, or for "auto" the memory plan's (ladd_ds.training.placement).
 
     The plan needs the models (built on the meta device by `meta_models`) and the activation
     bytes of a training step (`activations`); it is made only when a stage is "auto" or
-    `plan_always` (the --dry-run report)."""
+    `plan_always` (the --dry-run report). `step_time(models, stages)`: seconds per step of a stage
+    assignment (the communication plan); with it "auto" picks the fastest placement that fits."""
     asked = {s.name: getattr(cfg.deepspeed, s.stage_key) for s in slots}
     templates = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable) for s in slots}
     if not plan_always and AUTO not in asked.values():
@@ -186,6 +188,7 @@ def place_engines(
         grad_accum=cfg.optim.grad_accum,
         activations=activations(models),
         device_bytes=planned_device_bytes(cfg),
+        step_time=None if step_time is None else lambda stages: step_time(models, stages),
     )
     for s in slots:
         if asked[s.name] is None:

@@ -26,6 +26,8 @@ counted from the model code (ladd_ds.models.activations) by the method.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -161,13 +163,36 @@ def choose_placement(
     grad_accum: int,
     activations: float,
     device_bytes: float,
+    step_time: Callable[[dict[str, int]], float] | None = None,
 ) -> Placement:
-    """Resolve every "auto" stage (module docstring); explicit stages are kept as asked."""
+    """Resolve every "auto" stage (module docstring); explicit stages are kept as asked. With
+    `step_time` (seconds per step of a full stage assignment: the communication plan,
+    training/comms_plan.py), the fastest assignment that fits instead, trained engines at ZeRO-2
+    or 3, frozen ones at 0 or 3."""
     stages = {e.name: e.stage for e in engines if e.stage != AUTO}
     reasons = {e.name: "asked for in the config" for e in engines if e.stage != AUTO}
     trainable = [e for e in engines if e.stage == AUTO and e.trainable]
     frozen = [e for e in engines if e.stage == AUTO and not e.trainable]
     usable = device_bytes * USABLE_FRACTION
+    if step_time is not None and world > 1 and (trainable or frozen):
+        auto = trainable + frozen
+        options = [(2, 3) if e.trainable else (0, 3) for e in auto]
+        timed = []
+        for choice in itertools.product(*options):
+            full = {**stages, **{e.name: s for e, s in zip(auto, choice)}}
+            need = plan(engines, full, world, precision, activations, device_bytes).total
+            if need <= usable:
+                timed.append((step_time(full), need, full))
+        if timed:
+            seconds, need, best = min(timed, key=lambda t: t[0])
+            for e in auto:
+                reasons[e.name] = (
+                    f"fastest of {len(timed)} placement(s) that fit: {seconds:.2f} s per step (communication plan), "
+                    f"{need / GIB:.1f} of {usable / GIB:.1f} GiB"
+                )
+            placement = plan(engines, best, world, precision, activations, device_bytes)
+            placement.reasons = reasons
+            return placement
 
     def total_with(candidate: dict[str, int]) -> float:
         # Engines not decided yet are counted at their smallest footprint (ZeRO-3).
