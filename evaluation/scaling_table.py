@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ladd_ds.config import load_config
 from ladd_ds.ladd.build import ENGINES, build_models, ladd_comms_plan, ladd_layouts, step_activations
-from ladd_ds.training.build import engine_ds_config
+from ladd_ds.training.build import engine_ds_config, resolve_sizes
 from ladd_ds.training.placement import GIB, USABLE_FRACTION, EngineNeeds, choose_placement, plan
 
 CONFIG = "configs/sd3_large.yaml"
@@ -31,8 +31,9 @@ PLACEMENTS = [
 ]
 
 
-def _configs(cfg, world: int, stages: dict[str, int], hpz: int) -> dict[str, dict]:
+def _configs(cfg, models: dict, world: int, stages: dict[str, int], hpz: int) -> dict[str, dict]:
     configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, stages[s.name]) for s in ENGINES}
+    configs = resolve_sizes(configs, models)  # ZeRO-3's "auto" gather sizes, as the engines get them
     if hpz > 1 and world > hpz:
         for c in configs.values():
             if c["zero_optimization"]["stage"] == 3:
@@ -44,7 +45,7 @@ def rows() -> list[str]:
     cfg = load_config(CONFIG, [f"deepspeed.device_memory_gib={DEVICE_GIB}", *INTERCONNECT])
     teacher, student, heads, _ = build_models(cfg, device="meta")
     models = {"teacher": teacher, "student": student, "heads": heads}
-    layouts = ladd_layouts(cfg, _configs(cfg, 8, {"student": 3, "heads": 2, "teacher": 3}, 1), models)
+    layouts = ladd_layouts(cfg, _configs(cfg, models, 8, {"student": 3, "heads": 2, "teacher": 3}, 1), models)
     activations = step_activations(cfg, models)[0]
     out = [
         "| GPUs | placement | GiB per GPU | compute s | communication s | exposed s | step s | efficiency |",
@@ -53,7 +54,7 @@ def rows() -> list[str]:
     for world in WORLDS:
 
         def memory(stages: dict[str, int], hpz: int) -> float:
-            configs = _configs(cfg, world, stages, 1)
+            configs = _configs(cfg, models, world, stages, 1)
             engines = [EngineNeeds(s.name, models[s.name], s.trainable, stages[s.name], configs[s.name]) for s in ENGINES]
             total = plan(engines, stages, world, "bf16", activations, DEVICE_GIB * GIB).total
             if hpz > 1 and world > hpz:  # the secondary shards: bf16 weights over the hpZ group
@@ -77,11 +78,11 @@ def rows() -> list[str]:
             grad_accum=cfg.optim.grad_accum,
             activations=activations,
             device_bytes=DEVICE_GIB * GIB,
-            step_time=lambda stages: ladd_comms_plan(cfg, world, _configs(cfg, world, stages, 1), layouts).step_s,
+            step_time=lambda stages: ladd_comms_plan(cfg, world, _configs(cfg, models, world, stages, 1), layouts).step_s,
         )
         auto_label = ", ".join(f"{n} {auto.stages[n]}" for n in ("student", "heads", "teacher"))
         for label, stages, hpz in [(f"auto ({auto_label})", auto.stages, 1), *candidates]:
-            p = ladd_comms_plan(cfg, world, _configs(cfg, world, stages, hpz), layouts)
+            p = ladd_comms_plan(cfg, world, _configs(cfg, models, world, stages, hpz), layouts)
             gib = memory(stages, hpz) / GIB
             fits = "" if gib <= DEVICE_GIB * USABLE_FRACTION else " (does not fit)"
             out.append(

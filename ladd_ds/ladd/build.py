@@ -24,6 +24,7 @@ from ladd_ds.training.build import (
     placement_problems,
     placement_report,
     planned_shapes,
+    resolve_sizes,
     training_dtype,
 )
 
@@ -225,6 +226,7 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False):
 
     def step_time(models: dict, stages: dict[str, int]) -> float:
         configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, stages[s.name]) for s in ENGINES}
+        configs = resolve_sizes(configs, models)  # the gather sizes the engines would get
         if not layouts:  # one trace of the models serves every candidate placement
             layouts.update(ladd_layouts(cfg, configs, models))
         return ladd_comms_plan(cfg, world, configs, layouts).step_s
