@@ -3,12 +3,15 @@ the --dry-run report."""
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
 from ladd_ds.data.schema import TASK_LAYOUTS
-from ladd_ds.models.activations import model_activation_bytes
+from ladd_ds.models.activations import RecomputeFlops, SavedTensors, fused_attention, recompute_bytes
+from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
 from ladd_ds.training.build import (
@@ -23,6 +26,7 @@ from ladd_ds.training.build import (
     planned_shapes,
     training_dtype,
 )
+from ladd_ds.training.placement import StepActivations
 
 
 def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
@@ -54,9 +58,8 @@ def build_models(
         student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"), dtype, task)
     else:
         student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"), dtype, task)
-    if cfg.model.gradient_checkpointing:
-        teacher.transformer.enable_gradient_checkpointing()
-        student.transformer.enable_gradient_checkpointing()
+    teacher.set_checkpointing(cfg.model.checkpoint_every("teacher"))
+    student.set_checkpointing(cfg.model.checkpoint_every("student"))
     if cfg.model.compile and device != "meta":
         teacher.compile_blocks()
         student.compile_blocks()
@@ -80,19 +83,93 @@ ENGINES = [
 ]
 
 
-def step_activations(cfg: Config, models: dict) -> tuple[float, str]:
-    """Bytes autograd holds at the peak of a LADD step (the generator step: the student's forward,
-    then the teacher's on the re-noised fakes, which the gradient flows back through), and a note
-    on the shapes assumed."""
-    teacher, student = models["teacher"], models["student"]
-    h, w, text, note = planned_shapes(cfg, teacher.transformer.config)
+class _MetaEngine:
+    """What the steps call on an engine, for a model on the meta device: its forward and `.module`."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def meta_step(cfg: Config, models: dict):
+    """The method's steps on the meta models (teacher frozen, all in the training precision) and a
+    meta micro-batch and noise of the planned shapes: (steps, batch, noise, shapes note)."""
+    from ladd_ds.ladd.conditioned import ConditionedLADDSteps  # the steps import this module's layer
+    from ladd_ds.ladd.steps import LADDSteps, Noise
+
+    teacher, student, heads = models["teacher"], models["student"], models["heads"]
     dtype = training_dtype(cfg)
-    args = (cfg.data.micro_batch_size, (h, w), text, dtype, cfg.model.gradient_checkpointing)
-    taps = resolve_taps(cfg.discriminator.taps, teacher.num_blocks)
-    teacher_blocks = teacher.num_blocks if cfg.ladd.distill_weight > 0 else max(taps) + 1
-    total = model_activation_bytes(student, *args) + model_activation_bytes(teacher, *args, blocks_run=teacher_blocks)
-    checkpointing = "on" if cfg.model.gradient_checkpointing else "off"
-    return total, f"batch {cfg.data.micro_batch_size}, {note}, checkpointing {checkpointing}"
+    for model in (teacher, student, heads):
+        model.to(dtype)
+    teacher.requires_grad_(False)  # as the engines freeze it (distributed.engines.build_engines)
+    tc = teacher.transformer.config
+    h, w, text, note = planned_shapes(cfg, tc)
+    b, ch = cfg.data.micro_batch_size, latent_channels(tc)
+
+    def meta(*shape, dtype=dtype):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    batch = {
+        "latent": meta(b, ch, h, w),  # (B, C, H, W)
+        "prompt_embeds": meta(b, text, tc.joint_attention_dim),  # (B, L, D)
+        "pooled": meta(b, tc.pooled_projection_dim),  # (B, P)
+    }
+    if cfg.ladd.task != "t2i":
+        batch["condition"] = meta(b, ch, h, w)
+    if cfg.ladd.task == "inpaint":
+        batch["mask"] = meta(b, 1, h, w)
+    t = [meta(b, dtype=torch.float32) for _ in range(3)]  # fp32 timesteps, as draw_noise makes them
+    noise = Noise(t[0], meta(b, ch, h, w), t[1], meta(b, ch, h, w), t[2], meta(b, ch, h, w))
+    engines = types.SimpleNamespace(student=_MetaEngine(student), teacher=_MetaEngine(teacher), heads=_MetaEngine(heads))
+    variant = LADDSteps if cfg.ladd.task == "t2i" else ConditionedLADDSteps
+    steps = variant(cfg, engines, resolve_taps(cfg.discriminator.taps, teacher.num_blocks), torch.device("meta"))
+    return steps, batch, noise, note
+
+
+def step_activations(cfg: Config, models: dict, flops: bool = False) -> StepActivations:
+    """What a LADD step keeps for backward, counted by running its own step code on the meta
+    models: the generator step (the student's forward, the frozen teacher's on the re-noised
+    fakes, which the gradient flows back through, the frozen heads) and the discriminator step
+    (the trainable heads on the teacher's features of reals and fakes, and R1's second pass),
+    each with the largest checkpointed block's recompute; with `flops`, the FLOPs that recompute
+    adds (a forward and backward on meta tensors: seconds at 8B, so for --dry-run only)."""
+    steps, batch, noise, note = meta_step(cfg, models)
+    teacher, student, heads = models["teacher"], models["student"], models["heads"]
+    owners = {"student": student, "teacher": teacher, "heads": heads}
+    kept = {}
+    with fused_attention(), SavedTensors(owners) as saved:
+        fakes = steps.generator_loss(batch, noise)[2]
+        kept["G step"] = {name: saved.by_owner.get(name, 0) for name in (*owners, "other")}
+    with fused_attention(), SavedTensors(owners) as saved:
+        steps.discriminator_loss(batch, noise, fakes if cfg.ladd.reuse_fakes else None)
+        kept["D step"] = {name: saved.by_owner.get(name, 0) for name in (*owners, "other")}
+    # The teacher runs without gradients in the D step: only the G step recomputes blocks.
+    shapes = (cfg.data.micro_batch_size, (batch["latent"].shape[-2], batch["latent"].shape[-1]), batch["prompt_embeds"].shape[1])
+    recompute = {"G step": max(recompute_bytes(m, *shapes, training_dtype(cfg)) for m in (student, teacher))}
+
+    relative = 0.0
+    if flops:
+        with RecomputeFlops() as counted:
+            loss, _, fakes = steps.generator_loss(batch, noise)
+            loss.backward()
+            steps.discriminator_loss(batch, noise, fakes if cfg.ladd.reuse_fakes else None)[0].backward()
+        relative = counted.relative
+        for model in (student, heads):
+            model.zero_grad(set_to_none=True)
+    policy = f"checkpointing: student {checkpoint_name(student)}, teacher {checkpoint_name(teacher)}"
+    return StepActivations(
+        kept=kept,
+        recompute=recompute,
+        recompute_flops=relative,
+        note=f"batch {cfg.data.micro_batch_size}, {note}, {policy}",
+    )
+
+
+def checkpoint_name(model: FlowModel) -> str:
+    every = model.checkpoint_stride
+    return {0: "none", 1: "all"}.get(every, f"every:{every}")
 
 
 def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
@@ -106,7 +183,10 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False):
         teacher, student, heads, _ = build_models(cfg, device="meta")
         return {"teacher": teacher, "student": student, "heads": heads}
 
-    return place_engines(cfg, world, ENGINES, meta_models, lambda models: step_activations(cfg, models)[0], plan_always)
+    def activations(models):
+        return step_activations(cfg, models, flops=plan_always)
+
+    return place_engines(cfg, world, ENGINES, meta_models, activations, plan_always)
 
 
 def dry_run(cfg: Config, world: int) -> DryRunReport:
@@ -115,10 +195,9 @@ def dry_run(cfg: Config, world: int) -> DryRunReport:
     check_data_matches_model(cfg)
     configs, placement = place_ladd_engines(cfg, world, plan_always=True)
     check_compile_stages(cfg, {"student_stage": configs["student"], "teacher_stage": configs["teacher"]})
-    teacher, student, heads, taps = build_models(cfg, device="meta")
-    _, note = step_activations(cfg, {"teacher": teacher, "student": student})
+    taps = build_models(cfg, device="meta")[3]
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
     data_lines, problems = dry_run_data_lines(cfg, world, TASK_LAYOUTS[cfg.ladd.task])
     lines += [*data_lines, ""]
-    lines += placement_report(cfg, placement, note)
+    lines += placement_report(cfg, placement)
     return DryRunReport("\n".join(lines), problems + placement_problems(placement))
