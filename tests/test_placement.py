@@ -101,11 +101,8 @@ def test_dry_run_prints_the_choice_and_why():
     assert "of 21.6 GiB usable (90% of 24.0 GiB per device): fits" in out
     assert "activations" in out and "checkpointing: student all, teacher all" in out
     assert "  G step" in out and "  D step" in out and "gradient checkpointing: recompute +" in out
-    tight = run_cli(
-        "train", "--config", str(REPO / "configs" / "sd3_medium.yaml"), "--dry-run", "--world-size", "8",
-        "--device-memory-gib", "12", launcher="in-process", check=False,
-    ).stdout  # fmt: skip
-    assert "teacher: ZeRO-3, replicated the run needs" in tight
+    tight = place_ladd_engines(sd3_config("sd3-medium", "deepspeed.device_memory_gib=12"), 8)[1]
+    assert tight.reasons["teacher"].startswith("replicated the run needs")
 
 
 def test_dry_run_of_a_run_that_does_not_fit_exits_2(tmp_path):

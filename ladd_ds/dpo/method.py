@@ -87,9 +87,9 @@ def dpo_activations(cfg: Config, models: dict, flops: bool = False) -> StepActiv
     )
 
 
-def place_dpo_engines(cfg: Config, world: int, plan_always: bool = False):
+def place_dpo_engines(cfg: Config, world: int, plan_always: bool = False, flops: bool = False):
     def activations(models):
-        return dpo_activations(cfg, models, flops=plan_always)
+        return dpo_activations(cfg, models, flops=flops)
 
     return place_engines(cfg, world, dpo_slots(cfg), lambda: meta_dpo_models(cfg), activations, plan_always)
 
@@ -101,7 +101,7 @@ def build_dpo_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
 def dpo_dry_run(cfg: Config, world: int) -> DryRunReport:
     """Build the model on the meta device (with its LoRA), count parameters, plan memory per rank,
     check the pairs at data.path. The report's problems: unusable pairs, a plan that does not fit."""
-    configs, placement = place_dpo_engines(cfg, world, plan_always=True)
+    configs, placement = place_dpo_engines(cfg, world, plan_always=True, flops=True)
     check_compile_stages(cfg, {"student_stage": configs["model"], "teacher_stage": configs.get("reference")})
     models = meta_dpo_models(cfg)
     model = models["model"]

@@ -3,6 +3,7 @@ the --dry-run report."""
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -139,25 +140,24 @@ def step_activations(cfg: Config, models: dict, flops: bool = False) -> StepActi
     teacher, student, heads = models["teacher"], models["student"], models["heads"]
     owners = {"student": student, "teacher": teacher, "heads": heads}
     kept = {}
-    with fused_attention(), SavedTensors(owners) as saved:
-        fakes = steps.generator_loss(batch, noise)[2]
-        kept["G step"] = {name: saved.by_owner.get(name, 0) for name in (*owners, "other")}
-    with fused_attention(), SavedTensors(owners) as saved:
-        steps.discriminator_loss(batch, noise, fakes if cfg.ladd.reuse_fakes else None)
-        kept["D step"] = {name: saved.by_owner.get(name, 0) for name in (*owners, "other")}
+    # One pass serves both counts: the backwards (FLOPs only) save nothing the counter sees.
+    with RecomputeFlops() if flops else contextlib.nullcontext() as counted:
+        with fused_attention(), SavedTensors(owners) as saved:
+            loss, _, fakes = steps.generator_loss(batch, noise)
+            kept["G step"] = {name: saved.by_owner.get(name, 0) for name in (*owners, "other")}
+        if flops:
+            loss.backward()
+        with fused_attention(), SavedTensors(owners) as saved:
+            loss = steps.discriminator_loss(batch, noise, fakes if cfg.ladd.reuse_fakes else None)[0]
+            kept["D step"] = {name: saved.by_owner.get(name, 0) for name in (*owners, "other")}
+        if flops:
+            loss.backward()
+            for model in (student, heads):
+                model.zero_grad(set_to_none=True)
     # The teacher runs without gradients in the D step: only the G step recomputes blocks.
     shapes = (cfg.data.micro_batch_size, (batch["latent"].shape[-2], batch["latent"].shape[-1]), batch["prompt_embeds"].shape[1])
     recompute = {"G step": max(recompute_bytes(m, *shapes, training_dtype(cfg)) for m in (student, teacher))}
-
-    relative = 0.0
-    if flops:
-        with RecomputeFlops() as counted:
-            loss, _, fakes = steps.generator_loss(batch, noise)
-            loss.backward()
-            steps.discriminator_loss(batch, noise, fakes if cfg.ladd.reuse_fakes else None)[0].backward()
-        relative = counted.relative
-        for model in (student, heads):
-            model.zero_grad(set_to_none=True)
+    relative = counted.relative if flops else 0.0
     policy = f"checkpointing: student {checkpoint_name(student)}, teacher {checkpoint_name(teacher)}"
     return StepActivations(
         kept=kept,
@@ -176,7 +176,7 @@ def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
     return place_ladd_engines(cfg, world)[0]
 
 
-def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False):
+def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False, flops: bool = False):
     """(DeepSpeed config per engine, the memory plan or None): see training.build.place_engines."""
 
     def meta_models():
@@ -184,7 +184,7 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False):
         return {"teacher": teacher, "student": student, "heads": heads}
 
     def activations(models):
-        return step_activations(cfg, models, flops=plan_always)
+        return step_activations(cfg, models, flops=flops)
 
     return place_engines(cfg, world, ENGINES, meta_models, activations, plan_always)
 
@@ -193,7 +193,7 @@ def dry_run(cfg: Config, world: int) -> DryRunReport:
     """Validate, build the models on the meta device, count parameters, plan memory; no engines.
     The report's problems: unusable data, a plan that does not fit."""
     check_data_matches_model(cfg)
-    configs, placement = place_ladd_engines(cfg, world, plan_always=True)
+    configs, placement = place_ladd_engines(cfg, world, plan_always=True, flops=True)
     check_compile_stages(cfg, {"student_stage": configs["student"], "teacher_stage": configs["teacher"]})
     taps = build_models(cfg, device="meta")[3]
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]

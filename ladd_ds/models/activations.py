@@ -73,11 +73,11 @@ def fused_attention():
             raise NotImplementedError("fused_attention stands in for unmasked, dropout-free attention only")
         return _FusedAttention.apply(query, key, value, scale)
 
-    F.scaled_dot_product_attention = sdpa
+    previous, F.scaled_dot_product_attention = F.scaled_dot_product_attention, sdpa
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = _SDPA
+        F.scaled_dot_product_attention = previous
 
 
 class SavedTensors:

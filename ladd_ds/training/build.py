@@ -60,6 +60,13 @@ def planned_shapes(cfg: Config, model_cfg: dict) -> tuple[int, int, int, str]:
     return size, size, text, f"latent {size}x{size} (the model's sample_size), {text} text tokens"
 
 
+def planned_adamw_kind(cfg: Config) -> str:
+    """The torch AdamW implementation the plan counts temporaries for: the one this rank runs
+    (engines.adamw_kind), or a GPU's fused one when deepspeed.device_memory_gib names the device
+    (a plan made on a host without the GPUs it is for)."""
+    return "fused" if cfg.deepspeed.device_memory_gib is not None else ds.adamw_kind()
+
+
 def planned_device_bytes(cfg: Config) -> float:
     """The device memory `auto` placement plans against: deepspeed.device_memory_gib, or this
     rank's device."""
@@ -181,7 +188,7 @@ def place_engines(
             stage=ds.zero_stage(templates[s.name]) if asked[s.name] is None else asked[s.name],
             ds_config=templates[s.name],
             ema=s.keeps_ema and cfg.optim.ema_decay > 0,
-            adamw=ds.adamw_kind(),
+            adamw=planned_adamw_kind(cfg),
         )
         for s in slots
     ]
