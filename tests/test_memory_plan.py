@@ -123,16 +123,16 @@ def test_the_plans_step_activations_are_what_a_real_step_saves(tmp_path, distrib
 @pytest.mark.parametrize("trained", [True, False])
 def test_block_recompute_term_is_a_real_blocks_saved_bytes(trained):
     """The recompute term (one checkpointed block's saved bytes, trained or frozen) is what a real
-    forward of that block saves in fp32 and bf16 (inputs as in a step: the text tokens and time
-    embedding need gradients only in a trained model)."""
+    forward of that block saves in fp32 and bf16 (inputs as inside a step: image and text tokens
+    need gradients, the time embedding only in a trained model)."""
     for dtype in (torch.float32, torch.bfloat16):
         block = build_transformer("tiny", seed=0).transformer_blocks[0].to(dtype).requires_grad_(trained)
         width = block.norm1.linear.in_features
         with torch.device("meta"):
             meta_block = build_transformer("tiny", seed=0, device="meta").transformer_blocks[0].requires_grad_(trained)
         planned = block_activation_bytes(meta_block, 2, 16, 8, width, dtype)
-        inputs = [torch.randn(2, 16, width, dtype=dtype).requires_grad_()]
-        inputs += [torch.randn(*shape, dtype=dtype).requires_grad_(trained) for shape in ((2, 8, width), (2, width))]
+        inputs = [torch.randn(*shape, dtype=dtype).requires_grad_() for shape in ((2, 16, width), (2, 8, width))]
+        inputs.append(torch.randn(2, width, dtype=dtype).requires_grad_(trained))
         with fused_attention(), SavedBytes({"block": block}) as saved:
             block(hidden_states=inputs[0], encoder_hidden_states=inputs[1], temb=inputs[2])
         assert planned.saved == saved.bytes["block"] > 0

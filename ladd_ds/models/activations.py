@@ -134,9 +134,10 @@ def block_activation_bytes(
     block: nn.Module, batch: int, image_tokens: int, text_tokens: int, width: int, dtype: torch.dtype
 ) -> BlockActivations:
     """Bytes saved for backward by one SD3 joint block (on the meta device: a model built for the
-    plan, nothing materialized) at these token counts. The image tokens need a gradient (the
-    student's fakes flow through every block); the text tokens and the time embedding only when
-    the block trains (they come from trained embedders then, from frozen ones otherwise)."""
+    plan, nothing materialized) at these token counts. The image and text tokens need a gradient
+    (the student's fakes flow through every block, and every joint attention mixes the text
+    tokens with them: all but a frozen model's first block see them so); the time embedding only
+    when the block trains (it comes from a trained embedder then, from a frozen one otherwise)."""
     if not all(p.is_meta for p in block.parameters()):
         raise ValueError("block_activation_bytes counts on a meta-device block (build the model with device='meta')")
     meta_block = copy.deepcopy(block).to(dtype)
@@ -146,7 +147,7 @@ def block_activation_bytes(
         return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=grad)
 
     hidden = meta(batch, image_tokens, width)
-    context, temb = meta(batch, text_tokens, width, grad=trained), meta(batch, width, grad=trained)
+    context, temb = meta(batch, text_tokens, width), meta(batch, width, grad=trained)
     with fused_attention(), SavedTensors({"block": meta_block}) as saved:
         meta_block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
         total = saved.total
@@ -156,8 +157,9 @@ def block_activation_bytes(
 
 def recompute_bytes(model: nn.Module, batch: int, latent_hw: tuple[int, int], text_tokens: int, dtype: torch.dtype) -> int:
     """What a checkpointed FlowModel adds in backward at most: one checkpointed block's saved
-    bytes while it is recomputed (the first one's; all joint blocks but SD3's text-free last one
-    keep the same); 0 without checkpointed blocks."""
+    bytes while it is recomputed (the first checkpointed block's code, with the inputs of a block
+    inside the model: all joint blocks but SD3's text-free last one keep the same); 0 without
+    checkpointed blocks."""
     blocks = model.checkpointed_blocks
     if not blocks:
         return 0

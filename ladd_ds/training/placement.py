@@ -17,11 +17,15 @@ Per-rank bytes of one engine (bf16 training; fp32 doubles weights and has no mas
 weights 2 B/param, sharded by ZeRO-3; gradients 2 B/param in the model dtype below ZeRO-2 (plus an
 fp32 copy for ZeRO-1's fp32 accumulation), an fp32 partition of 4 B/param/world from ZeRO-2 on
 (with `data_types.grad_accum_dtype: fp32`; 2 B without); Adam 12 B/param (fp32 master + two
-moments), sharded from ZeRO-1 on; the EMA of a trained model (optim.ema_decay > 0) 4 B/param,
-sharded by ZeRO-3 only; buffers: ZeRO's reduce bucket (doubled with `overlap_comm`), the
-ZeRO-1/2 all-gather bucket and ZeRO-3's live parameters (prefetch bucket plus the largest module,
-capped by `stage3_max_live_parameters`, plus the persistent small parameters). Activations are
-counted from the model code (ladd_ds.models.activations) by the method.
+moments), sharded from ZeRO-1 on; the optimizer step's temporaries (`adamw_temporaries`: none
+for the fused AdamW a GPU runs, one or two fp32 copies of the stepped tensors otherwise); the EMA
+of a trained model (optim.ema_decay > 0) 4 B/param, sharded by ZeRO-3 only; buffers: ZeRO's
+reduce bucket (doubled with `overlap_comm`), the ZeRO-1/2 all-gather bucket and ZeRO-3's live
+parameters (prefetch bucket plus the largest module, capped by `stage3_max_live_parameters`, plus
+the persistent small parameters). Activations (`StepActivations`) are counted by the method from
+its own step code on meta models (ladd_ds.models.activations): what each phase of a step (LADD:
+the generator step, the discriminator step) keeps for backward, plus the largest checkpointed
+block's recompute; the plan takes the largest phase.
 """
 
 from __future__ import annotations
