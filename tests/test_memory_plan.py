@@ -261,3 +261,26 @@ def test_checkpointing_policies_keep_the_losses_and_gradients():
     for every, (loss, grads) in results.items():
         assert torch.equal(loss, base_loss), every
         assert all(torch.equal(a, b) for a, b in zip(grads, base_grads)), every
+
+
+def test_the_plan_counts_every_step_variant():
+    """The plan runs the step code of each variant on meta models: R1's second heads pass and its
+    double-backward graph add to the D step, the distillation loss runs the G step's teacher pass
+    through its output layers (its guided passes run without gradients: the plan leaves them
+    out), the image-conditioned tasks' wider inputs run, and DPO counts its model's forward on
+    winners and losers."""
+    from ladd_ds.dpo.method import dpo_activations, meta_dpo_models
+
+    def plan(*sets):
+        cfg = load_config(TINY_CONFIG, list(sets))
+        teacher, student, heads, _ = build_models(cfg, device="meta")
+        return step_activations(cfg, {"teacher": teacher, "student": student, "heads": heads}, flops=True)
+
+    base = plan()
+    assert plan("ladd.r1_gamma=1").phase_bytes("D step") > base.phase_bytes("D step")
+    assert plan("ladd.distill_weight=1").kept["G step"]["teacher"] > base.kept["G step"]["teacher"]
+    for task in ("inpaint", "edit"):
+        assert plan(f"ladd.task={task}", "ladd.reuse_fakes=false").peak > 0
+    cfg = load_config(TINY_CONFIG, ["model.gradient_checkpointing={student: 'every:2'}", "data.source=mds", "data.path=x"])
+    dpo = dpo_activations(cfg, meta_dpo_models(cfg), flops=True)
+    assert dpo.kept["step"]["model"] > 0 and dpo.recompute["step"] > 0 and dpo.recompute_flops > 0

@@ -125,6 +125,8 @@ def meta_step(cfg: Config, models: dict):
     noise = Noise(t[0], meta(b, ch, h, w), t[1], meta(b, ch, h, w), t[2], meta(b, ch, h, w))
     engines = types.SimpleNamespace(student=_MetaEngine(student), teacher=_MetaEngine(teacher), heads=_MetaEngine(heads))
     variant = LADDSteps if cfg.ladd.task == "t2i" else ConditionedLADDSteps
+    # No guided distillation target (distill_cfg 1): its extra teacher passes run without
+    # gradients and keep nothing for backward, and the empty prompt's conditioning is data.
     steps = variant(cfg, engines, resolve_taps(cfg.discriminator.taps, teacher.num_blocks), torch.device("meta"))
     return steps, batch, noise, note
 

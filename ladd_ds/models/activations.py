@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from ladd_ds.models.flow_model import recomputing
 
@@ -170,31 +172,18 @@ def recompute_bytes(model: nn.Module, batch: int, latent_hw: tuple[int, int], te
     return block_activation_bytes(block, batch, image_tokens, text_tokens, tr.inner_dim, dtype).saved
 
 
-class RecomputeFlops:
-    """Context: the FLOPs of the steps run inside it (torch's FlopCounterMode: matmuls,
-    convolutions, attention; on meta tensors, from shapes), and the part gradient checkpointing
-    adds: what checkpointed blocks run again in backward (FlowModel's checkpoint marks it; torch
-    stops a recompute early once every saved tensor is back, which the count follows)."""
+class RecomputeFlops(TorchDispatchMode):
+    """Context: the FLOPs of the steps run inside it (torch's FLOP formulas of FlopCounterMode:
+    matmuls, convolutions, attention; on meta tensors, from shapes), and the part gradient
+    checkpointing adds: what checkpointed blocks run again in backward (FlowModel's checkpoint
+    marks it; torch stops a recompute early once every saved tensor is back, which the count
+    follows). FlopCounterMode itself is not used: its module tracker's backward hooks fail inside
+    `torch.autograd.grad` (R1's penalty)."""
 
     def __init__(self):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        outer = self
-
-        class Counter(FlopCounterMode):
-            # FlopCounterMode's per-op hook (torch 2.14): it has no public one.
-            def _count_flops(self, func_packet, out, args, kwargs):
-                if recomputing() and func_packet in self.flop_registry:
-                    outer.recompute += self.flop_registry[func_packet](*args, **kwargs, out_val=out)
-                return super()._count_flops(func_packet, out, args, kwargs)
-
-        self.counter = Counter(display=False)
-        self.recompute = 0
+        super().__init__()
+        self.total = self.recompute = 0
         self._stack = contextlib.ExitStack()
-
-    @property
-    def total(self) -> int:
-        return self.counter.get_total_flops()
 
     @property
     def relative(self) -> float:
@@ -202,12 +191,22 @@ class RecomputeFlops:
         base = self.total - self.recompute
         return self.recompute / base if base else 0.0
 
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            flops = formula(*args, **kwargs, out_val=out)
+            self.total += flops
+            self.recompute += flops if recomputing() else 0
+        return out
+
     def __enter__(self) -> RecomputeFlops:
         self._stack.enter_context(fused_attention())
-        self._stack.enter_context(self.counter)
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
         self._stack.close()
 
 
