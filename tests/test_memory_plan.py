@@ -115,8 +115,9 @@ def test_the_plans_step_activations_are_what_a_real_step_saves(tmp_path, distrib
     cfg = load_config(TINY_CONFIG, [f"deepspeed.precision={precision}"])
     teacher = build_models(cfg, device="meta")[0]
     block = teacher.transformer.transformer_blocks[0]
-    as_trained = block_activation_bytes(block.requires_grad_(True), 4, 64, 8, teacher.feature_dim, torch.float32)
-    as_frozen = block_activation_bytes(block.requires_grad_(False), 4, 64, 8, teacher.feature_dim, torch.float32)
+    shapes = {"batch": 4, "image_tokens": 64, "text_tokens": 8, "width": teacher.feature_dim, "dtype": torch.float32}
+    as_trained = block_activation_bytes(block.requires_grad_(True), **shapes)
+    as_frozen = block_activation_bytes(block.requires_grad_(False), **shapes)
     assert as_frozen.saved < as_trained.saved
 
 
@@ -130,7 +131,7 @@ def test_block_recompute_term_is_a_real_blocks_saved_bytes(trained):
         width = block.norm1.linear.in_features
         with torch.device("meta"):
             meta_block = build_transformer("tiny", seed=0, device="meta").transformer_blocks[0].requires_grad_(trained)
-        planned = block_activation_bytes(meta_block, 2, 16, 8, width, dtype)
+        planned = block_activation_bytes(meta_block, batch=2, image_tokens=16, text_tokens=8, width=width, dtype=dtype)
         inputs = [torch.randn(*shape, dtype=dtype).requires_grad_() for shape in ((2, 16, width), (2, 8, width))]
         inputs.append(torch.randn(2, width, dtype=dtype).requires_grad_(trained))
         with fused_attention(), SavedBytes({"block": block}) as saved:
@@ -177,7 +178,7 @@ def test_the_plans_optimizer_temporaries_are_what_adamw_allocates(kind):
     meta_student = build_models(cfg, device="meta")[1]
     for dtype, stage, world in ((torch.float32, 0, 1), (torch.bfloat16, 0, 1), (torch.float32, 2, 2)):
         student = build_transformer("tiny", seed=0).to(dtype)
-        steps = optimizer_steps(meta_student, stage, world, 1e9)
+        steps = optimizer_steps(meta_student, stage=stage, world=world, sub_group_size=1e9)
         params = list(student.parameters())
         if stage == 2:
             params = [torch.zeros(steps[0][0], dtype=dtype).requires_grad_()]
@@ -194,7 +195,9 @@ def test_the_plans_optimizer_temporaries_are_what_adamw_allocates(kind):
         assert (planned > 0) == (kind != "fused")
     # In the plan: a separate term of the trained engines, from the engine's AdamW implementation.
     need = EngineNeeds("student", meta_student, True, 0, {}, adamw=kind)
-    assert engine_memory(need, 0, 1, "bf16").optimizer_temps == adamw_temporaries(kind, optimizer_steps(meta_student, 0, 1, 1e9))
+    assert engine_memory(need, 0, 1, "bf16").optimizer_temps == adamw_temporaries(
+        kind, optimizer_steps(meta_student, stage=0, world=1, sub_group_size=1e9)
+    )
 
 
 def test_checkpointing_policies_are_parsed_per_engine_and_applied_per_block():

@@ -64,8 +64,8 @@ def dpo_activations(cfg: Config, models: dict, flops: bool = False) -> StepActiv
     tc = model.transformer.config
     h, w, text, note = planned_shapes(cfg, tc)
     batch = 2 * cfg.data.micro_batch_size
-    shapes = (batch, (h, w), text, dtype)
-    kept = model_activation_bytes(model, *shapes)
+    shapes = {"batch": batch, "latent_hw": (h, w), "text_tokens": text, "dtype": dtype}
+    kept = model_activation_bytes(model, **shapes)
     shapes_in = [(tc.in_channels, h, w), (), (text, tc.joint_attention_dim), (tc.pooled_projection_dim,)]
     inputs = [torch.empty(batch, *shape, device="meta", dtype=dtype) for shape in shapes_in]  # x, t, text, pooled
 
@@ -81,7 +81,7 @@ def dpo_activations(cfg: Config, models: dict, flops: bool = False) -> StepActiv
     policy = {0: "none", 1: "all"}.get(every, f"every:{every}")
     return StepActivations(
         kept={"step": {"model": kept}},
-        recompute={"step": recompute_bytes(model, *shapes)},
+        recompute={"step": recompute_bytes(model, **shapes)},
         recompute_flops=relative,
         note=f"batch {batch} (winners and losers), {note}, checkpointing {policy}",
     )

@@ -157,8 +157,13 @@ def step_activations(cfg: Config, models: dict, flops: bool = False) -> StepActi
             for model in (student, heads):
                 model.zero_grad(set_to_none=True)
     # The teacher runs without gradients in the D step: only the G step recomputes blocks.
-    shapes = (cfg.data.micro_batch_size, (batch["latent"].shape[-2], batch["latent"].shape[-1]), batch["prompt_embeds"].shape[1])
-    recompute = {"G step": max(recompute_bytes(m, *shapes, training_dtype(cfg)) for m in (student, teacher))}
+    shapes = {
+        "batch": cfg.data.micro_batch_size,
+        "latent_hw": tuple(batch["latent"].shape[-2:]),
+        "text_tokens": batch["prompt_embeds"].shape[1],
+        "dtype": training_dtype(cfg),
+    }
+    recompute = {"G step": max(recompute_bytes(m, **shapes) for m in (student, teacher))}
     relative = counted.relative if flops else 0.0
     policy = f"checkpointing: student {checkpoint_name(student)}, teacher {checkpoint_name(teacher)}"
     return StepActivations(

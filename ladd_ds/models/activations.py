@@ -133,7 +133,7 @@ class BlockActivations:
 
 
 def block_activation_bytes(
-    block: nn.Module, batch: int, image_tokens: int, text_tokens: int, width: int, dtype: torch.dtype
+    block: nn.Module, *, batch: int, image_tokens: int, text_tokens: int, width: int, dtype: torch.dtype
 ) -> BlockActivations:
     """Bytes saved for backward by one SD3 joint block (on the meta device: a model built for the
     plan, nothing materialized) at these token counts. The image and text tokens need a gradient
@@ -157,7 +157,7 @@ def block_activation_bytes(
     return BlockActivations(saved=total, inputs=inputs)
 
 
-def recompute_bytes(model: nn.Module, batch: int, latent_hw: tuple[int, int], text_tokens: int, dtype: torch.dtype) -> int:
+def recompute_bytes(model: nn.Module, *, batch: int, latent_hw: tuple[int, int], text_tokens: int, dtype: torch.dtype) -> int:
     """What a checkpointed FlowModel adds in backward at most: one checkpointed block's saved
     bytes while it is recomputed (the first checkpointed block's code, with the inputs of a block
     inside the model: all joint blocks but SD3's text-free last one keep the same); 0 without
@@ -169,7 +169,9 @@ def recompute_bytes(model: nn.Module, batch: int, latent_hw: tuple[int, int], te
     p = tr.config.patch_size
     image_tokens = (latent_hw[0] // p) * (latent_hw[1] // p)
     block = tr.transformer_blocks[blocks[0]]
-    return block_activation_bytes(block, batch, image_tokens, text_tokens, tr.inner_dim, dtype).saved
+    return block_activation_bytes(
+        block, batch=batch, image_tokens=image_tokens, text_tokens=text_tokens, width=tr.inner_dim, dtype=dtype
+    ).saved
 
 
 class RecomputeFlops(TorchDispatchMode):
@@ -210,7 +212,9 @@ class RecomputeFlops(TorchDispatchMode):
         self._stack.close()
 
 
-def model_activation_bytes(model: nn.Module, batch: int, latent_hw: tuple[int, int], text_tokens: int, dtype: torch.dtype) -> int:
+def model_activation_bytes(
+    model: nn.Module, *, batch: int, latent_hw: tuple[int, int], text_tokens: int, dtype: torch.dtype
+) -> int:
     """Bytes a (meta) FlowModel's training forward keeps for backward, with its checkpointing
     as set (DPO's model; LADD counts its whole steps, ladd_ds.ladd.build)."""
     tr = model.transformer

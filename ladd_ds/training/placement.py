@@ -143,7 +143,7 @@ def _largest_module_params(model: nn.Module) -> int:
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
 
 
-def optimizer_steps(model: nn.Module, stage: int, world: int, sub_group_size: float) -> list[list[int]]:
+def optimizer_steps(model: nn.Module, *, stage: int, world: int, sub_group_size: float) -> list[list[int]]:
     """What one optimizer step hands torch's AdamW: a list per `optimizer.step()` call of the
     elements of each tensor it steps. ZeRO-0: one call over the trained parameters (DeepSpeed
     hands it the model's, or their fp32 copies); ZeRO-1/2: one flat fp32 partition per parameter
@@ -213,7 +213,10 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
         live = min(z["max_live"], z["prefetch"] + _largest_module_params(engine.model), n)
         buffers += (persistent + live) * weight_b
     # The optimizer's state is fp32 in both precisions (bf16 runs step an fp32 master copy).
-    temps = adamw_temporaries(engine.adamw, optimizer_steps(engine.model, stage, world, z["sub_group"])) if trained else 0.0
+    temps = 0.0
+    if trained:
+        stepped = optimizer_steps(engine.model, stage=stage, world=world, sub_group_size=z["sub_group"])
+        temps = adamw_temporaries(engine.adamw, stepped)
     return EngineMemory(weights=weights, grads=grads, optimizer=optimizer, buffers=buffers, ema=ema, optimizer_temps=temps)
 
 
