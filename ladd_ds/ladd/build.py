@@ -191,9 +191,17 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False, flops
         return {"teacher": teacher, "student": student, "heads": heads}
 
     def activations(models):
-        return step_activations(cfg, models, flops=flops)
+        # A pure function of these sections (not of the world size or the DeepSpeed templates),
+        # and seconds at 8B (meta ops dispatch in Python): counted once per process.
+        key = repr((cfg.model, cfg.discriminator, cfg.ladd, cfg.data, cfg.text, cfg.deepspeed.precision, flops))
+        if key not in _STEP_ACTIVATIONS:
+            _STEP_ACTIVATIONS[key] = step_activations(cfg, models, flops=flops)
+        return _STEP_ACTIVATIONS[key]
 
     return place_engines(cfg, world, ENGINES, meta_models, activations, plan_always)
+
+
+_STEP_ACTIVATIONS: dict[str, StepActivations] = {}
 
 
 def dry_run(cfg: Config, world: int) -> DryRunReport:
