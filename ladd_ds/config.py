@@ -43,8 +43,12 @@ class ModelConfig:
     student: str | None = None
     # A preset name as model.student gives a randomly initialised student; that must be asked for.
     random_init_student: bool = False
-    # Recompute block activations in backward instead of storing them (saves memory).
-    gradient_checkpointing: bool = False
+    # Recompute block activations in backward instead of storing them (saves memory, costs a
+    # forward of the checkpointed blocks: --dry-run prints both). true / false: every block of the
+    # student and the teacher / none; a policy for both ("all", "none", "every:K": blocks 0, K,
+    # 2K, ...), or one per engine, e.g. {student: all, teacher: "every:2"} (an engine left out:
+    # none). DPO's trained model follows `student`; its reference runs without gradients.
+    gradient_checkpointing: bool | str | dict[str, bool | str] = False
     # torch.compile every transformer block of teacher and student in place (one static-shape
     # graph per block kind, grad mode and bucket shape). Needs their engines below ZeRO-3
     # (deepspeed.student_config, deepspeed.teacher_config); on a CPU, a C++ compiler.
@@ -52,6 +56,36 @@ class ModelConfig:
     # Scaled-dot-product-attention kernel put first (models/attention.py): default (torch's own
     # order), flash, cudnn, efficient (GPU kernels: a CPU run warns and uses the default) or math.
     attention_backend: Literal["default", "flash", "cudnn", "efficient", "math"] = "default"
+
+    def validate(self) -> None:
+        for engine in CHECKPOINTED_ENGINES:
+            self.checkpoint_every(engine)
+
+    def checkpoint_every(self, engine: str) -> int:
+        """model.gradient_checkpointing for `engine` ("student" or "teacher") as a block stride:
+        0 checkpoints no block, K every K-th block (0, K, 2K, ...), 1 every block."""
+        policy, key = self.gradient_checkpointing, "model.gradient_checkpointing"
+        if isinstance(policy, dict):
+            unknown = sorted(set(policy) - set(CHECKPOINTED_ENGINES))
+            if unknown:
+                raise ConfigError(f"{key}.{unknown[0]}: unknown engine (known: {', '.join(CHECKPOINTED_ENGINES)})")
+            policy, key = policy.get(engine, "none"), f"{key}.{engine}"
+        return checkpoint_stride(policy, key)
+
+
+CHECKPOINTED_ENGINES = ("student", "teacher")
+
+
+def checkpoint_stride(policy: bool | str, key: str) -> int:
+    """A checkpointing policy (true, false, "all", "none", "every:K") as a block stride (0: none)."""
+    if isinstance(policy, bool):
+        return int(policy)
+    if policy in ("all", "none"):
+        return int(policy == "all")
+    match = re.fullmatch(r"every:(\d+)", policy.strip())
+    if match is None or int(match[1]) < 1:
+        raise ConfigError(f"{key}: {policy!r} is not all, none, every:K (K >= 1: blocks 0, K, 2K, ...), true or false")
+    return int(match[1])
 
 
 @dataclass

@@ -218,6 +218,13 @@ class Engines:
     ds_configs: dict[str, dict]
 
 
+def adamw_kind() -> str:
+    """The torch AdamW implementation `adamw` runs (the memory plan counts its temporaries): the
+    fused kernel on a GPU, else torch's default, the for-loop one (torch has no foreach kernels
+    for CPU tensors)."""
+    return "fused" if torch.cuda.is_available() else "for-loop"
+
+
 def adamw(model: nn.Module, lr: float, optim_cfg) -> torch.optim.AdamW:
     """Torch AdamW over the model's trainable parameters with the optim section's settings; on a
     GPU its fused kernel (docs/method.md section 7: the engines' optimizer step with the default
@@ -228,7 +235,7 @@ def adamw(model: nn.Module, lr: float, optim_cfg) -> torch.optim.AdamW:
         betas=tuple(optim_cfg.betas),
         eps=optim_cfg.eps,
         weight_decay=optim_cfg.weight_decay,
-        fused=torch.cuda.is_available(),
+        fused=adamw_kind() == "fused",
     )
 
 

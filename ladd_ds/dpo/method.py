@@ -7,12 +7,14 @@ frozen `reference` engine (deepspeed.teacher_config) holds the starting weights.
 
 from __future__ import annotations
 
+import torch
+
 from ladd_ds.config import Config
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0, world_size
 from ladd_ds.dpo.steps import DPOEngines, DPOSteps
-from ladd_ds.models.activations import model_activation_bytes
+from ladd_ds.models.activations import RecomputeFlops, model_activation_bytes, recompute_bytes
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.lora import add_lora, lora_config_from
 from ladd_ds.training.build import (
@@ -28,6 +30,7 @@ from ladd_ds.training.build import (
     training_dtype,
 )
 from ladd_ds.training.method import Method
+from ladd_ds.training.placement import StepActivations
 
 
 def dpo_slots(cfg: Config) -> list[EngineSlot]:
@@ -45,27 +48,50 @@ def meta_dpo_models(cfg: Config) -> dict:
         add_lora(model.transformer, lora_config_from(cfg.dpo.lora))
     else:
         model.requires_grad_(True)
+    model.set_checkpointing(cfg.model.checkpoint_every("student"))
     models = {"model": model}
     if cfg.dpo.mode == "full":
         models["reference"] = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta").requires_grad_(False)
     return models
 
 
-def dpo_activations(cfg: Config, models: dict) -> tuple[float, str]:
+def dpo_activations(cfg: Config, models: dict, flops: bool = False) -> StepActivations:
     """Bytes autograd holds in a DPO step: the model's forward on winners and losers together
-    (2 x micro-batch); the reference runs without gradients."""
-    model = models["model"]
-    h, w, text, note = planned_shapes(cfg, model.transformer.config)
+    (2 x micro-batch; the reference runs without gradients), counted on the meta model, with the
+    largest checkpointed block's recompute; and the FLOPs that recompute adds to the step."""
     dtype = training_dtype(cfg)
+    model = models["model"].to(dtype)
+    tc = model.transformer.config
+    h, w, text, note = planned_shapes(cfg, tc)
     batch = 2 * cfg.data.micro_batch_size
-    total = model_activation_bytes(model, batch, (h, w), text, dtype, cfg.model.gradient_checkpointing)
-    return total, f"batch {batch} (winners and losers), {note}"
+    shapes = {"batch": batch, "latent_hw": (h, w), "text_tokens": text, "dtype": dtype}
+    kept = model_activation_bytes(model, **shapes)
+    shapes_in = [(tc.in_channels, h, w), (), (text, tc.joint_attention_dim), (tc.pooled_projection_dim,)]
+    inputs = [torch.empty(batch, *shape, device="meta", dtype=dtype) for shape in shapes_in]  # x, t, text, pooled
 
-
-def place_dpo_engines(cfg: Config, world: int, plan_always: bool = False):
-    return place_engines(
-        cfg, world, dpo_slots(cfg), lambda: meta_dpo_models(cfg), lambda m: dpo_activations(cfg, m)[0], plan_always
+    relative = 0.0
+    if flops:  # a forward and backward on meta tensors: seconds at 8B, so for --dry-run only
+        with RecomputeFlops() as counted:
+            with torch.no_grad():
+                model(*inputs)  # the reference's pass: the same shapes and code
+            model(*inputs).float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        relative = counted.relative
+    every = model.checkpoint_stride
+    policy = {0: "none", 1: "all"}.get(every, f"every:{every}")
+    return StepActivations(
+        kept={"step": {"model": kept}},
+        recompute={"step": recompute_bytes(model, **shapes)},
+        recompute_flops=relative,
+        note=f"batch {batch} (winners and losers), {note}, checkpointing {policy}",
     )
+
+
+def place_dpo_engines(cfg: Config, world: int, plan_always: bool = False, flops: bool = False):
+    def activations(models):
+        return dpo_activations(cfg, models, flops=flops)
+
+    return place_engines(cfg, world, dpo_slots(cfg), lambda: meta_dpo_models(cfg), activations, plan_always)
 
 
 def build_dpo_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
@@ -75,7 +101,7 @@ def build_dpo_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
 def dpo_dry_run(cfg: Config, world: int) -> DryRunReport:
     """Build the model on the meta device (with its LoRA), count parameters, plan memory per rank,
     check the pairs at data.path. The report's problems: unusable pairs, a plan that does not fit."""
-    configs, placement = place_dpo_engines(cfg, world, plan_always=True)
+    configs, placement = place_dpo_engines(cfg, world, plan_always=True, flops=True)
     check_compile_stages(cfg, {"student_stage": configs["model"], "teacher_stage": configs.get("reference")})
     models = meta_dpo_models(cfg)
     model = models["model"]
@@ -87,7 +113,7 @@ def dpo_dry_run(cfg: Config, world: int) -> DryRunReport:
     ]
     data_lines, problems = dry_run_data_lines(cfg, world, PAIRS)
     lines += [*data_lines, ""]
-    lines += placement_report(cfg, placement, dpo_activations(cfg, models)[1])
+    lines += placement_report(cfg, placement)
     return DryRunReport("\n".join(lines), problems + placement_problems(placement))
 
 
@@ -114,8 +140,7 @@ class DPOMethod(DPOSteps, Method):
         check_compile_stages(cfg, {"student_stage": ds_configs["model"], "teacher_stage": ds_configs.get("reference")})
         dtype = training_dtype(cfg)
         model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["model"], dtype=dtype)
-        if cfg.model.gradient_checkpointing:
-            model.transformer.enable_gradient_checkpointing()
+        model.set_checkpointing(cfg.model.checkpoint_every("student"))  # the reference runs without gradients
         if cfg.model.compile:
             model.compile_blocks()  # compiled lazily: the LoRA layers added below are traced too
         reference = None

@@ -3,13 +3,17 @@ the --dry-run report."""
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import torch
 
 from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
 from ladd_ds.data.schema import TASK_LAYOUTS
 from ladd_ds.distributed import engines as ds
-from ladd_ds.models.activations import model_activation_bytes
+from ladd_ds.models.activations import RecomputeFlops, SavedTensors, fused_attention, recompute_bytes
+from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
 from ladd_ds.training import comms_plan
@@ -27,6 +31,7 @@ from ladd_ds.training.build import (
     resolve_sizes,
     training_dtype,
 )
+from ladd_ds.training.placement import StepActivations
 
 
 def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
@@ -58,9 +63,8 @@ def build_models(
         student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"), dtype, task)
     else:
         student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"), dtype, task)
-    if cfg.model.gradient_checkpointing:
-        teacher.transformer.enable_gradient_checkpointing()
-        student.transformer.enable_gradient_checkpointing()
+    teacher.set_checkpointing(cfg.model.checkpoint_every("teacher"))
+    student.set_checkpointing(cfg.model.checkpoint_every("student"))
     if cfg.model.compile and device != "meta":
         teacher.compile_blocks()
         student.compile_blocks()
@@ -84,19 +88,99 @@ ENGINES = [
 ]
 
 
-def step_activations(cfg: Config, models: dict) -> tuple[float, str]:
-    """Bytes autograd holds at the peak of a LADD step (the generator step: the student's forward,
-    then the teacher's on the re-noised fakes, which the gradient flows back through), and a note
-    on the shapes assumed."""
-    teacher, student = models["teacher"], models["student"]
-    h, w, text, note = planned_shapes(cfg, teacher.transformer.config)
+class _MetaEngine:
+    """What the steps call on an engine, for a model on the meta device: its forward and `.module`."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def meta_step(cfg: Config, models: dict):
+    """The method's steps on the meta models (teacher frozen, all in the training precision) and a
+    meta micro-batch and noise of the planned shapes: (steps, batch, noise, shapes note)."""
+    from ladd_ds.ladd.conditioned import ConditionedLADDSteps  # the steps import this module's layer
+    from ladd_ds.ladd.steps import LADDSteps, Noise
+
+    teacher, student, heads = models["teacher"], models["student"], models["heads"]
     dtype = training_dtype(cfg)
-    args = (cfg.data.micro_batch_size, (h, w), text, dtype, cfg.model.gradient_checkpointing)
-    taps = resolve_taps(cfg.discriminator.taps, teacher.num_blocks)
-    teacher_blocks = teacher.num_blocks if cfg.ladd.distill_weight > 0 else max(taps) + 1
-    total = model_activation_bytes(student, *args) + model_activation_bytes(teacher, *args, blocks_run=teacher_blocks)
-    checkpointing = "on" if cfg.model.gradient_checkpointing else "off"
-    return total, f"batch {cfg.data.micro_batch_size}, {note}, checkpointing {checkpointing}"
+    for model in (teacher, student, heads):
+        model.to(dtype)
+    teacher.requires_grad_(False)  # as the engines freeze it (distributed.engines.build_engines)
+    tc = teacher.transformer.config
+    h, w, text, note = planned_shapes(cfg, tc)
+    b, ch = cfg.data.micro_batch_size, latent_channels(tc)
+
+    def meta(*shape, dtype=dtype):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    batch = {
+        "latent": meta(b, ch, h, w),  # (B, C, H, W)
+        "prompt_embeds": meta(b, text, tc.joint_attention_dim),  # (B, L, D)
+        "pooled": meta(b, tc.pooled_projection_dim),  # (B, P)
+    }
+    if cfg.ladd.task != "t2i":
+        batch["condition"] = meta(b, ch, h, w)
+    if cfg.ladd.task == "inpaint":
+        batch["mask"] = meta(b, 1, h, w)
+    t = [meta(b, dtype=torch.float32) for _ in range(3)]  # fp32 timesteps, as draw_noise makes them
+    noise = Noise(t[0], meta(b, ch, h, w), t[1], meta(b, ch, h, w), t[2], meta(b, ch, h, w))
+    engines = types.SimpleNamespace(student=_MetaEngine(student), teacher=_MetaEngine(teacher), heads=_MetaEngine(heads))
+    variant = LADDSteps if cfg.ladd.task == "t2i" else ConditionedLADDSteps
+    # No guided distillation target (distill_cfg 1): its extra teacher passes run without
+    # gradients and keep nothing for backward, and the empty prompt's conditioning is data.
+    steps = variant(cfg, engines, resolve_taps(cfg.discriminator.taps, teacher.num_blocks), torch.device("meta"))
+    return steps, batch, noise, note
+
+
+def step_activations(cfg: Config, models: dict, flops: bool = False) -> StepActivations:
+    """What a LADD step keeps for backward, counted by running its own step code on the meta
+    models: the generator step (the student's forward, the frozen teacher's on the re-noised
+    fakes, which the gradient flows back through, the frozen heads) and the discriminator step
+    (the trainable heads on the teacher's features of reals and fakes, and R1's second pass),
+    each with the largest checkpointed block's recompute; with `flops`, the FLOPs that recompute
+    adds (a forward and backward on meta tensors: seconds at 8B, so for --dry-run only)."""
+    steps, batch, noise, note = meta_step(cfg, models)
+    teacher, student, heads = models["teacher"], models["student"], models["heads"]
+    owners = {"student": student, "teacher": teacher, "heads": heads}
+    kept = {}
+    # One pass serves both counts: the backwards (FLOPs only) save nothing the counter sees.
+    with RecomputeFlops() if flops else contextlib.nullcontext() as counted:
+        with fused_attention(), SavedTensors(owners) as saved:
+            loss, _, fakes = steps.generator_loss(batch, noise)
+            kept["G step"] = {name: saved.by_owner.get(name, 0) for name in (*owners, "other")}
+        if flops:
+            loss.backward()
+        with fused_attention(), SavedTensors(owners) as saved:
+            loss = steps.discriminator_loss(batch, noise, fakes if cfg.ladd.reuse_fakes else None)[0]
+            kept["D step"] = {name: saved.by_owner.get(name, 0) for name in (*owners, "other")}
+        if flops:
+            loss.backward()
+            for model in (student, heads):
+                model.zero_grad(set_to_none=True)
+    # The teacher runs without gradients in the D step: only the G step recomputes blocks.
+    shapes = {
+        "batch": cfg.data.micro_batch_size,
+        "latent_hw": tuple(batch["latent"].shape[-2:]),
+        "text_tokens": batch["prompt_embeds"].shape[1],
+        "dtype": training_dtype(cfg),
+    }
+    recompute = {"G step": max(recompute_bytes(m, **shapes) for m in (student, teacher))}
+    relative = counted.relative if flops else 0.0
+    policy = f"checkpointing: student {checkpoint_name(student)}, teacher {checkpoint_name(teacher)}"
+    return StepActivations(
+        kept=kept,
+        recompute=recompute,
+        recompute_flops=relative,
+        note=f"batch {cfg.data.micro_batch_size}, {note}, {policy}",
+    )
+
+
+def checkpoint_name(model: FlowModel) -> str:
+    every = model.checkpoint_stride
+    return {0: "none", 1: "all"}.get(every, f"every:{every}")
 
 
 def ladd_layouts(cfg: Config, configs: dict[str, dict], models: dict) -> dict[str, comms_plan.EngineLayout]:
@@ -113,7 +197,7 @@ def ladd_layouts(cfg: Config, configs: dict[str, dict], models: dict) -> dict[st
         x = torch.randn(b, tc.in_channels, h, w)  # (B, C, H, W): the transformer's input (model_input)
         t = torch.rand(b)  # (B,)
         embeds, pooled = torch.randn(b, text, tc.joint_attention_dim), torch.randn(b, tc.pooled_projection_dim)
-    checkpointed = "transformer_blocks" if cfg.model.gradient_checkpointing else None
+    checkpointed = {m: [m.blocks[i] for i in m.checkpointed_blocks()] for m in (teacher, student)}
     full = cfg.ladd.distill_weight > 0
     # The traces run without checkpointing: the blocks are named by `checkpointed` instead, and on
     # the meta device torch's checkpoint wrapper only adds time (most of an 8B trace's, profiled).
@@ -139,7 +223,7 @@ def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full) -
         student,
         lambda m: m(x, t, embeds, pooled),
         persistence_threshold=threshold("student"),
-        checkpointed=checkpointed,
+        checkpointed=checkpointed[student],
         count_flops=timed,
     )
     frozen = [p for p in teacher.parameters() if p.requires_grad]
@@ -151,7 +235,7 @@ def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full) -
             teacher,
             lambda m: m(x_fake, t, embeds, pooled, taps=taps, velocity=full),
             persistence_threshold=threshold("teacher"),
-            checkpointed=checkpointed,
+            checkpointed=checkpointed[teacher],
             count_flops=timed,
         )
     finally:
@@ -164,6 +248,13 @@ def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full) -
     return {"student": s_layout, "teacher": t_layout, "heads": h_layout}
 
 
+def _checkpointed_fraction(cfg: Config, engine: str) -> float:
+    """Blocks 0, K, 2K, ... of model.gradient_checkpointing's stride K for `engine`, as a
+    fraction of the blocks (an approximation of the recomputed share of a forward's FLOPs)."""
+    every = cfg.model.checkpoint_every(engine)
+    return 0.0 if every == 0 else 1.0 / every
+
+
 def ladd_engine_steps(
     cfg: Config, configs: dict[str, dict], layouts: dict[str, comms_plan.EngineLayout]
 ) -> list[comms_plan.EngineStep]:
@@ -173,12 +264,14 @@ def ladd_engine_steps(
     with gradient checkpointing; the heads' forward in the discriminator step runs on 2B
     samples."""
     schedule = comms_plan.ladd_schedule(cfg)
-    a, ckpt = cfg.optim.grad_accum, 1 if cfg.model.gradient_checkpointing else 0
+    a = cfg.optim.grad_accum
+    # The fraction of a forward a backward recomputes: the checkpointed blocks' share of the blocks.
+    ckpt = {k: _checkpointed_fraction(cfg, k) for k in ("student", "teacher")}
     extra_teacher = schedule["teacher"][0].count("F") - 2 * a  # guidance passes of the distillation target
     fs, ft, fh = (layouts[k].flops for k in ("student", "teacher", "heads"))
     flops = {
-        "student": a * (3 + ckpt) * fs + (0 if cfg.ladd.reuse_fakes else a * fs),
-        "teacher": a * (2 + ckpt) * ft + extra_teacher * ft + a * ft * (1 if cfg.ladd.reuse_fakes else 2),
+        "student": a * (3 + ckpt["student"]) * fs + (0 if cfg.ladd.reuse_fakes else a * fs),
+        "teacher": a * (2 + ckpt["teacher"]) * ft + extra_teacher * ft + a * ft * (1 if cfg.ladd.reuse_fakes else 2),
         "heads": a * 2 * fh + a * 6 * fh,
     }
     return [
@@ -215,12 +308,20 @@ def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
     return place_ladd_engines(cfg, world)[0]
 
 
-def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False):
+def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False, flops: bool = False):
     """(DeepSpeed config per engine, the memory plan or None): see training.build.place_engines."""
 
     def meta_models():
         teacher, student, heads, _ = build_models(cfg, device="meta")
         return {"teacher": teacher, "student": student, "heads": heads}
+
+    def activations(models):
+        # A pure function of these sections (not of the world size or the DeepSpeed templates),
+        # and seconds at 8B (meta ops dispatch in Python): counted once per process.
+        key = repr((cfg.model, cfg.discriminator, cfg.ladd, cfg.data, cfg.text, cfg.deepspeed.precision, flops))
+        if key not in _STEP_ACTIVATIONS:
+            _STEP_ACTIVATIONS[key] = step_activations(cfg, models, flops=flops)
+        return _STEP_ACTIVATIONS[key]
 
     layouts: dict = {}
 
@@ -232,23 +333,24 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False):
         return ladd_comms_plan(cfg, world, configs, layouts).step_s
 
     timed = step_time if cfg.deepspeed.interconnect is not None else None
-    return place_engines(
-        cfg, world, ENGINES, meta_models, lambda models: step_activations(cfg, models)[0], plan_always, step_time=timed
-    )
+    return place_engines(cfg, world, ENGINES, meta_models, activations, plan_always, step_time=timed)
+
+
+_STEP_ACTIVATIONS: dict[str, StepActivations] = {}
 
 
 def dry_run(cfg: Config, world: int) -> DryRunReport:
     """Validate, build the models on the meta device, count parameters, plan memory; no engines.
     The report's problems: unusable data, a plan that does not fit."""
     check_data_matches_model(cfg)
-    configs, placement = place_ladd_engines(cfg, world, plan_always=True)
+    configs, placement = place_ladd_engines(cfg, world, plan_always=True, flops=True)
     check_compile_stages(cfg, {"student_stage": configs["student"], "teacher_stage": configs["teacher"]})
-    teacher, student, heads, taps = build_models(cfg, device="meta")
-    _, note = step_activations(cfg, {"teacher": teacher, "student": student})
+    taps = build_models(cfg, device="meta")[3]
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
     data_lines, problems = dry_run_data_lines(cfg, world, TASK_LAYOUTS[cfg.ladd.task])
     lines += [*data_lines, ""]
-    lines += placement_report(cfg, placement, note)
+    lines += placement_report(cfg, placement)
+    teacher, student, heads, _ = build_models(cfg, device="meta")
     models = {"teacher": teacher, "student": student, "heads": heads}
     comms = ladd_comms_plan(cfg, world, configs, ladd_layouts(cfg, configs, models))
     lines += ["", *comms_plan.format_plan(comms)]

@@ -203,6 +203,14 @@ class LADDSteps:
         return flow.x0_from_velocity(x_hat, v, t)  # (B, C, H, W)
 
     def generator_step(self, batch: dict, noise: Noise) -> tuple[dict, Fakes]:
+        loss, metrics, fakes = self.generator_loss(batch, noise)
+        self.engines.student.backward(loss)
+        self.engines.student.step()
+        return metrics, fakes
+
+    def generator_loss(self, batch: dict, noise: Noise) -> tuple[torch.Tensor, dict, Fakes]:
+        """The G step's forward: its loss (what the student backpropagates), metrics and fakes. The
+        memory plan runs it on meta models to count what the step keeps for backward."""
         heads = self.engines.heads.module
         heads.requires_grad_(False)  # frozen: trainable heads break ZeRO's next head backward
         x0_hat = self.student_x0(batch, noise)
@@ -223,14 +231,19 @@ class LADDSteps:
             loss_distill = losses.distillation_loss(x0_hat, x0_teacher)
             loss = loss + self.cfg.ladd.distill_weight * loss_distill
             metrics["loss/distill"] = loss_distill.detach()
-        self.engines.student.backward(loss)
-        self.engines.student.step()
-        return metrics, Fakes(x0_hat.detach(), [f.detach() for f in features])
+        return loss, metrics, Fakes(x0_hat.detach(), [f.detach() for f in features])
 
     def discriminator_step(self, batch: dict, noise: Noise, fakes: Fakes | None) -> dict:
         """Heads update on re-noised real latents and fakes. `fakes`: the G step's (ladd.reuse_fakes);
         None recomputes them with the updated student. Fakes without features go through the
         teacher with the reals, in one call on a 2B batch."""
+        loss, metrics = self.discriminator_loss(batch, noise, fakes)
+        self.engines.heads.backward(loss)
+        self.engines.heads.step()
+        return metrics
+
+    def discriminator_loss(self, batch: dict, noise: Noise, fakes: Fakes | None) -> tuple[torch.Tensor, dict]:
+        """The D step's forward: the heads' loss and metrics (counted on meta models by the plan)."""
         heads = self.engines.heads
         heads.module.requires_grad_(True)
         b = batch["latent"].shape[0]
@@ -265,9 +278,7 @@ class LADDSteps:
             penalty = losses.r1_penalty(r1_logits, real_features)
             loss = loss + 0.5 * self.cfg.ladd.r1_gamma * penalty
             metrics["loss/r1"] = penalty.detach()
-        heads.backward(loss)
-        heads.step()
-        return metrics
+        return loss, metrics
 
     def train_step(self, micro_batches: list[dict], step: int) -> dict:
         """One optimizer step of the student and of the heads over `grad_accum` micro-batches;

@@ -7,7 +7,10 @@ its forward and ZeRO-3's gather hooks fire in the same order on every rank.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.utils.checkpoint
 from diffusers import SD3Transformer2DModel
 from torch import nn
 
@@ -31,10 +34,41 @@ def tokens_to_grid(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, h, w)
 
 
+class _Recomputing:
+    """Entered while a checkpointed block runs its forward again in backward: the memory plan's
+    FLOP count asks (`recomputing`, ladd_ds.models.activations)."""
+
+    depth = 0
+
+    def __enter__(self):
+        _Recomputing.depth += 1
+
+    def __exit__(self, *exc):
+        _Recomputing.depth -= 1
+
+
+def recomputing() -> bool:
+    return _Recomputing.depth > 0
+
+
+def _checkpoint_contexts():
+    return contextlib.nullcontext(), _Recomputing()
+
+
+def _checkpoint_marked(block: nn.Module, *args):
+    """diffusers' gradient-checkpointing function, per block: only blocks marked by
+    `FlowModel.set_checkpointing` are checkpointed (non-reentrant, as diffusers' default: it
+    works with frozen parameters and keyword arguments), the others run as usual."""
+    if getattr(block, "checkpointed", False):
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, context_fn=_checkpoint_contexts)
+    return block(*args)
+
+
 class FlowModel(nn.Module):
     def __init__(self, transformer: SD3Transformer2DModel):
         super().__init__()
         self.transformer = transformer
+        self.checkpoint_stride = 0  # set_checkpointing's `every`
 
     @property
     def num_blocks(self) -> int:
@@ -43,6 +77,26 @@ class FlowModel(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.transformer.inner_dim
+
+    def set_checkpointing(self, every: int) -> None:
+        """Gradient checkpointing of every `every`-th block (blocks 0, every, 2 * every, ...; 0:
+        none, 1: all; model.gradient_checkpointing). A checkpointed block keeps only its inputs
+        for backward and runs its forward again there. Both paths through the blocks (diffusers'
+        forward and `_tapped_features`) call the transformer's checkpointing function."""
+        tr = self.transformer
+        self.checkpoint_stride = every
+        for index, block in enumerate(tr.transformer_blocks):
+            block.checkpointed = every > 0 and index % every == 0
+        if every > 0:
+            tr.enable_gradient_checkpointing(_checkpoint_marked)
+        else:
+            tr.disable_gradient_checkpointing()
+
+    @property
+    def checkpointed_blocks(self) -> list[int]:
+        blocks = self.transformer.transformer_blocks
+        on = self.transformer.gradient_checkpointing
+        return [i for i, b in enumerate(blocks) if on and getattr(b, "checkpointed", False)]
 
     def compile_blocks(self) -> None:
         """torch.compile every transformer block in place (model.compile). `nn.Module.compile`

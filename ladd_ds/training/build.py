@@ -19,7 +19,16 @@ from ladd_ds.distributed.ranks import print0
 from ladd_ds.distributed.zero_sizes import has_auto_sizes, resolve_zero3_sizes
 from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.registry import resolve_model_config
-from ladd_ds.training.placement import AUTO, USABLE_FRACTION, EngineNeeds, Placement, choose_placement, format_placement
+from ladd_ds.training.placement import (
+    AUTO,
+    USABLE_FRACTION,
+    EngineNeeds,
+    Placement,
+    StepActivations,
+    choose_placement,
+    format_activations,
+    format_placement,
+)
 
 
 def engine_ds_config(cfg: Config, world: int, template_key: str, trainable: bool, stage: int | None = None) -> dict:
@@ -50,6 +59,13 @@ def planned_shapes(cfg: Config, model_cfg: dict) -> tuple[int, int, int, str]:
         return rl.height, rl.width, rl.text_len, f"latent {rl.height}x{rl.width}, {rl.text_len} text tokens (data.random_latents)"
     size, text = model_cfg["sample_size"], CLIP_TOKENS + cfg.text.max_sequence_length
     return size, size, text, f"latent {size}x{size} (the model's sample_size), {text} text tokens"
+
+
+def planned_adamw_kind(cfg: Config) -> str:
+    """The torch AdamW implementation the plan counts temporaries for: the one this rank runs
+    (engines.adamw_kind), or a GPU's fused one when deepspeed.device_memory_gib names the device
+    (a plan made on a host without the GPUs it is for)."""
+    return "fused" if cfg.deepspeed.device_memory_gib is not None else ds.adamw_kind()
 
 
 def planned_device_bytes(cfg: Config) -> float:
@@ -151,7 +167,7 @@ def place_engines(
     world: int,
     slots: list[EngineSlot],
     meta_models: Callable[[], dict[str, nn.Module]],
-    activations: Callable[[dict[str, nn.Module]], float],
+    activations: Callable[[dict[str, nn.Module]], StepActivations],
     plan_always: bool = False,
     step_time: Callable[[dict[str, nn.Module], dict[str, int]], float] | None = None,
 ) -> tuple[dict[str, dict], Placement | None]:
@@ -159,7 +175,7 @@ def place_engines(
     deepspeed.<engine>_stage, or for "auto" the memory plan's (ladd_ds.training.placement).
 
     The plan needs the models (built on the meta device by `meta_models`) and the activation
-    bytes of a training step (`activations`); it is made only when a stage is "auto" or
+    bytes of a training step's phases (`activations`); it is made only when a stage is "auto" or
     `plan_always` (the --dry-run report). `step_time(models, stages)`: seconds per step of a stage
     assignment (the communication plan); with it "auto" picks the fastest placement that fits."""
     asked = {s.name: getattr(cfg.deepspeed, s.stage_key) for s in slots}
@@ -178,18 +194,21 @@ def place_engines(
             stage=ds.zero_stage(templates[s.name]) if asked[s.name] is None else asked[s.name],
             ds_config=templates[s.name],
             ema=s.keeps_ema and cfg.optim.ema_decay > 0,
+            adamw=planned_adamw_kind(cfg),
         )
         for s in slots
     ]
+    steps = activations(models)
     placement = choose_placement(
         needs,
         world=world,
         precision=cfg.deepspeed.precision,
         grad_accum=cfg.optim.grad_accum,
-        activations=activations(models),
+        activations=steps.peak,
         device_bytes=planned_device_bytes(cfg),
         step_time=None if step_time is None else lambda stages: step_time(models, stages),
     )
+    placement.steps = steps
     for s in slots:
         if asked[s.name] is None:
             placement.reasons[s.name] = f"the template's ({getattr(cfg.deepspeed, s.template_key)})"
@@ -211,14 +230,16 @@ def resolve_sizes(configs: dict[str, dict], models: dict[str, nn.Module]) -> dic
     return {name: resolve_zero3_sizes(c, models[name]) for name, c in configs.items()}
 
 
-def placement_report(cfg: Config, placement: Placement, activation_note: str) -> list[str]:
+def placement_report(cfg: Config, placement: Placement) -> list[str]:
     """The --dry-run memory table and the reason for every engine's stage."""
     gib, usable = 2**30, placement.device_bytes * USABLE_FRACTION
     lines = format_placement(placement)
-    lines.append(f"{'activations':<20}{placement.activations / gib:>69.2f}   {activation_note}")
+    steps = placement.steps
+    lines.append(f"{'activations':<20}{placement.activations / gib:>79.2f}   peak: the {steps.peak_phase}; {steps.note}")
+    lines += format_activations(steps, 79)
     verdict = "fits" if placement.fits else "DOES NOT FIT: training would run out of device memory"
     lines += [
-        f"{'total':<20}{placement.total / gib:>69.2f}   of {usable / gib:.1f} GiB usable "
+        f"{'total':<20}{placement.total / gib:>79.2f}   of {usable / gib:.1f} GiB usable "
         f"({USABLE_FRACTION:.0%} of {placement.device_bytes / gib:.1f} GiB per device): {verdict}",
         "",
         "stages:",
@@ -227,10 +248,14 @@ def placement_report(cfg: Config, placement: Placement, activation_note: str) ->
     lines += [
         "",
         "per rank: weights 2 B/param in bf16 (4 in fp32), sharded by ZeRO-3; grads in the model dtype below ZeRO-2,",
-        "an fp32 partition from ZeRO-2 on; Adam 12 B/param in bf16 (8 in fp32), sharded from ZeRO-1 on; EMA",
-        "(optim.ema_decay > 0): an fp32 copy of the trained weights, 4 B/param, sharded from ZeRO-1 on; buffers:",
-        'reduce / all-gather buckets and ZeRO-3 live parameters (docs/performance.md, "Placement").',
+        "an fp32 partition from ZeRO-2 on; Adam 12 B/param in bf16 (8 in fp32), sharded from ZeRO-1 on; opt tmp:",
+        "what torch AdamW's step allocates (none fused); EMA (optim.ema_decay > 0): an fp32 copy of the trained",
+        "weights, 4 B/param, sharded from ZeRO-1 on; buffers: reduce / all-gather buckets and ZeRO-3 live",
+        "parameters; activations: what each phase keeps for backward, counted from the code, and the",
+        'largest checkpointed block recomputed in backward (docs/performance.md, "Placement").',
     ]
+    if steps.recompute_flops:
+        lines.append(f"gradient checkpointing: recompute +{steps.recompute_flops:.1%} FLOPs per step")
     return lines
 
 

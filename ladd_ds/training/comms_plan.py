@@ -60,6 +60,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -140,13 +141,13 @@ def trace_model(
     call,
     *,
     persistence_threshold: float,
-    checkpointed: str | None = None,
+    checkpointed: Sequence[nn.Module] = (),
     frozen_too: bool = False,
     count_flops: bool = True,
 ) -> tuple[EngineLayout, object]:
     """Run `call(model)` (a forward on meta tensors, returning its outputs) and record the module
-    order and which outputs require grad (EngineLayout). `checkpointed`: the name of the
-    ModuleList whose children are checkpointed blocks; `frozen_too`: run again with the parameters
+    order and which outputs require grad (EngineLayout). `checkpointed`: the blocks that are
+    checkpointed (recomputed in backward: FlowModel.checkpointed_blocks); `frozen_too`: run again with the parameters
     frozen for `grad_frozen` (else it is `grad`); `count_flops` False leaves `flops` 0 (torch's
     FlopCounterMode made an 8B meta forward 2.4x slower). Returns the layout and what `call`
     returned."""
@@ -155,11 +156,8 @@ def trace_model(
     modules = list(model.modules())
     index = {id(m): i for i, m in enumerate(modules)}
     block_of: dict[int, int] = {}
-    if checkpointed is not None:
-        for name, sub in model.named_modules():
-            if name.endswith(checkpointed):
-                for b, block in enumerate(sub):
-                    block_of.update({index[id(m)]: b for m in block.modules()})
+    for b, block in enumerate(checkpointed):
+        block_of.update({index[id(m)]: b for m in block.modules()})
     starts: list[int] = []
     ends: list[int] = []
     grad: dict[int, bool] = {}

@@ -17,16 +17,22 @@ Per-rank bytes of one engine (bf16 training; fp32 doubles weights and has no mas
 weights 2 B/param, sharded by ZeRO-3; gradients 2 B/param in the model dtype below ZeRO-2 (plus an
 fp32 copy for ZeRO-1's fp32 accumulation), an fp32 partition of 4 B/param/world from ZeRO-2 on
 (with `data_types.grad_accum_dtype: fp32`; 2 B without); Adam 12 B/param (fp32 master + two
-moments), sharded from ZeRO-1 on; the EMA of a trained model (optim.ema_decay > 0) 4 B/param,
-sharded from ZeRO-1 on; buffers: ZeRO's reduce bucket (doubled with `overlap_comm`), the
-ZeRO-1/2 all-gather bucket and ZeRO-3's live parameters (prefetch bucket plus the largest module,
-capped by `stage3_max_live_parameters`, plus the persistent small parameters). Activations are
-counted from the model code (ladd_ds.models.activations) by the method.
+moments), sharded from ZeRO-1 on; the optimizer step's temporaries (`adamw_temporaries`: none
+for the fused AdamW a GPU runs, one or two fp32 copies of the stepped tensors otherwise); the EMA
+of a trained model (optim.ema_decay > 0) 4 B/param,
+sharded from ZeRO-1 on; buffers: ZeRO's
+reduce bucket (doubled with `overlap_comm`), the ZeRO-1/2 all-gather bucket and ZeRO-3's live
+parameters (prefetch bucket plus the largest module, capped by `stage3_max_live_parameters`, plus
+the persistent small parameters). Activations (`StepActivations`) are counted by the method from
+its own step code on meta models (ladd_ds.models.activations): what each phase of a step (LADD:
+the generator step, the discriminator step) keeps for backward, plus the largest checkpointed
+block's recompute; the plan takes the largest phase.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +58,7 @@ class EngineNeeds:
     stage: int | str
     ds_config: dict
     ema: bool = False  # the run keeps an EMA of this engine's trained weights (training/ema.py)
+    adamw: str = "fused"  # the torch AdamW implementation its optimizer runs (engines.adamw_kind)
 
     @property
     def n_params(self) -> int:
@@ -69,10 +76,34 @@ class EngineMemory:
     optimizer: float
     buffers: float
     ema: float = 0.0
+    optimizer_temps: float = 0.0  # what the optimizer step allocates and frees (adamw_temporaries)
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.buffers + self.ema
+        return self.weights + self.grads + self.optimizer + self.buffers + self.ema + self.optimizer_temps
+
+
+@dataclass(frozen=True)
+class StepActivations:
+    """Bytes autograd keeps for backward in each phase of a training step (a LADD step's G step
+    and D step), counted from the code (ladd_ds.models.activations). The step's peak is the
+    largest phase: the phases run one after the other, each freeing its graph in backward."""
+
+    kept: dict[str, dict[str, int]]  # phase -> model (or "other": losses, noise) -> bytes at the end of its forward
+    recompute: dict[str, int]  # phase -> what checkpointed blocks add in its backward (one block's saved bytes)
+    recompute_flops: float = 0.0  # the FLOPs checkpointing adds, relative to the step without it
+    note: str = ""
+
+    def phase_bytes(self, phase: str) -> int:
+        return sum(self.kept[phase].values()) + self.recompute.get(phase, 0)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.kept, key=self.phase_bytes)
+
+    @property
+    def peak(self) -> int:
+        return self.phase_bytes(self.peak_phase)
 
 
 @dataclass
@@ -83,6 +114,7 @@ class Placement:
     device_bytes: float
     params: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    steps: StepActivations | None = None  # `activations` by phase (the --dry-run report)
 
     @property
     def total(self) -> float:
@@ -103,6 +135,7 @@ def _zero_settings(ds_config: dict) -> dict:
         "prefetch": float(z.get("stage3_prefetch_bucket_size", 5e7)),
         "persistence": float(z.get("stage3_param_persistence_threshold", 1e5)),
         "max_live": float(z.get("stage3_max_live_parameters", 1e9)),
+        "sub_group": float(z.get("sub_group_size", 1e9)),
     }
 
 
@@ -113,6 +146,47 @@ def _fp32_accumulation(ds_config: dict) -> bool:
 def _largest_module_params(model: nn.Module) -> int:
     """Parameters of the largest module that owns parameters directly: ZeRO-3 gathers per module."""
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+
+
+def optimizer_steps(model: nn.Module, *, stage: int, world: int, sub_group_size: float) -> list[list[int]]:
+    """What one optimizer step hands torch's AdamW: a list per `optimizer.step()` call of the
+    elements of each tensor it steps. ZeRO-0: one call over the trained parameters (DeepSpeed
+    hands it the model's, or their fp32 copies); ZeRO-1/2: one flat fp32 partition per parameter
+    group (stage_1_and_2.py; one group here); ZeRO-3: one call per sub-group of the partition
+    (stage3.py `_create_fp16_sub_groups`: greedy, up to `sub_group_size` elements)."""
+    trained = [p.numel() for p in model.parameters() if p.requires_grad]
+    if stage == 0:
+        return [trained]
+    if stage in (1, 2):
+        return [[math.ceil(sum(trained) / world)]]
+    groups, size = [], 0
+    for n in trained:
+        size += math.ceil(n / world)
+        if size >= sub_group_size:
+            groups.append([size])
+            size = 0
+    return groups + ([[size]] if size else [])
+
+
+def adamw_temporaries(kind: str, steps: list[list[int]], *, state_bytes: int = 4) -> float:
+    """Peak bytes torch AdamW allocates on top of its state while stepping `steps`
+    (optimizer_steps; torch/optim/adam.py, torch 2.14), for each of its implementations:
+    - "fused": none (one kernel updates parameters and moments in place);
+    - "foreach": `_foreach_sqrt` of every second moment of a call at once, one state-sized
+      tensor per stepped tensor;
+    - "for-loop" (torch's default on a CPU, which has no foreach kernels): per tensor,
+      `exp_avg_sq.sqrt() / bias_correction2_sqrt` holds two temporaries while the previous
+      tensor's `denom` is still referenced.
+    Scalars (step counters, bias corrections) are left out. ZeRO hands AdamW flat fp32
+    partitions, so under ZeRO-1/2/3 a non-fused step holds one or two partitions' worth."""
+    steps = [s for s in steps if s]
+    if kind == "fused" or not steps:
+        return 0.0
+    if kind == "foreach":
+        return float(max(sum(s) for s in steps) * state_bytes)
+    if kind == "for-loop":
+        return float(max(max(p + 2 * n for p, n in zip([0, *s[:-1]], s)) for s in steps) * state_bytes)
+    raise ValueError(f"unknown AdamW implementation {kind!r} (fused, foreach, for-loop)")
 
 
 def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -> EngineMemory:
@@ -144,7 +218,12 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
         persistent = sum(p.numel() for p in engine.model.parameters() if p.numel() < z["persistence"])
         live = min(z["max_live"], z["prefetch"] + _largest_module_params(engine.model), n)
         buffers += (persistent + live) * weight_b
-    return EngineMemory(weights=weights, grads=grads, optimizer=optimizer, buffers=buffers, ema=ema)
+    # The optimizer's state is fp32 in both precisions (bf16 runs step an fp32 master copy).
+    temps = 0.0
+    if trained:
+        stepped = optimizer_steps(engine.model, stage=stage, world=world, sub_group_size=z["sub_group"])
+        temps = adamw_temporaries(engine.adamw, stepped)
+    return EngineMemory(weights=weights, grads=grads, optimizer=optimizer, buffers=buffers, ema=ema, optimizer_temps=temps)
 
 
 def plan(
@@ -226,11 +305,24 @@ def choose_placement(
 
 def format_placement(p: Placement) -> list[str]:
     """The --dry-run table: bytes per rank of every engine at its chosen stage, and why."""
-    head = f"{'engine':<9}{'params':>15}{'ZeRO':>5}{'weights':>10}{'grads':>10}{'optim':>10}{'ema':>10}{'buffers':>10}"
-    lines = [head + f"{'GiB/rank':>10}"]
+    head = f"{'engine':<9}{'params':>15}{'ZeRO':>5}{'weights':>10}{'grads':>10}{'optim':>10}{'opt tmp':>10}{'ema':>10}"
+    lines = [head + f"{'buffers':>10}{'GiB/rank':>10}"]
     for name, m in p.memory.items():
         lines.append(
             f"{name:<9}{p.params[name]:>15,}{p.stages[name]:>5}{m.weights / GIB:>10.2f}{m.grads / GIB:>10.2f}"
-            f"{m.optimizer / GIB:>10.2f}{m.ema / GIB:>10.2f}{m.buffers / GIB:>10.2f}{m.total / GIB:>10.2f}"
+            f"{m.optimizer / GIB:>10.2f}{m.optimizer_temps / GIB:>10.2f}{m.ema / GIB:>10.2f}{m.buffers / GIB:>10.2f}"
+            f"{m.total / GIB:>10.2f}"
         )
+    return lines
+
+
+def format_activations(steps: StepActivations, width: int) -> list[str]:
+    """The --dry-run activation lines: each phase's bytes by model, its recompute, and the peak;
+    GiB right-aligned at `width`."""
+    lines = []
+    for phase, kept in steps.kept.items():
+        parts = ", ".join(f"{name} {b / GIB:.2f}" for name, b in kept.items() if b)
+        if steps.recompute.get(phase):
+            parts += f", recompute {steps.recompute[phase] / GIB:.2f}"
+        lines.append(f"{'  ' + phase:<20}{steps.phase_bytes(phase) / GIB:>{width}.2f}   ({parts})")
     return lines
