@@ -46,7 +46,7 @@ def rows() -> list[str]:
     teacher, student, heads, _ = build_models(cfg, device="meta")
     models = {"teacher": teacher, "student": student, "heads": heads}
     layouts = ladd_layouts(cfg, _configs(cfg, models, 8, {"student": 3, "heads": 2, "teacher": 3}, 1), models)
-    activations = step_activations(cfg, models)[0]
+    activations = step_activations(cfg, models).peak
     out = [
         "| GPUs | placement | GiB per GPU | compute s | communication s | exposed s | step s | efficiency |",
         "|---|---|---|---|---|---|---|---|",

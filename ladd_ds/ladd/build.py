@@ -197,7 +197,7 @@ def ladd_layouts(cfg: Config, configs: dict[str, dict], models: dict) -> dict[st
         x = torch.randn(b, tc.in_channels, h, w)  # (B, C, H, W): the transformer's input (model_input)
         t = torch.rand(b)  # (B,)
         embeds, pooled = torch.randn(b, text, tc.joint_attention_dim), torch.randn(b, tc.pooled_projection_dim)
-    checkpointed = {m: [m.blocks[i] for i in m.checkpointed_blocks()] for m in (teacher, student)}
+    checkpointed = {m: [m.blocks[i] for i in m.checkpointed_blocks] for m in (teacher, student)}
     full = cfg.ladd.distill_weight > 0
     # The traces run without checkpointing: the blocks are named by `checkpointed` instead, and on
     # the meta device torch's checkpoint wrapper only adds time (most of an 8B trace's, profiled).
