@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ladd_ds.core.errors import InputError, MissingInputError
-from ladd_ds.distributed.flat import read_flat_range
+from ladd_ds.distributed.flat import MASTER_CHUNK_ELEMENTS, chunks_by_elements, read_flat_range
 from ladd_ds.distributed.launch_env import launcher_env, network_env
 from ladd_ds.distributed.ranks import prepare_launcher_env, print0
 from ladd_ds.distributed.zero_sizes import AUTO, AUTO_KEYS, has_auto_sizes
@@ -268,7 +268,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         eps: float,
         weight_decay: float,
         grad_clip: float = 0.0,
-        chunk_elements: int = 2**27,
+        chunk_elements: int = MASTER_CHUNK_ELEMENTS,
     ):
         self.model_params = list(params)
         masters = [nn.Parameter(p.detach().float().clone()) for p in self.model_params]
@@ -285,14 +285,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return self.found_inf is not None and bool(self.found_inf)
 
     def _chunks(self) -> list[list[int]]:
-        chunks, size = [[]], 0
-        for i, p in enumerate(self.model_params):
-            if size and size + p.numel() > self.chunk_elements:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(i)
-            size += p.numel()
-        return chunks
+        return chunks_by_elements([p.numel() for p in self.model_params], self.chunk_elements)
 
     @torch.no_grad()
     def step(self, closure=None):

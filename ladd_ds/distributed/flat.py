@@ -1,6 +1,8 @@
 """Reading a range of a flattened tensor saved as per-rank partitions (ZeRO-3 parameter shards,
 the EMA's shards, ZeRO-1/2 flat fp32 groups), touching only the partitions that cover it, so that
-memory-mapped files are read only there. No deepspeed import: the trainer and exporters use it."""
+memory-mapped files are read only there; and cutting a list of tensors into chunks of bounded size
+(the master-weight optimizer's step, which the memory plan counts). No deepspeed import: the
+trainer, the exporters and the plan use it."""
 
 from __future__ import annotations
 
@@ -36,3 +38,21 @@ def read_flat_range(
     raise InputError(
         f"no saved partition holds element {at} of a flattened tensor of {numel} elements (the ranks' files disagree)"
     )
+
+
+# Elements whose fp32 gradient copies the master-weight AdamW (distributed/engines.py) holds at
+# once: 512 MiB, bounded whatever the model's size (an 8B model's would be 32 GB at once).
+MASTER_CHUNK_ELEMENTS = 2**27
+
+
+def chunks_by_elements(numels: list[int], limit: int) -> list[list[int]]:
+    """Indices of `numels`, in order, cut into consecutive chunks of at most `limit` elements (a
+    tensor larger than `limit` is a chunk of its own)."""
+    chunks, size = [[]], 0
+    for i, n in enumerate(numels):
+        if size and size + n > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += n
+    return chunks

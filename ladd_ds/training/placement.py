@@ -18,10 +18,10 @@ weights 2 B/param, sharded by ZeRO-3; gradients 2 B/param in the model dtype bel
 fp32 copy for ZeRO-1's fp32 accumulation), an fp32 partition of 4 B/param/world from ZeRO-2 on
 (with `data_types.grad_accum_dtype: fp32`; 2 B without); Adam 12 B/param (fp32 master + two
 moments), sharded from ZeRO-1 on; the optimizer step's temporaries (`adamw_temporaries`: none
-for the fused AdamW a GPU runs, one or two fp32 copies of the stepped tensors otherwise); the EMA
-of a trained model (optim.ema_decay > 0) 4 B/param,
-sharded from ZeRO-1 on; buffers: ZeRO's
-reduce bucket (doubled with `overlap_comm`), the ZeRO-1/2 all-gather bucket and ZeRO-3's live
+for the fused AdamW a GPU runs, one or two fp32 copies of the stepped tensors otherwise; at
+ZeRO-0 in bf16, `master_step_temporaries`: one chunk of fp32 gradient copies); the EMA of a
+trained model (optim.ema_decay > 0) 4 B/param, sharded from ZeRO-1 on; buffers: ZeRO's reduce
+bucket (doubled with `overlap_comm`), the ZeRO-1/2 all-gather bucket and ZeRO-3's live
 parameters (prefetch bucket plus the largest module, capped by `stage3_max_live_parameters`, plus
 the persistent small parameters). Activations (`StepActivations`) are counted by the method from
 its own step code on meta models (ladd_ds.models.activations): what each phase of a step (LADD:
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ladd_ds.distributed.flat import MASTER_CHUNK_ELEMENTS, chunks_by_elements
 from ladd_ds.distributed.zero_sizes import resolve_zero3_sizes
 
 GIB = 2**30
@@ -189,6 +190,16 @@ def adamw_temporaries(kind: str, steps: list[list[int]], *, state_bytes: int = 4
     raise ValueError(f"unknown AdamW implementation {kind!r} (fused, foreach, for-loop)")
 
 
+def master_step_temporaries(model: nn.Module) -> float:
+    """Peak bytes the master-weight AdamW of a bf16 ZeRO-0 engine (distributed/engines.py
+    MasterWeightAdamW) allocates while stepping: the fp32 copies of one chunk's bf16 gradients
+    (MASTER_CHUNK_ELEMENTS at most, unless one parameter is larger); its fused kernel allocates
+    nothing. The gradient norm's per-parameter scalars are left out."""
+    numels = [p.numel() for p in model.parameters() if p.requires_grad]
+    chunks = chunks_by_elements(numels, MASTER_CHUNK_ELEMENTS)
+    return float(max(sum(numels[i] for i in chunk) for chunk in chunks) * 4)
+
+
 def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -> EngineMemory:
     """Bytes per rank of one engine at `stage` (the module docstring has the arithmetic)."""
     bf16 = precision == "bf16"
@@ -220,7 +231,9 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
         buffers += (persistent + live) * weight_b
     # The optimizer's state is fp32 in both precisions (bf16 runs step an fp32 master copy).
     temps = 0.0
-    if trained:
+    if trained and stage == 0 and bf16:
+        temps = master_step_temporaries(engine.model)
+    elif trained:
         stepped = optimizer_steps(engine.model, stage=stage, world=world, sub_group_size=z["sub_group"])
         temps = adamw_temporaries(engine.adamw, stepped)
     return EngineMemory(weights=weights, grads=grads, optimizer=optimizer, buffers=buffers, ema=ema, optimizer_temps=temps)
