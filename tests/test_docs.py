@@ -28,3 +28,12 @@ def test_no_pointer_to_notes_outside_the_repository():
         text = source.read_text()
         for needle in ("DESIGN.md", "STYLE.md", "../shared"):
             assert needle not in text, f"{source.relative_to(REPO)} mentions {needle}, which users do not have"
+
+
+def test_docs_memory_plan_tables_are_the_scripts():
+    """docs/performance.md's memory plans of the SD3 configs are what evaluation/plan_tables.py
+    computes (the dry run's planning function), not typed in."""
+    from evaluation.plan_tables import rows
+
+    docs = (REPO / "docs" / "performance.md").read_text()
+    assert "\n".join(rows()) in docs
