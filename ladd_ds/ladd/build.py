@@ -82,9 +82,9 @@ def build_models(
 
 
 ENGINES = [
-    EngineSlot("student", "student_config", "student_stage", trainable=True, keeps_ema=True),
+    EngineSlot("student", "student_config", "student_stage", trainable=True, keeps_ema=True, leaf_blocks=True),
     EngineSlot("heads", "heads_config", "heads_stage", trainable=True),
-    EngineSlot("teacher", "teacher_config", "teacher_stage", trainable=False),
+    EngineSlot("teacher", "teacher_config", "teacher_stage", trainable=False, leaf_blocks=True),
 ]
 
 

@@ -153,13 +153,15 @@ def check_mds_data(cfg: Config, layout: Layout, world: int) -> None:
 @dataclass(frozen=True)
 class EngineSlot:
     """One engine of a method: its name, the deepspeed.* keys of its template and stage, whether
-    it trains, and whether its model is the one the run's EMA follows (optim.ema_decay > 0)."""
+    it trains, whether its model is the one the run's EMA follows (optim.ema_decay > 0), and
+    whether deepspeed.z3_leaf_blocks makes its blocks ZeRO-3 leaf modules (engines.build_engines)."""
 
     name: str
     template_key: str
     stage_key: str
     trainable: bool
     keeps_ema: bool = False
+    leaf_blocks: bool = False
 
 
 def place_engines(
@@ -195,6 +197,7 @@ def place_engines(
             ds_config=templates[s.name],
             ema=s.keeps_ema and cfg.optim.ema_decay > 0,
             adamw=planned_adamw_kind(cfg),
+            leaf_blocks=s.leaf_blocks and cfg.deepspeed.z3_leaf_blocks,
         )
         for s in slots
     ]

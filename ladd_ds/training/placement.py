@@ -22,8 +22,9 @@ for the fused AdamW a GPU runs, one or two fp32 copies of the stepped tensors ot
 ZeRO-0 in bf16, `master_step_temporaries`: one chunk of fp32 gradient copies); the EMA of a
 trained model (optim.ema_decay > 0) 4 B/param, sharded from ZeRO-1 on; buffers: ZeRO's reduce
 bucket (doubled with `overlap_comm`), the ZeRO-1/2 all-gather bucket and ZeRO-3's live
-parameters (prefetch bucket plus the largest module, capped by `stage3_max_live_parameters`, plus
-the persistent small parameters). Activations (`StepActivations`) are counted by the method from
+parameters (`zero3_live_params`: prefetch bucket plus the largest module, or block with leaf
+blocks, capped by `stage3_max_live_parameters`; what a real step keeps is more, docs/performance.md
+"ZeRO-3 live parameters"), plus the persistent small parameters. Activations (`StepActivations`) are counted by the method from
 its own step code on meta models (ladd_ds.models.activations): what each phase of a step (LADD:
 the generator step, the discriminator step) keeps for backward, plus the largest checkpointed
 block's recompute; the plan takes the largest phase.
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ladd_ds.distributed.flat import MASTER_CHUNK_ELEMENTS, chunks_by_elements
-from ladd_ds.distributed.zero_sizes import resolve_zero3_sizes
+from ladd_ds.distributed.zero_sizes import block_params, resolve_zero3_sizes
 
 GIB = 2**30
 # Fraction of the device memory the plan may fill: the rest is for the CUDA context, the
@@ -60,6 +61,7 @@ class EngineNeeds:
     ds_config: dict
     ema: bool = False  # the run keeps an EMA of this engine's trained weights (training/ema.py)
     adamw: str = "fused"  # the torch AdamW implementation its optimizer runs (engines.adamw_kind)
+    leaf_blocks: bool = False  # its blocks are ZeRO-3 leaf modules (deepspeed.z3_leaf_blocks): gathered whole
 
     @property
     def n_params(self) -> int:
@@ -149,6 +151,25 @@ def _largest_module_params(model: nn.Module) -> int:
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
 
 
+def zero3_gather_unit(engine: EngineNeeds) -> int:
+    """Elements of the largest set of parameters ZeRO-3 gathers at once for one module: a module's
+    own parameters, or with leaf blocks (distributed/engines.py set_leaf_blocks) a whole block, as
+    the coordinator gathers a leaf module's parameters recursively (partitioned_param_coordinator.py
+    `iter_params(..., recurse=is_leaf)`); the modules outside the blocks still gather their own."""
+    unit = _largest_module_params(engine.model)
+    return max(unit, block_params(engine.model)) if engine.leaf_blocks else unit
+
+
+def zero3_live_params(engine: EngineNeeds, ds_config: dict) -> float:
+    """Elements of non-persistent parameters the plan counts as gathered at once under ZeRO-3:
+    the prefetch bucket plus the module being computed (zero3_gather_unit), capped by
+    `stage3_max_live_parameters` and by the model. `ds_config` with its "auto" sizes resolved."""
+    z = _zero_settings(ds_config)
+    # DeepSpeed keeps parameters of up to `stage3_param_persistence_threshold` elements gathered.
+    n = sum(p.numel() for p in engine.model.parameters() if p.numel() > z["persistence"])
+    return min(z["max_live"], z["prefetch"] + zero3_gather_unit(engine), n)
+
+
 def optimizer_steps(model: nn.Module, *, stage: int, world: int, sub_group_size: float) -> list[list[int]]:
     """What one optimizer step hands torch's AdamW: a list per `optimizer.step()` call of the
     elements of each tensor it steps. ZeRO-0: one call over the trained parameters (DeepSpeed
@@ -206,7 +227,8 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
     weight_b = 2 if bf16 else 4
     n, trained = engine.n_params, engine.n_trained
     # "auto" live/prefetch sizes resolve as the engine's own config does (distributed/zero_sizes.py).
-    z = _zero_settings(resolve_zero3_sizes(engine.ds_config, engine.model))
+    resolved = resolve_zero3_sizes(engine.ds_config, engine.model)
+    z = _zero_settings(resolved)
     fp32_accum = bf16 and _fp32_accumulation(engine.ds_config)
     comm_b = 4 if engine.ds_config.get("communication_data_type") == "fp32" or not bf16 else 2
 
@@ -226,9 +248,8 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
     # shards or its ZeRO-1/2 optimizer partition; the whole model only at ZeRO-0 (32 GB for 8B).
     ema = trained * 4 / (world if stage >= 1 else 1) if engine.ema else 0.0
     if stage >= 3:
-        persistent = sum(p.numel() for p in engine.model.parameters() if p.numel() < z["persistence"])
-        live = min(z["max_live"], z["prefetch"] + _largest_module_params(engine.model), n)
-        buffers += (persistent + live) * weight_b
+        persistent = sum(p.numel() for p in engine.model.parameters() if p.numel() <= z["persistence"])
+        buffers += (persistent + zero3_live_params(engine, resolved)) * weight_b
     # The optimizer's state is fp32 in both precisions (bf16 runs step an fp32 master copy).
     temps = 0.0
     if trained and stage == 0 and bf16:
