@@ -148,6 +148,15 @@ def test_zero3_gathers_every_use_without_prefetch_or_reuse():
     assert comms_plan.zero3_gathered(layout, "RFBS", world=6, zero=hpz) == (primary, secondary)
 
 
+def test_shipped_hpz_template_is_sd3_large_with_node_groups():
+    """ds_configs/gpu/sd3_large_hpz.json (docs/performance.md, "hpZ") stays sd3_large.json with
+    hpZ groups of 8 GPUs, a node of the scaling table."""
+    plain = json.loads((REPO / "ds_configs/gpu/sd3_large.json").read_text())
+    hpz = json.loads((REPO / "ds_configs/gpu/sd3_large_hpz.json").read_text())
+    assert hpz["zero_optimization"].pop("zero_hpz_partition_size") == 8
+    assert hpz == plain
+
+
 def test_ring_wire_bytes_and_times():
     """Wire bytes per rank: all-reduce 2 (n-1)/n of the buffer, ZeRO-3's reduce-scatter (n-1)/n,
     all-gather (n-1) shards; a group within a node runs at the intra-node bandwidth."""

@@ -12,8 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ladd_ds.config import load_config
+from ladd_ds.ladd.build import build_models, ladd_comms_plan, ladd_layouts
 from ladd_ds.models.registry import build_transformer
-from tests.conftest import EXACT, GLOBAL_BATCH_8, REFERENCE_STEPS, export, read_metrics, run_cli, train_tiny
+from tests.conftest import EXACT, GLOBAL_BATCH_8, REFERENCE_STEPS, REPO, TINY_CONFIG, export, read_metrics, run_cli, train_tiny
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -145,3 +147,74 @@ def test_pretrained_folder_loads_partitioned_on_two_ranks(tmp_path):
     flat = torch.cat([p.detach().double().flatten() for p in pretrained.parameters()])
     state = json.loads((run_dir / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
     assert state["teacher_fingerprint"] == pytest.approx([flat.sum().item(), flat.pow(2).sum().item()], rel=1e-12)
+
+
+HPZ_STEPS = 3
+
+
+def test_hpz_trains_equal_to_single_process(tmp_path, reference_runs):
+    """ZeRO++ hpZ (`zero_hpz_partition_size: 2` in the student's and the teacher's ZeRO-3 templates)
+    on 4 ranks, the same global batch of 8: per-step losses, logits and gradient norms, and the
+    exported student, its EMA and the heads equal the single-process run within fp32 round-off.
+
+    hpZ keeps a second copy of each released weight sharded over the ranks' group of 2; after the
+    first gather that follows an optimizer step, ZeRO-3 gathers from those copies within the group
+    instead of the world (deepspeed 0.19.8, runtime/zero/partition_parameters.py
+    `_partition_param_sec`, `all_gather_coalesced`; the step drops them, stage3.py
+    `invalidate_secondary_tensor`). A stale or misplaced copy would train on wrong weights. The
+    templates release every weight after each use (no persistence threshold: the tiny model's
+    weights are all below the template's 1e5 elements; no prefetch, no reuse distance: a prefetch
+    bucket of the whole model kept it gathered from the forward to the step), so that the
+    student's backward and the teacher's every forward gather within the groups: the
+    communication plan, checked against DeepSpeed's comms logger on such runs in
+    tests/test_comms_plan.py, says so for these configs."""
+    templates = {}
+    for engine, source in (("student", "ds_configs/cpu/zero3.json"), ("teacher", "ds_configs/cpu/zero3_frozen.json")):
+        template = json.loads((REPO / source).read_text())
+        template["zero_optimization"].update(
+            zero_hpz_partition_size=2,
+            stage3_param_persistence_threshold=0,
+            stage3_prefetch_bucket_size=0,
+            stage3_max_reuse_distance=0,
+        )
+        templates[engine] = tmp_path / f"{engine}_hpz.json"
+        templates[engine].write_text(json.dumps(template))
+    run_dir = tmp_path / "hpz"
+    sets = [f"deepspeed.{engine}_config={path}" for engine, path in templates.items()]
+    proc = train_tiny(run_dir, HPZ_STEPS, [*EXACT, *GLOBAL_BATCH_8[4], *sets], nproc=4)
+    assert "ZeRO stages: student 3, heads 2, teacher 3" in proc.stdout
+    configs = {e: json.loads((run_dir / f"ds_config_{e}.json").read_text()) for e in ("student", "heads", "teacher")}
+    for engine in templates:
+        assert configs[engine]["zero_optimization"]["zero_hpz_partition_size"] == 2
+    cfg = load_config(TINY_CONFIG, sets)
+    teacher, student, heads, _ = build_models(cfg, device="meta")
+    models = {"teacher": teacher, "student": student, "heads": heads}
+    plan = ladd_comms_plan(cfg, 4, configs, ladd_layouts(cfg, configs, models))
+    for engine in templates:
+        gather = plan.engines[engine]["all_gather"]
+        assert gather.group == 2 and gather.logged_in_groups > 0, engine
+
+    ref_dir = reference_runs(1)  # a checkpoint after every step, no warm-up: its first steps are a 3-step run's
+    got, want = read_metrics(run_dir), read_metrics(ref_dir)[:HPZ_STEPS]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, HPZ_STEPS + 1))
+    keys = ["loss/generator", "loss/discriminator", "d/real_logit", "d/fake_logit", "grad_norm/student", "grad_norm/heads"]
+    for g, w in zip(got, want):
+        for key in keys:
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-5), f"step {g['step']} {key}"
+
+    def exported(src, name, ema=False):
+        out = export(src, tmp_path / name, step=HPZ_STEPS, ema=ema)
+        return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors"), load_file(
+            out / "discriminator" / "heads.safetensors"
+        )
+
+    ref_student, ref_heads = exported(ref_dir, "ref_export")
+    student, heads = exported(run_dir, "hpz_export")
+    assert_state_close(student, ref_student, "hpZ student")
+    assert_state_close(heads, ref_heads, "hpZ heads")
+    assert_state_close(
+        exported(run_dir, "hpz_export_ema", ema=True)[0], exported(ref_dir, "ref_export_ema", ema=True)[0], "hpZ student EMA"
+    )
+    # The comparison means something: the student moved far beyond the tolerance.
+    initial = build_transformer("tiny", seed=0).state_dict()
+    assert max((ref_student[k] - initial[k]).abs().max().item() for k in initial) > 50 * 1e-5

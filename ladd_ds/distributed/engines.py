@@ -173,11 +173,12 @@ def partitioned_init(ds_config: dict):
     # ZeRO++ hpZ (zero_hpz_partition_size > 1): zero.Init creates the intra-node parameter group
     # when it is given none and asserts that it did not exist (deepspeed 0.19.8, utils/groups.py
     # _create_zero_param_parallel_group), so the second hpZ engine of a run passes the first's.
+    # Only an hpZ engine: given the group, zero.Init keeps secondary shards whatever the config says.
     from deepspeed.utils import groups
 
-    return deepspeed.zero.Init(
-        config_dict_or_path=ds_config, zero_param_parallel_group=groups._get_zero_param_intra_parallel_group()
-    )
+    hpz = int(ds_config["zero_optimization"].get("zero_hpz_partition_size", 1)) > 1
+    group = groups._get_zero_param_intra_parallel_group() if hpz else None
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, zero_param_parallel_group=group)
 
 
 def load_partitioned_weights(module: nn.Module, names: dict[str, Path], read_tensor, source: str, adapt=None) -> None:
