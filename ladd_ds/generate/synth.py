@@ -262,6 +262,9 @@ def generate_dataset(
     name = gen.name
     done = still_done(completed_samples(out), jobs)
     todo = [j for j in jobs if j.key not in done]
+    # Every rank takes its view of what is done before any rank commits a part: a fast rank's new
+    # part would otherwise count as done on a slower one (seen as a wrong "already done" count).
+    barrier()
     batches = my_batches(todo, gen.batch_size)
     print0(f"{name}: {len(jobs)} samples, {len(done)} already done, {len(todo)} to generate on {world_size()} ranks")
     counts = torch.zeros(world_size(), dtype=torch.float64)
