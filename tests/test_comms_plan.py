@@ -12,7 +12,7 @@ import torch
 from ladd_ds.config import load_config
 from ladd_ds.core.errors import InputError
 from ladd_ds.ladd.build import build_ds_configs, build_models, ladd_comms_plan, ladd_layouts
-from ladd_ds.training import comms_plan
+from ladd_ds.training import comms_plan, zero3_replay
 from ladd_ds.training.placement import GIB, EngineNeeds, choose_placement
 from tests.conftest import REPO, TINY_CONFIG, _run_ranks, cli_error
 
@@ -49,12 +49,6 @@ def _cases(tmp_path):
         "ds_configs/gpu/sd3_large.json",
         stage3_max_reuse_distance=0,
         zero_hpz_partition_size=2,
-        # The template's "auto" window (two blocks, distributed/zero_sizes.py) is replaced by
-        # explicit sizes: with it the frozen teacher's gathers in the hpZ groups logged 214,688 B
-        # against 200,992 planned (+6.8%); the replay misses what a frozen ZeRO-3 engine keeps
-        # gathered across steps (docs/performance.md, "ZeRO-3 live parameters, measured").
-        stage3_prefetch_bucket_size=250_000_000,
-        stage3_max_live_parameters=1_000_000_000,
         **NOT_PERSISTENT,
     )
     return {
@@ -122,11 +116,16 @@ def test_plan_matches_the_comms_logger(tmp_path, case):
     assert hpz == (case == "4 ranks bf16 hpZ")
 
 
-def _toy_layout(persistence: float = 0.0) -> comms_plan.EngineLayout:
+def _gathered(layout, events: str, **kwargs) -> tuple[float, float]:
+    replayed = zero3_replay.replay(layout, events, **kwargs)
+    return replayed.gathered, replayed.within
+
+
+def _toy_layout(persistence: float = 0.0) -> zero3_replay.EngineLayout:
     with torch.device("meta"):
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
         x = torch.randn(2, 8)
-    layout, _ = comms_plan.trace_model(model, lambda m: m(x), persistence_threshold=persistence)
+    layout, _ = zero3_replay.trace_model(model, lambda m: m(x), persistence_threshold=persistence)
     return layout
 
 
@@ -139,11 +138,11 @@ def test_zero3_gathers_every_use_without_prefetch_or_reuse():
     weights = sum(math.ceil(n / world) for n in (8 * 16, 16 * 16, 16 * 4))
     biases = sum(math.ceil(n / world) for n in (16, 16, 4))
     zero = {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}
-    assert comms_plan.zero3_gathered(layout, "RFBS", world=world, zero=zero) == (2 * weights + biases, 0.0)
+    assert _gathered(layout, "RFBS", world=world, zero=zero) == (2 * weights + biases, 0.0)
     # A frozen engine's forward only: once per forward.
-    assert comms_plan.zero3_gathered(layout, "RFRF", world=world, zero=zero) == (2 * weights, 0.0)
+    assert _gathered(layout, "RFRF", world=world, zero=zero) == (2 * weights, 0.0)
     # A reuse distance over the whole model keeps the parameters from the forward to the backward.
-    assert comms_plan.zero3_gathered(layout, "RFBS", world=world, zero={**zero, "stage3_max_reuse_distance": 1e9}) == (
+    assert _gathered(layout, "RFBS", world=world, zero={**zero, "stage3_max_reuse_distance": 1e9}) == (
         weights + biases,
         0.0,
     )
@@ -151,7 +150,7 @@ def test_zero3_gathers_every_use_without_prefetch_or_reuse():
     secondary = sum(math.ceil(n / 6) * 6 / 3 for n in (8 * 16, 16 * 16, 16 * 4))
     primary = sum(math.ceil(n / 6) for n in (8 * 16, 16 * 16, 16 * 4)) + sum(math.ceil(n / 6) for n in (16, 16, 4))
     hpz = {**zero, "zero_hpz_partition_size": 3}
-    assert comms_plan.zero3_gathered(layout, "RFBS", world=6, zero=hpz) == (primary, secondary)
+    assert _gathered(layout, "RFBS", world=6, zero=hpz) == (primary, secondary)
 
 
 def test_shipped_hpz_template_is_sd3_large_with_node_groups():

@@ -4,6 +4,7 @@ the --dry-run report."""
 from __future__ import annotations
 
 import contextlib
+import json
 import types
 
 import torch
@@ -16,7 +17,7 @@ from ladd_ds.models.activations import RecomputeFlops, SavedTensors, fused_atten
 from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
-from ladd_ds.training import comms_plan
+from ladd_ds.training import comms_plan, zero3_replay
 from ladd_ds.training.build import (
     DryRunReport,
     EngineSlot,
@@ -183,7 +184,9 @@ def checkpoint_name(model: FlowModel) -> str:
     return {0: "none", 1: "all"}.get(every, f"every:{every}")
 
 
-def ladd_layouts(cfg: Config, configs: dict[str, dict], models: dict) -> dict[str, comms_plan.EngineLayout]:
+def ladd_layouts(
+    cfg: Config, configs: dict[str, dict], models: dict, *, flops: bool = True
+) -> dict[str, zero3_replay.EngineLayout]:
     """Each model's module order and FLOPs for the communication plan: one forward of each on
     meta tensors of the planned shapes (the teacher frozen, its input requiring grad as the fakes
     do; the heads on the teacher's features). FLOPs only with deepspeed.interconnect: without
@@ -193,10 +196,12 @@ def ladd_layouts(cfg: Config, configs: dict[str, dict], models: dict) -> dict[st
     tc = teacher.transformer.config
     h, w, text, _ = planned_shapes(cfg, tc)
     b = cfg.data.micro_batch_size
+    dtype = next(student.parameters()).dtype  # the memory plan's models are in the training precision
     with torch.device("meta"):
-        x = torch.randn(b, tc.in_channels, h, w)  # (B, C, H, W): the transformer's input (model_input)
+        x = torch.randn(b, tc.in_channels, h, w, dtype=dtype)  # (B, C, H, W): the transformer's input (model_input)
         t = torch.rand(b)  # (B,)
-        embeds, pooled = torch.randn(b, text, tc.joint_attention_dim), torch.randn(b, tc.pooled_projection_dim)
+        embeds = torch.randn(b, text, tc.joint_attention_dim, dtype=dtype)
+        pooled = torch.randn(b, tc.pooled_projection_dim, dtype=dtype)
     checkpointed = {m: [m.blocks[i] for i in m.checkpointed_blocks] for m in (teacher, student)}
     full = cfg.ladd.distill_weight > 0
     # The traces run without checkpointing: the blocks are named by `checkpointed` instead, and on
@@ -205,25 +210,30 @@ def ladd_layouts(cfg: Config, configs: dict[str, dict], models: dict) -> dict[st
     for m in flags:
         m.transformer.gradient_checkpointing = False
     try:
-        return _trace_ladd_models(cfg, configs, models, taps, (x, t, embeds, pooled), checkpointed, full)
+        return _trace_ladd_models(cfg, configs, models, taps, (x, t, embeds, pooled), checkpointed, full, flops)
     finally:
         for m, flag in flags.items():
             m.transformer.gradient_checkpointing = flag
 
 
-def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full) -> dict[str, comms_plan.EngineLayout]:
+def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full, flops) -> dict[str, zero3_replay.EngineLayout]:
     teacher, student, heads = models["teacher"], models["student"], models["heads"]
     x, t, embeds, pooled = inputs
-    timed = cfg.deepspeed.interconnect is not None
+    timed = flops and cfg.deepspeed.interconnect is not None
 
     def threshold(name):
         return float(configs[name].get("zero_optimization", {}).get("stage3_param_persistence_threshold", 1e5))
 
-    s_layout, _ = comms_plan.trace_model(
+    def leaves(name):  # deepspeed.z3_leaf_blocks: the blocks gather as one module under ZeRO-3
+        leaf = cfg.deepspeed.z3_leaf_blocks and ds.zero_stage(configs[name]) >= 3
+        return list(models[name].blocks) if leaf else []
+
+    s_layout, _ = zero3_replay.trace_model(
         student,
         lambda m: m(x, t, embeds, pooled),
         persistence_threshold=threshold("student"),
         checkpointed=checkpointed[student],
+        leaves=leaves("student"),
         count_flops=timed,
     )
     frozen = [p for p in teacher.parameters() if p.requires_grad]
@@ -231,18 +241,19 @@ def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full) -
         p.requires_grad_(False)
     try:
         x_fake = x.detach().requires_grad_(True)
-        t_layout, out = comms_plan.trace_model(
+        t_layout, out = zero3_replay.trace_model(
             teacher,
             lambda m: m(x_fake, t, embeds, pooled, taps=taps, velocity=full),
             persistence_threshold=threshold("teacher"),
             checkpointed=checkpointed[teacher],
+            leaves=leaves("teacher"),
             count_flops=timed,
         )
     finally:
         for p in frozen:
             p.requires_grad_(True)
     features = out[0] if full else out
-    h_layout, _ = comms_plan.trace_model(
+    h_layout, _ = zero3_replay.trace_model(
         heads, lambda m: m(features, t, pooled), persistence_threshold=threshold("heads"), frozen_too=True, count_flops=timed
     )
     return {"student": s_layout, "teacher": t_layout, "heads": h_layout}
@@ -256,7 +267,7 @@ def _checkpointed_fraction(cfg: Config, engine: str) -> float:
 
 
 def ladd_engine_steps(
-    cfg: Config, configs: dict[str, dict], layouts: dict[str, comms_plan.EngineLayout]
+    cfg: Config, configs: dict[str, dict], layouts: dict[str, zero3_replay.EngineLayout]
 ) -> list[comms_plan.EngineStep]:
     """What each engine of a LADD step does, for the communication plan: its events and backwards
     per step (comms_plan.ladd_schedule) and its FLOPs: a forward F (ladd_layouts), a backward 2F
@@ -332,8 +343,25 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False, flops
             layouts.update(ladd_layouts(cfg, configs, models))
         return ladd_comms_plan(cfg, world, configs, layouts).step_s
 
+    traced: dict[tuple, zero3_replay.EngineLayout] = {}
+    windows: dict[tuple, float] = {}
+
+    def zero3_window(models: dict, name: str, ds_config: dict) -> float:
+        # The step's gathers replayed on the engine's module order (training/zero3_replay.py),
+        # traced once per persistence threshold, replayed once per gather setting.
+        zero = ds_config.get("zero_optimization", {})
+        key = (name, json.dumps(zero, sort_keys=True))
+        if key not in windows:
+            threshold = (name, zero.get("stage3_param_persistence_threshold"))
+            if threshold not in traced:
+                as_zero3 = {**ds_config, "zero_optimization": {**zero, "stage": 3}}
+                traced[threshold] = ladd_layouts(cfg, dict.fromkeys(models, as_zero3), models, flops=False)[name]
+            events = comms_plan.ladd_schedule(cfg)[name][0]
+            windows[key] = zero3_replay.replay(traced[threshold], events, world=world, zero=zero).peak_live
+        return windows[key]
+
     timed = step_time if cfg.deepspeed.interconnect is not None else None
-    return place_engines(cfg, world, ENGINES, meta_models, activations, plan_always, step_time=timed)
+    return place_engines(cfg, world, ENGINES, meta_models, activations, plan_always, step_time=timed, zero3_window=zero3_window)
 
 
 _STEP_ACTIVATIONS: dict[str, StepActivations] = {}

@@ -3,6 +3,7 @@ check, and the memory plan of the --dry-run report."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -172,6 +173,7 @@ def place_engines(
     activations: Callable[[dict[str, nn.Module]], StepActivations],
     plan_always: bool = False,
     step_time: Callable[[dict[str, nn.Module], dict[str, int]], float] | None = None,
+    zero3_window: Callable[[dict[str, nn.Module], str, dict], float] | None = None,
 ) -> tuple[dict[str, dict], Placement | None]:
     """Every engine's DeepSpeed config with its ZeRO stage: the template's, the one set in
     deepspeed.<engine>_stage, or for "auto" the memory plan's (ladd_ds.training.placement).
@@ -179,7 +181,9 @@ def place_engines(
     The plan needs the models (built on the meta device by `meta_models`) and the activation
     bytes of a training step's phases (`activations`); it is made only when a stage is "auto" or
     `plan_always` (the --dry-run report). `step_time(models, stages)`: seconds per step of a stage
-    assignment (the communication plan); with it "auto" picks the fastest placement that fits."""
+    assignment (the communication plan); with it "auto" picks the fastest placement that fits.
+    `zero3_window(models, engine, ds_config)`: the most elements ZeRO-3 keeps gathered for the
+    engine in a step (placement.EngineNeeds.live_window)."""
     asked = {s.name: getattr(cfg.deepspeed, s.stage_key) for s in slots}
     templates = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable) for s in slots}
     if not plan_always and AUTO not in asked.values():
@@ -198,6 +202,7 @@ def place_engines(
             ema=s.keeps_ema and cfg.optim.ema_decay > 0,
             adamw=planned_adamw_kind(cfg),
             leaf_blocks=s.leaf_blocks and cfg.deepspeed.z3_leaf_blocks,
+            live_window=None if zero3_window is None else functools.partial(zero3_window, models, s.name),
         )
         for s in slots
     ]

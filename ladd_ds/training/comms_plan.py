@@ -13,16 +13,12 @@ Bytes per step of one engine of N parameters (n_t trained), on a group of n rank
 
 - ZeRO-3 all-gather: each use of a module gathers its non-persistent parameters (under
   `stage3_param_persistence_threshold` elements a parameter stays gathered), w x ceil(numel / n)
-  logged per parameter. A module is used once per forward and, when its output requires grad,
-  once in the backward (DeepSpeed re-gathers there); gradient checkpointing recomputes a block's
-  forward inside the backward. After a use the parameters are released unless the prefetch
-  (`stage3_prefetch_bucket_size` elements not yet gathered, ahead in the recorded trace) has
-  already passed over the module's next use, or that use is within `stage3_max_reuse_distance`
-  elements of the trace. A trained engine's optimizer step releases everything and gathers the
-  persistent parameters again; a frozen engine keeps what it held from one step to the next.
-  `zero3_gathered` replays DeepSpeed's coordinator on the module order of a meta forward.
-  ZeRO++ hpZ (`zero_hpz_partition_size` h): a module's gathers after its first since the last
-  step read secondary shards within groups of h ranks (w x numel / h logged per parameter).
+  logged per parameter, unless they are still gathered from an earlier use: which ones are is
+  DeepSpeed's parameter coordinator's decision, replayed on the module order of a meta forward
+  (training/zero3_replay.py: prefetch, reuse distance, the optimizer step releasing everything, a
+  frozen engine keeping what it held). ZeRO++ hpZ (`zero_hpz_partition_size` h): a gather after
+  a module's first since the last step reads secondary shards within groups of h ranks
+  (w x numel / h logged per parameter).
 - ZeRO-2/3 gradient reduction after every backward that produces the engine's gradients (a per
   step): ZeRO-3 reduce-scatter c x n x ceil(numel / n) per parameter; ZeRO-2 (and ZeRO-1, ZeRO-0
   once per step) an all-reduce of c x n_t (`use_multi_rank_bucket_allreduce`, the default) in
@@ -57,16 +53,11 @@ Step time = compute + exposed communication; scaling efficiency = compute / step
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
 from ladd_ds.core.errors import InputError
+from ladd_ds.training.zero3_replay import EngineLayout, replay
 
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce")
 # DeepSpeed's op names (as logged) -> the plan's collectives.
@@ -112,259 +103,6 @@ class Interconnect:
     def bandwidth(self, group: int) -> float:
         """Bytes/s per GPU of a ring over `group` ranks (consecutive ranks fill a node first)."""
         return (self.intra_node_gbs if group <= self.gpus_per_node else self.inter_node_gbs) * GB
-
-
-# ----------------------------------------------------------------------------- the models' layout
-
-
-@dataclass(frozen=True)
-class EngineLayout:
-    """What the plan needs of one engine's model, from one forward on meta tensors: the order in
-    which its modules' forwards start (DeepSpeed gathers there) and end (the backward visits the
-    modules in the reverse of that order), each module's direct parameters, whether its output
-    requires grad (with the parameters trainable, and frozen: the heads in the generator step),
-    the checkpointed block it belongs to, and one forward's FLOPs."""
-
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
-    param_numels: tuple[tuple[int, ...], ...]  # per module (every module, containers too)
-    persistent: tuple[tuple[bool, ...], ...]  # per module and parameter: stays gathered
-    grad: tuple[bool, ...]
-    grad_frozen: tuple[bool, ...]
-    block: tuple[int | None, ...]
-    trained_numels: tuple[int, ...]
-    flops: float
-
-
-def trace_model(
-    model: nn.Module,
-    call,
-    *,
-    persistence_threshold: float,
-    checkpointed: Sequence[nn.Module] = (),
-    frozen_too: bool = False,
-    count_flops: bool = True,
-) -> tuple[EngineLayout, object]:
-    """Run `call(model)` (a forward on meta tensors, returning its outputs) and record the module
-    order and which outputs require grad (EngineLayout). `checkpointed`: the blocks that are
-    checkpointed (recomputed in backward: FlowModel.checkpointed_blocks); `frozen_too`: run again with the parameters
-    frozen for `grad_frozen` (else it is `grad`); `count_flops` False leaves `flops` 0 (torch's
-    FlopCounterMode made an 8B meta forward 2.4x slower). Returns the layout and what `call`
-    returned."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    modules = list(model.modules())
-    index = {id(m): i for i, m in enumerate(modules)}
-    block_of: dict[int, int] = {}
-    for b, block in enumerate(checkpointed):
-        block_of.update({index[id(m)]: b for m in block.modules()})
-    starts: list[int] = []
-    ends: list[int] = []
-    grad: dict[int, bool] = {}
-
-    def pre_hook(module, args):
-        starts.append(index[id(module)])
-
-    def hook(module, args, output):
-        ends.append(index[id(module)])
-        tensors = output if isinstance(output, tuple | list) else (output,)
-        grad.setdefault(index[id(module)], any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
-
-    handles = [m.register_forward_pre_hook(pre_hook) for m in modules] + [m.register_forward_hook(hook) for m in modules]
-    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
-    trained = [p for p in model.parameters() if p.requires_grad]
-    try:
-        with counter:
-            result = call(model)
-        layout_starts, layout_ends, grad_trained = tuple(starts), tuple(ends), grad
-        if frozen_too:  # again with the parameters frozen: which modules' outputs still require grad
-            grad = {}
-            for p in trained:
-                p.requires_grad_(False)
-            call(model)
-    finally:
-        for p in trained:
-            p.requires_grad_(True)
-        for h in handles:
-            h.remove()
-    params = tuple(tuple(p.numel() for p in m.parameters(recurse=False)) for m in modules)
-    layout = EngineLayout(
-        starts=layout_starts,
-        ends=layout_ends,
-        param_numels=params,
-        persistent=tuple(tuple(n <= persistence_threshold for n in ps) for ps in params),
-        grad=tuple(grad_trained.get(i, False) for i in range(len(modules))),
-        grad_frozen=tuple(grad.get(i, False) for i in range(len(modules))),
-        block=tuple(block_of.get(i) for i in range(len(modules))),
-        trained_numels=tuple(p.numel() for p in trained),
-        flops=float(counter.get_total_flops()) if count_flops else 0.0,
-    )
-    return layout, result
-
-
-# ----------------------------------------------------------------------------- ZeRO-3 gathers
-
-
-def backward_uses(layout: EngineLayout, frozen: bool) -> list[int]:
-    """The module uses of a backward: the modules whose output requires grad (`frozen`: with the
-    parameters frozen) in the reverse of the order their forwards ended; a checkpointed block is
-    first recomputed (its forward's uses), then backpropagated."""
-    needs = layout.grad_frozen if frozen else layout.grad
-    out: list[int] = []
-    rev = [m for m in reversed(layout.ends) if needs[m] or layout.block[m] is not None]
-    i = 0
-    while i < len(rev):
-        b = layout.block[rev[i]]
-        if b is None:
-            out.append(rev[i])
-            i += 1
-            continue
-        j = i
-        while j < len(rev) and layout.block[rev[j]] == b:
-            j += 1
-        out += [m for m in layout.starts if layout.block[m] == b]  # the recompute
-        out += [m for m in rev[i:j] if needs[m]]
-        i = j
-    return out
-
-
-def zero3_gathered(layout: EngineLayout, events: str, *, world: int, zero: dict, steps: int = 3) -> tuple[float, float]:
-    """Elements of shards (per rank, ceil(numel / world) per parameter) that ZeRO-3 gathers in one
-    training step of `events` (R, F, B, b, S; ladd_schedule) with the `zero_optimization`
-    settings `zero`, in the steady state: DeepSpeed's parameter coordinator
-    (runtime/zero/partitioned_param_coordinator.py) replayed per module for `steps` steps, the
-    last one counted.
-
-    The coordinator records the module uses between the first two top-level forwards after an
-    invalid trace as the trace; a use that differs from it invalidates it. With a complete trace,
-    fetching a module prefetches the modules ahead in the trace until `stage3_prefetch_bucket_size`
-    elements not yet gathered are on their way (gathered ones are passed over for free), and a
-    module's parameters are kept after a use when the prefetch has already passed over a later
-    use of it, or when it is used again within `stage3_max_reuse_distance` elements of the trace
-    ahead; otherwise they are released. Persistent parameters (`stage3_param_persistence_threshold`)
-    stay gathered, except that a use while the trace is not complete releases them too (the
-    heads' trace, whose generator-step backward visits fewer modules than the discriminator
-    step's, never completes). S (a trained engine's step) releases everything and gathers the
-    persistent parameters again.
-
-    With ZeRO++ hpZ (`zero_hpz_partition_size` h > 1) releasing a module also keeps a secondary
-    shard of it, partitioned over the h ranks of its group (1 / h of the world-padded tensor per
-    rank), and its next gathers read that within the group, until the optimizer step invalidates
-    it (stage3.py invalidate_secondary_tensor); a frozen engine keeps it for good. Returns the
-    shard elements gathered over the world and those gathered within hpZ groups."""
-    hpz = int(zero.get("zero_hpz_partition_size", 1))
-    prefetch_bucket = float(zero.get("stage3_prefetch_bucket_size", 5e7))
-    reuse = float(zero.get("stage3_max_reuse_distance", 1e9))
-    max_live = float(zero.get("stage3_max_live_parameters", 1e9))
-    shard = [
-        sum(math.ceil(n / world) for n, keep in zip(ns, ps) if not keep) for ns, ps in zip(layout.param_numels, layout.persistent)
-    ]
-    gatherable = [sum(n for n, keep in zip(ns, ps) if not keep) for ns, ps in zip(layout.param_numels, layout.persistent)]
-    secondary_shard = [
-        sum(math.ceil(n / world) * world / hpz for n, keep in zip(ns, ps) if not keep)
-        for ns, ps in zip(layout.param_numels, layout.persistent)
-    ]
-    secondary: set[int] = set()  # modules whose hpZ secondary shard is valid
-    numel = [sum(ns) for ns in layout.param_numels]
-    persistent = sum(
-        math.ceil(n / world) for ns, ps in zip(layout.param_numels, layout.persistent) for n, keep in zip(ns, ps) if keep
-    )
-    passes = {"F": list(layout.starts), "B": backward_uses(layout, False), "b": backward_uses(layout, True)}
-    mode, trace, step_id = "invalid", [], 0
-    next_use: list[int] = []
-    prefix: list[float] = []
-    queue: collections.deque[int] = collections.deque()
-    fetched_for: dict[int, int] = {}  # module -> the latest trace position the prefetch passed over
-    available: set[int] = {m for m in range(len(numel)) if not gatherable[m]}
-    persistent_shard = [
-        sum(math.ceil(n / world) for n, keep in zip(ns, ps) if keep) for ns, ps in zip(layout.param_numels, layout.persistent)
-    ]
-    # Persistent parameters are gathered at init and after every step, and released only by a
-    # use while the trace is not complete (the coordinator's release skips them only then).
-    holds_persistent = {m for m in range(len(numel)) if persistent_shard[m]}
-    live = 0.0
-    gathered, within = 0.0, 0.0
-
-    def gather(m: int) -> None:
-        nonlocal gathered, within, live
-        if persistent_shard[m] and m not in holds_persistent:
-            gathered += persistent_shard[m]
-            holds_persistent.add(m)
-        if m not in available:
-            if m in secondary:
-                within += secondary_shard[m]
-            else:
-                gathered += shard[m]
-            live += gatherable[m]
-            available.add(m)
-
-    def release(m: int) -> None:
-        nonlocal live
-        if m in available and gatherable[m]:
-            available.discard(m)
-            live -= gatherable[m]
-            if hpz > 1:
-                secondary.add(m)
-
-    def freeze() -> None:
-        nonlocal next_use, prefix
-        later: dict[int, int] = {}
-        next_use = [0] * len(trace)
-        for pos in range(len(trace) - 1, -1, -1):
-            next_use[pos] = later.get(trace[pos], -1)
-            later[trace[pos]] = pos
-        prefix = [0.0]
-        for m in trace:
-            prefix.append(prefix[-1] + numel[m])
-
-    for _ in range(steps):
-        gathered, within = 0.0, 0.0
-        for event in events:
-            if event == "R":
-                if mode == "record":
-                    mode = "complete"
-                    freeze()
-                elif mode == "invalid":
-                    mode, trace = "record", []
-                step_id, fetched_for = 0, {}
-                queue = collections.deque(range(len(trace))) if mode == "complete" else collections.deque()
-                continue
-            if event == "S":
-                for m in list(available):
-                    release(m)
-                secondary.clear()
-                gathered += persistent
-                holds_persistent.update(m for m in range(len(numel)) if persistent_shard[m])
-                continue
-            for m in passes[event]:
-                if mode == "complete" and (step_id >= len(trace) or trace[step_id] != m):
-                    mode, trace, queue = "invalid", [], collections.deque()
-                elif mode == "record":
-                    trace.append(m)
-                gather(m)
-                if mode == "complete":
-                    if fetched_for.get(m, -1) < step_id and queue:
-                        fetched_for[m] = max(fetched_for.get(m, -1), queue.popleft())
-                    budget, coming, ahead = min(max_live - live, prefetch_bucket), 0.0, []
-                    while queue and coming < budget:
-                        pos = queue.popleft()
-                        m2 = trace[pos]
-                        fetched_for[m2] = max(fetched_for.get(m2, -1), pos)
-                        if m2 not in available and m2 not in ahead:
-                            ahead.append(m2)
-                            coming += numel[m2]
-                    for m2 in ahead:
-                        gather(m2)
-                step_id += 1
-                keep = False
-                if mode == "complete":
-                    j = next_use[step_id - 1]
-                    keep = fetched_for.get(m, -1) > step_id or (j >= 0 and prefix[j] - prefix[step_id] < reuse)
-                if not keep:
-                    release(m)
-                if mode != "complete":
-                    holds_persistent.discard(m)
-    return gathered, within
 
 
 # ----------------------------------------------------------------------------- the step's plan
@@ -452,7 +190,8 @@ def engine_bytes(step: EngineStep, *, world: int, precision: str) -> dict[str, C
     z = _zero(step.ds_config)
     n_t = sum(step.layout.trained_numels)
     if step.stage >= 3:
-        shards, within = zero3_gathered(step.layout, step.events, world=world, zero=z)
+        replayed = replay(step.layout, step.events, world=world, zero=z)
+        shards, within = replayed.gathered, replayed.within
         out["all_gather"].add(logged=shards * w, wire=shards * w * (world - 1))
         if within:
             h = hpz_size(step.ds_config)
@@ -513,8 +252,8 @@ def ladd_schedule(cfg) -> dict[str, tuple[str, int]]:
     penalty's second one) and backward. The trained engines step at the end."""
     a = cfg.optim.grad_accum
     extra_teacher = "RF" if cfg.ladd.distill_weight > 0 and (cfg.ladd.distill_cfg or 1.0) != 1.0 else ""
-    # b: the heads' backward in the generator step, their parameters frozen (fewer modules).
-    student_g, teacher_g, heads_g = "RFB", "RF" + extra_teacher + "B", "RFb"
+    # b: a backward with the parameters frozen: the teacher's, and the heads' in the generator step.
+    student_g, teacher_g, heads_g = "RFB", "RF" + extra_teacher + "b", "RFb"
     student_d = "" if cfg.ladd.reuse_fakes else "RF"
     heads_d = "RF" + ("RF" if cfg.ladd.r1_gamma > 0 else "") + "B"
     return {

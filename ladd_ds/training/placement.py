@@ -62,6 +62,10 @@ class EngineNeeds:
     ema: bool = False  # the run keeps an EMA of this engine's trained weights (training/ema.py)
     adamw: str = "fused"  # the torch AdamW implementation its optimizer runs (engines.adamw_kind)
     leaf_blocks: bool = False  # its blocks are ZeRO-3 leaf modules (deepspeed.z3_leaf_blocks): gathered whole
+    # The most elements of non-persistent parameters ZeRO-3 holds gathered in a training step
+    # under a resolved DeepSpeed config: the method's step replayed (training/zero3_replay.py).
+    # None: the prefetch bucket plus the gather unit, a lower estimate (zero3_live_params).
+    live_window: Callable[[dict], float] | None = None
 
     @property
     def n_params(self) -> int:
@@ -80,6 +84,7 @@ class EngineMemory:
     buffers: float
     ema: float = 0.0
     optimizer_temps: float = 0.0  # what the optimizer step allocates and frees (adamw_temporaries)
+    zero3_live: float = 0.0  # elements of non-persistent parameters ZeRO-3 holds gathered at most (in `buffers`)
 
     @property
     def total(self) -> float:
@@ -162,8 +167,12 @@ def zero3_gather_unit(engine: EngineNeeds) -> int:
 
 def zero3_live_params(engine: EngineNeeds, ds_config: dict) -> float:
     """Elements of non-persistent parameters the plan counts as gathered at once under ZeRO-3:
-    the prefetch bucket plus the module being computed (zero3_gather_unit), capped by
-    `stage3_max_live_parameters` and by the model. `ds_config` with its "auto" sizes resolved."""
+    the engine's replayed step (`live_window`) when it has one, else the prefetch bucket plus the
+    module being computed (zero3_gather_unit), capped by `stage3_max_live_parameters` and by the
+    model: what DeepSpeed adds to the unit it computes, not what it keeps for later uses
+    (docs/performance.md, "ZeRO-3 live parameters"). `ds_config` with its "auto" sizes resolved."""
+    if engine.live_window is not None:
+        return float(engine.live_window(ds_config))
     z = _zero_settings(ds_config)
     # DeepSpeed keeps parameters of up to `stage3_param_persistence_threshold` elements gathered.
     n = sum(p.numel() for p in engine.model.parameters() if p.numel() > z["persistence"])
@@ -247,9 +256,11 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
     # The EMA (training/ema.py): an fp32 copy of what this rank's partition owns, its ZeRO-3
     # shards or its ZeRO-1/2 optimizer partition; the whole model only at ZeRO-0 (32 GB for 8B).
     ema = trained * 4 / (world if stage >= 1 else 1) if engine.ema else 0.0
+    live = 0.0
     if stage >= 3:
         persistent = sum(p.numel() for p in engine.model.parameters() if p.numel() <= z["persistence"])
-        buffers += (persistent + zero3_live_params(engine, resolved)) * weight_b
+        live = zero3_live_params(engine, resolved)
+        buffers += (persistent + live) * weight_b
     # The optimizer's state is fp32 in both precisions (bf16 runs step an fp32 master copy).
     temps = 0.0
     if trained and stage == 0 and bf16:
@@ -257,7 +268,9 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
     elif trained:
         stepped = optimizer_steps(engine.model, stage=stage, world=world, sub_group_size=z["sub_group"])
         temps = adamw_temporaries(engine.adamw, stepped)
-    return EngineMemory(weights=weights, grads=grads, optimizer=optimizer, buffers=buffers, ema=ema, optimizer_temps=temps)
+    return EngineMemory(
+        weights=weights, grads=grads, optimizer=optimizer, buffers=buffers, ema=ema, optimizer_temps=temps, zero3_live=live
+    )
 
 
 def plan(
