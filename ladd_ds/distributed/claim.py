@@ -1,6 +1,6 @@
 """Claiming an output folder for one job: rank 0 checks what is there, creates the folder, takes its
 lock and marks it; every rank raises the same error when it cannot (a run directory:
-training/run_dir.py; a dataset of synth, encode or pairs: generate/synth.py)."""
+training/run_dir.py; a dataset of synth, encode or pairs: generate/dataset.py)."""
 
 from __future__ import annotations
 

@@ -45,8 +45,7 @@ from ladd_ds.data.images import (  # noqa: F401 (displayed_size, image_bucket, n
 from ladd_ds.data.prompts import PromptJob, input_digest, numbered_lines, parse_bucket
 from ladd_ds.data.schema import TASK_LAYOUTS
 from ladd_ds.distributed.ranks import rank, world_size
-from ladd_ds.generate.masks import DEFAULT_KINDS, check_kinds, random_mask
-from ladd_ds.generate.synth import (
+from ladd_ds.generate.dataset import (
     Generation,
     common_settings,
     generate_dataset,
@@ -54,6 +53,7 @@ from ladd_ds.generate.synth import (
     prepare_output,
     start_generation,
 )
+from ladd_ds.generate.masks import DEFAULT_KINDS, check_kinds, random_mask
 from ladd_ds.sampling import condition_columns, load_text_encoder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -284,5 +284,5 @@ def run_encode(
     if task != "t2i":
         source["task"] = task
     s = cfg.synth
-    gen = Generation("encode", "synth", s.batch_size, s.part_size, layout=TASK_LAYOUTS[task])
-    return generate_dataset(cfg, jobs, out, make_rows, source, text, gen)
+    gen = Generation(name="encode", section="synth", batch_size=s.batch_size, part_size=s.part_size, layout=TASK_LAYOUTS[task])
+    return generate_dataset(cfg, jobs=jobs, out=out, make_rows=make_rows, source=source, text=text, gen=gen)

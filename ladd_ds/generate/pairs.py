@@ -11,7 +11,7 @@ preference set ({"prompt", "winner", "loser"} image files per line) through the 
 `ladd-ds encode` (codec.vae, e.g. SD3's VAE), in the bucket of pairs.buckets nearest the winner's
 aspect ratio. An image that does not decode skips its pair (recorded with the reason).
 
-Both run on the machinery of `ladd-ds synth` (ladd_ds.generate.synth.generate_dataset): any
+Both run on the dataset writer of `ladd-ds synth` and `encode` (ladd_ds.generate.dataset): any
 number of ranks (prompt i on rank i % world), parts committed atomically, crash-safe and resumable
 (the same command continues; on a finished output it does nothing; appended lines are added),
 and the settings recorded and checked. Memory holds one part of pairs, not the set; the jobs
@@ -38,8 +38,7 @@ from ladd_ds.core.noise import derive_seed
 from ladd_ds.data.prompts import PromptJob, bucket_name, input_digest, load_prompt_jobs, parse_bucket
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed.ranks import is_main, rank, world_size
-from ladd_ds.generate.state import write_text_atomic
-from ladd_ds.generate.synth import (
+from ladd_ds.generate.dataset import (
     Generation,
     common_settings,
     generate_dataset,
@@ -47,6 +46,7 @@ from ladd_ds.generate.synth import (
     prepare_output,
     start_generation,
 )
+from ladd_ds.generate.state import write_text_atomic
 
 SUMMARY = "pairs.json"
 
@@ -159,8 +159,15 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict | None:
         return {"score_gap_sum": sum(r["score_w"] - r["score_l"] for r in rows)}
 
     source = {"kind": "scored preference pairs", "model": spec, "scorer": p.scorer}
-    gen = Generation("pairs", "pairs", max(1, p.batch_size // k), p.part_size, PAIRS, gap_sum)
-    manifest = generate_dataset(cfg, jobs, out, make_rows, source, sm.text, gen)
+    gen = Generation(
+        name="pairs",
+        section="pairs",
+        batch_size=max(1, p.batch_size // k),
+        part_size=p.part_size,
+        layout=PAIRS,
+        part_stats=gap_sum,
+    )
+    manifest = generate_dataset(cfg, jobs=jobs, out=out, make_rows=make_rows, source=source, text=sm.text, gen=gen)
     return write_summary(out, manifest, extra) if manifest is not None else None
 
 
@@ -272,7 +279,6 @@ def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: 
         return columns, made, skipped
 
     source = {"kind": "imported preference pairs", "preferences": str(preferences), "vae": cfg.codec.vae}
-    manifest = generate_dataset(
-        cfg, jobs, out, make_rows, source, text, Generation("pairs", "pairs", p.batch_size, p.part_size, PAIRS)
-    )
+    gen = Generation(name="pairs", section="pairs", batch_size=p.batch_size, part_size=p.part_size, layout=PAIRS)
+    manifest = generate_dataset(cfg, jobs=jobs, out=out, make_rows=make_rows, source=source, text=text, gen=gen)
     return write_summary(out, manifest, extra) if manifest is not None else None
