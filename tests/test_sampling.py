@@ -182,6 +182,8 @@ def test_a_schedule_that_needs_a_time_of_probability_0_is_refused():
     probabilities were recorded keeps every recorded time (test_student_schedule_matches_...)."""
     from ladd_ds.config import LADDConfig, load_config
     from ladd_ds.ladd.preview import PREVIEW_STEPS, SamplePreview
+    from ladd_ds.models.flow_model import FlowModel
+    from ladd_ds.models.registry import build_transformer
     from ladd_ds.sampling import SamplingModel, default_steps
     from tests.conftest import TINY_CONFIG
 
@@ -210,7 +212,10 @@ def test_a_schedule_that_needs_a_time_of_probability_0_is_refused():
     # The training preview's grids: 1 and 4 steps by default, 1 step only here.
     for sets, steps in (([], list(PREVIEW_STEPS)), ([f"ladd.student_probs={ladd.student_probs}"], [1])):
         cfg = load_config(TINY_CONFIG, [*sets, "logging.sample_prompts=['a red seven']"])
-        assert SamplePreview(cfg, torch.device("cpu")).steps == steps
+        preview = SamplePreview(cfg, torch.device("cpu"))
+        assert preview.steps == steps
+    student = FlowModel(build_transformer("tiny", dtype=torch.bfloat16))
+    assert list(preview.grids(student, torch.bfloat16)) == ["samples/student_1step"]
 
 
 def test_an_export_records_the_probabilities_and_sample_refuses_their_zero_times(tmp_path, capsys):
