@@ -104,8 +104,9 @@ class DiscriminatorConfig:
 @dataclass
 class LADDConfig:
     # What the student learns (docs/method.md, section 8): text-to-image, or an image-conditioned
-    # variant whose transformers take the condition as extra input channels (a text-to-image
-    # model.teacher / model.student is widened with zero weights for them). The data must be of
+    # variant whose transformers take the condition as extra input channels. model.teacher must be
+    # a model of the task (a widened text-to-image teacher, frozen, would ignore the condition);
+    # a text-to-image model.student is widened with zero weights for them. The data must be of
     # the task's layout: `ladd-ds encode --task` / `ladd-ds synth --task`.
     task: Literal["t2i", "inpaint", "edit"] = "t2i"
     # Student timesteps and their probabilities (paper: {1, .75, .5, .25} with .7/.1/.1/.1).

@@ -43,6 +43,63 @@ MODEL_INFO = "ladd_model.json"  # in a teacher folder without vae/: {"codec": ..
 EXPORT_INFO = "ladd_export.json"
 
 
+@dataclass(frozen=True)
+class TrainedTimes:
+    """The input times a LADD student was trained on: ladd.student_timesteps, drawn with
+    ladd.student_probs (and ladd.warmup_probs in the warm-up's steps), as its export records them
+    (ladd/export.py). A time of probability 0 in every phase was never trained. `probs` None: an
+    export written before the probabilities were recorded, whose every time counts as trained."""
+
+    timesteps: tuple[float, ...]
+    probs: tuple[float, ...] | None = None
+    warmup_probs: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_config(cls, ladd) -> TrainedTimes:
+        """From a run's `ladd` config section (config.LADDConfig)."""
+        warmup = ladd.warmup_probs if ladd.warmup_steps > 0 else None  # without warm-up steps they never draw
+        return cls(tuple(ladd.student_timesteps), tuple(ladd.student_probs), _tuple(warmup))
+
+    @classmethod
+    def from_record(cls, sampling: dict) -> TrainedTimes | None:
+        """From an export's `sampling` record; None when it has no timesteps (older exports)."""
+        if sampling.get("student_timesteps") is None:
+            return None
+        return cls(
+            tuple(sampling["student_timesteps"]), _tuple(sampling.get("student_probs")), _tuple(sampling.get("warmup_probs"))
+        )
+
+    def record(self) -> dict:
+        """What an export records (`sampling` of ladd_export.json)."""
+        out = {"student_timesteps": list(self.timesteps), "student_probs": _list(self.probs)}
+        if self.warmup_probs is not None:  # recorded only for runs with a warm-up
+            out["warmup_probs"] = list(self.warmup_probs)
+        return out
+
+    def drawn(self) -> list[float]:
+        """The timesteps training drew with a probability above 0."""
+        if self.probs is None:
+            return list(self.timesteps)
+        phases = [self.probs] if self.warmup_probs is None else [self.probs, self.warmup_probs]
+        return [t for i, t in enumerate(self.timesteps) if any(p[i] > 0 for p in phases)]
+
+    def describe(self) -> str:
+        text = f"t in {list(self.timesteps)}"
+        if self.probs is not None:
+            text += f" with probabilities {list(self.probs)} (ladd.student_probs)"
+        if self.warmup_probs is not None:
+            text += f", {list(self.warmup_probs)} in the warm-up (ladd.warmup_probs)"
+        return text
+
+
+def _tuple(values) -> tuple | None:
+    return None if values is None else tuple(values)
+
+
+def _list(values) -> list | None:
+    return None if values is None else list(values)
+
+
 @dataclass
 class SamplingModel:
     transformer: torch.nn.Module  # SD3Transformer2DModel
@@ -56,30 +113,45 @@ class SamplingModel:
     def factor(self) -> int:
         return self.codec.factor
 
+    @property
+    def trained(self) -> TrainedTimes | None:
+        """A student's trained input times as its export records them; None for a teacher and for
+        exports written before the timesteps were recorded."""
+        return TrainedTimes.from_record(self.info.get("sampling", {}))
 
-def student_schedule(steps: int, trained: list[float] | None = None) -> list[float]:
+
+def student_schedule(steps: int, trained: TrainedTimes | None = None) -> list[float]:
     """The student's input times for an N-step sample: 1, 1 - 1/N, ... (4 steps: 1, .75, .5, .25,
-    the paper's training set; 2 steps: 1, .5; 1 step: 1). With `trained` (ladd.student_timesteps
-    of the run), a schedule that uses a time the student never trained on is refused."""
+    the paper's training set; 2 steps: 1, .5; 1 step: 1). With `trained` (the run's
+    ladd.student_timesteps and their probabilities), a schedule that uses a time the student never
+    trained on, not in the set or drawn with probability 0, is refused. Every student sampler
+    (`ladd-ds sample`, the evaluations, the demo, the training preview) gets its schedule here."""
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
     schedule = [1.0 - i / steps for i in range(steps)]
-    if trained is not None and not _is_trained(schedule, trained):
-        untrained = [round(t, 3) for t in schedule if not _is_trained([t], trained)]
+    if trained is None:
+        return schedule
+    drawn = trained.drawn()
+    untrained = [t for t in schedule if not _is_trained([t], drawn)]
+    if untrained:
+        zero = [round(t, 3) for t in untrained if _is_trained([t], trained.timesteps)]
+        never = f" ({zero} had probability 0)" if zero else ""
         raise InputError(
-            f"--steps {steps}: the student was trained on t in {list(trained)}, which gives samples of "
-            f"{trained_step_counts(trained)} steps; {steps} steps would use the untrained t = {untrained}"
+            f"--steps {steps}: the student was trained on {trained.describe()}, which gives samples of "
+            f"{trained_step_counts(trained)} steps; {steps} steps would use the untrained t = "
+            f"{[round(t, 3) for t in untrained]}{never}"
         )
     return schedule
 
 
-def _is_trained(schedule: list[float], trained: list[float]) -> bool:
+def _is_trained(schedule: list[float], trained) -> bool:
     return all(any(abs(t - u) < 1e-6 for u in trained) for t in schedule)
 
 
-def trained_step_counts(trained: list[float], up_to: int = 16) -> list[int]:
+def trained_step_counts(trained: TrainedTimes, up_to: int = 16) -> list[int]:
     """The step counts N <= up_to whose schedule 1, 1 - 1/N, ... uses only trained times."""
-    return [n for n in range(1, up_to + 1) if _is_trained([1.0 - i / n for i in range(n)], trained)]
+    drawn = trained.drawn()
+    return [n for n in range(1, up_to + 1) if _is_trained([1.0 - i / n for i in range(n)], drawn)]
 
 
 @torch.no_grad()
@@ -274,7 +346,7 @@ def sample_latents(
     teacher = TeacherSampler(sm.transformer, sm.text, sm.shift, sm.factor) if sm.kind == "teacher" else None
     student = FlowModel(sm.transformer) if sm.kind == "student" else None
     if student is not None:
-        schedule = student_schedule(steps, sm.info.get("sampling", {}).get("student_timesteps"))
+        schedule = student_schedule(steps, sm.trained)
     check_condition(config, condition, len(prompts), height // sm.factor, width // sm.factor)
     channels = latent_channels(sm.transformer.config)  # the noise has the latent's channels, not in_channels
     out = []
@@ -466,15 +538,16 @@ TEACHER_STEPS = 28  # `ladd-ds sample` of a teacher without --steps (SD3's relea
 
 def default_steps(sm: SamplingModel) -> tuple[int, str]:
     """The step count `ladd-ds sample` uses without --steps, and why: a student's largest trained
-    count (its export records ladd.student_timesteps: 1, .75, .5, .25 gives 4), a teacher's 28."""
+    count (its export records ladd.student_timesteps and their probabilities: 1, .75, .5, .25, each
+    drawn, gives 4), a teacher's 28."""
     if sm.kind == "teacher":
         return TEACHER_STEPS, "a teacher's default"
-    trained = sm.info.get("sampling", {}).get("student_timesteps")
+    trained = sm.trained
     if trained is None:  # exports written before the timesteps were recorded
         return 4, "the paper's student"
     counts = trained_step_counts(trained)
     # No count fits when 1.0 was not trained: student_schedule then says which times are missing.
-    return (max(counts), "the student's trained maximum") if counts else (len(trained), "one per trained time")
+    return (max(counts), "the student's trained maximum") if counts else (len(trained.drawn()), "one per trained time")
 
 
 def parse_size(size: str) -> tuple[int, int]:

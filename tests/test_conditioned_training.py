@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from ladd_ds.models.conditioning import CONDITION_COLUMNS, condition_channels
 from ladd_ds.models.registry import build_transformer
-from tests.conftest import EXACT, GLOBAL_BATCH_8, copy_run_until, export, train_tiny
+from tests.conftest import EXACT, GLOBAL_BATCH_8, TINY_CONFIG, cli_error, copy_run_until, export, train_tiny
 from tests.test_ladd_steps import make_trainer
+from tests.test_task_generation import noisy_condition_weights
 
 C = 4  # the tiny preset's latent channels
 
@@ -29,6 +30,17 @@ def t2i_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("t2i") / "sd3"
     build_transformer("tiny", seed=5).save_pretrained(folder / "transformer")
     return folder
+
+
+@pytest.fixture(scope="module")
+def task_teachers(tmp_path_factory, t2i_folder):
+    """Per task, a teacher of the task (`ladd.task` refuses a text-to-image one): the t2i folder
+    widened and saved, its condition weights made non-zero as training for the task makes them."""
+    out = {}
+    for task in ("inpaint", "edit"):
+        out[task] = tmp_path_factory.mktemp(f"{task}_teacher") / "sd3"
+        noisy_condition_weights(build_transformer(str(t2i_folder), task=task), C).save_pretrained(out[task] / "transformer")
+    return out
 
 
 @pytest.mark.parametrize("task, dtype", [("inpaint", torch.float32), ("edit", torch.float32), ("inpaint", torch.bfloat16)])
@@ -59,12 +71,41 @@ def test_a_model_of_another_task_is_refused(tmp_path):
         build_transformer(str(folder), task="inpaint")
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_task_run_refuses_a_teacher_not_of_its_task_before_building(
+    tmp_path, t2i_folder, task_teachers, capsys, monkeypatch, dry_run
+):
+    """Widened, a text-to-image teacher's condition weights are zero and frozen: its features and
+    targets would ignore the condition for the whole run. `ladd-ds train` (and --dry-run) refuses
+    it, and a teacher of the other task, before any model is built; a text-to-image student is
+    widened (the runs below train one)."""
+    from ladd_ds.config import load_config
+    from ladd_ds.ladd import build
+    from ladd_ds.ladd.method import LADDMethod
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built before the teacher was checked")
+
+    monkeypatch.setattr(build, "build_flow_model", no_build)
+    base = ["train", "--config", str(TINY_CONFIG), "--set", f"run.run_dir={tmp_path / 'run'}", "--set", "ladd.task=inpaint"]
+    base += ["--dry-run"] if dry_run else []
+    for teacher, have in ((t2i_folder, "t2i"), ("tiny", "t2i"), (task_teachers["edit"], "edit")):
+        err = cli_error(capsys, *base, "--set", f"model.teacher={teacher}")
+        assert f"model.teacher {teacher} is a {have} transformer; ladd.task=inpaint needs a teacher trained for inpaint" in err
+        assert f"in_channels {2 * C + 1} = latent + condition channels, this one has {condition_channels(have, C) + C}" in err
+        assert "`ladd-ds pretrain-teacher --task inpaint`" in err
+    assert not (tmp_path / "run").exists()
+    sets = [f"model.teacher={task_teachers['inpaint']}", f"model.student={t2i_folder}", "ladd.task=inpaint"]
+    LADDMethod.check_config(load_config(TINY_CONFIG, sets))  # a teacher of the task, a t2i student: accepted
+
+
 @pytest.mark.parametrize("task", ["inpaint", "edit"])
-def test_every_student_and_teacher_call_gets_the_batchs_condition(tmp_path, distributed_world_of_one, task):
+def test_every_student_and_teacher_call_gets_the_batchs_condition(tmp_path, distributed_world_of_one, task_teachers, task):
     """G step (student; teacher as discriminator, whose velocity is also the distillation target)
     and D step (recomputed fakes; reals and fakes in one 2B teacher call): each input is the noisy
     latent followed by the batch's condition channels."""
-    trainer = make_trainer(tmp_path, f"ladd.task={task}", "ladd.distill_weight=1.0", "ladd.reuse_fakes=false")
+    sets = [f"model.teacher={task_teachers[task]}", f"ladd.task={task}", "ladd.distill_weight=1.0", "ladd.reuse_fakes=false"]
+    trainer = make_trainer(tmp_path, *sets)
     method = trainer.method
     assert type(method).__name__ == "ConditionedLADDMethod"
     batch = method.to_device(next(trainer.batches))
@@ -88,26 +129,27 @@ def test_every_student_and_teacher_call_gets_the_batchs_condition(tmp_path, dist
     assert all(channels == C + condition.shape[1] and same for _, channels, same in seen), seen
 
 
-def sets_for(task, folder, nproc, *extra):
-    return [*EXACT, *GLOBAL_BATCH_8[nproc], f"model.teacher={folder}", f"ladd.task={task}", "ladd.distill_weight=1.0", *extra]
+def sets_for(task, teacher, student, nproc, *extra):
+    models = [f"model.teacher={teacher}", f"model.student={student}"]
+    return [*EXACT, *GLOBAL_BATCH_8[nproc], *models, f"ladd.task={task}", "ladd.distill_weight=1.0", *extra]
 
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, t2i_folder):
-    """Per task: 1 rank and 2 ZeRO-3 ranks from the t2i folder (widened on load), a checkpoint
-    every 2 steps; the 2-rank inpaint run resumed from step 2."""
+def runs(tmp_path_factory, t2i_folder, task_teachers):
+    """Per task: 1 rank and 2 ZeRO-3 ranks, the task's teacher and a student from the t2i folder
+    (widened on load), a checkpoint every 2 steps; the 2-rank inpaint run resumed from step 2."""
     root = tmp_path_factory.mktemp("conditioned")
     out = {}
     for task in ("inpaint", "edit"):
         for nproc in (1, 2):
             run_dir = root / f"{task}_{nproc}"
-            train_tiny(run_dir, STEPS, sets_for(task, t2i_folder, nproc, "checkpoint.every=2"), nproc=nproc)
+            train_tiny(run_dir, STEPS, sets_for(task, task_teachers[task], t2i_folder, nproc, "checkpoint.every=2"), nproc=nproc)
             out[task, nproc] = export(run_dir, root / f"{task}_{nproc}_export", step=STEPS)
     resumed = copy_run_until(root / "inpaint_2", root / "inpaint_2_resumed", 2)
-    train_tiny(resumed, STEPS, sets_for("inpaint", t2i_folder, 2, "checkpoint.every=2"), nproc=2)
+    train_tiny(resumed, STEPS, sets_for("inpaint", task_teachers["inpaint"], t2i_folder, 2, "checkpoint.every=2"), nproc=2)
     out["resumed"] = export(resumed, root / "resumed_export", step=STEPS)
     return out
 
@@ -149,9 +191,9 @@ def test_resumed_inpaint_run_equals_the_uninterrupted_one(runs):
 
 
 @pytest.mark.multiproc
-def test_bf16_inpaint_on_two_ranks(tmp_path, t2i_folder):
+def test_bf16_inpaint_on_two_ranks(tmp_path, t2i_folder, task_teachers):
     run_dir = tmp_path / "bf16"
-    sets = [*sets_for("inpaint", t2i_folder, 2), "deepspeed.precision=bf16"]
+    sets = [*sets_for("inpaint", task_teachers["inpaint"], t2i_folder, 2), "deepspeed.precision=bf16"]
     train_tiny(run_dir, 2, sets, nproc=2)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["health/skipped_steps"] == 0 for r in records)

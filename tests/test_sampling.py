@@ -9,7 +9,14 @@ import torch
 from ladd_ds.cli import main
 from ladd_ds.models.codec import PixelUnshuffleCodec, VAECodec, codec_factor, load_codec
 from ladd_ds.models.vae import build_tiny_vae
-from ladd_ds.sampling import ladd_sample, load_sampling_model, network_evaluations, student_schedule, trained_step_counts
+from ladd_ds.sampling import (
+    TrainedTimes,
+    ladd_sample,
+    load_sampling_model,
+    network_evaluations,
+    student_schedule,
+    trained_step_counts,
+)
 from tests.conftest import run_cli
 
 
@@ -19,7 +26,7 @@ def test_student_schedule_matches_the_trained_timesteps():
     assert student_schedule(1) == [1.0]
     with pytest.raises(ValueError):
         student_schedule(0)
-    trained = [1.0, 0.75, 0.5, 0.25]
+    trained = TrainedTimes((1.0, 0.75, 0.5, 0.25))  # an export from before the probabilities were recorded
     assert trained_step_counts(trained) == [1, 2, 4]
     assert student_schedule(4, trained) == [1.0, 0.75, 0.5, 0.25]
     with pytest.raises(
@@ -164,6 +171,70 @@ def test_the_student_default_is_the_largest_schedule_of_trained_times(trained, s
 
     sm = SamplingModel(None, None, None, "student", info={"sampling": {"student_timesteps": trained}})
     assert default_steps(sm)[0] == steps
-    student_schedule(steps, trained)  # a trained schedule
+    student_schedule(steps, sm.trained)  # a trained schedule
     with pytest.raises(ValueError, match="untrained"):
-        student_schedule(steps + 1 if steps < 4 else 3, trained)
+        student_schedule(steps + 1 if steps < 4 else 3, sm.trained)
+
+
+def test_a_schedule_that_needs_a_time_of_probability_0_is_refused():
+    """ladd.student_probs [1, 0, 0, 0] trains t = 1 only: 2 and 4 steps would use times the
+    student never saw. A warm-up phase's times count as trained; an export from before the
+    probabilities were recorded keeps every recorded time (test_student_schedule_matches_...)."""
+    from ladd_ds.config import LADDConfig, load_config
+    from ladd_ds.ladd.preview import PREVIEW_STEPS, SamplePreview
+    from ladd_ds.models.flow_model import FlowModel
+    from ladd_ds.models.registry import build_transformer
+    from ladd_ds.sampling import SamplingModel, default_steps
+    from tests.conftest import TINY_CONFIG
+
+    ladd = LADDConfig(student_probs=[1.0, 0.0, 0.0, 0.0])
+    trained = TrainedTimes.from_config(ladd)
+    assert TrainedTimes.from_record(trained.record()) == trained  # what the export writes, read back
+    assert trained_step_counts(trained) == [1] and student_schedule(1, trained) == [1.0]
+    named = "t in [1.0, 0.75, 0.5, 0.25] with probabilities [1.0, 0.0, 0.0, 0.0] (ladd.student_probs)"
+    for steps in (2, 4):
+        zero = [round(t, 3) for t in student_schedule(steps) if t not in ladd.student_timesteps[:1]]
+        with pytest.raises(ValueError) as e:
+            student_schedule(steps, trained)
+        assert str(e.value) == (
+            f"--steps {steps}: the student was trained on {named}, which gives samples of [1] steps; "
+            f"{steps} steps would use the untrained t = {zero} ({zero} had probability 0)"
+        )
+    sm = SamplingModel(None, None, None, "student", info={"sampling": trained.record()})
+    assert default_steps(sm)[0] == 1
+    # A warm-up on [0, 0, .5, .5] trains .5 and .25 as well: 2 steps (1, .5) are trained, 4 need .75.
+    warm = TrainedTimes.from_config(LADDConfig(student_probs=[1.0, 0, 0, 0], warmup_probs=[0, 0, 0.5, 0.5], warmup_steps=5))
+    assert trained_step_counts(warm) == [1, 2] and student_schedule(2, warm) == [1.0, 0.5]
+    with pytest.raises(ValueError, match=r"untrained t = \[0.75\] \(\[0.75\] had probability 0\)"):
+        student_schedule(4, warm)
+    # warmup_probs without warm-up steps never draw.
+    assert TrainedTimes.from_config(LADDConfig(student_probs=[1.0, 0, 0, 0], warmup_probs=[0, 0, 0.5, 0.5])) == trained
+    # The training preview's grids: 1 and 4 steps by default, 1 step only here.
+    for sets, steps in (([], list(PREVIEW_STEPS)), ([f"ladd.student_probs={ladd.student_probs}"], [1])):
+        cfg = load_config(TINY_CONFIG, [*sets, "logging.sample_prompts=['a red seven']"])
+        preview = SamplePreview(cfg, torch.device("cpu"))
+        assert preview.steps == steps
+    student = FlowModel(build_transformer("tiny", dtype=torch.bfloat16))
+    assert list(preview.grids(student, torch.bfloat16)) == ["samples/student_1step"]
+
+
+def test_an_export_records_the_probabilities_and_sample_refuses_their_zero_times(tmp_path, capsys):
+    """End to end (bf16, `ladd-ds export`'s default dtype): a run trained with student_probs
+    [1, 0, 0, 0]; its export records them; `ladd-ds sample --steps 2` is refused before sampling,
+    and without --steps it samples its one trained step."""
+    from tests.conftest import cli_error, export, train_tiny
+
+    probs = [1.0, 0.0, 0.0, 0.0]
+    run_dir = tmp_path / "run"
+    train_tiny(run_dir, 1, ["logging.progress_bar=false", f"ladd.student_probs={probs}"], launcher="in-process")
+    student = export(run_dir, tmp_path / "export", dtype="bf16")
+    assert json.loads((student / "ladd_export.json").read_text())["sampling"]["student_probs"] == probs
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red seven\n")
+    base = ["sample", "--model", str(student), "--prompts", str(prompts), "--per-prompt", "1", "--precision", "bf16"]
+    err = cli_error(capsys, *base, "--steps", "2", "--out", str(tmp_path / "two"))
+    assert f"with probabilities {probs} (ladd.student_probs)" in err and "t = [0.5] ([0.5] had probability 0)" in err
+    assert not (tmp_path / "two.png").exists()
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert "--steps 1: the student's trained maximum" in capsys.readouterr().out
+    assert (tmp_path / "one.png").is_file()

@@ -40,7 +40,7 @@ from ladd_ds.generate.dataset import (
     start_generation,
 )
 from ladd_ds.generate.masks import DEFAULT_KINDS, check_kinds, random_mask
-from ladd_ds.models.conditioning import batch_condition, latent_channels, model_task
+from ladd_ds.models.conditioning import batch_condition, latent_channels
 from ladd_ds.sampling import PRECISIONS, TeacherSampler, condition_columns, load_text_encoder
 
 
@@ -80,6 +80,7 @@ def run_synth(
     cfg: Config, prompts: str, out: str | Path, task: str = "t2i", mask_kinds: tuple[str, ...] | None = None
 ) -> dict | None:
     from ladd_ds.models.codec import codec_factor
+    from ladd_ds.models.registry import check_teacher_task
 
     out = Path(out)
     s = cfg.synth
@@ -89,7 +90,7 @@ def run_synth(
     if task == "t2i":
         jobs = load_prompt_jobs(prompts, buckets, s.bucket_weights, s.seed)
     else:
-        check_teacher_task(cfg.model.teacher, model_cfg, task)
+        check_teacher_task(cfg.model.teacher, task, needed_by=f"`ladd-ds synth --task {task}`")
         jobs = load_condition_jobs(prompts, buckets, s.seed, task, mine=lambda i: i % world_size() == rank())
     device = start_generation(cfg, out)
     identity = model_identity(cfg.model.teacher, cfg.run.seed)
@@ -118,16 +119,6 @@ def run_synth(
         source["task"] = task
     gen = Generation(name="synth", section="synth", batch_size=s.batch_size, part_size=s.part_size, layout=TASK_LAYOUTS[task])
     return generate_dataset(cfg, jobs=jobs, out=out, make_rows=make_rows, source=source, text=text, gen=gen)
-
-
-def check_teacher_task(spec: str, model_cfg: dict, task: str) -> None:
-    """`synth --task` samples the targets with a teacher trained for the task."""
-    have = model_task(model_cfg)
-    if have != task:
-        raise InputError(
-            f"model.teacher {spec} is a {have} transformer; `ladd-ds synth --task {task}` needs a teacher trained for "
-            f"{task} (in_channels = latent + condition channels): pretrain or fine-tune one for the task first"
-        )
 
 
 def load_condition_jobs(path: str | Path, buckets: list[str], seed: int, task: str, mine=lambda index: True) -> list[PromptJob]:

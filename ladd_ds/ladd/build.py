@@ -17,6 +17,7 @@ from ladd_ds.models.activations import RecomputeFlops, SavedTensors, fused_atten
 from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
 from ladd_ds.models.heads import DiscriminatorHeads
+from ladd_ds.models.registry import check_teacher_task
 from ladd_ds.training import comms_plan, zero3_replay
 from ladd_ds.training.build import (
     DryRunReport,
@@ -44,6 +45,13 @@ def resolve_taps(taps: list[int] | None, num_blocks: int) -> list[int]:
             f"discriminator.taps: blocks {bad} do not exist (the teacher has {num_blocks} blocks, 0..{num_blocks - 1})"
         )
     return sorted(taps)
+
+
+def check_task_teacher(cfg: Config) -> None:
+    """Before anything is built: an inpainting or editing run (`ladd.task`) needs a teacher of the
+    task; a text-to-image model.student is still widened (models/registry.check_teacher_task)."""
+    if cfg.ladd.task != "t2i":
+        check_teacher_task(cfg.model.teacher, cfg.ladd.task, needed_by=f"ladd.task={cfg.ladd.task}")
 
 
 def build_models(
@@ -370,6 +378,7 @@ _STEP_ACTIVATIONS: dict[str, StepActivations] = {}
 def dry_run(cfg: Config, world: int) -> DryRunReport:
     """Validate, build the models on the meta device, count parameters, plan memory; no engines.
     The report's problems: unusable data, a plan that does not fit."""
+    check_task_teacher(cfg)
     check_data_matches_model(cfg)
     configs, placement = place_ladd_engines(cfg, world, plan_always=True, flops=True)
     check_compile_stages(cfg, {"student_stage": configs["student"], "teacher_stage": configs["teacher"]})

@@ -31,6 +31,7 @@ from ladd_ds.ladd.build import resolve_taps
 from ladd_ds.models.lora import merged_sources
 from ladd_ds.models.registry import resolve_model_config, task_model_config
 from ladd_ds.models.sharded import DEFAULT_SHARD_BYTES
+from ladd_ds.sampling import TrainedTimes
 from ladd_ds.training.export import (
     absolute_spec,
     checkpoint_info,
@@ -43,7 +44,7 @@ from ladd_ds.training.export import (
 
 def sampling_info(cfg) -> dict:
     """What `ladd-ds sample` needs besides the weights: the text encoders and latent codec the
-    training data were made with, and the student's trained input times."""
+    training data were made with, and the student's trained input times and their probabilities."""
     t = cfg.text
     return {
         "teacher": absolute_spec(cfg.model.teacher),
@@ -53,7 +54,9 @@ def sampling_info(cfg) -> dict:
         "text_seed": t.seed,
         "codec": absolute_spec(cfg.codec.vae),
         "codec_seed": cfg.codec.seed,
-        "student_timesteps": list(cfg.ladd.student_timesteps),
+        # The trained times and how often each was drawn: `sample --steps` refuses a schedule that
+        # needs a time of probability 0 (sampling.student_schedule).
+        **TrainedTimes.from_config(cfg.ladd).record(),
         "task": cfg.ladd.task,  # also readable from the transformer's channels (conditioning.model_task)
         "default_size": list(cfg.synth.buckets[0]),  # [height, width] for `ladd-ds sample` without --size
     }

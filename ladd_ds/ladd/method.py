@@ -13,7 +13,7 @@ from ladd_ds.data.manifest import check_text_settings, generation_guidance_scale
 from ladd_ds.data.schema import TASK_LAYOUTS, Layout
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import all_reduce_sum, print0, world_size
-from ladd_ds.ladd.build import build_ds_configs, build_models
+from ladd_ds.ladd.build import build_ds_configs, build_models, check_task_teacher
 from ladd_ds.ladd.conditioned import ConditionedLADDSteps
 from ladd_ds.ladd.preview import SamplePreview
 from ladd_ds.ladd.steps import LADDSteps
@@ -31,6 +31,7 @@ class LADDMethod(LADDSteps, Method):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        check_task_teacher(cfg)
         check_data_matches_model(cfg)
         if cfg.data.source == "mds":
             check_mds_data(cfg, cls.data_layout(cfg), world_size())

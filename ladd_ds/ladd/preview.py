@@ -17,6 +17,7 @@ from ladd_ds.models.codec import load_codec
 from ladd_ds.models.conditioning import join_condition, latent_channels
 from ladd_ds.models.registry import resolve_model_config
 from ladd_ds.sampling import (
+    TrainedTimes,
     decode_images,
     image_grid,
     initial_noise,
@@ -26,7 +27,7 @@ from ladd_ds.sampling import (
     trained_step_counts,
 )
 
-PREVIEW_STEPS = (1, 4)  # those of them that use only trained times (ladd.student_timesteps)
+PREVIEW_STEPS = (1, 4)  # those of them that use only trained times (ladd.student_timesteps, probability > 0)
 
 
 class SamplePreview:
@@ -37,7 +38,7 @@ class SamplePreview:
         self.text = load_text_encoder(cfg, device)
         self.codec = load_codec(cfg.codec.vae, latent_channels(model_cfg), seed=cfg.codec.seed).to(device)
         self.prompts = list(cfg.logging.sample_prompts or [])
-        self.trained = list(cfg.ladd.student_timesteps)
+        self.trained = TrainedTimes.from_config(cfg.ladd)
         self.steps = [n for n in PREVIEW_STEPS if n in trained_step_counts(self.trained)]
         height, width = cfg.synth.buckets[0]
         shape = (latent_channels(model_cfg), height // self.codec.factor, width // self.codec.factor)

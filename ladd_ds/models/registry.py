@@ -15,7 +15,7 @@ from diffusers import SD3Transformer2DModel
 from torch import nn
 
 from ladd_ds.core.errors import InputError
-from ladd_ds.models.conditioning import widen_input_channels, widen_weight, widened_config
+from ladd_ds.models.conditioning import condition_channels, model_task, widen_input_channels, widen_weight, widened_config
 
 # SD3 facts (docs/method.md, section 6): patch 2, joint attention dim 4096, pooled 2048, max pos 192.
 PRESETS: dict[str, dict] = {
@@ -123,6 +123,27 @@ def task_model_config(spec: str, task: str = "t2i") -> dict:
     """The transformer config a model of `task` built from `spec` has (widened from a
     text-to-image one: models/conditioning.py)."""
     return task_config(spec, resolve_model_config(spec), task)[0]
+
+
+def check_teacher_task(spec: str, task: str, *, needed_by: str) -> None:
+    """A teacher that samples or judges with a condition (`synth --task`, LADD's teacher under
+    `ladd.task`) must be a model of the task. Widening would build one from a text-to-image
+    teacher, but its condition weights are zero and the teacher is frozen: its samples, features
+    and distillation targets would ignore the condition for the whole run (a student is widened
+    and then trained, so it may start from text-to-image). Only the config is read: a preset or
+    folder of another task is refused before anything is built. `needed_by`: what needs it, for
+    the message."""
+    config = resolve_model_config(spec)
+    have = model_task(config)
+    if have != task:
+        latent = config.get("out_channels") or config["in_channels"]
+        need = latent + condition_channels(task, latent)
+        raise InputError(
+            f"model.teacher {spec} is a {have} transformer; {needed_by} needs a teacher trained for {task} "
+            f"(in_channels {need} = latent + condition channels, this one has {config['in_channels']}): "
+            f"pretrain or fine-tune one for the task first (the demo's: `ladd-ds pretrain-teacher --task {task}`). "
+            "A widened text-to-image teacher has zero, frozen weights for the condition and would ignore it"
+        )
 
 
 def build_transformer(
