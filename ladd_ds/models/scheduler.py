@@ -47,6 +47,8 @@ def scheduler_settings(path: Path) -> SamplerSettings:
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read the scheduler config ({e})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a scheduler config is a JSON object of settings")
     name = raw.get("_class_name", SCHEDULER_CLASS)
     if name != SCHEDULER_CLASS:
         raise InputError(f"{path}: _class_name {name!r}; the teacher's sampler is diffusers' {SCHEDULER_CLASS}")
@@ -57,9 +59,10 @@ def scheduler_settings(path: Path) -> SamplerSettings:
     fixed = [k for k in defaults if k not in ("shift", "num_train_timesteps", *_DYNAMIC_ONLY)]
     changed = {k: raw[k] for k in fixed if k in raw and raw[k] != defaults[k]}
     if changed:
+        wanted = {k: defaults[k] for k in changed}
         raise InputError(
             f"{path}: {changed}: the teacher's sampler supports only a fixed shift "
-            f"(keys shift, num_train_timesteps); set them to {({k: defaults[k] for k in changed})} or remove them"
+            f"(keys shift, num_train_timesteps); set them to {wanted} or remove them"
         )
     shift = float(raw.get("shift", defaults["shift"]))
     steps = raw.get("num_train_timesteps", defaults["num_train_timesteps"])
@@ -76,8 +79,7 @@ def folder_sampler_settings(folder: Path, info: dict) -> SamplerSettings:
     settings = scheduler_settings(scheduler)
     if "shift" in info and float(info["shift"]) != settings.shift:
         raise InputError(
-            f"{folder}: {MODEL_INFO} says shift {info['shift']}, {SCHEDULER_CONFIG} says {settings.shift}; "
-            "remove one of them"
+            f"{folder}: {MODEL_INFO} says shift {info['shift']}, {SCHEDULER_CONFIG} says {settings.shift}; remove one of them"
         )
     return settings
 
