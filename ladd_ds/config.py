@@ -416,15 +416,20 @@ class DPOConfig:
     # velocity errors; tune it per model and data (docs/method.md, section 5).
     beta: float = 1000.0
     lr: float = 1e-4
-    # Training-time t ~ sigmoid(t_mean + t_std * n): SD3's logit-normal(0, 1) by default.
+    # Training-time t = shift(sigmoid(t_mean + t_std * n)), shift(t) = s t / (1 + (s - 1) t) with
+    # s = time_shift: SD3's training density, logit-normal(0, 1) shifted as its sampler (s = 3 at
+    # 1024 px). null: model.teacher's sampling shift (ladd_ds.models.scheduler); 1: unshifted.
     t_mean: float = 0.0
     t_std: float = 1.0
+    time_shift: float | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> None:
         for key in ("beta", "lr", "t_std"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"dpo.{key}: must be > 0, got {getattr(self, key)}")
+        if self.time_shift is not None and not self.time_shift > 0:
+            raise ConfigError(f"dpo.time_shift: must be > 0 (or null for model.teacher's sampling shift), got {self.time_shift}")
 
 
 @dataclass

@@ -38,8 +38,8 @@ from ladd_ds.models.conditioning import (
     paste_back,
 )
 from ladd_ds.models.lora import load_lora
+from ladd_ds.models.scheduler import DEFAULT_SHIFT, MODEL_INFO, folder_sampler_settings
 
-MODEL_INFO = "ladd_model.json"  # in a teacher folder without vae/: {"codec": ..., "shift": ...}
 EXPORT_INFO = "ladd_export.json"
 
 
@@ -106,7 +106,8 @@ class SamplingModel:
     text: object  # ladd_ds.models.text_encoders.SD3TextEncoder
     codec: object  # ladd_ds.models.codec codec
     kind: str  # "student" (LADD sampler) or "teacher" (Euler + CFG)
-    shift: float = 3.0  # teacher schedule shift
+    shift: float = DEFAULT_SHIFT  # teacher schedule shift (models/scheduler.py: the folder's)
+    num_train_timesteps: int = 1000  # the teacher scheduler's training table: its smallest sigma
     info: dict = field(default_factory=dict)
 
     @property
@@ -183,7 +184,7 @@ def ladd_sample(
 class TeacherSampler:
     """Classifier-free-guided sampling of the teacher with diffusers' SD3 pipeline."""
 
-    def __init__(self, transformer, text_encoder, shift: float, codec_factor: int):
+    def __init__(self, transformer, text_encoder, shift: float, codec_factor: int, *, num_train_timesteps: int = 1000):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.transformer = transformer
@@ -192,7 +193,7 @@ class TeacherSampler:
         self.pipe = text_encoder.pipe
         self.pipe.transformer = transformer
         self.pipe.vae_scale_factor = codec_factor  # the pipeline checks height/width against it
-        self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
         self.pipe.set_progress_bar_config(disable=True)
         self._negative = None  # the empty prompt's conditioning, encoded on first use
 
@@ -343,7 +344,9 @@ def sample_latents(
     device = next(sm.transformer.parameters()).device
     config = sm.transformer.config
     check_size(sm, height, width)
-    teacher = TeacherSampler(sm.transformer, sm.text, sm.shift, sm.factor) if sm.kind == "teacher" else None
+    teacher = None
+    if sm.kind == "teacher":
+        teacher = TeacherSampler(sm.transformer, sm.text, sm.shift, sm.factor, num_train_timesteps=sm.num_train_timesteps)
     student = FlowModel(sm.transformer) if sm.kind == "student" else None
     if student is not None:
         schedule = student_schedule(steps, sm.trained)
@@ -421,8 +424,15 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
     drop_t5 = not (folder / "text_encoder_3").is_dir()
     text = text_encoders_from_spec(str(folder), str(folder), drop_t5, _max_sequence_length(info), 0)
     codec = load_codec(info.get("codec", str(folder)), channels)
+    settings = folder_sampler_settings(folder, info)
     return SamplingModel(
-        transformer, text.to(device, dtype), codec.to(device), "teacher", shift=info.get("shift", 3.0), info=info
+        transformer,
+        text.to(device, dtype),
+        codec.to(device),
+        "teacher",
+        shift=settings.shift,
+        num_train_timesteps=settings.num_train_timesteps,
+        info=info,
     )
 
 

@@ -14,6 +14,7 @@ from ladd_ds.dpo.loss import dpo_loss, velocity_errors
 from ladd_ds.models.flow_model import FlowModel
 from ladd_ds.models.lora import adapters_disabled, add_lora, load_lora, lora_config, lora_state_dict, read_lora, save_lora
 from ladd_ds.models.registry import build_transformer
+from ladd_ds.models.scheduler import DEFAULT_SHIFT
 from tests.conftest import REPO, cli_error, copy_run_until, export, mds_samples, read_metrics, run_cli
 
 DPO_CONFIG = REPO / "configs" / "tiny_dpo_cpu.yaml"
@@ -459,8 +460,10 @@ def test_dry_run_counts_lora_parameters(capsys, tmp_path):
     trained = sum(model.get_parameter(n).numel() for n in add_lora(model, lora_config(rank=4)))
     assert f"{total + trained:,} parameters, {trained:,} trained" in printed
     assert "model: ZeRO-3" in printed and "reference" not in printed
-    assert main([*args, "--set", "dpo.mode=full"]) == 0
-    assert "reference" in capsys.readouterr().out
+    assert f"shifted by {DEFAULT_SHIFT:g} (model.teacher sampling shift)" in printed  # the tiny preset's: SD3's
+    assert main([*args, "--set", "dpo.mode=full", "--set", "dpo.time_shift=1.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "reference" in printed and "shifted by 1.5 (dpo.time_shift)" in printed
     # Without the pairs (the config's data.path does not exist here) the report is printed and the run cannot start.
     assert main(["dpo", "--config", str(DPO_CONFIG), "--dry-run"]) == 2
     captured = capsys.readouterr()

@@ -40,6 +40,17 @@ def sample_logit_normal(shape, mean: float = 0.0, std: float = 1.0, generator=No
     return torch.sigmoid(mean + std * n)
 
 
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t -> s t / (1 + (s - 1) t): the schedule shift of SD3's sampler (diffusers'
+    FlowMatchEulerDiscreteScheduler), which SD3 also applies to its logit-normal training times
+    (s = 3 at 1024 px: Esser et al. 2024, "resolution-dependent shifting"; diffusers' SD3
+    training scripts index the shifted scheduler's table with the logit-normal draw). Moves times
+    towards noise for s > 1; s = 1 returns t itself, unchanged to the bit."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
 class StudentTimesteps:
     """The student's discrete input timesteps and their probabilities, with a warm-up phase.
 

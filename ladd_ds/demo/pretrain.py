@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from ladd_ds.core.files import atomic_directory
-from ladd_ds.core.flow import add_noise, sample_logit_normal, velocity_target
+from ladd_ds.core.flow import add_noise, sample_logit_normal, shift_time, velocity_target
 from ladd_ds.core.outputs import check_output
 from ladd_ds.demo import digits, tasks
 from ladd_ds.models.codec import PIXEL_UNSHUFFLE
@@ -217,8 +217,7 @@ def flow_matching_loss(
     embeds, pooled = table.lookup(["" if d else p for p, d in zip(prompts, drop.tolist())])
     eps = torch.randn(x0.shape, generator=gen)
     t = sample_logit_normal((len(prompts),), generator=gen)
-    if time_shift != 1.0:
-        t = time_shift * t / (1.0 + (time_shift - 1.0) * t)
+    t = shift_time(t, time_shift)
     v = model(join_condition(add_noise(x0, eps, t), condition), t, embeds, pooled)
     return (v - velocity_target(x0, eps)).square().mean()
 

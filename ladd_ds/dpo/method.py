@@ -13,7 +13,7 @@ from ladd_ds.config import Config
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0, world_size
-from ladd_ds.dpo.steps import DPOEngines, DPOSteps
+from ladd_ds.dpo.steps import DPOEngines, DPOSteps, dpo_time_shift
 from ladd_ds.models.activations import RecomputeFlops, model_activation_bytes, recompute_bytes
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.lora import add_lora, lora_config_from
@@ -110,6 +110,8 @@ def dpo_dry_run(cfg: Config, world: int) -> DryRunReport:
     lines = [
         f"DPO mode {cfg.dpo.mode}: {total:,} parameters, {trained:,} trained ({100 * trained / total:.2f}%); "
         f"precision {cfg.deepspeed.precision}; world size {world}",
+        f"DPO times: logit-normal({cfg.dpo.t_mean:g}, {cfg.dpo.t_std:g}) shifted by {dpo_time_shift(cfg):g} "
+        f"({'dpo.time_shift' if cfg.dpo.time_shift is not None else 'model.teacher sampling shift'})",
     ]
     data_lines, problems = dry_run_data_lines(cfg, world, PAIRS)
     lines += [*data_lines, ""]

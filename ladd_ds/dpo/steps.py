@@ -1,8 +1,8 @@
 """The Diffusion-DPO step on DeepSpeed engines (the LADD trainer's loop runs it; see
 ladd_ds.dpo.method).
 
-Per micro-batch of preference pairs: one logit-normal t and one noise draw per pair, shared by
-winner and loser; the reference's velocity errors without gradients (LoRA mode: the same
+Per micro-batch of preference pairs: one t (logit-normal, shifted by dpo.time_shift) and one
+noise draw per pair, shared by winner and loser; the reference's velocity errors without gradients (LoRA mode: the same
 transformer with its adapters bypassed; full mode: a frozen copy); the model's errors through
 its engine; the DPO loss (ladd_ds.dpo.loss); backward and step.
 """
@@ -21,6 +21,7 @@ from ladd_ds.data.loader import batch_to_device
 from ladd_ds.distributed import faults
 from ladd_ds.dpo.loss import dpo_loss, velocity_errors
 from ladd_ds.models.lora import adapters_disabled
+from ladd_ds.models.scheduler import model_sampler_settings
 
 
 @dataclass
@@ -28,6 +29,14 @@ class DPOEngines:
     model: Any  # DeepSpeedEngine with optimizer (LoRA mode: only the adapters are trainable)
     reference: Any | None  # frozen DeepSpeedEngine (full mode); None with LoRA (adapters off)
     ds_configs: dict[str, dict]
+
+
+def dpo_time_shift(cfg: Config) -> float:
+    """dpo.time_shift, or (null) model.teacher's sampling shift: SD3 trains with the shift it
+    samples with (3 at 1024 px), so DPO weights the errors at the times the model trained on."""
+    if cfg.dpo.time_shift is not None:
+        return cfg.dpo.time_shift
+    return model_sampler_settings(cfg.model.teacher).shift
 
 
 class DPOSteps:
@@ -38,6 +47,7 @@ class DPOSteps:
         self.engines = engines
         self.device = device
         self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        self.time_shift = dpo_time_shift(cfg)
         self.ema = None
         self.step = 0
 
@@ -45,11 +55,12 @@ class DPOSteps:
         return batch_to_device(batch, self.device, self.dtype)
 
     def draw_noise(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per pair: t ~ logit-normal(dpo.t_mean, dpo.t_std) and eps, from the pair's sample id."""
+        """Per pair: t ~ logit-normal(dpo.t_mean, dpo.t_std) shifted by `time_shift`, and eps,
+        from the pair's sample id."""
         x = batch["latent_w"]
         g = per_sample_generators(batch["sample_id"], self.cfg.run.seed, self.step, "dpo")  # ids on the host
         d = self.cfg.dpo
-        t = torch.sigmoid(d.t_mean + d.t_std * randn_per_sample(g))
+        t = flow.shift_time(torch.sigmoid(d.t_mean + d.t_std * randn_per_sample(g)), self.time_shift)
         eps = randn_like_per_sample(x, g)
         return to_device(t, x.device, torch.float32), eps  # (B,) fp32 (see ladd.flow), (B, C, h, w)
 
