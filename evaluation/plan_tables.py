@@ -13,7 +13,9 @@ and the phase it is in, and the total against the 90% of 80 GiB the plan may fil
 from __future__ import annotations
 
 from ladd_ds.config import load_config
-from ladd_ds.ladd.build import place_ladd_engines
+from ladd_ds.distributed.zero_sizes import block_params, resolve_zero3_sizes
+from ladd_ds.ladd.build import ENGINES, build_models, ladd_zero3_window, place_ladd_engines
+from ladd_ds.training.build import engine_ds_config
 from ladd_ds.training.placement import GIB, USABLE_FRACTION
 
 DEVICE_GIB = 80
@@ -52,8 +54,46 @@ def rows() -> list[str]:
     return out
 
 
+# The ZeRO-3 live window at 8 GPUs (it does not depend on the world size), bf16, per engine.
+WINDOW_CONFIGS = ("configs/sd3_medium.yaml", "configs/sd3_large.yaml")
+REUSE = ("template", 0)
+
+
+def live_rows() -> list[str]:
+    """The most parameters ZeRO-3 keeps gathered per engine in a LADD step with the GPU templates
+    ("auto" gather sizes: one block prefetched, two live), replayed as the memory plan does
+    (ladd_ds.ladd.build.ladd_zero3_window), with the templates' `stage3_max_reuse_distance` and
+    with 0."""
+    out = [
+        "| config | engine | stage3_max_reuse_distance | gathered at most: blocks | GiB (bf16) | blocks in the model |",
+        "|---|---|---|---|---|---|",
+    ]
+    world = 8
+    for config in WINDOW_CONFIGS:
+        cfg = load_config(config, [f"deepspeed.device_memory_gib={DEVICE_GIB}"])
+        teacher, student, heads, _ = build_models(cfg, device="meta")
+        models = {"teacher": teacher, "student": student, "heads": heads}
+        window = ladd_zero3_window(cfg, world)
+        for slot in (s for s in ENGINES if s.name != "heads"):
+            template = engine_ds_config(cfg, world, slot.template_key, slot.trainable, 3)
+            block = block_params(models[slot.name])
+            for reuse in REUSE:
+                ds_config = resolve_zero3_sizes(template, models[slot.name])
+                zero = ds_config["zero_optimization"]
+                if reuse != "template":
+                    ds_config = {**ds_config, "zero_optimization": {**zero, "stage3_max_reuse_distance": reuse}}
+                shown = f"{float(zero.get('stage3_max_reuse_distance', 1e9)):.0e} (template)" if reuse == "template" else reuse
+                live = window(models, slot.name, ds_config)
+                n = sum(p.numel() for p in models[slot.name].parameters())
+                name = config.split("/")[-1]
+                out.append(f"| {name} | {slot.name} | {shown} | {live / block:.2f} | {live * 2 / GIB:.2f} | {n / block:.1f} |")
+    return out
+
+
 def main() -> None:
     print("\n".join(rows()))
+    print()
+    print("\n".join(live_rows()))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ placement `deepspeed.*_stage: auto` picks with that interconnect: the fastest th
 
 from __future__ import annotations
 
+import functools
+
 from ladd_ds.config import load_config
-from ladd_ds.ladd.build import ENGINES, build_models, ladd_comms_plan, ladd_layouts, step_activations
+from ladd_ds.ladd.build import ENGINES, build_models, ladd_comms_plan, ladd_layouts, ladd_zero3_window, step_activations
 from ladd_ds.training.build import engine_ds_config, resolve_sizes
 from ladd_ds.training.placement import GIB, USABLE_FRACTION, EngineNeeds, choose_placement, plan
 
@@ -52,10 +54,23 @@ def rows() -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for world in WORLDS:
+        window = ladd_zero3_window(cfg, world)
+
+        def needs(stages: dict[str, int | str], configs: dict[str, dict]) -> list[EngineNeeds]:
+            return [
+                EngineNeeds(
+                    s.name,
+                    models[s.name],
+                    s.trainable,
+                    stages[s.name],
+                    configs[s.name],
+                    live_window=functools.partial(window, models, s.name),
+                )
+                for s in ENGINES
+            ]
 
         def memory(stages: dict[str, int], hpz: int) -> float:
-            configs = _configs(cfg, models, world, stages, 1)
-            engines = [EngineNeeds(s.name, models[s.name], s.trainable, stages[s.name], configs[s.name]) for s in ENGINES]
+            engines = needs(stages, _configs(cfg, models, world, stages, 1))
             total = plan(engines, stages, world, "bf16", activations, DEVICE_GIB * GIB).total
             if hpz > 1 and world > hpz:  # the secondary shards: bf16 weights over the hpZ group
                 total += sum(2 * e.n_params / hpz for e in engines if stages[e.name] == 3)
@@ -67,12 +82,9 @@ def rows() -> list[str]:
             if hpz > 1 and world <= hpz:
                 continue  # one node: hpZ's group is the world
             candidates.append((label, stages, hpz))
-        auto_needs = [
-            EngineNeeds(s.name, models[s.name], s.trainable, "auto", engine_ds_config(cfg, world, s.template_key, s.trainable))
-            for s in ENGINES
-        ]
+        templates = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable) for s in ENGINES}
         auto = choose_placement(
-            auto_needs,
+            needs(dict.fromkeys(templates, "auto"), templates),
             world=world,
             precision="bf16",
             grad_accum=cfg.optim.grad_accum,

@@ -236,9 +236,9 @@ def test_the_plans_zero3_live_term_is_what_deepspeed_keeps_gathered(tmp_path, di
     "auto" gather sizes: the most elements of parameters DeepSpeed holds gathered (or is
     gathering) in each of 2 steps, once its trace is recorded, is the memory plan's ZeRO-3 live
     term, which replays the step (training/zero3_replay.py), to the element: prefetch, reuse
-    distance, modules whose inputs need no gradient held to the backward's end, and a frozen
-    teacher's carry-over from one step to the next. The last is what makes the teacher's window
-    larger than the student's; the default reuse distance keeps almost the whole model gathered."""
+    distance, modules whose inputs need no gradient held to the backward's end, the frozen
+    teacher emptied at the step's end (engines.release_frozen). Without a reuse distance the
+    window is about two blocks; DeepSpeed's default keeps the whole student gathered."""
     precision, _, zero, extra = case
     sets = [
         *gathered_templates(tmp_path, stage3_prefetch_bucket_size="auto", stage3_max_live_parameters="auto", **zero),
@@ -261,7 +261,7 @@ def test_the_plans_zero3_live_term_is_what_deepspeed_keeps_gathered(tmp_path, di
     assert measured[1] == measured[2] == planned, (measured, planned)
     block = block_params(models["student"])
     whole = sum(p.ds_numel for p in models["student"].parameters())
-    if zero:  # without reuse: about two blocks of the student; the frozen teacher keeps more
-        assert 2 * block <= planned["student"] < 3 * block < planned["teacher"] < whole, planned
+    if zero:  # without reuse: about two blocks, the one computing and the one prefetched
+        assert all(2 * block <= planned[name] < 3 * block for name in planned), planned
     else:
         assert planned["student"] == whole, planned

@@ -137,6 +137,28 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def release_backward_leftovers(engine) -> None:
+    """Release what a backward that ran through a ZeRO-3 engine but was not its own (the frozen
+    teacher's, the heads' in the generator step) left gathered: DeepSpeed releases a module after
+    its inputs' gradients are computed, so one whose inputs need none (the adaLN linears, fed the
+    time embedding) stays gathered until the engine's own backward ends, which a frozen engine
+    never has (docs/performance.md, "ZeRO-3 live parameters")."""
+    if engine.zero_optimization_partition_weights():
+        offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+        offload.release_backward_leftovers()
+
+
+def release_frozen(engine) -> None:
+    """Release every parameter a frozen ZeRO-3 engine holds gathered, at the end of a training
+    step. Without an optimizer step nothing else does, and DeepSpeed's count of gathered
+    parameters restarts from 0 at every top-level forward while they stay gathered: the count
+    goes below 0 as they are released, and `stage3_max_live_parameters` stops capping the
+    prefetch (the SD3-medium teacher held 4.7 blocks instead of about 2; docs/performance.md,
+    "ZeRO-3 live parameters")."""
+    if engine.zero_optimization_partition_weights():
+        engine.empty_partition_cache()
+
+
 def device_memory_bytes() -> float:
     """Memory of this rank's device: the GPU's, or on CPU ranks the host's shared by the ranks of
     the node (what `auto` placement plans against when deepspeed.device_memory_gib is not set)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import types
+from collections.abc import Callable
 
 import torch
 
@@ -351,12 +352,20 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False, flops
             layouts.update(ladd_layouts(cfg, configs, models))
         return ladd_comms_plan(cfg, world, configs, layouts).step_s
 
+    timed = step_time if cfg.deepspeed.interconnect is not None else None
+    window = ladd_zero3_window(cfg, world)
+    return place_engines(cfg, world, ENGINES, meta_models, activations, plan_always, step_time=timed, zero3_window=window)
+
+
+def ladd_zero3_window(cfg: Config, world: int) -> Callable[[dict, str, dict], float]:
+    """`window(models, engine, ds_config)`: the most elements of non-persistent parameters ZeRO-3
+    holds gathered for the engine in a LADD step with that DeepSpeed config, the step's gathers
+    replayed on the engine's module order (training/zero3_replay.py); the memory plan's ZeRO-3
+    live term. The models are traced once per persistence threshold, replayed once per setting."""
     traced: dict[tuple, zero3_replay.EngineLayout] = {}
     windows: dict[tuple, float] = {}
 
-    def zero3_window(models: dict, name: str, ds_config: dict) -> float:
-        # The step's gathers replayed on the engine's module order (training/zero3_replay.py),
-        # traced once per persistence threshold, replayed once per gather setting.
+    def window(models: dict, name: str, ds_config: dict) -> float:
         zero = ds_config.get("zero_optimization", {})
         key = (name, json.dumps(zero, sort_keys=True))
         if key not in windows:
@@ -368,8 +377,7 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False, flops
             windows[key] = zero3_replay.replay(traced[threshold], events, world=world, zero=zero).peak_live
         return windows[key]
 
-    timed = step_time if cfg.deepspeed.interconnect is not None else None
-    return place_engines(cfg, world, ENGINES, meta_models, activations, plan_always, step_time=timed, zero3_window=zero3_window)
+    return window
 
 
 _STEP_ACTIVATIONS: dict[str, StepActivations] = {}

@@ -23,6 +23,7 @@ from ladd_ds.core.noise import (
     to_device,
 )
 from ladd_ds.data.loader import batch_to_device
+from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed import faults
 from ladd_ds.ladd import losses
 
@@ -205,6 +206,8 @@ class LADDSteps:
     def generator_step(self, batch: dict, noise: Noise) -> tuple[dict, Fakes]:
         loss, metrics, fakes = self.generator_loss(batch, noise)
         self.engines.student.backward(loss)
+        for frozen in (self.engines.teacher, self.engines.heads):  # their backward was the student's
+            ds.release_backward_leftovers(frozen)
         self.engines.student.step()
         return metrics, fakes
 
@@ -305,6 +308,7 @@ class LADDSteps:
             for m in metrics:
                 m.update({"loss/discriminator": nan, "d/real_logit": nan, "d/fake_logit": nan})
             heads_applied = False
+        ds.release_frozen(self.engines.teacher)
         if self.ema is not None and student_applied and self.ema.due(step + 1):
             self.ema.update(self.engines.student.module)
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}

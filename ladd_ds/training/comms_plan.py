@@ -35,7 +35,8 @@ the teacher's forward on the re-noised fakes with the backward through it into t
 (discriminator step) the teacher's forward on the re-noised reals, the heads' forward and
 backward. `ladd_schedule` writes that as events per engine: R (a top-level forward: DeepSpeed
 resets the trace), F (a forward through the modules), B (the backward; b: with the engine's
-parameters frozen), S (the optimizer step).
+parameters frozen), S (the optimizer step), E (a frozen engine releasing everything at the
+step's end: engines.release_frozen).
 
 Time: a collective on a group within a node (n <= gpus_per_node) runs at the intra-node
 bandwidth per GPU, otherwise at the inter-node bandwidth per GPU (the ring's slowest link).
@@ -258,7 +259,7 @@ def ladd_schedule(cfg) -> dict[str, tuple[str, int]]:
     heads_d = "RF" + ("RF" if cfg.ladd.r1_gamma > 0 else "") + "B"
     return {
         "student": (student_g * a + student_d * a + "S", a),
-        "teacher": (teacher_g * a + "RF" * a, 0),
+        "teacher": (teacher_g * a + "RF" * a + "E", 0),
         "heads": (heads_g * a + heads_d * a + "S", a),
     }
 

@@ -7,15 +7,15 @@ parameters").
 order in which the modules that carry ZeRO-3 hooks start and end, each one's parameters, whether
 its output and its inputs require grad, and the checkpointed blocks. `replay` then follows
 deepspeed 0.19.8's rules (runtime/zero/partitioned_param_coordinator.py and parameter_offload.py)
-parameter by parameter over the events of a step (R, F, B, b, S: comms_plan.ladd_schedule):
+parameter by parameter over the events of a step (R, F, B, b, S, E: comms_plan.ladd_schedule):
 
 - Hooks: every module gets them except the submodules of a ZeRO-3 leaf module
   (`deepspeed.z3_leaf_blocks`), which gathers all its parameters at once.
 - Forward: a module's parameters are gathered when it starts and released when it ends; backward:
   gathered when its output's gradient arrives, released when its inputs' gradients are computed.
-  A module none of whose inputs requires grad never gets that second hook: a trained engine's
-  backward releases it at its end (stage3.py backward_epilogue), a frozen one keeps it until the
-  module's next forward use.
+  A module none of whose inputs requires grad never gets that second hook: the backward's end
+  releases it (stage3.py backward_epilogue for a trained engine's own backward; the LADD step
+  calls the same release for the frozen teacher and heads).
 - A checkpointed block runs its forward again inside the backward; a frozen engine's parameters
   gathered for that recompute stay until the block's backward ends.
 - The trace: the module uses between the first two top-level forwards (R) after an invalid trace;
@@ -28,7 +28,9 @@ parameter by parameter over the events of a step (R, F, B, b, S: comms_plan.ladd
   parameters recursively when the released module is a leaf. Without a complete trace every use
   releases everything it gathered, persistent parameters included.
 - Persistent parameters (at most `stage3_param_persistence_threshold` elements) are gathered at
-  the start and again after every optimizer step (S), which releases everything.
+  the start and again after every optimizer step (S), which releases everything. E (a frozen
+  engine's `empty_partition_cache` at the end of a step, engines.release_frozen) releases
+  everything too, persistent parameters included, which their next use gathers again.
 - ZeRO++ hpZ (`zero_hpz_partition_size` h > 1): releasing a parameter keeps a secondary shard of
   it in its group of h ranks, and its next gathers read that until the optimizer step.
 """
@@ -170,7 +172,9 @@ def backward_actions(layout: EngineLayout, frozen: bool) -> list[Action]:
     becoming its gathering (when its output requires grad) and its start its release (when one of
     its inputs does as well; otherwise it stays held). A checkpointed block's forward runs again
     after the block's own gathering. `frozen`: the engine's parameters are frozen (the teacher, the
-    heads in the generator step); a trained engine's backward ends by releasing what it holds."""
+    heads in the generator step); every backward ends by releasing what it still holds (a trained
+    engine's own backward does; the LADD step does it for the frozen ones,
+    engines.release_backward_leftovers)."""
     needs = layout.grad_frozen if frozen else layout.grad
     inputs = layout.input_grad_frozen if frozen else layout.input_grad
     span = {}  # checkpointed block -> the index range of its forward's events
@@ -188,8 +192,7 @@ def backward_actions(layout: EngineLayout, frozen: bool) -> list[Action]:
                 out += [("fetch" if s else "release", k, True, True) for s, k in layout.events[first : last + 1]]
         elif inputs[m]:
             out.append(("release", m, False, False))
-    if not frozen:
-        out.append(("leftovers",))
+    out.append(("leftovers",))
     return out
 
 
@@ -372,6 +375,14 @@ class _Coordinator:
         self.secondary.clear()
         self._gather(p for p, keep in enumerate(self.layout.persistent) if keep)
 
+    def _empty(self) -> None:
+        """`empty_partition_cache` (engines.release_frozen): everything released, persistent
+        parameters too; in-flight prefetches waited for first."""
+        self.inflight.clear()
+        for p in list(self.available):
+            self.active[p].clear()
+            self._release(p)
+
     def run(self, events: str, steps: int) -> Replayed:
         lay = self.layout
         passes = {"F": forward_actions(lay), "B": backward_actions(lay, False), "b": backward_actions(lay, True)}
@@ -384,6 +395,9 @@ class _Coordinator:
                     continue
                 if event == "S":
                     self._step()
+                    continue
+                if event == "E":
+                    self._empty()
                     continue
                 for action in passes[event]:
                     if action[0] == "leftovers":
