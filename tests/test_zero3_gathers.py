@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tests.conftest as conftest
@@ -46,7 +47,8 @@ def test_zero3_steps_do_not_drain_the_device_and_leaf_blocks_train_the_same(tmp_
     all-gather stream; DeepSpeed's throughput timer off) no step makes the host wait on the compute
     stream or the device; with `overlap_comm: false` every gathered module's wait did
     (docs/performance.md, "ZeRO-3 gathers"). Transformer blocks as leaf modules gather less often
-    and train exactly as per-submodule gathers do (fp32)."""
+    and train exactly as per-submodule gathers do (fp32). (How often each gathers:
+    test_leaf_blocks_train_as_per_submodule_gathers_in_bf16.)"""
     site = device_syncs.sitecustomize_dir(tmp_path / "site")
     plain_env = conftest.subprocess_env
 
@@ -75,11 +77,23 @@ def test_zero3_steps_do_not_drain_the_device_and_leaf_blocks_train_the_same(tmp_
         assert [r[key] for r in leaf] == pytest.approx([r[key] for r in plain], rel=1e-6, abs=1e-7), key
 
 
-def test_leaf_blocks_train_as_per_submodule_gathers_in_bf16(tmp_path, distributed_world_of_one):
+def test_leaf_blocks_train_as_per_submodule_gathers_in_bf16(tmp_path, distributed_world_of_one, monkeypatch):
     """One rank, bf16: a G and a D step with the blocks as ZeRO-3 leaf modules give the losses and
-    the student update of per-submodule gathers (the same kernels on the same values)."""
+    the student update of per-submodule gathers (the same kernels on the same values), with fewer
+    all-gather calls: on this first step DeepSpeed records its trace and does not prefetch, so
+    every use of a module that is not gathered starts one (one per block instead of one per
+    submodule with weights)."""
+    coordinator = PartitionedParameterCoordinator
+    gather = coordinator._PartitionedParameterCoordinator__all_gather_params_
+    calls = []
+
+    def counted(self, params, forward, quantize=False):
+        calls.append(1)
+        return gather(self, params, forward, quantize)
+
+    monkeypatch.setattr(coordinator, "_PartitionedParameterCoordinator__all_gather_params_", counted)
     sets = gathered_templates(tmp_path)
-    results = []
+    results, gathers = [], []
     for leaf in (False, True):
         trainer = make_trainer(
             tmp_path / str(leaf), *sets, "deepspeed.precision=bf16", "ladd.distill_weight=0.5", f"deepspeed.z3_leaf_blocks={leaf}"
@@ -90,8 +104,11 @@ def test_leaf_blocks_train_as_per_submodule_gathers_in_bf16(tmp_path, distribute
         metrics, fakes = method.generator_step(batch, noise)
         metrics.update(method.discriminator_step(batch, noise, fakes))
         results.append(({k: float(v) for k, v in metrics.items()}, local_params(method.engines.student.module)))
+        gathers.append(len(calls))
+        calls.clear()
         trainer.close()
     (m_plain, student_plain), (m_leaf, student_leaf) = results
+    assert 0 < gathers[1] < gathers[0] / 2, gathers
     assert m_leaf == m_plain
     assert all(torch.equal(student_leaf[n], student_plain[n]) for n in student_plain)
 
