@@ -101,3 +101,17 @@ def test_every_link_between_the_docs_resolves():
                 assert fragment in anchors, f"{doc.relative_to(REPO)}: the link {link}: no heading has the anchor #{fragment}"
             seen += 1
     assert seen >= 10
+
+
+def test_ci_runs_the_readmes_install_and_test_commands():
+    """.ci/run runs the README's install command and its test command ("The three commands": the
+    first and last bash blocks), so that CI tests what a user types."""
+    section = (REPO / "README.md").read_text().split("\n## The three commands\n")[1].split("\n## ")[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    assert len(blocks) == 3, f'README "The three commands": expected 3 bash blocks, found {len(blocks)}'
+    install, _, test = blocks
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert install in ci, f".ci/run does not run the README's install command {install!r}"
+    assert any(line == test or line.endswith(f" {test}") or f" {test} " in line for line in ci), (
+        f".ci/run does not run the README's test command {test!r}"
+    )

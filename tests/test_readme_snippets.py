@@ -24,7 +24,7 @@ def readme_block(name: str) -> str:
     found = [(doc, doc.read_text()) for doc in DOCS if marker in doc.read_text()]
     counts = {doc.name: text.count(marker) for doc, text in found}
     assert sum(counts.values()) == 1, f"expected the marker {marker!r} once in README.md and docs/*.md, found {counts}"
-    (doc, text), = found
+    ((doc, text),) = found
     after = text[text.index(marker) + len(marker) :]
     m = re.match(r"\s*```python\n(.*?)\n```", after, re.S)
     assert m, f"{doc.relative_to(REPO)}: the marker {marker!r} is not followed by a ```python block"
