@@ -2,7 +2,7 @@
 # One prepared check on a lent GPU machine (one H100/H200), run from the repository root:
 #   bash evaluation/device_check.sh OUT_DIR
 # The machine has its own torch; what the project needs beyond it travels as wheels in .whl/
-# (deepspeed, diffusers, transformers<5 and their dependencies; README, "Step benchmark").
+# (deepspeed, diffusers, transformers<5 and their dependencies; docs/performance.md, "Step benchmark").
 # Without a CUDA GPU it stops at once with exit status 2. It runs, each with its own time limit
 # so that one hang cannot eat the rest (the limits add up to about 10 minutes):
 #   1. the GPU tests (pytest -m gpu);

@@ -292,7 +292,7 @@ class DeepSpeedConfig:
     # fastest placement that fits (docs/performance.md, "Communication"); null: memory only.
     interconnect: InterconnectConfig | None = None
     # Achieved TFLOP/s per GPU assumed for the compute time: a plain PyTorch LADD step on one H200
-    # ran 242.6 TFLOP in 881.8 ms (README, "Step benchmark"), 275 TFLOP/s.
+    # ran 242.6 TFLOP in 881.8 ms (docs/performance.md, "Step benchmark"), 275 TFLOP/s.
     achieved_tflops: float = 275.0
 
     def validate(self) -> None:
@@ -343,7 +343,7 @@ class TextConfig:
     encoders: str = "tiny"  # "tiny" (built in code for model.teacher's preset) or a local SD3 folder
     drop_t5: bool = False
     # T5 tokens of the conditioning (diffusers' max_sequence_length): SD3 uses 256; 77 stores
-    # and attends to 54% fewer text tokens (77 + 77 instead of 77 + 256; README, "Data").
+    # and attends to 54% fewer text tokens (77 + 77 instead of 77 + 256; docs/data.md, "Text conditioning").
     max_sequence_length: int = 256
     seed: int = 0  # initial weights of the "tiny" encoders (a folder's encoders are loaded)
 

@@ -21,7 +21,7 @@
 #   PASS_ENV      extra variable names to forward to every node (space separated). Forwarded
 #                 when set: NCCL_*, TORCH_NCCL_*, GLOO_*, TORCH_DISTRIBUTED_DEBUG, HF_*,
 #                 PYTHONPATH, OMP_NUM_THREADS, DS_ACCELERATOR; MASTER_ADDR and MASTER_PORT always
-# Network variables to check on a new cluster (README.md, "Multi-node"): NCCL_SOCKET_IFNAME,
+# Network variables to check on a new cluster (docs/training.md, "Multi-node"): NCCL_SOCKET_IFNAME,
 # GLOO_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG=WARN (INFO while debugging).
 # Every node must see the same checkout, virtualenv, config, data and run directory (a shared
 # file system): checkpoints are written by all ranks into RUN_DIR/checkpoints.

@@ -1,7 +1,7 @@
-"""The README's code blocks that load exports in diffusers run as written: each block marked
-`<!-- tested: tests/test_readme_snippets.py, NAME -->` is taken from README.md, its placeholder
-paths (and nothing else) replaced by exports of tiny runs made here, executed, and what it
-loaded compared with the files the export wrote."""
+"""The documentation's code blocks that load exports in diffusers run as written: each block marked
+`<!-- tested: tests/test_readme_snippets.py, NAME -->` is taken from README.md or docs/*.md (the
+DPO blocks are in docs/dpo.md), its placeholder paths (and nothing else) replaced by exports of
+tiny runs made here, executed, and what it loaded compared with the files the export wrote."""
 
 import json
 import re
@@ -14,30 +14,33 @@ from tests.conftest import REPO, run_cli
 from tests.test_dpo import DPO_CONFIG, write_random_pairs
 
 MARKER = "<!-- tested: tests/test_readme_snippets.py, {name} -->"
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def readme_block(name: str) -> str:
-    """The python block right after the block's marker; fails if the marker is not there exactly
-    once or is not followed by a python block."""
-    text = (REPO / "README.md").read_text()
+    """The python block right after the block's marker in README.md or docs/*.md; fails if the
+    marker is not there exactly once in all of them or is not followed by a python block."""
     marker = MARKER.format(name=name)
-    assert text.count(marker) == 1, f"README.md: expected the marker {marker!r} once, found {text.count(marker)}"
+    found = [(doc, doc.read_text()) for doc in DOCS if marker in doc.read_text()]
+    counts = {doc.name: text.count(marker) for doc, text in found}
+    assert sum(counts.values()) == 1, f"expected the marker {marker!r} once in README.md and docs/*.md, found {counts}"
+    ((doc, text),) = found
     after = text[text.index(marker) + len(marker) :]
     m = re.match(r"\s*```python\n(.*?)\n```", after, re.S)
-    assert m, f"README.md: the marker {marker!r} is not followed by a ```python block"
+    assert m, f"{doc.relative_to(REPO)}: the marker {marker!r} is not followed by a ```python block"
     return m.group(1)
 
 
 def run_block(name: str, paths: dict[str, str]) -> dict:
-    """Execute README block `name` with each placeholder string literal ("path/to/export") replaced
+    """Execute the documented block `name` with each placeholder string literal ("path/to/export") replaced
     by the real path; returns the block's variables."""
     code = readme_block(name)
     for placeholder, real in paths.items():
         literal = f'"{placeholder}"'
-        assert code.count(literal) == 1, f"README block {name}: expected the placeholder {literal} once"
+        assert code.count(literal) == 1, f"documented block {name}: expected the placeholder {literal} once"
         code = code.replace(literal, repr(str(real)))
     namespace: dict = {}
-    exec(compile(code, f"README.md[{name}]", "exec"), namespace)
+    exec(compile(code, f"docs[{name}]", "exec"), namespace)
     return namespace
 
 

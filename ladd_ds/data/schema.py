@@ -130,7 +130,7 @@ def validate_mds_dir(path: str | Path, layout: Layout = LATENTS) -> dict[str, An
     if not root.is_dir():
         raise MissingInputError(
             f"Dataset directory {str(root)!r} does not exist. Write one with {layout.written_by} "
-            f'(README, "Data"), or point data.path at an existing one.'
+            f'(docs/data.md, "Datasets"), or point data.path at an existing one.'
         )
     index_path = root / INDEX_FILE
     if not index_path.is_file():

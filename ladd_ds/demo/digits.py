@@ -36,7 +36,8 @@ LATENT_CHANNELS = CODEC.channels
 # The 8x8 source digit is drawn at its own size and fills a quadrant of the square canvas; in the
 # wide one it sits anywhere along its half's width. Digits drawn at 8-11 px with random offsets
 # in 24x24 / 24x36 canvases (4x4-pixel tokens) stayed at chance in 1,500 steps; at 8 px in
-# quadrants of 2x2-pixel tokens the teacher reads 0.45 after 1,500 steps (README, "The demo").
+# quadrants of 2x2-pixel tokens the teacher reads 0.45 after 1,500 steps (docs/demo.md, "Making
+# the demo teacher draw digits").
 MIN_SIZE, MAX_SIZE = 8, 8
 HELD_OUT_FROM = 1500  # source digits [0, 1500) train, [1500, 1797) held out
 

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 DPO_MICRO_BATCH = 32  # pairs per DPO step
 # Share of the demo's prompts (teacher pretraining, synth, evaluation, real images, DPO pairs) that
-# leave the place open ("a red seven"): see digits.random_label and README, "The demo".
+# leave the place open ("a red seven"): see digits.random_label and docs/demo.md, "What the demo shows".
 OPEN_PLACE = 0.0
 # The stages that are commands (synth, encode, train, pairs, dpo) run as subprocesses, as a user
 # runs them. The tests set this to the commands' entry point (ladd_ds.cli.main) to run them in
@@ -97,7 +97,7 @@ SIZES = {
         seeds=[0, 1, 2],
         teacher_steps=[1, 2, 4, 8, 50],
         # The 1-step inpainting student after 300 steps: FD 1.27x the 50-step teacher's; after 600:
-        # 0.68x (README, "Inpainting and editing in the demo").
+        # 0.68x (docs/demo.md, "Inpainting and editing in the demo").
         task_train_steps={"inpaint": 600},
     ),
     # The test suite's version: every stage runs and produces its outputs, in minutes.

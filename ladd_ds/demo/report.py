@@ -38,7 +38,7 @@ def table(rows: list[dict], first_col: str = "model") -> list[str]:
     return lines
 
 
-# The demo's goals (README, "The demo"): what a teacher worth distilling and a student that
+# The demo's goals (docs/demo.md, "What the demo shows"): what a teacher worth distilling and a student that
 # closes its few-step gap must show. Checked on the measured means, never typed in.
 TEACHER_MIN_DIGIT, TEACHER_MIN_ALIGNMENT = 0.85, 0.80
 GAP_MIN_FD_RATIO, GAP_MAX_ALIGNMENT_SHARE = 1.5, 0.9  # teacher 4 steps vs its top step count

@@ -26,9 +26,9 @@ from ladd_ds.demo import digits, tasks
 
 TEACHER_STEPS = (50, 4)  # the teacher rows (the first is the reference)
 STUDENT_STEPS = (1, 4)
-# The goals (README, "The demo"): inpainting student at 1 step within this FD ratio of the teacher
-# at 50 steps; editing student at 4 steps with this share of the teacher's edit success and at
-# least this preservation.
+# The goals (docs/demo.md, "Inpainting and editing in the demo"): inpainting student at 1 step
+# within this FD ratio of the teacher at 50 steps; editing student at 4 steps with this share of
+# the teacher's edit success and at least this preservation.
 INPAINT_MAX_FD_RATIO = 1.25
 EDIT_MIN_SUCCESS_SHARE, EDIT_MIN_PRESERVATION = 0.9, 0.95
 # Measures of each task besides FD: (result key, column title, better).

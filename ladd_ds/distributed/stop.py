@@ -10,7 +10,7 @@ ranks of the tests it is one 1-element gloo all-reduce per step).
 
 Time limits: the deepspeed launcher, on SIGTERM, forwards it to every rank and kills them 30 s
 later; SLURM waits KillWait (30 s by default) between SIGTERM and SIGKILL. A checkpoint that takes
-longer needs the signal earlier: `sbatch --signal=TERM@120` (README, "Multi-node").
+longer needs the signal earlier: `sbatch --signal=TERM@120` (docs/training.md, "Training runs", stopping).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Two sources of encoders, neither downloads anything:
 the shards store, and what training, DPO, previews and sampling feed. It is exactly what the
 diffusers SD3 pipeline builds: 77 CLIP tokens followed by `max_sequence_length` T5 tokens (T5 runs
 without an attention mask, so its pad positions carry prompt-dependent values and cannot be
-rebuilt from the real tokens). The README, "Data format", gives the storage cost.
+rebuilt from the real tokens). docs/data.md, "Text conditioning", gives the storage cost.
 """
 
 from __future__ import annotations

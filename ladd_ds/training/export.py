@@ -5,7 +5,8 @@ ladd_ds.ladd.export, the DPO model's ladd_ds.dpo.export; `ladd-ds export` picks 
 checkpoint's trainer kind.
 
 A tensor source is a callable producing one full fp32 tensor: nothing holds the whole model, so
-an export's host memory is one output shard plus what consolidation holds (README, "Export")."""
+an export's host memory is one output shard plus what consolidation holds (docs/training.md,
+"Export memory")."""
 
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def record_config(run_dir: Path, cfg: Config, *, step: int, world: int, saved_wo
         refused = {k: v for k, v in changed.items() if not _matches(k, FREE_KEYS) and not _matches(k, allow_change or [])}
         # The world size may change (the checkpoint is converted): then the per-rank batch changes
         # with it, and what must stay is the global batch (the data position resumes exactly only
-        # with the same global batch: README, "Training", resume on another world size).
+        # with the same global batch: docs/training.md, "Training runs", resume on another world size).
         old_world = saved_world
         old_batch, new_batch = global_batch(old, old_world), global_batch(new, world)
         allowed_batch = any(_matches(k, allow_change or []) for k in BATCH_KEYS)
