@@ -21,12 +21,14 @@ its ZeRO-3 parameter coordinator, the engine itself or one of its modules or par
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from evaluation.bench_step import synthetic_batch
 from ladd_ds.config import load_config
@@ -97,18 +99,36 @@ def measure(cfg, *, warmup: int, steps: int) -> dict:
     rl = cfg.data.random_latents
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     batch = synthetic_batch(teacher_cfg, cfg.data.micro_batch_size, (rl.height, rl.width), rl.text_len, ds.device(), dtype)
+    secondary = SecondaryShards(engines)
     for step in range(warmup + steps):
         if step == warmup:
             logger.reset_data()
             records.clear()
-        method.train_step([batch] * cfg.optim.grad_accum, step)
+        with secondary if step >= warmup else contextlib.nullcontext():
+            method.train_step([batch] * cfg.optim.grad_accum, step)
     logged = sum(size * vals[0] for ops in logger.get_raw_data().values() for size, vals in ops.items())
     attributed = sum(v[0] for v in records.values())
     assert logged == attributed, f"the logger holds {logged} bytes, {attributed} were attributed"
     out: dict = defaultdict(dict)
     for (engine, op), (size, calls) in sorted(records.items()):
         out[engine][op] = {"bytes": size / steps, "calls": calls / steps}
-    return {"world_size": world_size(), "steps": steps, "engines": dict(out)}
+    return {"world_size": world_size(), "steps": steps, "engines": dict(out), "hpz_secondary_elements": secondary.peak}
+
+
+class SecondaryShards(TorchDispatchMode):
+    """The most elements of ZeRO++ hpZ secondary weight shards (`ds_secondary_tensor`) each
+    engine holds on this rank, read before every op of the steps it is entered for."""
+
+    def __init__(self, engines: dict):
+        super().__init__()
+        self.params = {name: list(e.module.parameters()) for name, e in engines.items()}
+        self.peak = dict.fromkeys(engines, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for name, params in self.params.items():
+            held = sum(p.ds_secondary_tensor.numel() for p in params if getattr(p, "ds_secondary_tensor", None) is not None)
+            self.peak[name] = max(self.peak[name], held)
+        return func(*args, **(kwargs or {}))
 
 
 def main(argv=None) -> None:

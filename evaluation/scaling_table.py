@@ -6,7 +6,7 @@ teacher) at 8, 64 and 256 GPUs, as the markdown table of docs/performance.md ("C
 Every row is the communication plan (ladd_ds/training/comms_plan.py) of one placement on H100s
 (80 GiB) with NVLink within a node of 8 (3600 Gbit/s per GPU) and one 400 Gbit/s NIC per GPU
 between nodes, at the plan's default achieved TFLOP/s; the memory column is the memory plan's
-(ladd_ds/training/placement.py) plus hpZ's secondary weight shards where used. "auto" is the
+(ladd_ds/training/placement.py; with hpZ, its secondary weight shards too). "auto" is the
 placement `deepspeed.*_stage: auto` picks with that interconnect: the fastest that fits.
 """
 
@@ -70,11 +70,8 @@ def rows() -> list[str]:
             ]
 
         def memory(stages: dict[str, int], hpz: int) -> float:
-            engines = needs(stages, _configs(cfg, models, world, stages, 1))
-            total = plan(engines, stages, world, "bf16", activations, DEVICE_GIB * GIB).total
-            if hpz > 1 and world > hpz:  # the secondary shards: bf16 weights over the hpZ group
-                total += sum(2 * e.n_params / hpz for e in engines if stages[e.name] == 3)
-            return total
+            engines = needs(stages, _configs(cfg, models, world, stages, hpz))
+            return plan(engines, stages, world, "bf16", activations, DEVICE_GIB * GIB).total
 
         candidates = []
         for label, s, h, t, hpz in PLACEMENTS:

@@ -11,7 +11,7 @@ import torch
 
 from ladd_ds.config import load_config
 from ladd_ds.core.errors import InputError
-from ladd_ds.ladd.build import build_ds_configs, build_models, ladd_comms_plan, ladd_layouts
+from ladd_ds.ladd.build import build_ds_configs, build_models, ladd_comms_plan, ladd_layouts, place_ladd_engines
 from ladd_ds.training import comms_plan, zero3_replay
 from ladd_ds.training.placement import GIB, EngineNeeds, choose_placement
 from tests.conftest import REPO, TINY_CONFIG, _run_ranks, cli_error
@@ -81,15 +81,20 @@ def _cases(tmp_path):
 def test_plan_matches_the_comms_logger(tmp_path, case):
     """Per engine and collective (and, for hpZ, per group), the bytes of one steady-state step
     that DeepSpeed's comms logger records (evaluation/comms_probe.py) are the plan's, within 2%;
-    the gradient norm's scalar all-reduce within a few bytes."""
+    the gradient norm's scalar all-reduce within a few bytes. The hpZ secondary weight shards each
+    engine holds at most are the memory plan's term, to the element."""
     nproc, sets = _cases(tmp_path)[case]
     out = tmp_path / "measured.json"
     args = ["--config", str(TINY_CONFIG), "--warmup", "2", "--steps", "1", "--out", str(out)]
     for s in sets:
         args += ["--set", s]
     _run_ranks(tuple(args), nproc, timeout=600, check=True, module="evaluation.comms_probe")
-    measured = json.loads(out.read_text())["engines"]
+    probe = json.loads(out.read_text())
+    measured = probe["engines"]
     plan = _planned(sets, nproc)
+    # The memory plan's hpZ term: the most secondary weight-shard elements each engine held on rank 0.
+    memory = place_ladd_engines(load_config(TINY_CONFIG, sets), nproc, plan_always=True)[1].memory
+    assert probe["hpz_secondary_elements"] == {name: memory[name].hpz_secondary for name in probe["hpz_secondary_elements"]}
     for engine, collectives in plan.engines.items():
         got: dict[tuple[str, int], float] = {}
         # A trace that does not complete (the heads' at ZeRO-3) is checked across ranks at every

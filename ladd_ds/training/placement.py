@@ -85,6 +85,7 @@ class EngineMemory:
     ema: float = 0.0
     optimizer_temps: float = 0.0  # what the optimizer step allocates and frees (adamw_temporaries)
     zero3_live: float = 0.0  # elements of non-persistent parameters ZeRO-3 holds gathered at most (in `buffers`)
+    hpz_secondary: float = 0.0  # elements of ZeRO++ hpZ secondary weight shards per rank (in `weights`)
 
     @property
     def total(self) -> float:
@@ -256,11 +257,19 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
     # The EMA (training/ema.py): an fp32 copy of what this rank's partition owns, its ZeRO-3
     # shards or its ZeRO-1/2 optimizer partition; the whole model only at ZeRO-0 (32 GB for 8B).
     ema = trained * 4 / (world if stage >= 1 else 1) if engine.ema else 0.0
-    live = 0.0
+    live = secondary = 0.0
     if stage >= 3:
         persistent = sum(p.numel() for p in engine.model.parameters() if p.numel() <= z["persistence"])
         live = zero3_live_params(engine, resolved)
         buffers += (persistent + live) * weight_b
+        hpz = int(resolved.get("zero_optimization", {}).get("zero_hpz_partition_size", 1))
+        if 1 < hpz < world:
+            # ZeRO++ hpZ keeps a second shard of every released weight within its group of hpz
+            # ranks (partition_parameters.py _partition_param_sec): the world-padded tensor / hpz.
+            secondary = sum(
+                math.ceil(p.numel() / world) * world / hpz for p in engine.model.parameters() if p.numel() > z["persistence"]
+            )
+            weights += secondary * weight_b
     # The optimizer's state is fp32 in both precisions (bf16 runs step an fp32 master copy).
     temps = 0.0
     if trained and stage == 0 and bf16:
@@ -269,7 +278,14 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
         stepped = optimizer_steps(engine.model, stage=stage, world=world, sub_group_size=z["sub_group"])
         temps = adamw_temporaries(engine.adamw, stepped)
     return EngineMemory(
-        weights=weights, grads=grads, optimizer=optimizer, buffers=buffers, ema=ema, optimizer_temps=temps, zero3_live=live
+        weights=weights,
+        grads=grads,
+        optimizer=optimizer,
+        buffers=buffers,
+        ema=ema,
+        optimizer_temps=temps,
+        zero3_live=live,
+        hpz_secondary=secondary,
     )
 
 
