@@ -6,15 +6,16 @@ Per task (stages skipped when their output is complete, like the text-to-image d
   2. synth     `ladd-ds synth --task T`: the task teacher generates the targets from conditions
                of training-split digits (PNG files and a JSONL written here) and their prompts
   3. train     `ladd-ds train` with ladd.task = T (configs/demo.yaml), then export
+               (ladd_ds.demo.stages.ladd_stage, as the text-to-image demo's)
   4. evaluate  teacher at 50 and 4 steps (CFG), student at 1 and 4 steps, on held-out digits,
                several noise seeds each: FD, the task's measures, NFE and ms/image
-The rows and the task's goal go into report.md (ladd_ds.demo.report.task_tables).
+The rows and the task's goal go into report.md (ladd_ds.demo.report.task_tables). Commands run
+through the `Runner` that ladd_ds.demo.pipeline.run_demo is given.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ladd_ds.core.timing import timed
 from ladd_ds.demo import digits, tasks
+from ladd_ds.demo.presets import DemoSize, teacher_sampler, teacher_settings
+from ladd_ds.demo.runner import Runner
+from ladd_ds.demo.stages import ladd_stage, load_teacher, model_args
 
 TEACHER_STEPS = (50, 4)  # the issue's teacher rows (the first is the reference)
 STUDENT_STEPS = (1, 4)
@@ -212,19 +217,6 @@ def goal(task: str, rows: list[dict]) -> dict:
     return {"text": text, "met": bool(met)}
 
 
-@dataclass
-class Stages:
-    """The demo pipeline's stage helpers that a task reuses (ladd_ds.demo.pipeline defines them
-    and passes them in: that module imports this one)."""
-
-    run: Callable  # (command args, log file): a `ladd-ds` command as a subprocess
-    model_args: Callable  # (teacher, precision) -> the command's --config/--set arguments
-    ladd_stage: Callable  # (work, data, teacher, size, extra --set values) -> the student export
-    load_teacher: Callable  # (folder, size) -> SamplingModel with the demo's sampler shift
-    teacher_settings: Callable  # (size) -> the text-to-image teacher's PretrainSettings
-    teacher_sampler: Callable  # () -> (shift, CFG) of the teacher rows
-
-
 def check_stage_teacher(data: Path, teacher: Path) -> None:
     """Completed stages are reused; data of another teacher (e.g. one pretrained with other
     settings since) must not be."""
@@ -240,52 +232,51 @@ def check_stage_teacher(data: Path, teacher: Path) -> None:
             )
 
 
-def run_task(out: Path, task: str, cache: Path, size, classifier, frechet: Callable, stages: Stages) -> dict:
-    """The task's stages under out/TASK; returns its results (rows, goal, timings). `size`: the
-    demo's DemoSize; `frechet`: FD of generated image batches (lists of (N, 3, H, W) in [0, 1])
-    against held-out real images."""
+def run_task(out: Path, task: str, cache: Path, size: DemoSize, classifier, frechet: Callable, *, runner: Runner) -> dict:
+    """The task's stages under out/TASK; returns its results (rows, goal, timings). `frechet`: FD
+    of generated image batches (lists of (N, 3, H, W) in [0, 1]) against held-out real images;
+    `runner` runs the commands."""
     from ladd_ds.demo.pretrain import cached_teacher, task_settings
 
     work = out / task
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    t0 = time.time()
-    settings = task_settings(task, stages.teacher_settings(size), steps=size.task_pretrain_steps)
-    teacher, was_cached = cached_teacher(cache, settings)
-    timings["teacher (cached)" if was_cached else "teacher pretraining"] = time.time() - t0
+    with timed(timings, "teacher pretraining") as timing:
+        settings = task_settings(task, teacher_settings(size), steps=size.task_pretrain_steps)
+        teacher, was_cached = cached_teacher(cache, settings)
+        if was_cached:
+            timing.key = "teacher (cached)"
 
-    t0 = time.time()
-    data = work / "data"
-    check_stage_teacher(data, teacher)
-    if not (data / "manifest.json").is_file():
-        conditions = write_condition_file(work / "conditions", task, size.synth_prompts, SYNTH_SEED)
-        args = ["synth", "--task", task, *stages.model_args(teacher, size.precision), "--prompts", str(conditions)]
-        stages.run([*args, "--out", str(data)], work / "synth.log")
-    timings["synth"] = time.time() - t0
+    with timed(timings, "synth"):
+        data = work / "data"
+        check_stage_teacher(data, teacher)
+        if not (data / "manifest.json").is_file():
+            conditions = write_condition_file(work / "conditions", task, size.synth_prompts, SYNTH_SEED)
+            args = ["synth", "--task", task, *model_args(teacher, size.precision), "--prompts", str(conditions)]
+            runner([*args, "--out", str(data)], work / "synth.log")
 
-    t0 = time.time()
-    sets = [f"ladd.task={task}", f"run.max_steps={size.task_train_steps.get(task, size.train_steps)}"]
-    if task == "edit":
-        sets.append("logging.sample_prompts=[" + ", ".join(EDIT_PREVIEW_PROMPTS) + "]")
-    student = stages.ladd_stage(work, data, teacher, size, sets)
-    timings["LADD train + export"] = time.time() - t0
+    with timed(timings, "LADD train + export"):
+        sets = [f"ladd.task={task}"]
+        if task == "edit":
+            sets.append("logging.sample_prompts=[" + ", ".join(EDIT_PREVIEW_PROMPTS) + "]")
+        max_steps = size.task_train_steps.get(task, size.train_steps)
+        student = ladd_stage(work, data, teacher, size, runner=runner, max_steps=max_steps, sets=sets)
 
-    t0 = time.time()
-    from ladd_ds.sampling import load_sampling_model
+    with timed(timings, "evaluation"):
+        from ladd_ds.sampling import load_sampling_model
 
-    evaluator = TaskEvaluator(task, classifier, size.eval_prompts, size.num_real, frechet)
-    tm, cfg = stages.load_teacher(teacher, size), stages.teacher_sampler()[1]
-    rows = []
-    for steps in TEACHER_STEPS:
-        steps = min(steps, max(size.teacher_steps))  # the test size samples fewer steps
-        print(f"evaluate {task}: teacher {steps} steps, CFG {cfg:g}", flush=True)
-        rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, cfg, size.seeds).summary())
-    sm = load_sampling_model(student, precision=size.precision)
-    for steps in STUDENT_STEPS:
-        print(f"evaluate {task}: LADD student {steps} steps", flush=True)
-        rows.append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, size.seeds).summary())
-    reference = evaluator.reference()
-    timings["evaluation"] = time.time() - t0
+        evaluator = TaskEvaluator(task, classifier, size.eval_prompts, size.num_real, frechet)
+        tm, cfg = load_teacher(teacher, size), teacher_sampler()[1]
+        rows = []
+        for steps in TEACHER_STEPS:
+            steps = min(steps, max(size.teacher_steps))  # the test size samples fewer steps
+            print(f"evaluate {task}: teacher {steps} steps, CFG {cfg:g}", flush=True)
+            rows.append(evaluator.evaluate(f"teacher {steps} steps", tm, steps, cfg, size.seeds).summary())
+        sm = load_sampling_model(student, precision=size.precision)
+        for steps in STUDENT_STEPS:
+            print(f"evaluate {task}: LADD student {steps} steps", flush=True)
+            rows.append(evaluator.evaluate(f"LADD student {steps} steps", sm, steps, 1.0, size.seeds).summary())
+        reference = evaluator.reference()
     return {
         "teacher": str(teacher),
         "teacher_info": json.loads((teacher / "ladd_model.json").read_text()).get("settings", {}),
