@@ -375,3 +375,23 @@ def test_a_ladd_stage_reuses_its_export_only_at_the_same_step_count(tmp_path):
     assert ladd_stage(*stage, runner=runner) == export
     with pytest.raises(InputError, match="trained 300 LADD steps, this demo's stage trains 600: .*delete .*edit"):
         ladd_stage(*stage, runner=runner, max_steps=600)
+
+
+def test_timed_records_a_finished_block_under_its_final_key():
+    """The stage times of eval.json: a block's seconds under its key, or the key the block chose
+    (the teacher's "(cached)"); a block that raises records nothing."""
+    import time
+
+    from ladd_ds.core.timing import timed
+
+    timings = {"earlier": 1.0}
+    start = time.perf_counter()
+    with timed(timings, "synth"):
+        time.sleep(0.01)
+    outer = time.perf_counter() - start
+    with timed(timings, "teacher pretraining") as timing:
+        timing.key = "teacher (cached)"
+    with pytest.raises(KeyError), timed(timings, "failed"):
+        raise KeyError("stage")
+    assert list(timings) == ["earlier", "synth", "teacher (cached)"]
+    assert 0.01 <= timings["synth"] <= outer

@@ -44,6 +44,7 @@ from ladd_ds.demo.presets import (
     teacher_sampler,
     teacher_settings,
 )
+from ladd_ds.demo.pretrain import cached_teacher
 from ladd_ds.demo.runner import Runner
 from ladd_ds.demo.stages import ladd_stage, make_data
 from ladd_ds.demo.t2i_eval import discriminator_separation, evaluate_models, teacher_sampler_sweep, write_grids
@@ -143,7 +144,6 @@ def run_demo(
     start from that teacher; every task is evaluated with that classifier). `runner` runs the
     command stages (default `Runner()`: each a subprocess, as a user runs it)."""
     from ladd_ds.demo.classifier import cached_classifier
-    from ladd_ds.demo.pretrain import cached_teacher
     from ladd_ds.demo.report import write_report
 
     unknown = [t for t in tasks if t not in DEMO_TASKS]
