@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = ap.parse_args()
 
-    from ladd_ds.demo.pipeline import SIZES, teacher_settings
+    from ladd_ds.demo.presets import SIZES, teacher_settings
     from ladd_ds.demo.pretrain import task_settings
 
     s = task_settings(args.task, teacher_settings(SIZES["full"]), steps=args.steps, init=args.init == "t2i")

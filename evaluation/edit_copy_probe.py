@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="write the EMA teacher here (an SD3 folder) after each evaluation")
     args = ap.parse_args()
 
-    from ladd_ds.demo.pipeline import SIZES, teacher_settings
+    from ladd_ds.demo.presets import SIZES, teacher_settings
 
     demo_teacher = task_settings("edit", teacher_settings(SIZES["full"]))
     folder = Path(args.init) if args.init else cached_teacher(args.cache, demo_teacher)[0]

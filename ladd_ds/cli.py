@@ -319,7 +319,7 @@ def cmd_pretrain(args) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from ladd_ds.demo.pipeline import SIZES, teacher_settings
+    from ladd_ds.demo.presets import SIZES, teacher_settings
     from ladd_ds.demo.pretrain import pretrain_teacher, task_settings
 
     settings = replace(teacher_settings(SIZES["full"]), seed=args.seed)

@@ -8,10 +8,13 @@ from dataclasses import replace
 import pytest
 
 from ladd_ds.cli import main
-from ladd_ds.demo import digits, pipeline
+from ladd_ds.demo import digits
 from ladd_ds.demo.classifier import accuracy, held_out_set, train_classifier
-from ladd_ds.demo.pipeline import ABLATIONS, SIZES, discriminator_separation, slug
+from ladd_ds.demo.pipeline import run_demo
+from ladd_ds.demo.presets import ABLATIONS, SIZES, slug
 from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
+from ladd_ds.demo.runner import Runner
+from ladd_ds.demo.t2i_eval import discriminator_separation
 
 pytestmark = [pytest.mark.slow]
 
@@ -20,34 +23,27 @@ pytestmark = [pytest.mark.slow]
 # second training run (`--train-seeds 2`: run.seed=1) takes too; each is checked below to be a
 # valid config that sets what it says.
 TESTED_ABLATIONS = ["real_data"]
+# The demo's command stages (synth, encode, train, pairs, dpo) in this process: the commands' entry
+# point without the ~8 s of imports a subprocess spends per stage. The subprocess path itself (the
+# default runner) is tested by test_stage_subprocess_*.
+IN_PROCESS = Runner(entry_point=main)
 
 
 @pytest.fixture(scope="module")
-def in_process_stages():
-    """The demo's command stages (synth, encode, train, pairs, dpo) in this process
-    (pipeline.IN_PROCESS_ENTRY_POINT): the commands' entry point without the ~8 s of imports a
-    subprocess spends per stage. The subprocess path itself is tested by test_stage_subprocess_*."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "IN_PROCESS_ENTRY_POINT", main)
-        yield
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory, in_process_stages):
-    """The main pipeline (two training runs pooled), then the chosen ablations on its outputs."""
+def demo(tmp_path_factory):
+    """The main pipeline (two training runs pooled), then the chosen ablations on its outputs:
+    `ladd-ds demo --size test --train-seeds 2 --ablations real_data` with stages in process."""
     out = tmp_path_factory.mktemp("demo")
-    args = ["demo", "--out", str(out / "run"), "--cache", str(out / "cache"), "--size", "test", "--train-seeds", "2"]
-    assert main(args + ["--ablations", ",".join(TESTED_ABLATIONS)]) == 0
+    run_demo(out / "run", cache=out / "cache", size="test", train_seeds=2, ablations=TESTED_ABLATIONS, runner=IN_PROCESS)
     return out
 
 
 @pytest.fixture(scope="module")
-def bf16_demo(demo, in_process_stages):
+def bf16_demo(demo):
     """`demo --size test --precision bf16 --dpo` with the fp32 run's cached teacher and classifier:
     the DPO recipe and every stage in bf16."""
     run = demo / "bf16"
-    args = ["demo", "--out", str(run), "--cache", str(demo / "cache"), "--size", "test", "--precision", "bf16", "--dpo"]
-    assert main(args) == 0
+    run_demo(run, cache=demo / "cache", size="test", precision="bf16", dpo=True, runner=IN_PROCESS)
     return run
 
 
@@ -55,7 +51,7 @@ def test_stage_subprocess_writes_its_log(tmp_path, capsys):
     """A stage run as a subprocess (the demo's default, the user's path) prints the command and
     leaves the command's output in its log."""
     log = tmp_path / "help.log"
-    pipeline._run(["synth", "--help"], log)
+    Runner()(["synth", "--help"], log)
     assert "$ ladd-ds synth --help" in capsys.readouterr().out
     assert "usage: ladd-ds synth" in log.read_text()
 
@@ -63,7 +59,7 @@ def test_stage_subprocess_writes_its_log(tmp_path, capsys):
 def test_stage_subprocess_failure_names_the_stage_and_shows_the_log(tmp_path):
     log = tmp_path / "synth.log"
     with pytest.raises(RuntimeError, match=r"ladd-ds synth failed \(exit 2\).*synth\.log") as e:
-        pipeline._run(["synth"], log)
+        Runner()(["synth"], log)
     assert "the following arguments are required: --config" in str(e.value)  # the log's tail
 
 
@@ -191,7 +187,7 @@ def test_ablations_each_get_rows(demo):
 
 def test_every_ablation_is_a_valid_config_and_selectable(capsys):
     from ladd_ds.config import load_config
-    from ladd_ds.demo.pipeline import DEMO_CONFIG, ablation_slugs, select_ablations
+    from ladd_ds.demo.presets import DEMO_CONFIG, ablation_slugs, select_ablations
 
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
@@ -364,15 +360,38 @@ def test_a_task_stage_refuses_data_of_another_teacher(tmp_path):
         check_stage_teacher(data, tmp_path / "teacher_b")
 
 
-def test_a_ladd_stage_reuses_its_export_only_at_the_same_step_count(tmp_path, monkeypatch):
+def test_a_ladd_stage_reuses_its_export_only_at_the_same_step_count(tmp_path):
     from ladd_ds.core.errors import InputError
-    from ladd_ds.demo import pipeline
+    from ladd_ds.demo.stages import ladd_stage
 
-    monkeypatch.setattr(pipeline, "_run", lambda *a, **k: pytest.fail("a finished stage must not train again"))
+    def runner(args, log):
+        pytest.fail("a finished stage must not train again")
+
     size = replace(SIZES["test"], train_steps=300)
     export = tmp_path / "edit" / "student"
     export.mkdir(parents=True)
     (export / "ladd_export.json").write_text(json.dumps({"step": 300}))
-    assert pipeline.ladd_stage(tmp_path / "edit", tmp_path / "data", tmp_path / "teacher", size, []) == export
+    stage = (tmp_path / "edit", tmp_path / "data", tmp_path / "teacher", size)
+    assert ladd_stage(*stage, runner=runner) == export
     with pytest.raises(InputError, match="trained 300 LADD steps, this demo's stage trains 600: .*delete .*edit"):
-        pipeline.ladd_stage(tmp_path / "edit", tmp_path / "data", tmp_path / "teacher", size, ["run.max_steps=600"])
+        ladd_stage(*stage, runner=runner, max_steps=600)
+
+
+def test_timed_records_a_finished_block_under_its_final_key():
+    """The stage times of eval.json: a block's seconds under its key, or the key the block chose
+    (the teacher's "(cached)"); a block that raises records nothing."""
+    import time
+
+    from ladd_ds.core.timing import timed
+
+    timings = {"earlier": 1.0}
+    start = time.perf_counter()
+    with timed(timings, "synth"):
+        time.sleep(0.01)
+    outer = time.perf_counter() - start
+    with timed(timings, "teacher pretraining") as timing:
+        timing.key = "teacher (cached)"
+    with pytest.raises(KeyError), timed(timings, "failed"):
+        raise KeyError("stage")
+    assert list(timings) == ["earlier", "synth", "teacher (cached)"]
+    assert 0.01 <= timings["synth"] <= outer

@@ -118,7 +118,7 @@ def test_edit_instructions_are_whole_words_of_the_edit_teachers_tokenizer():
 
 
 def test_task_teachers_have_keys_of_their_own_and_the_t2i_key_is_unchanged():
-    from ladd_ds.demo.pipeline import SIZES, teacher_settings
+    from ladd_ds.demo.presets import SIZES, teacher_settings
 
     t2i = teacher_settings(SIZES["full"])
     # The cache entry of the demo's text-to-image teacher as trained before the tasks existed.
@@ -301,7 +301,7 @@ def test_task_teachers_train_from_the_t2i_teacher_and_sample_their_condition(tmp
 def test_pretrain_teacher_command_takes_the_task(monkeypatch, tmp_path, task):
     from ladd_ds import cli
     from ladd_ds.demo import pretrain
-    from ladd_ds.demo.pipeline import SIZES, teacher_settings
+    from ladd_ds.demo.presets import SIZES, teacher_settings
 
     calls = []
     monkeypatch.setattr(
