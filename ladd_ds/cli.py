@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ladd_ds.config import load_config
+from ladd_ds.config import Config, load_config
 from ladd_ds.core.errors import InputError, LaddError
 from ladd_ds.core.lock import FileLock
 from ladd_ds.export import export_run
@@ -51,19 +51,15 @@ def _train_parser(sub, name: str = "train", help: str = "LADD training (also und
 
 
 def cmd_train(args) -> int:
-    from ladd_ds.ladd.build import dry_run
-    from ladd_ds.ladd.method import LADDMethod
+    """`ladd-ds train` and `ladd-ds dpo`: the config's method (ladd_ds.methods.method_for) in the
+    training loop, or its dry run."""
+    from ladd_ds.methods import method_for
 
-    return _run_trainer(args, LADDMethod, dry_run)
-
-
-def cmd_dpo(args) -> int:
-    from ladd_ds.dpo.method import DPOMethod, dpo_dry_run
-
-    return _run_trainer(args, DPOMethod, dpo_dry_run)
+    cfg = _train_config(args)
+    return _run_trainer(args, cfg, method_for(cfg, args.command))
 
 
-def _run_trainer(args, method, dry_run) -> int:
+def _train_config(args) -> Config:
     overrides, labels = list(args.set), {}
     for flag, key, value in (
         ("--run-dir", "run.run_dir", args.run_dir),
@@ -93,14 +89,16 @@ def _run_trainer(args, method, dry_run) -> int:
         )
     if args.world_size is not None and args.world_size < 1:
         raise InputError(f"--world-size {args.world_size}: must be >= 1")
-    cfg = load_config(args.config, overrides, command=args.command, labels=labels)
+    return load_config(args.config, overrides, command=args.command, labels=labels)
 
+
+def _run_trainer(args, cfg: Config, method) -> int:
     from ladd_ds.distributed.ranks import print0, world_size
     from ladd_ds.distributed.stop import StopRequested
     from ladd_ds.training.trainer import Trainer, TrainingHealthError
 
     if args.dry_run:
-        report = dry_run(cfg, args.world_size or world_size())
+        report = method.dry_run(cfg, args.world_size or world_size())
         print(report.text, flush=True)
         if report.problems:  # the report above is complete; the exit status says the run cannot start
             raise InputError(f"--dry-run: the run could not start: {'; '.join(p.rstrip('.') for p in report.problems)}")
@@ -405,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     capture_warnings()  # warnings that repeat at every step are shown once (training/logfile.py)
     commands = {
         "train": cmd_train,
-        "dpo": cmd_dpo,
+        "dpo": cmd_train,
         "export": cmd_export,
         "convert-checkpoint": cmd_convert,
         "synth": cmd_synth,

@@ -1,4 +1,6 @@
-"""DeepSpeed wiring: process group, config templates and the three LADD engines.
+"""DeepSpeed wiring: process group, config templates, engines with and without an optimizer,
+ZeRO-3 helpers and checkpoint readers; each method puts its own engines together from these
+(ladd/engines.py, dpo/engines.py).
 
 This is the only module of ladd_ds that imports deepspeed. docs/method.md, section 7 records the
 behaviour the layout below depends on (checked with deepspeed 0.19.8, CPU + gloo).
@@ -12,7 +14,6 @@ import json
 import os
 import re
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -233,14 +234,6 @@ def load_partitioned_weights(module: nn.Module, names: dict[str, Path], read_ten
                 param.data.copy_(tensor)
 
 
-@dataclass
-class Engines:
-    student: Any  # DeepSpeedEngine with optimizer
-    heads: Any  # DeepSpeedEngine with optimizer
-    teacher: Any  # DeepSpeedEngine without optimizer (frozen)
-    ds_configs: dict[str, dict]
-
-
 def adamw_kind() -> str:
     """The torch AdamW implementation `adamw` runs (the memory plan counts its temporaries): the
     fused kernel on a GPU, else torch's default, the for-loop one (torch has no foreach kernels
@@ -437,22 +430,6 @@ def set_leaf_blocks(model: nn.Module, ds_config: dict) -> None:
     if zero_stage(ds_config) >= 3:
         kinds = {type(b) for b in model.blocks}
         deepspeed.utils.set_z3_leaf_modules(model, sorted(kinds, key=lambda k: k.__qualname__))
-
-
-def build_engines(
-    student: nn.Module, teacher: nn.Module, heads: nn.Module, ds_configs: dict[str, dict], optim_cfg, *, leaf_blocks: bool = False
-) -> Engines:
-    """`leaf_blocks`: deepspeed.z3_leaf_blocks (set_leaf_blocks) for the student and the teacher."""
-    teacher.requires_grad_(False)
-    teacher.eval()
-    if leaf_blocks:
-        set_leaf_blocks(student, ds_configs["student"])
-        set_leaf_blocks(teacher, ds_configs["teacher"])
-    student_engine = trainable_engine(student, ds_configs["student"], optim_cfg.student_lr, optim_cfg)
-    heads_engine = trainable_engine(heads, ds_configs["heads"], optim_cfg.heads_lr, optim_cfg)
-    # No optimizer: a frozen teacher only needs ZeRO's parameter partitioning and gathering.
-    teacher_engine = frozen_engine(teacher, ds_configs["teacher"])
-    return Engines(student=student_engine, heads=heads_engine, teacher=teacher_engine, ds_configs=ds_configs)
 
 
 def consolidate_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -118,7 +118,7 @@ def meta_step(cfg: Config, models: dict):
     dtype = training_dtype(cfg)
     for model in (teacher, student, heads):
         model.to(dtype)
-    teacher.requires_grad_(False)  # as the engines freeze it (distributed.engines.build_engines)
+    teacher.requires_grad_(False)  # as the engines freeze it (ladd/engines.py build_engines)
     tc = teacher.transformer.config
     h, w, text, note = planned_shapes(cfg, tc)
     b, ch = cfg.data.micro_batch_size, latent_channels(tc)
