@@ -70,6 +70,8 @@ def _engine_on_stack(owners: dict[int, str]) -> str:
 
 def measure(cfg, *, warmup: int, steps: int) -> dict:
     """Per engine and op: logged bytes and calls per training step, averaged over `steps`."""
+    # Not at the top, where isort puts deepspeed before ladd_ds: deepspeed picks its accelerator
+    # when first imported, after ladd_ds.distributed.engines has prepared the launcher's variables.
     import deepspeed.comm as dist
     import deepspeed.comm.comm as ds_comm
 

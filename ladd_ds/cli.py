@@ -1,16 +1,22 @@
-"""`ladd-ds` / `python -m ladd_ds`: parse arguments, load the config, build, run, close."""
+"""`ladd-ds` / `python -m ladd_ds`: parse arguments, load the config, build, run, close.
+
+Each command imports what it runs inside its function: the rest of the package imports torch
+(and deepspeed, diffusers), seconds on a cold start, which `ladd-ds --help` and a mistyped
+argument should not wait for (tests/test_cli_startup.py keeps them out).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from ladd_ds.config import Config, load_config
 from ladd_ds.core.errors import InputError, LaddError
 from ladd_ds.core.lock import FileLock
-from ladd_ds.export import export_run
+from ladd_ds.core.outputs import absolute
 from ladd_ds.training.logfile import capture_warnings
 
 
@@ -140,6 +146,8 @@ def _overwrite_arg(p, what: str) -> None:
 
 
 def cmd_export(args) -> int:
+    from ladd_ds.export import export_run
+
     a = args
     out = export_run(a.run, a.out, a.step, a.ema, a.lora, a.merge, dtype=a.dtype, shard_size=a.shard_size, overwrite=a.overwrite)
     print(f"exported to {out}")
@@ -249,7 +257,6 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def cmd_sample(args) -> int:
-    from ladd_ds.core.outputs import absolute
     from ladd_ds.sampling import check_sample_args, check_sample_outputs, run_sample
 
     check_sample_args(args.prompts, args.steps, args.per_prompt, args.size)  # before a run is exported
@@ -262,6 +269,8 @@ def cmd_sample(args) -> int:
         )  # fmt: skip
 
     if is_run_dir(args.model):  # its latest checkpoint, exported to a temporary folder first
+        from ladd_ds.export import export_run  # imports deepspeed, which sampling an export folder does not need
+
         check_sample_outputs(args.out, str(absolute(args.model)), args.overwrite)  # before the export
         with tempfile.TemporaryDirectory() as tmp:
             dtype = "bf16" if args.precision == "bf16" else "fp32"  # exact in the precision it samples in
@@ -314,9 +323,6 @@ def _pretrain_parser(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from dataclasses import replace
-    from pathlib import Path
-
     from ladd_ds.demo.pipeline import SIZES, teacher_settings
     from ladd_ds.demo.pretrain import pretrain_teacher, task_settings
 

@@ -31,6 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 prepare_launcher_env()  # before `import deepspeed`: it picks its accelerator at import time
 import deepspeed  # noqa: E402
+from deepspeed.utils import groups  # noqa: E402
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 
 def _free_port() -> int:
@@ -197,7 +199,6 @@ def partitioned_init(ds_config: dict):
     # when it is given none and asserts that it did not exist (deepspeed 0.19.8, utils/groups.py
     # _create_zero_param_parallel_group), so the second hpZ engine of a run passes the first's.
     # Only an hpZ engine: given the group, zero.Init keeps secondary shards whatever the config says.
-    from deepspeed.utils import groups
 
     hpz = int(ds_config["zero_optimization"].get("zero_hpz_partition_size", 1)) > 1
     group = groups._get_zero_param_intra_parallel_group() if hpz else None
@@ -435,7 +436,6 @@ def set_leaf_blocks(model: nn.Module, ds_config: dict) -> None:
 def consolidate_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of one engine from its (ZeRO-1/2/3, any world size) checkpoint,
     on one CPU process, with DeepSpeed's own zero_to_fp32 tool."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
@@ -455,7 +455,6 @@ def lazy_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
         first = torch.load(optim_files[0], map_location="cpu", mmap=True, weights_only=False)
         if first["optimizer_state_dict"].get("zero_stage", 3) <= 2:
             return zero12_sources(ds_dir, optim_files)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)
 
