@@ -43,7 +43,6 @@ from ladd_ds.data.writer import write_negative_prompt, write_samples
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed import faults
 from ladd_ds.distributed.claim import claim_folder
-from ladd_ds.distributed.engines import device as current_device
 from ladd_ds.distributed.ranks import all_reduce_sum, barrier, broadcast_object, is_main, print0, rank, world_size
 from ladd_ds.generate.state import (
     PART_FILE,
@@ -266,7 +265,7 @@ def generate_dataset(
     counts = torch.zeros(world_size(), dtype=torch.float64)
     counts[rank()] = len(batches)
     rounds = int(all_reduce_sum(counts).max()) if source.get("lockstep") else len(batches)
-    device = current_device()
+    device = ds.device()
 
     with peak_rss_increase() as memory:
         _generate_parts(cfg, jobs, out, make_rows, text, gen, batches, rounds=rounds, todo=len(todo), device=device)
