@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ladd_ds.config import load_config
 from ladd_ds.distributed import engines as ds
 from ladd_ds.ladd.build import build_models, place_ladd_engines
+from ladd_ds.ladd.engines import Engines, build_engines
 from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.models.attention import PRIORITIES, sdpa_context, sdpa_priority
 from ladd_ds.models.registry import resolve_model_config
@@ -205,7 +206,7 @@ def build_plain_steps(cfg) -> LADDSteps:
         for module in (student, heads, teacher):
             autocast_forward(module, device.type)
     optim = cfg.optim
-    engines = ds.Engines(
+    engines = Engines(
         student=PlainEngine(student.to(device), optim.student_lr, optim, optim.grad_clip),
         heads=PlainEngine(heads.to(device), optim.heads_lr, optim, optim.grad_clip),
         teacher=PlainEngine(teacher),
@@ -245,7 +246,7 @@ def build_deepspeed_steps(cfg, placement: str = "config") -> tuple[LADDSteps, ob
         for c in ds_configs.values():
             c.setdefault("zero_optimization", {})["overlap_comm"] = False
     teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
-    engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim, leaf_blocks=cfg.deepspeed.z3_leaf_blocks)
+    engines = build_engines(student, teacher, heads, ds_configs, cfg.optim, leaf_blocks=cfg.deepspeed.z3_leaf_blocks)
     return LADDSteps(cfg, engines, taps, ds.device(), ema=student_ema(cfg, engines.student.module)), plan
 
 
@@ -263,7 +264,7 @@ class PhaseMemory:
     """Peak device memory of each phase of a step: every engine's forward, backward and optimizer
     step, recorded around the calls LADDSteps makes (CUDA only: the CPU allocator keeps no peak)."""
 
-    def __init__(self, engines: ds.Engines):
+    def __init__(self, engines: Engines):
         self.peaks: dict[str, float] = {}
         for name in ("student", "teacher", "heads"):
             engine = getattr(engines, name)

@@ -34,7 +34,7 @@ from evaluation.bench_step import synthetic_batch
 from ladd_ds.config import load_config
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import rank, world_size
-from ladd_ds.ladd.method import LADDMethod
+from ladd_ds.methods import method_for
 
 COMMS_LOGGER = {"enabled": True, "verbose": False, "prof_all": True}
 
@@ -72,13 +72,16 @@ def _engine_on_stack(owners: dict[int, str]) -> str:
 
 def measure(cfg, *, warmup: int, steps: int) -> dict:
     """Per engine and op: logged bytes and calls per training step, averaged over `steps`."""
+    # Not at the top, where isort puts deepspeed before ladd_ds: deepspeed picks its accelerator
+    # when first imported, after ladd_ds.distributed.engines has prepared the launcher's variables.
     import deepspeed.comm as dist
     import deepspeed.comm.comm as ds_comm
 
-    configs = LADDMethod.ds_configs(cfg, world_size())
+    method_class = method_for(cfg, "train")
+    configs = method_class.ds_configs(cfg, world_size())
     for c in configs.values():
         c["comms_logger"] = dict(COMMS_LOGGER)
-    method = LADDMethod.build(cfg, configs)
+    method = method_class.build(cfg, configs)
     engines = {"student": method.engines.student, "heads": method.engines.heads, "teacher": method.engines.teacher}
     owners = _owners(engines)
     logger = ds_comm.comms_logger

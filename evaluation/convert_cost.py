@@ -20,6 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from diffusers import SD3Transformer2DModel
+
+from ladd_ds.training.convert import convert_run
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +36,6 @@ def _free_port() -> int:
 def make_teacher(folder: Path, width: int, layers: int) -> None:
     """A random transformer folder whose text widths match the tiny text encoders and the
     tiny config's random latents (so the run needs nothing else)."""
-    from diffusers import SD3Transformer2DModel
 
     model = SD3Transformer2DModel(
         sample_size=16,
@@ -75,8 +78,6 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--ranks", type=int, default=2)
     args = p.parse_args()
-
-    from ladd_ds.training.convert import convert_run
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

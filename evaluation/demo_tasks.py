@@ -50,15 +50,15 @@ import torch
 
 from ladd_ds.demo import digits, tasks
 from ladd_ds.demo.classifier import cached_classifier
-from ladd_ds.demo.pretrain import CLIP_CONTEXT, INFO_FILE, cached_teacher
+from ladd_ds.demo.presets import SIZES, teacher_settings
+from ladd_ds.demo.pretrain import CLIP_CONTEXT, INFO_FILE, cached_teacher, task_settings
 from ladd_ds.models.conditioning import join_condition
 from ladd_ds.models.flow_model import FlowModel
+from ladd_ds.models.registry import build_transformer
+from ladd_ds.models.text_encoders import load_sd3_text_encoders
 
 
 def load_task_teacher(folder: Path, task: str):
-    from ladd_ds.models.registry import build_transformer
-    from ladd_ds.models.text_encoders import load_sd3_text_encoders
-
     model = FlowModel(build_transformer(str(folder), task=task)).eval()
     text = load_sd3_text_encoders(folder, drop_t5=True, max_sequence_length=0)
     return model, text
@@ -137,9 +137,6 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, nargs="+", default=[3.0])
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = ap.parse_args()
-
-    from ladd_ds.demo.presets import SIZES, teacher_settings
-    from ladd_ds.demo.pretrain import task_settings
 
     s = task_settings(args.task, teacher_settings(SIZES["full"]), steps=args.steps, init=args.init == "t2i")
     if args.lr is not None:

@@ -49,10 +49,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 from evaluation.demo_tasks import euler_cfg, load_task_teacher
 from ladd_ds.demo import digits, tasks
 from ladd_ds.demo.classifier import cached_classifier
+from ladd_ds.demo.presets import SIZES, teacher_settings
 from ladd_ds.demo.pretrain import (
     INFO_FILE,
     PromptTable,
@@ -65,8 +67,6 @@ from ladd_ds.demo.pretrain import (
 
 
 def set_position_base(transformer, base: int) -> None:
-    from diffusers.models.embeddings import get_2d_sincos_pos_embed
-
     patch = transformer.pos_embed
     table = get_2d_sincos_pos_embed(patch.pos_embed.shape[-1], patch.pos_embed_max_size, base_size=base, output_type="pt")
     patch.pos_embed.copy_(table.float().unsqueeze(0))
@@ -99,8 +99,6 @@ def main() -> None:
     ap.add_argument("--init", default=None, help="start from this edit-teacher folder (e.g. an earlier --save)")
     ap.add_argument("--save", default=None, help="write the EMA teacher here (an SD3 folder) after each evaluation")
     args = ap.parse_args()
-
-    from ladd_ds.demo.presets import SIZES, teacher_settings
 
     demo_teacher = task_settings("edit", teacher_settings(SIZES["full"]))
     folder = Path(args.init) if args.init else cached_teacher(args.cache, demo_teacher)[0]

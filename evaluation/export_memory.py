@@ -30,6 +30,7 @@ import torch
 
 import ladd_ds.distributed.engines  # noqa: F401  deepspeed and its zero_to_fp32, imported before the baseline
 from ladd_ds.core.host_memory import peak_rss_increase, status_bytes
+from ladd_ds.distributed.engines import consolidate_zero_checkpoint
 from ladd_ds.export import export_run
 from ladd_ds.models.registry import resolve_model_config, transformer_from_config
 from ladd_ds.models.sharded import parse_size
@@ -67,7 +68,6 @@ class AnonPeak:
 
 def export_whole(run_dir: Path, out: Path, dtype: torch.dtype) -> None:
     """The export before streaming: every tensor consolidated at once, then save_pretrained."""
-    from ladd_ds.distributed.engines import consolidate_zero_checkpoint
 
     cfg, checkpoint, _ = run_checkpoint(run_dir, None)
     state = consolidate_zero_checkpoint(checkpoint, "student")

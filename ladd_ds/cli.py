@@ -1,16 +1,22 @@
-"""`ladd-ds` / `python -m ladd_ds`: parse arguments, load the config, build, run, close."""
+"""`ladd-ds` / `python -m ladd_ds`: parse arguments, load the config, build, run, close.
+
+Each command imports what it runs inside its function: the rest of the package imports torch
+(and deepspeed, diffusers), seconds on a cold start, which `ladd-ds --help` and a mistyped
+argument should not wait for (tests/test_cli_startup.py keeps them out).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-from ladd_ds.config import load_config
+from ladd_ds.config import Config, load_config
 from ladd_ds.core.errors import InputError, LaddError
 from ladd_ds.core.lock import FileLock
-from ladd_ds.export import export_run
+from ladd_ds.core.outputs import absolute
 from ladd_ds.training.logfile import capture_warnings
 
 
@@ -51,19 +57,15 @@ def _train_parser(sub, name: str = "train", help: str = "LADD training (also und
 
 
 def cmd_train(args) -> int:
-    from ladd_ds.ladd.build import dry_run
-    from ladd_ds.ladd.method import LADDMethod
+    """`ladd-ds train` and `ladd-ds dpo`: the config's method (ladd_ds.methods.method_for) in the
+    training loop, or its dry run."""
+    from ladd_ds.methods import method_for
 
-    return _run_trainer(args, LADDMethod, dry_run)
-
-
-def cmd_dpo(args) -> int:
-    from ladd_ds.dpo.method import DPOMethod, dpo_dry_run
-
-    return _run_trainer(args, DPOMethod, dpo_dry_run)
+    cfg = _train_config(args)
+    return _run_trainer(args, cfg, method_for(cfg, args.command))
 
 
-def _run_trainer(args, method, dry_run) -> int:
+def _train_config(args) -> Config:
     overrides, labels = list(args.set), {}
     for flag, key, value in (
         ("--run-dir", "run.run_dir", args.run_dir),
@@ -93,14 +95,16 @@ def _run_trainer(args, method, dry_run) -> int:
         )
     if args.world_size is not None and args.world_size < 1:
         raise InputError(f"--world-size {args.world_size}: must be >= 1")
-    cfg = load_config(args.config, overrides, command=args.command, labels=labels)
+    return load_config(args.config, overrides, command=args.command, labels=labels)
 
+
+def _run_trainer(args, cfg: Config, method) -> int:
     from ladd_ds.distributed.ranks import print0, world_size
     from ladd_ds.distributed.stop import StopRequested
     from ladd_ds.training.trainer import Trainer, TrainingHealthError
 
     if args.dry_run:
-        report = dry_run(cfg, args.world_size or world_size())
+        report = method.dry_run(cfg, args.world_size or world_size())
         print(report.text, flush=True)
         if report.problems:  # the report above is complete; the exit status says the run cannot start
             raise InputError(f"--dry-run: the run could not start: {'; '.join(p.rstrip('.') for p in report.problems)}")
@@ -142,6 +146,8 @@ def _overwrite_arg(p, what: str) -> None:
 
 
 def cmd_export(args) -> int:
+    from ladd_ds.export import export_run
+
     a = args
     out = export_run(a.run, a.out, a.step, a.ema, a.lora, a.merge, dtype=a.dtype, shard_size=a.shard_size, overwrite=a.overwrite)
     print(f"exported to {out}")
@@ -251,7 +257,6 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def cmd_sample(args) -> int:
-    from ladd_ds.core.outputs import absolute
     from ladd_ds.sampling import check_sample_args, check_sample_outputs, run_sample
 
     check_sample_args(args.prompts, args.steps, args.per_prompt, args.size)  # before a run is exported
@@ -264,6 +269,8 @@ def cmd_sample(args) -> int:
         )  # fmt: skip
 
     if is_run_dir(args.model):  # its latest checkpoint, exported to a temporary folder first
+        from ladd_ds.export import export_run  # imports deepspeed, which sampling an export folder does not need
+
         check_sample_outputs(args.out, str(absolute(args.model)), args.overwrite)  # before the export
         with tempfile.TemporaryDirectory() as tmp:
             dtype = "bf16" if args.precision == "bf16" else "fp32"  # exact in the precision it samples in
@@ -316,9 +323,6 @@ def _pretrain_parser(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from dataclasses import replace
-    from pathlib import Path
-
     from ladd_ds.demo.presets import SIZES, teacher_settings
     from ladd_ds.demo.pretrain import pretrain_teacher, task_settings
 
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     capture_warnings()  # warnings that repeat at every step are shown once (training/logfile.py)
     commands = {
         "train": cmd_train,
-        "dpo": cmd_dpo,
+        "dpo": cmd_train,
         "export": cmd_export,
         "convert-checkpoint": cmd_convert,
         "synth": cmd_synth,

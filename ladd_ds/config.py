@@ -172,7 +172,7 @@ class RandomLatentsConfig:
 def check_compression(compression: str | None, key: str = "compression") -> None:
     """Refuse a shard compression streaming cannot write (naming `key`): None, or a codec of
     streaming with an optional level, e.g. 'zstd' or 'zstd:7'."""
-    from streaming.base.compression import get_compressions
+    from streaming.base.compression import get_compressions  # keeps `ladd-ds --help` fast (the CLI imports this module)
 
     if compression is not None and compression not in get_compressions():
         codecs = sorted({c.split(":")[0] for c in get_compressions()})
@@ -505,7 +505,7 @@ class Config:
     def validate(self) -> None:
         """Every section checks its own keys (its `validate`, nested sections included), then the
         rules across sections."""
-        from ladd_ds.models.registry import PRESETS
+        from ladd_ds.models.registry import PRESETS  # imports torch: kept out of `ladd-ds --help` (the CLI imports this module)
 
         def sections(obj):
             for f in dataclasses.fields(obj):

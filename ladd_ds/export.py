@@ -8,6 +8,10 @@ from pathlib import Path
 
 from ladd_ds.core.errors import InputError
 from ladd_ds.core.outputs import check_output
+from ladd_ds.dpo.export import export_dpo_run
+from ladd_ds.ladd.export import export_ladd_run
+from ladd_ds.models.sharded import parse_size, resolve_dtype
+from ladd_ds.training.export import export_source, run_checkpoint
 
 
 def export_run(
@@ -26,8 +30,6 @@ def export_run(
     `shard_size` ("5GB", "10MB", or bytes). `out` is replaced only when it holds an export of the
     same run, an export of another run only with `overwrite`; anything else is refused
     (ladd_ds.core.outputs), before any tensor is read."""
-    from ladd_ds.models.sharded import parse_size, resolve_dtype
-    from ladd_ds.training.export import export_source, run_checkpoint
 
     torch_dtype, shard_bytes = resolve_dtype(dtype), parse_size(shard_size)
     cfg, checkpoint, kind = run_checkpoint(Path(run_dir), step)
@@ -35,11 +37,9 @@ def export_run(
     if kind == "dpo":
         if ema or lora:
             raise InputError(f"{run_dir} is a DPO run: --ema and --lora apply to LADD runs only")
-        from ladd_ds.dpo.export import export_dpo_run
 
         return export_dpo_run(Path(run_dir), Path(out), cfg, checkpoint, merge, torch_dtype, shard_bytes, overwrite)
     if merge:
         raise InputError("--merge applies to DPO runs; to fold a LoRA into a LADD student use --lora DIR")
-    from ladd_ds.ladd.export import export_ladd_run
 
     return export_ladd_run(Path(run_dir), Path(out), cfg, checkpoint, ema, lora, torch_dtype, shard_bytes, overwrite)

@@ -23,11 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from ladd_ds.core.errors import InputError
+from ladd_ds.core.errors import InputError, OutputExistsError
 from ladd_ds.core.flow import add_noise, x0_from_velocity
 from ladd_ds.core.noise import derive_seed
-from ladd_ds.data.prompts import parse_bucket
+from ladd_ds.core.outputs import absolute
+from ladd_ds.data.images import load_cropped, load_mask
+from ladd_ds.data.prompts import numbered_lines, parse_bucket, prompt_record
+from ladd_ds.models.codec import load_codec
 from ladd_ds.models.conditioning import (
     ConditionedTransformer,
     batch_condition,
@@ -37,8 +43,10 @@ from ladd_ds.models.conditioning import (
     model_task,
     paste_back,
 )
+from ladd_ds.models.flow_model import FlowModel
 from ladd_ds.models.lora import load_lora
 from ladd_ds.models.scheduler import DEFAULT_SHIFT, MODEL_INFO, folder_sampler_settings
+from ladd_ds.models.text_encoders import text_encoders_from_spec
 
 EXPORT_INFO = "ladd_export.json"
 
@@ -185,8 +193,6 @@ class TeacherSampler:
     """Classifier-free-guided sampling of the teacher with diffusers' SD3 pipeline."""
 
     def __init__(self, transformer, text_encoder, shift: float, codec_factor: int, *, num_train_timesteps: int = 1000):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         self.transformer = transformer
         self.text = text_encoder
         self.factor = codec_factor
@@ -251,7 +257,6 @@ def load_text_encoder(cfg, device):
     """The text encoders of the config's text section in the run's precision: what synth, encode,
     pairs and the training previews encode prompts with (diffusers' SD3 pipeline runs its
     encoders in the pipeline's dtype too)."""
-    from ladd_ds.models.text_encoders import text_encoders_from_spec
 
     t = cfg.text
     text = text_encoders_from_spec(t.encoders, cfg.model.teacher, t.drop_t5, t.max_sequence_length, t.seed)
@@ -339,7 +344,6 @@ def sample_latents(
     """Latents (N, C, H/f, W/f) of `prompts`, one per seed: the student's sampler or the
     teacher's Euler sampler with CFG, depending on `sm.kind`. An inpainting or editing model
     needs `condition` (N, extra, H/f, W/f): task_condition's channels, one per sample."""
-    from ladd_ds.models.flow_model import FlowModel
 
     device = next(sm.transformer.parameters()).device
     config = sm.transformer.config
@@ -397,10 +401,6 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
-    from diffusers import SD3Transformer2DModel
-
-    from ladd_ds.models.codec import load_codec
-    from ladd_ds.models.text_encoders import text_encoders_from_spec
 
     folder = Path(spec)
     if not (folder / "transformer" / "config.json").is_file():
@@ -464,7 +464,6 @@ SAMPLES_KEY = "ladd_ds_samples"
 
 def _sample_source(path: Path) -> str | None:
     """The model a ladd-ds sample file records, or None for a file that ladd-ds did not write."""
-    from PIL import Image
 
     try:
         if path.suffix == ".png":
@@ -479,7 +478,6 @@ def _sample_source(path: Path) -> str | None:
 def check_sample_outputs(out: str | Path, source: str, overwrite: bool = False) -> None:
     """Refuse to write OUT.png / OUT.npz over a file ladd-ds did not write, or over samples of
     another model without `overwrite` (OutputExistsError)."""
-    from ladd_ds.core.errors import OutputExistsError
 
     for path in (Path(out).with_suffix(".png"), Path(out).with_suffix(".npz")):
         if not path.exists():
@@ -508,8 +506,6 @@ def save_samples(
     at their own size), each written to a temporary name first, both marked with `source` (the
     model). Files at out.png / out.npz are replaced only when they are samples of the same model
     (of any model with `overwrite`)."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
 
     out = Path(out)
     check_sample_outputs(out, source, overwrite)
@@ -576,7 +572,6 @@ def check_sample_args(
 ) -> tuple[list[str], tuple[int, int] | None]:
     """`ladd-ds sample`'s arguments that need no model, checked before one is loaded (or a run
     exported): the prompts of the file, and --size as (height, width) or None."""
-    from ladd_ds.data.prompts import numbered_lines, prompt_record
 
     if per_prompt < 1:
         raise InputError(f"--per-prompt {per_prompt}: must be >= 1 (images per prompt)")
@@ -606,7 +601,6 @@ def run_sample(
 ):
     """`ladd-ds sample`. `source`: what the samples record as their model (default: `model`,
     absolute); OUT.png / OUT.npz of another model are replaced only with `overwrite`."""
-    from ladd_ds.core.outputs import absolute
 
     made_by = source or str(absolute(model))
     out_pasted = Path(out).with_name(Path(out).with_suffix("").name + "_pasted")
@@ -652,7 +646,6 @@ def load_condition_images(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`--image` (3, H, W) in [-1, 1] and `--mask` (1, H, W), 1 = fill in, cut to the sample size,
     as a model of `task` needs them: inpaint both, edit the image, t2i neither."""
-    from ladd_ds.data.images import load_cropped, load_mask
 
     needs = {"t2i": (), "inpaint": ("--image", "--mask"), "edit": ("--image",)}[task]
     given = [flag for flag, value in (("--image", image), ("--mask", mask)) if value is not None]

@@ -81,7 +81,7 @@ def test_a_task_run_refuses_a_teacher_not_of_its_task_before_building(
     widened (the runs below train one)."""
     from ladd_ds.config import load_config
     from ladd_ds.ladd import build
-    from ladd_ds.ladd.method import LADDMethod
+    from ladd_ds.methods import method_for
 
     def no_build(*args, **kwargs):
         raise AssertionError("a model was built before the teacher was checked")
@@ -96,7 +96,8 @@ def test_a_task_run_refuses_a_teacher_not_of_its_task_before_building(
         assert "`ladd-ds pretrain-teacher --task inpaint`" in err
     assert not (tmp_path / "run").exists()
     sets = [f"model.teacher={task_teachers['inpaint']}", f"model.student={t2i_folder}", "ladd.task=inpaint"]
-    LADDMethod.check_config(load_config(TINY_CONFIG, sets))  # a teacher of the task, a t2i student: accepted
+    cfg = load_config(TINY_CONFIG, sets)
+    method_for(cfg, "train").check_config(cfg)  # a teacher of the task, a t2i student: accepted
 
 
 @pytest.mark.parametrize("task", ["inpaint", "edit"])

@@ -8,7 +8,7 @@ import torch
 
 from ladd_ds.config import load_config
 from ladd_ds.core import flow
-from ladd_ds.ladd.method import LADDMethod
+from ladd_ds.methods import method_for
 from ladd_ds.training.metrics import to_floats
 from ladd_ds.training.trainer import Trainer
 from tests.conftest import TINY_CONFIG, read_metrics
@@ -26,7 +26,7 @@ def changed(before: dict, after: dict) -> list[str]:
 def make_trainer(tmp_path, *overrides) -> Trainer:
     """The training loop around LADD; the tests drive its method's steps (`trainer.method`)."""
     cfg = load_config(TINY_CONFIG, [f"run.run_dir={tmp_path}", "logging.progress_bar=false", "optim.warmup_steps=0", *overrides])
-    return Trainer(cfg, cfg.run.run_dir, LADDMethod)
+    return Trainer(cfg, cfg.run.run_dir, method_for(cfg, "train"))
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ LAYERS = [
     ["ladd_ds.generate"],
     ["ladd_ds.training"],
     ["ladd_ds.ladd", "ladd_ds.dpo"],
-    ["ladd_ds.export"],
+    ["ladd_ds.export", "ladd_ds.methods"],
     ["ladd_ds.demo"],
     ["ladd_ds.cli", "evaluation"],
     ["ladd_ds.__main__"],

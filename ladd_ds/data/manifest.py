@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.data.schema import MANIFEST_FILE, NEGATIVE_PROMPT_FILE
@@ -57,7 +58,6 @@ def check_text_settings(root: str | Path, text) -> None:
 def read_negative_prompt(root: str | Path, needed_by: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The empty prompt's conditioning of ROOT: prompt_embeds (L, D) and pooled (P,), fp32.
     `needed_by` names the setting that needs it, for the error message."""
-    from safetensors.torch import load_file
 
     path = Path(str(root)) / NEGATIVE_PROMPT_FILE
     if "://" in str(root):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
+from streaming.base.util import clean_stale_shared_memory
 
 SHM_DIR = Path("/dev/shm")
 STREAMING_BLOCK = re.compile(r"^(\d{6})_(" + "|".join(SHM_TO_CLEAN) + r")$")
@@ -111,6 +112,5 @@ def clean_stale_blocks(shm_dir: Path = SHM_DIR, lock_dir: Path | None = None, in
 def clean_all_streaming_blocks() -> None:
     """streaming's unconditional clean-up: every streaming block on the node, live or not. Only on
     explicit request (data.shared_memory_cleanup: all), for a node this job has to itself."""
-    from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()

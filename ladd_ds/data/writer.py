@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from streaming import MDSWriter
 
 from ladd_ds.config import check_compression
@@ -122,7 +123,6 @@ def write_negative_prompt(root: str | Path, prompt_embeds: torch.Tensor, pooled:
     """ROOT/negative_prompt.safetensors: the empty prompt's (L, D) and (P,) conditioning, of the
     same form as the shards' `prompt_embeds`, as fp32 (exact for fp32, bf16 and fp16 values);
     temporary name, then rename."""
-    from safetensors.torch import save_file
 
     path = Path(root) / NEGATIVE_PROMPT_FILE
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -1,4 +1,6 @@
-"""DeepSpeed wiring: process group, config templates and the three LADD engines.
+"""DeepSpeed wiring: process group, config templates, engines with and without an optimizer,
+ZeRO-3 helpers and checkpoint readers; each method puts its own engines together from these
+(ladd/engines.py, dpo/engines.py).
 
 This is the only module of ladd_ds that imports deepspeed. docs/method.md, section 7 records the
 behaviour the layout below depends on (checked with deepspeed 0.19.8, CPU + gloo).
@@ -12,7 +14,6 @@ import json
 import os
 import re
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 prepare_launcher_env()  # before `import deepspeed`: it picks its accelerator at import time
 import deepspeed  # noqa: E402
+from deepspeed.utils import groups  # noqa: E402
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
 
 
 def _free_port() -> int:
@@ -196,7 +199,6 @@ def partitioned_init(ds_config: dict):
     # when it is given none and asserts that it did not exist (deepspeed 0.19.8, utils/groups.py
     # _create_zero_param_parallel_group), so the second hpZ engine of a run passes the first's.
     # Only an hpZ engine: given the group, zero.Init keeps secondary shards whatever the config says.
-    from deepspeed.utils import groups
 
     hpz = int(ds_config["zero_optimization"].get("zero_hpz_partition_size", 1)) > 1
     group = groups._get_zero_param_intra_parallel_group() if hpz else None
@@ -231,14 +233,6 @@ def load_partitioned_weights(module: nn.Module, names: dict[str, Path], read_ten
                 if tensor.shape != param.shape:
                     raise InputError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
                 param.data.copy_(tensor)
-
-
-@dataclass
-class Engines:
-    student: Any  # DeepSpeedEngine with optimizer
-    heads: Any  # DeepSpeedEngine with optimizer
-    teacher: Any  # DeepSpeedEngine without optimizer (frozen)
-    ds_configs: dict[str, dict]
 
 
 def adamw_kind() -> str:
@@ -439,26 +433,9 @@ def set_leaf_blocks(model: nn.Module, ds_config: dict) -> None:
         deepspeed.utils.set_z3_leaf_modules(model, sorted(kinds, key=lambda k: k.__qualname__))
 
 
-def build_engines(
-    student: nn.Module, teacher: nn.Module, heads: nn.Module, ds_configs: dict[str, dict], optim_cfg, *, leaf_blocks: bool = False
-) -> Engines:
-    """`leaf_blocks`: deepspeed.z3_leaf_blocks (set_leaf_blocks) for the student and the teacher."""
-    teacher.requires_grad_(False)
-    teacher.eval()
-    if leaf_blocks:
-        set_leaf_blocks(student, ds_configs["student"])
-        set_leaf_blocks(teacher, ds_configs["teacher"])
-    student_engine = trainable_engine(student, ds_configs["student"], optim_cfg.student_lr, optim_cfg)
-    heads_engine = trainable_engine(heads, ds_configs["heads"], optim_cfg.heads_lr, optim_cfg)
-    # No optimizer: a frozen teacher only needs ZeRO's parameter partitioning and gathering.
-    teacher_engine = frozen_engine(teacher, ds_configs["teacher"])
-    return Engines(student=student_engine, heads=heads_engine, teacher=teacher_engine, ds_configs=ds_configs)
-
-
 def consolidate_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of one engine from its (ZeRO-1/2/3, any world size) checkpoint,
     on one CPU process, with DeepSpeed's own zero_to_fp32 tool."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
@@ -478,7 +455,6 @@ def lazy_zero_checkpoint(checkpoint_dir: Path, tag: str) -> dict[str, Any]:
         first = torch.load(optim_files[0], map_location="cpu", mmap=True, weights_only=False)
         if first["optimizer_state_dict"].get("zero_stage", 3) <= 2:
             return zero12_sources(ds_dir, optim_files)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)
 

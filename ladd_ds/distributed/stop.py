@@ -16,6 +16,7 @@ longer needs the signal earlier: `sbatch --signal=TERM@120` (docs/training.md, "
 from __future__ import annotations
 
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -57,8 +58,6 @@ class StopSignals:
         print(f"received {signal.Signals(signum).name}: stopping after this step, with a checkpoint", flush=True)
 
     def __enter__(self) -> StopSignals:
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handler)

@@ -1,6 +1,6 @@
 """Diffusion-DPO as a training method (ladd_ds.training.method.Method) for the shared loop.
 
-Engines: `model`, built from model.teacher with the student's DeepSpeed template (ZeRO-3 by
+Engines (dpo/engines.py): `model`, built from model.teacher with the student's DeepSpeed template (ZeRO-3 by
 default) and trained with dpo.lr; in LoRA mode only its adapters are trainable. In full mode a
 frozen `reference` engine (deepspeed.teacher_config) holds the starting weights.
 """
@@ -13,7 +13,8 @@ from ladd_ds.config import Config
 from ladd_ds.data.schema import PAIRS
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import print0, world_size
-from ladd_ds.dpo.steps import DPOEngines, DPOSteps, dpo_time_shift
+from ladd_ds.dpo.engines import build_dpo_engines
+from ladd_ds.dpo.steps import DPOSteps, dpo_time_shift
 from ladd_ds.models.activations import RecomputeFlops, model_activation_bytes, recompute_bytes
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.lora import add_lora, lora_config_from
@@ -134,6 +135,10 @@ class DPOMethod(DPOSteps, Method):
             print0("note: logging.sample_every is ignored by `ladd-ds dpo` (sample grids are LADD-only)")
 
     @classmethod
+    def dry_run(cls, cfg: Config, world: int) -> DryRunReport:
+        return dpo_dry_run(cfg, world)
+
+    @classmethod
     def ds_configs(cls, cfg: Config, world: int) -> dict[str, dict]:
         return build_dpo_ds_configs(cfg, world)
 
@@ -145,7 +150,7 @@ class DPOMethod(DPOSteps, Method):
         model.set_checkpointing(cfg.model.checkpoint_every("student"))  # the reference runs without gradients
         if cfg.model.compile:
             model.compile_blocks()  # compiled lazily: the LoRA layers added below are traced too
-        reference = None
+        ref_model = None
         if cfg.dpo.mode == "lora":
             trainable = add_lora(model.transformer, lora_config_from(cfg.dpo.lora), seed=cfg.run.seed)
             print0(f"LoRA rank {cfg.dpo.lora.rank} on {len(trainable) // 2} layers; the reference is the model with adapters off")
@@ -154,9 +159,8 @@ class DPOMethod(DPOSteps, Method):
             ref_model.requires_grad_(False).eval()
             if cfg.model.compile:
                 ref_model.compile_blocks()
-            reference = ds.frozen_engine(ref_model, ds_configs["reference"])
-        engine = ds.trainable_engine(model, ds_configs["model"], cfg.dpo.lr, cfg.optim)
-        return cls(cfg, DPOEngines(model=engine, reference=reference, ds_configs=ds_configs), ds.device())
+        engines = build_dpo_engines(model, ref_model, ds_configs, lr=cfg.dpo.lr, optim_cfg=cfg.optim)
+        return cls(cfg, engines, ds.device())
 
     def trained_module(self):
         return self.engines.model.module

@@ -9,9 +9,6 @@ its engine; the DPO loss (ladd_ds.dpo.loss); backward and step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from ladd_ds.config import Config
@@ -19,16 +16,10 @@ from ladd_ds.core import flow
 from ladd_ds.core.noise import per_sample_generators, randn_like_per_sample, randn_per_sample, to_device
 from ladd_ds.data.loader import batch_to_device
 from ladd_ds.distributed import faults
+from ladd_ds.dpo.engines import DPOEngines
 from ladd_ds.dpo.loss import dpo_loss, velocity_errors
 from ladd_ds.models.lora import adapters_disabled
 from ladd_ds.models.scheduler import model_sampler_settings
-
-
-@dataclass
-class DPOEngines:
-    model: Any  # DeepSpeedEngine with optimizer (LoRA mode: only the adapters are trainable)
-    reference: Any | None  # frozen DeepSpeedEngine (full mode); None with LoRA (adapters off)
-    ds_configs: dict[str, dict]
 
 
 def dpo_time_shift(cfg: Config) -> float:

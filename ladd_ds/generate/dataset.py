@@ -40,9 +40,10 @@ from ladd_ds.data.manifest import read_manifest
 from ladd_ds.data.prompts import PromptJob, bucket_name, input_digest
 from ladd_ds.data.schema import LATENTS, MANIFEST_FILE, NEGATIVE_PROMPT_FILE, Layout
 from ladd_ds.data.writer import write_negative_prompt, write_samples
+from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed import faults
 from ladd_ds.distributed.claim import claim_folder
-from ladd_ds.distributed.ranks import barrier, broadcast_object, is_main, print0, rank, world_size
+from ladd_ds.distributed.ranks import all_reduce_sum, barrier, broadcast_object, is_main, print0, rank, world_size
 from ladd_ds.generate.state import (
     PART_FILE,
     PART_STATS,
@@ -56,6 +57,8 @@ from ladd_ds.generate.state import (
     still_done,
     write_text_atomic,
 )
+from ladd_ds.models.codec import codec_factor
+from ladd_ds.models.registry import is_folder, resolve_model_config
 
 MANIFEST = MANIFEST_FILE
 
@@ -131,7 +134,6 @@ def summed_part_stats(out: Path) -> dict[str, float]:
 def model_identity(spec: str, seed: int) -> str:
     """What the teacher's weights are, cheaply and the same on every rank: a preset with its
     seed, or a digest of a folder's weight files (read once, on rank 0, and broadcast)."""
-    from ladd_ds.models.registry import is_folder
 
     if not is_folder(spec):
         return f"preset {spec}, seed {seed}"
@@ -251,8 +253,6 @@ def generate_dataset(
 
     With `lockstep` ranks (a ZeRO-3 teacher) every rank must run the same number of model calls,
     so ranks with fewer batches repeat their last one and drop the result."""
-    from ladd_ds.distributed.engines import device as current_device
-    from ladd_ds.distributed.ranks import all_reduce_sum
 
     name = gen.name
     done = still_done(completed_samples(out), jobs)
@@ -265,7 +265,7 @@ def generate_dataset(
     counts = torch.zeros(world_size(), dtype=torch.float64)
     counts[rank()] = len(batches)
     rounds = int(all_reduce_sum(counts).max()) if source.get("lockstep") else len(batches)
-    device = current_device()
+    device = ds.device()
 
     with peak_rss_increase() as memory:
         _generate_parts(cfg, jobs, out, make_rows, text, gen, batches, rounds=rounds, todo=len(todo), device=device)
@@ -342,8 +342,6 @@ def _row_value(value):
 def generation_buckets(cfg: Config) -> tuple[dict, list[str]]:
     """The teacher's model config and synth.buckets' names, each bucket checked against the
     teacher's patch size and the latent codec's factor."""
-    from ladd_ds.models.codec import codec_factor
-    from ladd_ds.models.registry import resolve_model_config
 
     model_cfg = resolve_model_config(cfg.model.teacher)
     return model_cfg, check_buckets(cfg.synth.buckets, model_cfg["patch_size"], codec_factor(cfg.codec.vae))
@@ -361,7 +359,6 @@ def start_generation(cfg: Config, out: Path) -> torch.device:
     the output directory claimed by rank 0 (ladd_ds.distributed.claim): refused when it holds
     anything but a dataset of ladd-ds or when another job writes it, else created, locked for this
     job and marked. Returns this rank's device."""
-    from ladd_ds.distributed import engines as ds
 
     ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
     claim_folder(out, lambda folder: check_output(folder, "dataset"), "dataset", None, "dataset")

@@ -54,6 +54,8 @@ from ladd_ds.generate.dataset import (
     start_generation,
 )
 from ladd_ds.generate.masks import DEFAULT_KINDS, check_kinds, random_mask
+from ladd_ds.models.codec import load_codec
+from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.sampling import condition_columns, load_text_encoder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -224,8 +226,6 @@ def run_encode(
     """Encode captioned images (t2i); with task "inpaint" also a random mask per image and its
     condition (schema.INPAINT); with task "edit" (source, instruction, target) triples, the
     target as the latent and the source as the condition (schema.EDIT)."""
-    from ladd_ds.models.codec import load_codec
-    from ladd_ds.models.conditioning import latent_channels
 
     out = Path(out)
     kinds = check_kinds(mask_kinds or DEFAULT_KINDS)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ladd_ds.core.errors import InputError
+
 KINDS = ("box", "stroke", "border", "quadrant")
 DEFAULT_KINDS = ("box", "stroke", "border")
 
@@ -22,8 +24,6 @@ def check_kinds(kinds) -> tuple[str, ...]:
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in KINDS]
     if not kinds or unknown:
-        from ladd_ds.core.errors import InputError
-
         raise InputError(f"mask kinds {list(kinds)}: choose one or more of {list(KINDS)}")
     return kinds
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from PIL import Image
 
 from ladd_ds.config import Config, ConfigError, config_to_dict
 from ladd_ds.core.errors import InputError, MissingInputError
@@ -46,7 +47,12 @@ from ladd_ds.generate.dataset import (
     prepare_output,
     start_generation,
 )
+from ladd_ds.generate.encode import IMAGE_SUFFIXES, UNREADABLE, displayed_size, load_cropped, nearest_bucket
 from ladd_ds.generate.state import write_text_atomic
+from ladd_ds.models.codec import load_codec
+from ladd_ds.models.conditioning import latent_channels
+from ladd_ds.models.registry import resolve_model_config
+from ladd_ds.sampling import decode_images, load_sampling_model, load_text_encoder, sample_latents
 
 SUMMARY = "pairs.json"
 
@@ -101,7 +107,6 @@ def write_summary(out: Path, manifest: dict, extra: dict) -> dict:
 def make_pairs(cfg: Config, out: str | Path | None = None) -> dict | None:
     """Sample, score and write the pairs on every rank; returns the summary (also OUT/pairs.json)
     on rank 0, None on the others."""
-    from ladd_ds.sampling import decode_images, load_sampling_model, sample_latents
 
     p = cfg.pairs
     out = Path(out or p.out)
@@ -175,9 +180,6 @@ def read_preference_jobs(path: str | Path, images: Path, buckets: list[str]) -> 
     """One job per line of a {"prompt", "winner", "loser"} JSONL file, read line by line, keyed
     by its two image paths and its prompt. The winner's header is read (for its bucket) and both
     images' existence checked only for this rank's lines (index % world)."""
-    from PIL import Image
-
-    from ladd_ds.generate.encode import IMAGE_SUFFIXES, UNREADABLE, displayed_size, nearest_bucket
 
     path = Path(path)
     if not path.is_file():
@@ -228,13 +230,6 @@ def read_preference_jobs(path: str | Path, images: Path, buckets: list[str]) -> 
 def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: str | Path | None = None) -> dict | None:
     """Encode an existing preference set (images + winner/loser labels) into pair shards, on
     every rank; returns the summary on rank 0, None on the others."""
-    from PIL import Image
-
-    from ladd_ds.generate.encode import UNREADABLE, load_cropped
-    from ladd_ds.models.codec import load_codec
-    from ladd_ds.models.conditioning import latent_channels
-    from ladd_ds.models.registry import resolve_model_config
-    from ladd_ds.sampling import load_text_encoder
 
     p = cfg.pairs
     out, images = Path(out or p.out), Path(images)

@@ -23,13 +23,16 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ladd_ds.config import Config, config_to_dict
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.data.images import UNREADABLE, image_bucket, load_cropped, load_mask
 from ladd_ds.data.prompts import PromptJob, input_digest, load_prompt_jobs, numbered_lines, parse_bucket
 from ladd_ds.data.schema import TASK_LAYOUTS
+from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import rank, world_size
+from ladd_ds.distributed.zero_sizes import resolve_zero3_sizes
 from ladd_ds.generate.dataset import (
     Generation,
     common_settings,
@@ -40,15 +43,16 @@ from ladd_ds.generate.dataset import (
     start_generation,
 )
 from ladd_ds.generate.masks import DEFAULT_KINDS, check_kinds, random_mask
+from ladd_ds.models.codec import codec_factor, load_codec
 from ladd_ds.models.conditioning import batch_condition, latent_channels
+from ladd_ds.models.flow_model import build_flow_model
+from ladd_ds.models.registry import check_teacher_task
 from ladd_ds.sampling import PRECISIONS, TeacherSampler, condition_columns, load_text_encoder
 
 
 def build_teacher(cfg: Config, task: str = "t2i"):
     """The teacher for sampling: replicated on every rank, or partitioned with ZeRO-3
     (synth.zero_stage = 3) for teachers too large for one device; a transformer of `task`."""
-    from ladd_ds.distributed import engines as ds
-    from ladd_ds.models.flow_model import build_flow_model
 
     if cfg.synth.zero_stage == 3:
         ds_config = ds.fill_ds_config(
@@ -58,7 +62,6 @@ def build_teacher(cfg: Config, task: str = "t2i"):
             world_size=world_size(),
             precision=cfg.deepspeed.precision,
         )
-        from ladd_ds.distributed.zero_sizes import resolve_zero3_sizes
 
         meta = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta", task=task)
         ds_config = resolve_zero3_sizes(ds_config, meta)  # "auto" gather sizes: about two of its blocks
@@ -79,9 +82,6 @@ SAMPLE_SETTINGS = ("buckets", "bucket_weights", "guidance_scale", "num_steps", "
 def run_synth(
     cfg: Config, prompts: str, out: str | Path, task: str = "t2i", mask_kinds: tuple[str, ...] | None = None
 ) -> dict | None:
-    from ladd_ds.models.codec import codec_factor
-    from ladd_ds.models.registry import check_teacher_task
-
     out = Path(out)
     s = cfg.synth
     factor = codec_factor(cfg.codec.vae)
@@ -163,9 +163,6 @@ def load_condition_jobs(path: str | Path, buckets: list[str], seed: int, task: s
 def conditioned_rows(cfg: Config, task: str, kinds, sampler: TeacherSampler, channels: int, device):
     """synth's make_rows for an inpainting or editing teacher: each job's condition from its
     image (and mask, or a random one from its seed), then the teacher's guided sample."""
-    from PIL import Image
-
-    from ladd_ds.models.codec import load_codec
 
     s = cfg.synth
     codec = load_codec(cfg.codec.vae, channels, seed=cfg.codec.seed).to(device)

@@ -14,6 +14,8 @@ from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
 from ladd_ds.data.schema import TASK_LAYOUTS
 from ladd_ds.distributed import engines as ds
+from ladd_ds.ladd.conditioned import ConditionedLADDSteps
+from ladd_ds.ladd.steps import LADDSteps, Noise
 from ladd_ds.models.activations import RecomputeFlops, SavedTensors, fused_attention, recompute_bytes
 from ladd_ds.models.conditioning import latent_channels
 from ladd_ds.models.flow_model import FlowModel, build_flow_model
@@ -111,14 +113,12 @@ class _MetaEngine:
 def meta_step(cfg: Config, models: dict):
     """The method's steps on the meta models (teacher frozen, all in the training precision) and a
     meta micro-batch and noise of the planned shapes: (steps, batch, noise, shapes note)."""
-    from ladd_ds.ladd.conditioned import ConditionedLADDSteps  # the steps import this module's layer
-    from ladd_ds.ladd.steps import LADDSteps, Noise
 
     teacher, student, heads = models["teacher"], models["student"], models["heads"]
     dtype = training_dtype(cfg)
     for model in (teacher, student, heads):
         model.to(dtype)
-    teacher.requires_grad_(False)  # as the engines freeze it (distributed.engines.build_engines)
+    teacher.requires_grad_(False)  # as the engines freeze it (ladd/engines.py build_engines)
     tc = teacher.transformer.config
     h, w, text, note = planned_shapes(cfg, tc)
     b, ch = cfg.data.micro_batch_size, latent_channels(tc)

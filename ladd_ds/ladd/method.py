@@ -1,5 +1,7 @@
-"""LADD as a training method (ladd_ds.training.method.Method): its config checks, engines and
-checkpoint state around the step functions of `LADDSteps`."""
+"""LADD as a training method (ladd_ds.training.method.Method): its config checks, dry run,
+engines and checkpoint state around the step functions of `LADDSteps`. `LADDMethod` trains
+text-to-image, `ConditionedLADDMethod` inpainting and editing (`ladd.task`);
+ladd_ds.methods.method_for picks one by the config."""
 
 from __future__ import annotations
 
@@ -13,24 +15,28 @@ from ladd_ds.data.manifest import check_text_settings, generation_guidance_scale
 from ladd_ds.data.schema import TASK_LAYOUTS, Layout
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import all_reduce_sum, print0, world_size
-from ladd_ds.ladd.build import build_ds_configs, build_models, check_task_teacher
+from ladd_ds.ladd.build import build_ds_configs, build_models, check_task_teacher, dry_run
 from ladd_ds.ladd.conditioned import ConditionedLADDSteps
+from ladd_ds.ladd.engines import build_engines
 from ladd_ds.ladd.preview import SamplePreview
 from ladd_ds.ladd.steps import LADDSteps
 from ladd_ds.models.conditioning import batch_condition
-from ladd_ds.training.build import check_data_matches_model, check_mds_data, mds_data_plan
+from ladd_ds.training.build import DryRunReport, check_data_matches_model, check_mds_data, mds_data_plan
 from ladd_ds.training.ema import ShardedEMA
 from ladd_ds.training.method import Method
 
 
 class LADDMethod(LADDSteps, Method):
     kind = "ladd"
+    tasks: tuple[str, ...] = ("t2i",)  # the ladd.task values this class trains
     trainable = ("student", "heads")  # the frozen teacher is rebuilt, not saved
     progress_desc = "ladd"
     postfix_metrics = {"g": "loss/generator", "d": "loss/discriminator"}
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        if cfg.ladd.task not in cls.tasks:  # a caller's mistake, not the user's: method_for picks the class
+            raise ValueError(f"ladd.task={cfg.ladd.task}: {cls.__name__} trains {cls.tasks}; methods.method_for picks one")
         check_task_teacher(cfg)
         check_data_matches_model(cfg)
         if cfg.data.source == "mds":
@@ -42,25 +48,31 @@ class LADDMethod(LADDSteps, Method):
         return TASK_LAYOUTS[cfg.ladd.task]
 
     @classmethod
+    def dry_run(cls, cfg: Config, world: int) -> DryRunReport:
+        return dry_run(cfg, world)
+
+    @classmethod
     def ds_configs(cls, cfg: Config, world: int) -> dict[str, dict]:
         return build_ds_configs(cfg, world)
 
     @classmethod
     def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> LADDMethod:
         teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
-        engines = ds.build_engines(student, teacher, heads, ds_configs, cfg.optim, leaf_blocks=cfg.deepspeed.z3_leaf_blocks)
+        engines = build_engines(student, teacher, heads, ds_configs, cfg.optim, leaf_blocks=cfg.deepspeed.z3_leaf_blocks)
         ema = None
         if cfg.optim.ema_decay > 0:
             ranges = ds.partition_ranges(engines.student)  # ZeRO-1/2: the EMA of this rank's partition
             ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay, cfg.optim.ema_every, ranges=ranges)
         distill_cfg, negative = distill_guidance(cfg)
-        variant = cls if cfg.ladd.task == "t2i" else ConditionedLADDMethod
-        method = variant(cfg, engines, taps, ds.device(), ema, distill_cfg, negative)
-        method.ds_stages = {name: ds.zero_stage(c) for name, c in ds_configs.items()}
-        return method
+        return cls(cfg, engines, taps=taps, device=ds.device(), ema=ema, distill_cfg=distill_cfg, negative=negative)
 
     def preview(self):
         return SamplePreview(self.cfg, self.device) if self.cfg.logging.sample_every > 0 else None
+
+    @property
+    def ds_stages(self) -> dict[str, int]:
+        """The ZeRO stage of each engine, by name."""
+        return {name: ds.zero_stage(c) for name, c in self.engines.ds_configs.items()}
 
     def trained_module(self):
         return self.engines.student.module
@@ -81,6 +93,8 @@ class LADDMethod(LADDSteps, Method):
 
 class ConditionedLADDMethod(ConditionedLADDSteps, LADDMethod):
     """LADD for inpainting and editing (`ladd.task`): LADDMethod with the conditioned steps."""
+
+    tasks = ("inpaint", "edit")
 
     def preview(self):
         if self.cfg.logging.sample_every <= 0:

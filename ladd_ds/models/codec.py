@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ladd_ds.core.errors import InputError
+from ladd_ds.models.vae import load_vae
 
 PIXEL_UNSHUFFLE = "pixel-unshuffle"
 
@@ -66,8 +67,6 @@ def load_codec(spec: str, latent_channels: int, seed: int = 0) -> PixelUnshuffle
     if spec == PIXEL_UNSHUFFLE:
         codec = PixelUnshuffleCodec()
     else:
-        from ladd_ds.models.vae import load_vae
-
         codec = VAECodec(load_vae(spec, latent_channels, seed))
     if codec.channels != latent_channels:
         raise InputError(f"latent codec '{spec}' has {codec.channels} channels, the model expects {latent_channels}")

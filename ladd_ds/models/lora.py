@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ladd_ds.core.errors import InputError, MissingInputError
@@ -37,7 +39,6 @@ LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_ba
 def lora_config(rank: int, alpha: float | None = None, targets: list[str] | None = None, mlp: bool = False, dropout: float = 0.0):
     """A peft LoraConfig for the SD3 transformer. `alpha` None means alpha = rank (scale 1).
     lora_B starts at zero (peft's default), so a fresh adapter leaves the model unchanged."""
-    from peft import LoraConfig
 
     modules = list(targets or ATTENTION_TARGETS) + (MLP_TARGETS if mlp else [])
     return LoraConfig(
@@ -90,7 +91,6 @@ def lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_lora(out: str | Path, weights: dict[str, torch.Tensor], config) -> Path:
     """Write a LoRA folder atomically (temporary name, then rename)."""
-    from safetensors.torch import save_file
 
     out = Path(out)
     if not weights:
@@ -108,8 +108,6 @@ def save_lora(out: str | Path, weights: dict[str, torch.Tensor], config) -> Path
 
 def read_lora(folder: str | Path):
     """(LoraConfig, weights without the 'transformer.' prefix, in peft's naming) of a LoRA folder."""
-    from peft import LoraConfig
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -129,7 +127,6 @@ def read_lora(folder: str | Path):
 def load_lora(transformer: nn.Module, folder: str | Path, merge: bool = False) -> nn.Module:
     """Add the LoRA of `folder` to `transformer` (in place). `merge`: fold it into the base
     weights and remove the adapter layers, leaving a plain transformer."""
-    from peft import set_peft_model_state_dict
 
     config, weights = read_lora(folder)
     add_lora(transformer, config)

@@ -8,10 +8,12 @@ Nothing is downloaded: these machines cannot reach a model hub.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
 from diffusers import SD3Transformer2DModel
+from safetensors import safe_open
 from torch import nn
 
 from ladd_ds.core.errors import InputError
@@ -282,13 +284,10 @@ def is_folder(spec: str) -> bool:
 def folder_weight_names(spec: str) -> dict[str, Path]:
     """Every tensor name of a folder's transformer weights -> the safetensors file holding it
     (single file or sharded with an index), read from headers only."""
-    from safetensors import safe_open
 
     folder = Path(spec) / "transformer"
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
-        import json
-
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / "diffusion_pytorch_model.safetensors"
@@ -304,7 +303,6 @@ def folder_weight_names(spec: str) -> dict[str, Path]:
 def read_folder_tensor(path: Path, name: str) -> torch.Tensor:
     """One tensor of a safetensors file, as stored: a view of the memory-mapped file, whose pages
     are resident only once read and are unmapped when the tensor is freed."""
-    from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         return f.get_tensor(name)

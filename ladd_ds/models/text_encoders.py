@@ -22,6 +22,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import tokenizers
 import torch
 from diffusers import StableDiffusion3Pipeline
 from transformers import (
@@ -36,6 +37,7 @@ from transformers import (
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from ladd_ds.core.errors import InputError
+from ladd_ds.models.registry import resolve_model_config, transformer_from_config
 
 CLIP_TOKENS = 77  # CLIP's context length: the first 77 tokens of SD3's prompt_embeds
 
@@ -98,7 +100,6 @@ class SD3TextEncoder:
 def _meta_transformer(transformer_config: dict):
     """diffusers' encode_prompt reads the T5 width from pipe.transformer.config when T5 is
     dropped; a structure-only (meta device) transformer provides it without any weights."""
-    from ladd_ds.models.registry import transformer_from_config
 
     return transformer_from_config(transformer_config, meta=True)
 
@@ -107,7 +108,6 @@ def load_sd3_text_encoders(
     folder: str | Path, drop_t5: bool = False, dtype=torch.float32, max_sequence_length: int = 256
 ) -> SD3TextEncoder:
     """The three text encoders and tokenizers of a local diffusers SD3 folder."""
-    from ladd_ds.models.registry import resolve_model_config
 
     folder = Path(folder)
     needed = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] + (
@@ -148,12 +148,11 @@ def _write_word_vocab(folder: Path, specials: list[str], words: list[str]) -> di
     """The byte-level vocabulary plus BPE merges learned (by the `tokenizers` library's BPE
     trainer) on `words`, so that each of them is one token and any other text still tokenizes
     byte by byte. CLIP's convention: the last symbol of a word carries the "</w>" suffix."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     chars = list(bytes_to_unicode().values())
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=100_000, special_tokens=specials, initial_alphabet=chars, end_of_word_suffix="</w>", show_progress=False
     )
     bpe.train_from_iterator(sorted(set(words)), trainer)
@@ -189,15 +188,13 @@ def _tiny_clip(folder: Path, hidden: int, projection: int, seed: int, context: i
 
 
 def _tiny_t5(folder: Path, d_model: int, seed: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _write_byte_level_vocab(folder, ["<pad>", "</s>", "<unk>"])
-    bpe = models.BPE(vocab=vocab, merges=[], unk_token="<unk>")
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    bpe = tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>")
+    tok = tokenizers.Tokenizer(bpe)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     config = T5Config(
         vocab_size=len(vocab),
@@ -227,7 +224,6 @@ def build_tiny_text_encoders(
     `clip_tokens`: the CLIPs' context length (SD3: 77; the CPU demo uses a shorter one).
     `words`: a closed vocabulary (the CPU demo's prompt words) whose words get one CLIP token
     each instead of one per byte, so that prompts need far fewer tokens."""
-    from ladd_ds.models.registry import resolve_model_config
 
     cfg = resolve_model_config(transformer_preset)
     joint, pooled = cfg["joint_attention_dim"], cfg["pooled_projection_dim"]

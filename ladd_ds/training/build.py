@@ -155,7 +155,7 @@ def check_mds_data(cfg: Config, layout: Layout, world: int) -> None:
 class EngineSlot:
     """One engine of a method: its name, the deepspeed.* keys of its template and stage, whether
     it trains, whether its model is the one the run's EMA follows (optim.ema_decay > 0), and
-    whether deepspeed.z3_leaf_blocks makes its blocks ZeRO-3 leaf modules (engines.build_engines)."""
+    whether deepspeed.z3_leaf_blocks makes its blocks ZeRO-3 leaf modules (ladd/engines.py build_engines)."""
 
     name: str
     template_key: str

@@ -29,7 +29,9 @@ from pathlib import Path
 from ladd_ds.core.errors import InputError
 from ladd_ds.core.lock import LOCK_FILE, FileLock, LockedError, describe, holder_alive
 from ladd_ds.core.outputs import absolute
-from ladd_ds.training.checkpoint import UNIVERSAL_DIR
+from ladd_ds.distributed.ranks import barrier, is_main, print0
+from ladd_ds.training.checkpoint import UNIVERSAL_DIR, read_trainer_state
+from ladd_ds.training.export import find_checkpoint
 
 STAGING = ".universal.tmp"
 LOCK = ".universal.lock"
@@ -162,7 +164,6 @@ def convert_for_world_size(checkpoint: Path, engines: list[str]) -> None:
     """Collective, in a run whose world size differs from the checkpoint's: rank 0 converts
     (unless another process already does; then every rank waits for that one), the other ranks
     wait on the file system. Only two quick barriers, none around the conversion itself."""
-    from ladd_ds.distributed.ranks import barrier, is_main, print0
 
     if is_converted(checkpoint):
         return
@@ -186,7 +187,6 @@ def convert_for_world_size(checkpoint: Path, engines: list[str]) -> None:
 def convert_run(run_dir: Path, step: int | None = None) -> Path:
     """`ladd-ds convert-checkpoint`: convert a run's checkpoint (default: the latest) for any
     world size, in this process; the run's next start on another world size loads it at once."""
-    from ladd_ds.training.export import find_checkpoint
 
     checkpoint = find_checkpoint(Path(run_dir), step)
     # One writer per run directory: not while a training job (or another conversion) runs in it.
@@ -195,8 +195,6 @@ def convert_run(run_dir: Path, step: int | None = None) -> Path:
 
 
 def _convert_run(checkpoint: Path) -> Path:
-    from ladd_ds.training.checkpoint import read_trainer_state
-
     state = read_trainer_state(checkpoint)
     engines = trainable_engines(checkpoint)
     if is_converted(checkpoint):

@@ -30,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 
+from ladd_ds.core.errors import LaddError
+
 LOG_FILE = "train.log"
 LOGGER = "ladd_ds"  # print0 logs its lines here (ladd_ds.distributed.ranks)
 # Python warnings, and DeepSpeed's own logger (deepspeed.utils.logging): their warnings and errors
@@ -183,7 +185,6 @@ def log_exception(error: BaseException, *, reported: tuple[type[BaseException], 
     """Write an exception that ends the run into the log file: a user's mistake (LaddError) as
     its one line, anything else with its traceback; `reported`: exceptions the caller reports
     itself (a line it prints)."""
-    from ladd_ds.core.errors import LaddError
 
     if isinstance(error, LaddError):
         logger().error(f"error: {error}")

@@ -1,14 +1,18 @@
 """The contract between the training loop (`ladd_ds.training.trainer.Trainer`) and a method.
 
 The loop owns data, logging, checkpoints, resume and health; a method owns its engines and the
-mathematics of one optimizer step. LADD (`ladd_ds.ladd.method.LADDMethod`) and Diffusion-DPO
-(`ladd_ds.dpo.method.DPOMethod`) are the two methods today; inpainting and editing variants
-will subclass `LADDMethod` and override its step functions (README, "Architecture").
+mathematics of one optimizer step. The methods are LADD (`ladd_ds.ladd.method.LADDMethod`), its
+image-conditioned variant for inpainting and editing (`ConditionedLADDMethod`, which overrides
+the steps' model input) and Diffusion-DPO (`ladd_ds.dpo.method.DPOMethod`);
+`ladd_ds.methods.method_for(cfg, command)` picks the class a run trains with. Each method's
+engines live in its own package (ladd/engines.py, dpo/engines.py).
 
-The loop calls, in this order:
+`--dry-run` calls only `dry_run(cfg, world)`: the models on the meta device, the memory plan
+and the data checks for `world` ranks, no engines. The loop calls, in this order:
   1. `check_config(cfg)`                      before anything is built: fail early, with the key
   2. `ds_configs(cfg, world)`                 one DeepSpeed config per engine, by name
-  3. `build(cfg, ds_configs)`                 the engines (resume may have edited the configs)
+  3. `build(cfg, ds_configs)`                 the models and engines (resume may have edited the
+                                              configs), passed whole to the constructor
   4. `train_step(micro_batches, step)`        per optimizer step; returns metrics (floats or
                                               0-dim device tensors, which the loop reads on
                                               logging steps only) and a float
@@ -24,6 +28,7 @@ from torch import nn
 
 from ladd_ds.config import Config
 from ladd_ds.data.schema import LATENTS, Layout
+from ladd_ds.training.build import DryRunReport
 
 
 class Method:
@@ -46,12 +51,20 @@ class Method:
         """Raise a ConfigError (or ValueError) naming the key when the config cannot work."""
 
     @classmethod
+    def dry_run(cls, cfg: Config, world: int) -> DryRunReport:
+        """`--dry-run`: build the models on the meta device, count parameters, plan memory per rank
+        for `world` ranks and check the data, without engines. The report's problems say why the
+        run could not start."""
+        raise NotImplementedError
+
+    @classmethod
     def ds_configs(cls, cfg: Config, world: int) -> dict[str, dict]:
         raise NotImplementedError
 
     @classmethod
     def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> Method:
-        """Build the models and their DeepSpeed engines; return the ready method."""
+        """Build the models and their DeepSpeed engines; return the ready method, constructed
+        with everything it holds."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- the step

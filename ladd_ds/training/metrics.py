@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from ladd_ds.core.errors import reporting_full_disk
 
@@ -34,8 +35,6 @@ class MetricLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -1,8 +1,9 @@
 """The training loop shared by every method: data, logging, checkpoints, resume and health
 around a method's `train_step` (the interface: ladd_ds.training.method.Method).
 
-`Trainer(cfg, run_dir, LADDMethod)` trains LADD, `Trainer(cfg, run_dir, DPOMethod)` DPO; a
-variant of a method overrides its steps and never copies this loop.
+`Trainer(cfg, run_dir, method)` trains the method class it is given (the CLI's is the one
+ladd_ds.methods.method_for picks: LADD, its inpaint/edit variant, or DPO); a variant of a method
+overrides its steps and never copies this loop.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,6 @@ def trace_model(
     with the parameters frozen for `grad_frozen` (else it is `grad`); `count_flops` False leaves
     `flops` 0 (torch's FlopCounterMode made an 8B meta forward 2.4x slower). Returns the layout and
     what `call` returned."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     modules = list(model.modules())
     index = {id(m): i for i, m in enumerate(modules)}
