@@ -55,7 +55,7 @@ class LADDMethod(LADDSteps, Method):
             ema = ShardedEMA(engines.student.module, cfg.optim.ema_decay, cfg.optim.ema_every, ranges=ranges)
         distill_cfg, negative = distill_guidance(cfg)
         variant = cls if cfg.ladd.task == "t2i" else ConditionedLADDMethod
-        method = variant(cfg, engines, taps, ds.device(), ema, distill_cfg, negative)
+        method = variant(cfg, engines, taps=taps, device=ds.device(), ema=ema, distill_cfg=distill_cfg, negative=negative)
         method.ds_stages = {name: ds.zero_stage(c) for name, c in ds_configs.items()}
         return method
 
