@@ -91,6 +91,9 @@ class PlainEngine:
     def was_step_applied(self) -> bool:
         return True
 
+    def zero_optimization_partition_weights(self) -> bool:
+        return False  # nothing partitioned: engines.release_frozen and release_backward_leftovers do nothing
+
 
 def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 10) -> float:
     """Achieved TFLOP/s of an n x n x n matrix product: the machine's practical peak."""
@@ -212,7 +215,7 @@ def build_plain_steps(cfg) -> LADDSteps:
         teacher=PlainEngine(teacher),
         ds_configs={},
     )
-    return LADDSteps(cfg, engines, taps, device, ema=student_ema(cfg, engines.student.module))
+    return LADDSteps(cfg, engines, taps=taps, device=device, ema=student_ema(cfg, engines.student.module))
 
 
 PLACEMENTS = ("auto", "config", "0", "1", "2", "3")
@@ -247,7 +250,7 @@ def build_deepspeed_steps(cfg, placement: str = "config") -> tuple[LADDSteps, ob
             c.setdefault("zero_optimization", {})["overlap_comm"] = False
     teacher, student, heads, taps = build_models(cfg, ds_configs=ds_configs)
     engines = build_engines(student, teacher, heads, ds_configs, cfg.optim, leaf_blocks=cfg.deepspeed.z3_leaf_blocks)
-    return LADDSteps(cfg, engines, taps, ds.device(), ema=student_ema(cfg, engines.student.module)), plan
+    return LADDSteps(cfg, engines, taps=taps, device=ds.device(), ema=student_ema(cfg, engines.student.module)), plan
 
 
 def planned_gib(plan) -> dict:

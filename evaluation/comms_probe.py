@@ -27,11 +27,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from evaluation.bench_step import synthetic_batch
 from ladd_ds.config import load_config
+from ladd_ds.core.precision import dtype_of
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed.ranks import rank, world_size
 from ladd_ds.methods import method_for
@@ -100,7 +100,7 @@ def measure(cfg, *, warmup: int, steps: int) -> dict:
     logger.append = attributed_append
     teacher_cfg = method.engines.teacher.module.transformer.config
     rl = cfg.data.random_latents
-    dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    dtype = dtype_of(cfg.deepspeed.precision, key="deepspeed.precision")
     batch = synthetic_batch(teacher_cfg, cfg.data.micro_batch_size, (rl.height, rl.width), rl.text_len, ds.device(), dtype)
     secondary = SecondaryShards(engines)
     for step in range(warmup + steps):

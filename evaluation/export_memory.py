@@ -30,6 +30,7 @@ import torch
 
 import ladd_ds.distributed.engines  # noqa: F401  deepspeed and its zero_to_fp32, imported before the baseline
 from ladd_ds.core.host_memory import peak_rss_increase, status_bytes
+from ladd_ds.core.precision import dtype_of
 from ladd_ds.distributed.engines import consolidate_zero_checkpoint
 from ladd_ds.export import export_run
 from ladd_ds.models.registry import resolve_model_config, transformer_from_config
@@ -87,7 +88,7 @@ def measure(run_dir: Path, path: str, dtype: str, shard_size: str) -> dict:
             if path == "streamed":
                 export_run(run_dir, Path(tmp) / "out", dtype=dtype, shard_size=shard_size)
             else:
-                export_whole(run_dir, Path(tmp) / "out", {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+                export_whole(run_dir, Path(tmp) / "out", dtype_of(dtype, key="--dtype"))
     return {
         "path": path,
         "dtype": dtype,

@@ -75,7 +75,7 @@ def live_rows() -> list[str]:
         models = {"teacher": teacher, "student": student, "heads": heads}
         window = ladd_zero3_window(cfg, world)
         for slot in (s for s in ENGINES if s.name != "heads"):
-            template = engine_ds_config(cfg, world, slot.template_key, slot.trainable, 3)
+            template = engine_ds_config(cfg, world, slot.template_key, slot.trainable, stage=3)
             block = block_params(models[slot.name])
             for reuse in REUSE:
                 ds_config = resolve_zero3_sizes(template, models[slot.name])

@@ -34,7 +34,7 @@ PLACEMENTS = [
 
 
 def _configs(cfg, models: dict, world: int, stages: dict[str, int], hpz: int) -> dict[str, dict]:
-    configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, stages[s.name]) for s in ENGINES}
+    configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, stage=stages[s.name]) for s in ENGINES}
     configs = resolve_sizes(configs, models)  # ZeRO-3's "auto" gather sizes, as the engines get them
     if hpz > 1 and world > hpz:
         for c in configs.values():
@@ -71,7 +71,9 @@ def rows() -> list[str]:
 
         def memory(stages: dict[str, int], hpz: int) -> float:
             engines = needs(stages, _configs(cfg, models, world, stages, hpz))
-            return plan(engines, stages, world, "bf16", activations, DEVICE_GIB * GIB).total
+            return plan(
+                engines, stages=stages, world=world, precision="bf16", activations=activations, device_bytes=DEVICE_GIB * GIB
+            ).total
 
         candidates = []
         for label, s, h, t, hpz in PLACEMENTS:

@@ -17,6 +17,7 @@ from ladd_ds.config import Config, load_config
 from ladd_ds.core.errors import InputError, LaddError
 from ladd_ds.core.lock import FileLock
 from ladd_ds.core.outputs import absolute
+from ladd_ds.core.precision import PRECISIONS
 from ladd_ds.training.logfile import capture_warnings
 
 
@@ -134,7 +135,7 @@ def _export_parser(sub) -> None:
     p.add_argument("--lora", default=None, help="LADD run: fold this LoRA folder (e.g. a DPO export's lora/) into the student")
     p.add_argument("--merge", action="store_true", help="DPO run: also write the model with its LoRA folded in")
     p.add_argument(
-        "--dtype", choices=["bf16", "fp32"], default="bf16", help="bf16 (default) or fp32: the exported transformer's precision"
+        "--dtype", choices=PRECISIONS, default="bf16", help="bf16 (default) or fp32: the exported transformer's precision"
     )
     p.add_argument("--shard-size", default="5GB", help="largest safetensors file of the transformer, e.g. 5GB, 500MB")
     p.add_argument("--out", required=True, help="output folder (written atomically; replaces only an export of the same run)")
@@ -149,7 +150,17 @@ def cmd_export(args) -> int:
     from ladd_ds.export import export_run
 
     a = args
-    out = export_run(a.run, a.out, a.step, a.ema, a.lora, a.merge, dtype=a.dtype, shard_size=a.shard_size, overwrite=a.overwrite)
+    out = export_run(
+        a.run,
+        a.out,
+        step=a.step,
+        ema=a.ema,
+        lora=a.lora,
+        merge=a.merge,
+        dtype=a.dtype,
+        shard_size=a.shard_size,
+        overwrite=a.overwrite,
+    )
     print(f"exported to {out}")
     return 0
 
@@ -190,7 +201,7 @@ def cmd_synth(args) -> int:
         raise InputError("no prompts: pass --prompts FILE or set synth.prompts")
     from ladd_ds.generate.synth import run_synth
 
-    run_synth(cfg, prompts, args.out or cfg.synth.out, args.task or cfg.ladd.task, _mask_kinds(args))
+    run_synth(cfg, prompts=prompts, out=args.out or cfg.synth.out, task=args.task or cfg.ladd.task, mask_kinds=_mask_kinds(args))
     return 0
 
 
@@ -226,7 +237,14 @@ def cmd_encode(args) -> int:
         raise InputError("pass --images DIR and --captions FILE (or set synth.images / synth.captions)")
     from ladd_ds.generate.encode import run_encode
 
-    run_encode(cfg, images, captions, args.out or cfg.synth.out, args.task or cfg.ladd.task, _mask_kinds(args))
+    run_encode(
+        cfg,
+        images=images,
+        captions=captions,
+        out=args.out or cfg.synth.out,
+        task=args.task or cfg.ladd.task,
+        mask_kinds=_mask_kinds(args),
+    )
     return 0
 
 
@@ -245,7 +263,7 @@ def _sample_parser(sub) -> None:
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (one grid row per prompt)")
     p.add_argument("--size", default=None, help="HxW in pixels (default: the model's sample size)")
     p.add_argument("--lora", default=None, help="apply this LoRA folder (e.g. a DPO export's lora/) to the model")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="transformer and text encoders dtype")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="transformer and text encoders dtype")
     p.add_argument("--out", required=True, help="output path: writes OUT.png (grid) and OUT.npz (images, prompt index)")
     _overwrite_arg(p, "samples of another model")
     p.add_argument("--image", default=None, help="inpaint/edit model: the image to inpaint or edit (cut to the sample size)")
@@ -259,12 +277,13 @@ def is_run_dir(path: str | Path) -> bool:
 def cmd_sample(args) -> int:
     from ladd_ds.sampling import check_sample_args, check_sample_outputs, run_sample
 
-    check_sample_args(args.prompts, args.steps, args.per_prompt, args.size)  # before a run is exported
+    check_sample_args(args.prompts, steps=args.steps, per_prompt=args.per_prompt, size=args.size)  # before a run is exported
 
     def sample(model: str) -> None:
         a = args
         run_sample(
-            model, a.prompts, a.steps, a.cfg, a.seed, a.out, a.per_prompt, a.size, a.lora, a.precision, a.image, a.mask,
+            model, prompts_file=a.prompts, steps=a.steps, cfg=a.cfg, seed=a.seed, out=a.out, per_prompt=a.per_prompt,
+            size=a.size, lora=a.lora, precision=a.precision, image=a.image, mask=a.mask,
             source=str(absolute(a.model)), overwrite=a.overwrite,
         )  # fmt: skip
 
@@ -273,8 +292,8 @@ def cmd_sample(args) -> int:
 
         check_sample_outputs(args.out, str(absolute(args.model)), args.overwrite)  # before the export
         with tempfile.TemporaryDirectory() as tmp:
-            dtype = "bf16" if args.precision == "bf16" else "fp32"  # exact in the precision it samples in
-            sample(str(export_run(args.model, Path(tmp) / "student", dtype=dtype)))
+            # exported in the precision it samples in: exact
+            sample(str(export_run(args.model, Path(tmp) / "student", dtype=args.precision)))
     else:
         sample(args.model)
     return 0
@@ -295,7 +314,7 @@ def cmd_pairs(args) -> int:
     if args.import_pairs:
         if not args.images:
             raise InputError("--import-pairs needs --images DIR (the folder of the winner/loser images)")
-        summary = import_pairs(cfg, args.import_pairs, args.images, args.out)
+        summary = import_pairs(cfg, preferences=args.import_pairs, images=args.images, out=args.out)
     else:
         summary = make_pairs(cfg, args.out)
     if summary is not None:  # rank 0
@@ -362,7 +381,7 @@ def _demo_parser(sub) -> None:
         "--dpo", action="store_true", help="also run the DPO recipe: DPO-LoRA on the teacher, LADD from it, LoRA on the student"
     )
     p.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32", help="precision of synth, LADD, DPO and sampling (teacher: fp32)"
+        "--precision", choices=PRECISIONS, default="fp32", help="precision of synth, LADD, DPO and sampling (teacher: fp32)"
     )
     p.add_argument(
         "--train-seeds",

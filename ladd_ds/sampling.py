@@ -31,6 +31,7 @@ from ladd_ds.core.errors import InputError, OutputExistsError
 from ladd_ds.core.flow import add_noise, x0_from_velocity
 from ladd_ds.core.noise import derive_seed
 from ladd_ds.core.outputs import absolute
+from ladd_ds.core.precision import dtype_of
 from ladd_ds.data.images import load_cropped, load_mask
 from ladd_ds.data.prompts import numbered_lines, parse_bucket, prompt_record
 from ladd_ds.models.codec import load_codec
@@ -208,6 +209,7 @@ class TeacherSampler:
         self,
         prompts: list[str],
         seeds: list[int],
+        *,
         height: int,
         width: int,
         device,
@@ -259,8 +261,10 @@ def load_text_encoder(cfg, device):
     encoders in the pipeline's dtype too)."""
 
     t = cfg.text
-    text = text_encoders_from_spec(t.encoders, cfg.model.teacher, t.drop_t5, t.max_sequence_length, t.seed)
-    return text.to(device, torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
+    text = text_encoders_from_spec(
+        t.encoders, cfg.model.teacher, drop_t5=t.drop_t5, max_sequence_length=t.max_sequence_length, seed=t.seed
+    )
+    return text.to(device, dtype_of(cfg.deepspeed.precision, key="deepspeed.precision"))
 
 
 def network_evaluations(kind: str, steps: int, cfg: float) -> int:
@@ -300,7 +304,7 @@ def task_condition(sm: SamplingModel, task: str, images: torch.Tensor, masks: to
     return batch_condition(condition_columns(sm.codec, task, images.to(device).float(), masks), task)
 
 
-def check_condition(config, condition: torch.Tensor | None, n: int, h: int, w: int) -> None:
+def check_condition(config, condition: torch.Tensor | None, *, n: int, h: int, w: int) -> None:
     """A condition fits the transformer: present exactly for inpainting and editing models, with
     (n, in_channels - latent channels, h, w)."""
     task = model_task(config)
@@ -334,6 +338,7 @@ def sample_latents(
     sm: SamplingModel,
     prompts: list[str],
     seeds: list[int],
+    *,
     height: int,
     width: int,
     steps: int,
@@ -354,14 +359,16 @@ def sample_latents(
     student = FlowModel(sm.transformer) if sm.kind == "student" else None
     if student is not None:
         schedule = student_schedule(steps, sm.trained)
-    check_condition(config, condition, len(prompts), height // sm.factor, width // sm.factor)
+    check_condition(config, condition, n=len(prompts), h=height // sm.factor, w=width // sm.factor)
     channels = latent_channels(sm.transformer.config)  # the noise has the latent's channels, not in_channels
     out = []
     for i in range(0, len(prompts), batch_size):
         p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
         c = None if condition is None else condition[i : i + batch_size].to(device, sm.transformer.dtype)
         if teacher is not None:
-            out.append(teacher.sample(p, s, height, width, device, steps, cfg, condition=c))
+            out.append(
+                teacher.sample(p, s, height=height, width=width, device=device, num_steps=steps, guidance_scale=cfg, condition=c)
+            )
         else:
             embeds, pooled = (x.to(sm.transformer.dtype) for x in sm.text.encode(p, device))
             noise = initial_noise(s, channels, height // sm.factor, width // sm.factor).to(device, sm.transformer.dtype)
@@ -373,6 +380,7 @@ def generate(
     sm: SamplingModel,
     prompts: list[str],
     seeds: list[int],
+    *,
     height: int,
     width: int,
     steps: int,
@@ -382,7 +390,9 @@ def generate(
 ) -> tuple[torch.Tensor, float]:
     """Images (N, 3, H, W) in [0, 1] and the wall time in seconds (sampling + decoding)."""
     start = time.perf_counter()
-    latents = sample_latents(sm, prompts, seeds, height, width, steps, cfg, batch_size, condition)
+    latents = sample_latents(
+        sm, prompts, seeds, height=height, width=width, steps=steps, cfg=cfg, batch_size=batch_size, condition=condition
+    )
     images = decode_images(sm.codec, latents)
     return images, time.perf_counter() - start
 
@@ -392,15 +402,10 @@ def _max_sequence_length(info: dict) -> int:
     return int(info.get("max_sequence_length", info.get("max_t5_tokens", 256)))
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32") -> SamplingModel:
     """The model, text encoders and latent codec `spec` names (see the module docstring).
     `precision`: the transformer's and the text encoders' dtype (the latent codec stays fp32)."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
+    dtype = dtype_of(precision, key="precision")
 
     folder = Path(spec)
     if not (folder / "transformer" / "config.json").is_file():
@@ -415,14 +420,18 @@ def load_sampling_model(spec: str | Path, device="cpu", precision: str = "fp32")
         if s is None:
             raise InputError(f"{folder / EXPORT_INFO} has no 'sampling' entry: re-export the run with this version")
         text_seed = s.get("text_seed", s.get("seed", 0))  # "seed": exports written before the text section
-        text = text_encoders_from_spec(s["text_encoders"], s["teacher"], s["drop_t5"], _max_sequence_length(s), text_seed)
+        text = text_encoders_from_spec(
+            s["text_encoders"], s["teacher"], drop_t5=s["drop_t5"], max_sequence_length=_max_sequence_length(s), seed=text_seed
+        )
         codec = load_codec(s["codec"], channels, seed=s.get("codec_seed", s.get("seed", 0)))
         return SamplingModel(transformer, text.to(device, dtype), codec.to(device), "student", info=info)
     info = json.loads((folder / MODEL_INFO).read_text()) if (folder / MODEL_INFO).is_file() else {}
     if "codec" not in info and not (folder / "vae").is_dir():
         raise InputError(f"{folder}: no vae/ and no {MODEL_INFO} naming a latent codec; cannot decode images")
     drop_t5 = not (folder / "text_encoder_3").is_dir()
-    text = text_encoders_from_spec(str(folder), str(folder), drop_t5, _max_sequence_length(info), 0)
+    text = text_encoders_from_spec(
+        str(folder), str(folder), drop_t5=drop_t5, max_sequence_length=_max_sequence_length(info), seed=0
+    )
     codec = load_codec(info.get("codec", str(folder)), channels)
     settings = folder_sampler_settings(folder, info)
     return SamplingModel(
@@ -441,7 +450,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def image_grid(images: torch.Tensor, rows: int, pad: int = 2, zoom: int | None = None) -> np.ndarray:
+def image_grid(images: torch.Tensor, rows: int, *, pad: int = 2, zoom: int | None = None) -> np.ndarray:
     """(N, 3, H, W) -> one (rows*(H+pad), cols*(W+pad), 3) uint8 picture, row-major. Each image is
     enlarged `zoom` times (nearest neighbour); by default small images (the CPU demo's 16x16) are
     enlarged to at least 64 pixels so that a grid is readable."""
@@ -568,7 +577,7 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 def check_sample_args(
-    prompts_file: str, steps: int | None, per_prompt: int, size: str | None
+    prompts_file: str, *, steps: int | None, per_prompt: int, size: str | None
 ) -> tuple[list[str], tuple[int, int] | None]:
     """`ladd-ds sample`'s arguments that need no model, checked before one is loaded (or a run
     exported): the prompts of the file, and --size as (height, width) or None."""
@@ -579,12 +588,13 @@ def check_sample_args(
         raise InputError(f"--steps {steps}: must be >= 1")
     size_hw = parse_size(size) if size else None
     path = Path(prompts_file)
-    lines = numbered_lines(path, "prompt file", "prompts (one per line, or JSONL with a 'prompt')")
+    lines = numbered_lines(path, what="prompt file", expected="prompts (one per line, or JSONL with a 'prompt')")
     return [prompt_record(path, n, line)["prompt"] for n, line in lines], size_hw
 
 
 def run_sample(
     model: str,
+    *,
     prompts_file: str,
     steps: int | None,
     cfg: float | None,
@@ -606,7 +616,7 @@ def run_sample(
     out_pasted = Path(out).with_name(Path(out).with_suffix("").name + "_pasted")
     for target in (out, out_pasted):
         check_sample_outputs(target, made_by, overwrite)  # before any model is loaded
-    prompts, size_hw = check_sample_args(prompts_file, steps, per_prompt, size)
+    prompts, size_hw = check_sample_args(prompts_file, steps=steps, per_prompt=per_prompt, size=size)
     sm = load_sampling_model(model, precision=precision)
     if lora is not None:
         load_lora(sm.transformer, lora, merge=True)
@@ -622,12 +632,14 @@ def run_sample(
     seeds = [derive_seed(seed, i, j) for i in range(len(prompts)) for j in range(per_prompt)]
     task = model_task(sm.transformer.config)
     check_size(sm, height, width)  # before the condition is cut and encoded at that size
-    source, pixel_mask = load_condition_images(task, image, mask, height, width)
+    source, pixel_mask = load_condition_images(task, image=image, mask=mask, height=height, width=width)
     condition = None
     if task != "t2i":
         condition = task_condition(sm, task, source[None], None if pixel_mask is None else pixel_mask[None])
         condition = condition.expand(len(index), *condition.shape[1:])  # the same image for every sample
-    images, seconds = generate(sm, [prompts[i] for i in index], seeds, height, width, steps, cfg, condition=condition)
+    images, seconds = generate(
+        sm, [prompts[i] for i in index], seeds, height=height, width=width, steps=steps, cfg=cfg, condition=condition
+    )
     png, npz = save_samples(Path(out), images, index, seeds, prompts, rows=len(prompts), source=made_by, overwrite=overwrite)
     nfe = network_evaluations(sm.kind, steps, cfg)
     print(f"{sm.kind}: {len(images)} images {height}x{width}, {steps} steps, CFG {cfg}, {nfe} NFE/image, "
@@ -642,7 +654,7 @@ def run_sample(
 
 
 def load_condition_images(
-    task: str, image: str | None, mask: str | None, height: int, width: int
+    task: str, *, image: str | None, mask: str | None, height: int, width: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`--image` (3, H, W) in [-1, 1] and `--mask` (1, H, W), 1 = fill in, cut to the sample size,
     as a model of `task` needs them: inpaint both, edit the image, t2i neither."""

@@ -111,7 +111,7 @@ def foreign_export(work: Path, run: Path) -> None:
 
     (work / "student").mkdir()
     (work / "student" / "ladd_export.json").write_text("{}")
-    write_marker(work / "student", "export", "/elsewhere/runs/other")
+    write_marker(work / "student", "export", source="/elsewhere/runs/other")
 
 
 def held_run(work: Path, run: Path) -> None:

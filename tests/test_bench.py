@@ -76,7 +76,7 @@ def test_loader_bench_and_shard_bytes(tmp_path):
     from evaluation import loader_bench, shard_bytes
     from ladd_ds.data.writer import write_random_latents
 
-    data = write_random_latents(tmp_path / "data", 32, latent_shape=(4, 8, 8), text_len=6, text_dim=32, pooled_dim=16)
+    data = write_random_latents(tmp_path / "data", num_samples=32, latent_shape=(4, 8, 8), text_len=6, text_dim=32, pooled_dim=16)
     r = loader_bench.bench(str(data), batch=4, batches=5, workers=0)
     assert r["samples"] == 20 and r["samples_per_s"] > 0 and r["mb_per_s"] > 0
     rows = shard_bytes.measure((128, 128), samples=2)

@@ -29,7 +29,7 @@ SHAPES = dict(latent_shape=(4, 8, 8), text_len=6, text_dim=16, pooled_dim=8)
 @pytest.fixture(scope="module")
 def random_ds(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "random"
-    return write_random_latents(out, NUM_SAMPLES, **SHAPES, seed=3, size_limit=4096)
+    return write_random_latents(out, num_samples=NUM_SAMPLES, **SHAPES, seed=3, size_limit=4096)
 
 
 def take(loader, n):
@@ -158,7 +158,7 @@ def test_local_cache_built_twice(random_ds, tmp_path):
 
 
 def test_too_small_dataset_is_rejected(tmp_path):
-    path = write_random_latents(tmp_path / "tiny", 3, **SHAPES)
+    path = write_random_latents(tmp_path / "tiny", num_samples=3, **SHAPES)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         build_loader(path, BATCH, seed=0)
 
@@ -225,7 +225,7 @@ def test_validate_missing_dir_index_and_shard(tmp_path, random_ds):
 
 def test_validate_merged_sub_datasets(tmp_path):
     for i in range(2):
-        write_random_latents(tmp_path / "merged" / f"part{i}", 5, **SHAPES, seed=i)
+        write_random_latents(tmp_path / "merged" / f"part{i}", num_samples=5, **SHAPES, seed=i)
     merge_index(str(tmp_path / "merged"), keep_local=True)
     assert validate_mds_dir(tmp_path / "merged")["num_samples"] == 10
     loader = build_loader(tmp_path / "merged", 2, seed=0)
@@ -234,20 +234,20 @@ def test_validate_merged_sub_datasets(tmp_path):
 
 
 def test_write_random_latents_deterministic_atomic_idempotent(tmp_path):
-    a = write_random_latents(tmp_path / "a", 6, **SHAPES, seed=5)
-    b = write_random_latents(tmp_path / "b", 6, **SHAPES, seed=5)
+    a = write_random_latents(tmp_path / "a", num_samples=6, **SHAPES, seed=5)
+    b = write_random_latents(tmp_path / "b", num_samples=6, **SHAPES, seed=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"], "temporary dir left behind"
     for name in ("index.json", "shard.00000.mds"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
-    other = write_random_latents(tmp_path / "c", 6, **SHAPES, seed=6)
+    other = write_random_latents(tmp_path / "c", num_samples=6, **SHAPES, seed=6)
     assert (a / "shard.00000.mds").read_bytes() != (other / "shard.00000.mds").read_bytes()
 
     # A second call with the same parameters leaves the directory untouched.
     mtime = (a / "shard.00000.mds").stat().st_mtime_ns
-    assert write_random_latents(tmp_path / "a", 6, **SHAPES, seed=5) == a
+    assert write_random_latents(tmp_path / "a", num_samples=6, **SHAPES, seed=5) == a
     assert (a / "shard.00000.mds").stat().st_mtime_ns == mtime
     with pytest.raises(FileExistsError, match="'seed': \\(5, 6\\)"):
-        write_random_latents(tmp_path / "a", 6, **SHAPES, seed=6)
+        write_random_latents(tmp_path / "a", num_samples=6, **SHAPES, seed=6)
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -302,7 +302,7 @@ def test_local_world_size_from_deepspeed_local_size(random_ds, monkeypatch):
 
 
 def test_truncated_shard_is_reported(tmp_path):
-    out = write_random_latents(tmp_path / "ds", 8, **SHAPES, seed=1)
+    out = write_random_latents(tmp_path / "ds", num_samples=8, **SHAPES, seed=1)
     shard = sorted(out.glob("*.mds"))[0]
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ValueError, match=r"shard.00000.mds.* has \d+ bytes, its index says \d+: the file is corrupted"):
@@ -353,7 +353,7 @@ def test_shards_carry_hashes_and_a_flipped_byte_is_reported(tmp_path):
     the first read of the shard, in iteration and in direct indexing, and name the file."""
     from ladd_ds.core.errors import InputError
 
-    path = write_random_latents(tmp_path / "ds", 12, **SHAPES, seed=2, size_limit=4096)
+    path = write_random_latents(tmp_path / "ds", num_samples=12, **SHAPES, seed=2, size_limit=4096)
     shards = json.loads((path / "index.json").read_text())["shards"]
     assert all(s["raw_data"]["hashes"].get("xxh64") for s in shards)
     assert len(list(build_loader(path, BATCH, seed=0))) == 3  # intact: read and checked
@@ -373,7 +373,7 @@ def test_corrupt_shard_reported_from_a_loader_worker(tmp_path):
 
     from ladd_ds.core.errors import InputError
 
-    path = write_random_latents(tmp_path / "ds", 12, **SHAPES, seed=2, size_limit=4096)
+    path = write_random_latents(tmp_path / "ds", num_samples=12, **SHAPES, seed=2, size_limit=4096)
     flip_byte(path / "shard.00002.mds")
     with pytest.raises(InputError, match=r"shard.00002.mds'.* does not match"):
         list(build_loader(path, BATCH, seed=0, num_workers=1))
@@ -390,7 +390,7 @@ def test_processes_waiting_for_a_corrupt_shard_report_it_too(tmp_path):
 
     from ladd_ds.core.errors import InputError
 
-    path = write_random_latents(tmp_path / "ds", 12, **SHAPES, seed=2, size_limit=4096)
+    path = write_random_latents(tmp_path / "ds", num_samples=12, **SHAPES, seed=2, size_limit=4096)
     flip_byte(path / "shard.00002.mds")
     dataset = build_loader(path, BATCH, seed=0).dataset
     first = int(dataset.sample_offset_per_shard[2])

@@ -22,7 +22,7 @@ def write_root(root, buckets, manifest=None, channels=4, **shapes):
     latents of H/8 x W/8) and ROOT/manifest.json listing `manifest` (default: `buckets`)."""
     for i, (name, n) in enumerate(buckets.items()):
         h, w = (int(x) // 8 for x in name.split("x"))
-        write_random_latents(root / name, n, (channels, h, w), seed=i, bucket=name, **{**TINY, **shapes})
+        write_random_latents(root / name, num_samples=n, latent_shape=(channels, h, w), seed=i, bucket=name, **{**TINY, **shapes})
     listed = buckets if manifest is None else manifest
     (root / "manifest.json").write_text(json.dumps({"samples": sum(listed.values()), "buckets": listed}))
     return root

@@ -249,7 +249,9 @@ def test_export_writes_lora_and_full_model(dpo_runs):
 def test_dpo_rejects_latent_data_with_a_clear_error(tmp_path, capsys):
     from ladd_ds.data.writer import write_random_latents
 
-    latents = write_random_latents(tmp_path / "latents", 8, (4, 16, 16), 8, 32, 16, seed=0)
+    latents = write_random_latents(
+        tmp_path / "latents", num_samples=8, latent_shape=(4, 16, 16), text_len=8, text_dim=32, pooled_dim=16, seed=0
+    )
     args = ["dpo", "--config", str(DPO_CONFIG), "--run-dir", str(tmp_path / "run"), "--set", f"data.path={latents}"]
     err = cli_error(capsys, *args)
     assert "latent_w" in err and "ladd-ds pairs" in err
@@ -433,7 +435,7 @@ def test_import_pairs_encodes_a_preference_set(tmp_path):
         + "\n"
     )
     cfg = load_config(DPO_CONFIG, ["codec.vae=tiny", "pairs.height=64", "pairs.width=64"])
-    summary = import_pairs(cfg, prefs, images, tmp_path / "pairs")
+    summary = import_pairs(cfg, preferences=prefs, images=images, out=tmp_path / "pairs")
     assert summary["pairs"] == 2
     codec = load_codec("tiny", 4, seed=cfg.synth.seed)
     samples = read_pairs(tmp_path / "pairs")
@@ -443,7 +445,7 @@ def test_import_pairs_encodes_a_preference_set(tmp_path):
     torch.testing.assert_close(torch.tensor(samples[1]["latent_w"]).float(), expected, atol=2e-3, rtol=1e-3)
     prefs.write_text(json.dumps({"prompt": "x", "winner": "0.png", "loser": "missing.png"}) + "\n")
     with pytest.raises(FileNotFoundError, match=r"prefs.jsonl:1: loser image missing.png"):
-        import_pairs(cfg, prefs, images, tmp_path / "pairs2")
+        import_pairs(cfg, preferences=prefs, images=images, out=tmp_path / "pairs2")
     assert not (tmp_path / "pairs2").exists()
 
 
@@ -489,7 +491,17 @@ def test_sample_applies_a_lora(tmp_path, small_demo_teacher):
     save_lora(tmp_path / "lora", lora_state_dict(transformer.state_dict()), config)
 
     def images(name, lora=None):
-        run_sample(str(teacher), str(prompts), 4, 3.0, 0, str(tmp_path / name), 2, "16x16", lora)
+        run_sample(
+            str(teacher),
+            prompts_file=str(prompts),
+            steps=4,
+            cfg=3.0,
+            seed=0,
+            out=str(tmp_path / name),
+            per_prompt=2,
+            size="16x16",
+            lora=lora,
+        )
         return np.load(tmp_path / f"{name}.npz")["images"]
 
     base = images("base")

@@ -35,9 +35,9 @@ def test_any_partition_is_read_from_the_shards_of_any_world_size(old_world, new_
     old = zero3_shards(full, old_world) if old_world > 1 else [full.clone()]
     for r, want in enumerate(zero3_shards(full, new_world)):
         size = want.numel()
-        got = read_flat_range(old, full.numel(), r * size, min((r + 1) * size, full.numel()))
+        got = read_flat_range(old, numel=full.numel(), start=r * size, stop=min((r + 1) * size, full.numel()))
         torch.testing.assert_close(got, want[: got.numel()])
-    torch.testing.assert_close(read_flat_range(old, 23, 0, 23), full)
+    torch.testing.assert_close(read_flat_range(old, numel=23, start=0, stop=23), full)
 
 
 def test_resharded_ema_from_memory_mapped_shards(tmp_path):

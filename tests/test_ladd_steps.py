@@ -332,12 +332,14 @@ def test_export_equals_the_trained_weights(tmp_path, distributed_world_of_one):
     from ladd_ds.sampling import default_size, load_sampling_model, sample_latents
 
     sm = load_sampling_model(out)
-    size = default_size(sm)
-    assert sample_latents(sm, ["a prompt"], [0], *size, steps=2, cfg=1.0).shape[0] == 1
+    height, width = default_size(sm)
+    assert sample_latents(sm, ["a prompt"], [0], height=height, width=width, steps=2, cfg=1.0).shape[0] == 1
     with pytest.raises(ValueError, match=r"--steps 3: the student was trained on t in"):
-        sample_latents(sm, ["a prompt"], [0], *size, steps=3, cfg=1.0)
-    fp32 = sample_latents(sm, ["a prompt"], [0], *size, steps=4, cfg=1.0)
-    bf16 = sample_latents(load_sampling_model(out, precision="bf16"), ["a prompt"], [0], *size, steps=4, cfg=1.0)
+        sample_latents(sm, ["a prompt"], [0], height=height, width=width, steps=3, cfg=1.0)
+    fp32 = sample_latents(sm, ["a prompt"], [0], height=height, width=width, steps=4, cfg=1.0)
+    bf16 = sample_latents(
+        load_sampling_model(out, precision="bf16"), ["a prompt"], [0], height=height, width=width, steps=4, cfg=1.0
+    )
     assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.float(), fp32, atol=0.1 * fp32.abs().max().item())
 
 
@@ -425,8 +427,8 @@ def test_distillation_keeps_zero3_prefetch_trace_valid(tmp_path, distributed_wor
         cfg = load_config(TINY_CONFIG).data.random_latents
         data = write_random_latents(
             tmp_path / "data",
-            cfg.num_samples,
-            (cfg.latent_channels, cfg.height, cfg.width),
+            num_samples=cfg.num_samples,
+            latent_shape=(cfg.latent_channels, cfg.height, cfg.width),
             text_len=cfg.text_len,
             text_dim=cfg.text_dim,
             pooled_dim=cfg.pooled_dim,

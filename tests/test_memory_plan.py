@@ -198,7 +198,7 @@ def test_the_plans_optimizer_temporaries_are_what_adamw_allocates(kind):
     # In the plan: a separate term of the trained engines, from the engine's AdamW implementation
     # (at ZeRO-0 in fp32; in bf16 the master-weight AdamW's, the test below).
     need = EngineNeeds("student", meta_student, True, 0, {}, adamw=kind)
-    assert engine_memory(need, 0, 1, "fp32").optimizer_temps == adamw_temporaries(
+    assert engine_memory(need, stage=0, world=1, precision="fp32").optimizer_temps == adamw_temporaries(
         kind, optimizer_steps(meta_student, stage=0, world=1, sub_group_size=1e9)
     )
 
@@ -246,7 +246,7 @@ def test_checkpointing_policies_keep_the_losses_and_gradients():
             return self.module(*args, **kwargs)
 
     engines = type("Engines", (), {"student": Engine(student), "teacher": Engine(teacher), "heads": Engine(heads)})
-    steps = LADDSteps(cfg, engines, taps, torch.device("cpu"))
+    steps = LADDSteps(cfg, engines, taps=taps, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     batch = {
         "latent": torch.randn(2, 4, 16, 16, generator=g),
@@ -301,7 +301,7 @@ def test_the_plans_master_step_temporaries_are_what_the_bf16_zero0_optimizer_all
 
     cfg = load_config(TINY_CONFIG)
     meta_student = build_models(cfg, device="meta")[1]
-    planned = engine_memory(EngineNeeds("student", meta_student, True, 0, {}), 0, 1, "bf16").optimizer_temps
+    planned = engine_memory(EngineNeeds("student", meta_student, True, 0, {}), stage=0, world=1, precision="bf16").optimizer_temps
     numels = [p.numel() for p in meta_student.parameters()]
     assert planned == sum(numels) * 4  # the tiny model is one chunk
     for limit in (flat.MASTER_CHUNK_ELEMENTS, sum(numels) // 3):

@@ -27,22 +27,27 @@ def test_engine_memory_counts_each_stage_and_dtype():
     bf16_fp32_accum = {"data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"reduce_bucket_size": 10}}
     e = EngineNeeds("student", meta_linear(n), True, "auto", bf16_fp32_accum)
     # ZeRO-3 in bf16: 2 B weights, an fp32 gradient partition, 12 B Adam (master + moments), all / world.
-    m = engine_memory(e, 3, world, "bf16")
+    m = engine_memory(e, stage=3, world=world, precision="bf16")
     assert (m.weights, m.grads, m.optimizer) == (n * 2 / world, n * 4 / world, n * 12 / world)
     # ZeRO-2 keeps the weights whole; ZeRO-1 keeps bf16 grads whole plus its fp32 accumulation copy.
-    assert engine_memory(e, 2, world, "bf16").weights == n * 2
-    m1 = engine_memory(e, 1, world, "bf16")
+    assert engine_memory(e, stage=2, world=world, precision="bf16").weights == n * 2
+    m1 = engine_memory(e, stage=1, world=world, precision="bf16")
     assert (m1.grads, m1.optimizer) == (n * 2 + n * 4, n * 12 / world)
     # Without fp32 accumulation ZeRO-2's partition is in the model dtype; fp32 runs have no master copy.
     plain = EngineNeeds("student", meta_linear(n), True, "auto", {})
-    assert engine_memory(plain, 2, world, "bf16").grads == n * 2 / world
-    assert engine_memory(plain, 0, 1, "fp32").optimizer == n * 8
+    assert engine_memory(plain, stage=2, world=world, precision="bf16").grads == n * 2 / world
+    assert engine_memory(plain, stage=0, world=1, precision="fp32").optimizer == n * 8
     # Buffers: the reduce bucket (capped by the model, doubled with overlap_comm, fp32 communication).
     zero = {"reduce_bucket_size": 100, "overlap_comm": True, "allgather_bucket_size": 0}
     overlap = {"communication_data_type": "fp32", "zero_optimization": zero}
-    assert engine_memory(EngineNeeds("s", meta_linear(n), True, "auto", overlap), 2, world, "bf16").buffers == 100 * 4 * 2
+    assert (
+        engine_memory(EngineNeeds("s", meta_linear(n), True, "auto", overlap), stage=2, world=world, precision="bf16").buffers
+        == 100 * 4 * 2
+    )
     # A frozen engine holds weights only (and ZeRO-3's gathered parameters).
-    frozen = engine_memory(EngineNeeds("teacher", meta_linear(n, False), False, "auto", {}), 0, world, "bf16")
+    frozen = engine_memory(
+        EngineNeeds("teacher", meta_linear(n, False), False, "auto", {}), stage=0, world=world, precision="bf16"
+    )
     assert (frozen.weights, frozen.grads, frozen.optimizer, frozen.buffers) == (n * 2, 0, 0, 0)
 
 

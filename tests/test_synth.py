@@ -75,7 +75,15 @@ def test_every_prompt_once_in_its_bucket_and_reproducible(reference):
     sampler = TeacherSampler(build_transformer("tiny", seed=0).eval(), text, cfg.synth.shift, codec_factor=8)
     s = samples[3]
     h, w = (int(v) for v in s["bucket"].split("x"))
-    again = sampler.sample([s["prompt"]], [int(s["seed"])], h, w, "cpu", cfg.synth.num_steps, cfg.synth.guidance_scale)[0]
+    again = sampler.sample(
+        [s["prompt"]],
+        [int(s["seed"])],
+        height=h,
+        width=w,
+        device="cpu",
+        num_steps=cfg.synth.num_steps,
+        guidance_scale=cfg.synth.guidance_scale,
+    )[0]
     torch.testing.assert_close(again.half(), torch.from_numpy(s["latent"]))
 
 
@@ -111,11 +119,11 @@ def test_stored_conditioning_is_what_the_teacher_and_previews_were_fed(reference
     assert torch.equal(embeds, torch.from_numpy(samples[0]["prompt_embeds"]))
     cfg = load_config(TINY_CONFIG, [*SETS, f"logging.sample_prompts=[{prompt!r}]"])
     sampler = TeacherSampler(
-        build_transformer("tiny", seed=0).eval(), build_tiny_text_encoders("tiny", 0, max_sequence_length=32), 3.0, 8
+        build_transformer("tiny", seed=0).eval(), build_tiny_text_encoders("tiny", seed=0, max_sequence_length=32), 3.0, 8
     )
     fed = []
     sampler.pipe.transformer.forward = lambda *a, **k: fed.append(k) or (torch.zeros_like(k["hidden_states"]),)
-    sampler.sample([prompt], [0], 64, 64, "cpu", num_steps=1, guidance_scale=1.0)
+    sampler.sample([prompt], [0], height=64, width=64, device="cpu", num_steps=1, guidance_scale=1.0)
     assert torch.equal(fed[0]["encoder_hidden_states"][0], embeds) and torch.equal(fed[0]["pooled_projections"][0], pooled)
     preview = SamplePreview(cfg, torch.device("cpu"))
     assert torch.equal(preview.embeds[0], embeds) and torch.equal(preview.pooled[0], pooled)
@@ -308,7 +316,7 @@ def test_train_on_synthetic_buckets_with_two_ranks(reference, synth_training, tm
     embeds, pooled = stored_conditioning(out, prompt)
     fed = []
     monkeypatch.setattr(sampling, "ladd_sample", lambda model, e, p, noise, *rest: fed.append((e, p)) or noise)
-    sampling.sample_latents(sampling.load_sampling_model(student), [prompt], [0], 64, 64, steps=1, cfg=1.0)
+    sampling.sample_latents(sampling.load_sampling_model(student), [prompt], [0], height=64, width=64, steps=1, cfg=1.0)
     assert torch.equal(fed[0][0][0], embeds) and torch.equal(fed[0][1][0], pooled)
 
 

@@ -43,25 +43,25 @@ def test_random_masks_are_seeded_varied_and_never_empty_or_full():
     for h, w in [(16, 16), (64, 128), (8, 24)]:
         fractions, kinds_seen = [], set()
         for seed in range(60):
-            m = random_mask(h, w, seed)
+            m = random_mask(h, w, seed=seed)
             assert m.shape == (1, h, w) and m.dtype == torch.float32
             assert set(m.unique().tolist()) <= {0.0, 1.0}
-            assert torch.equal(m, random_mask(h, w, seed))  # reproducible
+            assert torch.equal(m, random_mask(h, w, seed=seed))  # reproducible
             assert 0 < m.mean() < 1
             fractions.append(m.mean().item())
-            kinds_seen.update(k for k in KINDS if torch.equal(m, random_mask(h, w, seed, kinds=(k,))))
+            kinds_seen.update(k for k in KINDS if torch.equal(m, random_mask(h, w, seed=seed, kinds=(k,))))
         assert kinds_seen == {"box", "stroke", "border"}  # the default kinds, each drawn
         assert 0.1 < np.mean(fractions) < 0.6, np.mean(fractions)
-        assert not torch.equal(random_mask(h, w, 0), random_mask(h, w, 1))
-    border = random_mask(32, 32, 3, kinds=("border",))
+        assert not torch.equal(random_mask(h, w, seed=0), random_mask(h, w, seed=1))
+    border = random_mask(32, 32, seed=3, kinds=("border",))
     assert border[0, 0, 0] == 1 and border[0, -1, -1] == 1  # outpainting: the corners are filled in
-    box = random_mask(100, 100, 5, kinds=("box",))[0]
+    box = random_mask(100, 100, seed=5, kinds=("box",))[0]
     rows, cols = box.any(1).sum().item(), box.any(0).sum().item()
     assert 10 <= rows <= 60 and 10 <= cols <= 60 and box.sum() == rows * cols  # one rectangle
-    quadrant = random_mask(16, 16, 0, kinds=("quadrant",))
+    quadrant = random_mask(16, 16, seed=0, kinds=("quadrant",))
     assert quadrant.sum() == 64
     with pytest.raises(InputError, match="mask kinds"):
-        random_mask(16, 16, 0, kinds=("circle",))
+        random_mask(16, 16, seed=0, kinds=("circle",))
 
 
 # -- sampling with a condition ----------------------------------------------------------------
@@ -86,26 +86,26 @@ def test_a_widened_model_samples_what_the_t2i_one_does_until_its_condition_weigh
     wide = replace(base, transformer=build_transformer("tiny", seed=0, dtype=dtype, task=task).eval())
     prompts, seeds = ["a red seven", "a blue one", "two"], [1, 2, 3]
     images = torch.rand(3, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    masks = torch.stack([random_mask(32, 48, s) for s in range(3)]) if task == "inpaint" else None
+    masks = torch.stack([random_mask(32, 48, seed=s) for s in range(3)]) if task == "inpaint" else None
     condition = task_condition(wide, task, images, masks)
     assert condition.shape == (3, condition_channels(task, 4), 4, 6)
     expected = inpaint_condition(codec, images, masks) if task == "inpaint" else (codec.encode(images),)
     torch.testing.assert_close(condition, torch.cat(expected, 1))
 
-    reference = sample_latents(base, prompts, seeds, 32, 48, 2, cfg, batch_size=2)
-    same = sample_latents(wide, prompts, seeds, 32, 48, 2, cfg, batch_size=2, condition=condition)
+    reference = sample_latents(base, prompts, seeds, height=32, width=48, steps=2, cfg=cfg, batch_size=2)
+    same = sample_latents(wide, prompts, seeds, height=32, width=48, steps=2, cfg=cfg, batch_size=2, condition=condition)
     assert same.shape == reference.shape == (3, 4, 4, 6) and same.dtype == dtype
     assert torch.equal(same, reference)  # zero condition weights: exactly the t2i model
 
     noisy_condition_weights(wide.transformer, 4)
-    moved = sample_latents(wide, prompts, seeds, 32, 48, 2, cfg, batch_size=2, condition=condition)
-    other = sample_latents(wide, prompts, seeds, 32, 48, 2, cfg, batch_size=2, condition=condition.flip(0))
+    moved = sample_latents(wide, prompts, seeds, height=32, width=48, steps=2, cfg=cfg, batch_size=2, condition=condition)
+    other = sample_latents(wide, prompts, seeds, height=32, width=48, steps=2, cfg=cfg, batch_size=2, condition=condition.flip(0))
     assert torch.isfinite(moved.float()).all()
     assert (moved.float() - reference.float()).abs().amax() > 1e-2  # the condition changes the sample
     torch.testing.assert_close(other[1], moved[1])  # sample i sees condition i: the middle one is unchanged
     assert (other[0].float() - moved[0].float()).abs().amax() > 1e-2
     # Batching does not change a sample: the condition is sliced with its prompts.
-    one = sample_latents(wide, prompts[2:], seeds[2:], 32, 48, 2, cfg, condition=condition[2:])
+    one = sample_latents(wide, prompts[2:], seeds[2:], height=32, width=48, steps=2, cfg=cfg, condition=condition[2:])
     torch.testing.assert_close(one[0].float(), moved[2].float(), atol=1e-2 if precision == "bf16" else 1e-5, rtol=0)
 
 
@@ -115,11 +115,11 @@ def test_the_condition_must_fit_the_model(tiny_parts):
     inpaint = replace(t2i, transformer=build_transformer("tiny", seed=0, task="inpaint").eval())
     condition = torch.zeros(1, 5, 4, 4)
     with pytest.raises(InputError, match="text-to-image model: it takes no image condition"):
-        sample_latents(t2i, ["a"], [0], 32, 32, 2, 2.0, condition=condition)
+        sample_latents(t2i, ["a"], [0], height=32, width=32, steps=2, cfg=2.0, condition=condition)
     with pytest.raises(InputError, match="inpaint model: it samples from an image condition; pass --image and --mask"):
-        sample_latents(inpaint, ["a"], [0], 32, 32, 2, 2.0)
+        sample_latents(inpaint, ["a"], [0], height=32, width=32, steps=2, cfg=2.0)
     with pytest.raises(InputError, match=r"shape \(1, 4, 4, 4\); this inpaint model needs \(1, 5, 4, 4\)"):
-        sample_latents(inpaint, ["a"], [0], 32, 32, 2, 2.0, condition=condition[:, :4])
+        sample_latents(inpaint, ["a"], [0], height=32, width=32, steps=2, cfg=2.0, condition=condition[:, :4])
     with pytest.raises(InputError, match="this model's task is inpaint: a condition for edit does not fit it"):
         task_condition(inpaint, "edit", torch.zeros(1, 3, 32, 32))
 
@@ -133,13 +133,13 @@ def test_teacher_guidance_keeps_the_condition_in_both_branches(tiny_parts):
     fed = []
     inner_forward = transformer.forward
     transformer.forward = lambda *a, **k: fed.append(k["hidden_states"]) or inner_forward(*a, **k)
-    sampler.sample(["a", "b"], [0, 1], 32, 32, "cpu", 2, 3.0, condition=condition)
+    sampler.sample(["a", "b"], [0, 1], height=32, width=32, device="cpu", num_steps=2, guidance_scale=3.0, condition=condition)
     assert len(fed) == 2 and all(x.shape == (4, 8, 4, 4) for x in fed)
     for x in fed:
         torch.testing.assert_close(x[:, 4:], condition.repeat(2, 1, 1, 1))
     # The same sampler samples without a condition again when given none (a t2i call after).
     sampler.transformer = build_transformer("tiny", seed=0).eval()
-    assert sampler.sample(["a"], [0], 32, 32, "cpu", 1, 3.0).shape == (1, 4, 4, 4)
+    assert sampler.sample(["a"], [0], height=32, width=32, device="cpu", num_steps=1, guidance_scale=3.0).shape == (1, 4, 4, 4)
 
 
 # -- ladd-ds sample --image / --mask ------------------------------------------------------------
@@ -283,8 +283,8 @@ def test_encode_inpaint_writes_targets_masks_and_conditions(image_folder, tmp_pa
         h, w = (int(v) for v in s["bucket"].split("x"))
         image = load_cropped(str(image_folder / name), h, w)[None]
         assert int(s["seed"]) == mask_seed(0, name)  # synth.seed 0: the mask is random_mask(h, w, seed)
-        pixel_mask = random_mask(h, w, int(s["seed"]))[None]
-        kinds.add(next(k for k in KINDS if torch.equal(pixel_mask[0], random_mask(h, w, int(s["seed"]), kinds=(k,)))))
+        pixel_mask = random_mask(h, w, seed=int(s["seed"]))[None]
+        kinds.add(next(k for k in KINDS if torch.equal(pixel_mask[0], random_mask(h, w, seed=int(s["seed"]), kinds=(k,)))))
         assert s["latent"].shape == s["condition"].shape == (4, h // 8, w // 8) and s["mask"].shape == (1, h // 8, w // 8)
         close(s["latent"], codec.encode(image)[0])
         masked, small_mask = inpaint_condition(codec, image, pixel_mask)
@@ -406,12 +406,23 @@ def test_synth_inpaint_samples_targets_from_conditions(tiny_task_teachers, image
         h, w = (int(v) for v in s["bucket"].split("x"))
         assert s["prompt"] == lines[index]["prompt"]
         image = load_cropped(str(tmp_path / lines[index]["image"]), h, w)[None]
-        pixel_mask = torch.from_numpy(mask[None, None] / 255.0).float() if index == 0 else random_mask(h, w, int(s["seed"]))[None]
+        pixel_mask = (
+            torch.from_numpy(mask[None, None] / 255.0).float() if index == 0 else random_mask(h, w, seed=int(s["seed"]))[None]
+        )
         assert index != 3 or int(s["seed"]) == 7
         masked, small = inpaint_condition(codec, image, pixel_mask)
         close(s["condition"], masked[0])
         assert np.array_equal(s["mask"], small[0].numpy().astype(np.float16))
-        again = sampler.sample([s["prompt"]], [int(s["seed"])], h, w, "cpu", 2, 3.0, condition=torch.cat([masked, small], 1))
+        again = sampler.sample(
+            [s["prompt"]],
+            [int(s["seed"])],
+            height=h,
+            width=w,
+            device="cpu",
+            num_steps=2,
+            guidance_scale=3.0,
+            condition=torch.cat([masked, small], 1),
+        )
         tol = 0.05 if precision == "bf16" else 3e-3
         torch.testing.assert_close(torch.from_numpy(np.array(s["latent"])).float(), again[0].float(), atol=tol, rtol=tol)
     assert torch.equal(
@@ -459,7 +470,9 @@ def test_synth_edit_samples_from_the_source(tiny_task_teachers, image_folder, tm
         h, w = (int(v) for v in s["bucket"].split("x"))
         source = codec.encode(load_cropped(str(image_folder / lines[index]["image"]), h, w)[None])
         close(s["condition"], source[0])
-        again = sampler.sample([s["prompt"]], [int(s["seed"])], h, w, "cpu", 2, 3.0, condition=source)
+        again = sampler.sample(
+            [s["prompt"]], [int(s["seed"])], height=h, width=w, device="cpu", num_steps=2, guidance_scale=3.0, condition=source
+        )
         close(s["latent"], again[0])
 
 

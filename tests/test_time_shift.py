@@ -44,7 +44,7 @@ def test_sampler_uses_the_shift_and_table_of_the_folders_scheduler(small_demo_te
     assert sm.transformer.dtype == PRECISIONS[precision]
 
     def sample(model):
-        return sample_latents(model, ["a red seven in the top left"] * 2, [3, 4], 16, 16, 2, 2.0)
+        return sample_latents(model, ["a red seven in the top left"] * 2, [3, 4], height=16, width=16, steps=2, cfg=2.0)
 
     got = sample(sm)
     # The same transformer with the settings given by hand: the folder's were the ones used...
@@ -133,7 +133,9 @@ def test_dpo_times_follow_the_shifted_logit_normal(precision):
     # The shift changes t only: the same noise, and shift 1 is the draw of before, to the bit.
     assert torch.equal(eps3, eps1)
     d = dpo_steps(*sets).cfg.dpo
-    before = torch.sigmoid(d.t_mean + d.t_std * randn_per_sample(per_sample_generators(torch.arange(n), 0, 0, "dpo")))
+    before = torch.sigmoid(
+        d.t_mean + d.t_std * randn_per_sample(per_sample_generators(torch.arange(n), seed=0, step=0, purpose="dpo"))
+    )
     assert torch.equal(t1, before)
 
 

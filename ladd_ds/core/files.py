@@ -48,7 +48,7 @@ def commit_directory(tmp: Path, out: str | Path, replace: bool = True) -> Path:
 
 @contextlib.contextmanager
 def atomic_directory(
-    out: str | Path, kind: str | None = None, source: str | None = None, *, overwrite: bool = False, option: str = "--out"
+    out: str | Path, kind: str | None = None, *, source: str | None = None, overwrite: bool = False, option: str = "--out"
 ) -> Iterator[Path]:
     """`with atomic_directory(out, kind) as tmp:` write into `tmp`; on success it becomes `out`, on
     an exception it is removed and `out` is untouched.
@@ -58,7 +58,7 @@ def atomic_directory(
     marker. Checked before the first byte is written and again before the rename (a long write
     may meet a folder that appeared meanwhile). Without `kind`, `out` must not exist."""
     out = absolute(out)
-    check = functools.partial(check_output, out, kind, source, overwrite=overwrite, option=option)
+    check = functools.partial(check_output, out, kind, source=source, overwrite=overwrite, option=option)
     if kind is None and out.exists():
         raise OutputExistsError(f"{out} already exists; delete it or choose another output path")
     if kind is not None:
@@ -68,7 +68,7 @@ def atomic_directory(
     try:
         yield tmp
         if kind is not None:
-            write_marker(tmp, kind, source)
+            write_marker(tmp, kind, source=source)
             check()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

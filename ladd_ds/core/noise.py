@@ -17,7 +17,7 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def per_sample_generators(sample_ids: torch.Tensor, seed: int, step: int, purpose: str) -> list[torch.Generator]:
+def per_sample_generators(sample_ids: torch.Tensor, *, seed: int, step: int, purpose: str) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(derive_seed(seed, step, int(i), purpose)) for i in sample_ids.tolist()]
 
 

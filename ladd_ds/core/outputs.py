@@ -68,7 +68,7 @@ def read_marker(folder: str | Path) -> dict | None:
     return None
 
 
-def write_marker(folder: str | Path, kind: str, source: str | None = None) -> None:
+def write_marker(folder: str | Path, kind: str, *, source: str | None = None) -> None:
     """Mark `folder` as an output of `kind` made from `source` (a run directory, a model, a
     config: what tells one output of this kind from another)."""
     record = {"kind": kind, "source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -81,7 +81,7 @@ def _contents(folder: Path, limit: int = 3) -> str:
 
 
 def check_output(
-    out: str | Path, kind: str, source: str | None = None, *, overwrite: bool = False, option: str = "--out"
+    out: str | Path, kind: str, *, source: str | None = None, overwrite: bool = False, option: str = "--out"
 ) -> bool:
     """Refuse to write output `kind` at `out` unless it is free or ours (module docstring).
     Returns True when `out` holds an output of `kind` that will be replaced or continued."""

@@ -54,7 +54,7 @@ def read_utf8(path: Path, what: str) -> str:
         raise InputError(f"{what} {path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
 
 
-def numbered_lines(path: str | Path, what: str, expected: str) -> list[tuple[int, str]]:
+def numbered_lines(path: str | Path, *, what: str, expected: str) -> list[tuple[int, str]]:
     """(line number in the file, text) of every non-blank line of `what` file `path` (error
     messages cite the file's own line numbers, blank lines included); a missing or empty file is
     an error saying what it should hold (`expected`)."""
@@ -83,7 +83,7 @@ def prompt_record(path: Path, n: int, line: str) -> dict:
 
 def load_prompt_jobs(path: str | Path, buckets: list[str], weights: list[float] | None, seed: int) -> list[PromptJob]:
     path = Path(path)
-    lines = numbered_lines(path, "prompt file", "prompts (one per line, or JSONL with a 'prompt' key)")
+    lines = numbered_lines(path, what="prompt file", expected="prompts (one per line, or JSONL with a 'prompt' key)")
     draw = random.Random(seed)
     jobs = []
     for index, (n, line) in enumerate(lines):  # index: the sample's identity; n: its line

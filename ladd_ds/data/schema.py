@@ -26,10 +26,12 @@ from typing import Any
 import torch
 
 from ladd_ds.core.errors import InputError, MissingInputError
+from ladd_ds.core.precision import PRECISIONS, dtype_of
 
 # Stored dtype of the text columns -> MDS encoding. bf16 is stored as its raw 16 bits.
 TEXT_STORAGE: dict[str, str] = {"fp32": "ndarray:float32", "bf16": "ndarray:uint16", "fp16": "ndarray:float16"}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The run precisions, and fp16: what a text encoder may hand over in its own dtype.
+TORCH_DTYPES = {**{p: dtype_of(p) for p in PRECISIONS}, "fp16": torch.float16}
 TEXT_COLUMNS = ("prompt_embeds", "pooled")
 TEXT_ENCODING = "|".join(TEXT_STORAGE.values())  # any of them
 

@@ -165,6 +165,7 @@ def _random_samples(
 
 def write_random_latents(
     out_dir: str | Path,
+    *,
     num_samples: int,
     latent_shape: tuple[int, int, int] = (4, 32, 32),
     text_len: int = 8,

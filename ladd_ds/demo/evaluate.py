@@ -124,7 +124,9 @@ class DemoEvaluator:
             for bucket, idx in self.prompts.by_bucket().items():
                 prompts = [self.prompts.labels[i].prompt for i in idx]
                 noise_seeds = [derive_seed(seed, i) for i in idx]
-                batch, took = generate(sm, prompts, noise_seeds, *bucket, steps=steps, cfg=cfg, batch_size=batch_size)
+                batch, took = generate(
+                    sm, prompts, noise_seeds, height=bucket[0], width=bucket[1], steps=steps, cfg=cfg, batch_size=batch_size
+                )
                 images.append(batch)
                 labels += [self.prompts.labels[i] for i in idx]
                 seconds += took

@@ -169,7 +169,7 @@ class PromptTable:
 def save_teacher_folder(out: Path, transformer, text_encoder, info: dict, overwrite: bool = False) -> Path:
     """Write an SD3-style folder atomically (temporary name, then rename). It replaces only a
     teacher of the same settings (`info["key"]`), another teacher with `overwrite`."""
-    with atomic_directory(out, "teacher", info.get("key"), overwrite=overwrite) as tmp:
+    with atomic_directory(out, "teacher", source=info.get("key"), overwrite=overwrite) as tmp:
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         pipe = text_encoder.pipe
         for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
@@ -240,7 +240,7 @@ def pretrain_teacher(
 
     s = settings or PretrainSettings()
     out = Path(out)
-    check_output(out, "teacher", s.key(), overwrite=overwrite)
+    check_output(out, "teacher", source=s.key(), overwrite=overwrite)
     torch.manual_seed(s.seed)
     text = build_tiny_text_encoders(
         s.preset, seed=s.seed, drop_t5=True, max_sequence_length=0, clip_tokens=CLIP_CONTEXT, words=tasks.task_words(s.task)

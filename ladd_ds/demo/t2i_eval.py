@@ -105,7 +105,8 @@ def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list
     configs += [(sm, s, 1.0) for s in size.student_steps]
     written = []
     for model, steps, cfg in configs:
-        images, _ = generate(model, [prompts[i] for i in index], seeds, *digits.BUCKETS[0], steps=steps, cfg=cfg)
+        height, width = digits.BUCKETS[0]
+        images, _ = generate(model, [prompts[i] for i in index], seeds, height=height, width=width, steps=steps, cfg=cfg)
         name = f"{model.kind}_{steps}steps"
         written.append(save_samples(out / "grids" / name, images, index, seeds, prompts, rows=len(prompts))[0])
     return written

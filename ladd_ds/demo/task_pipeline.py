@@ -183,7 +183,9 @@ class TaskEvaluator:
             for k, (bucket, examples) in enumerate(self.examples.items()):
                 images, masks, prompts, condition = conditions[bucket]
                 noise_seeds = [derive_seed(seed, k, i) for i in range(len(prompts))]
-                out, took = generate(sm, prompts, noise_seeds, *bucket, steps=steps, cfg=cfg, condition=condition)
+                out, took = generate(
+                    sm, prompts, noise_seeds, height=bucket[0], width=bucket[1], steps=steps, cfg=cfg, condition=condition
+                )
                 seconds += took
                 m, shown = self._measure(examples, out * 2.0 - 1.0, images, masks)  # [0, 1] -> the examples' [-1, 1]
                 measures.append(m)

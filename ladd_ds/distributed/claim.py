@@ -15,7 +15,7 @@ from ladd_ds.distributed.ranks import broadcast_object, is_main
 
 
 def claim_folder(
-    folder: str | Path, check: Callable[[Path], object], kind: str, source: str | None, what: str
+    folder: str | Path, check: Callable[[Path], object], *, kind: str, source: str | None, what: str
 ) -> FileLock | None:
     """Collective. `check(folder)` raises a LaddError when the folder may not be written; then the
     folder is created, FOLDER/LOCK_FILE taken (released at exit at the latest) and the marker
@@ -29,7 +29,7 @@ def claim_folder(
             lock = FileLock(folder / LOCK_FILE, f"{what} {folder}").acquire()
             atexit.register(lock.release)
             if not (folder / OUTPUT_MARKER).is_file():
-                write_marker(folder, kind, source)
+                write_marker(folder, kind, source=source)
         except LaddError as e:
             error = e
     error = broadcast_object(error)  # the same error on every rank (exceptions pickle)

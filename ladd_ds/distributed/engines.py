@@ -467,7 +467,7 @@ class _Slice:
 
     def contiguous(self) -> torch.Tensor:
         numel, total = self.shape.numel(), self.partitions[0].numel() * len(self.partitions)
-        return read_flat_range(self.partitions, total, self.start, self.start + numel).view(self.shape).clone()
+        return read_flat_range(self.partitions, numel=total, start=self.start, stop=self.start + numel).view(self.shape).clone()
 
 
 def zero12_sources(ds_dir: Path, optim_files: list[Path]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from ladd_ds.core.errors import InputError
 
 
 def read_flat_range(
-    shards: list[torch.Tensor], numel: int, start: int, stop: int, offsets: list[int] | None = None
+    shards: list[torch.Tensor], *, numel: int, start: int, stop: int, offsets: list[int] | None = None
 ) -> torch.Tensor:
     """Elements [start, stop) of a flattened tensor of `numel` elements saved as `shards` (one per
     rank, in rank order). `offsets[r]` is where shard r starts in the flattened tensor: the EMA of

@@ -26,6 +26,7 @@ from ladd_ds.training.export import absolute_spec, checkpoint_info, export_sourc
 def export_dpo_run(
     run_dir: Path,
     out: Path,
+    *,
     cfg: Config,
     checkpoint: Path,
     merge: bool = False,
@@ -36,7 +37,7 @@ def export_dpo_run(
     """The LoRA (LoRA mode) and/or the fine-tuned model as an SD3 folder in `dtype` (`merge`, or
     full mode)."""
     sources = transformer_sources(checkpoint, "model")
-    with atomic_directory(out, "export", export_source(run_dir), overwrite=overwrite) as tmp:
+    with atomic_directory(out, "export", source=export_source(run_dir), overwrite=overwrite) as tmp:
         _write_dpo_export(tmp, sources, cfg, run_dir, checkpoint, merge, dtype, shard_size)
     return Path(out)
 

@@ -44,7 +44,7 @@ def dpo_slots(cfg: Config) -> list[EngineSlot]:
 def meta_dpo_models(cfg: Config) -> dict:
     """The model (with its LoRA adapters in LoRA mode) and the full-mode reference, on the meta
     device: what the memory plan counts."""
-    model = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta")
+    model = build_flow_model(cfg.model.teacher, seed=cfg.run.seed, device="meta")
     if cfg.dpo.mode == "lora":
         add_lora(model.transformer, lora_config_from(cfg.dpo.lora))
     else:
@@ -52,7 +52,7 @@ def meta_dpo_models(cfg: Config) -> dict:
     model.set_checkpointing(cfg.model.checkpoint_every("student"))
     models = {"model": model}
     if cfg.dpo.mode == "full":
-        models["reference"] = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta").requires_grad_(False)
+        models["reference"] = build_flow_model(cfg.model.teacher, seed=cfg.run.seed, device="meta").requires_grad_(False)
     return models
 
 
@@ -88,7 +88,7 @@ def dpo_activations(cfg: Config, models: dict, flops: bool = False) -> StepActiv
     )
 
 
-def place_dpo_engines(cfg: Config, world: int, plan_always: bool = False, flops: bool = False):
+def place_dpo_engines(cfg: Config, world: int, *, plan_always: bool = False, flops: bool = False):
     def activations(models):
         return dpo_activations(cfg, models, flops=flops)
 
@@ -146,7 +146,7 @@ class DPOMethod(DPOSteps, Method):
     def build(cls, cfg: Config, ds_configs: dict[str, dict]) -> DPOMethod:
         check_compile_stages(cfg, {"student_stage": ds_configs["model"], "teacher_stage": ds_configs.get("reference")})
         dtype = training_dtype(cfg)
-        model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["model"], dtype=dtype)
+        model = build_flow_model(cfg.model.teacher, seed=cfg.run.seed, ds_config=ds_configs["model"], dtype=dtype)
         model.set_checkpointing(cfg.model.checkpoint_every("student"))  # the reference runs without gradients
         if cfg.model.compile:
             model.compile_blocks()  # compiled lazily: the LoRA layers added below are traced too
@@ -155,7 +155,7 @@ class DPOMethod(DPOSteps, Method):
             trainable = add_lora(model.transformer, lora_config_from(cfg.dpo.lora), seed=cfg.run.seed)
             print0(f"LoRA rank {cfg.dpo.lora.rank} on {len(trainable) // 2} layers; the reference is the model with adapters off")
         else:
-            ref_model = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_configs["reference"], dtype=dtype)
+            ref_model = build_flow_model(cfg.model.teacher, seed=cfg.run.seed, ds_config=ds_configs["reference"], dtype=dtype)
             ref_model.requires_grad_(False).eval()
             if cfg.model.compile:
                 ref_model.compile_blocks()

@@ -14,6 +14,7 @@ import torch
 from ladd_ds.config import Config
 from ladd_ds.core import flow
 from ladd_ds.core.noise import per_sample_generators, randn_like_per_sample, randn_per_sample, to_device
+from ladd_ds.core.precision import dtype_of
 from ladd_ds.data.loader import batch_to_device
 from ladd_ds.distributed import faults
 from ladd_ds.dpo.engines import DPOEngines
@@ -37,7 +38,7 @@ class DPOSteps:
         self.cfg = cfg
         self.engines = engines
         self.device = device
-        self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        self.dtype = dtype_of(cfg.deepspeed.precision, key="deepspeed.precision")
         self.time_shift = dpo_time_shift(cfg)
         self.ema = None
         self.step = 0
@@ -49,7 +50,7 @@ class DPOSteps:
         """Per pair: t ~ logit-normal(dpo.t_mean, dpo.t_std) shifted by `time_shift`, and eps,
         from the pair's sample id."""
         x = batch["latent_w"]
-        g = per_sample_generators(batch["sample_id"], self.cfg.run.seed, self.step, "dpo")  # ids on the host
+        g = per_sample_generators(batch["sample_id"], seed=self.cfg.run.seed, step=self.step, purpose="dpo")  # ids on the host
         d = self.cfg.dpo
         t = flow.shift_time(torch.sigmoid(d.t_mean + d.t_std * randn_per_sample(g)), self.time_shift)
         eps = randn_like_per_sample(x, g)

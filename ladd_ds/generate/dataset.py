@@ -63,7 +63,7 @@ from ladd_ds.models.registry import is_folder, resolve_model_config
 MANIFEST = MANIFEST_FILE
 
 
-def check_buckets(buckets: list[list[int]], patch_size: int, codec_factor: int) -> list[str]:
+def check_buckets(buckets: list[list[int]], *, patch_size: int, codec_factor: int) -> list[str]:
     names = []
     for i, hw in enumerate(buckets):
         if len(hw) != 2:
@@ -306,7 +306,7 @@ def _generate_parts(
         columns, made, skipped = make_rows(batch, (embeds, pooled))
         if skipped:
             skips_written += 1
-            record_skipped(out, rank(), skips_written, skipped)
+            record_skipped(out, rank=rank(), serial=skips_written, skipped=skipped)
         position = {j.key: i for i, j in enumerate(batch)}
         for i, job in enumerate(made):
             r = position[job.key]
@@ -344,7 +344,9 @@ def generation_buckets(cfg: Config) -> tuple[dict, list[str]]:
     teacher's patch size and the latent codec's factor."""
 
     model_cfg = resolve_model_config(cfg.model.teacher)
-    return model_cfg, check_buckets(cfg.synth.buckets, model_cfg["patch_size"], codec_factor(cfg.codec.vae))
+    return model_cfg, check_buckets(
+        cfg.synth.buckets, patch_size=model_cfg["patch_size"], codec_factor=codec_factor(cfg.codec.vae)
+    )
 
 
 def common_settings(cfg: Config) -> dict:
@@ -361,5 +363,5 @@ def start_generation(cfg: Config, out: Path) -> torch.device:
     job and marked. Returns this rank's device."""
 
     ds.init_distributed(cfg.deepspeed.dist_backend, cfg.health.collective_timeout_s)
-    claim_folder(out, lambda folder: check_output(folder, "dataset"), "dataset", None, "dataset")
+    claim_folder(out, lambda folder: check_output(folder, "dataset"), kind="dataset", source=None, what="dataset")
     return ds.device()

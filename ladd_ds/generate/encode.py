@@ -65,7 +65,7 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
     """(file, caption) pairs from JSONL ({"file", "caption"}) or "file<TAB>caption" lines."""
     path = Path(path)
     pairs = []
-    for n, line in numbered_lines(path, "caption file", "captions"):
+    for n, line in numbered_lines(path, what="caption file", expected="captions"):
         if path.suffix == ".jsonl":
             try:
                 record = json.loads(line)
@@ -156,7 +156,7 @@ def read_edit_triples(path: str | Path) -> list[tuple[str, str, str]]:
     if path.suffix != ".jsonl":
         raise InputError(f'{path}: editing data needs a .jsonl file of {{"source", "target", "prompt"}} lines')
     triples = []
-    for n, line in numbered_lines(path, "edit file", "edit triples"):
+    for n, line in numbered_lines(path, what="edit file", expected="edit triples"):
         try:
             r = json.loads(line)
             triples.append((str(r["source"]), str(r["target"]), str(r["prompt"])))
@@ -221,7 +221,7 @@ def mask_seed(seed: int, key: str) -> int:
 
 
 def run_encode(
-    cfg: Config, images: str, captions: str, out: str | Path, task: str = "t2i", mask_kinds: tuple[str, ...] | None = None
+    cfg: Config, *, images: str, captions: str, out: str | Path, task: str = "t2i", mask_kinds: tuple[str, ...] | None = None
 ) -> dict | None:
     """Encode captioned images (t2i); with task "inpaint" also a random mask per image and its
     condition (schema.INPAINT); with task "edit" (source, instruction, target) triples, the
@@ -270,7 +270,7 @@ def run_encode(
         seeds = [j.seed for j in made]
         if task == "inpaint":
             seeds = [mask_seed(cfg.synth.seed, j.key) for j in made]
-            masks = torch.stack([random_mask(h, w, seed, kinds) for seed in seeds]).to(device)  # (B', 1, H, W)
+            masks = torch.stack([random_mask(h, w, seed=seed, kinds=kinds) for seed in seeds]).to(device)  # (B', 1, H, W)
             return {"latent": latents, **condition_columns(codec, task, pixels, masks), "seed": seeds}, made, skipped
         if task == "edit":
             return (

@@ -28,7 +28,7 @@ def check_kinds(kinds) -> tuple[str, ...]:
     return kinds
 
 
-def random_mask(height: int, width: int, seed: int, kinds=DEFAULT_KINDS) -> torch.Tensor:
+def random_mask(height: int, width: int, *, seed: int, kinds=DEFAULT_KINDS) -> torch.Tensor:
     """A (1, height, width) float mask of 0/1, 1 = fill in: one of `kinds`, drawn with everything
     else from a generator seeded with `seed`. Never empty and never the whole image."""
     kinds = check_kinds(kinds)

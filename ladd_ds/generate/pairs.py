@@ -139,7 +139,9 @@ def make_pairs(cfg: Config, out: str | Path | None = None) -> dict | None:
         h, w = parse_bucket(batch[0].bucket)
         prompts = [j.prompt for j in batch for _ in range(k)]
         seeds = [derive_seed(p.seed, j.index, n, "pairs") for j in batch for n in range(k)]
-        latents = sample_latents(sm, prompts, seeds, h, w, p.steps, p.guidance_scale, p.batch_size)
+        latents = sample_latents(
+            sm, prompts, seeds, height=h, width=w, steps=p.steps, cfg=p.guidance_scale, batch_size=p.batch_size
+        )
         with torch.no_grad():
             scores = torch.as_tensor(scorer(decode_images(sm.codec, latents), prompts), dtype=torch.float64).cpu()
         if scores.shape != (len(prompts),):
@@ -227,7 +229,7 @@ def read_preference_jobs(path: str | Path, images: Path, buckets: list[str]) -> 
     return jobs
 
 
-def import_pairs(cfg: Config, preferences: str | Path, images: str | Path, out: str | Path | None = None) -> dict | None:
+def import_pairs(cfg: Config, *, preferences: str | Path, images: str | Path, out: str | Path | None = None) -> dict | None:
     """Encode an existing preference set (images + winner/loser labels) into pair shards, on
     every rank; returns the summary on rank 0, None on the others."""
 

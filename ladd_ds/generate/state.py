@@ -156,7 +156,7 @@ def check_unchanged(out: Path, done: dict[str, Done], jobs: list, what: str) -> 
         )
 
 
-def record_skipped(out: Path, rank: int, serial: int, skipped: list[tuple]) -> None:
+def record_skipped(out: Path, *, rank: int, serial: int, skipped: list[tuple]) -> None:
     """Commit this rank's skipped samples [(job, reason)] as one record (atomic)."""
     folder = out / SKIPPED_DIR
     folder.mkdir(exist_ok=True)

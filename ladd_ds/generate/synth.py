@@ -27,6 +27,7 @@ from PIL import Image
 
 from ladd_ds.config import Config, config_to_dict
 from ladd_ds.core.errors import InputError, MissingInputError
+from ladd_ds.core.precision import dtype_of
 from ladd_ds.data.images import UNREADABLE, image_bucket, load_cropped, load_mask
 from ladd_ds.data.prompts import PromptJob, input_digest, load_prompt_jobs, numbered_lines, parse_bucket
 from ladd_ds.data.schema import TASK_LAYOUTS
@@ -47,7 +48,7 @@ from ladd_ds.models.codec import codec_factor, load_codec
 from ladd_ds.models.conditioning import batch_condition, latent_channels
 from ladd_ds.models.flow_model import build_flow_model
 from ladd_ds.models.registry import check_teacher_task
-from ladd_ds.sampling import PRECISIONS, TeacherSampler, condition_columns, load_text_encoder
+from ladd_ds.sampling import TeacherSampler, condition_columns, load_text_encoder
 
 
 def build_teacher(cfg: Config, task: str = "t2i"):
@@ -63,13 +64,13 @@ def build_teacher(cfg: Config, task: str = "t2i"):
             precision=cfg.deepspeed.precision,
         )
 
-        meta = build_flow_model(cfg.model.teacher, cfg.run.seed, device="meta", task=task)
+        meta = build_flow_model(cfg.model.teacher, seed=cfg.run.seed, device="meta", task=task)
         ds_config = resolve_zero3_sizes(ds_config, meta)  # "auto" gather sizes: about two of its blocks
-        teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, ds_config=ds_config, task=task).transformer
+        teacher = build_flow_model(cfg.model.teacher, seed=cfg.run.seed, ds_config=ds_config, task=task).transformer
         teacher.requires_grad_(False)
         return ds.frozen_engine(teacher, ds_config).module
-    dtype = PRECISIONS[cfg.deepspeed.precision]
-    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device=ds.device(), dtype=dtype, task=task).transformer
+    dtype = dtype_of(cfg.deepspeed.precision, key="deepspeed.precision")
+    teacher = build_flow_model(cfg.model.teacher, seed=cfg.run.seed, device=ds.device(), dtype=dtype, task=task).transformer
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
@@ -80,7 +81,7 @@ SAMPLE_SETTINGS = ("buckets", "bucket_weights", "guidance_scale", "num_steps", "
 
 
 def run_synth(
-    cfg: Config, prompts: str, out: str | Path, task: str = "t2i", mask_kinds: tuple[str, ...] | None = None
+    cfg: Config, *, prompts: str, out: str | Path, task: str = "t2i", mask_kinds: tuple[str, ...] | None = None
 ) -> dict | None:
     out = Path(out)
     s = cfg.synth
@@ -108,7 +109,16 @@ def run_synth(
     def make_rows(batch: list[PromptJob], conditioning):
         h, w = parse_bucket(batch[0].bucket)
         prompts, seeds = [j.prompt for j in batch], [j.seed for j in batch]
-        latents = sampler.sample(prompts, seeds, h, w, device, s.num_steps, s.guidance_scale, conditioning)
+        latents = sampler.sample(
+            prompts,
+            seeds,
+            height=h,
+            width=w,
+            device=device,
+            num_steps=s.num_steps,
+            guidance_scale=s.guidance_scale,
+            conditioning=conditioning,
+        )
         return {"latent": latents, "seed": seeds}, batch, []
 
     if task != "t2i":
@@ -129,7 +139,7 @@ def load_condition_jobs(path: str | Path, buckets: list[str], seed: int, task: s
     if path.suffix != ".jsonl":
         raise InputError(f'{path}: `synth --task {task}` reads a .jsonl file of {{"prompt", "image"}} lines')
     jobs = []
-    for index, (n, line) in enumerate(numbered_lines(path, "prompt file", "JSONL lines with 'prompt' and 'image'")):
+    for index, (n, line) in enumerate(numbered_lines(path, what="prompt file", expected="JSONL lines with 'prompt' and 'image'")):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -175,7 +185,16 @@ def conditioned_rows(cfg: Config, task: str, kinds, sampler: TeacherSampler, cha
             h, w = s.buckets[0]
             extra = sampler.transformer.config.in_channels - channels
             blank = torch.zeros(1, extra, h // codec.factor, w // codec.factor)
-            sampler.sample([""], [0], h, w, device, s.num_steps, s.guidance_scale, condition=blank)
+            sampler.sample(
+                [""],
+                [0],
+                height=h,
+                width=w,
+                device=device,
+                num_steps=s.num_steps,
+                guidance_scale=s.guidance_scale,
+                condition=blank,
+            )
 
     def make_rows(batch: list[PromptJob], conditioning):
         if batch[0].bucket in (UNREADABLE, ""):  # "": another rank's job (a lockstep round)
@@ -187,7 +206,9 @@ def conditioned_rows(cfg: Config, task: str, kinds, sampler: TeacherSampler, cha
             try:
                 pixels.append(load_cropped(job.image, h, w))
                 if task == "inpaint":
-                    masks.append(load_mask(job.other_image, h, w) if job.other_image else random_mask(h, w, job.seed, kinds))
+                    masks.append(
+                        load_mask(job.other_image, h, w) if job.other_image else random_mask(h, w, seed=job.seed, kinds=kinds)
+                    )
                 made.append(job)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 pixels, masks = pixels[: len(made)], masks[: len(made)]
@@ -205,7 +226,17 @@ def conditioned_rows(cfg: Config, task: str, kinds, sampler: TeacherSampler, cha
             conditioning = tuple(x[rows] for x in conditioning)
         prompts, seeds = [j.prompt for j in made], [j.seed for j in made]
         condition = batch_condition(columns, task)  # (B', extra, h, w)
-        latents = sampler.sample(prompts, seeds, h, w, device, s.num_steps, s.guidance_scale, conditioning, condition)
+        latents = sampler.sample(
+            prompts,
+            seeds,
+            height=h,
+            width=w,
+            device=device,
+            num_steps=s.num_steps,
+            guidance_scale=s.guidance_scale,
+            conditioning=conditioning,
+            condition=condition,
+        )
         return {"latent": latents, **columns, "seed": seeds}, made, skipped
 
     return make_rows

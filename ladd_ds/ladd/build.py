@@ -70,11 +70,17 @@ def build_models(
     ds_configs = ds_configs or {}
     check_compile_stages(cfg, {"student_stage": ds_configs.get("student"), "teacher_stage": ds_configs.get("teacher")})
     task = cfg.ladd.task
-    teacher = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("teacher"), dtype, task)
+    teacher = build_flow_model(
+        cfg.model.teacher, seed=cfg.run.seed, device=device, ds_config=ds_configs.get("teacher"), dtype=dtype, task=task
+    )
     if cfg.model.student is None:
-        student = build_flow_model(cfg.model.teacher, cfg.run.seed, device, ds_configs.get("student"), dtype, task)
+        student = build_flow_model(
+            cfg.model.teacher, seed=cfg.run.seed, device=device, ds_config=ds_configs.get("student"), dtype=dtype, task=task
+        )
     else:
-        student = build_flow_model(cfg.model.student, cfg.run.seed + 1, device, ds_configs.get("student"), dtype, task)
+        student = build_flow_model(
+            cfg.model.student, seed=cfg.run.seed + 1, device=device, ds_config=ds_configs.get("student"), dtype=dtype, task=task
+        )
     teacher.set_checkpointing(cfg.model.checkpoint_every("teacher"))
     student.set_checkpointing(cfg.model.checkpoint_every("student"))
     if cfg.model.compile and device != "meta":
@@ -141,7 +147,7 @@ def meta_step(cfg: Config, models: dict):
     variant = LADDSteps if cfg.ladd.task == "t2i" else ConditionedLADDSteps
     # No guided distillation target (distill_cfg 1): its extra teacher passes run without
     # gradients and keep nothing for backward, and the empty prompt's conditioning is data.
-    steps = variant(cfg, engines, resolve_taps(cfg.discriminator.taps, teacher.num_blocks), torch.device("meta"))
+    steps = variant(cfg, engines, taps=resolve_taps(cfg.discriminator.taps, teacher.num_blocks), device=torch.device("meta"))
     return steps, batch, noise, note
 
 
@@ -328,7 +334,7 @@ def build_ds_configs(cfg: Config, world: int) -> dict[str, dict]:
     return place_ladd_engines(cfg, world)[0]
 
 
-def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False, flops: bool = False):
+def place_ladd_engines(cfg: Config, world: int, *, plan_always: bool = False, flops: bool = False):
     """(DeepSpeed config per engine, the memory plan or None): see training.build.place_engines."""
 
     def meta_models():
@@ -346,7 +352,7 @@ def place_ladd_engines(cfg: Config, world: int, plan_always: bool = False, flops
     layouts: dict = {}
 
     def step_time(models: dict, stages: dict[str, int]) -> float:
-        configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, stages[s.name]) for s in ENGINES}
+        configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, stage=stages[s.name]) for s in ENGINES}
         configs = resolve_sizes(configs, models)  # the gather sizes the engines would get
         if not layouts:  # one trace of the models serves every candidate placement
             layouts.update(ladd_layouts(cfg, configs, models))

@@ -65,6 +65,7 @@ def sampling_info(cfg) -> dict:
 def export_ladd_run(
     run_dir: Path,
     out: Path,
+    *,
     cfg: Config,
     checkpoint: Path,
     ema: bool = False,
@@ -82,7 +83,7 @@ def export_ladd_run(
         student = ema_sources(checkpoint, student, config)
     if lora is not None:
         student = merged_sources(student, lora)
-    with atomic_directory(out, "export", export_source(run_dir), overwrite=overwrite) as tmp:
+    with atomic_directory(out, "export", source=export_source(run_dir), overwrite=overwrite) as tmp:
         write_transformer(tmp / "transformer", config, student, dtype, shard_size)
         _write_ladd_export(tmp, checkpoint, cfg, run_dir, ema, lora, dtype)
     return out

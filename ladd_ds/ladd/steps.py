@@ -22,6 +22,7 @@ from ladd_ds.core.noise import (
     randn_per_sample,
     to_device,
 )
+from ladd_ds.core.precision import dtype_of
 from ladd_ds.data.loader import batch_to_device
 from ladd_ds.distributed import engines as ds
 from ladd_ds.distributed import faults
@@ -67,6 +68,7 @@ class LADDSteps:
         self,
         cfg: Config,
         engines,
+        *,
         taps: list[int],
         device: torch.device,
         ema=None,
@@ -81,7 +83,7 @@ class LADDSteps:
         self.engines = engines
         self.taps = taps
         self.device = device
-        self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        self.dtype = dtype_of(cfg.deepspeed.precision, key="deepspeed.precision")
         self.ema = ema
         self.distill_cfg = distill_cfg
         self.negative = None if negative is None else tuple(x.to(device=device, dtype=self.dtype) for x in negative)
@@ -111,14 +113,14 @@ class LADDSteps:
         x0 = batch["latent"]
         ids = batch["sample_id"]  # (B,) on the host (batch_to_device leaves it there)
         seed, step, ladd = self.cfg.run.seed, self.step, self.cfg.ladd
-        g = per_sample_generators(ids, seed, step, "student")
+        g = per_sample_generators(ids, seed=seed, step=step, purpose="student")
         probs = self.timesteps.probs_at(step)
         idx = torch.stack([torch.multinomial(probs, 1, generator=gi)[0] for gi in g])
         t_student = self.timesteps.timesteps[idx]
         eps_student = randn_like_per_sample(x0, g)
         renoise = {}
         for which in ("fake", "real"):
-            g = per_sample_generators(ids, seed, step, f"renoise_{which}")
+            g = per_sample_generators(ids, seed=seed, step=step, purpose=f"renoise_{which}")
             t = torch.sigmoid(ladd.renoise_m + ladd.renoise_s * randn_per_sample(g))
             renoise[which] = (t, randn_like_per_sample(x0, g))
         as_t = lambda t: to_device(t, x0.device, torch.float32)  # noqa: E731  t stays fp32 (flow.add_noise)

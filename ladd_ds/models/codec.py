@@ -62,12 +62,12 @@ class VAECodec:
         return self.vae.decode(z).sample
 
 
-def load_codec(spec: str, latent_channels: int, seed: int = 0) -> PixelUnshuffleCodec | VAECodec:
+def load_codec(spec: str, latent_channels: int, *, seed: int = 0) -> PixelUnshuffleCodec | VAECodec:
     """`spec`: "pixel-unshuffle", "tiny" (random tiny VAE) or a local SD3 folder with vae/."""
     if spec == PIXEL_UNSHUFFLE:
         codec = PixelUnshuffleCodec()
     else:
-        codec = VAECodec(load_vae(spec, latent_channels, seed))
+        codec = VAECodec(load_vae(spec, latent_channels, seed=seed))
     if codec.channels != latent_channels:
         raise InputError(f"latent codec '{spec}' has {codec.channels} channels, the model expects {latent_channels}")
     return codec

@@ -82,7 +82,7 @@ def model_task(config) -> str:
     raise ValueError(f"a transformer with in_channels {c_in} and out_channels {c_out} is none of {list(TASKS)}")
 
 
-def widened_config(config: dict, task: str, source: str) -> tuple[dict, int]:
+def widened_config(config: dict, task: str, *, source: str) -> tuple[dict, int]:
     """(`config` as a transformer of `task` needs it, the input channels to add): a text-to-image
     config is widened; one already of `task` is kept; any other is refused."""
     have = model_task(config)

@@ -158,6 +158,7 @@ class FlowModel(nn.Module):
 
 def build_flow_model(
     spec: str,
+    *,
     seed: int,
     device: str | None = None,
     ds_config: dict | None = None,

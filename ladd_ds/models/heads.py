@@ -22,7 +22,7 @@ def _groups(channels: int) -> int:
 
 
 class DiscriminatorHead(nn.Module):
-    def __init__(self, in_channels: int, hidden: int, cond_dim: int, num_layers: int = 2):
+    def __init__(self, in_channels: int, *, hidden: int, cond_dim: int, num_layers: int = 2):
         super().__init__()
         layers: list[nn.Module] = [nn.GroupNorm(_groups(in_channels), in_channels)]
         channels = in_channels
@@ -44,14 +44,16 @@ class DiscriminatorHead(nn.Module):
 class DiscriminatorHeads(nn.Module):
     """All heads plus the shared conditioning embedding of (t_hat, pooled text)."""
 
-    def __init__(self, feature_dim: int, num_heads: int, pooled_dim: int, hidden: int = 64, num_layers: int = 2):
+    def __init__(self, feature_dim: int, *, num_heads: int, pooled_dim: int, hidden: int = 64, num_layers: int = 2):
         super().__init__()
         cond_dim = hidden
         # Sinusoidal timestep features as in the SD3 transformer's own time embedding.
         self.time_proj = Timesteps(num_channels=cond_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(cond_dim, cond_dim)
         self.text_embed = nn.Sequential(nn.Linear(pooled_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
-        self.heads = nn.ModuleList(DiscriminatorHead(feature_dim, hidden, cond_dim, num_layers) for _ in range(num_heads))
+        self.heads = nn.ModuleList(
+            DiscriminatorHead(feature_dim, hidden=hidden, cond_dim=cond_dim, num_layers=num_layers) for _ in range(num_heads)
+        )
 
     def forward(self, features: list[torch.Tensor], t_hat: torch.Tensor, pooled: torch.Tensor) -> list[torch.Tensor]:
         if len(features) != len(self.heads):

@@ -36,7 +36,9 @@ PREFIX = "transformer."
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base's key
 
 
-def lora_config(rank: int, alpha: float | None = None, targets: list[str] | None = None, mlp: bool = False, dropout: float = 0.0):
+def lora_config(
+    rank: int, *, alpha: float | None = None, targets: list[str] | None = None, mlp: bool = False, dropout: float = 0.0
+):
     """A peft LoraConfig for the SD3 transformer. `alpha` None means alpha = rank (scale 1).
     lora_B starts at zero (peft's default), so a fresh adapter leaves the model unchanged."""
 
@@ -52,7 +54,7 @@ def lora_config(rank: int, alpha: float | None = None, targets: list[str] | None
 
 def lora_config_from(settings):
     """The LoraConfig of a run's `dpo.lora` section (ladd_ds.config.LoRAConfig)."""
-    return lora_config(settings.rank, settings.alpha, settings.targets, settings.mlp, settings.dropout)
+    return lora_config(settings.rank, alpha=settings.alpha, targets=settings.targets, mlp=settings.mlp, dropout=settings.dropout)
 
 
 def add_lora(transformer: nn.Module, config, seed: int = 0) -> list[str]:

@@ -189,7 +189,7 @@ def task_config(spec: str, config: dict, task: str) -> tuple[dict, int]:
     """(the transformer config `task` needs, the input channels widening adds), or an error that
     names the model."""
     try:
-        return widened_config(config, task, spec)
+        return widened_config(config, task, source=spec)
     except ValueError as e:
         raise InputError(f"{e}: use a text-to-image model or one trained for {task!r}") from None
 

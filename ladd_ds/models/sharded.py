@@ -33,7 +33,6 @@ from ladd_ds.models.registry import transformer_from_config
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers.utils.constants.SAFETENSORS_WEIGHTS_NAME
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"  # diffusers' SAFE_WEIGHTS_INDEX_NAME
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_SHARD_SIZE = "5GB"  # huggingface_hub's default; diffusers' save_pretrained uses 10GB
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub's
@@ -56,12 +55,6 @@ def parse_size(text: str | int, key: str = "--shard-size") -> int:
 
 
 DEFAULT_SHARD_BYTES = 5 * _UNITS["GB"]
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise InputError(f"--dtype: must be one of {list(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def save_sharded_transformer(

@@ -45,7 +45,7 @@ CLIP_TOKENS = 77  # CLIP's context length: the first 77 tokens of SD3's prompt_e
 class SD3TextEncoder:
     """Encodes prompts with SD3's three encoders via the diffusers pipeline's encode_prompt."""
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, joint_dim: int, max_sequence_length: int = 256):
+    def __init__(self, pipe: StableDiffusion3Pipeline, *, joint_dim: int, max_sequence_length: int = 256):
         self.pipe = pipe
         self.joint_dim = joint_dim
         self.max_sequence_length = max_sequence_length  # T5 tokens (diffusers' max_sequence_length)
@@ -130,7 +130,7 @@ def load_sd3_text_encoders(
         text_encoder_3=None if drop_t5 else T5EncoderModel.from_pretrained(folder / "text_encoder_3", dtype=dtype),
         tokenizer_3=None if drop_t5 else T5TokenizerFast.from_pretrained(folder / "tokenizer_3"),
     )
-    return SD3TextEncoder(pipe, transformer_config["joint_attention_dim"], max_sequence_length)
+    return SD3TextEncoder(pipe, joint_dim=transformer_config["joint_attention_dim"], max_sequence_length=max_sequence_length)
 
 
 def _write_byte_level_vocab(folder: Path, specials: list[str]) -> dict[str, int]:
@@ -213,6 +213,7 @@ def _tiny_t5(folder: Path, d_model: int, seed: int):
 
 def build_tiny_text_encoders(
     transformer_preset: str = "tiny",
+    *,
     seed: int = 0,
     drop_t5: bool = False,
     max_sequence_length: int = 32,
@@ -245,10 +246,10 @@ def build_tiny_text_encoders(
         text_encoder_3=t5,
         tokenizer_3=tok_t5,
     )
-    return SD3TextEncoder(pipe, joint, max_sequence_length=max_sequence_length)
+    return SD3TextEncoder(pipe, joint_dim=joint, max_sequence_length=max_sequence_length)
 
 
-def text_encoders_from_spec(spec: str, model: str, drop_t5: bool, max_sequence_length: int, seed: int) -> SD3TextEncoder:
+def text_encoders_from_spec(spec: str, model: str, *, drop_t5: bool, max_sequence_length: int, seed: int) -> SD3TextEncoder:
     """`spec` "tiny": the tiny encoders of preset or folder `model` (seeded); else an SD3 folder's."""
     if spec == "tiny":
         return build_tiny_text_encoders(model, seed=seed, drop_t5=drop_t5, max_sequence_length=max_sequence_length)

@@ -31,7 +31,7 @@ def build_tiny_vae(latent_channels: int = 4, seed: int = 0) -> AutoencoderKL:
         ).eval()
 
 
-def load_vae(spec: str, latent_channels: int, seed: int = 0) -> AutoencoderKL:
+def load_vae(spec: str, latent_channels: int, *, seed: int = 0) -> AutoencoderKL:
     if spec == "tiny":
         return build_tiny_vae(latent_channels, seed)
     folder = Path(spec)

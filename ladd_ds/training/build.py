@@ -12,6 +12,7 @@ from torch import nn
 
 from ladd_ds.config import Config, ConfigError
 from ladd_ds.core.errors import InputError
+from ladd_ds.core.precision import dtype_of
 from ladd_ds.data.checks import DataPlan, check_stored_shapes, plan_mds_data
 from ladd_ds.data.loader import is_remote
 from ladd_ds.data.schema import LATENTS, Layout
@@ -32,7 +33,7 @@ from ladd_ds.training.placement import (
 )
 
 
-def engine_ds_config(cfg: Config, world: int, template_key: str, trainable: bool, stage: int | None = None) -> dict:
+def engine_ds_config(cfg: Config, world: int, template_key: str, trainable: bool, *, stage: int | None = None) -> dict:
     """One engine's DeepSpeed config: the JSON template at `deepspeed.<template_key>` with the
     run's batch sizes and precision (and gradient clipping for a trained engine); with `stage`,
     that ZeRO stage instead of the template's."""
@@ -79,7 +80,7 @@ def planned_device_bytes(cfg: Config) -> float:
 
 def training_dtype(cfg: Config) -> torch.dtype:
     """The dtype of deepspeed.precision: the one models are built in for their engines."""
-    return torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+    return dtype_of(cfg.deepspeed.precision, key="deepspeed.precision")
 
 
 def check_compile_stages(cfg: Config, configs: dict[str, dict | None]) -> None:
@@ -187,7 +188,7 @@ def place_engines(
     asked = {s.name: getattr(cfg.deepspeed, s.stage_key) for s in slots}
     templates = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable) for s in slots}
     if not plan_always and AUTO not in asked.values():
-        configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, asked[s.name]) for s in slots}
+        configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, stage=asked[s.name]) for s in slots}
         if any(has_auto_sizes(c) for c in configs.values()):
             configs = resolve_sizes(configs, meta_models())
         return configs, None
@@ -220,7 +221,7 @@ def place_engines(
     for s in slots:
         if asked[s.name] is None:
             placement.reasons[s.name] = f"the template's ({getattr(cfg.deepspeed, s.template_key)})"
-    configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, placement.stages[s.name]) for s in slots}
+    configs = {s.name: engine_ds_config(cfg, world, s.template_key, s.trainable, stage=placement.stages[s.name]) for s in slots}
     configs = resolve_sizes(configs, models)
     if not plan_always:
         for s in slots:

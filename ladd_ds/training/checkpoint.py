@@ -48,7 +48,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, engines: dict, rank_state: dict, trainer_state: dict, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, *, engines: dict, rank_state: dict, trainer_state: dict, keep_last: int) -> Path:
     """Collective: every rank must call it with the same step."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"

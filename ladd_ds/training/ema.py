@@ -111,4 +111,4 @@ def read_ema_range(states: list[dict], name: str, *, numel: int, start: int, sto
     full tensors."""
     shards = [s["shadow"][name] for s in states]
     offsets = [s["offset"][name] for s in states] if all("offset" in s for s in states) else None
-    return read_flat_range(shards, numel, start, stop, offsets)
+    return read_flat_range(shards, numel=numel, start=start, stop=stop, offsets=offsets)

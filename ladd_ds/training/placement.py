@@ -231,7 +231,7 @@ def master_step_temporaries(model: nn.Module) -> float:
     return float(max(sum(numels[i] for i in chunk) for chunk in chunks) * 4)
 
 
-def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -> EngineMemory:
+def engine_memory(engine: EngineNeeds, *, stage: int, world: int, precision: str) -> EngineMemory:
     """Bytes per rank of one engine at `stage` (the module docstring has the arithmetic)."""
     bf16 = precision == "bf16"
     weight_b = 2 if bf16 else 4
@@ -290,9 +290,9 @@ def engine_memory(engine: EngineNeeds, stage: int, world: int, precision: str) -
 
 
 def plan(
-    engines: list[EngineNeeds], stages: dict[str, int], world: int, precision: str, activations: float, device_bytes: float
+    engines: list[EngineNeeds], *, stages: dict[str, int], world: int, precision: str, activations: float, device_bytes: float
 ) -> Placement:
-    memory = {e.name: engine_memory(e, stages[e.name], world, precision) for e in engines}
+    memory = {e.name: engine_memory(e, stage=stages[e.name], world=world, precision=precision) for e in engines}
     params = {e.name: e.n_params for e in engines}
     return Placement(stages=dict(stages), memory=memory, activations=activations, device_bytes=device_bytes, params=params)
 
@@ -322,7 +322,9 @@ def choose_placement(
         timed = []
         for choice in itertools.product(*options):
             full = {**stages, **{e.name: s for e, s in zip(auto, choice)}}
-            need = plan(engines, full, world, precision, activations, device_bytes).total
+            need = plan(
+                engines, stages=full, world=world, precision=precision, activations=activations, device_bytes=device_bytes
+            ).total
             if need <= usable:
                 timed.append((step_time(full), need, full))
         if timed:
@@ -332,14 +334,18 @@ def choose_placement(
                     f"fastest of {len(timed)} placement(s) that fit: {seconds:.2f} s per step (communication plan), "
                     f"{need / GIB:.1f} of {usable / GIB:.1f} GiB"
                 )
-            placement = plan(engines, best, world, precision, activations, device_bytes)
+            placement = plan(
+                engines, stages=best, world=world, precision=precision, activations=activations, device_bytes=device_bytes
+            )
             placement.reasons = reasons
             return placement
 
     def total_with(candidate: dict[str, int]) -> float:
         # Engines not decided yet are counted at their smallest footprint (ZeRO-3).
         full = {e.name: candidate.get(e.name, stages.get(e.name, 3)) for e in engines}
-        return plan(engines, full, world, precision, activations, device_bytes).total
+        return plan(
+            engines, stages=full, world=world, precision=precision, activations=activations, device_bytes=device_bytes
+        ).total
 
     for e in trainable:
         if world == 1:
@@ -361,7 +367,7 @@ def choose_placement(
             stages[e.name], reasons[e.name] = 0, f"fits replicated ({need / GIB:.1f} of {usable / GIB:.1f} GiB)"
         else:
             stages[e.name], reasons[e.name] = 3, f"replicated the run needs {need / GIB:.1f} GiB > {usable / GIB:.1f} usable"
-    placement = plan(engines, stages, world, precision, activations, device_bytes)
+    placement = plan(engines, stages=stages, world=world, precision=precision, activations=activations, device_bytes=device_bytes)
     placement.reasons = reasons
     return placement
 

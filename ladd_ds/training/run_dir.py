@@ -69,7 +69,7 @@ def check_run_dir(run_dir: Path, method: str) -> None:
 def claim_run_dir(run_dir: str | Path, method: str) -> FileLock | None:
     """Collective: check `run_dir` for `method`, create it, take its lock and mark it (rank 0);
     returns the held lock on rank 0, None elsewhere."""
-    return claim_folder(run_dir, lambda d: check_run_dir(d, method), "run", method, "run directory")
+    return claim_folder(run_dir, lambda d: check_run_dir(d, method), kind="run", source=method, what="run directory")
 
 
 # ---------------------------------------------------------------------------------------------

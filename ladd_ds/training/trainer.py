@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ladd_ds.config import Config
 from ladd_ds.core.errors import LaddError
 from ladd_ds.core.host_memory import PeakIncrease, peak_rss_increase
+from ladd_ds.core.precision import dtype_of
 from ladd_ds.data.loader import batch_to_device, build_loader, iterate_forever
 from ladd_ds.data.writer import write_random_latents
 from ladd_ds.distributed import engines as ds
@@ -78,7 +79,7 @@ class Trainer:
 
     def _setup(self, cfg: Config, method: type[Method], allow_change: list[str] | None) -> None:
         self.cfg = cfg
-        self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        self.dtype = dtype_of(cfg.deepspeed.precision, key="deepspeed.precision")
         self.step = 0
         self._record_config(allow_change)
         # The log file from here on: a start refused before (another job's lock, a config change
@@ -255,7 +256,12 @@ class Trainer:
             **self.method.extra_state(),
         }
         return ckpt.save_checkpoint(
-            self.run_dir, self.step, self.method.trainable_engines(), rank_state, trainer_state, self.cfg.checkpoint.keep_last
+            self.run_dir,
+            self.step,
+            engines=self.method.trainable_engines(),
+            rank_state=rank_state,
+            trainer_state=trainer_state,
+            keep_last=self.cfg.checkpoint.keep_last,
         )
 
     # ------------------------------------------------------------------ loop

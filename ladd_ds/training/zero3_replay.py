@@ -180,7 +180,7 @@ def backward_actions(layout: EngineLayout, frozen: bool) -> list[Action]:
     span = {}  # checkpointed block -> the index range of its forward's events
     for end, (started, m) in enumerate(layout.events):
         if m in layout.checkpointed and not started:
-            span[m] = (first_start(layout.events, m, end), end)
+            span[m] = (first_start(layout.events, m=m, end=end), end)
     out: list[Action] = []
     for started, m in reversed(layout.events):
         if not needs[m]:
@@ -196,7 +196,7 @@ def backward_actions(layout: EngineLayout, frozen: bool) -> list[Action]:
     return out
 
 
-def first_start(events: Sequence[tuple[bool, int]], m: int, end: int) -> int:
+def first_start(events: Sequence[tuple[bool, int]], *, m: int, end: int) -> int:
     """Index of the start event that `events[end]` (the end of module m) closes."""
     depth = 0
     for i in range(end, -1, -1):
