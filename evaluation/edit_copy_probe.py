@@ -117,7 +117,7 @@ def main() -> None:
         bucket = digits.BUCKETS[step % len(digits.BUCKETS)]
         examples = tasks.edit_examples(64, "train", seed=99_000_000 + step, bucket=bucket, source=source, kinds=kinds)
         x0, condition, prompts = tasks.edit_batch(examples)
-        loss = flow_matching_loss(model, table, x0, condition, prompts, 0.1, gen, time_shift=args.time_shift)
+        loss = flow_matching_loss(model, table, x0, condition, prompts, caption_dropout=0.1, gen=gen, time_shift=args.time_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

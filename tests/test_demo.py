@@ -371,10 +371,10 @@ def test_a_ladd_stage_reuses_its_export_only_at_the_same_step_count(tmp_path):
     export = tmp_path / "edit" / "student"
     export.mkdir(parents=True)
     (export / "ladd_export.json").write_text(json.dumps({"step": 300}))
-    stage = (tmp_path / "edit", tmp_path / "data", tmp_path / "teacher", size)
-    assert ladd_stage(*stage, runner=runner) == export
+    stage = {"data": tmp_path / "data", "teacher": tmp_path / "teacher", "size": size}
+    assert ladd_stage(tmp_path / "edit", **stage, runner=runner) == export
     with pytest.raises(InputError, match="trained 300 LADD steps, this demo's stage trains 600: .*delete .*edit"):
-        ladd_stage(*stage, runner=runner, max_steps=600)
+        ladd_stage(tmp_path / "edit", **stage, runner=runner, max_steps=600)
 
 
 def test_timed_records_a_finished_block_under_its_final_key():

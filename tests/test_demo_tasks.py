@@ -177,7 +177,9 @@ def test_flow_matching_loss_shifts_the_training_times_towards_noise(shift):
         return torch.zeros_like(x[:, :12])
 
     x0 = torch.randn(64, 12, 4, 4)
-    flow_matching_loss(model, Table(), x0, None, ["a"] * 64, 0.1, torch.Generator().manual_seed(0), time_shift=shift)
+    flow_matching_loss(
+        model, Table(), x0, None, ["a"] * 64, caption_dropout=0.1, gen=torch.Generator().manual_seed(0), time_shift=shift
+    )
     gen = torch.Generator().manual_seed(0)
     torch.rand(64, generator=gen), torch.randn(x0.shape, generator=gen)  # the loss's draws before the times
     t = sample_logit_normal((64,), generator=gen)

@@ -20,10 +20,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "ladd_ds"
 SCALARS = {"int", "float", "str", "bool", "Path"}
 
-# The CPU demo's own helpers (ladd_ds/demo) are its pipeline's internals, not the package's API:
-# its user-facing entry is `ladd-ds demo`, whose arguments go through cli.py.
-EXCLUDED = {"demo"}
-
 # Parameter pairs whose order is the order of a tensor's dimensions everywhere (torch, PIL sizes
 # aside): swapping them is as visible as swapping the axes of a shape.
 NATURAL_PAIRS = {("height", "width"), ("h", "w")}
@@ -71,8 +67,6 @@ def violations(package: Path = PACKAGE) -> dict[str, list[tuple[str, str]]]:
     found = {}
     for path in sorted(package.rglob("*.py")):
         relative = path.relative_to(package).as_posix()
-        if relative.split("/")[0] in EXCLUDED:
-            continue
         for name, func, is_method in public_functions(ast.parse(path.read_text(), filename=str(path))):
             pairs = look_alike(func, is_method)
             if pairs:

@@ -102,7 +102,9 @@ def held_out_set(n: int, seed: int, bucket: tuple[int, int]) -> tuple[torch.Tens
     return torch.stack([s[0] for s in samples]), [s[1] for s in samples]
 
 
-def train_classifier(steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> tuple[DigitClassifier, dict]:
+def train_classifier(
+    steps: int = 1500, *, batch_size: int = 128, lr: float = 2e-3, seed: int = 0
+) -> tuple[DigitClassifier, dict]:
     """Train on fresh training-split samples each step; report held-out accuracy per bucket."""
     torch.manual_seed(seed)
     model = DigitClassifier()
@@ -140,13 +142,13 @@ def load_classifier(folder: Path) -> tuple[DigitClassifier, dict]:
     return model.eval(), json.loads((folder / INFO).read_text())
 
 
-def classifier_folder(cache_dir: str | Path, steps: int = 1500, seed: int = 0) -> Path:
+def classifier_folder(cache_dir: str | Path, *, steps: int = 1500, seed: int = 0) -> Path:
     return Path(cache_dir) / f"demo-classifier-s{steps}-seed{seed}"
 
 
-def cached_classifier(cache_dir: str | Path, steps: int = 1500, seed: int = 0) -> tuple[DigitClassifier, dict]:
+def cached_classifier(cache_dir: str | Path, *, steps: int = 1500, seed: int = 0) -> tuple[DigitClassifier, dict]:
     """The classifier from the cache, trained (and cached) first if absent."""
-    folder = classifier_folder(cache_dir, steps, seed)
+    folder = classifier_folder(cache_dir, steps=steps, seed=seed)
     if (folder / INFO).is_file():
         return load_classifier(folder)
     model, info = train_classifier(steps=steps, seed=seed)

@@ -146,6 +146,7 @@ def random_label(
 def make_samples(
     n: int,
     split: str,
+    *,
     seed: int,
     bucket: tuple[int, int] | None = None,
     source=None,
@@ -185,7 +186,7 @@ MASK_KINDS = ("region", "box")  # the digit's whole quadrant, or a box over part
 EDIT_KINDS = ("color", "place", "digit")
 
 
-def draw_position(place: str, size: int, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
+def draw_position(place: str, *, size: int, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
     """(top, left) of a `size` px digit drawn uniformly inside `place`'s quadrant (as `render`)."""
     top_half, left_half = place.startswith("top"), place.endswith("left")
     rows = (0, height // 2 - size) if top_half else (height // 2, height - size)
@@ -193,7 +194,7 @@ def draw_position(place: str, size: int, height: int, width: int, rng: np.random
     return int(rng.integers(rows[0], rows[1] + 1)), int(rng.integers(cols[0], cols[1] + 1))
 
 
-def move_position(top: int, left: int, place: str, new_place: str, height: int, width: int) -> tuple[int, int]:
+def move_position(top: int, left: int, *, place: str, new_place: str, height: int, width: int) -> tuple[int, int]:
     """(top, left) in `new_place`'s quadrant at the same offset from the quadrant's corner as
     (top, left) has in `place`'s: a move is a fixed shift by half the image per changed half."""
     rows = (height // 2) * (new_place.startswith("bottom") - place.startswith("bottom"))
@@ -201,7 +202,7 @@ def move_position(top: int, left: int, place: str, new_place: str, height: int, 
     return top + rows, left + cols
 
 
-def paint(digit: np.ndarray, color: str, top: int, left: int, height: int, width: int) -> torch.Tensor:
+def paint(digit: np.ndarray, color: str, *, top: int, left: int, height: int, width: int) -> torch.Tensor:
     """(3, height, width) image in [0, 1]: the 8x8 source digit at its own size, colored, with its
     top-left corner at (top, left) on a black canvas."""
     size = digit.shape[-1]

@@ -18,7 +18,7 @@ from ladd_ds.demo.stages import export, ladd_stage, load_teacher, make_data, mod
 DPO_MICRO_BATCH = 32  # pairs per DPO step
 
 
-def write_plain_prompts(path: Path, n: int, seed: int) -> Path:
+def write_plain_prompts(path: Path, *, n: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = [digits.random_label(rng, combinations="seen", open_place=OPEN_PLACE) for _ in range(n)]
@@ -27,7 +27,7 @@ def write_plain_prompts(path: Path, n: int, seed: int) -> Path:
 
 
 def dpo_recipe(
-    out: Path, teacher: Path, classifier: Path, size: DemoSize, evaluator, base_rows: list[dict], *, runner: Runner
+    out: Path, *, teacher: Path, classifier: Path, size: DemoSize, evaluator, base_rows: list[dict], runner: Runner
 ) -> list[dict]:
     """DPO-LoRA on the teacher -> LADD from the DPO'd teacher -> the LoRA on that student.
     Returns table rows: teacher without and with the LoRA, the main run's student, and the
@@ -37,7 +37,7 @@ def dpo_recipe(
     pairs, run_dir, merged = work / "pairs", work / "run", work / "export"
     common = model_args(teacher, size.precision)
     if not (pairs / "pairs.json").is_file():
-        prompts = write_plain_prompts(work / "pairs_prompts.txt", size.dpo_prompts, seed=13)
+        prompts = write_plain_prompts(work / "pairs_prompts.txt", n=size.dpo_prompts, seed=13)
         sets = [f"pairs.prompts={prompts}", f"pairs.scorer_args={{classifier: {classifier}}}"]
         runner(["pairs", *common, *set_args(sets), "--out", str(pairs)], work / "pairs.log")
     if not (merged / "ladd_dpo.json").is_file():
@@ -47,7 +47,7 @@ def dpo_recipe(
         runner(["dpo", *common, *set_args(sets)], work / "dpo.log")
         export(run_dir, merged, merge=True)
     data = make_data(work / "data" / "synthetic", merged, size, "synthetic", runner=runner)  # the DPO'd teacher's samples
-    student = ladd_stage(work / "ladd", data, merged, size, runner=runner)
+    student = ladd_stage(work / "ladd", data=data, teacher=merged, size=size, runner=runner)
     student_lora = work / "ladd" / "student_lora"
     if not (student_lora / "ladd_export.json").is_file():
         export(work / "ladd" / "run", student_lora, lora=str(merged / "lora"))

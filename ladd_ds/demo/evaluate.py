@@ -94,7 +94,7 @@ class RowResult:
 
 
 class DemoEvaluator:
-    def __init__(self, classifier: DigitClassifier, prompts: EvalPrompts, num_real: int, real_seed: int = 4321):
+    def __init__(self, classifier: DigitClassifier, prompts: EvalPrompts, *, num_real: int, real_seed: int = 4321):
         self.classifier = classifier.eval()
         self.prompts = prompts
         self.fd = FrechetInceptionDistance(feature=classifier, reset_real_features=False, normalize=True)
@@ -116,7 +116,9 @@ class DemoEvaluator:
             self.fd.update(batch, real=False)
         return float(self.fd.compute())
 
-    def evaluate(self, name: str, sm: SamplingModel, steps: int, cfg: float, seeds: list[int], batch_size: int = 64) -> RowResult:
+    def evaluate(
+        self, name: str, sm: SamplingModel, steps: int, cfg: float, seeds: list[int], *, batch_size: int = 64
+    ) -> RowResult:
         nfe = network_evaluations(sm.kind, steps, cfg)
         row = RowResult(name, sm.kind, steps, cfg, nfe, len(self.prompts.labels))
         for seed in seeds:

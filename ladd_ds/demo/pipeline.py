@@ -51,7 +51,16 @@ from ladd_ds.demo.t2i_eval import discriminator_separation, evaluate_models, tea
 
 
 def t2i_demo(
-    out: Path, cache: Path, s: DemoSize, teacher: Path, classifier, ablations, dpo: bool, timings: dict, *, runner: Runner
+    out: Path,
+    *,
+    cache: Path,
+    s: DemoSize,
+    teacher: Path,
+    classifier,
+    ablations,
+    dpo: bool,
+    timings: dict,
+    runner: Runner,
 ) -> dict:
     """The text-to-image demo after its teacher and classifier: synth, LADD, evaluation, grids,
     sampler sweep, and the optional ablations and DPO recipe; returns its results (eval.json keys)."""
@@ -63,11 +72,11 @@ def t2i_demo(
     with timed(timings, "synth"):
         data = make_data(out / "data" / "synthetic", teacher, s, "synthetic", runner=runner)
     with timed(timings, "LADD train + export" + (f" ({s.train_seeds} runs)" if s.train_seeds > 1 else "")):
-        student = ladd_stage(out / "main", data, teacher, s, runner=runner)
+        student = ladd_stage(out / "main", data=data, teacher=teacher, size=s, runner=runner)
         # Further training runs of the same setting (run.seed k), pooled into the student rows.
         students = [student]
         students += [
-            ladd_stage(out / f"main_seed{k}", data, teacher, s, runner=runner, sets=[f"run.seed={k}"])
+            ladd_stage(out / f"main_seed{k}", data=data, teacher=teacher, size=s, runner=runner, sets=[f"run.seed={k}"])
             for k in range(1, s.train_seeds)
         ]
 
@@ -80,7 +89,7 @@ def t2i_demo(
             classifier, EvalPrompts.draw(s.heldout_prompts, seed=2025, combinations="held_out"), num_real=s.num_real
         )
         heldout_rows = evaluate_models(teacher, students, s, heldout, [max(s.teacher_steps), 4], s.heldout_seeds)
-        grids = write_grids(out, teacher, student, s)
+        grids = write_grids(out, teacher=teacher, student=student, size=s)
     with timed(timings, "teacher sampler sweep"):
         sweep_rows = teacher_sampler_sweep(teacher, s, evaluator)
     warmup = load_config(DEMO_CONFIG).optim.warmup_steps
@@ -101,7 +110,9 @@ def t2i_demo(
                 kind = change.get("data", "synthetic")
                 ablation_data = make_data(out / "data" / kind, teacher, s, kind, runner=runner)
                 sets = [x.replace("LAST", str(last_block)) for x in change.get("set", [])]
-                export = ladd_stage(out / "ablations" / slug(name), ablation_data, teacher, s, runner=runner, sets=sets)
+                export = ladd_stage(
+                    out / "ablations" / slug(name), data=ablation_data, teacher=teacher, size=s, runner=runner, sets=sets
+                )
                 separation = discriminator_separation(export.parent / "run", warmup).get("separation")
                 for row in evaluate_models(teacher, [export], s, evaluator, teacher_steps=[]):
                     if row["steps"] in (1, 4):
@@ -110,8 +121,10 @@ def t2i_demo(
     dpo_rows = []
     if dpo:
         with timed(timings, "DPO recipe"):
-            classifier_dir = classifier_folder(cache, s.classifier_steps)
-            dpo_rows = dpo_recipe(out, teacher, classifier_dir, s, evaluator, rows, runner=runner)
+            classifier_dir = classifier_folder(cache, steps=s.classifier_steps)
+            dpo_rows = dpo_recipe(
+                out, teacher=teacher, classifier=classifier_dir, size=s, evaluator=evaluator, base_rows=rows, runner=runner
+            )
 
     return {
         "rows": rows,
@@ -130,6 +143,7 @@ def t2i_demo(
 
 def run_demo(
     out: str | Path,
+    *,
     cache: str | Path | None = None,
     size: str = "full",
     ablations: bool | list[str] = False,
@@ -181,7 +195,17 @@ def run_demo(
         "timings_s": timings,
     }
     if "t2i" in tasks:
-        results |= t2i_demo(out, cache, s, teacher, classifier, ablations, dpo, timings, runner=runner)
+        results |= t2i_demo(
+            out,
+            cache=cache,
+            s=s,
+            teacher=teacher,
+            classifier=classifier,
+            ablations=ablations,
+            dpo=dpo,
+            timings=timings,
+            runner=runner,
+        )
     if image_tasks:
         from ladd_ds.demo.evaluate import DemoEvaluator, EvalPrompts
         from ladd_ds.demo.task_pipeline import run_task

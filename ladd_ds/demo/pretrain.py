@@ -205,6 +205,7 @@ def flow_matching_loss(
     x0: torch.Tensor,
     condition: torch.Tensor | None,
     prompts: list[str],
+    *,
     caption_dropout: float,
     gen: torch.Generator,
     time_shift: float = 1.0,
@@ -264,7 +265,9 @@ def pretrain_teacher(
     bar = tqdm(range(s.steps), desc="pretrain teacher", unit="step", dynamic_ncols=True)
     for step in bar:
         x0, condition, prompts = training_batch(s, step, source)  # (B, 12, H/2, W/2), (B, extra, ...) or None
-        loss = flow_matching_loss(model, table, x0, condition, prompts, s.caption_dropout, gen, s.time_shift)
+        loss = flow_matching_loss(
+            model, table, x0, condition, prompts, caption_dropout=s.caption_dropout, gen=gen, time_shift=s.time_shift
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

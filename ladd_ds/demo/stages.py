@@ -41,7 +41,7 @@ def export(run_dir: Path, out: Path, **options) -> Path:
     return export_run(run_dir, out, **options)
 
 
-def write_prompt_file(path: Path, n: int, seed: int) -> Path:
+def write_prompt_file(path: Path, *, n: int, seed: int) -> Path:
     """JSONL prompts with a bucket each (half per bucket) and labels drawn uniformly from the
     combinations that are not held out (digits.HELD_OUT_COMBINATIONS)."""
     rng = np.random.default_rng(seed)
@@ -55,7 +55,7 @@ def write_prompt_file(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def write_real_images(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
+def write_real_images(folder: Path, *, n: int, seed: int) -> tuple[Path, Path]:
     """Rendered training-split images and captions, for `ladd-ds encode` (the real-data ablation)."""
     from PIL import Image
 
@@ -84,23 +84,23 @@ def make_data(data: Path, teacher: Path, size: DemoSize, kind: str, *, runner: R
     data.parent.mkdir(parents=True, exist_ok=True)
     common = model_args(teacher, size.precision)
     if kind == "real":
-        images, captions = write_real_images(data.with_name(data.name + "_images"), size.synth_prompts, seed=7)
+        images, captions = write_real_images(data.with_name(data.name + "_images"), n=size.synth_prompts, seed=7)
         runner(
             ["encode", *common, "--images", str(images), "--captions", str(captions), "--out", str(data)],
             data.with_suffix(".log"),
         )
     else:
-        prompts = write_prompt_file(data.with_name(data.name + "_prompts.jsonl"), size.synth_prompts, seed=11)
+        prompts = write_prompt_file(data.with_name(data.name + "_prompts.jsonl"), n=size.synth_prompts, seed=11)
         runner(["synth", *common, "--prompts", str(prompts), "--out", str(data)], data.with_suffix(".log"))
     return data
 
 
 def ladd_stage(
     work: Path,
+    *,
     data: Path,
     teacher: Path,
     size: DemoSize,
-    *,
     runner: Runner,
     max_steps: int | None = None,
     sets: list[str] | tuple[str, ...] = (),

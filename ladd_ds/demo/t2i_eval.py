@@ -92,7 +92,7 @@ def discriminator_separation(run_dir: Path, after_step: int) -> dict:
     }
 
 
-def write_grids(out: Path, teacher: Path, student: Path, size: DemoSize) -> list[Path]:
+def write_grids(out: Path, *, teacher: Path, student: Path, size: DemoSize) -> list[Path]:
     """One PNG per configuration: a row per prompt, one column per seed."""
     from ladd_ds.core.noise import derive_seed
     from ladd_ds.sampling import generate, load_sampling_model, save_samples

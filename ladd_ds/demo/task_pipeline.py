@@ -57,7 +57,7 @@ def _save_png(path: Path, image: torch.Tensor) -> str:
     return path.name
 
 
-def write_condition_file(folder: Path, task: str, n: int, seed: int) -> Path:
+def write_condition_file(folder: Path, task: str, *, n: int, seed: int) -> Path:
     """`ladd-ds synth --task` input from training-split digits: PNG images (and masks, white =
     fill in) in `folder` and `folder`.jsonl with a line {"prompt", "image"[, "mask"]} each, half
     per bucket. Written once (kept when complete)."""
@@ -116,7 +116,7 @@ class TaskEvaluator:
     FD against held-out real images (inpainting: of the results pasted back into the kept area),
     and tasks.inpaint_metrics / tasks.edit_metrics."""
 
-    def __init__(self, task: str, classifier, n: int, num_real: int, frechet: Callable[[list[torch.Tensor]], float]):
+    def __init__(self, task: str, classifier, *, n: int, num_real: int, frechet: Callable[[list[torch.Tensor]], float]):
         self.task, self.classifier, self.frechet = task, classifier.eval(), frechet
         make = tasks.TASK_BATCHES[task][0]
         source = digits.load_source_digits("heldout")
@@ -251,7 +251,7 @@ def run_task(out: Path, task: str, cache: Path, size: DemoSize, classifier, frec
         data = work / "data"
         check_stage_teacher(data, teacher)
         if not (data / "manifest.json").is_file():
-            conditions = write_condition_file(work / "conditions", task, size.synth_prompts, SYNTH_SEED)
+            conditions = write_condition_file(work / "conditions", task, n=size.synth_prompts, seed=SYNTH_SEED)
             args = ["synth", "--task", task, *model_args(teacher, size.precision), "--prompts", str(conditions)]
             runner([*args, "--out", str(data)], work / "synth.log")
 
@@ -260,12 +260,12 @@ def run_task(out: Path, task: str, cache: Path, size: DemoSize, classifier, frec
         if task == "edit":
             sets.append("logging.sample_prompts=[" + ", ".join(EDIT_PREVIEW_PROMPTS) + "]")
         max_steps = size.task_train_steps.get(task, size.train_steps)
-        student = ladd_stage(work, data, teacher, size, runner=runner, max_steps=max_steps, sets=sets)
+        student = ladd_stage(work, data=data, teacher=teacher, size=size, runner=runner, max_steps=max_steps, sets=sets)
 
     with timed(timings, "evaluation"):
         from ladd_ds.sampling import load_sampling_model
 
-        evaluator = TaskEvaluator(task, classifier, size.eval_prompts, size.num_real, frechet)
+        evaluator = TaskEvaluator(task, classifier, n=size.eval_prompts, num_real=size.num_real, frechet=frechet)
         tm, cfg = load_teacher(teacher, size), teacher_sampler()[1]
         rows = []
         for steps in TEACHER_STEPS:

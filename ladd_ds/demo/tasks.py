@@ -83,9 +83,9 @@ def inpaint_examples(
     out = []
     for _ in range(n):
         glyph, label, (h, w) = _draw(rng, images, targets, bucket)
-        top, left = digits.draw_position(label.place, glyph.shape[-1], h, w, rng)
+        top, left = digits.draw_position(label.place, size=glyph.shape[-1], height=h, width=w, rng=rng)
         kind = kinds[int(rng.integers(len(kinds)))]
-        image = digits.paint(glyph, label.color, top, left, h, w)
+        image = digits.paint(glyph, label.color, top=top, left=left, height=h, width=w)
         if kind == "region":
             mask = digits.quadrant_mask(label.place, h, w)
         else:
@@ -112,7 +112,7 @@ def edit_examples(
     out = []
     for _ in range(n):
         glyph, label, (h, w) = _draw(rng, images, targets, bucket)
-        top, left = digits.draw_position(label.place, glyph.shape[-1], h, w, rng)
+        top, left = digits.draw_position(label.place, size=glyph.shape[-1], height=h, width=w, rng=rng)
         kind = kinds[int(rng.integers(len(kinds)))]
         new_glyph, new_top, new_left = glyph, top, left
         if kind == "color":
@@ -121,13 +121,13 @@ def edit_examples(
         elif kind == "place":
             places = [p for p in digits.PLACES if p != label.place]
             new = digits.DigitLabel(label.digit, label.color, places[int(rng.integers(len(places)))])
-            new_top, new_left = digits.move_position(top, left, label.place, new.place, h, w)
+            new_top, new_left = digits.move_position(top, left, place=label.place, new_place=new.place, height=h, width=w)
         else:
             others = [d for d in range(10) if d != label.digit]
             new = digits.DigitLabel(others[int(rng.integers(len(others)))], label.color, label.place)
             new_glyph = images[int(rng.choice(by_digit[new.digit]))]
-        src = digits.paint(glyph, label.color, top, left, h, w) * 2.0 - 1.0
-        tgt = digits.paint(new_glyph, new.color, new_top, new_left, h, w) * 2.0 - 1.0
+        src = digits.paint(glyph, label.color, top=top, left=left, height=h, width=w) * 2.0 - 1.0
+        tgt = digits.paint(new_glyph, new.color, top=new_top, left=new_left, height=h, width=w) * 2.0 - 1.0
         out.append(EditExample(src, digits.edit_instruction(kind, new), tgt, label, new, kind))
     return out
 
