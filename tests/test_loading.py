@@ -117,7 +117,7 @@ try:
 except OSError:
     pass
 if path == "new":  # what a ZeRO-2 (or replicated) engine is given in a bf16 run
-    model = build_flow_model(folder, 0, ds_config={"zero_optimization": {"stage": 2}}, dtype=torch.bfloat16).transformer
+    model = build_flow_model(folder, seed=0, ds_config={"zero_optimization": {"stage": 2}}, dtype=torch.bfloat16).transformer
 else:  # before: from_pretrained in fp32, cast by the bf16 engine on the host
     model = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch.float32).bfloat16()
 assert model.dtype == torch.bfloat16 and model.device.type == "cpu"

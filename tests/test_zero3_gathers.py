@@ -70,8 +70,6 @@ def test_zero3_steps_do_not_drain_the_device_and_leaf_blocks_train_the_same(tmp_
             assert len(steps) == 3
             assert [device_syncs.drains(c) for c in steps] == [0, 0, 0], (name, steps)
             assert all(c.get("host waits on side stream", 0) > 0 for c in steps)  # it did gather
-    waits = {name: runs[name][0][-1]["host waits on side stream"] for name in runs}
-    assert waits["leaf blocks"] < waits["per-submodule"]
     plain, leaf = read_metrics(tmp_path / "per-submodule"), read_metrics(tmp_path / "leaf blocks")
     for key in ("loss/generator", "loss/distill", "loss/discriminator"):
         assert [r[key] for r in leaf] == pytest.approx([r[key] for r in plain], rel=1e-6, abs=1e-7), key
