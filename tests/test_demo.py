@@ -65,7 +65,8 @@ def test_stage_subprocess_failure_names_the_stage_and_shows_the_log(tmp_path):
 
 def test_demo_produces_every_stage_output(demo):
     run = demo / "run"
-    assert (run / "data" / "synthetic" / "manifest.json").is_file()
+    manifest = json.loads((run / "data" / "synthetic" / "manifest.json").read_text())
+    assert manifest["synth"]["num_steps"] == SIZES["test"].synth_steps  # the size's sampler steps reached synth
     assert list((run / "main" / "run" / "checkpoints").glob("step-*"))
     assert (run / "main" / "student" / "ladd_export.json").is_file()
     assert (run / "report.md").is_file() and (run / "fd_vs_steps.png").stat().st_size > 0
@@ -86,7 +87,7 @@ def test_report_numbers_come_from_the_evaluation(demo):
     run = demo / "run"
     results = json.loads((run / "eval.json").read_text())
     for row in results["rows"]:
-        assert row["finite"] and row["seeds"] == 3 and row["num_images"] == results["size"]["eval_prompts"]
+        assert row["finite"] and row["seeds"] == len(SIZES["test"].seeds) and row["num_images"] == results["size"]["eval_prompts"]
         assert row["runs"] == (2 if row["kind"] == "student" else 1)
         assert row["nfe"] == row["steps"] * (2 if row["kind"] == "teacher" else 1)  # CFG doubles
         assert 0.0 <= row["alignment"] <= 1.0 and row["fd"] >= 0.0 and math.isfinite(row["ms_per_image"])
@@ -210,6 +211,7 @@ def test_dpo_recipe_runs_every_stage_and_reports(bf16_demo):
     run = bf16_demo
     pairs = json.loads((run / "dpo" / "pairs" / "pairs.json").read_text())
     assert pairs["pairs"] + pairs["skipped"] == SIZES["test"].dpo_prompts and pairs["mean_score_gap"] > 0
+    assert pairs["steps"] == SIZES["test"].synth_steps
     assert (run / "dpo" / "export" / "lora" / "adapter_config.json").is_file()
     assert (run / "dpo" / "export" / "transformer" / "config.json").is_file()  # the merged teacher
     lora_export = json.loads((run / "dpo" / "ladd" / "student_lora" / "ladd_export.json").read_text())
@@ -296,7 +298,7 @@ def test_task_tables_come_from_the_evaluation(demo, task):
     top = max(SIZES["test"].teacher_steps)
     assert [(r["kind"], r["steps"]) for r in rows] == [("teacher", top), ("teacher", 4)] + [("student", s) for s in STUDENT_STEPS]
     for r in rows:
-        assert r["seeds"] == 3 and r["num_images"] == SIZES["test"].eval_prompts
+        assert r["seeds"] == len(SIZES["test"].seeds) and r["num_images"] == SIZES["test"].eval_prompts
         assert r["nfe"] == r["steps"] * (2 if r["kind"] == "teacher" else 1)
         values = [r["fd"], r["ms_per_image"], *(r[key] for key, _, _ in MEASURES[task])]
         assert all(math.isfinite(v) for v in values)
@@ -321,6 +323,7 @@ def test_task_tables_come_from_the_evaluation(demo, task):
     # The stages ran what a user runs: data of the task's layout, LADD with ladd.task, an export of the task.
     bucket = next(p for p in (run / task / "data").iterdir() if (p / "index.json").is_file())
     assert set(TASK_LAYOUTS[task].required) <= set(validate_mds_dir(bucket, TASK_LAYOUTS[task])["columns"])
+    assert json.loads((run / task / "data" / "manifest.json").read_text())["synth"]["num_steps"] == SIZES["test"].synth_steps
     assert f"task: {task}" in (run / task / "run" / "config.yaml").read_text()
     assert json.loads((run / task / "student" / "ladd_export.json").read_text())["sampling"]["task"] == task
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -13,7 +13,7 @@ import numpy as np
 from ladd_ds.demo import digits
 from ladd_ds.demo.presets import OPEN_PLACE, DemoSize, teacher_sampler
 from ladd_ds.demo.runner import Runner
-from ladd_ds.demo.stages import export, ladd_stage, load_teacher, make_data, model_args, set_args
+from ladd_ds.demo.stages import export, ladd_stage, load_teacher, make_data, model_args, sampler_args, set_args
 
 DPO_MICRO_BATCH = 32  # pairs per DPO step
 
@@ -39,7 +39,7 @@ def dpo_recipe(
     if not (pairs / "pairs.json").is_file():
         prompts = write_plain_prompts(work / "pairs_prompts.txt", n=size.dpo_prompts, seed=13)
         sets = [f"pairs.prompts={prompts}", f"pairs.scorer_args={{classifier: {classifier}}}"]
-        runner(["pairs", *common, *set_args(sets), "--out", str(pairs)], work / "pairs.log")
+        runner(["pairs", *common, *sampler_args(size), *set_args(sets), "--out", str(pairs)], work / "pairs.log")
     if not (merged / "ladd_dpo.json").is_file():
         num_pairs = json.loads((pairs / "pairs.json").read_text())["pairs"]
         sets = [f"data.path={pairs}", f"run.run_dir={run_dir}", f"run.max_steps={size.dpo_steps}"]

@@ -29,6 +29,14 @@ def model_args(teacher: Path, precision: str) -> list[str]:
     return ["--config", str(DEMO_CONFIG), *set_args(sets)]
 
 
+def sampler_args(size: DemoSize) -> list[str]:
+    """The --set arguments of a synth or pairs command for the size's teacher sampler steps
+    (none where the size keeps configs/demo.yaml's)."""
+    if size.synth_steps is None:
+        return []
+    return set_args([f"synth.num_steps={size.synth_steps}", f"pairs.steps={size.synth_steps}"])
+
+
 def export(run_dir: Path, out: Path, **options) -> Path:
     """`ladd-ds export --run RUN_DIR --out OUT [options]`, in this process: unlike the training and
     generating stages it starts no distributed job and leaves no state behind (it reads the
@@ -91,7 +99,8 @@ def make_data(data: Path, teacher: Path, size: DemoSize, kind: str, *, runner: R
         )
     else:
         prompts = write_prompt_file(data.with_name(data.name + "_prompts.jsonl"), n=size.synth_prompts, seed=11)
-        runner(["synth", *common, "--prompts", str(prompts), "--out", str(data)], data.with_suffix(".log"))
+        args = ["synth", *common, *sampler_args(size), "--prompts", str(prompts), "--out", str(data)]
+        runner(args, data.with_suffix(".log"))
     return data
 
 

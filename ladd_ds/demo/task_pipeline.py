@@ -29,7 +29,7 @@ from ladd_ds.demo import digits, tasks
 from ladd_ds.demo.presets import DemoSize, teacher_sampler, teacher_settings
 from ladd_ds.demo.pretrain import cached_teacher, task_settings
 from ladd_ds.demo.runner import Runner
-from ladd_ds.demo.stages import ladd_stage, load_teacher, model_args
+from ladd_ds.demo.stages import ladd_stage, load_teacher, model_args, sampler_args
 
 TEACHER_STEPS = (50, 4)  # the teacher rows (the first is the reference)
 STUDENT_STEPS = (1, 4)
@@ -252,7 +252,8 @@ def run_task(out: Path, task: str, cache: Path, size: DemoSize, classifier, frec
         check_stage_teacher(data, teacher)
         if not (data / "manifest.json").is_file():
             conditions = write_condition_file(work / "conditions", task, n=size.synth_prompts, seed=SYNTH_SEED)
-            args = ["synth", "--task", task, *model_args(teacher, size.precision), "--prompts", str(conditions)]
+            args = ["synth", "--task", task, *model_args(teacher, size.precision), *sampler_args(size)]
+            args += ["--prompts", str(conditions)]
             runner([*args, "--out", str(data)], work / "synth.log")
 
     with timed(timings, "LADD train + export"):
