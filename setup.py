@@ -27,6 +27,9 @@ setup(
         "ninja",  # DeepSpeed JIT-compiles its CPU comm op
         "peft",
         "torchmetrics",
+        # FID's Inception-v3 for `ladd-ds evaluate` (torchmetrics runs it); 0.4.0 installs a top-level
+        # `tests` package that hides this repository's tests/ from `import tests.conftest`.
+        "torch-fidelity>=0.3,<0.4",
         "scikit-learn",  # the demo's data: its bundled 8x8 digits
         "pillow",
         "matplotlib",  # the demo report's FD-vs-steps plot

@@ -299,6 +299,87 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="sample models at several step counts on a prompt set: FD, KID, CLIP score, cost (also under deepspeed)"
+    )
+    p.add_argument("--model", action="append", default=[], help="ladd-ds export or diffusers SD3 folder (repeatable)")
+    p.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with 'prompt' [, 'bucket', 'seed']")
+    p.add_argument("--steps", default="1,2,4", help="step counts of every --model (default 1,2,4)")
+    p.add_argument("--teacher", default=None, help="a teacher folder, sampled with CFG at --teacher-steps")
+    p.add_argument("--teacher-steps", default=None, help="the teacher's step counts (default 28)")
+    p.add_argument("--cfg", type=float, default=4.0, help="guidance scale of teachers (default 4; students have none)")
+    p.add_argument("--reference", default=None, help="FD/KID reference: a folder of images")
+    p.add_argument(
+        "--reference-model",
+        default=None,
+        help="FD/KID reference: this model's samples of the same prompts under other seeds (default: the --teacher's)",
+    )
+    p.add_argument(
+        "--reference-steps", type=int, default=None, help="the reference model's steps (default: the largest teacher steps)"
+    )
+    p.add_argument(
+        "--features",
+        default=None,
+        help="FD/KID features: FID Inception-v3 weights file, or an image-encoder folder (DINOv2, CLIP)",
+    )
+    p.add_argument("--clip", default=None, help="CLIP folder for the CLIP score")
+    p.add_argument("--metrics", default=None, help="comma-separated: fd, kid, clip, cost (default: every one its inputs allow)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="HxW,... : every prompt at every size (default: each prompt's JSONL bucket or the model's size)",
+    )
+    p.add_argument("--per-prompt", type=int, default=1, help="images per prompt and size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="transformer and text encoders dtype (default bf16)")
+    p.add_argument("--batch-size", type=int, default=8, help="images sampled at once per rank")
+    p.add_argument("--grid-prompts", type=int, default=4, help="prompts shown side by side in grid_<bucket>.png")
+    p.add_argument("--out", required=True, help="output folder: report.md, results.json, plots/, grids, cells/")
+    _overwrite_arg(p, "an evaluation of other settings")
+
+
+def _int_list(value: str | None, flag: str) -> list[int]:
+    if value is None:
+        return []
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{flag} {value}: expected comma-separated integers, e.g. 1,2,4") from None
+
+
+def cmd_evaluate(args) -> int:
+    from ladd_ds.quality.evaluate import Options
+    from ladd_ds.quality.run import run_evaluate
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: must be >= 1")
+    options = Options(
+        models=args.model,
+        prompts=args.prompts,
+        out=args.out,
+        steps=_int_list(args.steps, "--steps"),
+        teacher=args.teacher,
+        teacher_steps=_int_list(args.teacher_steps, "--teacher-steps"),
+        cfg=args.cfg,
+        reference=args.reference,
+        reference_model=args.reference_model,
+        reference_steps=args.reference_steps,
+        features=args.features,
+        clip=args.clip,
+        metrics=None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()],
+        sizes=None if args.sizes is None else [s.strip() for s in args.sizes.split(",") if s.strip()],
+        per_prompt=args.per_prompt,
+        seed=args.seed,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        grid_prompts=args.grid_prompts,
+        overwrite=args.overwrite,
+    )
+    run_evaluate(options)
+    return 0
+
+
 def _pairs_parser(sub) -> None:
     p = sub.add_parser("pairs", help="preference pairs for DPO: sample K images per prompt and rank them, or import a set")
     _config_args(p)
@@ -421,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     _synth_parser(sub)
     _encode_parser(sub)
     _sample_parser(sub)
+    _evaluate_parser(sub)
     _pairs_parser(sub)
     _pretrain_parser(sub)
     _demo_parser(sub)
@@ -434,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "synth": cmd_synth,
         "encode": cmd_encode,
         "sample": cmd_sample,
+        "evaluate": cmd_evaluate,
         "pairs": cmd_pairs,
         "pretrain-teacher": cmd_pretrain,
         "demo": cmd_demo,

@@ -14,7 +14,7 @@ LAYERS = [
     ["ladd_ds.config"],
     ["ladd_ds.data"],
     ["ladd_ds.sampling"],
-    ["ladd_ds.generate"],
+    ["ladd_ds.generate", "ladd_ds.quality"],
     ["ladd_ds.training"],
     ["ladd_ds.ladd", "ladd_ds.dpo"],
     ["ladd_ds.export", "ladd_ds.methods"],

@@ -44,6 +44,7 @@ DESCRIPTIONS = {
     "run": "a run directory (ladd-ds train or dpo)",
     "demo": "a demo output (ladd-ds demo)",
     "classifier": "the demo's classifier",
+    "evaluation": "an evaluation (ladd-ds evaluate)",
 }
 
 

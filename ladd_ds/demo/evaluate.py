@@ -1,8 +1,8 @@
 """Evaluation of generated demo images: Fréchet distance, prompt alignment, sampling cost.
 
-- FD: torchmetrics' FrechetInceptionDistance with the demo classifier's penultimate features
-  (ladd_ds.demo.classifier) as the feature extractor, against rendered images of *held-out*
-  source digits (never seen by the teacher, the classifier or LADD).
+- FD: `ladd-ds evaluate`'s Fréchet distance (ladd_ds.quality.metrics, torchmetrics' formula) in
+  the feature space of the demo classifier's penultimate layer (ladd_ds.demo.classifier), against
+  rendered images of *held-out* source digits (never seen by the teacher, the classifier or LADD).
 - Alignment (the CLIP-score stand-in): the fraction of images whose digit, color and place the
   classifier reads as the prompt asked; per-attribute accuracies are kept too.
 - Cost: transformer evaluations per image and wall time per image (sampling + decoding, batched).
@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ladd_ds.core.noise import derive_seed
 from ladd_ds.demo import digits
 from ladd_ds.demo.classifier import DigitClassifier, accuracy
+from ladd_ds.quality.features import ModuleFeatures
+from ladd_ds.quality.metrics import frechet_distance
 from ladd_ds.sampling import SamplingModel, generate, network_evaluations
 
 
@@ -97,24 +98,23 @@ class DemoEvaluator:
     def __init__(self, classifier: DigitClassifier, prompts: EvalPrompts, *, num_real: int, real_seed: int = 4321):
         self.classifier = classifier.eval()
         self.prompts = prompts
-        self.fd = FrechetInceptionDistance(feature=classifier, reset_real_features=False, normalize=True)
+        self.features = ModuleFeatures(
+            classifier, name="the demo classifier's penultimate layer", num_features=classifier.num_features
+        )
         # Real reference: held-out source digits, labels drawn like the prompts (from the same
-        # combinations), both buckets.
+        # combinations), both buckets; one feature batch per bucket.
         per_bucket = num_real // len(digits.BUCKETS)
-        with torch.no_grad():
-            for k, bucket in enumerate(digits.BUCKETS):
-                real = digits.make_samples(
-                    per_bucket, "heldout", seed=real_seed + k, bucket=bucket, combinations=prompts.combinations
-                )
-                self.fd.update(torch.stack([r[0] for r in real]), real=True)
+        self.real = []
+        for k, bucket in enumerate(digits.BUCKETS):
+            real = digits.make_samples(
+                per_bucket, "heldout", seed=real_seed + k, bucket=bucket, combinations=prompts.combinations
+            )
+            self.real.append(self.features(torch.stack([r[0] for r in real])))
         self.num_real = per_bucket * len(digits.BUCKETS)
 
-    @torch.no_grad()
     def frechet_distance(self, images: list[torch.Tensor]) -> float:
-        self.fd.reset()  # keeps the real statistics (reset_real_features=False)
-        for batch in images:
-            self.fd.update(batch, real=False)
-        return float(self.fd.compute())
+        """FD of generated image batches (one per bucket) against the held-out renders."""
+        return frechet_distance(self.real, [self.features(batch) for batch in images])
 
     def evaluate(
         self, name: str, sm: SamplingModel, steps: int, cfg: float, seeds: list[int], *, batch_size: int = 64

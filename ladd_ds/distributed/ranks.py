@@ -98,6 +98,21 @@ def first_of_ranks(value):
     return next((v for v in values if v is not None), None)
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (n_r, ...) of a CPU tensor, concatenated in rank order, on every rank
+    (ranks may hold different counts, zero included)."""
+    if not is_initialized() or world_size() == 1:
+        return t
+    counts = [None] * world_size()
+    dist.all_gather_object(counts, len(t))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: len(t)] = t.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n].cpu() for p, n in zip(parts, counts)])
+
+
 def broadcast_object(value):
     """Rank 0's `value` on every rank (any picklable object); the value itself in a world of one."""
     if not is_initialized() or world_size() == 1:
