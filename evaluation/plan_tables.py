@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ladd_ds.config import load_config
 from ladd_ds.distributed.zero_sizes import block_params, resolve_zero3_sizes
-from ladd_ds.ladd.build import ENGINES, build_models, ladd_zero3_window, place_ladd_engines
+from ladd_ds.ladd.build import ENGINES, as_engines_hold, build_models, ladd_zero3_window, place_ladd_engines
 from ladd_ds.training.build import engine_ds_config
 from ladd_ds.training.placement import GIB, USABLE_FRACTION
 
@@ -73,6 +73,7 @@ def live_rows() -> list[str]:
         cfg = load_config(config, [f"deepspeed.device_memory_gib={DEVICE_GIB}"])
         teacher, student, heads, _ = build_models(cfg, device="meta")
         models = {"teacher": teacher, "student": student, "heads": heads}
+        as_engines_hold(cfg, models)  # as the plan's (rows): the same traces serve both tables
         window = ladd_zero3_window(cfg, world)
         for slot in (s for s in ENGINES if s.name != "heads"):
             template = engine_ds_config(cfg, world, slot.template_key, slot.trainable, stage=3)

@@ -47,8 +47,10 @@ def rows() -> list[str]:
     cfg = load_config(CONFIG, [f"deepspeed.device_memory_gib={DEVICE_GIB}", *INTERCONNECT])
     teacher, student, heads, _ = build_models(cfg, device="meta")
     models = {"teacher": teacher, "student": student, "heads": heads}
-    layouts = ladd_layouts(cfg, _configs(cfg, models, 8, {"student": 3, "heads": 2, "teacher": 3}, 1), models)
+    # First: the count leaves the models as the engines hold them (training precision, teacher
+    # frozen), and the traces below are then the ones the ZeRO-3 windows reuse (ladd_layouts).
     activations = step_activations(cfg, models).peak
+    layouts = ladd_layouts(cfg, _configs(cfg, models, 8, {"student": 3, "heads": 2, "teacher": 3}, 1), models)
     out = [
         "| GPUs | placement | GiB per GPU | compute s | communication s | exposed s | step s | efficiency |",
         "|---|---|---|---|---|---|---|---|",

@@ -4,6 +4,7 @@ the --dry-run report."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import types
 from collections.abc import Callable
@@ -116,15 +117,21 @@ class _MetaEngine:
         return self.module(*args, **kwargs)
 
 
+def as_engines_hold(cfg: Config, models: dict) -> None:
+    """The meta models as the engines hold theirs: in the training precision, the teacher frozen
+    (ladd/engines.py build_engines)."""
+    for model in models.values():
+        model.to(training_dtype(cfg))
+    models["teacher"].requires_grad_(False)
+
+
 def meta_step(cfg: Config, models: dict):
     """The method's steps on the meta models (teacher frozen, all in the training precision) and a
     meta micro-batch and noise of the planned shapes: (steps, batch, noise, shapes note)."""
 
     teacher, student, heads = models["teacher"], models["student"], models["heads"]
     dtype = training_dtype(cfg)
-    for model in (teacher, student, heads):
-        model.to(dtype)
-    teacher.requires_grad_(False)  # as the engines freeze it (ladd/engines.py build_engines)
+    as_engines_hold(cfg, models)
     tc = teacher.transformer.config
     h, w, text, note = planned_shapes(cfg, tc)
     b, ch = cfg.data.micro_batch_size, latent_channels(tc)
@@ -200,12 +207,19 @@ def checkpoint_name(model: FlowModel) -> str:
 
 
 def ladd_layouts(
-    cfg: Config, configs: dict[str, dict], models: dict, *, flops: bool = True
+    cfg: Config,
+    configs: dict[str, dict],
+    models: dict,
+    *,
+    flops: bool = True,
+    engines: tuple[str, ...] = ("student", "teacher", "heads"),
 ) -> dict[str, zero3_replay.EngineLayout]:
     """Each model's module order and FLOPs for the communication plan: one forward of each on
     meta tensors of the planned shapes (the teacher frozen, its input requiring grad as the fakes
     do; the heads on the teacher's features). FLOPs only with deepspeed.interconnect: without
-    one nothing is timed."""
+    one nothing is timed. `engines`: the layouts wanted (the heads' needs the teacher's forward
+    for its inputs). A process traces each model once for everything its trace depends on
+    (_traced_layout)."""
     teacher, student = models["teacher"], models["student"]
     taps = resolve_taps(cfg.discriminator.taps, teacher.num_blocks)
     tc = teacher.transformer.config
@@ -224,14 +238,23 @@ def ladd_layouts(
     flags = {m: m.transformer.gradient_checkpointing for m in (teacher, student)}
     for m in flags:
         m.transformer.gradient_checkpointing = False
+    # The teacher is traced frozen (the engines freeze it); frozen for the whole call so that its
+    # part of the memo keys does not depend on whether the caller froze it already.
+    frozen = [p for p in teacher.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     try:
-        return _trace_ladd_models(cfg, configs, models, taps, (x, t, embeds, pooled), checkpointed, full, flops)
+        return _trace_ladd_models(cfg, configs, models, taps, (x, t, embeds, pooled), checkpointed, full, flops, engines)
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         for m, flag in flags.items():
             m.transformer.gradient_checkpointing = flag
 
 
-def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full, flops) -> dict[str, zero3_replay.EngineLayout]:
+def _trace_ladd_models(
+    cfg, configs, models, taps, inputs, checkpointed, full, flops, engines
+) -> dict[str, zero3_replay.EngineLayout]:
     teacher, student, heads = models["teacher"], models["student"], models["heads"]
     x, t, embeds, pooled = inputs
     timed = flops and cfg.deepspeed.interconnect is not None
@@ -243,20 +266,15 @@ def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full, f
         leaf = cfg.deepspeed.z3_leaf_blocks and ds.zero_stage(configs[name]) >= 3
         return list(models[name].blocks) if leaf else []
 
-    s_layout, _ = zero3_replay.trace_model(
-        student,
-        lambda m: m(x, t, embeds, pooled),
-        persistence_threshold=threshold("student"),
-        checkpointed=checkpointed[student],
-        leaves=leaves("student"),
-        count_flops=timed,
-    )
-    frozen = [p for p in teacher.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
+    # What every trace here depends on besides its model and its engine's settings.
+    shared = (repr((cfg.model, cfg.discriminator, cfg.ladd)), tuple(taps), full, *map(_tensor_key, inputs))
+
+    def key(name, *traced_models):
+        return (name, shared, *map(_model_key, traced_models), threshold(name), bool(leaves(name)))
+
+    def trace_teacher():
         x_fake = x.detach().requires_grad_(True)
-        t_layout, out = zero3_replay.trace_model(
+        return zero3_replay.trace_model(
             teacher,
             lambda m: m(x_fake, t, embeds, pooled, taps=taps, velocity=full),
             persistence_threshold=threshold("teacher"),
@@ -264,14 +282,70 @@ def _trace_ladd_models(cfg, configs, models, taps, inputs, checkpointed, full, f
             leaves=leaves("teacher"),
             count_flops=timed,
         )
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    features = out[0] if full else out
-    h_layout, _ = zero3_replay.trace_model(
-        heads, lambda m: m(features, t, pooled), persistence_threshold=threshold("heads"), frozen_too=True, count_flops=timed
+
+    out = {}
+    if "student" in engines:
+        out["student"] = _traced_layout(
+            key("student", student),
+            timed,
+            lambda: zero3_replay.trace_model(
+                student,
+                lambda m: m(x, t, embeds, pooled),
+                persistence_threshold=threshold("student"),
+                checkpointed=checkpointed[student],
+                leaves=leaves("student"),
+                count_flops=timed,
+            ),
+        )[0]
+    if "teacher" in engines or "heads" in engines:
+        out["teacher"], features = _traced_layout(key("teacher", teacher), timed, trace_teacher)
+        features = features[0] if full else features
+    if "heads" in engines:
+        out["heads"] = _traced_layout(
+            key("heads", teacher, heads),  # the heads' inputs are the teacher's features
+            timed,
+            lambda: zero3_replay.trace_model(
+                heads,
+                lambda m: m(features, t, pooled),
+                persistence_threshold=threshold("heads"),
+                frozen_too=True,
+                count_flops=timed,
+            ),
+        )[0]
+    return {name: out[name] for name in engines}
+
+
+# Meta traces, each seconds at 8B (meta ops dispatch in Python), keyed on everything the trace
+# depends on (_trace_ladd_models): the dry run, the ZeRO-3 windows of every engine and the doc
+# tables (evaluation/) ask for the same ones many times. Values: (layout, what the forward
+# returned: the heads' inputs, for the teacher).
+_LAYOUTS: dict[tuple, tuple[zero3_replay.EngineLayout, object]] = {}
+
+
+def _traced_layout(key: tuple, timed: bool, trace: Callable[[], tuple]) -> tuple[zero3_replay.EngineLayout, object]:
+    """`trace()` once per key and FLOP counting; a trace that counted FLOPs serves one that does
+    not (its layout with `flops` 0, as an uncounted trace leaves it)."""
+    if (key, timed) not in _LAYOUTS and not timed and (key, True) in _LAYOUTS:
+        layout, result = _LAYOUTS[(key, True)]
+        return dataclasses.replace(layout, flops=0.0), result
+    if (key, timed) not in _LAYOUTS:
+        _LAYOUTS[(key, timed)] = trace()
+    return _LAYOUTS[(key, timed)]
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.requires_grad
+
+
+def _model_key(model: torch.nn.Module) -> tuple:
+    """What a meta trace reads of a model besides its code: its module tree, its parameters
+    (shape, dtype, whether trained), its buffers and its checkpointed blocks."""
+    return (
+        tuple(type(m).__qualname__ for m in model.modules()),
+        tuple(_tensor_key(p) for p in model.parameters()),
+        tuple(_tensor_key(b) for b in model.buffers()),
+        tuple(getattr(model, "checkpointed_blocks", ())),
     )
-    return {"student": s_layout, "teacher": t_layout, "heads": h_layout}
 
 
 def _checkpointed_fraction(cfg: Config, engine: str) -> float:
@@ -347,6 +421,8 @@ def place_ladd_engines(cfg: Config, world: int, *, plan_always: bool = False, fl
         key = repr((cfg.model, cfg.discriminator, cfg.ladd, cfg.data, cfg.text, cfg.deepspeed.precision, flops))
         if key not in _STEP_ACTIVATIONS:
             _STEP_ACTIVATIONS[key] = step_activations(cfg, models, flops=flops)
+        else:  # what the count leaves them as, so that the plan's traces see the same models either way
+            as_engines_hold(cfg, models)
         return _STEP_ACTIVATIONS[key]
 
     layouts: dict = {}
@@ -367,20 +443,18 @@ def ladd_zero3_window(cfg: Config, world: int) -> Callable[[dict, str, dict], fl
     """`window(models, engine, ds_config)`: the most elements of non-persistent parameters ZeRO-3
     holds gathered for the engine in a LADD step with that DeepSpeed config, the step's gathers
     replayed on the engine's module order (training/zero3_replay.py); the memory plan's ZeRO-3
-    live term. The models are traced once per persistence threshold, replayed once per setting."""
-    traced: dict[tuple, zero3_replay.EngineLayout] = {}
+    live term. The engine's model is traced (ladd_layouts: once per process and persistence
+    threshold), and replayed once per setting."""
     windows: dict[tuple, float] = {}
 
     def window(models: dict, name: str, ds_config: dict) -> float:
         zero = ds_config.get("zero_optimization", {})
         key = (name, json.dumps(zero, sort_keys=True))
         if key not in windows:
-            threshold = (name, zero.get("stage3_param_persistence_threshold"))
-            if threshold not in traced:
-                as_zero3 = {**ds_config, "zero_optimization": {**zero, "stage": 3}}
-                traced[threshold] = ladd_layouts(cfg, dict.fromkeys(models, as_zero3), models, flops=False)[name]
+            as_zero3 = {**ds_config, "zero_optimization": {**zero, "stage": 3}}
+            layout = ladd_layouts(cfg, dict.fromkeys(models, as_zero3), models, flops=False, engines=(name,))[name]
             events = comms_plan.ladd_schedule(cfg)[name][0]
-            windows[key] = zero3_replay.replay(traced[threshold], events, world=world, zero=zero).peak_live
+            windows[key] = zero3_replay.replay(layout, events, world=world, zero=zero).peak_live
         return windows[key]
 
     return window
@@ -396,13 +470,13 @@ def dry_run(cfg: Config, world: int) -> DryRunReport:
     check_data_matches_model(cfg)
     configs, placement = place_ladd_engines(cfg, world, plan_always=True, flops=True)
     check_compile_stages(cfg, {"student_stage": configs["student"], "teacher_stage": configs["teacher"]})
-    taps = build_models(cfg, device="meta")[3]
+    teacher, student, heads, taps = build_models(cfg, device="meta")
     lines = [f"taps: {taps} ({len(taps)} heads); precision {cfg.deepspeed.precision}; world size {world}"]
     data_lines, problems = dry_run_data_lines(cfg, world, TASK_LAYOUTS[cfg.ladd.task])
     lines += [*data_lines, ""]
     lines += placement_report(cfg, placement)
-    teacher, student, heads, _ = build_models(cfg, device="meta")
     models = {"teacher": teacher, "student": student, "heads": heads}
+    as_engines_hold(cfg, models)  # as the plan's: its traces (ladd_layouts) serve this one too
     comms = ladd_comms_plan(cfg, world, configs, ladd_layouts(cfg, configs, models))
     lines += ["", *comms_plan.format_plan(comms)]
     return DryRunReport("\n".join(lines), problems + placement_problems(placement))
