@@ -160,6 +160,9 @@ def test_finished_cells_are_reused_and_other_settings_refused(one_and_two_ranks,
     # another seed: other images of every cell; the folder is kept unless --overwrite
     err = cli_error(capsys, *_student_args(student, inputs, nets, out, "--seed", "1"))
     assert "--overwrite" in err and str(out) in err
+    # on 2 ranks every rank stops with rank 0's refusal (none waits at a barrier for it)
+    proc = run_cli(*_student_args(student, inputs, nets, out, "--seed", "1"), nproc=2, check=False, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("--overwrite") == 2, proc.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == after
 
 

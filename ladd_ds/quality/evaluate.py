@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ladd_ds.core.errors import InputError, MissingInputError
+from ladd_ds.core.errors import InputError, LaddError, MissingInputError
 from ladd_ds.core.files import commit_directory, temporary_sibling
 from ladd_ds.core.noise import derive_seed
 from ladd_ds.core.outputs import absolute, check_output, write_marker
 from ladd_ds.data.prompts import bucket_name, parse_bucket
-from ladd_ds.distributed.ranks import all_reduce_sum, barrier, gather_rows, is_main, print0, world_size
+from ladd_ds.distributed.ranks import all_reduce_sum, barrier, broadcast_object, gather_rows, is_main, print0, world_size
 from ladd_ds.quality.features import FeatureNetwork, features_of, load_feature_network
 from ladd_ds.quality.jobs import by_bucket, files_stamp, image_files, load_jobs, my_block, read_image, same_size_groups
 from ladd_ds.quality.metrics import ClipScorer, check_metrics, frechet_distance, kernel_distance
@@ -253,14 +253,22 @@ class Evaluation:
         """OUT is free, or an evaluation of the same settings (continued), or of others (replaced
         with --overwrite only: its cells are ours)."""
         digest = self.settings.digest()
+        error = None
         if is_main():
-            existing = check_output(self.out, KIND, source=digest, overwrite=self.o.overwrite)
-            if existing and self._read_settings() != asdict(self.settings):
-                print0(f"{self.out}: an evaluation of other settings; --overwrite: its cells are replaced")
-                shutil.rmtree(self.out / "cells", ignore_errors=True)
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_marker(self.out, KIND, source=digest)
-            _write_json(self.out / "settings.json", asdict(self.settings))
+            try:
+                existing = check_output(self.out, KIND, source=digest, overwrite=self.o.overwrite)
+            except LaddError as e:
+                error = e
+            else:
+                if existing and self._read_settings() != asdict(self.settings):
+                    print0(f"{self.out}: an evaluation of other settings; --overwrite: its cells are replaced")
+                    shutil.rmtree(self.out / "cells", ignore_errors=True)
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_marker(self.out, KIND, source=digest)
+                _write_json(self.out / "settings.json", asdict(self.settings))
+        error = broadcast_object(error)  # every rank stops with rank 0's refusal, none waits for it
+        if error is not None:
+            raise error
         barrier()
 
     def _read_settings(self) -> dict | None:
@@ -270,9 +278,9 @@ class Evaluation:
             return None
 
     def cell_key(self, cell: Cell) -> str:
-        return hashlib.sha256(json.dumps([asdict(cell), files_stamp(cell.model), self.settings.digest()]).encode()).hexdigest()[
-            :16
-        ]
+        """What a finished cell was made from: the cell, its model's files and the settings."""
+        record = json.dumps([asdict(cell), files_stamp(cell.model), self.settings.digest()])
+        return hashlib.sha256(record.encode()).hexdigest()[:16]
 
     def finished(self, cell: Cell) -> CellResult | None:
         path = self.out / "cells" / cell.folder / CELL_INFO
