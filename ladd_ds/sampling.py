@@ -565,14 +565,14 @@ def default_steps(sm: SamplingModel) -> tuple[int, str]:
     return (max(counts), "the student's trained maximum") if counts else (len(trained.drawn()), "one per trained time")
 
 
-def parse_size(size: str) -> tuple[int, int]:
-    """`--size HxW` in pixels."""
+def parse_size(size: str, *, what: str = "--size") -> tuple[int, int]:
+    """`--size HxW` in pixels; `what` names where the size came from in the error."""
     try:
         height, width = parse_bucket(size)
     except ValueError:
         height = width = 0
     if height < 1 or width < 1:
-        raise InputError(f"--size {size}: expected HEIGHTxWIDTH in pixels, e.g. 128x128")
+        raise InputError(f"{what} {size}: expected HEIGHTxWIDTH in pixels, e.g. 128x128")
     return height, width
 
 

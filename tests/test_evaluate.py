@@ -225,5 +225,5 @@ def test_jobs_blocks_and_seeds(tmp_path):
     sized = load_jobs(str(prompts), sizes=["16x16", "16x32"], per_prompt=1, seed=3, default="8x8")
     assert [j.bucket for j in sized] == ["16x16"] * 3 + ["16x32"] * 3
     prompts.write_text('{"prompt": "a", "bucket": "wide"}\n')
-    with pytest.raises(InputError, match=r"p.jsonl:1: bucket 'wide'"):
+    with pytest.raises(InputError, match=r"p.jsonl:1: bucket wide: expected HEIGHTxWIDTH"):
         load_jobs(str(prompts), sizes=None, per_prompt=1, seed=0, default="16x16")

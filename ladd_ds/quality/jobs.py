@@ -14,8 +14,9 @@ from PIL import Image
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.core.noise import derive_seed
 from ladd_ds.core.outputs import absolute
-from ladd_ds.data.prompts import bucket_name, numbered_lines, parse_bucket, prompt_record
+from ladd_ds.data.prompts import bucket_name, numbered_lines, prompt_record
 from ladd_ds.distributed.ranks import rank, world_size
+from ladd_ds.sampling import parse_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -57,12 +58,7 @@ def load_jobs(prompts_file: str, *, sizes: list[str] | None, per_prompt: int, se
         record = prompt_record(path, n, line)
         buckets = sizes or [record.get("bucket") or default]
         for bucket in buckets:
-            try:
-                height, width = parse_bucket(bucket)
-            except ValueError:
-                height = width = 0
-            if height < 1 or width < 1:
-                raise InputError(f"{path}:{n}: bucket {bucket!r} is not HEIGHTxWIDTH in pixels")
+            height, width = parse_size(bucket, what="--sizes" if sizes else f"{path}:{n}: bucket")
             base = record.get("seed", seed)
             if not isinstance(base, int):
                 raise InputError(f"{path}:{n}: 'seed' must be an integer")
