@@ -339,6 +339,11 @@ def _evaluate_parser(sub) -> None:
     _overwrite_arg(p, "an evaluation of other settings")
 
 
+def _str_list(value: str | None) -> list[str] | None:
+    """A comma-separated flag's items, or None when the flag was not given."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _int_list(value: str | None, flag: str) -> list[int]:
     if value is None:
         return []
@@ -367,8 +372,8 @@ def cmd_evaluate(args) -> int:
         reference_steps=args.reference_steps,
         features=args.features,
         clip=args.clip,
-        metrics=None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()],
-        sizes=None if args.sizes is None else [s.strip() for s in args.sizes.split(",") if s.strip()],
+        metrics=_str_list(args.metrics),
+        sizes=_str_list(args.sizes),
         per_prompt=args.per_prompt,
         seed=args.seed,
         precision=args.precision,
