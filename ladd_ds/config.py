@@ -324,6 +324,39 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation during training (docs/evaluation.md, "During training"): every `every` steps the
+    student samples the held-out prompts of `data` at each of `steps` and is measured against the
+    teacher's samples stored there, by FD in the teacher's own token-feature space (no extra
+    weights) and, with `features`, in an image encoder's."""
+
+    every: int = 500  # steps between validations (and at the last step); 0 = off
+    data: str | None = None  # a local `ladd-ds synth` dataset of prompts held out of training; null = off
+    num_samples: int = 64  # per bucket: its first N samples
+    steps: list[int] | None = None  # student step counts; null = those of 1, 2, 4 the run trains
+    token_t: float = 0.5  # the noise level at which the teacher reads both sample sets for the token FD
+    features: str | None = None  # an Inception-v3 weights file or a transformers image-encoder folder
+    batch_size: int = 8
+    images: int = 8  # samples of each bucket shown in TensorBoard (teacher row, student row); 0 = none
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 and self.data is not None
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError("eval.every: must be >= 0 (0 = no validation)")
+        if self.num_samples < 2:
+            raise ConfigError(f"eval.num_samples: an FD needs at least 2 samples per bucket, got {self.num_samples}")
+        if self.steps is not None and (not self.steps or min(self.steps) < 1):
+            raise ConfigError(f"eval.steps: give step counts >= 1 (or null for the trained ones), got {self.steps}")
+        if not 0.0 < self.token_t < 1.0:
+            raise ConfigError(f"eval.token_t: a noise level in (0, 1), got {self.token_t}")
+        if self.batch_size < 1 or self.images < 0:
+            raise ConfigError("eval.batch_size must be >= 1 and eval.images >= 0")
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500
     keep_last: int = 2
@@ -494,6 +527,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -534,6 +568,10 @@ class Config:
                 )
             if self.optim.ema_decay > 0:
                 raise ConfigError("optim.ema_decay: DPO keeps no EMA; set it to 0")
+            if self.eval.data is not None:
+                raise ConfigError(
+                    "eval.data: validation during training is LADD's; `ladd-ds dpo` does not run it, set it to null"
+                )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,23 +85,36 @@ def plan_mds_data(path: str | Path, layout: Layout, global_batch: int, batch_not
 def first_sample(root: Path) -> dict:
     """The first sample of the (validated) dataset at `root`, decoded by streaming's shard reader:
     one small read, no StreamingDataset (no shared memory, no workers)."""
-    shard = json.loads((root / INDEX_FILE).read_text())["shards"][0]
-    reader = reader_from_json(str(root), None, shard)
-    if (root / shard["raw_data"]["basename"]).is_file():
-        return reader.get_item(0)
-    # Only the compressed shard is there (validate_mds_dir allows it): decompress it in memory.
-    data = decompress(shard["compression"], (root / shard["zip_data"]["basename"]).read_bytes())
-    begin, end = np.frombuffer(data[4:12], np.uint32)  # the offsets of sample 0
-    return reader.decode_sample(data[begin:end])
+    return read_samples(root, 1)[0]
 
 
-def check_stored_shapes(plan: DataPlan, layout: Layout, model_cfg: dict, model_name: str) -> None:
+def read_samples(root: Path, count: int) -> list[dict]:
+    """The first `count` samples (all, if it holds fewer) of the validated dataset at `root`, in
+    stored order, decoded by streaming's shard readers: no StreamingDataset (no shared memory, no
+    workers). Columns as streaming decodes them (numpy arrays; loader.stored_tensor converts)."""
+    out: list[dict] = []
+    for shard in json.loads((root / INDEX_FILE).read_text())["shards"]:
+        if len(out) >= count:
+            break
+        reader = reader_from_json(str(root), None, shard)
+        wanted = min(count - len(out), int(shard["samples"]))
+        if (root / shard["raw_data"]["basename"]).is_file():
+            out += [reader.get_item(i) for i in range(wanted)]
+            continue
+        # Only the compressed shard is there (validate_mds_dir allows it): decompress it in memory.
+        data = decompress(shard["compression"], (root / shard["zip_data"]["basename"]).read_bytes())
+        offsets = np.frombuffer(data[4 : 4 + 4 * (wanted + 1)], np.uint32)  # after the sample count
+        out += [reader.decode_sample(data[offsets[i] : offsets[i + 1]]) for i in range(wanted)]
+    return out
+
+
+def check_stored_shapes(plan: DataPlan, layout: Layout, model_cfg: dict, model_name: str, *, key: str = "data.path") -> None:
     """Refuse data whose stored shapes (one sample of each dataset) cannot feed the model of
     config `model_cfg` (model.teacher = `model_name`): latent channels, latent size against the
-    patch size, text and pooled widths."""
+    patch size, text and pooled widths. `key`: the config key that named the data."""
     model = f"model.teacher {model_name}"
     for root in plan.datasets:
-        where = f"data.path {plan.path}" + (f", bucket {root.name!r}" if plan.buckets else "")
+        where = f"{key} {plan.path}" + (f", bucket {root.name!r}" if plan.buckets else "")
         sample = first_sample(root)
         for column in layout.latent_columns:
             shape = tuple(sample[column].shape)

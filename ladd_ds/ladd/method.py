@@ -20,6 +20,7 @@ from ladd_ds.ladd.conditioned import ConditionedLADDSteps
 from ladd_ds.ladd.engines import build_engines
 from ladd_ds.ladd.preview import SamplePreview
 from ladd_ds.ladd.steps import LADDSteps
+from ladd_ds.ladd.validation import Validation, check_eval_data, validated_steps
 from ladd_ds.models.conditioning import batch_condition
 from ladd_ds.training.build import DryRunReport, check_data_matches_model, check_mds_data, mds_data_plan
 from ladd_ds.training.ema import ShardedEMA
@@ -42,6 +43,10 @@ class LADDMethod(LADDSteps, Method):
         if cfg.data.source == "mds":
             check_mds_data(cfg, cls.data_layout(cfg), world_size())
             check_text_settings(cfg.data.path, cfg.text)
+        if cfg.eval.enabled:
+            validated_steps(cfg)
+            check_eval_data(cfg, cls.data_layout(cfg))
+            check_text_settings(cfg.eval.data, cfg.text)
 
     @classmethod
     def data_layout(cls, cfg: Config) -> Layout:
@@ -68,6 +73,9 @@ class LADDMethod(LADDSteps, Method):
 
     def preview(self):
         return SamplePreview(self.cfg, self.device) if self.cfg.logging.sample_every > 0 else None
+
+    def validation(self):
+        return Validation(self.cfg, self) if self.cfg.eval.enabled else None
 
     @property
     def ds_stages(self) -> dict[str, int]:

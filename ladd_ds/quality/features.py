@@ -37,7 +37,7 @@ class InceptionFeatures(FeatureNetwork):
 
     num_features = 2048
 
-    def __init__(self, weights: Path):
+    def __init__(self, weights: Path, *, what: str = "--features"):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -47,7 +47,7 @@ class InceptionFeatures(FeatureNetwork):
             )
         except (RuntimeError, KeyError, OSError) as e:
             raise InputError(
-                f"--features {weights}: not FID Inception-v3 weights in torch-fidelity's format ({type(e).__name__}: "
+                f"{what} {weights}: not FID Inception-v3 weights in torch-fidelity's format ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200]}); pass pt_inception-2015-12-05-6726825d.pth or an image-encoder folder"
             ) from None
         self.name = f"Inception-v3 pool ({weights.name})"
@@ -61,7 +61,7 @@ class InceptionFeatures(FeatureNetwork):
 class EncoderFeatures(FeatureNetwork):
     """A transformers image encoder and its image processor, both from one folder."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, what: str = "--features"):
         super().__init__()
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
@@ -70,7 +70,7 @@ class EncoderFeatures(FeatureNetwork):
             self.processor = AutoImageProcessor.from_pretrained(folder)
         except (OSError, ValueError) as e:
             raise InputError(
-                f"--features {folder}: no image processor ({e.__class__.__name__}); the folder needs the "
+                f"{what} {folder}: no image processor ({e.__class__.__name__}); the folder needs the "
                 "preprocessor_config.json its model was released with"
             ) from None
         self.model = AutoModel.from_pretrained(folder, config=config).eval()
@@ -114,24 +114,25 @@ class ModuleFeatures(FeatureNetwork):
         return self.module(images.to(device)).float()
 
 
-def load_feature_network(path: str | Path, device: torch.device | str = "cpu") -> FeatureNetwork:
-    """The feature network at `path` (see the module docstring), on `device`, in eval mode."""
+def load_feature_network(path: str | Path, device: torch.device | str = "cpu", *, what: str = "--features") -> FeatureNetwork:
+    """The feature network at `path` (see the module docstring), on `device`, in eval mode; `what`:
+    how the user named it, for errors."""
     path = Path(path)
     if path.is_file():
         if path.suffix not in INCEPTION_SUFFIXES:
             raise InputError(
-                f"--features {path}: a weights file must be FID's Inception-v3 in torch-fidelity's format "
+                f"{what} {path}: a weights file must be FID's Inception-v3 in torch-fidelity's format "
                 f"({', '.join(INCEPTION_SUFFIXES)}); for another encoder pass its folder"
             )
-        return InceptionFeatures(path).to(device).eval()
+        return InceptionFeatures(path, what=what).to(device).eval()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise InputError(f"--features {path}: no config.json; pass a transformers image-encoder folder (save_pretrained)")
+            raise InputError(f"{what} {path}: no config.json; pass a transformers image-encoder folder (save_pretrained)")
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         if model_type is None:
-            raise InputError(f"--features {path}/config.json: no model_type; not a transformers model folder")
-        return EncoderFeatures(path).to(device).eval()
-    raise MissingInputError(f"--features {path} does not exist; pass an Inception-v3 weights file or an image-encoder folder")
+            raise InputError(f"{what} {path}/config.json: no model_type; not a transformers model folder")
+        return EncoderFeatures(path, what=what).to(device).eval()
+    raise MissingInputError(f"{what} {path} does not exist; pass an Inception-v3 weights file or an image-encoder folder")
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ and the data checks for `world` ranks, no engines. The loop calls, in this order
                                               "health/step_skipped" (1.0 when DeepSpeed skipped
                                               the update for a non-finite gradient norm)
   and, for checkpoints and export, `trainable_engines()`, `trained_module()`, `ema`,
-  `extra_state()`; for TensorBoard grids, `preview()`.
+  `extra_state()`; for TensorBoard grids, `preview()`; for validation during training (eval.every),
+  `validation()`.
 """
 
 from __future__ import annotations
@@ -89,4 +90,9 @@ class Method:
 
     def preview(self):
         """An object whose `grids(module, dtype)` returns TensorBoard image grids, or None."""
+        return None
+
+    def validation(self):
+        """An object whose `run(method)` returns (metrics, TensorBoard image grids), the same
+        forwards on every rank, or None (eval.every 0, no eval.data, or a method without one)."""
         return None

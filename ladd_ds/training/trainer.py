@@ -105,6 +105,7 @@ class Trainer:
         self._resume()
         self.logger = self._metric_logger()
         self.preview = self.method.preview()
+        self.validation = self.method.validation()
         self.batches = iterate_forever(self.loader)
         self.last_sample_ids = torch.zeros(0, dtype=torch.int64)  # on the host (batch_to_device)
 
@@ -285,6 +286,7 @@ class Trainer:
         last_saved = None
         timer = StepTimer()
         self._started = (time.monotonic(), self.step)  # for the plain log lines' ETA
+        self._since_validation = time.monotonic()
         while self.step < max_steps:
             faults.maybe_die("exit", self.step + 1)
             faults.maybe_die("kill", self.step + 1)
@@ -308,6 +310,8 @@ class Trainer:
                 self._log(metrics, images_per_step, timer, bar, max_steps)
             if self.preview is not None and (self.step % cfg.logging.sample_every == 0 or self.step == max_steps):
                 self.logger.log_images(self.step, self.preview.grids(self.method.trained_module(), self.dtype))
+            if self.validation is not None and (self.step % cfg.eval.every == 0 or self.step == max_steps):
+                self._validate()
             if self.step % cfg.checkpoint.every == 0:
                 last_saved = self.save()
             signum = stop.agreed()  # every rank, every step: a signal any rank got stops them all
@@ -327,6 +331,20 @@ class Trainer:
         bar.close()
         if last_saved is None or self.step % cfg.checkpoint.every != 0:
             self.save()  # a run that reaches max_steps always ends with a checkpoint
+
+    def _validate(self) -> None:
+        """Validate the student (every rank its share), log the metrics and grids, and the share
+        of the wall time since the last validation that it took (val/time_share)."""
+        with sdpa_context(self.sdpa_priority):
+            metrics, grids = self.validation.run(self.method)
+        now = time.monotonic()
+        metrics["val/time_share"] = metrics["val/seconds"] / max(now - self._since_validation, 1e-9)
+        self._since_validation = now
+        if is_main():
+            fds = ", ".join(f"{k.removeprefix('val/')} {number(v)}" for k, v in metrics.items() if k.count("/") == 2)
+            print0(f"step {self.step}: validation {fds} ({metrics['val/seconds']:.1f} s)")
+        self.logger.log(self.step, metrics)
+        self.logger.log_images(self.step, grids)
 
     def _log(self, metrics: dict, images_per_step: int, timer: StepTimer, bar, max_steps: int) -> None:
         """A logging step: the only place the step's metrics (device tensors) are read on the host,

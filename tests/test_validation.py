@@ -1,0 +1,89 @@
+"""Validation during training (eval.every; ladd_ds.ladd.validation): the student's FD against
+held-out teacher samples, every rank its share. A run on 2 ZeRO-3 ranks logs the numbers one
+process logs (the blocks are padded so both ranks run the same forwards); bf16 runs; a bad eval
+section is refused before any model is built."""
+
+import math
+
+import pytest
+
+from tests.conftest import EXACT, GLOBAL_BATCH_8, cli_error, read_metrics, train_tiny
+from tests.test_data_checks import write_root
+
+# Two buckets of 6 held-out samples; 5 read from each: 2 ranks hold blocks of 2 and 3 samples.
+HELD_OUT = {"128x128": 6, "64x128": 6}
+EVAL = ["eval.every=1", "eval.num_samples=5", "eval.batch_size=2", "eval.images=3"]
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    return write_root(tmp_path_factory.mktemp("held_out") / "data", HELD_OUT)
+
+
+def validation_records(run_dir) -> dict[int, dict]:
+    """step -> the validation record of metrics.jsonl (the one with val/ keys)."""
+    return {r["step"]: r for r in read_metrics(run_dir) if any(k.startswith("val/") for k in r)}
+
+
+def fd_keys(record: dict) -> list[str]:
+    return sorted(k for k in record if k.startswith("val/fd_"))
+
+
+def test_validation_on_two_ranks_equals_one(tmp_path, held_out):
+    runs = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"{nproc}rank"
+        train_tiny(run_dir, 2, [*EXACT, *GLOBAL_BATCH_8[nproc], *EVAL, f"eval.data={held_out}"], nproc=nproc)
+        runs[nproc] = validation_records(run_dir)
+    assert sorted(runs[1]) == [1, 2]  # every eval.every steps and at the last step
+    expected = [f"val/fd_tokens/{n}step{b}" for n in (1, 2, 4) for b in ("", *(f"/{name}" for name in sorted(HELD_OUT)))]
+    assert fd_keys(runs[1][1]) == sorted(expected)
+    for step in (1, 2):
+        one, two = runs[1][step], runs[2][step]
+        assert fd_keys(two) == fd_keys(one)
+        for key in fd_keys(one):
+            assert one[key] > 0 and two[key] == pytest.approx(one[key], rel=1e-4), (step, key)
+        assert 0 < two["val/time_share"] < 1
+    # The student changed between the two validations; the reference (the stored samples) did not.
+    assert runs[1][1]["val/fd_tokens/1step"] != runs[1][2]["val/fd_tokens/1step"]
+    events = b"".join(p.read_bytes() for p in (tmp_path / "2rank" / "tb").rglob("events.out.tfevents.*"))
+    for tag in ("val/1step/128x128", "val/4step/64x128", "val/fd_tokens/2step/64x128"):
+        assert tag.encode() in events, tag
+
+
+def test_validation_in_bf16(tmp_path, held_out):
+    run_dir = tmp_path / "bf16"
+    proc = train_tiny(run_dir, 1, [*EXACT, *GLOBAL_BATCH_8[2], *EVAL, f"eval.data={held_out}", "deepspeed.precision=bf16"], nproc=2)
+    record = validation_records(run_dir)[1]
+    assert len(fd_keys(record)) == 9 and all(math.isfinite(record[k]) and record[k] > 0 for k in fd_keys(record))
+    assert "validation fd_tokens/1step" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["eval.data=/nonexistent/held_out"], "eval.data /nonexistent/held_out does not exist"),
+        (["eval.steps=[3]"], "eval.steps: --steps 3: the student was trained on"),
+        (["data.source=mds", "data.path={held_out}"], "eval.data is data.path"),
+        (["eval.num_samples=1"], "eval.num_samples: an FD needs at least 2"),
+    ],
+)
+def test_bad_eval_section_is_refused(tmp_path, capsys, held_out, sets, message):
+    sets = [s.format(held_out=held_out) for s in sets]
+    if not any(s.startswith("eval.data=") for s in sets):
+        sets.append(f"eval.data={held_out}")
+    args = ["train", "--config", "configs/tiny_cpu.yaml", "--run-dir", str(tmp_path / "run"), "--max-steps", "1"]
+    for s in sets:
+        args += ["--set", s]
+    err = cli_error(capsys, *args)
+    assert message in err, err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.pt"))
+
+
+def test_dpo_refuses_an_eval_section(tmp_path, capsys, held_out):
+    from tests.test_data_checks import DPO_CONFIG
+
+    err = cli_error(
+        capsys, "dpo", "--config", str(DPO_CONFIG), "--run-dir", str(tmp_path / "run"), "--set", f"eval.data={held_out}"
+    )
+    assert "eval.data: validation during training is LADD's" in err
