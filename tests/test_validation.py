@@ -53,7 +53,9 @@ def test_validation_on_two_ranks_equals_one(tmp_path, held_out):
 
 def test_validation_in_bf16(tmp_path, held_out):
     run_dir = tmp_path / "bf16"
-    proc = train_tiny(run_dir, 1, [*EXACT, *GLOBAL_BATCH_8[2], *EVAL, f"eval.data={held_out}", "deepspeed.precision=bf16"], nproc=2)
+    proc = train_tiny(
+        run_dir, 1, [*EXACT, *GLOBAL_BATCH_8[2], *EVAL, f"eval.data={held_out}", "deepspeed.precision=bf16"], nproc=2
+    )
     record = validation_records(run_dir)[1]
     assert len(fd_keys(record)) == 9 and all(math.isfinite(record[k]) and record[k] > 0 for k in fd_keys(record))
     assert "validation fd_tokens/1step" in proc.stdout
