@@ -89,3 +89,62 @@ def test_dpo_refuses_an_eval_section(tmp_path, capsys, held_out):
         capsys, "dpo", "--config", str(DPO_CONFIG), "--run-dir", str(tmp_path / "run"), "--set", f"eval.data={held_out}"
     )
     assert "eval.data: validation during training is LADD's" in err
+
+
+def test_planned_validation_flops_are_the_counted_ones(tmp_path, distributed_world_of_one, held_out):
+    """The dry run's validation cost, term by term, against the FLOPs the validation and a training
+    step run (torch's FLOP formulas on the real tensors, attributed to the model that ran them)."""
+    from ladd_ds.ladd import validation
+    from ladd_ds.ladd.build import as_engines_hold, build_models, step_activations
+    from ladd_ds.models.activations import RecomputeFlops
+    from tests.test_ladd_steps import make_trainer
+
+    trainer = make_trainer(
+        tmp_path, f"eval.data={held_out}", "eval.num_samples=5", "eval.batch_size=2", "eval.images=0", "checkpoint.every=100"
+    )
+    cfg, method = trainer.cfg, trainer.method
+    teacher, student, heads, taps = build_models(cfg, device="meta")
+    models = {"teacher": teacher, "student": student, "heads": heads}
+    as_engines_hold(cfg, models)
+    cost = validation.validation_cost(cfg, models, taps, validation.held_out_shapes(cfg), world=1)
+
+    class ByModel(RecomputeFlops):
+        """FLOPs by the model whose forward ran them."""
+
+        def __init__(self):
+            super().__init__()
+            self.owner, self.by = None, {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = self.total
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            self.by[self.owner] = self.by.get(self.owner, 0) + self.total - before
+            return out
+
+    counters = []
+
+    def owner(name):
+        def hook(*args):
+            counters[-1].owner = name
+
+        return hook
+
+    hooks = []
+    for name in ("student", "teacher"):
+        module = getattr(method.engines, name).module
+        hooks += [module.register_forward_pre_hook(owner(name)), module.register_forward_hook(owner(None))]
+    for _ in range(2):
+        counters.append(ByModel())
+        with counters[-1]:
+            trainer.validation.run(method)
+    for h in hooks:
+        h.remove()
+    first, second = (c.by for c in counters)  # None: outside the models (the FDs' covariances)
+    assert (second["student"], second["teacher"]) == (cost.student, cost.teacher)
+    assert (first["student"], first["teacher"]) == (cost.student, cost.teacher + cost.reference)
+
+    batch = method.to_device(next(trainer.batches))
+    with RecomputeFlops() as step:
+        method.train_step([batch], 0)
+    assert step.total == step_activations(cfg, models, flops=True).flops
+    trainer.close()

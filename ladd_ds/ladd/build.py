@@ -15,6 +15,7 @@ from ladd_ds.config import Config
 from ladd_ds.core.errors import InputError
 from ladd_ds.data.schema import TASK_LAYOUTS
 from ladd_ds.distributed import engines as ds
+from ladd_ds.ladd import validation
 from ladd_ds.ladd.conditioned import ConditionedLADDSteps
 from ladd_ds.ladd.steps import LADDSteps, Noise
 from ladd_ds.models.activations import RecomputeFlops, SavedTensors, fused_attention, recompute_bytes
@@ -197,6 +198,7 @@ def step_activations(cfg: Config, models: dict, flops: bool = False) -> StepActi
         kept=kept,
         recompute=recompute,
         recompute_flops=relative,
+        flops=float(counted.total) if flops else 0.0,
         note=f"batch {cfg.data.micro_batch_size}, {note}, {policy}",
     )
 
@@ -463,6 +465,20 @@ def ladd_zero3_window(cfg: Config, world: int) -> Callable[[dict, str, dict], fl
 _STEP_ACTIVATIONS: dict[str, StepActivations] = {}
 
 
+def validation_plan(cfg: Config, world: int, models: dict, taps: list[int], steps: StepActivations) -> list[str]:
+    """The dry run's validation lines: its FLOPs per rank against a training step's (the step
+    plan's count, times optim.grad_accum), on eval.data's buckets or, without them, on
+    eval.num_samples samples of the planned training shape."""
+    shapes = validation.held_out_shapes(cfg)
+    where = "its buckets"
+    if shapes is None:
+        h, w, text, _ = planned_shapes(cfg, models["teacher"].transformer.config)
+        shapes = {"training shape": validation.HeldOutShape(cfg.eval.num_samples, h, w, text)}
+        where = f"eval.num_samples {cfg.eval.num_samples} samples of the planned training shape"
+    cost = validation.validation_cost(cfg, models, taps, shapes, world)
+    return validation.cost_lines(cfg, cost, steps.flops * cfg.optim.grad_accum, where)
+
+
 def dry_run(cfg: Config, world: int) -> DryRunReport:
     """Validate, build the models on the meta device, count parameters, plan memory; no engines.
     The report's problems: unusable data, a plan that does not fit."""
@@ -479,4 +495,5 @@ def dry_run(cfg: Config, world: int) -> DryRunReport:
     as_engines_hold(cfg, models)  # as the plan's: its traces (ladd_layouts) serve this one too
     comms = ladd_comms_plan(cfg, world, configs, ladd_layouts(cfg, configs, models))
     lines += ["", *comms_plan.format_plan(comms)]
+    lines += ["", *validation_plan(cfg, world, models, taps, placement.steps)]
     return DryRunReport("\n".join(lines), problems + placement_problems(placement))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ladd_ds.config import Config
+from ladd_ds.config import Config, EvalConfig
 from ladd_ds.core import flow
 from ladd_ds.core.errors import InputError, MissingInputError
 from ladd_ds.core.noise import derive_seed
@@ -253,3 +253,104 @@ def shared_out_fds(fds: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[fl
         else:
             values[i] = frechet_distance(real, fake)
     return all_reduce_sum(values).tolist()
+
+
+# -- cost --------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeldOutShape:
+    samples: int  # read per bucket (eval.num_samples, or fewer where the bucket holds fewer)
+    height: int  # latent
+    width: int
+    text_tokens: int
+
+
+def held_out_shapes(cfg: Config) -> dict[str, HeldOutShape] | None:
+    """Bucket -> shape of the local held-out set of eval.data; None without one."""
+    if cfg.eval.data is None or is_remote(cfg.eval.data) or not Path(cfg.eval.data).exists():
+        return None
+    out = {}
+    root = Path(cfg.eval.data)
+    for d in bucket_dirs(root) or [root]:
+        n = min(cfg.eval.num_samples, validate_mds_dir(d)["num_samples"])
+        sample = read_samples(d, 1)[0]
+        out[d.name] = HeldOutShape(n, *sample["latent"].shape[1:], sample["prompt_embeds"].shape[0])
+    return out
+
+
+@dataclass
+class ValidationCost:
+    """The FLOPs of one validation on one rank, from one-sample forwards of the meta models (the
+    FLOPs of a forward are linear in its batch): the student's N-step samples of every validated
+    step count and the teacher's token pass on each set; the stored samples' token pass once, at
+    the first validation. The codec's decode and eval.features' encoder are not counted."""
+
+    steps: list[int]
+    per_rank: dict[str, int]  # bucket -> samples each rank runs (the longest block: padding included)
+    student_forward: dict[str, float]  # bucket -> one sample's student forward
+    teacher_tokens: dict[str, float]  # bucket -> one sample's teacher forward to the last tap
+
+    @property
+    def student(self) -> float:
+        return sum(n * sum(self.steps) * self.student_forward[b] for b, n in self.per_rank.items())
+
+    @property
+    def teacher(self) -> float:
+        return sum(n * len(self.steps) * self.teacher_tokens[b] for b, n in self.per_rank.items())
+
+    @property
+    def reference(self) -> float:
+        """The first validation's extra: the token pass on the stored samples."""
+        return sum(n * self.teacher_tokens[b] for b, n in self.per_rank.items())
+
+    @property
+    def round(self) -> float:
+        return self.student + self.teacher
+
+
+def validation_cost(cfg: Config, models: dict, taps: list[int], shapes: dict[str, HeldOutShape], world: int) -> ValidationCost:
+    """`models`: the meta teacher and student (as the engines hold them); `shapes`: the held-out
+    buckets (held_out_shapes, or the plan's training shape)."""
+    from ladd_ds.models.activations import RecomputeFlops  # the step plan's FLOP counter
+
+    teacher, student = models["teacher"], models["student"]
+    tc = teacher.transformer.config
+    dtype = next(student.parameters()).dtype
+    cost = ValidationCost(validated_steps(cfg), {}, {}, {})
+    for name, shape in shapes.items():
+        cost.per_rank[name] = -(-shape.samples // world)
+        with torch.device("meta"):
+            x = torch.randn(1, tc.in_channels, shape.height, shape.width, dtype=dtype)
+            t = torch.rand(1)
+            embeds = torch.randn(1, shape.text_tokens, tc.joint_attention_dim, dtype=dtype)
+            pooled = torch.randn(1, tc.pooled_projection_dim, dtype=dtype)
+        with torch.no_grad():
+            with RecomputeFlops() as counted:
+                student(x, t, embeds, pooled)
+            cost.student_forward[name] = float(counted.total)
+            with RecomputeFlops() as counted:
+                teacher(x, t, embeds, pooled, taps=taps, velocity=False)
+            cost.teacher_tokens[name] = float(counted.total)
+    return cost
+
+
+def cost_lines(cfg: Config, cost: ValidationCost, step_flops: float, where: str) -> list[str]:
+    """The --dry-run's validation lines: FLOPs per validation and their share of the compute
+    between two validations (`step_flops`: one optimizer step on one rank)."""
+    every = cfg.eval.every or EvalConfig.every  # off: costed at the default
+    between = every * step_flops
+    share = cost.round / (between + cost.round) if between + cost.round else 0.0
+    state = "on" if cfg.eval.enabled else f"off: eval.data null, costed for {where}"
+    return [
+        f"validation ({state}): eval.every {every}, {sum(cost.per_rank.values())} samples per rank of "
+        f"{len(cost.per_rank)} bucket(s), student steps {cost.steps}",
+        f"  per validation and rank: {tflop(cost.round)} (student sampling {tflop(cost.student)}, teacher token "
+        f"features {tflop(cost.teacher)}; the first adds {tflop(cost.reference)} for the stored samples); "
+        "decode and eval.features not counted",
+        f"  a training step: {tflop(step_flops)} per rank; validation is {share:.2%} of the compute at eval.every {every}",
+    ]
+
+
+def tflop(flops: float) -> str:
+    return f"{flops / 1e12:.3g} TFLOP" if flops >= 1e12 else f"{flops / 1e9:.3g} GFLOP"

@@ -101,6 +101,7 @@ class StepActivations:
     kept: dict[str, dict[str, int]]  # phase -> model (or "other": losses, noise) -> bytes at the end of its forward
     recompute: dict[str, int]  # phase -> what checkpointed blocks add in its backward (one block's saved bytes)
     recompute_flops: float = 0.0  # the FLOPs checkpointing adds, relative to the step without it
+    flops: float = 0.0  # one micro-batch's step, forward and backward, recompute included (counted with FLOPs)
     note: str = ""
 
     def phase_bytes(self, phase: str) -> int:
