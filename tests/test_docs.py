@@ -40,6 +40,22 @@ def test_docs_memory_plan_tables_are_the_scripts():
     assert "\n".join(live_rows()) in docs
 
 
+def test_docs_validation_cost_is_the_dry_runs():
+    """docs/evaluation.md's validation cost of SD3-medium on 8 GPUs is what the dry run prints."""
+    from ladd_ds.config import load_config
+    from ladd_ds.ladd.build import as_engines_hold, build_models, step_activations, validation_plan
+
+    cfg = load_config(REPO / "configs" / "sd3_medium.yaml")
+    teacher, student, heads, taps = build_models(cfg, device="meta")
+    models = {"teacher": teacher, "student": student, "heads": heads}
+    as_engines_hold(cfg, models)
+    lines = validation_plan(cfg, 8, models, taps, step_activations(cfg, models, flops=True))
+    docs = (REPO / "docs" / "evaluation.md").read_text()
+    assert "\n".join("  " + line for line in lines) in docs
+    share = re.search(r"validation is ([0-9.]+%) of the compute", lines[-1]).group(1)
+    assert f"**{share} of the compute**" in docs
+
+
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Everything that may send a reader to a named section: code, configs, scripts, tests and the docs.
 # This file is left out: its own patterns and messages are not pointers.
