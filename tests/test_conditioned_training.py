@@ -205,3 +205,31 @@ def test_bf16_inpaint_on_two_ranks(tmp_path, t2i_folder, task_teachers):
     )
     student, _ = weights(export(run_dir, tmp_path / "export", dtype="bf16"))
     assert student["pos_embed.proj.weight"].dtype == torch.bfloat16 and student["pos_embed.proj.weight"].shape[1] == 2 * C + 1
+
+
+def test_validation_gives_every_network_the_condition(tmp_path, task_teachers, distributed_world_of_one):
+    """eval.every on an inpainting run: the held-out set's condition columns reach the student's
+    samples and the teacher's token pass (the FDs change with the condition), in fp32 and bf16."""
+    import math
+
+    from ladd_ds.data.schema import TASK_LAYOUTS
+    from ladd_ds.data.writer import write_random_latents
+
+    held_out = write_random_latents(
+        tmp_path / "held_out", num_samples=4, latent_shape=(C, 16, 16), text_dim=32, pooled_dim=16, layout=TASK_LAYOUTS["inpaint"]
+    )
+    for precision in ("fp32", "bf16"):
+        trainer = make_trainer(
+            tmp_path / precision, f"model.teacher={task_teachers['inpaint']}", "ladd.task=inpaint", f"eval.data={held_out}",
+            "eval.num_samples=4", "eval.images=2", f"deepspeed.precision={precision}",
+        )  # fmt: skip
+        validation = trainer.validation
+        metrics, grids = validation.run(trainer.method)
+        assert sorted(grids) == ["val/1step/held_out", "val/2step/held_out", "val/4step/held_out"]
+        for bucket in validation.buckets:
+            bucket.batch["condition"] = torch.zeros_like(bucket.batch["condition"])
+        validation.reference = None  # the stored samples' token features change with the condition too
+        blind, _ = validation.run(trainer.method)
+        for key in ("val/fd_tokens/1step", "val/fd_tokens/4step"):
+            assert math.isfinite(metrics[key]) and math.isfinite(blind[key]) and metrics[key] != blind[key], (precision, key)
+        trainer.close()
