@@ -15,6 +15,7 @@ from ladd_ds.demo.presets import ABLATIONS, SIZES, slug
 from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
 from ladd_ds.demo.runner import Runner
 from ladd_ds.demo.t2i_eval import discriminator_separation
+from tests.conftest import read_metrics
 
 pytestmark = [pytest.mark.slow]
 
@@ -81,6 +82,28 @@ def test_demo_produces_every_stage_output(demo):
     events = EventAccumulator(str(run / results["tensorboard"])).Reload()
     assert "samples/student_1step" in events.Tags()["images"]
     assert "loss/generator" in events.Tags()["scalars"]
+
+
+def test_training_curves_are_the_main_runs_validations(demo):
+    """The main LADD run validates every val_every steps on the held-out synth set; the report's
+    training curves are its logged numbers."""
+    run, size = demo / "run", SIZES["test"]
+    assert json.loads((run / "data" / "held_out" / "manifest.json").read_text())["samples"] == size.val_prompts
+    results = json.loads((run / "eval.json").read_text())
+    curves = results["curves"]
+    assert [c["step"] for c in curves] == list(range(size.val_every, size.train_steps + 1, size.val_every))
+    records = {r["step"]: r for r in read_metrics(run / "main" / "run") if "val/seconds" in r}
+    report = (run / "report.md").read_text()
+    for c in curves:
+        assert c["fd_tokens"] == {str(n): records[c["step"]][f"val/fd_tokens/{n}step"] for n in (1, 2, 4)}
+        fds = " | ".join(f"{c['fd_tokens'][n]:.4g}" for n in ("1", "2", "4"))
+        assert f"| {c['step']} | {c['loss_g']:.3f} | {c['loss_d']:.3f} | {c['logit_gap']:.3f} | {fds} |" in report
+    assert (run / "training_curves.png").stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / results["tensorboard"])).Reload()
+    assert "val/fd_tokens/4step" in events.Tags()["scalars"]
+    assert any(tag.startswith("val/1step/") for tag in events.Tags()["images"])
 
 
 def test_report_numbers_come_from_the_evaluation(demo):

@@ -1,7 +1,8 @@
 """Validation during training (eval.every; ladd_ds.ladd.validation): the student's FD against
 held-out teacher samples, every rank its share. A run on 2 ZeRO-3 ranks logs the numbers one
-process logs (the blocks are padded so both ranks run the same forwards); bf16 runs; a bad eval
-section is refused before any model is built."""
+process logs (the blocks are padded so both ranks run the same forwards) and trains what a run
+without validation trains; bf16 runs; a bad eval section is refused before any model is built;
+the dry run's cost is the FLOPs a validation runs."""
 
 import math
 
@@ -29,12 +30,17 @@ def fd_keys(record: dict) -> list[str]:
     return sorted(k for k in record if k.startswith("val/fd_"))
 
 
-def test_validation_on_two_ranks_equals_one(tmp_path, held_out):
+def test_validation_on_two_ranks_equals_one(tmp_path, held_out, reference_runs):
     runs = {}
     for nproc in (1, 2):
         run_dir = tmp_path / f"{nproc}rank"
         train_tiny(run_dir, 2, [*EXACT, *GLOBAL_BATCH_8[nproc], *EVAL, f"eval.data={held_out}"], nproc=nproc)
         runs[nproc] = validation_records(run_dir)
+        # Validating changes nothing in training: the losses of the same run without it.
+        trained = [r for r in read_metrics(run_dir) if "loss/generator" in r]
+        without = [r for r in read_metrics(reference_runs(nproc)) if "loss/generator" in r][:2]
+        for key in ("loss/generator", "loss/discriminator", "d/real_logit", "d/fake_logit"):
+            assert [r[key] for r in trained] == [r[key] for r in without], (nproc, key)
     assert sorted(runs[1]) == [1, 2]  # every eval.every steps and at the last step
     expected = [f"val/fd_tokens/{n}step{b}" for n in (1, 2, 4) for b in ("", *(f"/{name}" for name in sorted(HELD_OUT)))]
     assert fd_keys(runs[1][1]) == sorted(expected)

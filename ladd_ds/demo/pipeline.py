@@ -3,8 +3,10 @@
 Stages (each skipped when its output is already complete, so an interrupted demo continues):
   1. teacher     `ladd-ds pretrain-teacher` result, cached under --cache (keyed by its settings)
   2. classifier  the evaluation's digit/color/place classifier, cached likewise
-  3. synth       `ladd-ds synth`: the teacher generates the LADD training latents (CFG)
-  4. train       `ladd-ds train --config configs/demo.yaml`: LADD (TensorBoard in the run dir)
+  3. synth       `ladd-ds synth`: the teacher generates the LADD training latents (CFG), and a
+                 held-out set of other prompts for validation during training
+  4. train       `ladd-ds train --config configs/demo.yaml`: LADD (TensorBoard in the run dir),
+                 validated every DemoSize.val_every steps (eval.every; the report's training curves)
   5. export      `ladd-ds export`: the student as a diffusers folder
   6. evaluate    teacher at 1..50 steps and student at 1, 2, 4 steps, 3 seeds each
   7. report      DIR/report.md, DIR/fd_vs_steps.png, DIR/grids/*.png, DIR/eval.json
@@ -46,8 +48,14 @@ from ladd_ds.demo.presets import (
 )
 from ladd_ds.demo.pretrain import cached_teacher
 from ladd_ds.demo.runner import Runner
-from ladd_ds.demo.stages import ladd_stage, make_data
-from ladd_ds.demo.t2i_eval import discriminator_separation, evaluate_models, teacher_sampler_sweep, write_grids
+from ladd_ds.demo.stages import ladd_stage, make_data, make_held_out, validation_sets
+from ladd_ds.demo.t2i_eval import (
+    discriminator_separation,
+    evaluate_models,
+    teacher_sampler_sweep,
+    training_curves,
+    write_grids,
+)
 
 
 def t2i_demo(
@@ -71,12 +79,16 @@ def t2i_demo(
 
     with timed(timings, "synth"):
         data = make_data(out / "data" / "synthetic", teacher, s, "synthetic", runner=runner)
+        held_out = make_held_out(out / "data" / "held_out", teacher, s, runner=runner)
     with timed(timings, "LADD train + export" + (f" ({s.train_seeds} runs)" if s.train_seeds > 1 else "")):
-        student = ladd_stage(out / "main", data=data, teacher=teacher, size=s, runner=runner)
+        validated = validation_sets(held_out, s)
+        student = ladd_stage(out / "main", data=data, teacher=teacher, size=s, runner=runner, sets=validated)
         # Further training runs of the same setting (run.seed k), pooled into the student rows.
         students = [student]
         students += [
-            ladd_stage(out / f"main_seed{k}", data=data, teacher=teacher, size=s, runner=runner, sets=[f"run.seed={k}"])
+            ladd_stage(
+                out / f"main_seed{k}", data=data, teacher=teacher, size=s, runner=runner, sets=[f"run.seed={k}", *validated]
+            )
             for k in range(1, s.train_seeds)
         ]
 
@@ -134,6 +146,7 @@ def t2i_demo(
         "heldout_combinations": sorted(label.prompt for label in digits.HELD_OUT_COMBINATIONS),
         "discriminator": discriminator_separation(out / "main" / "run", after_step=warmup),
         "discriminator_runs": [discriminator_separation(st.parent / "run", after_step=warmup) for st in students],
+        "curves": training_curves(out / "main" / "run"),
         "ablations": ablation_rows,
         "dpo": dpo_rows,
         "grids": [str(g.relative_to(out)) for g in grids],

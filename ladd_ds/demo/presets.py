@@ -53,6 +53,11 @@ class DemoSize:
     # Steps of the teacher's sampler in `ladd-ds synth` and `ladd-ds pairs` (synth.num_steps,
     # pairs.steps); None: configs/demo.yaml's. The evaluation's teacher rows use `teacher_steps`.
     synth_steps: int | None = None
+    # Validation during the main LADD runs (eval.every): a held-out synth set of `val_prompts`
+    # prompts (other draws than synth's, half per bucket), the student's FD against it every
+    # `val_every` steps; the report's training curves.
+    val_prompts: int = 64
+    val_every: int = 50
 
 
 SIZES = {
@@ -90,6 +95,8 @@ SIZES = {
         dpo_steps=2,
         heldout_prompts=8,
         task_pretrain_steps=4,
+        val_prompts=8,
+        val_every=2,
     ),
 }
 

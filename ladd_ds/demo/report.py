@@ -213,6 +213,48 @@ def plot_fd_vs_steps(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def curves_table(curves: list[dict]) -> list[str]:
+    """The main run's training curves (t2i_eval.training_curves), a row per validation."""
+    steps = list(curves[0]["fd_tokens"])
+    lines = [
+        "| step | loss G | loss D | logit gap (real - fake) | " + " | ".join(f"val FD tokens, {n} step" for n in steps) + " |",
+        "|---|---|---|---|" + "---|" * len(steps),
+    ]
+    for c in curves:
+        fds = " | ".join(f"{c['fd_tokens'][n]:.4g}" for n in steps)
+        lines.append(f"| {c['step']} | {c['loss_g']:.3f} | {c['loss_d']:.3f} | {c['logit_gap']:.3f} | {fds} |")
+    return lines
+
+
+def plot_curves(curves: list[dict], path: Path) -> Path:
+    """Three panels over training steps: the losses, the logit gap, the validation FDs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [c["step"] for c in curves]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3), dpi=110)
+    axes[0].plot(steps, [c["loss_g"] for c in curves], marker="o", label="generator (hinge)")
+    axes[0].plot(steps, [c["loss_d"] for c in curves], marker="s", label="discriminator (hinge)")
+    axes[0].set_title("losses (mean since the previous point)")
+    axes[1].plot(steps, [c["logit_gap"] for c in curves], marker="o")
+    axes[1].axhline(0.0, color="grey", lw=0.8)
+    axes[1].set_title("logit gap: d/real - d/fake")
+    for n in curves[0]["fd_tokens"]:
+        axes[2].plot(steps, [c["fd_tokens"][n] for c in curves], marker="o", label=f"{n} step")
+    axes[2].set_title("validation FD, teacher token features ↓")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(out: Path, results: dict) -> Path:
     """DIR/report.md: the text-to-image sections (when the demo ran that task), one section per
     image-conditioned task, then the setup."""
@@ -368,6 +410,20 @@ def t2i_sections(out: Path, results: dict) -> list[str]:
         *table(rows),
         "",
     ]
+    if results.get("curves"):
+        plot_curves(results["curves"], out / "training_curves.png")
+        lines += [
+            "## Training curves (the main run)",
+            "",
+            "Validation during training (`eval.every`): the student's FD against the teacher's samples of held-out "
+            'prompts, in the teacher\'s own token-feature space (docs/evaluation.md, "During training"); losses and '
+            "the discriminator's logit gap averaged over the steps since the previous validation.",
+            "",
+            *curves_table(results["curves"]),
+            "",
+            "![training curves](training_curves.png)",
+            "",
+        ]
     if training_runs_table(rows):
         lines += [
             "## The student over independent training runs",

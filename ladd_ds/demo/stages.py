@@ -84,9 +84,12 @@ def write_real_images(folder: Path, *, n: int, seed: int) -> tuple[Path, Path]:
     return folder, caption_file
 
 
-def make_data(data: Path, teacher: Path, size: DemoSize, kind: str, *, runner: Runner) -> Path:
-    """The LADD training shards: teacher samples (`ladd-ds synth`) or, for the real-data
-    ablation, rendered training images (`ladd-ds encode`). Skipped when already complete."""
+def make_data(
+    data: Path, teacher: Path, size: DemoSize, kind: str, *, runner: Runner, prompts: int | None = None, seed: int = 11
+) -> Path:
+    """The LADD training shards: teacher samples (`ladd-ds synth`) of `prompts` prompts (default:
+    the size's synth_prompts) drawn with `seed`, or, for the real-data ablation, rendered training
+    images (`ladd-ds encode`). Skipped when already complete."""
     if (data / "manifest.json").is_file():
         return data
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -98,10 +101,23 @@ def make_data(data: Path, teacher: Path, size: DemoSize, kind: str, *, runner: R
             data.with_suffix(".log"),
         )
     else:
-        prompts = write_prompt_file(data.with_name(data.name + "_prompts.jsonl"), n=size.synth_prompts, seed=11)
-        args = ["synth", *common, *sampler_args(size), "--prompts", str(prompts), "--out", str(data)]
+        n = size.synth_prompts if prompts is None else prompts
+        prompt_file = write_prompt_file(data.with_name(data.name + "_prompts.jsonl"), n=n, seed=seed)
+        args = ["synth", *common, *sampler_args(size), "--prompts", str(prompt_file), "--out", str(data)]
         runner(args, data.with_suffix(".log"))
     return data
+
+
+def make_held_out(data: Path, teacher: Path, size: DemoSize, *, runner: Runner) -> Path:
+    """The validation set of the main LADD runs: the teacher's samples (`ladd-ds synth`) of
+    size.val_prompts prompts drawn with another seed than the training data's. The label space is
+    small, so some prompt texts also occur in the training data; their samples are other draws."""
+    return make_data(data, teacher, size, "synthetic", runner=runner, prompts=size.val_prompts, seed=13)
+
+
+def validation_sets(held_out: Path, size: DemoSize) -> list[str]:
+    """The --set overrides of a LADD run validated on `held_out` every size.val_every steps."""
+    return [f"eval.data={held_out}", f"eval.every={size.val_every}", f"eval.num_samples={size.val_prompts}"]
 
 
 def ladd_stage(

@@ -92,6 +92,32 @@ def discriminator_separation(run_dir: Path, after_step: int) -> dict:
     }
 
 
+def training_curves(run_dir: Path) -> list[dict]:
+    """From the LADD run's metrics.jsonl, one row per validation (eval.every): the step, the
+    validation FDs in the teacher's token space ("fd_tokens": {"N" steps: FD}), and the means of
+    the losses and of the discriminator's logit gap (d/real_logit - d/fake_logit) over the steps
+    logged since the previous validation. [] for a run without validation."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows, since = [], []
+    for r in records:
+        if "val/seconds" not in r:
+            if isinstance(r.get("d/real_logit"), float):  # a skipped step logs them as NaN strings
+                since.append(r)
+            continue
+        fds = {
+            int(k.split("/")[2].removesuffix("step")): v
+            for k, v in r.items()
+            if k.startswith("val/fd_tokens/") and k.count("/") == 2
+        }
+        row = {"step": r["step"], "fd_tokens": {str(n): fds[n] for n in sorted(fds)}, "val_seconds": r["val/seconds"]}
+        for key, name in (("loss/generator", "loss_g"), ("loss/discriminator", "loss_d")):
+            row[name] = float(np.mean([x[key] for x in since])) if since else float("nan")
+        row["logit_gap"] = float(np.mean([x["d/real_logit"] - x["d/fake_logit"] for x in since])) if since else float("nan")
+        rows.append(row)
+        since = []
+    return rows
+
+
 def write_grids(out: Path, *, teacher: Path, student: Path, size: DemoSize) -> list[Path]:
     """One PNG per configuration: a row per prompt, one column per seed."""
     from ladd_ds.core.noise import derive_seed
