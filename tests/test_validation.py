@@ -9,6 +9,7 @@ import math
 import pytest
 
 from tests.conftest import EXACT, GLOBAL_BATCH_8, cli_error, read_metrics, train_tiny
+from tests.metric_nets import dinov2_folder
 from tests.test_data_checks import write_root
 
 # Two buckets of 6 held-out samples; 5 read from each: 2 ranks hold blocks of 2 and 3 samples.
@@ -99,15 +100,18 @@ def test_dpo_refuses_an_eval_section(tmp_path, capsys, held_out):
 
 def test_planned_validation_flops_are_the_counted_ones(tmp_path, distributed_world_of_one, held_out):
     """The dry run's validation cost, term by term, against the FLOPs the validation and a training
-    step run (torch's FLOP formulas on the real tensors, attributed to the model that ran them)."""
+    step run (torch's FLOP formulas on the real tensors, attributed to the model that ran them; the
+    decode and the image encoder of eval.features run outside the models and are not counted)."""
     from ladd_ds.ladd import validation
     from ladd_ds.ladd.build import as_engines_hold, build_models, step_activations
     from ladd_ds.models.activations import RecomputeFlops
     from tests.test_ladd_steps import make_trainer
 
+    encoder = dinov2_folder(tmp_path / "dinov2")  # eval.features: FD of the decoded images too
     trainer = make_trainer(
-        tmp_path, f"eval.data={held_out}", "eval.num_samples=5", "eval.batch_size=2", "eval.images=0", "checkpoint.every=100"
-    )
+        tmp_path / "run", f"eval.data={held_out}", "eval.num_samples=5", "eval.batch_size=2", f"eval.features={encoder}",
+        "checkpoint.every=100",
+    )  # fmt: skip
     cfg, method = trainer.cfg, trainer.method
     teacher, student, heads, taps = build_models(cfg, device="meta")
     models = {"teacher": teacher, "student": student, "heads": heads}
@@ -142,7 +146,11 @@ def test_planned_validation_flops_are_the_counted_ones(tmp_path, distributed_wor
     for _ in range(2):
         counters.append(ByModel())
         with counters[-1]:
-            trainer.validation.run(method)
+            metrics, grids = trainer.validation.run(method)
+    for n in (1, 2, 4):  # the image encoder's FDs, pooled and per bucket
+        keys = [f"val/fd_image/{n}step", *(f"val/fd_image/{n}step/{b}" for b in HELD_OUT)]
+        assert all(math.isfinite(metrics[k]) and metrics[k] > 0 for k in keys)
+        assert sorted(b for b in grids if b.startswith(f"val/{n}step/")) == sorted(f"val/{n}step/{b}" for b in HELD_OUT)
     for h in hooks:
         h.remove()
     first, second = (c.by for c in counters)  # None: outside the models (the FDs' covariances)
