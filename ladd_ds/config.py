@@ -331,6 +331,7 @@ class EvalConfig:
     weights) and, with `features`, in an image encoder's."""
 
     every: int = 500  # steps between validations (and at the last step); 0 = off
+    at_start: bool = True  # also before the first step: the starting student's numbers
     data: str | None = None  # a local `ladd-ds synth` dataset of prompts held out of training; null = off
     num_samples: int = 64  # per bucket: its first N samples
     steps: list[int] | None = None  # student step counts; null = those of 1, 2, 4 the run trains

@@ -91,13 +91,14 @@ def test_training_curves_are_the_main_runs_validations(demo):
     assert json.loads((run / "data" / "held_out" / "manifest.json").read_text())["samples"] == size.val_prompts
     results = json.loads((run / "eval.json").read_text())
     curves = results["curves"]
-    assert [c["step"] for c in curves] == list(range(size.val_every, size.train_steps + 1, size.val_every))
+    assert [c["step"] for c in curves] == list(range(0, size.train_steps + 1, size.val_every))  # 0: before training
     records = {r["step"]: r for r in read_metrics(run / "main" / "run") if "val/seconds" in r}
     report = (run / "report.md").read_text()
     for c in curves:
         assert c["fd_tokens"] == {str(n): records[c["step"]][f"val/fd_tokens/{n}step"] for n in (1, 2, 4)}
         fds = " | ".join(f"{c['fd_tokens'][n]:.4g}" for n in ("1", "2", "4"))
-        assert f"| {c['step']} | {c['loss_g']:.3f} | {c['loss_d']:.3f} | {c['logit_gap']:.3f} | {fds} |" in report
+        trained = " | ".join("–" if c["step"] == 0 else f"{c[k]:.3f}" for k in ("loss_g", "loss_d", "logit_gap"))
+        assert f"| {c['step']} | {trained} | {fds} |" in report
     assert (run / "training_curves.png").stat().st_size > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

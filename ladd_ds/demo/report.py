@@ -6,6 +6,7 @@ is typed in. The goal lines are evaluated from the same numbers.
 
 from __future__ import annotations
 
+import math
 import platform
 from pathlib import Path
 
@@ -222,8 +223,13 @@ def curves_table(curves: list[dict]) -> list[str]:
     ]
     for c in curves:
         fds = " | ".join(f"{c['fd_tokens'][n]:.4g}" for n in steps)
-        lines.append(f"| {c['step']} | {c['loss_g']:.3f} | {c['loss_d']:.3f} | {c['logit_gap']:.3f} | {fds} |")
+        trained = " | ".join(_value(c[k]) for k in ("loss_g", "loss_d", "logit_gap"))  # none before the first step
+        lines.append(f"| {c['step']} | {trained} | {fds} |")
     return lines
+
+
+def _value(x: float) -> str:
+    return f"{x:.3f}" if math.isfinite(x) else "–"
 
 
 def plot_curves(curves: list[dict], path: Path) -> Path:

@@ -206,8 +206,11 @@ class Trainer:
         replayed steps do not show twice."""
         if not is_main():
             return NullLogger()
-        truncate_after(self.run_dir / "metrics.jsonl", self.step)
-        return MetricLogger(self.run_dir, self.cfg.logging.tensorboard, purge_step=self.step + 1)
+        # A start from step 0 replays everything an earlier attempt logged, its validation before
+        # the first step (eval.at_start, logged at step 0) included.
+        last_kept = self.step if self.step > 0 else -1
+        truncate_after(self.run_dir / "metrics.jsonl", last_kept)
+        return MetricLogger(self.run_dir, self.cfg.logging.tensorboard, purge_step=last_kept + 1)
 
     def _load_rank_state(self, path: Path, state: dict) -> None:
         """Counters, data position and EMA. Each rank reads its own rank file; after a world-size
@@ -287,6 +290,8 @@ class Trainer:
         timer = StepTimer()
         self._started = (time.monotonic(), self.step)  # for the plain log lines' ETA
         self._since_validation = time.monotonic()
+        if self.validation is not None and self.step == 0 and cfg.eval.at_start:
+            self._validate()  # the starting point of the curves
         while self.step < max_steps:
             faults.maybe_die("exit", self.step + 1)
             faults.maybe_die("kill", self.step + 1)
