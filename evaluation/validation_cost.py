@@ -6,8 +6,8 @@ dry run's FLOP estimate.
 Writes a held-out set shaped like the tiny config's data (random latents: the cost does not
 depend on what they show), trains configs/tiny_cpu.yaml for `--validations` x `--every` steps with
 validation every `--every` steps, and reads metrics.jsonl: the seconds of each validation after
-the first (the first also reads the stored samples once) and the wall time of the training steps
-between two. From them, the share of wall time validation takes at the default eval.every; the
+the one before training (which also reads the stored samples once) and the wall time of the
+training steps before each. From them, the share of wall time validation takes at the default eval.every; the
 dry run of the same config prints its FLOP share for comparison (on a CPU the tiny models' time
 is mostly per-call overhead, so the two differ; on a GPU at scale the FLOPs dominate).
 """
@@ -58,7 +58,7 @@ def main() -> None:
         steps = args.every * args.validations
         ladd_ds("train", "--config", str(TINY), "--run-dir", str(run), "--max-steps", str(steps), *flags, ranks=args.ranks)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        vals = [r for r in records if "val/seconds" in r][1:]  # after the first (which adds the reference)
+        vals = [r for r in records if "val/time_share" in r]  # after the one before training (which adds the reference)
         at_default = [x for s in sets if not s.startswith("eval.every=") for x in ("--set", s)]
         dry = ladd_ds("train", "--config", str(TINY), "--dry-run", "--world-size", str(args.ranks), *at_default, ranks=1)
 
@@ -69,7 +69,7 @@ def main() -> None:
     planned = re.search(r"validation is ([0-9.]+%) of the compute", dry)
     print(f"tiny config, {args.ranks} CPU rank(s), eval.num_samples {args.samples}, steps {steps}, validation every {args.every}")
     print("| measure | value |\n|---|---|")
-    print(f"| one validation (mean of {len(vals)}, after the first) | {val_s:.2f} s |")
+    print(f"| one validation (mean of {len(vals)}, after the one before training) | {val_s:.2f} s |")
     print(f"| a training step, wall time between validations | {step_s:.3f} s |")
     print(f"| validation's share of wall time at eval.every {args.every} (measured) | {val_s / wall:.1%} |")
     at_default = val_s / (default * step_s + val_s)

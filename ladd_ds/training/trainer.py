@@ -343,7 +343,8 @@ class Trainer:
         with sdpa_context(self.sdpa_priority):
             metrics, grids = self.validation.run(self.method)
         now = time.monotonic()
-        metrics["val/time_share"] = metrics["val/seconds"] / max(now - self._since_validation, 1e-9)
+        if self.step > 0:  # of the wall time since the previous validation (or the loop's start)
+            metrics["val/time_share"] = metrics["val/seconds"] / max(now - self._since_validation, 1e-9)
         self._since_validation = now
         if is_main():
             fds = ", ".join(f"{k.removeprefix('val/')} {number(v)}" for k, v in metrics.items() if k.count("/") == 2)
