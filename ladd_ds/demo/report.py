@@ -249,6 +249,7 @@ def plot_curves(curves: list[dict], path: Path) -> Path:
     axes[1].set_title("logit gap: d/real - d/fake")
     for n in curves[0]["fd_tokens"]:
         axes[2].plot(steps, [c["fd_tokens"][n] for c in curves], marker="o", label=f"{n} step")
+    axes[2].set_yscale("log")  # the 1-step FD falls by more than an order of magnitude
     axes[2].set_title("validation FD, teacher token features ↓")
     for ax in axes:
         ax.set_xlabel("training step")
