@@ -97,8 +97,11 @@ def test_training_curves_are_the_main_runs_validations(demo):
     for c in curves:
         assert c["fd_tokens"] == {str(n): records[c["step"]][f"val/fd_tokens/{n}step"] for n in (1, 2, 4)}
         fds = " | ".join(f"{c['fd_tokens'][n]:.4g}" for n in ("1", "2", "4"))
-        trained = " | ".join("–" if c["step"] == 0 else f"{c[k]:.3f}" for k in ("loss_g", "loss_d", "logit_gap"))
+        # "–": no training step logged since the previous validation (before the first step; at the
+        # test size logging.every exceeds eval.every, so only the last step is logged)
+        trained = " | ".join(f"{c[k]:.3f}" if math.isfinite(c[k]) else "–" for k in ("loss_g", "loss_d", "logit_gap"))
         assert f"| {c['step']} | {trained} | {fds} |" in report
+    assert math.isnan(curves[0]["loss_g"]) and math.isfinite(curves[-1]["loss_g"]) and math.isfinite(curves[-1]["logit_gap"])
     assert (run / "training_curves.png").stat().st_size > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
