@@ -107,7 +107,7 @@ class Bucket:
 
 
 class Validation:
-    """Holds the held-out set and the reference features; `run(method, step)` validates."""
+    """Holds the held-out set and the reference features; `run(method)` validates."""
 
     def __init__(self, cfg: Config, method):
         """`method`: the LADD method (its engines, taps, model_input, device and dtype)."""
@@ -141,7 +141,7 @@ class Validation:
     # -- the forwards -------------------------------------------------------------------------
 
     def _batches(self, bucket: Bucket, device, dtype):
-        """(start, batch on the device) over this rank's padded block, `eval.batch_size` at a time."""
+        """(start, stop, batch on the device) over this rank's padded block, `eval.batch_size` at a time."""
         n = len(bucket.index)
         for start in range(0, n, self.e.batch_size):
             stop = min(start + self.e.batch_size, n)
