@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 
 from ladd_ds.cli import main
+from ladd_ds.core.errors import InputError
 from ladd_ds.demo import digits
 from ladd_ds.demo.classifier import accuracy, held_out_set, train_classifier
 from ladd_ds.demo.pipeline import run_demo
-from ladd_ds.demo.presets import ABLATIONS, SIZES, slug
+from ladd_ds.demo.presets import ABLATIONS, DEMO_TASKS, SIZES, slug
 from ladd_ds.demo.pretrain import PretrainSettings, cached_teacher
 from ladd_ds.demo.runner import Runner
 from ladd_ds.demo.t2i_eval import discriminator_separation
@@ -32,10 +33,20 @@ IN_PROCESS = Runner(entry_point=main)
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The main pipeline (two training runs pooled), then the chosen ablations on its outputs:
-    `ladd-ds demo --size test --train-seeds 2 --ablations real_data` with stages in process."""
+    """The main pipeline (two training runs pooled), then the chosen ablations on its outputs, the
+    sampler sweep and the inpainting and editing tasks: `ladd-ds demo --size test --tasks all
+    --train-seeds 2 --ablations real_data --sampler-sweep` with stages in process."""
     out = tmp_path_factory.mktemp("demo")
-    run_demo(out / "run", cache=out / "cache", size="test", train_seeds=2, ablations=TESTED_ABLATIONS, runner=IN_PROCESS)
+    run_demo(
+        out / "run",
+        cache=out / "cache",
+        size="test",
+        train_seeds=2,
+        ablations=TESTED_ABLATIONS,
+        sampler_sweep=True,
+        tasks=DEMO_TASKS,
+        runner=IN_PROCESS,
+    )
     return out
 
 
@@ -128,6 +139,13 @@ def test_report_numbers_come_from_the_evaluation(demo):
         row = next(r for r in results["rows"] if r["kind"] == kind and r["steps"] == int(cells[1]))
         assert cells[3] == f"{row['fd']:.2f} ± {row['fd_std']:.2f}"
         assert cells[4] == f"{row['alignment']:.3f} ± {row['alignment_std']:.3f}"
+        assert cells[6] == f"{row['hue_purity']:.3f} ± {row['hue_purity_std']:.3f}"
+        assert cells[7] == f"{row['background']:.2f} ± {row['background_std']:.2f}"
+    # The real renders' own scores close the table: the classifier's reading and clean pixels.
+    ref = results["reference"]
+    assert ref["hue_purity"] == 1.0 and ref["background"] == 0.0 and 0.0 <= ref["alignment"] <= 1.0
+    assert f"| held-out real renders (reference) | – | – | 0 | {ref['alignment']:.3f} |" in main_table
+    assert "Student 1 step as clean as the teacher" in report
 
 
 def test_student_rows_pool_the_training_runs(demo):
@@ -312,7 +330,7 @@ def test_bf16_demo_runs_every_stage_in_bf16(bf16_demo):
 
 @pytest.mark.parametrize("task", ["inpaint", "edit"])
 def test_task_tables_come_from_the_evaluation(demo, task):
-    """`demo` runs every task by default: the task teacher (from the cached t2i one), synth of
+    """`demo --tasks all` runs every task: the task teacher (from the cached t2i one), synth of
     the task's data, LADD with ladd.task, the export, and a table whose cells and goal line are
     the evaluation's numbers."""
     from ladd_ds.data.schema import TASK_LAYOUTS, validate_mds_dir
@@ -425,3 +443,18 @@ def test_timed_records_a_finished_block_under_its_final_key():
         raise KeyError("stage")
     assert list(timings) == ["earlier", "synth", "teacher (cached)"]
     assert 0.01 <= timings["synth"] <= outer
+
+
+def test_demo_tasks_default_to_text_to_image_and_all_names_every_task(monkeypatch):
+    """A newcomer's `ladd-ds demo --out DIR` runs the text-to-image task only; `--tasks all` and a
+    list choose the others, and the sampler sweep is one flag away."""
+    import ladd_ds.demo.pipeline as pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_demo", lambda out, **kw: calls.append(kw) or out)
+    for argv in ([], ["--tasks", "all", "--sampler-sweep"], ["--tasks", "t2i, edit"]):
+        assert main(["demo", "--out", "x", *argv]) == 0
+    assert [c["tasks"] for c in calls] == [["t2i"], list(DEMO_TASKS), ["t2i", "edit"]]
+    assert [c["sampler_sweep"] for c in calls] == [False, True, False]
+    with pytest.raises(InputError, match="--sampler-sweep"):
+        run_demo("unused", tasks=["edit"], sampler_sweep=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import replace
 
 import pytest
@@ -130,11 +131,15 @@ def test_task_teachers_have_keys_of_their_own_and_the_t2i_key_is_unchanged():
     with pytest.raises(ValueError, match="task"):
         PretrainSettings(task="outpaint")
     with pytest.raises(ValueError, match="init_from"):
-        PretrainSettings(init_from=t2i)
+        PretrainSettings(init_from=task_settings("edit", t2i))
     # The edit teacher's own schedule: weighted kinds and shifted times, each part of the key.
     edit = task_settings("edit", t2i)
     assert edit.time_shift > 1 and edit.kinds.count("place") > edit.kinds.count("color")
     assert len({edit.key(), replace(edit, kinds=()).key(), replace(edit, time_shift=1.0).key()}) == 3
+    # A share of t = 1 samples is part of the key (0, the default, keeps the old one).
+    assert replace(t2i, t1_share=0.3).key() != t2i.key() == replace(t2i, t1_share=0.0).key()
+    with pytest.raises(ValueError, match="t1_share"):
+        replace(t2i, t1_share=1.0)
     with pytest.raises(ValueError, match="kinds.*edit"):
         replace(edit, kinds=("box",))
     with pytest.raises(ValueError, match="kinds.*t2i"):
@@ -335,3 +340,25 @@ def test_task_measures_average_per_kind_over_that_kinds_examples():
     averaged = evaluator._average(measures)
     assert averaged["success"] == pytest.approx(0.5) and averaged["preservation"] == pytest.approx(0.5)
     assert averaged["success/place"] == pytest.approx(counts[0] / sum(counts))
+
+
+def test_t1_share_trains_that_share_of_samples_at_pure_noise():
+    """flow_matching_loss with t1_share: those samples' input is the noise itself, at t = 1; the
+    rest keep the logit-normal times (never exactly 1)."""
+    from ladd_ds.demo.pretrain import flow_matching_loss
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, embeds, pooled):
+            self.t = t
+            return torch.zeros_like(x)
+
+    table = types.SimpleNamespace(lookup=lambda prompts: (torch.zeros(len(prompts), 2, 4), torch.zeros(len(prompts), 4)))
+    x0 = torch.zeros(4000, 1, 1, 1)
+    model = Recorder()
+    flow_matching_loss(
+        model, table, x0, None, ["a"] * 4000, caption_dropout=0.0, gen=torch.Generator().manual_seed(0), t1_share=0.3
+    )
+    at_one = (model.t == 1.0).float().mean().item()
+    assert 0.27 < at_one < 0.33
+    flow_matching_loss(model, table, x0, None, ["a"] * 4000, caption_dropout=0.0, gen=torch.Generator().manual_seed(0))
+    assert not (model.t == 1.0).any()

@@ -36,6 +36,7 @@ from ladd_ds.core.timing import timed
 from ladd_ds.demo import digits
 from ladd_ds.demo.dpo_recipe import dpo_recipe
 from ladd_ds.demo.presets import (
+    DEFAULT_TASKS,
     DEMO_CONFIG,
     DEMO_TASKS,
     OPEN_PLACE,
@@ -67,6 +68,7 @@ def t2i_demo(
     classifier,
     ablations,
     dpo: bool,
+    sampler_sweep: bool,
     timings: dict,
     runner: Runner,
 ) -> dict:
@@ -102,8 +104,10 @@ def t2i_demo(
         )
         heldout_rows = evaluate_models(teacher, students, s, heldout, [max(s.teacher_steps), 4], s.heldout_seeds)
         grids = write_grids(out, teacher=teacher, student=student, size=s)
-    with timed(timings, "teacher sampler sweep"):
-        sweep_rows = teacher_sampler_sweep(teacher, s, evaluator)
+    sweep_rows = []
+    if sampler_sweep:
+        with timed(timings, "teacher sampler sweep"):
+            sweep_rows = teacher_sampler_sweep(teacher, s, evaluator)
     warmup = load_config(DEMO_CONFIG).optim.warmup_steps
 
     ablation_rows = []
@@ -140,7 +144,9 @@ def t2i_demo(
 
     return {
         "rows": rows,
+        "reference": evaluator.reference,
         "heldout_rows": heldout_rows,
+        "heldout_reference": heldout.reference,
         "teacher_shift": teacher_sampler()[0],  # the main table's sampler (synth's)
         "sampler_sweep": sweep_rows,
         "heldout_combinations": sorted(label.prompt for label in digits.HELD_OUT_COMBINATIONS),
@@ -161,12 +167,13 @@ def run_demo(
     size: str = "full",
     ablations: bool | list[str] = False,
     dpo: bool = False,
+    sampler_sweep: bool = False,
     precision: str = "fp32",
     train_seeds: int | None = None,
-    tasks: list[str] | tuple[str, ...] = DEMO_TASKS,
+    tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
     runner: Runner | None = None,
 ) -> Path:
-    """The demo of `tasks` (DEMO_TASKS: text-to-image, inpainting, editing) into `out`; returns
+    """The demo of `tasks` (of DEMO_TASKS: text-to-image, inpainting, editing) into `out`; returns
     report.md. The text-to-image teacher and the classifier are always made (the task teachers
     start from that teacher; every task is evaluated with that classifier). `runner` runs the
     command stages (default `Runner()`: each a subprocess, as a user runs it)."""
@@ -176,8 +183,8 @@ def run_demo(
     unknown = [t for t in tasks if t not in DEMO_TASKS]
     if unknown or not tasks:
         raise InputError(f"--tasks: {unknown or 'none given'}; choose from {', '.join(DEMO_TASKS)}")
-    if (ablations or dpo or train_seeds) and "t2i" not in tasks:
-        raise InputError("--ablations, --dpo and --train-seeds are text-to-image stages: add t2i to --tasks")
+    if (ablations or dpo or train_seeds or sampler_sweep) and "t2i" not in tasks:
+        raise InputError("--ablations, --dpo, --sampler-sweep and --train-seeds are text-to-image stages: add t2i to --tasks")
     image_tasks = [t for t in DEMO_TASKS if t in tasks and t != "t2i"]
     out = Path(out)
     check_output(out, "demo")  # a new or empty folder, or an earlier demo's output (its finished stages are reused)
@@ -216,6 +223,7 @@ def run_demo(
             classifier=classifier,
             ablations=ablations,
             dpo=dpo,
+            sampler_sweep=sampler_sweep,
             timings=timings,
             runner=runner,
         )

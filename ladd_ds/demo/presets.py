@@ -14,7 +14,10 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 # Share of the demo's prompts (teacher pretraining, synth, evaluation, real images, DPO pairs) that
 # leave the place open ("a red seven"): see digits.random_label and docs/demo.md, "What the demo shows".
 OPEN_PLACE = 0.0
-DEMO_TASKS = ("t2i", "inpaint", "edit")  # `ladd-ds demo --tasks`, all by default
+DEMO_TASKS = ("t2i", "inpaint", "edit")  # `ladd-ds demo --tasks` (`--tasks all`: every one)
+# The default: text-to-image only. Each task adds its own teacher's pretraining on the first run
+# and its stages on every run (README, "The demo", has their times).
+DEFAULT_TASKS = ("t2i",)
 
 
 @dataclass

@@ -77,15 +77,21 @@ class PretrainSettings:
     # factor (t -> s t / (1 + (s - 1) t); 1 leaves them): more steps at the high noise levels that
     # decide where a digit goes.
     time_shift: float = 1.0
+    # Share of training samples at t = 1 exactly (pure noise), the input of a 1-step student. SD3's
+    # logit-normal density vanishes there, and a teacher that rarely sees it cancels the noise
+    # only roughly: with the demo's pixel "latents" the residue is visible chroma speckle and
+    # background haze, which LADD's student inherits (docs/demo.md, "Pixel cleanliness").
+    t1_share: float = 0.0
     # Start from the cached teacher of these (text-to-image) settings, widened, instead of `seed`'s
-    # random weights (inpaint/edit only).
+    # random weights: a task teacher widened, or a text-to-image teacher trained further (e.g. with
+    # another time density, evaluation/clean_student.py).
     init_from: PretrainSettings | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
-        if self.init_from is not None and (self.task == "t2i" or self.init_from.task != "t2i"):
-            raise ValueError("init_from: an inpaint or edit teacher starts from a text-to-image teacher's settings")
+        if self.init_from is not None and self.init_from.task != "t2i":
+            raise ValueError("init_from: a teacher starts from a text-to-image teacher's settings")
         if self.task != "t2i" and self.open_place:
             raise ValueError("open_place is a text-to-image setting; the task teachers' prompts name the place")
         self.kinds = tuple(self.kinds)
@@ -95,6 +101,8 @@ class PretrainSettings:
                 raise ValueError(f"kinds: the {self.task} task's examples are of kinds {known}, got {self.kinds}")
         if self.time_shift <= 0:
             raise ValueError(f"time_shift must be positive, got {self.time_shift}")
+        if not 0.0 <= self.t1_share < 1.0:
+            raise ValueError(f"t1_share must be in [0, 1), got {self.t1_share}")
 
     def key(self) -> str:
         """Identifies a cached teacher: the same settings, architecture, data and text encoders
@@ -115,6 +123,8 @@ class PretrainSettings:
             del settings["kinds"]
         if self.time_shift == 1.0:
             del settings["time_shift"]
+        if not self.t1_share:
+            del settings["t1_share"]
         identity = {
             "settings": settings,
             "architecture": PRESETS[self.preset],
@@ -209,16 +219,19 @@ def flow_matching_loss(
     caption_dropout: float,
     gen: torch.Generator,
     time_shift: float = 1.0,
+    t1_share: float = 0.0,
 ) -> torch.Tensor:
     """The teacher's rectified-flow loss on clean latents x0 (B, C, h, w): velocity MSE at times
     from SD3's logit-normal density, shifted towards noise by `time_shift` (SD3's t -> s t / (1 +
-    (s - 1) t); 1 leaves it). Caption dropout drops the text only: the image condition stays
-    (guidance keeps it too)."""
+    (s - 1) t); 1 leaves it), and a share `t1_share` of the samples at t = 1 exactly. Caption
+    dropout drops the text only: the image condition stays (guidance keeps it too)."""
     drop = torch.rand(len(prompts), generator=gen) < caption_dropout
     embeds, pooled = table.lookup(["" if d else p for p, d in zip(prompts, drop.tolist())])
     eps = torch.randn(x0.shape, generator=gen)
     t = sample_logit_normal((len(prompts),), generator=gen)
     t = shift_time(t, time_shift)
+    if t1_share:
+        t = torch.where(torch.rand(len(prompts), generator=gen) < t1_share, torch.ones_like(t), t)
     v = model(join_condition(add_noise(x0, eps, t), condition), t, embeds, pooled)
     return (v - velocity_target(x0, eps)).square().mean()
 
@@ -266,7 +279,15 @@ def pretrain_teacher(
     for step in bar:
         x0, condition, prompts = training_batch(s, step, source)  # (B, 12, H/2, W/2), (B, extra, ...) or None
         loss = flow_matching_loss(
-            model, table, x0, condition, prompts, caption_dropout=s.caption_dropout, gen=gen, time_shift=s.time_shift
+            model,
+            table,
+            x0,
+            condition,
+            prompts,
+            caption_dropout=s.caption_dropout,
+            gen=gen,
+            time_shift=s.time_shift,
+            t1_share=s.t1_share,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,14 +17,25 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def table(rows: list[dict], first_col: str = "model") -> list[str]:
+def _pixels(r: dict) -> str:
+    """The pixel-cleanliness cells of a row (ladd_ds.demo.pixels); rows measured before the metric
+    existed show –."""
+    if "hue_purity" not in r:
+        return "– | –"
+    if "hue_purity_std" not in r:  # the real renders' reference row: one value
+        return f"{r['hue_purity']:.3f} | {r['background']:.2f}"
+    return f"{_fmt(r['hue_purity'], r['hue_purity_std'], 3)} | {_fmt(r['background'], r['background_std'], 2)}"
+
+
+def table(rows: list[dict], first_col: str = "model", reference: dict | None = None) -> list[str]:
     """A markdown table of evaluation rows; rows of LADD runs with a discriminator separation
-    (ablations) get a column for it."""
+    (ablations) get a column for it. `reference`: what the held-out real renders score
+    (DemoEvaluator.reference), a last row."""
     with_d = any("d_separation" in r for r in rows)
     lines = [
-        f"| {first_col} | steps | CFG | FD ↓ | alignment ↑ | digit / color / place acc. | NFE | ms/img |"
-        + (" D real − fake |" if with_d else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if with_d else ""),
+        f"| {first_col} | steps | CFG | FD ↓ | alignment ↑ | digit / color / place acc. | hue purity ↑ | background ↓ "
+        "| NFE | ms/img |" + (" D real − fake |" if with_d else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_d else ""),
     ]
     for r in rows:
         name = r.get("ablation") or r.get("model") or ("teacher" if r["kind"] == "teacher" else "LADD student")
@@ -32,9 +43,16 @@ def table(rows: list[dict], first_col: str = "model") -> list[str]:
         d = r.get("d_separation")
         lines.append(
             f"| {name} | {r['steps']} | {r['cfg']:g} | {_fmt(r['fd'], r['fd_std'], 2)} | "
-            f"{_fmt(r['alignment'], r['alignment_std'], 3)} | {attrs} | {r['nfe']} | "
+            f"{_fmt(r['alignment'], r['alignment_std'], 3)} | {attrs} | {_pixels(r)} | {r['nfe']} | "
             f"{_fmt(r['ms_per_image'], r['ms_per_image_std'], 1)} |"
             + ((f" {d:+.3f} |" if d is not None else " – |") if with_d else "")
+        )
+    if reference is not None:
+        r = reference
+        attrs = f"{r['acc_digit']:.2f} / {r['acc_color']:.2f} / {r['acc_place']:.2f}"
+        lines.append(
+            f"| held-out real renders (reference) | – | – | 0 | {r['alignment']:.3f} | {attrs} | {_pixels(r)} | – | – |"
+            + (" – |" if with_d else "")
         )
     return lines
 
@@ -45,6 +63,8 @@ TEACHER_MIN_DIGIT, TEACHER_MIN_ALIGNMENT = 0.85, 0.80
 GAP_MIN_FD_RATIO, GAP_MAX_ALIGNMENT_SHARE = 1.5, 0.9  # teacher 4 steps vs its top step count
 STUDENT_MAX_FD_RATIO, STUDENT_MIN_ALIGNMENT_SHARE = 1.5, 0.9  # student 4 steps vs teacher top
 D_MIN_STDERRS = 3.0  # the heads separate real from fake: mean gap at least this many standard errors
+# The 1-step student is as clean as the teacher at its top step count (ladd_ds.demo.pixels).
+CLEAN_MIN_PURITY, CLEAN_MAX_BACKGROUND_RATIO = 0.95, 1.5
 
 
 def _met(ok: bool) -> str:
@@ -80,7 +100,22 @@ def student_goals(rows: list[dict], label: str = "") -> list[str]:
     if 1 in student and 4 in student:
         out.append(
             f"- {label}Student FD from 1 to 4 steps: {student[1]['fd']:.2f} -> {student[4]['fd']:.2f} "
-            f"(goal: not worse: {_met(student[4]['fd'] <= student[1]['fd'])})."
+            f"(goal: not worse: {_met(student[4]['fd'] <= student[1]['fd'])})"
+            + (
+                f"; hue purity {student[1]['hue_purity']:.3f} -> {student[4]['hue_purity']:.3f}, background "
+                f"{student[1]['background']:.2f} -> {student[4]['background']:.2f}."
+                if "hue_purity" in student[1] and "hue_purity" in student[4]
+                else "."
+            )
+        )
+    if 1 in student and "hue_purity" in student[1] and "hue_purity" in ref:
+        s1 = student[1]
+        ratio = s1["background"] / max(ref["background"], 1e-9)
+        clean = s1["hue_purity"] >= CLEAN_MIN_PURITY and ratio <= CLEAN_MAX_BACKGROUND_RATIO
+        out.append(
+            f"- {label}Student 1 step as clean as the teacher at {top} steps: hue purity {s1['hue_purity']:.3f} "
+            f"(goal ≥ {CLEAN_MIN_PURITY}), background {s1['background']:.2f} vs {ref['background']:.2f}, "
+            f"{ratio:.2f}x (goal ≤ {CLEAN_MAX_BACKGROUND_RATIO}x): {_met(clean)}."
         )
     return out
 
@@ -398,12 +433,15 @@ def t2i_sections(out: Path, results: dict) -> list[str]:
             if size.get("train_seeds", 1) > 1
             else ". "
         )
-        + "ms/img: sampling + decoding, batched, on this machine.",
+        + "Hue purity: share of glyph pixels with the asked-for color's hue; background: mean pixel value away "
+        "from the glyph, in 1/255 (both see the color and texture noise FD and alignment miss; docs/demo.md, "
+        '"Pixel cleanliness"). ms/img: sampling + decoding, batched, on this machine.',
         "",
         "## Teacher vs. LADD student",
         "",
         *table(
-            sorted(teacher_table, key=lambda r: (r["kind"] != "teacher", -r["steps"] if r["kind"] == "teacher" else r["steps"]))
+            sorted(teacher_table, key=lambda r: (r["kind"] != "teacher", -r["steps"] if r["kind"] == "teacher" else r["steps"])),
+            reference=results.get("reference"),
         ),
         "",
         "## Goals",
@@ -414,7 +452,7 @@ def t2i_sections(out: Path, results: dict) -> list[str]:
         "",
         "All measured configurations:",
         "",
-        *table(rows),
+        *table(rows, reference=results.get("reference")),
         "",
     ]
     if results.get("curves"):
@@ -448,7 +486,7 @@ def t2i_sections(out: Path, results: dict) -> list[str]:
             "student's training or in the DPO pairs (the teacher's pretraining saw every combination); these rows "
             "sample them with noise seeds the table above does not use.",
             "",
-            *table(results["heldout_rows"]),
+            *table(results["heldout_rows"], reference=results.get("heldout_reference")),
             "",
         ]
     if results.get("sampler_sweep"):
