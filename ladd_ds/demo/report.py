@@ -434,8 +434,8 @@ def t2i_sections(out: Path, results: dict) -> list[str]:
             else ". "
         )
         + "Hue purity: share of glyph pixels with the asked-for color's hue; background: mean pixel value away "
-        "from the glyph, in 1/255 (both see the color and texture noise FD and alignment miss; docs/demo.md, "
-        '"Pixel cleanliness"). ms/img: sampling + decoding, batched, on this machine.',
+        "from the glyph, in 1/255 (both see the color and texture noise FD and alignment miss; "
+        'docs/demo.md, "Pixel cleanliness"). ms/img: sampling + decoding, batched, on this machine.',
         "",
         "## Teacher vs. LADD student",
         "",
