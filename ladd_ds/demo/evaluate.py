@@ -160,25 +160,21 @@ class DemoEvaluator:
         return row
 
 
-def _accuracy_by_bucket(classifier, images: list[torch.Tensor], labels: list[digits.DigitLabel]) -> dict[str, float]:
-    """accuracy() over image batches of different sizes, weighted by their number of images."""
+def _by_bucket(measure, images: list[torch.Tensor], labels: list[digits.DigitLabel]) -> dict[str, float]:
+    """`measure(batch, labels)` (a dict of means) over image batches of different sizes (one per
+    bucket), weighted by their number of images."""
     total: dict[str, float] = {}
     start = 0
     for batch in images:
-        acc = accuracy(classifier, batch, labels[start : start + len(batch)])
-        for k, v in acc.items():
+        for k, v in measure(batch, labels[start : start + len(batch)]).items():
             total[k] = total.get(k, 0.0) + v * len(batch)
         start += len(batch)
     return {k: v / start for k, v in total.items()}
+
+
+def _accuracy_by_bucket(classifier, images: list[torch.Tensor], labels: list[digits.DigitLabel]) -> dict[str, float]:
+    return _by_bucket(lambda batch, lbs: accuracy(classifier, batch, lbs), images, labels)
 
 
 def _pixels_by_bucket(images: list[torch.Tensor], labels: list[digits.DigitLabel]) -> dict[str, float]:
-    """pixel_cleanliness() over image batches of different sizes, weighted by their number of images."""
-    total: dict[str, float] = {}
-    start = 0
-    for batch in images:
-        stats = pixel_cleanliness(batch, labels[start : start + len(batch)])
-        for k, v in stats.items():
-            total[k] = total.get(k, 0.0) + v * len(batch)
-        start += len(batch)
-    return {k: v / start for k, v in total.items()}
+    return _by_bucket(pixel_cleanliness, images, labels)
